@@ -1,0 +1,1 @@
+"""(component: see module docstrings)"""

@@ -1,0 +1,79 @@
+"""Atomic, durable writes: the one helper every piece of persisted state goes through.
+
+Invariant: after :func:`write_bytes` returns, the file holds exactly ``data`` and survives a
+power cut; before it returns, a reader sees the old content or (if there was none) no file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ota.errors import LocalError
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename or a new entry in it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Atomically replace ``path`` with ``data`` (temp file, fsync, ``os.replace``, fsync dir).
+
+    Raises:
+        LocalError: the disk is full or the folder cannot be written. The old file is intact.
+    """
+    with open_atomic(path, mode=mode) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def open_atomic(path: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Write a file through a temp file in the same folder; publish it atomically on success.
+
+    On any exception the temp file is removed and ``path`` is untouched.
+
+    Raises:
+        LocalError: the disk is full or the folder cannot be written.
+    """
+    path = Path(path)
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise _local(e, path) from e
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            yield raw
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        fsync_dir(parent)
+    except OSError as e:
+        _unlink_quiet(Path(tmp))
+        raise _local(e, path) from e
+    except BaseException:
+        _unlink_quiet(Path(tmp))
+        raise
+
+
+def _unlink_quiet(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _local(e: OSError, path: Path) -> LocalError:
+    if e.errno == errno.ENOSPC:
+        return LocalError(f"disk full while writing {path}", remedy="free disk space and retry")
+    return LocalError(f"cannot write {path}: {e.strerror or e}")

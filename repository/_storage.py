@@ -1,0 +1,221 @@
+"""Storage backends, chosen by URL: a path or ``file://`` (default), ``s3://bucket/prefix``.
+
+The interface is small on purpose: whole-object get/put of small documents with conditional
+writes (the publish transaction's commit point), streaming put of large files, existence, listing
+and deletion. Keys are ``/``-separated and relative to the repository root.
+
+Conditional writes are how concurrent publishers on different machines are serialised
+(``docs/adr/0003-publish-transaction.md``): ``if_none_match=True`` creates only if absent,
+``if_match=etag`` replaces only the version the writer read. Both raise :class:`PreconditionFailed`
+when another writer got there first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from ota import _atomic
+from ota.errors import ConfigError, ConflictError, LocalError, OtaError
+
+
+class StorageError(OtaError):
+    """Base of storage failures."""
+
+
+class NotFound(StorageError):
+    """The key does not exist."""
+
+
+class PreconditionFailed(ConflictError):
+    """A conditional write lost to a concurrent writer."""
+
+
+class Storage(ABC):
+    """A flat key/value object store."""
+
+    url: str
+
+    @abstractmethod
+    def get(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+        """Return an object's bytes and its etag.
+
+        Raises:
+            NotFound: no such key.
+            StorageError: the object is larger than ``max_bytes``, or the backend failed.
+        """
+
+    @abstractmethod
+    def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        """Store ``data`` at ``key``; return the new etag.
+
+        Raises:
+            PreconditionFailed: ``if_none_match`` and the key exists, or ``if_match`` and the
+                current etag differs (or the key is gone).
+        """
+
+    @abstractmethod
+    def put_file(self, key: str, path: Path) -> None:
+        """Store a (possibly large) local file at ``key``, unconditionally."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[str]:
+        """Yield every key that starts with ``prefix``, in no particular order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""
+
+    def local_root(self) -> Path | None:
+        """The folder a local backend stores into (for ``ota serve``), else None."""
+        return None
+
+
+def etag_of(data: bytes) -> str:
+    """The etag the file backend gives an object: its sha256 in hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class FileStorage(Storage):
+    """Objects as files under a folder. Conditional writes use ``O_EXCL`` and an fcntl lock,
+    so they are safe between processes on one machine (not over NFS)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.url = self.root.as_uri()
+
+    def local_root(self) -> Path:
+        return self.root
+
+    def _path(self, key: str) -> Path:
+        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+            raise StorageError(f"bad storage key {key!r}")
+        return self.root / key
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+        path = self._path(key)
+        try:
+            with path.open("rb") as f:
+                if max_bytes is not None and os.fstat(f.fileno()).st_size > max_bytes:
+                    raise StorageError(f"{key} is larger than {max_bytes} bytes")
+                data = f.read()
+        except FileNotFoundError as e:
+            raise NotFound(key) from e
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e.strerror}") from e
+        return data, etag_of(data)
+
+    def put(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        path = self._path(key)
+        if if_none_match:
+            self._create_exclusive(path, data)
+        elif if_match is not None:
+            with self._locked(path):
+                try:
+                    current = etag_of(path.read_bytes())
+                except FileNotFoundError as e:
+                    raise PreconditionFailed(f"{key} vanished") from e
+                if current != if_match:
+                    raise PreconditionFailed(f"{key} was changed by another writer")
+                _atomic.write_bytes(path, data)
+        else:
+            _atomic.write_bytes(path, data)
+        return etag_of(data)
+
+    def _create_exclusive(self, path: Path, data: bytes) -> None:
+        # Write a complete temp file, then link() it into place: link fails if the name exists,
+        # and readers never see a partial object.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{id(data)}.new"
+        try:
+            with tmp.open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError as e:
+                raise PreconditionFailed(f"{path.name} already exists") from e
+            _atomic.fsync_dir(path.parent)
+        except OSError as e:
+            raise _local_error(e, path) from e
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    @contextlib.contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        lock = path.parent / f".{path.name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def put_file(self, key: str, path: Path) -> None:
+        dest = self._path(key)
+        with _atomic.open_atomic(dest) as out, Path(path).open("rb") as src:
+            while block := src.read(1 << 20):
+                out.write(block)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self.root
+        for dirpath, _dirs, files in os.walk(base):
+            rel_dir = Path(dirpath).relative_to(base).as_posix()
+            for name in files:
+                if name.startswith("."):
+                    continue  # temp files and locks
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if key.startswith(prefix):
+                    yield key
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+
+def _local_error(e: OSError, path: Path) -> OtaError:
+    if e.errno == errno.ENOSPC:
+        return LocalError(f"disk full while writing {path}")
+    return StorageError(f"cannot write {path}: {e.strerror or e}")
+
+
+def open_storage(url: str, *, s3_endpoint: str | None = None) -> Storage:
+    """Open a storage backend by URL: a path, ``file:///path`` or ``s3://bucket/prefix``.
+
+    Raises:
+        ConfigError: unknown scheme or malformed URL.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        path = unquote(parsed.path) if parsed.scheme == "file" else url
+        if not path:
+            raise ConfigError(f"bad storage URL {url!r}")
+        return FileStorage(Path(path))
+    if parsed.scheme == "s3":
+        from ota.repository._s3 import S3Storage  # boto3 only when asked for
+
+        if not parsed.netloc:
+            raise ConfigError(f"bad S3 URL {url!r}", remedy="use s3://bucket/prefix")
+        return S3Storage(parsed.netloc, parsed.path.strip("/"), endpoint_url=s3_endpoint)
+    raise ConfigError(f"unsupported storage URL scheme {parsed.scheme!r}")
