@@ -1,0 +1,449 @@
+"""A publisher's project: ``ota.toml``, key URIs, storage, and ``ota init``.
+
+The project folder holds the configuration and, in the demo, the key files. Keys are named by
+securesystemslib URIs (``file2:``, ``envvar:``, ``awskms:``…) in the ``[signers]`` table, keyed by
+TUF key id, so the same code signs with a file in the demo and a KMS in production. Relative
+``file2:`` paths are relative to the project folder.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from securesystemslib.signer import Signer, SSlibKey
+from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
+    Key,
+    Metadata,
+    MetaFile,
+    Role,
+    Root,
+    Snapshot,
+    SuccinctRoles,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from ota import _atomic
+from ota.bundle import canonical_json
+from ota.errors import ConfigError, InputError
+from ota.repository._storage import PreconditionFailed, Storage, open_storage
+from ota.repository._txn import HEAD_KEY, Expiry, SignerSet, md_key
+
+CONFIG_NAME = "ota.toml"
+TRUSTED_ROOT_NAME = "root.json"
+SIGNERS_TARGET = "trust/signers.json"
+_SERIALIZER = JSONSerializer(compact=True)
+_ONLINE_ROLES = ("snapshot", "timestamp", "bins")
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """Everything ``ota.toml`` says."""
+
+    storage: str
+    base_url: str = "http://127.0.0.1:8765"
+    s3_endpoint: str | None = None
+    bins: int = 256
+    max_live_releases: int = 32
+    expiry: Expiry = field(default_factory=Expiry)
+    signers: dict[str, str] = field(default_factory=dict)  # keyid -> URI
+    release_key: str = ""  # path of the P-256 model-signing private key (PEM)
+    release_pub: str = ""
+
+    def to_toml(self) -> str:
+        def q(v: str) -> str:
+            return json.dumps(v)
+
+        lines = [
+            "# edge-ota repository configuration (see docs/runbooks/publish.md)",
+            "[repository]",
+            f"storage = {q(self.storage)}",
+            f"base_url = {q(self.base_url)}",
+            f"s3_endpoint = {q(self.s3_endpoint or '')}",
+            f"bins = {self.bins}",
+            f"max_live_releases = {self.max_live_releases}",
+            "",
+            "[expiry]  # days",
+            *(f"{k} = {getattr(self.expiry, k)}" for k in _EXPIRY_FIELDS),
+            "",
+            "[release]",
+            f"signing_key = {q(self.release_key)}",
+            f"public_key = {q(self.release_pub)}",
+            "",
+            "[signers]  # TUF key id -> signer URI",
+            *(f"{q(k)} = {q(v)}" for k, v in sorted(self.signers.items())),
+            "",
+        ]
+        return "\n".join(lines)
+
+    @classmethod
+    def from_toml(cls, text: str) -> ProjectConfig:
+        try:
+            doc = tomllib.loads(text)
+            repo = doc["repository"]
+            exp = doc.get("expiry", {})
+            return cls(
+                storage=str(repo["storage"]),
+                base_url=str(repo.get("base_url", cls.base_url)),
+                s3_endpoint=str(repo.get("s3_endpoint") or "") or None,
+                bins=int(repo.get("bins", 256)),
+                max_live_releases=int(repo.get("max_live_releases", 32)),
+                expiry=Expiry(**{k: float(exp[k]) for k in _EXPIRY_FIELDS if k in exp}),
+                signers={str(k): str(v) for k, v in doc.get("signers", {}).items()},
+                release_key=str(doc.get("release", {}).get("signing_key", "")),
+                release_pub=str(doc.get("release", {}).get("public_key", "")),
+            )
+        except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"bad {CONFIG_NAME}: {e}") from e
+
+
+_EXPIRY_FIELDS = ("root", "targets", "bins", "snapshot", "timestamp")
+
+
+@dataclass
+class Project:
+    """An opened project: config, storage, signers."""
+
+    root_dir: Path
+    config: ProjectConfig
+    storage: Storage
+    signers: SignerSet
+
+    @classmethod
+    def open(cls, root_dir: Path, *, storage_override: str | None = None) -> Project:
+        """Open the project in ``root_dir`` (the folder holding ``ota.toml``).
+
+        Raises:
+            ConfigError: no or bad ``ota.toml``, unknown storage, unusable key URIs.
+        """
+        root_dir = Path(root_dir).resolve()
+        path = root_dir / CONFIG_NAME
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read {path}", remedy="run `ota init` or pass --project"
+            ) from e
+        config = ProjectConfig.from_toml(text)
+        if storage_override:
+            config = replace(config, storage=storage_override)
+        storage = open_storage(config.storage, s3_endpoint=config.s3_endpoint)
+        return cls(root_dir, config, storage, _LazySigners(root_dir, config.signers))
+
+    def abspath(self, rel: str) -> Path:
+        p = Path(rel)
+        return p if p.is_absolute() else self.root_dir / p
+
+    def expiry(self) -> Expiry:
+        return self.config.expiry
+
+
+class _LazySigners(SignerSet):
+    """Loads each signer from its URI the first time it is needed (public keys come from the
+    metadata that names the role, so a swapped key file is caught as a key mismatch)."""
+
+    def __init__(self, root_dir: Path, uris: dict[str, str]) -> None:
+        super().__init__({})
+        self._root_dir = root_dir
+        self._uris = uris
+
+    def _signer(self, keyid: str, public: Key) -> Signer | None:
+        if keyid not in self._signers and keyid in self._uris:
+            self._signers[keyid] = load_signer(
+                _resolve_uri(self._uris[keyid], self._root_dir), public
+            )
+        return self._signers.get(keyid)
+
+
+def load_signer(uri: str, public_key: Key) -> Signer:
+    """Load a signer by URI, mapping failures to :class:`ConfigError`."""
+    try:
+        from ota.signing import load_signer as _load  # keys by URI, incl. envvar: and awskms:
+    except ImportError:  # pragma: no cover - signing is part of the core distribution
+        _load = None
+    try:
+        if _load is not None:
+            return _load(uri, public_key)
+        return Signer.from_priv_key_uri(uri, public_key)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"cannot load signer {uri}: {e}", remedy="check the key URI") from e
+
+
+def _resolve_uri(uri: str, root_dir: Path) -> str:
+    if uri.startswith("file2:"):
+        path = Path(uri[len("file2:") :])
+        if not path.is_absolute():
+            return f"file2:{root_dir / path}"
+    return uri
+
+
+# -- key generation (the demo ceremony; production keys come from a KMS or an offline box) -----
+
+
+def _write_private(path: Path, pem: bytes) -> None:
+    _atomic.write_bytes(path, pem, mode=0o600)
+
+
+def generate_ed25519(path: Path) -> SSlibKey:
+    """Create an Ed25519 key file (PKCS8 PEM, mode 0600) and return its public key."""
+    priv = ed25519.Ed25519PrivateKey.generate()
+    pem = priv.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_private(path, pem)
+    return SSlibKey.from_crypto(priv.public_key())
+
+
+def generate_p256(path: Path, pub_path: Path) -> bytes:
+    """Create a P-256 key file for model signing; return the public key PEM (also written)."""
+    priv = ec.generate_private_key(ec.SECP256R1())
+    pem = priv.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_private(path, pem)
+    pub = priv.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    _atomic.write_bytes(pub_path, pub)
+    return pub
+
+
+@dataclass(frozen=True)
+class InitResult:
+    project: Path
+    storage: str
+    trusted_root: Path
+    base_url: str
+    metadata_url: str
+    targets_url: str
+    bins: int
+    keys: dict[str, list[str]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "project": str(self.project),
+            "storage": self.storage,
+            "trusted_root": str(self.trusted_root),
+            "base_url": self.base_url,
+            "metadata_url": self.metadata_url,
+            "targets_url": self.targets_url,
+            "bins": self.bins,
+            "keys": self.keys,
+        }
+
+
+def signers_document(entries: Iterable[tuple[str, bytes, list[str]]]) -> bytes:
+    """The ``trust/signers.json`` target: model-signing keys allowed per model glob."""
+    signers = [
+        {"keyid": keyid, "public_key_pem": pem.decode(), "models": sorted(models)}
+        for keyid, pem, models in entries
+    ]
+    return canonical_json({"signers": sorted(signers, key=lambda s: str(s["keyid"]))})
+
+
+def key_fingerprint(public_pem: bytes) -> str:
+    """sha256 of the DER SubjectPublicKeyInfo: the model-signing key's id."""
+    import hashlib
+
+    key = serialization.load_pem_public_key(public_pem)
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def init_project(
+    project_dir: Path,
+    storage_url: str,
+    *,
+    base_url: str = "http://127.0.0.1:8765",
+    s3_endpoint: str | None = None,
+    bins: int = 256,
+    root_keys: int = 1,
+    root_threshold: int = 1,
+    keys_dir: Path | None = None,
+    expiry: Expiry | None = None,
+) -> InitResult:
+    """Create keys, ``ota.toml``, and a new, empty TUF repository in ``storage_url``.
+
+    Offline keys (root, targets) go to ``keys/offline``, online ones (snapshot, timestamp,
+    bins) to ``keys/online``, the model-signing key to ``keys/release``: three folders that a
+    real deployment keeps on three different machines.
+
+    Raises:
+        InputError: bad ``bins`` or threshold; the project or repository already exists.
+        ConfigError / TransientError: storage unusable.
+    """
+    if bins < 2 or bins > 65536 or bins & (bins - 1):
+        raise InputError(f"--bins must be a power of two between 2 and 65536, not {bins}")
+    if not 1 <= root_threshold <= root_keys <= 16:
+        raise InputError("root threshold must be between 1 and the number of root keys (<=16)")
+    project_dir = Path(project_dir).resolve()
+    if (project_dir / CONFIG_NAME).exists():
+        raise InputError(f"{project_dir / CONFIG_NAME} already exists")
+    storage = open_storage(storage_url, s3_endpoint=s3_endpoint)
+    if storage.exists(HEAD_KEY):
+        raise InputError(f"a repository already exists at {storage.url}")
+    expiry = expiry or Expiry()
+    keys_dir = Path(keys_dir or project_dir / "keys").resolve()
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(project_dir)) if p.is_relative_to(project_dir) else str(p)
+
+    uris: dict[str, str] = {}
+    role_keys: dict[str, list[SSlibKey]] = {}
+    for role, n, where in [
+        ("root", root_keys, "offline"),
+        ("targets", 1, "offline"),
+        ("snapshot", 1, "online"),
+        ("timestamp", 1, "online"),
+        ("bins", 1, "online"),
+    ]:
+        role_keys[role] = []
+        for i in range(n):
+            path = keys_dir / where / (f"{role}.pem" if n == 1 else f"{role}-{i + 1}.pem")
+            key = generate_ed25519(path)
+            role_keys[role].append(key)
+            uris[key.keyid] = f"file2:{rel(path)}"
+    release_key = keys_dir / "release" / "release-signing.pem"
+    release_pub_path = keys_dir / "release" / "release-signing.pub.pem"
+    release_pub = generate_p256(release_key, release_pub_path)
+
+    config = ProjectConfig(
+        storage=storage.url if storage_url.startswith("s3://") is False else storage_url,
+        base_url=base_url.rstrip("/"),
+        s3_endpoint=s3_endpoint,
+        bins=bins,
+        expiry=expiry,
+        signers=uris,
+        release_key=rel(release_key),
+        release_pub=rel(release_pub_path),
+    )
+    signers = _LazySigners(project_dir, uris)
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    root = Root(expires=now + expiry.for_role("root"), consistent_snapshot=True)
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        for key in role_keys[role]:
+            root.add_key(key, role)
+    root.roles["root"].threshold = root_threshold
+
+    bit_length = bins.bit_length() - 1
+    succinct = SuccinctRoles(
+        keyids=[k.keyid for k in role_keys["bins"]],
+        threshold=1,
+        bit_length=bit_length,
+        name_prefix="bins",
+    )
+    targets = Targets(expires=now + expiry.for_role("targets"))
+    targets.delegations = Delegations(
+        keys={k.keyid: k for k in role_keys["bins"]}, succinct_roles=succinct
+    )
+    signers_doc = signers_document([(key_fingerprint(release_pub), release_pub, ["*"])])
+    targets.targets[SIGNERS_TARGET] = TargetFile.from_data(SIGNERS_TARGET, signers_doc)
+
+    def signed_bytes(md: Metadata[Any], keys: list[SSlibKey], threshold: int, role: str) -> bytes:
+        signers.sign(md, {k.keyid: k for k in keys}, threshold, role)
+        return md.to_bytes(_SERIALIZER)
+
+    snapshot = Snapshot(expires=now + expiry.for_role("snapshot"))
+    bin_docs: list[tuple[str, bytes]] = []
+    for name in succinct.get_roles():
+        md = Metadata(Targets(expires=now + expiry.for_role(name)))
+        bin_docs.append((md_key(name, 1), signed_bytes(md, role_keys["bins"], 1, name)))
+        snapshot.meta[f"{name}.json"] = MetaFile(version=1)
+    snapshot.meta["targets.json"] = MetaFile(version=1)
+    timestamp = Timestamp(expires=now + expiry.for_role("timestamp"), snapshot_meta=MetaFile(1))
+
+    root_bytes = signed_bytes(Metadata(root), role_keys["root"], root_threshold, "root")
+    _put_target_file(storage, SIGNERS_TARGET, signers_doc)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda kv: storage.put(kv[0], kv[1], if_none_match=True), bin_docs))
+    storage.put(md_key("root", 1), root_bytes, if_none_match=True)
+    storage.put("metadata/root.json", root_bytes)
+    storage.put(
+        md_key("targets", 1),
+        signed_bytes(Metadata(targets), role_keys["targets"], 1, "targets"),
+        if_none_match=True,
+    )
+    storage.put(
+        md_key("snapshot", 1),
+        signed_bytes(Metadata(snapshot), role_keys["snapshot"], 1, "snapshot"),
+        if_none_match=True,
+    )
+    try:
+        storage.put(
+            HEAD_KEY,
+            signed_bytes(Metadata(timestamp), role_keys["timestamp"], 1, "timestamp"),
+            if_none_match=True,
+        )
+    except PreconditionFailed as e:
+        raise InputError(f"a repository was created concurrently at {storage.url}") from e
+
+    project_dir.mkdir(parents=True, exist_ok=True)
+    _atomic.write_bytes(project_dir / TRUSTED_ROOT_NAME, root_bytes)
+    _atomic.write_bytes(project_dir / CONFIG_NAME, config.to_toml().encode())
+    return InitResult(
+        project=project_dir,
+        storage=config.storage,
+        trusted_root=project_dir / TRUSTED_ROOT_NAME,
+        base_url=config.base_url,
+        metadata_url=f"{config.base_url}/metadata/",
+        targets_url=f"{config.base_url}/targets/",
+        bins=bins,
+        keys={
+            role: [uris[k.keyid] for k in ks] for role, ks in role_keys.items()
+        } | {"release": [rel(release_key)]},
+    )
+
+
+def target_storage_key(path: str, sha256: str) -> str:
+    """Storage key of a TUF target under consistent snapshots: ``targets/<dir>/<hash>.<name>``."""
+    dirname, _, base = path.rpartition("/")
+    return f"targets/{dirname}/{sha256}.{base}" if dirname else f"targets/{sha256}.{base}"
+
+
+def _put_target_file(storage: Storage, path: str, data: bytes) -> TargetFile:
+    info = TargetFile.from_data(path, data)
+    key = target_storage_key(path, info.hashes["sha256"])
+    try:
+        storage.put(key, data, if_none_match=True)
+    except PreconditionFailed:
+        pass  # content-addressed: the same bytes are already there
+    return info
+
+
+put_target_file = _put_target_file
+
+__all__ = [
+    "CONFIG_NAME",
+    "SIGNERS_TARGET",
+    "TRUSTED_ROOT_NAME",
+    "DelegatedRole",
+    "InitResult",
+    "Project",
+    "ProjectConfig",
+    "Role",
+    "init_project",
+    "put_target_file",
+    "target_storage_key",
+]
