@@ -24,6 +24,7 @@ Layout of a bundle (paths are relative to the bundle root):
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -291,7 +292,10 @@ class Budget:
     peak_mem_mb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"latency_ms_p95": self.latency_ms_p95, "peak_mem_mb": self.peak_mem_mb}
+        return {
+            "latency_ms_p95": _fstr(self.latency_ms_p95),
+            "peak_mem_mb": _fstr(self.peak_mem_mb),
+        }
 
 
 @dataclass(frozen=True)
@@ -309,8 +313,8 @@ class SmokeSpec:
         return {
             "inputs": self.inputs,
             "golden": self.golden,
-            "rtol": self.rtol,
-            "atol": self.atol,
+            "rtol": _fstr(self.rtol),
+            "atol": _fstr(self.atol),
             "runs": self.runs,
             "budgets": {k: v.to_dict() for k, v in sorted(self.budgets.items())},
         }
@@ -475,7 +479,7 @@ class RolloutState:
             "version": self.version,
             "counter": self.counter,
             "ring": self.ring,
-            "percent": self.percent,
+            "percent": _fstr(self.percent),
             "paused": self.paused,
             "yanked": self.yanked,
         }
@@ -557,6 +561,11 @@ class ModelIndex:
 # -- helpers -------------------------------------------------------------------------------
 
 
+def _fstr(value: float | None) -> str | None:
+    """Floats travel as decimal strings: TUF's canonical JSON has no floats."""
+    return None if value is None else repr(float(value))
+
+
 def canonical_json(doc: object) -> bytes:
     """Deterministic JSON: sorted keys, no whitespace, UTF-8. Hashes of it are stable."""
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -607,7 +616,13 @@ def _count(value: object, maximum: int, what: str) -> int:
 
 
 def _float(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:  # NaN
+    """A finite number given as a decimal string (or an int/float from older writers)."""
+    if isinstance(value, str) and len(value) <= 32:
+        try:
+            value = float(value)
+        except ValueError:
+            raise FormatError(f"bad {what}: {value!r:.40}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise FormatError(f"bad {what}: {value!r:.40}")
     return float(value)
 

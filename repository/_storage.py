@@ -83,6 +83,24 @@ class Storage(ABC):
         """The folder a local backend stores into (for ``ota serve``), else None."""
         return None
 
+    def put_blob(self, key: str, data: bytes | memoryview) -> None:
+        """Store a content-addressed blob if absent. Durable only after :meth:`barrier`.
+
+        The same key always holds the same bytes, so an existing blob is left as it is.
+        """
+        try:
+            self.put(key, bytes(data), if_none_match=True)
+        except PreconditionFailed:
+            pass
+
+    def barrier(self) -> None:
+        """Make every blob written so far durable (called before metadata that names them)."""
+
+    def list_detailed(self, prefix: str) -> Iterator[tuple[str, int, float | None]]:
+        """Yield ``(key, size, mtime)`` for keys under ``prefix``; mtime may be unknown."""
+        for key in self.list(prefix):
+            yield key, 0, None
+
 
 def etag_of(data: bytes) -> str:
     """The etag the file backend gives an object: its sha256 in hex."""
@@ -137,7 +155,19 @@ class FileStorage(Storage):
             _atomic.write_bytes(path, data)
         return etag_of(data)
 
-    def _create_exclusive(self, path: Path, data: bytes) -> None:
+    def put_blob(self, key: str, data: bytes | memoryview) -> None:
+        # No fsync per blob (thousands per publish): one barrier() before the metadata commit.
+        path = self._path(key)
+        if path.exists():
+            return
+        self._create_exclusive(path, data, durable=False, exist_ok=True)
+
+    def barrier(self) -> None:
+        os.sync()
+
+    def _create_exclusive(
+        self, path: Path, data: bytes | memoryview, *, durable: bool = True, exist_ok: bool = False
+    ) -> None:
         # Write a complete temp file, then link() it into place: link fails if the name exists,
         # and readers never see a partial object.
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,13 +175,17 @@ class FileStorage(Storage):
         try:
             with tmp.open("wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             try:
                 os.link(tmp, path)
             except FileExistsError as e:
+                if exist_ok:
+                    return
                 raise PreconditionFailed(f"{path.name} already exists") from e
-            _atomic.fsync_dir(path.parent)
+            if durable:
+                _atomic.fsync_dir(path.parent)
         except OSError as e:
             raise _local_error(e, path) from e
         finally:
@@ -188,6 +222,12 @@ class FileStorage(Storage):
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
                 if key.startswith(prefix):
                     yield key
+
+    def list_detailed(self, prefix: str) -> Iterator[tuple[str, int, float | None]]:
+        for key in self.list(prefix):
+            with contextlib.suppress(FileNotFoundError):
+                st = (self.root / key).stat()
+                yield key, st.st_size, st.st_mtime
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,9 @@
+"""(commands registered below)"""
+
+from __future__ import annotations
+
+import click
+
+
+def register(group: click.Group) -> None:
+    """Add this module's commands to ``group``."""

@@ -1,0 +1,150 @@
+"""Content-defined chunking (FastCDC) and deduplicating upload, in one pass over each file.
+
+Each chunk is copied once out of the ``mmap``; those same bytes are hashed into the chunk digest,
+fed to the whole-file sha256 (on a second thread: hashlib releases the GIL) and uploaded. So every
+byte is read once and hashed twice (file and chunk digests), and what is uploaded is exactly what
+was hashed even if the source file changes underneath. Chunk boundaries depend on content, so an
+edit changes only the chunks it touches: the basis of delta updates
+(``docs/adr/0001-bundle-format.md``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastcdc import fastcdc
+
+from ota.bundle import Chunk, FileEntry, blob_key
+from ota.repository._storage import Storage
+
+MIN_CHUNK = 64 * 1024
+AVG_CHUNK = 256 * 1024
+MAX_CHUNK = 1024 * 1024
+_IN_FLIGHT = 32  # chunks buffered for upload at most (<= 32 MiB)
+
+Progress = Callable[[int], None]  # called with a number of bytes done
+
+
+@dataclass
+class UploadStats:
+    chunks_total: int = 0
+    chunks_uploaded: int = 0
+    bytes_total: int = 0
+    bytes_uploaded: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Uploader:
+    """Uploads chunks the storage lacks, on a bounded thread pool.
+
+    ``known`` are digests already stored (e.g. the chunks of the model's previous release),
+    skipped without asking the storage. Use as a context manager; :meth:`close` waits for every
+    upload, re-raises the first failure, and makes the blobs durable.
+    """
+
+    storage: Storage
+    known: set[str] = field(default_factory=set)
+    workers: int = 8
+    stats: UploadStats = field(default_factory=UploadStats)
+
+    def __post_init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=self.workers)
+        self._slots = threading.BoundedSemaphore(_IN_FLIGHT)
+        self._futures: list[Future[int]] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Uploader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            self.close()
+
+    def submit(self, digest: str, data: bytes) -> None:
+        self.stats.chunks_total += 1
+        self.stats.bytes_total += len(data)
+        with self._lock:
+            if digest in self.known:
+                return
+            self.known.add(digest)
+        self._slots.acquire()
+        self._futures.append(self._pool.submit(self._one, digest, data))
+
+    def _one(self, digest: str, data: bytes) -> int:
+        try:
+            key = blob_key(digest)
+            if self.storage.exists(key):
+                return 0
+            self.storage.put_blob(key, data)
+            return len(data)
+        finally:
+            self._slots.release()
+
+    def flush(self) -> None:
+        """Wait for every submitted upload, re-raise the first failure, make blobs durable."""
+        futures, self._futures = self._futures, []
+        for f in futures:
+            n = f.result()
+            if n:
+                self.stats.chunks_uploaded += 1
+                self.stats.bytes_uploaded += n
+        self.storage.barrier()
+
+    def close(self) -> None:
+        self.flush()
+        self._pool.shutdown(wait=True)
+
+
+def chunk_file(
+    source: Path,
+    bundle_path: str,
+    uploader: Uploader | None = None,
+    progress: Progress | None = None,
+) -> FileEntry:
+    """Cut ``source`` into content-defined chunks, hash it, and hand each chunk to ``uploader``.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    size = source.stat().st_size
+    if size == 0:
+        return FileEntry(bundle_path, hashlib.sha256(b"").hexdigest(), 0, ())
+    whole = hashlib.sha256()
+    feed: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+
+    def hash_whole() -> None:
+        while (block := feed.get()) is not None:
+            whole.update(block)
+
+    hasher = threading.Thread(target=hash_whole, name="sha256-file", daemon=True)
+    hasher.start()
+    chunks: list[Chunk] = []
+    try:
+        with source.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for c in fastcdc(mm, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK, fat=False):
+                data = mm[c.offset : c.offset + c.length]
+                feed.put(data)
+                digest = hashlib.sha256(data).hexdigest()
+                chunks.append(Chunk(digest, len(data)))
+                if uploader is not None:
+                    uploader.submit(digest, data)
+                if progress:
+                    progress(len(data))
+    finally:
+        feed.put(None)
+        hasher.join()
+    if sum(c.size for c in chunks) != size:
+        raise OSError(f"{source} changed size while publishing")
+    return FileEntry(bundle_path, whole.hexdigest(), size, tuple(chunks))

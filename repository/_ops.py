@@ -1,0 +1,206 @@
+"""Rollout steering and housekeeping: promote, pause, yank, rollback, releases, gc.
+
+Each change is one metadata transaction (re-run on conflict), signed with the online bins key:
+steering a rollout never needs the offline keys, and cannot publish a new bundle either (a bundle
+needs the release manager's signature, see ``docs/threat-model.md``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ota.bundle import (
+    RELEASE_FILE,
+    RINGS,
+    SIGNATURE_FILE,
+    FileEntry,
+    ModelIndex,
+    Release,
+    RolloutState,
+    blob_key,
+    validate_name,
+    validate_version,
+)
+from ota.errors import InputError
+from ota.repository._chunker import Uploader
+from ota.repository._index import (
+    UnknownRelease,
+    load_manifest,
+    model_names,
+    read_facts,
+    read_index,
+    update_rollout,
+)
+from ota.repository._project import Project, target_storage_key
+from ota.repository._publish import PublishResult, _finish, _now
+from ota.repository._txn import Transaction, run
+
+
+def _steer(project: Project, name: str, version: str, **changes: object) -> RolloutState:
+    validate_name(name)
+    validate_version(version)
+    return run(
+        project.storage,
+        project.signers,
+        project.expiry(),
+        lambda txn: update_rollout(project, txn, name, version, **changes),
+    )
+
+
+def promote(project: Project, name: str, version: str, ring: str, percent: float) -> RolloutState:
+    """Move a release to ``ring`` at ``percent`` (and un-pause it).
+
+    Raises:
+        InputError: unknown ring, percent out of range, unknown or yanked release.
+    """
+    if ring not in RINGS:
+        raise InputError(f"unknown ring {ring!r}", remedy=f"use one of {', '.join(RINGS)}")
+    if not 0.0 <= percent <= 100.0:
+        raise InputError("--percent must be between 0 and 100")
+    state = _current(project, name, version)
+    if state.yanked:
+        raise InputError(f"{name} {version} is yanked", remedy="publish a new release instead")
+    return _steer(project, name, version, ring=ring, percent=percent, paused=False)
+
+
+def pause(project: Project, name: str, version: str, paused: bool = True) -> RolloutState:
+    """Stop (or resume) new installs of a release; devices that have it keep it."""
+    return _steer(project, name, version, paused=paused)
+
+
+def yank(project: Project, name: str, version: str, yanked: bool = True) -> RolloutState:
+    """Withdraw a release: no device installs it, devices running it revert to their previous
+    slot (see ``docs/runbooks/rollback.md``)."""
+    return _steer(project, name, version, yanked=yanked)
+
+
+def _current(project: Project, name: str, version: str) -> RolloutState:
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    index = read_index(txn, name)
+    state = index.get(version) if index else None
+    if state is None:
+        raise UnknownRelease(f"{name} {version} is not a live release")
+    return state
+
+
+def rollback(
+    project: Project, name: str, to_version: str, *, ring: str = "ga", percent: float = 100.0
+) -> PublishResult:
+    """Publish a new release (higher counter) whose files are those of ``to_version``.
+
+    Nothing is re-uploaded but the new ``release.json`` and signature; devices that still hold
+    the old chunks download almost nothing. The new version is ``<to_version>+rollback.<n>``.
+
+    Raises:
+        UnknownRelease: ``to_version`` is not published.
+    """
+    validate_name(name)
+    validate_version(to_version)
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    facts = read_facts(txn, name, to_version)
+    if facts is None:
+        raise UnknownRelease(f"{name} {to_version} is not published")
+    old = load_manifest(project.storage, txn, name, to_version)
+    entries: dict[str, FileEntry] = {f.path: f for f in old.files}
+    base = to_version.split("+", 1)[0]
+    staging_root = project.root_dir / ".staging"
+    staging_root.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=staging_root) as tmp, Uploader(project.storage) as up:
+        up.known.update(old.chunk_digests())
+
+        def release_for(counter: int) -> Release:
+            return Release(
+                name=name,
+                version=f"{base}+rollback.{counter}",
+                counter=counter,
+                kind=facts.release.kind,
+                compat=facts.release.compat,
+                security_floor=facts.release.security_floor,
+                smoke=facts.release.smoke,
+                model_path=facts.release.model_path,
+                rollback_of=to_version,
+                created=_now(),
+            )
+
+        payload = {p: e for p, e in entries.items() if p not in (RELEASE_FILE, SIGNATURE_FILE)}
+        return _finish(project, Path(tmp), payload, up, release_for, ring, percent)
+
+
+@dataclass(frozen=True)
+class ReleaseRow:
+    name: str
+    state: RolloutState
+    floor: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "security_floor": self.floor, **self.state.to_dict()}
+
+
+def releases(project: Project, name: str | None = None) -> list[ReleaseRow]:
+    """Live releases with their rollout state, newest first, for one model or all."""
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    names = [validate_name(name)] if name else model_names(project.storage)
+    rows: list[ReleaseRow] = []
+    for n in names:
+        index = read_index(txn, n)
+        if index is None:
+            if name:
+                raise UnknownRelease(f"no model named {name}")
+            continue
+        rows += [
+            ReleaseRow(n, r, index.security_floor)
+            for r in sorted(index.releases, key=lambda r: -r.counter)
+        ]
+    return rows
+
+
+def model_index(project: Project, name: str) -> ModelIndex | None:
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    return read_index(txn, name)
+
+
+@dataclass(frozen=True)
+class GcResult:
+    referenced: int
+    deleted: int
+    kept_young: int
+    bytes_freed: int
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def gc(project: Project, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcResult:
+    """Delete blobs no published release references.
+
+    Blobs younger than ``grace_seconds`` are kept: they may belong to a publish in progress
+    (chunks are uploaded before the metadata that names them).
+    """
+    store = project.storage
+    txn = Transaction.begin(store, project.signers, project.expiry())
+    referenced: set[str] = set()
+    for role in txn.succinct().get_roles():
+        for path, info in txn.targets(role).signed.targets.items():
+            if not path.startswith("releases/"):
+                continue
+            data, _ = store.get(target_storage_key(path, info.hashes["sha256"]))
+            from ota.bundle import Manifest
+
+            referenced |= {blob_key(d) for d in Manifest.from_bytes(data).chunk_digests()}
+    deleted = young = freed = 0
+    now = time.time()
+    for key, size, mtime in store.list_detailed("blobs/"):
+        if key in referenced:
+            continue
+        if mtime is not None and now - mtime < grace_seconds:
+            young += 1
+            continue
+        if not dry_run:
+            store.delete(key)
+        deleted += 1
+        freed += size
+    return GcResult(len(referenced), deleted, young, freed)

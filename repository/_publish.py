@@ -1,0 +1,389 @@
+"""``ota publish``: an ONNX model (or a runtime folder) in, a signed release out.
+
+Order (``docs/adr/0003-publish-transaction.md``): static checks; chunk and upload the payload
+(dedup by hash, the previous release's chunks skipped outright); smoke files, SBOM, provenance;
+then the release facts, the bundle signature and the manifest; last the metadata transaction
+(bins, index, snapshot, timestamp). Nothing is visible to devices until the timestamp commit, and
+a publish that dies before it leaves only unreferenced blobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
+from tuf.api.metadata import TargetFile
+
+from ota.bundle import (
+    PROVENANCE_FILE,
+    RELEASE_FILE,
+    RINGS,
+    SBOM_FILE,
+    SIGNATURE_FILE,
+    Budget,
+    Compat,
+    FileEntry,
+    Kind,
+    Manifest,
+    Release,
+    SmokeSpec,
+    TargetFacts,
+    manifest_target_path,
+    validate_bundle_path,
+    validate_name,
+    validate_version,
+)
+from ota.errors import ConfigError, InputError
+from ota.repository._chunker import Progress, Uploader, UploadStats, chunk_file
+from ota.repository._index import (
+    CounterTaken,
+    add_release,
+    load_manifest,
+    read_facts,
+    read_index,
+)
+from ota.repository._project import Project, put_target_file
+from ota.repository._txn import Transaction, run
+
+DEFAULT_MAX_MODEL_BYTES = 8 * 1024**3
+
+
+class DuplicateVersion(InputError):
+    """The version is already published for this model."""
+
+
+@dataclass
+class PublishRequest:
+    """What ``ota publish`` was asked to do."""
+
+    source: Path
+    name: str
+    version: str
+    kind: Kind = "model"
+    ring: str = "canary"
+    percent: float = 100.0
+    compat: Compat = field(default_factory=Compat)
+    inputs_npz: Path | None = None
+    rtol: float = 1e-3
+    atol: float = 1e-4
+    runs: int = 5
+    budgets: Mapping[str, Budget] = field(default_factory=dict)
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+    security_floor: int = 0
+    datasets: Sequence[str] = ()
+    licenses: Sequence[str] = ()
+    training_data: Sequence[str] = ()
+    lineage: Sequence[str] = ()
+    builder_id: str = "https://edge-ota.dev/builders/ota-publish@v1"
+    runtime_version: str | None = None
+
+
+@dataclass
+class PublishResult:
+    name: str
+    version: str
+    counter: int
+    target: str
+    manifest_sha256: str
+    files: int
+    total_bytes: int
+    upload: UploadStats
+    ring: str
+    percent: float
+    rollback_of: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "counter": self.counter,
+            "target": self.target,
+            "manifest_sha256": self.manifest_sha256,
+            "files": self.files,
+            "total_bytes": self.total_bytes,
+            "upload": self.upload.to_dict(),
+            "ring": self.ring,
+            "percent": self.percent,
+            "rollback_of": self.rollback_of,
+        }
+
+
+def _validate_request(req: PublishRequest) -> None:
+    validate_name(req.name)
+    validate_version(req.version)
+    if req.ring not in RINGS:
+        raise InputError(f"unknown ring {req.ring!r}", remedy=f"use one of {', '.join(RINGS)}")
+    if not 0.0 <= req.percent <= 100.0:
+        raise InputError("--percent must be between 0 and 100")
+    if not req.source.exists():
+        raise InputError(f"{req.source} does not exist")
+
+
+def publish(
+    project: Project, req: PublishRequest, *, progress: Progress | None = None
+) -> PublishResult:
+    """Publish one release. See the module docstring for the order of steps.
+
+    Raises:
+        InputError: bad name/version/ring, a model that fails static checks, the same version
+            twice (:class:`DuplicateVersion`).
+        ConfigError: keys or storage misconfigured.
+        TransientError: storage unreachable. Nothing is published in any failure case.
+    """
+    _validate_request(req)
+    store = project.storage
+    peek = Transaction.begin(store, project.signers, project.expiry())
+    if read_facts(peek, req.name, req.version) is not None:
+        raise DuplicateVersion(f"{req.name} {req.version} is already published")
+    known = _previous_chunks(project, peek, req.name)
+
+    staging_root = project.root_dir / ".staging"
+    staging_root.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=staging_root) as tmp, Uploader(store, known=known) as up:
+        staging = Path(tmp)
+        entries: dict[str, FileEntry] = {}
+        if req.kind == "model":
+            model_path, payload = _model_payload(req)
+        else:
+            model_path, payload = None, _runtime_payload(req.source)
+        for bundle_path, src in payload.items():
+            entries[bundle_path] = chunk_file(src, bundle_path, up, progress)
+
+        smoke: SmokeSpec | None = None
+        if model_path is not None:
+            from ota.repository._golden import make_smoke_files
+
+            smoke = make_smoke_files(
+                model_path,
+                staging,
+                inputs_npz=req.inputs_npz,
+                runs=req.runs,
+                rtol=req.rtol,
+                atol=req.atol,
+                budgets=req.budgets,
+            )
+            for rel in (smoke.inputs, smoke.golden):
+                entries[rel] = chunk_file(staging / rel, rel, up)
+
+        sbom = _sbom(req, model_path, entries)
+        (staging / SBOM_FILE).write_bytes(sbom)
+        entries[SBOM_FILE] = chunk_file(staging / SBOM_FILE, SBOM_FILE, up)
+
+        prov = _provenance(project, req, entries)
+        (staging / PROVENANCE_FILE).write_bytes(prov)
+        entries[PROVENANCE_FILE] = chunk_file(staging / PROVENANCE_FILE, PROVENANCE_FILE, up)
+
+        def release_for(counter: int) -> Release:
+            return Release(
+                name=req.name,
+                version=req.version,
+                counter=counter,
+                kind=req.kind,
+                compat=req.compat,
+                security_floor=req.security_floor,
+                smoke=smoke,
+                model_path="model/model.onnx" if req.kind == "model" else "runtime",
+                created=_now(),
+            )
+
+        return _finish(project, staging, entries, up, release_for, req.ring, req.percent)
+
+
+def _finish(
+    project: Project,
+    staging: Path,
+    entries: dict[str, FileEntry],
+    up: Uploader,
+    release_for: Callable[[int], Release],
+    ring: str,
+    percent: float,
+) -> PublishResult:
+    """Sign, upload the manifest, and commit; re-sign with the next counter if one was taken.
+
+    Shared by publish and rollback (which reuses every payload entry of an older release).
+    """
+    from ota.signing import sign_digests
+
+    store = project.storage
+    payload = {p: e for p, e in entries.items() if p not in (RELEASE_FILE, SIGNATURE_FILE)}
+    release = release_for(1)
+    for _ in range(32):
+        peek = Transaction.begin(store, project.signers, project.expiry())
+        index = read_index(peek, release.name)
+        counter = max([r.counter for r in index.releases] + [0]) + 1 if index else 1
+        release = release_for(counter)
+        (staging / RELEASE_FILE).write_bytes(release.to_bytes())
+        files = dict(payload)
+        files[RELEASE_FILE] = chunk_file(staging / RELEASE_FILE, RELEASE_FILE, up)
+        sign_digests(
+            {p: e.sha256 for p, e in files.items()},
+            project.abspath(project.config.release_key),
+            staging / SIGNATURE_FILE,
+            model_name=f"{release.name}-{release.version}",
+        )
+        files[SIGNATURE_FILE] = chunk_file(staging / SIGNATURE_FILE, SIGNATURE_FILE, up)
+        up.flush()  # every chunk durable before any metadata names it
+        manifest = Manifest(release.name, release.version, tuple(files[p] for p in sorted(files)))
+        target_path = manifest_target_path(release.name, release.version)
+        facts = TargetFacts(
+            release=release,
+            digests={
+                p: files[p].sha256
+                for p in (RELEASE_FILE, SBOM_FILE, PROVENANCE_FILE, SIGNATURE_FILE)
+                if p in files
+            },
+        )
+        info = put_target_file(store, target_path, manifest.to_bytes())
+        info.unrecognized_fields["custom"] = facts.to_custom()
+        try:
+            run(
+                store,
+                project.signers,
+                project.expiry(),
+                lambda txn, i=info, r=release: _commit_release(project, txn, i, r, ring, percent),
+            )
+        except CounterTaken:
+            continue  # a concurrent publish of this model took the counter: sign the next one
+        return PublishResult(
+            name=release.name,
+            version=release.version,
+            counter=release.counter,
+            target=target_path,
+            manifest_sha256=info.hashes["sha256"],
+            files=len(files),
+            total_bytes=manifest.total_size,
+            upload=up.stats,
+            ring=ring,
+            percent=percent,
+            rollback_of=release.rollback_of,
+        )
+    raise InputError("could not claim a release counter: too many concurrent publishers")
+
+
+def _commit_release(
+    project: Project, txn: Transaction, info: TargetFile, release: Release, ring: str, pct: float
+) -> None:
+    if read_facts(txn, release.name, release.version) is not None:
+        raise DuplicateVersion(f"{release.name} {release.version} is already published")
+    add_release(
+        project, txn, info, release, ring=ring, percent=pct, max_live=project.config.max_live_releases
+    )
+
+
+def _previous_chunks(project: Project, txn: Transaction, name: str) -> set[str]:
+    """Chunk digests of the model's newest release: known to be stored, never re-checked."""
+    index = read_index(txn, name)
+    if index is None or not index.releases:
+        return set()
+    newest = max(index.releases, key=lambda r: r.counter)
+    with contextlib.suppress(Exception):  # only an optimisation: fall back to asking storage
+        return load_manifest(project.storage, txn, name, newest.version).chunk_digests()
+    return set()
+
+
+def _model_payload(req: PublishRequest) -> tuple[Path, dict[str, Path]]:
+    from ota.repository._model_checks import check_model
+
+    if not req.source.is_file():
+        raise InputError(f"{req.source} is not a file", remedy="pass the .onnx model file")
+    facts = check_model(req.source, max_bytes=req.max_model_bytes)
+    payload = {"model/model.onnx": req.source}
+    for rel in facts.external_files:
+        bundle_path = f"model/{rel}"
+        try:
+            validate_bundle_path(bundle_path)
+        except Exception as e:
+            raise InputError(f"external data file name not allowed in a bundle: {rel}") from e
+        payload[bundle_path] = req.source.parent / rel
+    return req.source, payload
+
+
+def _runtime_payload(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder", remedy="pass the runtime's folder")
+    payload: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            raise InputError(f"symlinks are not allowed in a runtime bundle: {path}")
+        if path.is_file():
+            bundle_path = "runtime/" + path.relative_to(folder).as_posix()
+            try:
+                validate_bundle_path(bundle_path)
+            except Exception as e:
+                raise InputError(f"file name not allowed in a bundle: {path}") from e
+            payload[bundle_path] = path
+    if not payload:
+        raise InputError(f"{folder} holds no files")
+    return payload
+
+
+def _sbom(req: PublishRequest, model_path: Path | None, entries: Mapping[str, FileEntry]) -> bytes:
+    files = {p: (e.sha256, e.size) for p, e in entries.items()}
+    runtime_range = req.compat.runtime or ">=1.16"
+    if model_path is None:
+        from ota.sbom import build_runtime_bom
+
+        return build_runtime_bom(name=req.name, version=req.version, files=files)
+    from ota.sbom._mlbom import build_mlbom
+
+    return build_mlbom(
+        name=req.name,
+        version=req.version,
+        model_path=model_path,
+        files=files,
+        runtime_range=runtime_range,
+        runtime_version=req.runtime_version,
+        datasets=list(req.datasets),
+        licenses=list(req.licenses),
+    )
+
+
+def _provenance(project: Project, req: PublishRequest, entries: Mapping[str, FileEntry]) -> bytes:
+    from ota.signing import make_provenance, sign_provenance
+
+    source_digest = entries["model/model.onnx"].sha256 if req.kind == "model" else ""
+    statement = make_provenance(
+        subject_digests={p: e.sha256 for p, e in entries.items()},
+        builder_id=req.builder_id,
+        source_model_digest=source_digest,
+        training_data=list(req.training_data),
+        lineage=list(req.lineage),
+        build_params={
+            "name": req.name,
+            "version": req.version,
+            "kind": req.kind,
+            "compat": req.compat.to_dict(),
+            "ring": req.ring,
+        },
+    )
+    signer = load_release_signer(
+        project.abspath(project.config.release_key), project.abspath(project.config.release_pub)
+    )
+    return sign_provenance(statement, signer)
+
+
+def load_release_signer(private_pem: Path, public_pem: Path) -> Signer:
+    """The release manager's P-256 key as a securesystemslib signer (for DSSE provenance)."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        public = SSlibKey.from_crypto(load_pem_public_key(public_pem.read_bytes()))
+        return CryptoSigner.from_priv_key_uri(f"file2:{private_pem}", public)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the release signing key {private_pem}: {e}") from e
+
+
+def _now() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def cleanup_staging(project: Project) -> None:
+    """Remove staging folders left by killed publishers."""
+    shutil.rmtree(project.root_dir / ".staging", ignore_errors=True)
