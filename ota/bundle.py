@@ -93,7 +93,8 @@ def validate_version(version: str) -> str:
     """Return ``version`` if it is a SemVer 2.0 version string, else raise InputError."""
     if not isinstance(version, str) or len(version) > 128 or not _VERSION_RE.match(version):
         raise InputError(
-            f"invalid version {version!r}", remedy="use a SemVer version such as 1.4.0 or 2.0.0-rc.1"
+            f"invalid version {version!r}",
+            remedy="use a SemVer version such as 1.4.0 or 2.0.0-rc.1",
         )
     return version
 
@@ -396,8 +397,17 @@ class Release:
         _expect_keys(
             doc,
             {
-                "format", "name", "version", "counter", "kind", "compat", "security_floor",
-                "smoke", "model_path", "rollback_of", "created",
+                "format",
+                "name",
+                "version",
+                "counter",
+                "kind",
+                "compat",
+                "security_floor",
+                "smoke",
+                "model_path",
+                "rollback_of",
+                "created",
             },
             "release",
         )

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from tuf.api.metadata import TargetFile
 
 from ota.bundle import (
-    ModelIndex,
     Manifest,
+    ModelIndex,
     Release,
     RolloutState,
     TargetFacts,
@@ -124,9 +124,7 @@ def update_rollout(
     index = read_index(txn, name)
     entry = index.get(version) if index else None
     if index is None or entry is None:
-        raise UnknownRelease(
-            f"{name} {version} is not a live release", remedy="see `ota releases`"
-        )
+        raise UnknownRelease(f"{name} {version} is not a live release", remedy="see `ota releases`")
     new = replace(entry, **changes)  # type: ignore[arg-type]
     RolloutState.from_dict(new.to_dict())  # validate ring/percent
     releases = tuple(new if r.version == version else r for r in index.releases)

@@ -8,9 +8,10 @@ TUF key id, so the same code signs with a file in the demo and a KMS in producti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -170,14 +171,10 @@ class _LazySigners(SignerSet):
 
 def load_signer(uri: str, public_key: Key) -> Signer:
     """Load a signer by URI, mapping failures to :class:`ConfigError`."""
+    from ota.signing import load_signer as _load  # keys by URI, incl. envvar: and awskms:
+
     try:
-        from ota.signing import load_signer as _load  # keys by URI, incl. envvar: and awskms:
-    except ImportError:  # pragma: no cover - signing is part of the core distribution
-        _load = None
-    try:
-        if _load is not None:
-            return _load(uri, public_key)
-        return Signer.from_priv_key_uri(uri, public_key)
+        return _load(uri, public_key)
     except ConfigError:
         raise
     except Exception as e:
@@ -271,6 +268,28 @@ def key_fingerprint(public_pem: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def _generate_role_keys(
+    keys_dir: Path, root_keys: int, rel: Callable[[Path], str]
+) -> tuple[dict[str, str], dict[str, list[SSlibKey]]]:
+    """Ed25519 keys for every top-level role and the bins, as files; their URIs by key id."""
+    uris: dict[str, str] = {}
+    role_keys: dict[str, list[SSlibKey]] = {}
+    for role, n, where in [
+        ("root", root_keys, "offline"),
+        ("targets", 1, "offline"),
+        ("snapshot", 1, "online"),
+        ("timestamp", 1, "online"),
+        ("bins", 1, "online"),
+    ]:
+        role_keys[role] = []
+        for i in range(n):
+            path = keys_dir / where / (f"{role}.pem" if n == 1 else f"{role}-{i + 1}.pem")
+            key = generate_ed25519(path)
+            role_keys[role].append(key)
+            uris[key.keyid] = f"file2:{rel(path)}"
+    return uris, role_keys
+
+
 def init_project(
     project_dir: Path,
     storage_url: str,
@@ -309,27 +328,13 @@ def init_project(
     def rel(p: Path) -> str:
         return str(p.relative_to(project_dir)) if p.is_relative_to(project_dir) else str(p)
 
-    uris: dict[str, str] = {}
-    role_keys: dict[str, list[SSlibKey]] = {}
-    for role, n, where in [
-        ("root", root_keys, "offline"),
-        ("targets", 1, "offline"),
-        ("snapshot", 1, "online"),
-        ("timestamp", 1, "online"),
-        ("bins", 1, "online"),
-    ]:
-        role_keys[role] = []
-        for i in range(n):
-            path = keys_dir / where / (f"{role}.pem" if n == 1 else f"{role}-{i + 1}.pem")
-            key = generate_ed25519(path)
-            role_keys[role].append(key)
-            uris[key.keyid] = f"file2:{rel(path)}"
+    uris, role_keys = _generate_role_keys(keys_dir, root_keys, rel)
     release_key = keys_dir / "release" / "release-signing.pem"
     release_pub_path = keys_dir / "release" / "release-signing.pub.pem"
     release_pub = generate_p256(release_key, release_pub_path)
 
     config = ProjectConfig(
-        storage=storage.url if storage_url.startswith("s3://") is False else storage_url,
+        storage=storage_url if storage_url.startswith("s3://") else storage.url,
         base_url=base_url.rstrip("/"),
         s3_endpoint=s3_endpoint,
         bins=bins,
@@ -410,9 +415,8 @@ def init_project(
         metadata_url=f"{config.base_url}/metadata/",
         targets_url=f"{config.base_url}/targets/",
         bins=bins,
-        keys={
-            role: [uris[k.keyid] for k in ks] for role, ks in role_keys.items()
-        } | {"release": [rel(release_key)]},
+        keys={role: [uris[k.keyid] for k in ks] for role, ks in role_keys.items()}
+        | {"release": [rel(release_key)]},
     )
 
 
@@ -425,10 +429,8 @@ def target_storage_key(path: str, sha256: str) -> str:
 def _put_target_file(storage: Storage, path: str, data: bytes) -> TargetFile:
     info = TargetFile.from_data(path, data)
     key = target_storage_key(path, info.hashes["sha256"])
-    try:
+    with contextlib.suppress(PreconditionFailed):  # content-addressed: same bytes already there
         storage.put(key, data, if_none_match=True)
-    except PreconditionFailed:
-        pass  # content-addressed: the same bytes are already there
     return info
 
 

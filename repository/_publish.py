@@ -242,13 +242,11 @@ def _finish(
         )
         info = put_target_file(store, target_path, manifest.to_bytes())
         info.unrecognized_fields["custom"] = facts.to_custom()
+        def commit(txn: Transaction, i: TargetFile = info, r: Release = release) -> None:
+            _commit_release(project, txn, i, r, ring, percent)
+
         try:
-            run(
-                store,
-                project.signers,
-                project.expiry(),
-                lambda txn, i=info, r=release: _commit_release(project, txn, i, r, ring, percent),
-            )
+            run(store, project.signers, project.expiry(), commit)
         except CounterTaken:
             continue  # a concurrent publish of this model took the counter: sign the next one
         return PublishResult(
@@ -273,7 +271,13 @@ def _commit_release(
     if read_facts(txn, release.name, release.version) is not None:
         raise DuplicateVersion(f"{release.name} {release.version} is already published")
     add_release(
-        project, txn, info, release, ring=ring, percent=pct, max_live=project.config.max_live_releases
+        project,
+        txn,
+        info,
+        release,
+        ring=ring,
+        percent=pct,
+        max_live=project.config.max_live_releases,
     )
 
 

@@ -44,7 +44,7 @@ def serve_forever(root: Path, host: str, port: int) -> None:
     from werkzeug.serving import make_server
 
     server = make_server(host, port, create_app(root), threaded=True)
-    print(f"serving {root} on http://{host}:{server.server_port}", flush=True)  # noqa: T201
+    print(f"serving {root} on http://{host}:{server.server_port}", flush=True)
     try:
         server.serve_forever()
     finally:

@@ -88,12 +88,10 @@ class Storage(ABC):
 
         The same key always holds the same bytes, so an existing blob is left as it is.
         """
-        try:
+        with contextlib.suppress(PreconditionFailed):
             self.put(key, bytes(data), if_none_match=True)
-        except PreconditionFailed:
-            pass
 
-    def barrier(self) -> None:
+    def barrier(self) -> None:  # noqa: B027 - optional hook, a no-op where writes are durable
         """Make every blob written so far durable (called before metadata that names them)."""
 
     def list_detailed(self, prefix: str) -> Iterator[tuple[str, int, float | None]]:

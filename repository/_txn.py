@@ -1,7 +1,7 @@
 """The publish transaction over TUF metadata in a :class:`Storage`.
 
-Layout (consistent snapshots, TUF spec 5.x): ``metadata/<v>.root.json``, ``metadata/<v>.<role>.json``
-for targets, the hash bins and snapshot, and ``metadata/timestamp.json``. The timestamp is the
+Layout (consistent snapshots, TUF spec 5.x): ``metadata/<v>.root.json``,
+``metadata/<v>.<role>.json`` for targets, the hash bins and snapshot, and ``metadata/timestamp.json``. The timestamp is the
 *head*: the single mutable object, replaced with a conditional write (``If-Match``) as the very
 last step. Every other metadata file is immutable and created with ``If-None-Match``; if a version
 already exists (written by a concurrent or crashed publisher and never committed), the next free
@@ -105,9 +105,7 @@ class SignerSet:
     def _signer(self, keyid: str, public: Key) -> Signer | None:
         return self._signers.get(keyid)
 
-    def sign(
-        self, md: Metadata[Any], keys: Mapping[str, Key], threshold: int, role: str
-    ) -> None:
+    def sign(self, md: Metadata[Any], keys: Mapping[str, Key], threshold: int, role: str) -> None:
         """Sign ``md`` with every held key among the role's ``keys`` (key id -> public key).
 
         Raises:
@@ -161,9 +159,7 @@ class Transaction:
         try:
             raw, etag = store.get(HEAD_KEY, max_bytes=MAX_METADATA_BYTES)
         except NotFound as e:
-            raise ConfigError(
-                f"no repository at {store.url}", remedy="run `ota init` first"
-            ) from e
+            raise ConfigError(f"no repository at {store.url}", remedy="run `ota init` first") from e
         timestamp = _parse(raw, Timestamp, HEAD_KEY)
         snap_version = timestamp.signed.snapshot_meta.version
         snapshot = _parse(
@@ -180,8 +176,6 @@ class Transaction:
         if self._root is None:
             self._root = newest_root(self._store)
         return self._root
-
-
 
     def targets(self, role: str = Targets.type) -> Metadata[Targets]:
         """The committed (or, once edited, the pending) metadata of a targets role."""
@@ -245,7 +239,9 @@ class Transaction:
         ts_keys, ts_threshold = self._role_keys(Timestamp.type)
         self._signers.sign(self.timestamp, ts_keys, ts_threshold, Timestamp.type)
         try:
-            self._store.put(HEAD_KEY, self.timestamp.to_bytes(_SERIALIZER), if_match=self._head_etag)
+            self._store.put(
+                HEAD_KEY, self.timestamp.to_bytes(_SERIALIZER), if_match=self._head_etag
+            )
         except PreconditionFailed as e:
             raise ConflictError("another publisher committed first") from e
         self._dirty.clear()
@@ -266,7 +262,7 @@ class Transaction:
     def _write_versioned(
         self, md: Metadata[Any], role: str, keys: Mapping[str, Key], threshold: int
     ) -> int:
-        version = md.signed.version + 1
+        version: int = md.signed.version + 1
         for _ in range(_MAX_VERSION_SKIPS):
             md.signed.version = version
             self._signers.sign(md, keys, threshold, role)

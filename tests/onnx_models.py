@@ -21,7 +21,7 @@ def mlp(
     seed: int = 0,
     opset: int = 17,
 ) -> onnx.ModelProto:
-    """A small MLP: (Gemm + Relu) * layers, then Gemm. Input ``x`` [N, in], output ``y`` [N, out]."""
+    """A small MLP: (Gemm + Relu) * layers, then Gemm. Input ``x`` [N, in], output ``y``."""
     rng = np.random.default_rng(seed)
     nodes = []
     inits = []

@@ -16,7 +16,9 @@ from ota.repository import Project, PublishRequest, PublishResult, init_project,
 from tests.onnx_models import write_mlp
 
 
-def make_project(tmp: Path, storage_url: str | None = None, *, bins: int = 16, **kw: Any) -> Project:
+def make_project(
+    tmp: Path, storage_url: str | None = None, *, bins: int = 16, **kw: Any
+) -> Project:
     """Init a project in ``tmp/proj`` with storage ``tmp/repo`` (or ``storage_url``)."""
     storage = storage_url or str(tmp / "repo")
     s3_endpoint = kw.pop("s3_endpoint", None)

@@ -45,7 +45,7 @@ def _download_manifest(updater: object, name: str, version: str, dest: Path) -> 
 def _fetch_blob(base: str, digest: str) -> bytes:
     import urllib.request
 
-    with urllib.request.urlopen(f"{base}/{blob_key(digest)}") as r:  # noqa: S310 - loopback
+    with urllib.request.urlopen(f"{base}/{blob_key(digest)}") as r:
         data: bytes = r.read()
     assert hashlib.sha256(data).hexdigest() == digest
     return data
@@ -76,7 +76,9 @@ def test_stock_tuf_client_verifies_local_served_release(tmp_path: Path) -> None:
         assert [r.version for r in index.releases] == ["1.0.0"]
 
 
-def test_stock_tuf_client_verifies_s3_release(tmp_path: Path, s3_endpoint: str, s3_url: str) -> None:
+def test_stock_tuf_client_verifies_s3_release(
+    tmp_path: Path, s3_endpoint: str, s3_url: str
+) -> None:
     project = make_project(tmp_path, s3_url, s3_endpoint=s3_endpoint)
     publish_mlp(project, "detector", "1.0.0")
     bucket_path = s3_url[len("s3://") :]
@@ -96,8 +98,14 @@ def _public_read(endpoint: str, bucket: str) -> None:
 
     policy = {
         "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
-                       "Resource": f"arn:aws:s3:::{bucket}/*"}],
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": "s3:GetObject",
+                "Resource": f"arn:aws:s3:::{bucket}/*",
+            }
+        ],
     }
     boto3.client("s3", endpoint_url=endpoint).put_bucket_policy(
         Bucket=bucket, Policy=json.dumps(policy)
@@ -167,15 +175,23 @@ def _cli(args: list[str]) -> tuple[int, str]:
 
 def _snapshot_of(repo: Path) -> dict[str, bytes]:
     return {
-        str(p.relative_to(repo)): p.read_bytes()
-        for p in sorted((repo / "metadata").glob("*.json"))
+        str(p.relative_to(repo)): p.read_bytes() for p in sorted((repo / "metadata").glob("*.json"))
     }
 
 
 @pytest.fixture
 def cli_project(tmp_path: Path) -> Path:
-    code, out = _cli(["init", str(tmp_path / "repo"), "--project", str(tmp_path / "proj"),
-                      "--bins", "16", "--json"])
+    code, out = _cli(
+        [
+            "init",
+            str(tmp_path / "repo"),
+            "--project",
+            str(tmp_path / "proj"),
+            "--bins",
+            "16",
+            "--json",
+        ]
+    )
     assert code == 0, out
     assert json.loads(out)["bins"] == 16
     return tmp_path
@@ -203,8 +219,17 @@ def test_bad_input_is_refused_and_publishes_nothing(
     (d / "not-onnx.onnx").write_bytes(b"\x89PNG\r\n\x1a\n not a model")
     (d / "truncated.onnx").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     before = _snapshot_of(d / "repo")
-    args = ["publish", str(make_input(d)), "--project", str(d / "proj"),  # type: ignore[operator]
-            "--name", "m", "--version", "1.0.0", *extra]
+    args = [
+        "publish",
+        str(make_input(d)),  # type: ignore[operator]
+        "--project",
+        str(d / "proj"),
+        "--name",
+        "m",
+        "--version",
+        "1.0.0",
+        *extra,
+    ]
     # click keeps the last of a repeated option, so the overrides in `extra` win
     exit_code, out = _cli(args)
     assert exit_code == code, out
@@ -229,11 +254,27 @@ def test_duplicate_version_and_missing_key(cli_project: Path) -> None:
 
 
 def test_unreachable_and_misconfigured_storage(tmp_path: Path, s3_endpoint: str) -> None:
-    code, out = _cli(["init", "s3://no-such-bucket-here/x", "--project", str(tmp_path / "p1"),
-                      "--s3-endpoint", s3_endpoint])
+    code, out = _cli(
+        [
+            "init",
+            "s3://no-such-bucket-here/x",
+            "--project",
+            str(tmp_path / "p1"),
+            "--s3-endpoint",
+            s3_endpoint,
+        ]
+    )
     assert code == ExitCode.CONFIG, out
-    code, out = _cli(["init", "s3://bucket/x", "--project", str(tmp_path / "p2"),
-                      "--s3-endpoint", "http://127.0.0.1:9"])
+    code, out = _cli(
+        [
+            "init",
+            "s3://bucket/x",
+            "--project",
+            str(tmp_path / "p2"),
+            "--s3-endpoint",
+            "http://127.0.0.1:9",
+        ]
+    )
     assert code == ExitCode.TRANSIENT, out
     code, out = _cli(["releases", "--project", str(tmp_path / "nowhere")])
     assert code == ExitCode.CONFIG, out

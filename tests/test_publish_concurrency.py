@@ -27,8 +27,9 @@ print("done", flush=True)
 """
 
 
-def _spawn(proj: Path, model: Path, specs: list[str], env: dict[str, str] | None = None
-           ) -> subprocess.Popen[bytes]:
+def _spawn(
+    proj: Path, model: Path, specs: list[str], env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", _PUBLISHER, str(proj), str(model), *specs],
         stdout=subprocess.PIPE,
@@ -68,7 +69,7 @@ def test_concurrent_publishers_lose_no_release(tmp_path: Path) -> None:
     }
     procs = [_spawn(project.root_dir, model, specs) for specs in jobs.values()]
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]
     expected: dict[str, set[str]] = {}
     for specs in jobs.values():

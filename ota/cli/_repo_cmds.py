@@ -25,7 +25,9 @@ def _budgets(values: tuple[str, ...]):  # type: ignore[no-untyped-def]
     for v in values:
         parts = v.split(":")
         if len(parts) != 3:
-            raise InputError(f"bad --budget {v!r}", remedy="use TIER:LATENCY_MS:PEAK_MB, e.g. npu:25:300")
+            raise InputError(
+                f"bad --budget {v!r}", remedy="use TIER:LATENCY_MS:PEAK_MB, e.g. npu:25:300"
+            )
         tier, lat, mem = parts
         try:
             out[tier] = Budget(float(lat) if lat else None, float(mem) if mem else None)
@@ -37,31 +39,60 @@ def _budgets(values: tuple[str, ...]):  # type: ignore[no-untyped-def]
 @click.command()
 @click.argument("storage", default="repo")
 @project_option
-@click.option("--base-url", default="http://127.0.0.1:8765", show_default=True,
-              help="URL devices fetch the repository from (ota serve, a CDN, S3 website).")
-@click.option("--s3-endpoint", envvar="AWS_ENDPOINT_URL", default=None,
-              help="S3-compatible endpoint (MinIO, Ceph RGW, R2); default: AWS.")
+@click.option(
+    "--base-url",
+    default="http://127.0.0.1:8765",
+    show_default=True,
+    help="URL devices fetch the repository from (ota serve, a CDN, S3 website).",
+)
+@click.option(
+    "--s3-endpoint",
+    envvar="AWS_ENDPOINT_URL",
+    default=None,
+    help="S3-compatible endpoint (MinIO, Ceph RGW, R2); default: AWS.",
+)
 @click.option("--bins", default=256, show_default=True, help="Number of hash bins (power of 2).")
 @click.option("--root-keys", default=1, show_default=True, help="Number of root keys.")
 @click.option("--root-threshold", default=1, show_default=True, help="Root signature threshold.")
 @json_option
-def init(storage: str, project_dir: str, base_url: str, s3_endpoint: str | None, bins: int,
-         root_keys: int, root_threshold: int, as_json: bool) -> None:
+def init(
+    storage: str,
+    project_dir: str,
+    base_url: str,
+    s3_endpoint: str | None,
+    bins: int,
+    root_keys: int,
+    root_threshold: int,
+    as_json: bool,
+) -> None:
     """Create a repository in STORAGE (a folder, file:// or s3://bucket/prefix)."""
     from ota.repository import init_project
 
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    result = init_project(Path(project_dir), storage, base_url=base_url, s3_endpoint=s3_endpoint,
-                          bins=bins, root_keys=root_keys, root_threshold=root_threshold)
-    emit(result.to_dict(), as_json, lambda: "\n".join([
-        f"repository created in {result.storage}",
-        f"  trusted root (install on devices): {result.trusted_root}",
-        f"  devices fetch from:                {result.base_url}",
-        f"  hash bins:                         {result.bins}",
-        "  offline keys (move them off this machine): " + ", ".join(
-            result.keys["root"] + result.keys["targets"]),
-    ]))
+    result = init_project(
+        Path(project_dir),
+        storage,
+        base_url=base_url,
+        s3_endpoint=s3_endpoint,
+        bins=bins,
+        root_keys=root_keys,
+        root_threshold=root_threshold,
+    )
+    emit(
+        result.to_dict(),
+        as_json,
+        lambda: "\n".join(
+            [
+                f"repository created in {result.storage}",
+                f"  trusted root (install on devices): {result.trusted_root}",
+                f"  devices fetch from:                {result.base_url}",
+                f"  hash bins:                         {result.bins}",
+                "  offline keys (move them off this machine): "
+                + ", ".join(result.keys["root"] + result.keys["targets"]),
+            ]
+        ),
+    )
 
 
 @click.command()
@@ -70,57 +101,109 @@ def init(storage: str, project_dir: str, base_url: str, s3_endpoint: str | None,
 @click.option("--name", required=True, help="Model (or runtime) name.")
 @click.option("--version", "version", required=True, help="SemVer version of this release.")
 @click.option("--kind", type=click.Choice(["model", "runtime"]), default="model", show_default=True)
-@click.option("--ring", type=click.Choice(["canary", "pilot", "ga"]), default="canary",
-              show_default=True)
+@click.option(
+    "--ring", type=click.Choice(["canary", "pilot", "ga"]), default="canary", show_default=True
+)
 @click.option("--percent", type=float, default=100.0, show_default=True)
-@click.option("--inputs", "inputs_npz", type=click.Path(exists=True, path_type=Path),
-              help="Reference inputs (.npz); default: generated from the input signature.")
+@click.option(
+    "--inputs",
+    "inputs_npz",
+    type=click.Path(exists=True, path_type=Path),
+    help="Reference inputs (.npz); default: generated from the input signature.",
+)
 @click.option("--arch", multiple=True, help="Compatible CPU architecture(s), e.g. aarch64.")
 @click.option("--tier", "tiers", multiple=True, help="Compatible hardware tier(s).")
 @click.option("--provider", "providers", multiple=True, help="Required execution provider(s).")
-@click.option("--runtime", "runtime_range", default="", help="onnxruntime version range, e.g. '>=1.20,<2'.")
+@click.option(
+    "--runtime", "runtime_range", default="", help="onnxruntime version range, e.g. '>=1.20,<2'."
+)
 @click.option("--min-client", default="0.0.0", show_default=True)
 @click.option("--budget", "budgets", multiple=True, help="TIER:LATENCY_MS:PEAK_MB smoke budget.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
 @click.option("--atol", type=float, default=1e-4, show_default=True)
 @click.option("--max-model-mb", type=float, default=8192, show_default=True)
-@click.option("--security-floor", type=int, default=0,
-              help="Refuse releases with a lower counter on devices from now on.")
+@click.option(
+    "--security-floor",
+    type=int,
+    default=0,
+    help="Refuse releases with a lower counter on devices from now on.",
+)
 @click.option("--dataset", "datasets", multiple=True, help="Training dataset reference (SBOM).")
 @click.option("--license", "licenses", multiple=True, help="SPDX licence id (SBOM).")
 @click.option("--lineage", multiple=True, help="Base model reference (provenance).")
 @json_option
-def publish(model: Path, project_dir: str, name: str, version: str, kind: str, ring: str,
-            percent: float, inputs_npz: Path | None, arch: tuple[str, ...],
-            tiers: tuple[str, ...], providers: tuple[str, ...], runtime_range: str,
-            min_client: str, budgets: tuple[str, ...], rtol: float, atol: float,
-            max_model_mb: float, security_floor: int, datasets: tuple[str, ...],
-            licenses: tuple[str, ...], lineage: tuple[str, ...], as_json: bool) -> None:
+def publish(
+    model: Path,
+    project_dir: str,
+    name: str,
+    version: str,
+    kind: str,
+    ring: str,
+    percent: float,
+    inputs_npz: Path | None,
+    arch: tuple[str, ...],
+    tiers: tuple[str, ...],
+    providers: tuple[str, ...],
+    runtime_range: str,
+    min_client: str,
+    budgets: tuple[str, ...],
+    rtol: float,
+    atol: float,
+    max_model_mb: float,
+    security_floor: int,
+    datasets: tuple[str, ...],
+    licenses: tuple[str, ...],
+    lineage: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Publish MODEL (an .onnx file, or a runtime folder with --kind runtime)."""
     from ota.bundle import Compat, validate_version
-    from ota.repository import PublishRequest, publish as do_publish
+    from ota.repository import PublishRequest
+    from ota.repository import publish as do_publish
 
     validate_version(min_client)
     req = PublishRequest(
-        source=model, name=name, version=version, kind=kind, ring=ring,  # type: ignore[arg-type]
-        percent=percent, inputs_npz=inputs_npz,
-        compat=Compat(arch=arch, tiers=tiers, runtime=runtime_range, min_client=min_client,
-                      providers=providers),
-        budgets=_budgets(budgets), rtol=rtol, atol=atol,
-        max_model_bytes=int(max_model_mb * 1024 * 1024), security_floor=security_floor,
-        datasets=datasets, licenses=licenses, training_data=datasets, lineage=lineage,
+        source=model,
+        name=name,
+        version=version,
+        kind="runtime" if kind == "runtime" else "model",
+        ring=ring,
+        percent=percent,
+        inputs_npz=inputs_npz,
+        compat=Compat(
+            arch=arch,
+            tiers=tiers,
+            runtime=runtime_range,
+            min_client=min_client,
+            providers=providers,
+        ),
+        budgets=_budgets(budgets),
+        rtol=rtol,
+        atol=atol,
+        max_model_bytes=int(max_model_mb * 1024 * 1024),
+        security_floor=security_floor,
+        datasets=datasets,
+        licenses=licenses,
+        training_data=datasets,
+        lineage=lineage,
     )
     project = _project(project_dir)
-    size = sum(p.stat().st_size for p in ([model] if model.is_file() else model.rglob("*"))
-               if p.is_file())
+    size = sum(
+        p.stat().st_size for p in ([model] if model.is_file() else model.rglob("*")) if p.is_file()
+    )
     with progress(size, f"publishing {name} {version}", not as_json) as cb:
         result = do_publish(project, req, progress=cb)
     up = result.upload
-    emit(result.to_dict(), as_json, lambda: (
-        f"published {result.name} {result.version} (release counter {result.counter}) "
-        f"to ring {result.ring} at {result.percent:g}%\n"
-        f"  {result.files} files, {result.total_bytes} bytes; uploaded {up.bytes_uploaded} bytes "
-        f"in {up.chunks_uploaded} of {up.chunks_total} chunks"))
+    emit(
+        result.to_dict(),
+        as_json,
+        lambda: (
+            f"published {result.name} {result.version} (release counter {result.counter}) "
+            f"to ring {result.ring} at {result.percent:g}%\n"
+            f"  {result.files} files, {result.total_bytes} bytes; "
+            f"uploaded {up.bytes_uploaded} bytes in {up.chunks_uploaded} of {up.chunks_total} chunks"
+        ),
+    )
 
 
 def _state_line(name: str, s: object) -> str:
@@ -138,8 +221,9 @@ def _state_line(name: str, s: object) -> str:
 @click.option("--ring", type=click.Choice(["canary", "pilot", "ga"]), required=True)
 @click.option("--percent", type=float, default=100.0, show_default=True)
 @json_option
-def promote(name: str, version: str, project_dir: str, ring: str, percent: float,
-            as_json: bool) -> None:
+def promote(
+    name: str, version: str, project_dir: str, ring: str, percent: float, as_json: bool
+) -> None:
     """Move a release to RING at PERCENT (canary -> pilot -> ga)."""
     from ota.repository import promote as do
 
@@ -167,19 +251,26 @@ def _flag_command(cmd_name: str, helptext: str, field: str, value: bool) -> clic
 @click.argument("name")
 @project_option
 @click.option("--to", "to_version", required=True, help="The earlier version to return to.")
-@click.option("--ring", type=click.Choice(["canary", "pilot", "ga"]), default="ga",
-              show_default=True)
+@click.option(
+    "--ring", type=click.Choice(["canary", "pilot", "ga"]), default="ga", show_default=True
+)
 @click.option("--percent", type=float, default=100.0, show_default=True)
 @json_option
-def rollback(name: str, project_dir: str, to_version: str, ring: str, percent: float,
-             as_json: bool) -> None:
+def rollback(
+    name: str, project_dir: str, to_version: str, ring: str, percent: float, as_json: bool
+) -> None:
     """Publish a new release of NAME carrying the files of an earlier version."""
     from ota.repository import rollback as do
 
     r = do(_project(project_dir), name, to_version, ring=ring, percent=percent)
-    emit(r.to_dict(), as_json, lambda: (
-        f"published {r.name} {r.version} (release counter {r.counter}) = files of {to_version}; "
-        f"uploaded {r.upload.bytes_uploaded} bytes"))
+    emit(
+        r.to_dict(),
+        as_json,
+        lambda: (
+            f"published {r.name} {r.version} (release counter {r.counter}) "
+            f"= files of {to_version}; uploaded {r.upload.bytes_uploaded} bytes"
+        ),
+    )
 
 
 @click.command()
@@ -191,14 +282,22 @@ def releases(name: str | None, project_dir: str, as_json: bool) -> None:
     from ota.repository import releases as do
 
     rows = do(_project(project_dir), name)
-    emit([r.to_dict() for r in rows], as_json,
-         lambda: "\n".join(_state_line(r.name, r.state) for r in rows) or "no releases")
+    emit(
+        [r.to_dict() for r in rows],
+        as_json,
+        lambda: "\n".join(_state_line(r.name, r.state) for r in rows) or "no releases",
+    )
 
 
 @click.command()
 @project_option
-@click.option("--grace", type=float, default=3600.0, show_default=True,
-              help="Keep unreferenced blobs younger than this many seconds.")
+@click.option(
+    "--grace",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    help="Keep unreferenced blobs younger than this many seconds.",
+)
 @click.option("--dry-run", is_flag=True)
 @json_option
 def gc(project_dir: str, grace: float, dry_run: bool, as_json: bool) -> None:
@@ -206,15 +305,24 @@ def gc(project_dir: str, grace: float, dry_run: bool, as_json: bool) -> None:
     from ota.repository import gc as do
 
     r = do(_project(project_dir), grace_seconds=grace, dry_run=dry_run)
-    emit(r.to_dict(), as_json, lambda: (
-        f"{'would delete' if dry_run else 'deleted'} {r.deleted} blobs ({r.bytes_freed} bytes); "
-        f"{r.referenced} referenced, {r.kept_young} kept (younger than grace)"))
+    emit(
+        r.to_dict(),
+        as_json,
+        lambda: (
+            f"{'would delete' if dry_run else 'deleted'} {r.deleted} blobs "
+            f"({r.bytes_freed} bytes); {r.referenced} referenced, {r.kept_young} kept (younger than grace)"
+        ),
+    )
 
 
 @click.command()
 @project_option
-@click.option("--root", "root_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Repository folder to serve (default: the project's local storage).")
+@click.option(
+    "--root",
+    "root_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Repository folder to serve (default: the project's local storage).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8765, show_default=True)
 def serve(project_dir: str, root_dir: Path | None, host: str, port: int) -> None:
@@ -234,6 +342,9 @@ def register(group: click.Group) -> None:
         group.add_command(cmd)
     group.add_command(_flag_command("pause", "Stop new installs of a release.", "paused", True))
     group.add_command(_flag_command("resume", "Resume a paused release.", "paused", False))
-    group.add_command(_flag_command(
-        "yank", "Withdraw a release: devices refuse it and revert from it.", "yanked", True))
+    group.add_command(
+        _flag_command(
+            "yank", "Withdraw a release: devices refuse it and revert from it.", "yanked", True
+        )
+    )
     group.add_command(_flag_command("unyank", "Undo a yank.", "yanked", False))
