@@ -1,0 +1,166 @@
+"""Reference inputs and golden outputs: generation, validation of given inputs, determinism."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+from ota.repository._golden import (
+    GoldenError,
+    make_smoke_files,
+    measure_reference,
+    npz_bytes,
+    read_npz,
+)
+
+from ota.bundle import SMOKE_GOLDEN_FILE, SMOKE_INPUTS_FILE, Budget, SmokeSpec
+from ota.errors import InputError
+from tests import bad_models
+from tests.onnx_models import save, write_mlp
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return write_mlp(tmp_path / "model" / "model.onnx")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def test_generated_files_and_spec(model: Path, tmp_path: Path) -> None:
+    budgets = {"*": Budget(50.0, 400.0), "cam-v1": Budget(20.0, None)}
+    spec = make_smoke_files(
+        model, tmp_path / "b", batch=3, runs=7, rtol=1e-2, atol=1e-3, budgets=budgets
+    )
+    assert spec == SmokeSpec(
+        inputs=SMOKE_INPUTS_FILE, golden=SMOKE_GOLDEN_FILE, rtol=1e-2, atol=1e-3, runs=7,
+        budgets=budgets,
+    )  # fmt: skip
+    assert SmokeSpec.from_dict(spec.to_dict()) == spec
+    inputs = _load(tmp_path / "b" / SMOKE_INPUTS_FILE)
+    golden = _load(tmp_path / "b" / SMOKE_GOLDEN_FILE)
+    assert inputs["x"].shape == (3, 8)
+    assert inputs["x"].dtype == np.float32
+    assert golden["y"].shape == (3, 4)
+    assert golden["y"].dtype == np.float32
+
+
+def test_golden_files_are_deterministic(model: Path, tmp_path: Path) -> None:
+    make_smoke_files(model, tmp_path / "a", seed=5)
+    make_smoke_files(model, tmp_path / "b", seed=5)
+    make_smoke_files(model, tmp_path / "c", seed=6)
+    for rel in (SMOKE_INPUTS_FILE, SMOKE_GOLDEN_FILE):
+        first = (tmp_path / "a" / rel).read_bytes()
+        assert first == (tmp_path / "b" / rel).read_bytes()
+        assert first != (tmp_path / "c" / rel).read_bytes()
+        with zipfile.ZipFile(tmp_path / "a" / rel) as archive:
+            assert {i.date_time for i in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def test_npz_bytes_independent_of_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    arrays: dict[str, NDArray[Any]] = {
+        "a": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "b": np.ones(3, np.float16),
+    }
+    first = npz_bytes(arrays)
+    monkeypatch.setattr("time.time", lambda: 2_000_000_000.0)
+    monkeypatch.setattr("time.localtime", lambda *_: (2033, 5, 18, 3, 33, 20, 2, 138, 0))
+    assert npz_bytes(arrays) == first
+
+
+def test_generated_inputs_follow_signature_dtypes(tmp_path: Path) -> None:
+    path = save(bad_models.multi_io(), tmp_path / "m.onnx")
+    make_smoke_files(path, tmp_path / "b", batch=4)
+    inputs = _load(tmp_path / "b" / SMOKE_INPUTS_FILE)
+    assert {k: (v.dtype.name, v.shape) for k, v in inputs.items()} == {
+        "a": ("float32", (4, 3)),
+        "b": ("int64", (4,)),
+        "c": ("bool", (4,)),
+    }
+    assert inputs["b"].min() >= 0
+    assert inputs["b"].max() < 10
+    golden = _load(tmp_path / "b" / SMOKE_GOLDEN_FILE)
+    np.testing.assert_array_equal(golden["t"], np.where(inputs["c"], inputs["b"], 0))
+
+
+def test_given_inputs_are_used(model: Path, tmp_path: Path) -> None:
+    given = tmp_path / "given.npz"
+    x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)
+    np.savez_compressed(given, x=x)
+    make_smoke_files(model, tmp_path / "b", inputs_npz=given)
+    np.testing.assert_array_equal(_load(tmp_path / "b" / SMOKE_INPUTS_FILE)["x"], x)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"z": np.zeros((1, 8), np.float32)}, "names differ"),
+        ({"x": np.zeros((1, 8), np.float64)}, "float64"),
+        ({"x": np.zeros(8, np.float32)}, "rank"),
+        ({"x": np.zeros((1, 9), np.float32)}, "axis 1"),
+        ({"x": np.zeros((1, 8), np.float32), "extra": np.zeros(1)}, "names differ"),
+    ],
+    ids=["name", "dtype", "rank", "fixed-dim", "extra"],
+)
+def test_given_inputs_must_match_signature(
+    model: Path, tmp_path: Path, arrays: dict[str, Any], match: str
+) -> None:
+    given = tmp_path / "given.npz"
+    np.savez(given, **arrays)
+    with pytest.raises(GoldenError, match=match) as info:
+        make_smoke_files(model, tmp_path / "b", inputs_npz=given)
+    assert isinstance(info.value, InputError)
+    assert not (tmp_path / "b").exists()
+
+
+def test_pickled_inputs_are_refused(model: Path, tmp_path: Path) -> None:
+    given = tmp_path / "given.npz"
+    np.savez(given, x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(GoldenError, match="bad npz"):
+        make_smoke_files(model, tmp_path / "b", inputs_npz=given)
+
+
+def test_garbage_inputs_file_is_refused(model: Path, tmp_path: Path) -> None:
+    given = tmp_path / "given.npz"
+    given.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(GoldenError, match="bad npz"):
+        make_smoke_files(model, tmp_path / "b", inputs_npz=given)
+
+
+def test_oversized_inputs_are_refused(model: Path, tmp_path: Path) -> None:
+    with pytest.raises(GoldenError, match="over the 64 limit"):
+        make_smoke_files(model, tmp_path / "b", batch=100, max_bytes=64)
+
+
+def test_nan_golden_is_refused(tmp_path: Path) -> None:
+    path = save(bad_models.nan_output(), tmp_path / "m.onnx")
+    with pytest.raises(GoldenError, match="not finite"):
+        make_smoke_files(path, tmp_path / "b")
+
+
+def test_unloadable_model_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"garbage" * 10)
+    with pytest.raises(GoldenError, match="cannot load"):
+        make_smoke_files(path, tmp_path / "b")
+
+
+def test_read_npz_bounds(tmp_path: Path) -> None:
+    path = tmp_path / "a.npz"
+    path.write_bytes(npz_bytes({"a": np.zeros(1000, np.float32)}))
+    assert read_npz(path)["a"].shape == (1000,)
+    with pytest.raises(GoldenError, match="oversized"):
+        read_npz(path, max_bytes=1000)
+
+
+def test_measure_reference(model: Path, tmp_path: Path) -> None:
+    make_smoke_files(model, tmp_path / "b")
+    latency, peak = measure_reference(model, tmp_path / "b" / SMOKE_INPUTS_FILE, runs=5)
+    assert 0.0 < latency < 1000.0
+    assert 10.0 < peak < 1000.0
