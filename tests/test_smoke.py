@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import onnxruntime
 import pytest
+
+from ota.bundle import SMOKE_GOLDEN_FILE, SMOKE_INPUTS_FILE, Budget, SmokeSpec
 from ota.client import _smoke_child as child
 from ota.client._smoke import (
     SmokeFailed,
@@ -23,10 +25,8 @@ from ota.client._smoke import (
     measure,
     run_smoke,
 )
-from ota.repository._golden import make_smoke_files, npz_bytes
-
-from ota.bundle import SMOKE_GOLDEN_FILE, SMOKE_INPUTS_FILE, Budget, SmokeSpec
 from ota.errors import SmokeError
+from ota.repository._golden import make_smoke_files, npz_bytes
 from tests import bad_models
 from tests.onnx_models import save, write_mlp
 
