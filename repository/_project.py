@@ -208,6 +208,17 @@ def generate_ed25519(path: Path) -> SSlibKey:
     return SSlibKey.from_crypto(priv.public_key())
 
 
+def _load_ed25519(path: Path) -> SSlibKey:
+    """Public key of an existing private key file (reused by ``ota init --keys-dir``)."""
+    try:
+        priv = serialization.load_pem_private_key(path.read_bytes(), None)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"cannot read key {path}: {e}") from e
+    if not isinstance(priv, ed25519.Ed25519PrivateKey):
+        raise ConfigError(f"{path} is not an Ed25519 key")
+    return SSlibKey.from_crypto(priv.public_key())
+
+
 def generate_p256(path: Path, pub_path: Path) -> bytes:
     """Create a P-256 key file for model signing; return the public key PEM (also written)."""
     priv = ec.generate_private_key(ec.SECP256R1())
@@ -284,7 +295,7 @@ def _generate_role_keys(
         role_keys[role] = []
         for i in range(n):
             path = keys_dir / where / (f"{role}.pem" if n == 1 else f"{role}-{i + 1}.pem")
-            key = generate_ed25519(path)
+            key = _load_ed25519(path) if path.exists() else generate_ed25519(path)
             role_keys[role].append(key)
             uris[key.keyid] = f"file2:{rel(path)}"
     return uris, role_keys
@@ -331,7 +342,11 @@ def init_project(
     uris, role_keys = _generate_role_keys(keys_dir, root_keys, rel)
     release_key = keys_dir / "release" / "release-signing.pem"
     release_pub_path = keys_dir / "release" / "release-signing.pub.pem"
-    release_pub = generate_p256(release_key, release_pub_path)
+    release_pub = (
+        release_pub_path.read_bytes()
+        if release_key.exists() and release_pub_path.exists()
+        else generate_p256(release_key, release_pub_path)
+    )
 
     config = ProjectConfig(
         storage=storage_url if storage_url.startswith("s3://") else storage.url,

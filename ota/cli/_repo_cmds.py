@@ -54,6 +54,11 @@ def _budgets(values: tuple[str, ...]):  # type: ignore[no-untyped-def]
 @click.option("--bins", default=256, show_default=True, help="Number of hash bins (power of 2).")
 @click.option("--root-keys", default=1, show_default=True, help="Number of root keys.")
 @click.option("--root-threshold", default=1, show_default=True, help="Root signature threshold.")
+@click.option(
+    "--keys-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Reuse key files from this folder (missing ones are created there).",
+)
 @json_option
 def init(
     storage: str,
@@ -63,6 +68,7 @@ def init(
     bins: int,
     root_keys: int,
     root_threshold: int,
+    keys_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Create a repository in STORAGE (a folder, file:// or s3://bucket/prefix)."""
@@ -78,6 +84,7 @@ def init(
         bins=bins,
         root_keys=root_keys,
         root_threshold=root_threshold,
+        keys_dir=keys_dir,
     )
     emit(
         result.to_dict(),

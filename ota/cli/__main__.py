@@ -1,0 +1,5 @@
+"""``python -m ota.cli``."""
+
+from ota.cli import main
+
+main()

@@ -1,0 +1,46 @@
+"""A device installs only the client extra: importing the client must not need the server's
+or the publisher's dependencies (flask, boto3, cyclonedx, onnx, fastcdc)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# Run in a fresh interpreter in which those packages cannot be imported at all, as on a device
+# that never installed them (securesystemslib and tuf import boto3 only if it is installed).
+_PROBE = """
+import importlib.abc, sys
+BLOCKED = ("flask", "boto3", "botocore", "cyclonedx", "onnx", "fastcdc", "sqlalchemy", "moto")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED and name != "onnxruntime":
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)")
+        return None
+sys.meta_path.insert(0, Block())
+import ota, ota.bundle, ota.client
+from ota.client import _smoke
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+assert not loaded, loaded
+print("ok")
+"""
+
+
+def test_client_imports_without_server_dependencies() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
+
+
+def test_cli_help_is_cheap_and_lists_commands() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ota.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    for cmd in ("init", "publish", "promote", "rollback", "yank", "releases", "gc", "serve"):
+        assert cmd in out.stdout
