@@ -301,6 +301,32 @@ def _generate_role_keys(
     return uris, role_keys
 
 
+def _top_level(
+    role_keys: dict[str, list[SSlibKey]],
+    root_threshold: int,
+    bins: int,
+    expiry: Expiry,
+    now: datetime,
+) -> tuple[Root, Targets, SuccinctRoles]:
+    """Root (consistent snapshots) and top-level targets delegating to succinct hash bins."""
+    root = Root(expires=now + expiry.for_role("root"), consistent_snapshot=True)
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        for key in role_keys[role]:
+            root.add_key(key, role)
+    root.roles["root"].threshold = root_threshold
+    succinct = SuccinctRoles(
+        keyids=[k.keyid for k in role_keys["bins"]],
+        threshold=1,
+        bit_length=bins.bit_length() - 1,
+        name_prefix="bins",
+    )
+    targets = Targets(expires=now + expiry.for_role("targets"))
+    targets.delegations = Delegations(
+        keys={k.keyid: k for k in role_keys["bins"]}, succinct_roles=succinct
+    )
+    return root, targets, succinct
+
+
 def init_project(
     project_dir: Path,
     storage_url: str,
@@ -361,23 +387,7 @@ def init_project(
     signers = _LazySigners(project_dir, uris)
     now = datetime.now(UTC).replace(microsecond=0)
 
-    root = Root(expires=now + expiry.for_role("root"), consistent_snapshot=True)
-    for role in ("root", "targets", "snapshot", "timestamp"):
-        for key in role_keys[role]:
-            root.add_key(key, role)
-    root.roles["root"].threshold = root_threshold
-
-    bit_length = bins.bit_length() - 1
-    succinct = SuccinctRoles(
-        keyids=[k.keyid for k in role_keys["bins"]],
-        threshold=1,
-        bit_length=bit_length,
-        name_prefix="bins",
-    )
-    targets = Targets(expires=now + expiry.for_role("targets"))
-    targets.delegations = Delegations(
-        keys={k.keyid: k for k in role_keys["bins"]}, succinct_roles=succinct
-    )
+    root, targets, succinct = _top_level(role_keys, root_threshold, bins, expiry, now)
     signers_doc = signers_document([(key_fingerprint(release_pub), release_pub, ["*"])])
     targets.targets[SIGNERS_TARGET] = TargetFile.from_data(SIGNERS_TARGET, signers_doc)
 

@@ -1,9 +1,9 @@
 """The publish transaction over TUF metadata in a :class:`Storage`.
 
 Layout (consistent snapshots, TUF spec 5.x): ``metadata/<v>.root.json``,
-``metadata/<v>.<role>.json`` for targets, the hash bins and snapshot, and ``metadata/timestamp.json``. The timestamp is the
-*head*: the single mutable object, replaced with a conditional write (``If-Match``) as the very
-last step. Every other metadata file is immutable and created with ``If-None-Match``; if a version
+``metadata/<v>.<role>.json`` for targets, the hash bins and snapshot, and
+``metadata/timestamp.json``. The timestamp is the *head*: the single mutable object, replaced
+with a conditional write (``If-Match``) as the very last step. Every other metadata file is immutable and created with ``If-None-Match``; if a version
 already exists (written by a concurrent or crashed publisher and never committed), the next free
 version is taken, so an orphan is never overwritten and versions only grow.
 

@@ -208,7 +208,8 @@ def publish(
             f"published {result.name} {result.version} (release counter {result.counter}) "
             f"to ring {result.ring} at {result.percent:g}%\n"
             f"  {result.files} files, {result.total_bytes} bytes; "
-            f"uploaded {up.bytes_uploaded} bytes in {up.chunks_uploaded} of {up.chunks_total} chunks"
+            f"uploaded {up.bytes_uploaded} bytes in "
+            f"{up.chunks_uploaded} of {up.chunks_total} chunks"
         ),
     )
 
@@ -317,7 +318,8 @@ def gc(project_dir: str, grace: float, dry_run: bool, as_json: bool) -> None:
         as_json,
         lambda: (
             f"{'would delete' if dry_run else 'deleted'} {r.deleted} blobs "
-            f"({r.bytes_freed} bytes); {r.referenced} referenced, {r.kept_young} kept (younger than grace)"
+            f"({r.bytes_freed} bytes); {r.referenced} referenced, "
+            f"{r.kept_young} kept (younger than grace)"
         ),
     )
 
