@@ -3,9 +3,10 @@
 Layout (consistent snapshots, TUF spec 5.x): ``metadata/<v>.root.json``,
 ``metadata/<v>.<role>.json`` for targets, the hash bins and snapshot, and
 ``metadata/timestamp.json``. The timestamp is the *head*: the single mutable object, replaced
-with a conditional write (``If-Match``) as the very last step. Every other metadata file is immutable and created with ``If-None-Match``; if a version
-already exists (written by a concurrent or crashed publisher and never committed), the next free
-version is taken, so an orphan is never overwritten and versions only grow.
+with a conditional write (``If-Match``) as the very last step. Every other metadata file is
+immutable and created with ``If-None-Match``; if a version already exists (written by a
+concurrent or crashed publisher and never committed), the next free version is taken, so an
+orphan is never overwritten and versions only grow.
 
 Invariant: a reader who starts from ``timestamp.json`` sees either the state before or the state
 after a transaction, never a mix; a transaction that dies at any point leaves the published state
