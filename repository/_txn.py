@@ -239,14 +239,21 @@ class Transaction:
         ts.snapshot_meta = MetaFile(version=snap_version)
         ts_keys, ts_threshold = self._role_keys(Timestamp.type)
         self._signers.sign(self.timestamp, ts_keys, ts_threshold, Timestamp.type)
+        head = self.timestamp.to_bytes(_SERIALIZER)
         try:
-            self._store.put(
-                HEAD_KEY, self.timestamp.to_bytes(_SERIALIZER), if_match=self._head_etag
-            )
+            self._store.put(HEAD_KEY, head, if_match=self._head_etag)
         except PreconditionFailed as e:
-            raise ConflictError("another publisher committed first") from e
+            if not self._is_ours(HEAD_KEY, head):  # a retried write whose first reply was lost
+                raise ConflictError("another publisher committed first") from e
         self._dirty.clear()
         return snap_version
+
+    def _is_ours(self, key: str, data: bytes) -> bool:
+        """Whether ``key`` holds exactly ``data`` (signatures make a collision impossible)."""
+        try:
+            return self._store.get(key, max_bytes=MAX_METADATA_BYTES)[0] == data
+        except NotFound:
+            return False
 
     def _role_keys(self, role: str) -> tuple[dict[str, Key], int]:
         """Public keys (by key id) and threshold of a role, from root or the delegation."""
@@ -267,10 +274,13 @@ class Transaction:
         for _ in range(_MAX_VERSION_SKIPS):
             md.signed.version = version
             self._signers.sign(md, keys, threshold, role)
+            data = md.to_bytes(_SERIALIZER)
             try:
-                self._store.put(md_key(role, version), md.to_bytes(_SERIALIZER), if_none_match=True)
+                self._store.put(md_key(role, version), data, if_none_match=True)
                 return version
             except PreconditionFailed:
+                if self._is_ours(md_key(role, version), data):
+                    return version  # our own write, retried after a lost reply
                 version += 1  # an orphan of a lost or crashed publish: never overwrite it
         raise ConflictError(f"too many concurrent versions of {role}")
 
