@@ -284,3 +284,34 @@ def test_project_reopens_with_config(cli_project: Path) -> None:
     project = Project.open(cli_project / "proj")
     assert project.config.bins == 16
     assert project.storage.exists("metadata/timestamp.json")
+
+
+def test_lost_reply_on_commit_is_not_a_conflict(tmp_path: Path) -> None:
+    """S3 retries a conditional write whose reply was lost; the retry answers 412 although the
+    first attempt landed. The transaction must recognise its own bytes, not report a conflict
+    (or, worse, skip a version that it already published)."""
+    from ota.repository import FileStorage, PreconditionFailed
+
+    class LostReply(FileStorage):
+        def __init__(self, root: Path) -> None:
+            super().__init__(root)
+            self.tripped: set[str] = set()
+
+        def put(
+            self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+        ) -> str:
+            etag = super().put(key, data, if_none_match=if_none_match, if_match=if_match)
+            if (if_match or if_none_match) and key.startswith("metadata/"):
+                if key not in self.tripped:
+                    self.tripped.add(key)
+                    raise PreconditionFailed(f"{key}: retried after a lost reply")
+            return etag
+
+    project = make_project(tmp_path)
+    project.storage = LostReply(tmp_path / "repo")
+    result = publish_mlp(project, "m", "1.0.0")
+    assert result.counter == 1
+    assert "metadata/timestamp.json" in project.storage.tripped  # type: ignore[attr-defined]
+    snapshots = sorted((tmp_path / "repo" / "metadata").glob("*.snapshot.json"))
+    assert [p.name for p in snapshots] == ["1.snapshot.json", "2.snapshot.json"]
+    assert [r.state.version for r in releases(project, "m")] == ["1.0.0"]
