@@ -301,10 +301,10 @@ def test_lost_reply_on_commit_is_not_a_conflict(tmp_path: Path) -> None:
             self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
         ) -> str:
             etag = super().put(key, data, if_none_match=if_none_match, if_match=if_match)
-            if (if_match or if_none_match) and key.startswith("metadata/"):
-                if key not in self.tripped:
-                    self.tripped.add(key)
-                    raise PreconditionFailed(f"{key}: retried after a lost reply")
+            conditional = if_match is not None or if_none_match
+            if conditional and key.startswith("metadata/") and key not in self.tripped:
+                self.tripped.add(key)
+                raise PreconditionFailed(f"{key}: retried after a lost reply")
             return etag
 
     project = make_project(tmp_path)
