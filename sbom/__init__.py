@@ -21,9 +21,11 @@ from ota.sbom._diff import (
 from ota.sbom._mlbom import ComponentInfo, SbomView, build_mlbom, load_sbom, validate_sbom
 from ota.sbom._modelcard import ModelCardFacts, TensorInfo, model_card
 from ota.sbom._osv import OsvDatabase, VulnMatch, load_osv, match_osv, severity_at_least
+from ota.sbom._runtime_bom import build_runtime_bom
 from ota.sbom._severity import Severity, cvss_base_score
 
 __all__ = [
+    "build_runtime_bom",
     "DEFAULT_LIMITS",
     "ComponentChange",
     "ComponentInfo",

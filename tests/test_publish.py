@@ -315,3 +315,34 @@ def test_lost_reply_on_commit_is_not_a_conflict(tmp_path: Path) -> None:
     snapshots = sorted((tmp_path / "repo" / "metadata").glob("*.snapshot.json"))
     assert [p.name for p in snapshots] == ["1.snapshot.json", "2.snapshot.json"]
     assert [r.state.version for r in releases(project, "m")] == ["1.0.0"]
+
+
+def test_runtime_bundle_publishes_with_wheel_sbom(tmp_path: Path) -> None:
+    from ota.repository import PublishRequest, publish
+    from ota.sbom import load_sbom
+
+    project = make_project(tmp_path)
+    folder = tmp_path / "ort"
+    folder.mkdir()
+    wheel = folder / "onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_aarch64.whl"
+    wheel.write_bytes(b"PK\x03\x04 wheel bytes " * 1000)
+    (folder / "LICENSE").write_text("MIT")
+    result = publish(
+        project,
+        PublishRequest(source=folder, name="ort-aarch64", version="1.31.1", kind="runtime"),
+    )
+    assert result.counter == 1
+    with serve_dir(tmp_path / "repo") as base:
+        updater = stock_updater(base, (project.root_dir / "root.json").read_bytes(), tmp_path / "d")
+        updater.refresh()
+        manifest = _download_manifest(updater, "ort-aarch64", "1.31.1", tmp_path / "m.json")
+        paths = {f.path for f in manifest.files}
+        assert {"runtime/LICENSE", f"runtime/{wheel.name}", "sbom.cdx.json"} <= paths
+        facts = TargetFacts.from_custom(
+            updater.get_targetinfo(manifest_target_path("ort-aarch64", "1.31.1")).custom
+        )
+        assert facts.release.kind == "runtime"
+        assert facts.release.smoke is None
+        sbom = b"".join(_fetch_blob(base, c.sha256) for c in manifest.file("sbom.cdx.json").chunks)
+    purls = {c.purl for c in load_sbom(sbom).components}
+    assert "pkg:pypi/onnxruntime@1.31.1" in purls
