@@ -13,10 +13,11 @@ import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
 from tuf.api.metadata import TargetFile
@@ -51,6 +52,9 @@ from ota.repository._index import (
 )
 from ota.repository._project import Project, put_target_file
 from ota.repository._txn import Transaction, run
+
+if TYPE_CHECKING:
+    from ota.sbom import ModelCardFacts
 
 DEFAULT_MAX_MODEL_BYTES = 8 * 1024**3
 
@@ -153,26 +157,20 @@ def publish(
             model_path, payload = _model_payload(req)
         else:
             model_path, payload = None, _runtime_payload(req.source)
-        for bundle_path, src in payload.items():
-            entries[bundle_path] = chunk_file(src, bundle_path, up, progress)
-
-        smoke: SmokeSpec | None = None
-        if model_path is not None:
-            from ota.repository._golden import make_smoke_files
-
-            smoke = make_smoke_files(
-                model_path,
-                staging,
-                inputs_npz=req.inputs_npz,
-                runs=req.runs,
-                rtol=req.rtol,
-                atol=req.atol,
-                budgets=req.budgets,
-            )
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="publish") as side:
+            # Golden outputs and the model card parse the model while its chunks stream out:
+            # onnxruntime and hashlib release the GIL, so the two cores overlap them.
+            smoke_job = side.submit(_smoke_files, req, model_path, staging)
+            card_job = side.submit(_model_card, model_path)
+            for bundle_path, src in payload.items():
+                entries[bundle_path] = chunk_file(src, bundle_path, up, progress)
+            smoke = smoke_job.result()
+            card = card_job.result()
+        if smoke is not None:
             for rel in (smoke.inputs, smoke.golden):
                 entries[rel] = chunk_file(staging / rel, rel, up)
 
-        sbom = _sbom(req, model_path, entries)
+        sbom = _sbom(req, model_path, entries, card)
         (staging / SBOM_FILE).write_bytes(sbom)
         entries[SBOM_FILE] = chunk_file(staging / SBOM_FILE, SBOM_FILE, up)
 
@@ -328,14 +326,43 @@ def _runtime_payload(folder: Path) -> dict[str, Path]:
     return payload
 
 
-def _sbom(req: PublishRequest, model_path: Path | None, entries: Mapping[str, FileEntry]) -> bytes:
+def _smoke_files(req: PublishRequest, model_path: Path | None, staging: Path) -> SmokeSpec | None:
+    if model_path is None:
+        return None
+    from ota.repository._golden import make_smoke_files
+
+    return make_smoke_files(
+        model_path,
+        staging,
+        inputs_npz=req.inputs_npz,
+        runs=req.runs,
+        rtol=req.rtol,
+        atol=req.atol,
+        budgets=req.budgets,
+    )
+
+
+def _model_card(model_path: Path | None) -> ModelCardFacts | None:
+    if model_path is None:
+        return None
+    from ota.sbom import model_card
+
+    return model_card(model_path)
+
+
+def _sbom(
+    req: PublishRequest,
+    model_path: Path | None,
+    entries: Mapping[str, FileEntry],
+    card: ModelCardFacts | None = None,
+) -> bytes:
     files = {p: (e.sha256, e.size) for p, e in entries.items()}
     runtime_range = req.compat.runtime or ">=1.16"
     if model_path is None:
         from ota.sbom import build_runtime_bom
 
         return build_runtime_bom(name=req.name, version=req.version, files=files)
-    from ota.sbom._mlbom import build_mlbom
+    from ota.sbom import build_mlbom
 
     return build_mlbom(
         name=req.name,
@@ -346,6 +373,7 @@ def _sbom(req: PublishRequest, model_path: Path | None, entries: Mapping[str, Fi
         runtime_version=req.runtime_version,
         datasets=list(req.datasets),
         licenses=list(req.licenses),
+        facts=card,
     )
 
 

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,13 +84,17 @@ class Storage(ABC):
         """The folder a local backend stores into (for ``ota serve``), else None."""
         return None
 
-    def put_blob(self, key: str, data: bytes | memoryview) -> None:
-        """Store a content-addressed blob if absent. Durable only after :meth:`barrier`.
+    def put_blob(self, key: str, data: bytes | memoryview) -> bool:
+        """Store a content-addressed blob if absent; return whether it was written.
 
-        The same key always holds the same bytes, so an existing blob is left as it is.
+        Durable only after :meth:`barrier`. The same key always holds the same bytes, so an
+        existing blob is left as it is.
         """
-        with contextlib.suppress(PreconditionFailed):
+        try:
             self.put(key, bytes(data), if_none_match=True)
+        except PreconditionFailed:
+            return False
+        return True
 
     def barrier(self) -> None:  # noqa: B027 - optional hook, a no-op where writes are durable
         """Make every blob written so far durable (called before metadata that names them)."""
@@ -153,18 +158,30 @@ class FileStorage(Storage):
             _atomic.write_bytes(path, data)
         return etag_of(data)
 
-    def put_blob(self, key: str, data: bytes | memoryview) -> None:
-        # No fsync per blob (thousands per publish): one barrier() before the metadata commit.
+    def put_blob(self, key: str, data: bytes | memoryview) -> bool:
+        # No fsync per blob (hundreds per publish): one barrier() before the metadata commit.
+        # A complete temp file renamed into place: a reader never sees a partial blob, and a
+        # concurrent writer of the same key writes the same bytes.
         path = self._path(key)
         if path.exists():
-            return
-        self._create_exclusive(path, data, durable=False, exist_ok=True)
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.new"
+        try:
+            with tmp.open("wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _local_error(e, path) from e
+        return True
 
     def barrier(self) -> None:
         os.sync()
 
     def _create_exclusive(
-        self, path: Path, data: bytes | memoryview, *, durable: bool = True, exist_ok: bool = False
+        self, path: Path, data: bytes | memoryview
     ) -> None:
         # Write a complete temp file, then link() it into place: link fails if the name exists,
         # and readers never see a partial object.
@@ -173,17 +190,13 @@ class FileStorage(Storage):
         try:
             with tmp.open("wb") as f:
                 f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
+                f.flush()
+                os.fsync(f.fileno())
             try:
                 os.link(tmp, path)
             except FileExistsError as e:
-                if exist_ok:
-                    return
                 raise PreconditionFailed(f"{path.name} already exists") from e
-            if durable:
-                _atomic.fsync_dir(path.parent)
+            _atomic.fsync_dir(path.parent)
         except OSError as e:
             raise _local_error(e, path) from e
         finally:

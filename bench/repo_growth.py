@@ -1,0 +1,418 @@
+"""Repository growth: publish time and a cold client refresh at 100, 10,000 and 100,000 releases.
+
+One repository per bin count grows through the sizes in ``--releases``: at each size the older
+releases are generated in bulk (:func:`bulk_add`), then the benchmark measures
+
+* **publish**: best of ``--repeat`` real :func:`ota.repository.publish` calls of a small MLP as
+  the next version of a model that has a real history (its phases beside it, ``commit`` being the
+  metadata transaction, the only part that can grow with the repository);
+* **cold refresh**: best of ``--repeat`` runs of the stock python-tuf ``ngclient.Updater`` over
+  real HTTP (``tests.repo_helpers.serve_dir``) from an empty metadata folder: ``refresh()`` then
+  ``get_targetinfo`` of the newest release's manifest and of the model's index; bytes and
+  requests counted by a fetcher around urllib3 (:class:`CountingFetcher`).
+
+Figures are ratios against the smallest size of the same bin count. Goal: at the largest size
+(100,000) within 1.5x of the smallest (100). Run with ``--bins 4096`` (about 25 releases per bin
+at 100,000) and, for comparison, the ``init`` default of 256 bins at ``--default-bins-releases``.
+
+Bulk generation (setup, untimed in the figures) writes what a publish would write to the bins:
+one ``TargetFile`` per release with realistic :class:`~ota.bundle.TargetFacts` custom data and
+one index target per model, through the project's transaction (``_txn.run``) and signers, one
+transaction per ``--batch`` releases. The manifests those targets name are not written (nothing
+in the measured paths reads them). Signing uses the project's keys with a faster canonical-JSON
+encoder, checked byte-for-byte against python-tuf's on the first role of every batch.
+
+Run: ``python -m bench.repo_growth [--json] [--releases 100,10000,100000] [--bins 4096]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import Signer
+from tuf.api.metadata import Key, Metadata, Signed, TargetFile
+from tuf.api.serialization import SignedSerializer
+from tuf.api.serialization.json import CanonicalJSONSerializer
+from tuf.ngclient import Urllib3Fetcher
+
+from bench._common import (
+    PUBLISH_PHASES,
+    base_parser,
+    emit,
+    environment,
+    log,
+    publish_phases,
+    quiet_http_logs,
+    ratio,
+    scratch_dir,
+    table,
+    timed,
+)
+from ota.bundle import (
+    PROVENANCE_FILE,
+    RELEASE_FILE,
+    SBOM_FILE,
+    SIGNATURE_FILE,
+    Compat,
+    ModelIndex,
+    Release,
+    RolloutState,
+    SmokeSpec,
+    TargetFacts,
+    index_target_path,
+    manifest_target_path,
+)
+from ota.errors import ConfigError
+from ota.repository._project import Project, put_target_file
+from ota.repository._txn import SignerSet, Transaction, run
+
+GOAL = 1.5
+MEASURED_MODEL = "bench-model"
+RELEASES_PER_MODEL = 100  # the bulk history: N releases spread over N/100 models
+
+
+# -- signing fast enough for 4096 bins per batch ------------------------------------------------
+
+
+class _FastCanonical(SignedSerializer):
+    """OLPC canonical JSON through the C ``json`` encoder: identical bytes for metadata made only
+    of ASCII strings without control characters, ints, bools and null (what ours is made of)."""
+
+    def serialize(self, signed_obj: Signed) -> bytes:
+        return json.dumps(
+            signed_obj.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode()
+
+
+class BulkSigners(SignerSet):
+    """The project's signers, signing with :class:`_FastCanonical`. The first role it signs is
+    also serialised by python-tuf's own canonical serializer and compared byte for byte."""
+
+    def __init__(self, inner: SignerSet) -> None:
+        super().__init__({})
+        self._inner = inner
+        self._checked = False
+
+    def _signer(self, keyid: str, public: Key) -> Signer | None:
+        return self._inner._signer(keyid, public)
+
+    def sign(
+        self, md: Metadata[Any], keys: Mapping[str, Key], threshold: int, role: str
+    ) -> None:
+        fast = _FastCanonical()
+        if not self._checked:
+            if fast.serialize(md.signed) != CanonicalJSONSerializer().serialize(md.signed):
+                raise AssertionError("fast canonical JSON differs from python-tuf's")
+            self._checked = True
+        md.signatures.clear()
+        held = [s for k, pub in keys.items() if (s := self._signer(k, pub)) is not None]
+        if len(held) < threshold:
+            raise ConfigError(f"cannot sign {role}: {len(held)} keys, threshold {threshold}")
+        for signer in held:
+            md.sign(signer, append=True, signed_serializer=fast)
+
+
+# -- bulk history ----------------------------------------------------------------------------
+
+
+def _hex(*parts: object) -> str:
+    return hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()
+
+
+def _model_of(i: int, models: int) -> tuple[str, int]:
+    """Release ``i`` of the bulk history: (model name, its counter for that model)."""
+    return f"fleet-{i % models:05d}", i // models + 1
+
+
+def release_target(name: str, counter: int) -> TargetFile:
+    """A release target as ``publish`` writes it: manifest hash and length, and the facts."""
+    version = f"1.{counter}.0"
+    release = Release(
+        name=name,
+        version=version,
+        counter=counter,
+        compat=Compat(arch=("aarch64", "x86_64"), tiers=("edge-gpu",), runtime=">=1.16",
+                      min_client="0.1.0"),
+        smoke=SmokeSpec(),
+        created="2026-11-01T12:00:00Z",
+    )
+    facts = TargetFacts(
+        release=release,
+        digests={p: _hex(name, version, p)
+                 for p in (RELEASE_FILE, SBOM_FILE, PROVENANCE_FILE, SIGNATURE_FILE)},
+    )
+    path = manifest_target_path(name, version)
+    return TargetFile(
+        length=180_000 + counter % 997,
+        hashes={"sha256": _hex(name, version, "manifest")},
+        path=path,
+        unrecognized_fields={"custom": facts.to_custom()},
+    )
+
+
+def bulk_add(project: Project, start: int, stop: int, models: int, batch: int,
+             max_live: int) -> None:
+    """Add bulk releases ``start..stop-1`` (spread over ``models`` models) to the bins, one
+    transaction per ``batch`` releases, with each touched model's index rewritten once per
+    batch. Idempotent per release (a path already present is overwritten with the same data)."""
+    signers = BulkSigners(project.signers)
+    for lo in range(start, stop, batch):
+        hi = min(stop, lo + batch)
+        targets = [release_target(*_model_of(i, models)) for i in range(lo, hi)]
+        touched = sorted({i % models for i in range(lo, hi)})
+
+        def index_of(m: int, hi: int = hi) -> ModelIndex:
+            # releases of model m among 0..hi-1 are m, m+models, ...: counters 1..n
+            n = (hi - 1 - m) // models + 1
+            live = range(max(1, n - max_live + 1), n + 1)
+            return ModelIndex(
+                name=f"fleet-{m:05d}",
+                releases=tuple(RolloutState(f"1.{c}.0", c, ring="ga") for c in live),
+            )
+
+        def put_index(m: int) -> TargetFile:
+            index = index_of(m)
+            info = put_target_file(project.storage, index_target_path(index.name),
+                                   index.to_bytes())
+            info.unrecognized_fields["custom"] = index.to_custom()
+            return info
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            indexes = list(pool.map(put_index, touched))
+
+        def change(txn: Transaction, targets: list[TargetFile] = targets,
+                   indexes: list[TargetFile] = indexes) -> None:
+            for info in [*targets, *indexes]:
+                txn.edit(txn.bin_for(info.path)).targets[info.path] = info
+
+        signers._checked = False
+        run(project.storage, signers, project.expiry(), change)
+
+
+# -- cold client refresh -------------------------------------------------------------------
+
+
+class CountingFetcher(Urllib3Fetcher):
+    """python-tuf's urllib3 fetcher, counting requests and body bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests = 0
+        self.bytes = 0
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        self.requests += 1
+        chunks = super()._fetch(url)  # raises here on HTTP errors, as the base class does
+
+        def counted() -> Iterator[bytes]:
+            for chunk in chunks:
+                self.bytes += len(chunk)
+                yield chunk
+
+        return counted()
+
+
+@dataclass
+class Refresh:
+    seconds: float
+    bytes: int
+    requests: int
+
+
+def cold_refresh(base_url: str, trusted_root: bytes, name: str, version: str) -> Refresh:
+    """A stock ``Updater`` from an empty folder: refresh, then the release's and index's
+    target info. Raises if either target is not found."""
+    from tuf.ngclient import Updater
+
+    with tempfile.TemporaryDirectory(prefix="bench-client-") as tmp:
+        work = Path(tmp)
+        (work / "metadata").mkdir()
+        (work / "targets").mkdir()
+        fetcher = CountingFetcher()
+        t0 = time.perf_counter()
+        updater = Updater(
+            metadata_dir=str(work / "metadata"),
+            metadata_base_url=f"{base_url}/metadata/",
+            target_dir=str(work / "targets"),
+            target_base_url=f"{base_url}/targets/",
+            fetcher=fetcher,
+            bootstrap=trusted_root,
+        )
+        updater.refresh()
+        for path in (manifest_target_path(name, version), index_target_path(name)):
+            if updater.get_targetinfo(path) is None:
+                raise AssertionError(f"{path} not found by the stock client")
+        elapsed = time.perf_counter() - t0
+    return Refresh(elapsed, fetcher.bytes, fetcher.requests)
+
+
+# -- one size ----------------------------------------------------------------------------------
+
+
+def _metadata_sizes(project: Project) -> dict[str, int]:
+    """Sizes of the committed snapshot and of the largest committed bin."""
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    snap_version = txn.timestamp.signed.snapshot_meta.version
+    root = project.storage.local_root()
+    assert root is not None
+    snapshot = (root / f"metadata/{snap_version}.snapshot.json").stat().st_size
+    largest = 0
+    for meta_name, meta in txn.snapshot.signed.meta.items():
+        if meta_name.startswith("bins-"):
+            role = meta_name[: -len(".json")]
+            size = (root / f"metadata/{meta.version}.{role}.json").stat().st_size
+            largest = max(largest, size)
+    return {"snapshot_bytes": snapshot, "largest_bin_bytes": largest}
+
+
+def measure(project: Project, model: Path, first_version: int, repeat: int) -> dict[str, Any]:
+    from ota.repository import PublishRequest, publish
+    from tests.repo_helpers import serve_dir
+
+    runs: list[tuple[float, dict[str, float]]] = []
+    version = ""
+    for k in range(max(1, repeat)):
+        version = f"2.0.{first_version + k}"
+        req = PublishRequest(model, MEASURED_MODEL, version)
+        with publish_phases() as timer:
+            seconds, _ = timed(partial(publish, project, req))
+        runs.append((seconds, timer.breakdown(seconds, PUBLISH_PHASES)))
+    best_publish = min(runs, key=lambda r: r[0])
+    root = project.storage.local_root()
+    assert root is not None
+    trusted = (project.root_dir / "root.json").read_bytes()
+    refreshes: list[Refresh] = []
+    with serve_dir(root) as url:
+        for _ in range(max(1, repeat)):
+            refreshes.append(cold_refresh(url, trusted, MEASURED_MODEL, version))
+    best_refresh = min(refreshes, key=lambda r: r.seconds)
+    return {
+        "publish_s": round(best_publish[0], 4),
+        "commit_s": round(min(r[1]["commit"] for r in runs), 4),
+        "publish_phases_s": best_publish[1],
+        "refresh_s": round(best_refresh.seconds, 4),
+        "refresh_bytes": best_refresh.bytes,
+        "refresh_requests": best_refresh.requests,
+        **_metadata_sizes(project),
+    }
+
+
+def grow(bins: int, sizes: list[int], workdir: Path, repeat: int, batch: int) -> dict[str, Any]:
+    """One repository with ``bins`` bins, grown through ``sizes`` releases; measured at each."""
+    from ota.repository import PublishRequest, init_project, publish
+    from tests.onnx_models import write_mlp
+
+    base = workdir / f"bins-{bins}"
+    shutil.rmtree(base, ignore_errors=True)
+    t0 = time.perf_counter()
+    init_project(base / "proj", str(base / "repo"), bins=bins)
+    project = Project.open(base / "proj")
+    init_s = time.perf_counter() - t0
+    model = write_mlp(base / "model" / "model.onnx", in_features=64, hidden=256, out_features=16)
+    publish(project, PublishRequest(model, MEASURED_MODEL, "2.0.0"))  # a real history
+    real = 1  # real releases published so far
+    models = max(1, max(sizes) // RELEASES_PER_MODEL)
+    points: list[dict[str, Any]] = []
+    bulk_done = 0
+    for size in sorted(sizes):
+        # the first measured publish below is release number `size` of the repository
+        want_bulk = max(bulk_done, size - real - 1)
+        t1 = time.perf_counter()
+        if want_bulk > bulk_done:
+            bulk_add(project, bulk_done, want_bulk, models, batch,
+                     project.config.max_live_releases)
+            bulk_done = want_bulk
+        bulk_s = time.perf_counter() - t1
+        log(f"bins={bins}: {bulk_done + real + 1} releases (bulk {bulk_s:.1f}s), measuring")
+        point = {"releases": bulk_done + real + 1, "bulk_s": round(bulk_s, 1)}
+        point |= measure(project, model, real, repeat)
+        real += max(1, repeat)
+        points.append(point)
+    first = points[0]
+    for p in points:
+        p["publish_ratio"] = ratio(p["publish_s"], first["publish_s"])
+        p["commit_ratio"] = ratio(p["commit_s"], first["commit_s"])
+        p["refresh_s_ratio"] = ratio(p["refresh_s"], first["refresh_s"])
+        p["refresh_bytes_ratio"] = ratio(p["refresh_bytes"], first["refresh_bytes"])
+    last = points[-1]
+    goal_met = all(last[k] <= GOAL for k in
+                   ("publish_ratio", "refresh_s_ratio", "refresh_bytes_ratio"))
+    shutil.rmtree(base, ignore_errors=True)
+    return {"bins": bins, "init_s": round(init_s, 1), "points": points, "goal_met": goal_met}
+
+
+def run_all(sizes: list[int], bins: int, default_sizes: list[int], repeat: int, batch: int,
+            workdir: Path) -> dict[str, Any]:
+    quiet_http_logs()
+    t0 = time.perf_counter()
+    series = [grow(bins, sizes, workdir, repeat, batch)]
+    if default_sizes:
+        series.append(grow(256, default_sizes, workdir, repeat, batch))
+    return {
+        "benchmark": "repo_growth",
+        "releases": sizes,
+        "bins": bins,
+        "repeat": repeat,
+        "goal": GOAL,
+        "goal_met": series[0]["goal_met"],
+        "series": series,
+        "environment": environment(),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def render(doc: dict[str, Any]) -> str:
+    out = []
+    for s in doc["series"]:
+        rows = [
+            [p["releases"], p["publish_s"], p["publish_ratio"], p["commit_s"], p["commit_ratio"],
+             p["refresh_s"], p["refresh_s_ratio"], p["refresh_bytes"], p["refresh_bytes_ratio"],
+             p["refresh_requests"], p["snapshot_bytes"], p["largest_bin_bytes"], p["bulk_s"]]
+            for p in s["points"]
+        ]
+        goal = "met" if s["goal_met"] else "NOT met"
+        out.append(table(
+            f"repo_growth: {s['bins']} bins, best of {doc['repeat']} (ratios to the first row;"
+            f" goal <= {doc['goal']}x at the largest size: {goal})",
+            ["releases", "publish s", "x", "commit s", "x", "refresh s", "x", "refresh B", "x",
+             "requests", "snapshot B", "max bin B", "bulk s"],
+            rows,
+        ))
+        out.append("")
+    return "\n".join(out)
+
+
+def _sizes(text: str) -> list[int]:
+    return sorted({int(x) for x in text.split(",") if x.strip()})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = base_parser(__doc__.splitlines()[0] if __doc__ else "repo_growth")
+    parser.add_argument("--releases", default="100,10000,100000")
+    parser.add_argument("--bins", type=int, default=4096)
+    parser.add_argument("--default-bins-releases", default="100,10000",
+                        help="also grow a 256-bin repository through these sizes ('' = skip)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=50_000, help="bulk releases per transaction")
+    args = parser.parse_args(argv)
+    sizes = _sizes(args.releases)
+    if not sizes or sizes[0] < 2:
+        parser.error("--releases needs sizes >= 2")
+    with scratch_dir(args.workdir) as work:
+        doc = run_all(sizes, args.bins, _sizes(args.default_bins_releases), args.repeat,
+                      args.batch, work)
+    emit(doc, render(doc), args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The benchmarks run end to end at a tiny size and report what they promise.
+
+Never a timed assertion: only the shape of each benchmark's JSON document is checked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import delta_publish, publish_speed, repo_growth
+from bench._common import PUBLISH_PHASES
+
+
+def _run(capsys: pytest.CaptureFixture[str], main: object, argv: list[str]) -> dict[str, object]:
+    assert callable(main)
+    main(argv)
+    doc = json.loads(capsys.readouterr().out)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_publish_speed_reports_ratios_on_both_storages(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = _run(capsys, publish_speed.main,
+               ["--json", "--size-mb", "2", "--repeat", "1", "--workdir", str(tmp_path)])
+    assert doc["benchmark"] == "publish_speed"
+    results = doc["results"]
+    assert isinstance(results, list)
+    assert [r["storage"] for r in results] == ["file", "s3"]
+    for r in results:
+        assert {"baseline_s", "publish_s", "ratio", "goal_met", "phases_s", "upload"} <= set(r)
+        assert set(r["phases_s"]) == {*PUBLISH_PHASES, "other"}
+        assert r["upload"]["bytes_uploaded"] >= r["model_bytes"]
+        assert r["ratio"] > 0
+
+
+def test_delta_publish_reports_uploaded_fraction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = _run(capsys, delta_publish.main,
+               ["--json", "--size-mb", "2", "--fractions", "0.1,0.3", "--workdir", str(tmp_path)])
+    assert doc["benchmark"] == "delta_publish"
+    deltas = doc["deltas"]
+    assert isinstance(deltas, list)
+    assert [d["fraction"] for d in deltas] == [0.1, 0.3]
+    for d in deltas:
+        assert {"bytes_uploaded", "uploaded_over_full", "publish_s", "time_over_full_publish"} <= (
+            set(d)
+        )
+        assert 0 < d["uploaded_over_full"] < 1  # a fine-tune never re-uploads the whole model
+    assert isinstance(doc["goal_met"], bool)
+
+
+def test_repo_growth_reports_each_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = _run(capsys, repo_growth.main,
+               ["--json", "--releases", "10,20", "--bins", "16", "--default-bins-releases", "",
+                "--repeat", "1", "--batch", "4", "--workdir", str(tmp_path)])
+    assert doc["benchmark"] == "repo_growth"
+    series = doc["series"]
+    assert isinstance(series, list)
+    assert len(series) == 1
+    points = series[0]["points"]
+    assert [p["releases"] for p in points] == [10, 20]
+    for p in points:
+        assert {"publish_s", "publish_ratio", "refresh_s", "refresh_bytes", "refresh_requests",
+                "refresh_bytes_ratio", "refresh_s_ratio"} <= set(p)
+        assert p["refresh_bytes"] > 0
