@@ -1,1 +1,53 @@
-"""(component: see module docstrings)"""
+"""The device updater: verified, resumable, delta-aware A/B installs with smoke inference.
+
+Public API (everything else is private):
+
+* :func:`init_device`, :func:`update_once`, :func:`status`, :func:`confirm`, :func:`revert`,
+  :func:`run_daemon` - what ``ota device init|update|status|confirm|revert|run`` call;
+* :func:`current_model` - for apps: the path of the committed model file;
+* result types with ``to_dict()`` for ``--json``: :class:`UpdateResult` (``.exit_code``),
+  :class:`ModelOutcome`, :class:`DeviceStatus`;
+* configuration: :class:`DeviceConfig`, :class:`FetchConfig`, :class:`DaemonConfig`;
+* seams for tests and integrators: :class:`Verifier`, :class:`SmokeRunner`.
+
+Importing this package imports no server, publisher or ML dependency (flask, boto3,
+cyclonedx, onnx, onnxruntime are never imported here).
+"""
+
+from ota.client._daemon import DaemonConfig, run_daemon
+from ota.client._events import Event, EventQueue
+from ota.client._fetch import FetchConfig, SlowRetrievalError
+from ota.client._install import SmokeRunner, Verifier
+from ota.client._slots import current_model
+from ota.client._state import DeviceConfig
+from ota.client._updater import (
+    DeviceStatus,
+    ModelOutcome,
+    UpdateResult,
+    confirm,
+    init_device,
+    revert,
+    status,
+    update_once,
+)
+
+__all__ = [
+    "DaemonConfig",
+    "DeviceConfig",
+    "DeviceStatus",
+    "Event",
+    "EventQueue",
+    "FetchConfig",
+    "ModelOutcome",
+    "SlowRetrievalError",
+    "SmokeRunner",
+    "UpdateResult",
+    "Verifier",
+    "confirm",
+    "current_model",
+    "init_device",
+    "revert",
+    "run_daemon",
+    "status",
+    "update_once",
+]

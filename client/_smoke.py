@@ -34,9 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ota.client import _smoke_child as child
-
 from ota.bundle import FormatError, SmokeSpec, validate_bundle_path
+from ota.client import _smoke_child as child
 from ota.errors import LocalError, SmokeError
 
 __all__ = ["SmokeFailed", "SmokeLimits", "SmokeReport", "measure", "run_smoke"]

@@ -1,0 +1,283 @@
+"""Local chunk reuse and assembly of a release into a staging folder (DESIGN decision 2).
+
+A device already holds most chunks of a fine-tuned or rolled-back release: in the current
+slot, in the inactive (previous) slot, or in the leftovers of an interrupted attempt. The
+:class:`ChunkIndex` maps chunk digests to places on disk, known from the manifests of those
+slots; :func:`stage` writes every file of a new manifest, taking each chunk from disk when one
+hashes right and from the network otherwise.
+
+Invariants:
+
+* every byte written to a staged file comes from a chunk whose sha256 was verified just before
+  (local reads are re-hashed: disk content is not trusted blindly);
+* every staged file's sha256 and size are verified against the manifest before it gets its
+  final name; files are fsynced, made read-only, and their folders fsynced;
+* nothing outside the staging folder is written (bundle paths are validated by the manifest
+  parser, temp names start with a dot, which no bundle path may).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import os
+import shutil
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ota._atomic import fsync_dir
+from ota.bundle import FileEntry, Manifest
+from ota.errors import LocalError, SecurityError
+
+from ._fetch import BlobFetcher, FetchConfig
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@dataclass
+class StageStats:
+    """What staging cost: bytes from the network versus reused from disk."""
+
+    files: int = 0
+    bytes_total: int = 0
+    bytes_downloaded: int = 0
+    bytes_reused: int = 0
+    bytes_linked: int = 0
+    chunks_downloaded: int = 0
+    chunks_reused: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ChunkIndex:
+    """Where chunks and whole files may be found on this device. Lookups verify hashes."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[str, list[tuple[Path, int]]] = {}
+        self._files: dict[str, list[Path]] = {}
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def add_tree(self, root: Path, manifest: Manifest, *, whole_files: bool = True) -> None:
+        """Index the files of a slot laid out by ``manifest`` (missing files are skipped)."""
+        for f in manifest.files:
+            path = root / f.path
+            try:
+                length = path.stat().st_size
+            except OSError:
+                continue
+            if whole_files and length == f.size:
+                self._files.setdefault(f.sha256, []).append(path)
+            self._add_chunks(path, f, length)
+
+    def add_partial(self, root: Path, manifest: Manifest) -> None:
+        """Index the leftovers of an interrupted staging of ``manifest`` (final or temp names),
+        up to the length each file reached."""
+        for f in manifest.files:
+            for path in (root / f.path, root / _temp_name(f.path)):
+                try:
+                    length = path.stat().st_size
+                except OSError:
+                    continue
+                self._add_chunks(path, f, length)
+
+    def _add_chunks(self, path: Path, f: FileEntry, length: int) -> None:
+        offset = 0
+        for c in f.chunks:
+            if offset + c.size > length:
+                break
+            self._chunks.setdefault(c.sha256, []).append((path, offset))
+            offset += c.size
+
+    def read_chunk(self, sha256: str, size: int) -> bytes | None:
+        """Bytes of a chunk from disk if some indexed place holds them intact, else None."""
+        for path, offset in self._chunks.get(sha256, ()):
+            try:
+                with path.open("rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read(size)
+            except OSError:
+                continue
+            if len(data) == size and hashlib.sha256(data).hexdigest() == sha256:
+                return data
+        return None
+
+    def whole_file(self, entry: FileEntry) -> Path | None:
+        """An indexed file with exactly ``entry``'s content (re-hashed), or None."""
+        for path in self._files.get(entry.sha256, ()):
+            try:
+                if path.stat().st_size == entry.size and _sha256_file(path) == entry.sha256:
+                    return path
+            except OSError:
+                continue
+        return None
+
+    def linkable_bytes(self, manifest: Manifest) -> int:
+        """Bytes of ``manifest`` that whole-file reuse could hard-link (no hashing)."""
+        return sum(f.size for f in manifest.files if f.sha256 in self._files)
+
+
+def stage(manifest: Manifest, dest: Path, index: ChunkIndex, fetcher: BlobFetcher,
+          cfg: FetchConfig, *, on_file: Callable[[str], None] | None = None) -> StageStats:
+    """Write every file of ``manifest`` under ``dest`` (an empty folder), verified.
+
+    Whole files already on the device are hard-linked (or copied) after re-hashing; other
+    files are assembled chunk by chunk from disk or network, with up to ``cfg.parallel``
+    chunks in flight, in order. ``on_file`` is called with each completed path.
+
+    Raises:
+        SecurityError: a chunk or file does not match the manifest.
+        TransientError: the network failed after bounded retries.
+        LocalError: the disk is full or the folder cannot be written.
+    """
+    stats = StageStats(bytes_total=manifest.total_size)
+    pending: list[FileEntry] = []
+    try:
+        for f in manifest.files:
+            target = dest / f.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = index.whole_file(f)
+            if src is None:
+                pending.append(f)
+                continue
+            _link_or_copy(src, target)
+            stats.bytes_linked += f.size
+            stats.files += 1
+            if on_file:
+                on_file(f.path)
+        _Assembler(dest, index, fetcher, cfg, stats, on_file).run(pending)
+        for d in sorted({(dest / f.path).parent for f in manifest.files}, reverse=True):
+            fsync_dir(d)
+        fsync_dir(dest)
+    except OSError as e:
+        raise _local(e, dest) from e
+    return stats
+
+
+@dataclass
+class _Assembler:
+    """Fetches or reads chunks with a bounded window of workers, writes them in order."""
+
+    dest: Path
+    index: ChunkIndex
+    fetcher: BlobFetcher
+    cfg: FetchConfig
+    stats: StageStats
+    on_file: Callable[[str], None] | None
+
+    def get(self, sha256: str, size: int) -> tuple[bytes | bytearray, bool]:
+        data = self.index.read_chunk(sha256, size)
+        if data is not None:
+            return data, True
+        return self.fetcher.fetch(sha256, size), False
+
+    def run(self, files: list[FileEntry]) -> None:
+        window = max(2 * self.cfg.parallel, 2)
+        jobs = ((f, i) for f in files for i in range(len(f.chunks)))
+        inflight: deque[tuple[FileEntry, int, Future[tuple[bytes | bytearray, bool]]]] = deque()
+        writer: _FileWriter | None = None
+        with ThreadPoolExecutor(max_workers=max(self.cfg.parallel, 1)) as pool:
+            try:
+                while True:
+                    for f, i in itertools.islice(jobs, window - len(inflight)):
+                        c = f.chunks[i]
+                        inflight.append((f, i, pool.submit(self.get, c.sha256, c.size)))
+                    if not inflight:
+                        break
+                    f, i, fut = inflight.popleft()
+                    if writer is None or i == 0:
+                        writer = _FileWriter(self.dest, f)
+                    self._write(writer, *fut.result())
+                    if i == len(f.chunks) - 1:
+                        self._finish(writer)
+                        writer = None
+            except BaseException:
+                for *_, fut in inflight:
+                    fut.cancel()
+                if writer is not None:
+                    writer.abort()
+                raise
+        for f in files:  # empty files have no chunks
+            if not f.chunks:
+                self._finish(_FileWriter(self.dest, f))
+
+    def _write(self, writer: _FileWriter, data: bytes | bytearray, reused: bool) -> None:
+        writer.write(data)
+        if reused:
+            self.stats.bytes_reused += len(data)
+            self.stats.chunks_reused += 1
+        else:
+            self.stats.bytes_downloaded += len(data)
+            self.stats.chunks_downloaded += 1
+
+    def _finish(self, writer: _FileWriter) -> None:
+        writer.finish()
+        self.stats.files += 1
+        if self.on_file:
+            self.on_file(writer.entry.path)
+
+
+class _FileWriter:
+    """Writes one file under a temp name, hashing as it goes; publishes it only if verified."""
+
+    def __init__(self, dest: Path, entry: FileEntry) -> None:
+        self.entry = entry
+        self.final = dest / entry.path
+        self.tmp = dest / _temp_name(entry.path)
+        self.h = hashlib.sha256()
+        self.size = 0
+        self.fh: BinaryIO = self.tmp.open("wb")
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.fh.write(data)
+        self.h.update(data)
+        self.size += len(data)
+
+    def finish(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        if self.size != self.entry.size or self.h.hexdigest() != self.entry.sha256:
+            raise SecurityError(f"file {self.entry.path} does not match its manifest digest")
+        os.chmod(self.tmp, 0o444)
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        self.fh.close()
+
+
+def _temp_name(path: str) -> str:
+    head, _, base = path.rpartition("/")
+    return f"{head}/.{base}.part" if head else f".{base}.part"
+
+
+def _link_or_copy(src: Path, target: Path) -> None:
+    try:
+        os.link(src, target)
+    except OSError:
+        shutil.copyfile(src, target)
+        with target.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(target, 0o444)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _local(e: OSError, where: Path) -> LocalError:
+    if e.errno in _DISK_FULL:
+        return LocalError(f"disk full while staging into {where}",
+                          remedy="free disk space; the committed model is untouched")
+    return LocalError(f"cannot stage into {where}: {e}")

@@ -1,0 +1,118 @@
+"""Bounded, on-disk, store-and-forward queue of update events.
+
+Every transition of an update (downloaded, staged, smoke passed or failed, committed,
+confirmed, reverted, security refusal) becomes one :class:`Event`. Events wait here until a
+reporter acknowledges them (:meth:`EventQueue.ack`); with no fleet service configured they simply
+accumulate up to the bound.
+
+Invariants: the queue file is rewritten atomically (``ota._atomic``), so a crash loses at most
+the event being appended; it never holds more than ``max_events`` events; when full, the
+oldest events are dropped and ``dropped`` counts them (reported with the next batch, so the
+server knows it missed some). Sequence numbers increase strictly, across drops and acks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ota._atomic import write_bytes
+
+QUEUE_FORMAT = "edge-ota.events/1"
+KINDS = frozenset({
+    "checked", "downloaded", "staged", "smoke_passed", "smoke_failed", "committed",
+    "confirmed", "reverted", "security", "refused", "failed", "resumed",
+})
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    time: float
+    kind: str
+    model: str = ""
+    version: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "time": self.time, "kind": self.kind, "model": self.model,
+                "version": self.version, "data": dict(self.data)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Event:
+        return cls(int(d["seq"]), float(d["time"]), str(d["kind"]), str(d["model"]),
+                   str(d["version"]), dict(d["data"]))
+
+
+class EventQueue:
+    """The event queue of one state directory. Single writer (the updater's lock)."""
+
+    def __init__(self, path: Path, *, max_events: int = 512,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.max_events = max_events
+        self._clock = clock
+
+    def _load(self) -> tuple[list[Event], int, int]:
+        try:
+            doc = json.loads(self.path.read_bytes())
+            events = [Event.from_dict(e) for e in doc["events"]]
+            return events, int(doc["next_seq"]), int(doc["dropped"])
+        except FileNotFoundError:
+            return [], 1, 0
+        except (OSError, ValueError, KeyError, TypeError):
+            # A queue is diagnostics, not state: start over, but say so.
+            return [], 1, 1
+
+    def _store(self, events: list[Event], next_seq: int, dropped: int) -> None:
+        doc = {"format": QUEUE_FORMAT, "next_seq": next_seq, "dropped": dropped,
+               "events": [e.to_dict() for e in events]}
+        write_bytes(self.path, json.dumps(doc, sort_keys=True).encode())
+
+    def append(self, kind: str, model: str = "", version: str = "",
+               **data: Any) -> Event:
+        """Persist one event, dropping the oldest if full.
+
+        Raises:
+            ValueError: unknown event kind.
+            LocalError: the queue file cannot be written.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown event kind {kind!r}")
+        events, next_seq, dropped = self._load()
+        ev = Event(next_seq, self._clock(), kind, model, version, _jsonable(data))
+        events.append(ev)
+        overflow = len(events) - self.max_events
+        if overflow > 0:
+            events = events[overflow:]
+            dropped += overflow
+        self._store(events, next_seq + 1, dropped)
+        return ev
+
+    def pending(self, limit: int | None = None) -> list[Event]:
+        """Events not yet acknowledged, oldest first."""
+        events = self._load()[0]
+        return events if limit is None else events[:limit]
+
+    @property
+    def dropped(self) -> int:
+        """How many events were dropped (queue full or unreadable) since the last ack."""
+        return self._load()[2]
+
+    def ack(self, up_to_seq: int) -> int:
+        """Forget events with ``seq <= up_to_seq`` and reset the drop counter. Returns how many
+        were removed."""
+        events, next_seq, _ = self._load()
+        keep = [e for e in events if e.seq > up_to_seq]
+        self._store(keep, next_seq, 0)
+        return len(events) - len(keep)
+
+
+def _jsonable(data: Mapping[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(dict(data), default=str))
+    assert isinstance(out, dict)
+    return out

@@ -1,0 +1,283 @@
+"""Network IO of the device: one urllib3 pool, a TUF fetcher, and a verifying blob fetcher.
+
+Nothing here decides trust beyond "these bytes hash to the digest a verified manifest named":
+TUF metadata trust is python-tuf's; this module only moves bytes, bounded and timed.
+
+Error mapping (who must react):
+
+* network failures (connection refused or reset, 5xx, truncated bodies, timeouts) are retried
+  with exponential backoff a bounded number of times, resuming with HTTP ``Range`` where
+  possible, then raise :class:`~ota.errors.TransientError`;
+* a transfer slower than ``FetchConfig.min_rate`` raises :class:`SlowRetrievalError` (a
+  TransientError that the updater also reports as a security event: it is the "slow retrieval"
+  attack of the TUF spec);
+* more bytes than announced, or bytes that do not hash to the expected digest, raise
+  :class:`~ota.errors.SecurityError` at once (never retried with the same data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import urllib3
+from tuf.api import exceptions as tuf_exc
+from tuf.ngclient.fetcher import FetcherInterface
+
+from ota.bundle import blob_key
+from ota.errors import SecurityError, TransientError
+
+_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class SlowRetrievalError(TransientError):
+    """A server sent data below the minimum rate (slow retrieval / drip attack)."""
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Bounds of every network operation. Defaults suit flaky edge links."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0  # longest silence between two reads
+    min_rate: float = 8 * 1024.0  # bytes/s: an attempt may last grace + size / min_rate
+    grace: float = 20.0
+    retries: int = 4  # extra attempts per object after the first
+    backoff: float = 0.25
+    backoff_max: float = 8.0
+    parallel: int = 4  # concurrent chunk fetches
+    read_size: int = 256 * 1024
+    user_agent: str = "edge-ota-client"
+
+    def deadline_for(self, size: int) -> float:
+        return self.grace + size / self.min_rate
+
+
+@dataclass
+class FetchStats:
+    """Counters for benchmarks and reports (thread-safe)."""
+
+    requests: int = 0
+    bytes: int = 0
+    retries: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, *, requests: int = 0, nbytes: int = 0, retries: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes += nbytes
+            self.retries += retries
+
+
+def make_pool(cfg: FetchConfig) -> urllib3.PoolManager:
+    """One connection pool for metadata and blobs; redirects and urllib3 retries are off
+    (retries are ours, bounded and logged)."""
+    return urllib3.PoolManager(
+        num_pools=4,
+        maxsize=max(cfg.parallel, 1),
+        block=False,
+        retries=False,
+        timeout=urllib3.Timeout(connect=cfg.connect_timeout, read=cfg.read_timeout),
+        headers={"User-Agent": cfg.user_agent},
+    )
+
+
+def backoff_delay(cfg: FetchConfig, attempt: int) -> float:
+    """Full-jitter exponential backoff for ``attempt`` (1-based)."""
+    cap = min(cfg.backoff_max, cfg.backoff * 2 ** (attempt - 1))
+    return random.uniform(cap / 2, cap)  # noqa: S311 - jitter, not crypto
+
+
+class TufFetcher(FetcherInterface):
+    """python-tuf fetcher over our pool. Implements only ``_fetch``: python-tuf enforces the
+    length bounds and decides trust. Connection failures and retryable statuses before the
+    body starts are retried; an HTTP error status raises ``DownloadHTTPError``; a stream
+    slower than the configured rate raises ``SlowRetrievalError``."""
+
+    def __init__(self, pool: urllib3.PoolManager, cfg: FetchConfig,
+                 stats: FetchStats | None = None, max_seconds: float = 60.0) -> None:
+        self._pool = pool
+        self._cfg = cfg
+        self._max_seconds = max_seconds
+        self.stats = stats or FetchStats()
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                resp = self._pool.request("GET", url, preload_content=False, redirect=False)
+            except urllib3.exceptions.TimeoutError as e:
+                err: Exception = tuf_exc.SlowRetrievalError(f"timeout connecting to {url}")
+                err.__cause__ = e
+            except urllib3.exceptions.HTTPError as e:
+                err = tuf_exc.DownloadError(f"cannot reach {url}: {e}")
+                err.__cause__ = e
+            else:
+                self.stats.add(requests=1)
+                if resp.status in _RETRY_STATUS and attempt <= self._cfg.retries:
+                    resp.drain_conn()
+                    resp.release_conn()
+                    self.stats.add(retries=1)
+                    time.sleep(backoff_delay(self._cfg, attempt))
+                    continue
+                if resp.status >= 300:
+                    resp.drain_conn()
+                    resp.release_conn()
+                    raise tuf_exc.DownloadHTTPError(f"HTTP {resp.status} for {url}", resp.status)
+                return self._stream(resp, url)
+            if attempt > self._cfg.retries:
+                raise err
+            self.stats.add(retries=1)
+            time.sleep(backoff_delay(self._cfg, attempt))
+
+    def _stream(self, resp: Any, url: str) -> Iterator[bytes]:
+        deadline = time.monotonic() + self._max_seconds
+        try:
+            for data in _pieces(resp, self._cfg.read_size):
+                self.stats.add(nbytes=len(data))
+                if time.monotonic() > deadline:
+                    raise tuf_exc.SlowRetrievalError(f"{url} took over {self._max_seconds:g} s")
+                yield data
+        except urllib3.exceptions.TimeoutError as e:
+            raise tuf_exc.SlowRetrievalError(f"read timeout on {url}") from e
+        except urllib3.exceptions.HTTPError as e:
+            raise tuf_exc.DownloadError(f"transfer of {url} failed: {e}") from e
+        finally:
+            _release(resp)
+
+
+class BlobFetcher:
+    """Fetch content-addressed chunks (``<base>/blobs/sha256/<hh>/<hex>``) and verify them while
+    they stream.
+
+    Invariant: :meth:`fetch` returns exactly ``size`` bytes whose sha256 is ``sha256``, or
+    raises. At most ``size + read_size`` bytes are read per attempt (endless data is cut),
+    and at most ``1 + retries`` attempts are made, each resuming where the last stopped.
+    """
+
+    def __init__(self, pool: urllib3.PoolManager, base_url: str, cfg: FetchConfig,
+                 stats: FetchStats | None = None) -> None:
+        self._pool = pool
+        self._base = base_url.rstrip("/") + "/"
+        self._cfg = cfg
+        self.stats = stats or FetchStats()
+
+    def url(self, sha256: str) -> str:
+        return self._base + blob_key(sha256)
+
+    def fetch(self, sha256: str, size: int) -> bytearray:
+        """Download and verify one chunk.
+
+        Raises:
+            SecurityError: more bytes than ``size``, a wrong digest, or a blob the server
+                says does not exist (a verified manifest named it).
+            SlowRetrievalError: every attempt ran below the minimum rate.
+            TransientError: the network failed on every attempt.
+        """
+        url = self.url(sha256)
+        prog = _Progress()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if self._attempt(url, size, prog):
+                    break
+                why: TransientError = TransientError(f"truncated body for {url}")
+            except TransientError as e:
+                why = e
+            if attempt > self._cfg.retries:
+                raise why
+            self.stats.add(retries=1)
+            time.sleep(backoff_delay(self._cfg, attempt))
+        if len(prog.buf) != size or prog.h.hexdigest() != sha256:
+            raise SecurityError(f"chunk {sha256[:16]}... failed verification")
+        return prog.buf
+
+    def _attempt(self, url: str, size: int, prog: _Progress) -> bool:
+        """One GET (ranged if resuming), appending to ``prog``. True when complete."""
+        buf = prog.buf
+        headers = {"Range": f"bytes={len(buf)}-"} if buf else {}
+        deadline = time.monotonic() + self._cfg.deadline_for(size - len(buf))
+        try:
+            resp = self._pool.request("GET", url, headers=headers, preload_content=False,
+                                      redirect=False)
+        except urllib3.exceptions.HTTPError as e:
+            raise TransientError(f"cannot reach {url}: {e}") from e
+        self.stats.add(requests=1)
+        try:
+            self._check_status(resp, url, prog)
+            for data in _pieces(resp, self._cfg.read_size):
+                if len(buf) + len(data) > size:
+                    raise SecurityError(f"{url} sent more than the {size} bytes announced")
+                buf += data
+                prog.h.update(data)
+                self.stats.add(nbytes=len(data))
+                if time.monotonic() > deadline and len(buf) < size:
+                    raise SlowRetrievalError(f"{url} is slower than {self._cfg.min_rate:g} B/s")
+        except urllib3.exceptions.TimeoutError as e:
+            raise SlowRetrievalError(f"read timeout on {url}") from e
+        except urllib3.exceptions.HTTPError:
+            return False  # reset or truncated: resume from len(buf)
+        finally:
+            _release(resp)
+        return len(buf) == size
+
+    @staticmethod
+    def _check_status(resp: Any, url: str, prog: _Progress) -> None:
+        status = resp.status
+        if status == 206 and prog.buf:
+            start = _content_range_start(resp.headers.get("Content-Range", ""))
+            if start != len(prog.buf):
+                raise TransientError(f"{url}: server resumed at {start}, not {len(prog.buf)}")
+            return
+        if status == 200:
+            if prog.buf:  # the server ignored Range: start over
+                prog.reset()
+            return
+        if status in (404, 410):
+            raise SecurityError(f"blob named by a verified manifest is missing: {url}")
+        raise TransientError(f"HTTP {status} for {url}")
+
+
+def _release(resp: Any) -> None:
+    """Return a fully read connection to the pool; close one abandoned mid-body (a reused
+    half-read connection would feed the rest of the old body to the next request)."""
+    if not resp.isclosed():
+        resp.close()
+    resp.release_conn()
+
+
+def _pieces(resp: Any, size: int) -> Iterator[bytes]:
+    """Yield the body as it arrives (``read1``), so deadlines are checked during a slow drip
+    rather than after a full buffer."""
+    while data := resp.read1(size):
+        yield data
+
+
+class _Progress:
+    """Bytes received so far for one chunk and their running sha256."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.h = hashlib.sha256()
+
+    def reset(self) -> None:
+        self.buf.clear()
+        self.h = hashlib.sha256()
+
+
+def _content_range_start(value: str) -> int | None:
+    # "bytes <start>-<end>/<total>"
+    try:
+        unit, rng = value.split(" ", 1)
+        if unit != "bytes":
+            return None
+        return int(rng.split("-", 1)[0])
+    except ValueError:
+        return None

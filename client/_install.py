@@ -1,0 +1,269 @@
+"""One model's update: choose, fetch, verify, smoke-test, switch. Called under the lock.
+
+Order (issue 3, "What one update cycle does"): TUF index and target facts -> pure policy
+choice -> manifest through TUF -> bundle facts cross-checked -> free disk -> journal ``staging``
+-> only missing chunks fetched into ``staging/`` -> ``release.json`` equal to the signed
+facts -> model-signing signature by a key that ``trust/signers.json`` allows for this model
+-> journal ``staged``, slot installed -> smoke in a sandbox -> switch (journal ``switching`` ->
+``trial``). Nothing from the network runs before the signature check passed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ota.bundle import (
+    RELEASE_FILE,
+    SIGNATURE_FILE,
+    Limits,
+    Manifest,
+    Release,
+    SmokeSpec,
+    TargetFacts,
+)
+from ota.errors import LocalError, OtaError, SecurityError, SmokeError
+
+from . import _slots
+from ._chunks import ChunkIndex, StageStats, stage
+from ._device import Device
+from ._fetch import BlobFetcher, FetchConfig
+from ._journal import Phase, Txn
+from ._policy import check_release, rank
+from ._tuf import TufSession
+
+DISK_RESERVE = 16 * 1024 * 1024
+
+
+class Verifier(Protocol):
+    """Verifies a bundle folder's signature with one public key; raises SecurityError."""
+
+    def __call__(self, bundle_dir: Path, public_key_pem: bytes) -> object: ...
+
+
+class SmokeRunner(Protocol):
+    """Smoke-tests a staged model; raises SmokeError. Returns a report (``to_dict()``)."""
+
+    def __call__(self, model_path: Path, bundle_dir: Path, spec: SmokeSpec, *, tier: str,
+                 runtime_path: Path | None = None) -> Any: ...
+
+
+def default_verifier(bundle_dir: Path, public_key_pem: bytes) -> object:
+    from ota.signing import verify_bundle
+
+    return verify_bundle(bundle_dir, public_key_pem)
+
+
+def default_smoke(model_path: Path, bundle_dir: Path, spec: SmokeSpec, *, tier: str,
+                  runtime_path: Path | None = None) -> Any:
+    from ota.client._smoke import run_smoke
+
+    return run_smoke(model_path, bundle_dir, spec, tier=tier, runtime_path=runtime_path)
+
+
+@dataclass(frozen=True)
+class Choice:
+    facts: TargetFacts
+    info: Any  # tuf TargetFile of the manifest
+    skipped: tuple[dict[str, Any], ...]
+
+
+def choose(dev: Device, session: TufSession, name: str) -> Choice | tuple[dict[str, Any], ...]:
+    """The release to install, or the reasons nothing is (a tuple of skip records).
+
+    Security skips (downgrade attempts) are recorded as security events here.
+
+    Raises:
+        SecurityError: the repository is inconsistent (index vs target facts, a listed
+            release with no target).
+    """
+    index = session.index(name)
+    if index is None:
+        return ({"version": None, "reason": "no index for this model"},)
+    mdir = dev.mdir(name)
+    cur = _slots.current_slot(mdir)
+    cur_rel = _slots.read_release(mdir, cur) if cur else None
+    entry = index.get(cur_rel.version) if cur_rel else None
+    prev = _slots.other(cur)
+    if cur and cur_rel and entry and entry.yanked and _slots.read_release(mdir, prev):
+        dev.revert_txn(Txn(name, cur_rel.version, cur_rel.counter, cur, prev), "release yanked")
+        return ({"version": cur_rel.version, "reason": "yanked: reverted to the previous slot",
+                 "yank_reverted": True},)
+    committed = dev.sd.load_state().committed()
+    device = dev.cfg.facts()
+    ranking = rank(index, device, committed, cur_rel.version if cur_rel else None)
+    skipped = [{"version": s.version, "reason": s.reason, "security": s.security}
+               for s in ranking.skipped]
+    for s in ranking.skipped:
+        if s.security:
+            dev.events.append("security", name, s.version, reason=s.reason)
+    for cand in ranking.candidates:
+        found = session.release(name, cand.version)
+        if found is None:
+            raise SecurityError(f"index lists {name} {cand.version} but it has no target")
+        info, facts = found
+        why = check_release(facts, cand, index, device, committed)
+        if why is None:
+            return Choice(facts, info, tuple(skipped))
+        skipped.append({"version": cand.version, "reason": why, "security": False})
+        dev.events.append("refused", name, cand.version, reason=why)
+    return tuple(skipped)
+
+
+def check_bundle_facts(manifest: Manifest, facts: TargetFacts) -> None:
+    """The manifest must be the one the facts describe, with every required file.
+
+    Raises:
+        SecurityError: another name/version, a digest that differs, a missing file.
+    """
+    rel = facts.release
+    if (manifest.name, manifest.version) != (rel.name, rel.version):
+        raise SecurityError(f"manifest is for {manifest.name} {manifest.version}, "
+                            f"target says {rel.name} {rel.version}")
+    required = {RELEASE_FILE, SIGNATURE_FILE, *facts.digests}
+    if rel.kind == "model":
+        required.add(rel.model_path)
+    if rel.smoke is not None:
+        required |= {rel.smoke.inputs, rel.smoke.golden}
+    for path in sorted(required):
+        entry = manifest.file(path)  # FormatError (a SecurityError) if missing
+        want = facts.digests.get(path)
+        if want is not None and entry.sha256 != want:
+            raise SecurityError(f"{path} in the manifest differs from the signed target facts")
+
+
+def check_disk(mdir: Path, manifest: Manifest, index: ChunkIndex) -> None:
+    """Raises LocalError unless the staging folder's filesystem has room for the bundle."""
+    need = manifest.total_size - index.linkable_bytes(manifest) + DISK_RESERVE
+    mdir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(mdir).free
+    if free < need:
+        raise LocalError(f"not enough disk: {need} bytes needed, {free} free",
+                         remedy="free disk space; the committed model is untouched")
+
+
+def verify_signature(dev: Device, session: TufSession, name: str, bundle: Path,
+                     verifier: Verifier) -> str:
+    """Accept the bundle iff a signer allowed for ``name`` signed it. Returns the key id.
+
+    Raises:
+        SecurityError: no allowed signer, or none of them verifies.
+    """
+    signers = session.signers(name)
+    if not signers:
+        raise SecurityError(f"no trusted model-signing key for {name} in trust/signers.json")
+    last: Exception | None = None
+    for s in signers:
+        try:
+            verifier(bundle, s.public_key_pem.encode())
+            return s.keyid
+        except OtaError as e:
+            last = e
+    raise SecurityError(f"bundle signature not by a key trusted for {name}: {last}")
+
+
+def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
+            blob_base: str, pool: Any, fetch_cfg: FetchConfig, limits: Limits,
+            verifier: Verifier, smoke: SmokeRunner, stats: Any) -> dict[str, Any]:
+    """Stage, verify, smoke-test and switch to ``choice``. Returns figures for the result.
+
+    On return the journal is in ``trial`` (health window open). On SmokeError the release is
+    marked failed, the journal is idle and the committed model untouched.
+
+    Raises:
+        SecurityError, TransientError, LocalError, SmokeError.
+    """
+    rel: Release = choice.facts.release
+    manifest = session.manifest(choice.info)
+    check_bundle_facts(manifest, choice.facts)
+    mdir = dev.mdir(name)
+    cur = _slots.current_slot(mdir)
+    slot = _slots.other(cur)
+    index = ChunkIndex()
+    for s in (cur, slot):
+        m = _slots.read_manifest(mdir, s) if s else None
+        if s and m:
+            index.add_tree(_slots.slot_path(mdir, s), m)
+    old_stage = mdir / "staging.old"
+    _slots.remove_tree(old_stage)
+    if _slots.staging_path(mdir).exists():
+        _slots.staging_path(mdir).rename(old_stage)
+        index.add_partial(old_stage, manifest)
+    check_disk(mdir, manifest, index)
+    txn = Txn(rel.name, rel.version, rel.counter, slot, cur, started=dev.clock())
+    dev.journal.advance(Phase.STAGING, txn)
+    t0 = time.monotonic()
+    try:
+        staging = _slots.new_staging(mdir)
+        fetcher = BlobFetcher(pool, blob_base, fetch_cfg, stats)
+        st: StageStats = stage(manifest, staging, index, fetcher, fetch_cfg)
+        dev.events.append("downloaded", name, rel.version, **st.to_dict(),
+                          seconds=round(time.monotonic() - t0, 3))
+        if (staging / RELEASE_FILE).read_bytes() != rel.to_bytes():
+            raise SecurityError("release.json in the bundle differs from the signed facts")
+        keyid = verify_signature(dev, session, name, staging, verifier)
+        dev.journal.advance(Phase.STAGED)
+        _slots.install_staged(mdir, slot, manifest)
+        _slots.remove_tree(old_stage)
+        dev.events.append("staged", name, rel.version, slot=slot, signer=keyid)
+    except (OtaError, OSError) as e:
+        _abandon(dev, mdir, isinstance(e, SecurityError))
+        if isinstance(e, OSError):
+            raise LocalError(f"staging failed: {e}") from e
+        raise
+    figures: dict[str, Any] = {"stage": st.to_dict(), "signer": keyid}
+    try:
+        report = run_smoke(dev, name, rel, slot=slot, smoke=smoke)
+    except SmokeError as e:
+        detail = getattr(e, "report", {})
+        dev.sd.save_state(dev.sd.load_state().with_failed(name, rel.version))
+        dev.journal.advance(Phase.IDLE)
+        dev.events.append("smoke_failed", name, rel.version, reason=str(e), report=detail)
+        raise
+    figures["smoke"] = report
+    dev.events.append("smoke_passed", name, rel.version, report=report)
+    dev.begin_switch(txn)
+    return figures
+
+
+def run_smoke(dev: Device, name: str, rel: Release, *, slot: str,
+              smoke: SmokeRunner) -> dict[str, Any] | None:
+    """Model bundles: run the new model. Runtime bundles: run every other committed model
+    with the new runtime. None when the release has no smoke spec (or nothing to run)."""
+    bundle = _slots.slot_path(dev.mdir(name), slot)
+    tier = dev.cfg.tier
+    if rel.smoke is None:
+        return None
+    if rel.kind == "model":
+        return _as_dict(smoke(bundle / rel.model_path, bundle, rel.smoke, tier=tier))
+    reports: dict[str, Any] = {}
+    for other in dev.cfg.models:
+        if other == name:
+            continue
+        omdir = dev.mdir(other)
+        oslot = _slots.current_slot(omdir)
+        orel = _slots.read_release(omdir, oslot) if oslot else None
+        if oslot is None or orel is None or orel.smoke is None or orel.kind != "model":
+            continue
+        obundle = _slots.slot_path(omdir, oslot)
+        reports[other] = _as_dict(smoke(obundle / orel.model_path, obundle, orel.smoke,
+                                        tier=tier, runtime_path=bundle))
+    return reports or None
+
+
+def _as_dict(report: Any) -> dict[str, Any]:
+    to_dict = getattr(report, "to_dict", None)
+    return dict(to_dict()) if callable(to_dict) else {"report": str(report)}
+
+
+def _abandon(dev: Device, mdir: Path, drop_staging: bool) -> None:
+    """Close a failed attempt: journal back to idle; staged bytes kept for reuse unless they
+    came with a security failure."""
+    st = dev.journal.load()
+    if st.phase in (Phase.STAGING, Phase.STAGED):
+        dev.journal.advance(Phase.IDLE)
+    if drop_staging:
+        _slots.remove_tree(_slots.staging_path(mdir))

@@ -1,0 +1,345 @@
+"""Public device API: init, one update cycle, status, confirm, revert.
+
+Every function that writes takes the state directory's file lock and first lets
+:meth:`Device.recover` finish or undo what a killed process left, so a kill at any instant
+resumes or reverts on the next call. Outcomes of a cycle are returned as an
+:class:`UpdateResult` (with the exit code the CLI should use); only misuse (an uninitialised
+state dir, a held lock) raises.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ota._atomic import write_bytes
+from ota.bundle import DEFAULT_LIMITS, Limits
+from ota.errors import (
+    ConfigError,
+    ConflictError,
+    ExitCode,
+    InputError,
+    OtaError,
+    SecurityError,
+    SmokeError,
+    TransientError,
+)
+
+from . import _slots
+from ._device import Device
+from ._fetch import FetchConfig, FetchStats, SlowRetrievalError, make_pool
+from ._install import (
+    Choice,
+    SmokeRunner,
+    Verifier,
+    choose,
+    default_smoke,
+    default_verifier,
+    install,
+)
+from ._journal import Phase, Txn
+from ._state import DeviceConfig, StateDir
+from ._tuf import TufSession
+
+# Worst first: the exit code of a multi-model cycle is that of its worst outcome.
+_SEVERITY = ["security", "smoke_failed", "reverted", "local_error", "transient", "conflict",
+             "pending_confirmation", "yank_reverted", "updated", "confirmed", "up_to_date"]
+_EXIT = {
+    "security": ExitCode.SECURITY, "smoke_failed": ExitCode.SMOKE_FAILED,
+    "reverted": ExitCode.SMOKE_FAILED, "local_error": ExitCode.LOCAL,
+    "transient": ExitCode.TRANSIENT, "conflict": ExitCode.CONFLICT,
+    "pending_confirmation": ExitCode.OK, "yank_reverted": ExitCode.OK,
+    "updated": ExitCode.OK, "confirmed": ExitCode.OK,
+    "up_to_date": ExitCode.UP_TO_DATE,
+}
+
+
+@dataclass(frozen=True)
+class ModelOutcome:
+    """What one cycle did for one model. ``status`` is one of the keys of the exit table:
+    up_to_date, updated (confirmed in this cycle), pending_confirmation (health window open),
+    confirmed, reverted (health check failed or window expired), yank_reverted (the current
+    release was yanked: back on the previous slot), smoke_failed, security, transient,
+    local_error, conflict."""
+
+    model: str
+    status: str
+    version: str | None = None
+    reason: str = ""
+    remedy: str = ""
+    skipped: tuple[dict[str, Any], ...] = ()
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "status": self.status, "version": self.version,
+                "reason": self.reason, "remedy": self.remedy, "skipped": list(self.skipped),
+                "figures": self.figures}
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    outcomes: tuple[ModelOutcome, ...]
+    requests: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def status(self) -> str:
+        return min((o.status for o in self.outcomes), key=_SEVERITY.index, default="up_to_date")
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return _EXIT[self.status]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "exit_code": int(self.exit_code),
+                "models": [o.to_dict() for o in self.outcomes], "requests": self.requests,
+                "bytes": self.bytes, "seconds": round(self.seconds, 3)}
+
+
+def init_device(state_dir: Path | str, repo_url: str, root: bytes, device_id: str,
+                models: list[str] | tuple[str, ...], **options: Any) -> DeviceConfig:
+    """Initialise a state directory: device facts, repository URL, trusted root.
+
+    ``options`` are :class:`DeviceConfig` fields (ring, tier, arch, runtime_version,
+    providers, health_timeout_s, health_cmd, hook_cmd, max_attempts). Re-running init on an
+    initialised directory updates the config but keeps committed state and slots.
+
+    Raises:
+        ConfigError: a bad option or a root that python-tuf rejects.
+        InputError: an unknown option.
+    """
+    try:
+        cfg = DeviceConfig(device_id=device_id, repo_url=repo_url.rstrip("/"),
+                           models=tuple(models), **options).validate()
+    except TypeError as e:
+        raise InputError(f"unknown device option: {e}") from e
+    sd = StateDir(state_dir)
+    _check_root(root, sd.root)
+    sd.root.mkdir(parents=True, exist_ok=True)
+    write_bytes(sd.root_path, root)
+    sd.save_config(cfg)
+    return cfg
+
+
+def _check_root(root: bytes, where: Path) -> None:
+    """python-tuf decides: its Updater refuses a root that is not validly self-signed."""
+    import tempfile
+
+    from tuf.ngclient.updater import Updater
+
+    where.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
+        try:
+            Updater(tmp, "http://127.0.0.1:9/", bootstrap=root)
+        except Exception as e:
+            raise ConfigError(f"the trusted root is not a valid TUF root: {e}") from e
+
+
+def update_once(state_dir: Path | str, *, model: str | None = None,
+                verifier: Verifier = default_verifier, smoke: SmokeRunner = default_smoke,
+                fetch_config: FetchConfig | None = None, limits: Limits = DEFAULT_LIMITS,
+                clock: Callable[[], float] = time.time) -> UpdateResult:
+    """One full update cycle (recover, health window, refresh, then each followed model).
+
+    Raises:
+        ConfigError: the state dir is not initialised; ``model`` is not followed.
+        ConflictError: another updater holds the state dir's lock.
+    """
+    dev = Device(state_dir, clock=clock)
+    names = dev.cfg.models if model is None else (model,)
+    if model is not None and model not in dev.cfg.models:
+        raise ConfigError(f"this device does not follow {model!r}")
+    fcfg = fetch_config or FetchConfig()
+    stats = FetchStats()
+    t0 = time.monotonic()
+    with dev.locked():
+        outcomes = _cycle(dev, names, _Ctx(fcfg, stats, limits, verifier, smoke))
+    return UpdateResult(tuple(outcomes), stats.requests, stats.bytes, time.monotonic() - t0)
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    fcfg: FetchConfig
+    stats: FetchStats
+    limits: Limits
+    verifier: Verifier
+    smoke: SmokeRunner
+
+
+def _cycle(dev: Device, names: tuple[str, ...], ctx: _Ctx) -> list[ModelOutcome]:
+    fcfg, stats, limits = ctx.fcfg, ctx.stats, ctx.limits
+    try:
+        dev.recover()
+        trial = dev.check_trial()
+    except OtaError as e:
+        return [_failure(dev, "*", None, e)]
+    if trial is not None:
+        status, txn = trial
+        st = {"pending": "pending_confirmation"}.get(status, status)
+        return [ModelOutcome(txn.name, st, txn.version)]
+    pool = make_pool(fcfg)
+    try:
+        session = TufSession(dev.sd.metadata_dir, dev.sd.cache_dir, dev.cfg.repo_url,
+                             dev.sd.bootstrap_root(), pool=pool, fetch_cfg=fcfg, stats=stats,
+                             limits=limits)
+        session.refresh()
+    except OtaError as e:
+        pool.clear()
+        return [_failure(dev, "*", None, e)]
+    outcomes = []
+    for name in names:
+        outcomes.append(_one(dev, session, name, pool, ctx))
+        if outcomes[-1].status == "pending_confirmation":
+            break  # one release on trial at a time
+    pool.clear()
+    return outcomes
+
+
+def _one(dev: Device, session: TufSession, name: str, pool: Any, ctx: _Ctx) -> ModelOutcome:
+    version = None
+    try:
+        chosen = choose(dev, session, name)
+        if not isinstance(chosen, Choice):
+            if any(s.get("yank_reverted") for s in chosen):
+                return ModelOutcome(name, "yank_reverted", chosen[0]["version"],
+                                    chosen[0]["reason"])
+            sec = [s for s in chosen if s.get("security")]
+            if sec:
+                return ModelOutcome(name, "security", sec[0]["version"], sec[0]["reason"],
+                                    skipped=chosen)
+            return ModelOutcome(name, "up_to_date", skipped=chosen)
+        version = chosen.facts.release.version
+        figures = install(dev, session, name, chosen, blob_base=dev.cfg.repo_url, pool=pool,
+                          fetch_cfg=ctx.fcfg, limits=ctx.limits, verifier=ctx.verifier,
+                          smoke=ctx.smoke, stats=ctx.stats)
+        trial = dev.check_trial()
+        status = "pending_confirmation"
+        if trial is not None and trial[0] == "confirmed":
+            status = "updated"
+        elif trial is not None and trial[0] == "reverted":
+            status = "reverted"
+        return ModelOutcome(name, status, version, skipped=chosen.skipped, figures=figures)
+    except OtaError as e:
+        return _failure(dev, name, version, e)
+
+
+def _failure(dev: Device, name: str, version: str | None, e: OtaError) -> ModelOutcome:
+    if isinstance(e, SecurityError | SlowRetrievalError):
+        dev.events.append("security", "" if name == "*" else name, version or "",
+                          reason=str(e), error=type(e).__name__)
+    if isinstance(e, SecurityError):
+        status = "security"
+    elif isinstance(e, SmokeError):
+        status = "smoke_failed"
+    elif isinstance(e, TransientError):
+        status = "transient"
+    elif isinstance(e, ConflictError):
+        status = "conflict"
+    else:
+        status = "local_error"
+    return ModelOutcome(name, status, version, str(e), e.remedy)
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    device_id: str
+    repo_url: str
+    ring: str
+    tier: str
+    arch: str
+    phase: str
+    trial: dict[str, Any] | None
+    models: dict[str, dict[str, Any]]
+    failed: tuple[tuple[str, str], ...]
+    pending_events: int
+    dropped_events: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device_id": self.device_id, "repo_url": self.repo_url, "ring": self.ring,
+                "tier": self.tier, "arch": self.arch, "phase": self.phase, "trial": self.trial,
+                "models": self.models, "failed": [list(f) for f in self.failed],
+                "pending_events": self.pending_events, "dropped_events": self.dropped_events}
+
+
+def status(state_dir: Path | str) -> DeviceStatus:
+    """Read-only snapshot of the device (no lock, no network).
+
+    Raises:
+        ConfigError: not an initialised state dir.
+    """
+    dev = Device(state_dir)
+    st = dev.journal.load()
+    committed = dev.sd.load_state()
+    models: dict[str, dict[str, Any]] = {}
+    for name in dev.cfg.models:
+        mdir = dev.mdir(name)
+        slot = _slots.current_slot(mdir)
+        rel = _slots.read_release(mdir, slot) if slot else None
+        cm = committed.models.get(name)
+        path = None
+        if rel is not None and slot is not None:
+            path = str(_slots.slot_path(mdir, slot) / rel.model_path)
+        models[name] = {"current_version": rel.version if rel else None,
+                        "current_slot": slot, "model_path": path,
+                        "committed_version": cm.version if cm else None,
+                        "committed_counter": cm.counter if cm else 0,
+                        "security_floor": cm.floor if cm else 0}
+    trial = None
+    if st.txn is not None:
+        trial = {"model": st.txn.name, "version": st.txn.version, "slot": st.txn.slot,
+                 "deadline": st.txn.deadline}
+    return DeviceStatus(dev.cfg.device_id, dev.cfg.repo_url, dev.cfg.ring, dev.cfg.tier,
+                        dev.cfg.arch, st.phase.value, trial, models, committed.failed,
+                        len(dev.events.pending()), dev.events.dropped)
+
+
+def confirm(state_dir: Path | str, *, timeout: float = 30.0) -> ModelOutcome:
+    """Confirm the release in its health window (the app says it works).
+
+    Raises:
+        InputError: no release is waiting for confirmation.
+        ConflictError: the lock was not free within ``timeout`` seconds.
+    """
+    dev = Device(state_dir)
+    with dev.locked(timeout):
+        dev.recover()
+        st = dev.journal.load()
+        if st.phase is not Phase.TRIAL or st.txn is None:
+            raise InputError("no release is waiting for confirmation")
+        txn = st.txn
+        dev.confirm_txn(txn, "app")
+        return ModelOutcome(txn.name, "confirmed", txn.version)
+
+
+def revert(state_dir: Path | str, *, model: str | None = None,
+           timeout: float = 30.0) -> ModelOutcome:
+    """Revert to the previous slot: the release on trial, or (operator action) the current one
+    of ``model``. The abandoned release is remembered as failed and never retried.
+
+    Raises:
+        InputError: nothing to revert to (no good previous slot).
+        ConflictError: the lock was not free within ``timeout`` seconds.
+    """
+    dev = Device(state_dir)
+    with dev.locked(timeout):
+        dev.recover()
+        st = dev.journal.load()
+        if st.phase is Phase.TRIAL and st.txn is not None:
+            dev.revert_txn(st.txn, "operator revert during health window")
+            return ModelOutcome(st.txn.name, "reverted", st.txn.version)
+        name = model or (dev.cfg.models[0] if len(dev.cfg.models) == 1 else None)
+        if name is None:
+            raise InputError("name the model to revert")
+        mdir = dev.mdir(name)
+        cur = _slots.current_slot(mdir)
+        prev = _slots.other(cur)
+        rel = _slots.read_release(mdir, cur) if cur else None
+        if cur is None or rel is None or _slots.read_release(mdir, prev) is None:
+            raise InputError(f"{name} has no previous release to revert to")
+        txn = Txn(name, rel.version, rel.counter, cur, prev, started=dev.clock())
+        dev.revert_txn(txn, "operator revert")
+        return ModelOutcome(name, "reverted", rel.version)

@@ -1,0 +1,122 @@
+"""Pure install decisions (``ota.client._policy``): no IO, every rule one test."""
+
+from __future__ import annotations
+
+import pytest
+
+from ota.bundle import Compat, ModelIndex, Release, RolloutState, TargetFacts
+from ota.client._policy import (
+    Committed,
+    DeviceFacts,
+    bucket,
+    check_counter,
+    check_release,
+    compat_reason,
+    rank,
+    ring_allows,
+    semver_key,
+)
+from ota.errors import DowngradeError, SecurityError
+
+DEV = DeviceFacts("dev-1", "aarch64", "cpu-small", "pilot", "1.31.1", "0.1.0")
+
+
+def idx(*states: RolloutState, floor: int = 0) -> ModelIndex:
+    return ModelIndex("det", tuple(states), floor)
+
+
+def rs(version: str, counter: int, **kw: object) -> RolloutState:
+    return RolloutState(version, counter, **kw)  # type: ignore[arg-type]
+
+
+def facts(version: str, counter: int, **kw: object) -> TargetFacts:
+    return TargetFacts(Release("det", version, counter, **kw), {})  # type: ignore[arg-type]
+
+
+def test_bucket_is_deterministic_and_uniform() -> None:
+    assert bucket("d", "det", "1.0.0") == bucket("d", "det", "1.0.0")
+    values = [bucket(f"dev-{i}", "det", "1.0.0") for i in range(4000)]
+    assert all(0 <= v < 100 for v in values)
+    below = sum(v < 25 for v in values) / len(values)
+    assert 0.22 < below < 0.28
+
+
+@pytest.mark.parametrize(("device", "release", "ok"), [
+    ("canary", "canary", True), ("canary", "ga", True), ("pilot", "canary", False),
+    ("pilot", "pilot", True), ("ga", "pilot", False), ("ga", "ga", True),
+])
+def test_ring_order(device: str, release: str, ok: bool) -> None:
+    assert ring_allows(device, release) is ok
+
+
+def test_ring_unknown_raises() -> None:
+    with pytest.raises(SecurityError):
+        ring_allows("beta", "ga")
+
+
+def test_rank_orders_by_counter_and_filters() -> None:
+    index = idx(rs("1.0.0", 1, ring="ga"), rs("1.2.0", 3, ring="ga"), rs("1.1.0", 2, ring="ga"),
+                rs("1.3.0", 4, ring="ga", yanked=True), rs("1.4.0", 5, ring="ga", paused=True),
+                rs("1.5.0", 6, ring="canary"), rs("1.6.0", 7, ring="ga", percent=0.0))
+    r = rank(index, DEV, Committed(counters={"det": 1}, failed=frozenset({("det", "1.1.0")})),
+             "1.0.0")
+    assert [c.version for c in r.candidates] == ["1.2.0"]
+    reasons = {s.version: s.reason for s in r.skipped}
+    assert reasons["1.0.0"].startswith("downgrade")
+    assert reasons["1.1.0"] == "failed on this device before"
+    assert reasons["1.3.0"] == "yanked" and reasons["1.4.0"] == "rollout paused"
+    assert "ring" in reasons["1.5.0"] and "bucket" in reasons["1.6.0"]
+    assert not any(s.security for s in r.skipped)
+
+
+def test_newer_version_with_lower_counter_is_a_security_skip() -> None:
+    r = rank(idx(rs("2.0.0", 1, ring="ga")), DEV, Committed(counters={"det": 3}), "1.5.0")
+    assert not r.candidates and r.skipped[0].security
+
+
+def test_security_floor_from_index_and_device() -> None:
+    r = rank(idx(rs("1.1.0", 2, ring="ga"), floor=3), DEV, Committed())
+    assert not r.candidates and "floor" in r.skipped[0].reason
+    r = rank(idx(rs("1.1.0", 2, ring="ga")), DEV, Committed(floors={"det": 4}))
+    assert not r.candidates
+
+
+def test_index_repeating_a_counter_is_refused() -> None:
+    with pytest.raises(SecurityError):
+        rank(idx(rs("1.0.0", 1), rs("1.1.0", 1)), DEV, Committed())
+
+
+def test_check_release_cross_checks_index_and_counter() -> None:
+    state = rs("1.1.0", 2, ring="ga")
+    index = idx(state)
+    assert check_release(facts("1.1.0", 2), state, index, DEV, Committed()) is None
+    with pytest.raises(SecurityError, match="contradicts"):
+        check_release(facts("1.1.0", 9), state, index, DEV, Committed())
+    with pytest.raises(DowngradeError):
+        check_release(facts("1.1.0", 2), state, index, DEV, Committed(counters={"det": 2}))
+    with pytest.raises(DowngradeError, match="floor"):
+        check_counter(Release("det", "1.1.0", 2, security_floor=3), None, Committed())
+
+
+@pytest.mark.parametrize(("compat", "needle"), [
+    (Compat(arch=("x86_64",)), "arch"),
+    (Compat(tiers=("gpu",)), "tier"),
+    (Compat(providers=("CUDAExecutionProvider",)), "providers"),
+    (Compat(runtime=">=1.32,<2"), "runtime"),
+    (Compat(runtime="not a range"), "unparseable"),
+    (Compat(min_client="9.0.0"), "client"),
+])
+def test_compat_reasons(compat: Compat, needle: str) -> None:
+    reason = compat_reason(Release("det", "1.0.0", 1, compat=compat), DEV)
+    assert reason is not None and needle in reason
+
+
+def test_compat_ok_with_arch_alias_and_range() -> None:
+    compat = Compat(arch=("arm64",), tiers=("cpu-small",), runtime=">=1.20,<2", min_client="0.1.0")
+    assert compat_reason(Release("det", "1.0.0", 1, compat=compat), DEV) is None
+
+
+def test_semver_precedence() -> None:
+    ordered = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-beta", "1.0.0-beta.2", "1.0.0-beta.11",
+               "1.0.0-rc.1", "1.0.0", "1.0.1", "1.10.0"]
+    assert sorted(ordered, key=semver_key) == ordered
