@@ -138,7 +138,14 @@ def rank(index: ModelIndex, device: DeviceFacts, committed: Committed,
         if reason is None:
             ok.append(r)
             continue
-        security = reason.startswith("downgrade") and _looks_newer(r.version, committed_version)
+        # An equal counter is the release this device committed (counters are unique per
+        # model): not an attack, e.g. after a yank or a local revert. A lower counter on a
+        # version that looks newer is a newly signed pointer to old bytes.
+        security = (
+            reason.startswith("downgrade")
+            and r.counter < have
+            and _looks_newer(r.version, committed_version)
+        )
         skipped.append(Skip(r.version, reason, security))
     ok.sort(key=lambda r: r.counter, reverse=True)
     return Ranking(tuple(ok), tuple(skipped))
@@ -242,10 +249,10 @@ def _rollout_reason(r: RolloutState, name: str, device: DeviceFacts, committed: 
                     *, have: int, floor: int) -> str | None:
     """The first reason, in this order, that keeps ``r`` from this device, or None."""
     checks = (
-        (r.counter <= have, f"downgrade: counter {r.counter} is not above committed {have}"),
-        (r.counter < floor, f"downgrade: counter {r.counter} below security floor {floor}"),
         (r.yanked, "yanked"),
         ((name, r.version) in committed.failed, "failed on this device before"),
+        (r.counter <= have, f"downgrade: counter {r.counter} is not above committed {have}"),
+        (r.counter < floor, f"downgrade: counter {r.counter} below security floor {floor}"),
         (r.paused, "rollout paused"),
         (not ring_allows(device.ring, r.ring),
          f"rollout at ring {r.ring}, device is in ring {device.ring}"),

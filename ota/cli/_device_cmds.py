@@ -1,9 +1,222 @@
-"""(commands registered below)"""
+"""Device commands: ``ota device init|update|run|status|confirm|revert``.
+
+Thin wrappers over :mod:`ota.client`; the exit code of ``update`` is the cycle's outcome (see
+``ota --help``), so scripts and systemd can react without parsing output.
+"""
 
 from __future__ import annotations
 
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
 import click
+
+from ota.cli._output import emit, json_option
+
+state_option = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="OTA_STATE_DIR",
+    default="/var/lib/edge-ota",
+    show_default=True,
+    help="The device's state directory (slots, journal, TUF metadata, events).",
+)
+
+
+@click.group("device")
+def device() -> None:
+    """Run the updater on a device."""
+
+
+@device.command("init")
+@state_option
+@click.option("--repo-url", required=True, help="Base URL of the repository.")
+@click.option(
+    "--root",
+    "root_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Trusted root.json (from `ota init`).",
+)
+@click.option("--device-id", required=True)
+@click.option("--model", "models", multiple=True, required=True, help="Model(s) to follow.")
+@click.option(
+    "--ring", type=click.Choice(["canary", "pilot", "ga"]), default="ga", show_default=True
+)
+@click.option("--hardware", "tier", default="default", show_default=True, help="Hardware tier.")
+@click.option("--arch", default=None, help="CPU architecture (default: detected).")
+@click.option("--runtime-version", default=None, help="onnxruntime version (default: detected).")
+@click.option(
+    "--health-timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds the app has to confirm a new model before it is reverted (0: at once).",
+)
+@click.option("--health-cmd", default="", help="Command run after a switch; exit 0 confirms.")
+@click.option("--hook-cmd", default="", help="Command run after every switch or revert.")
+@json_option
+def init_cmd(
+    state_dir: Path,
+    repo_url: str,
+    root_path: Path,
+    device_id: str,
+    models: tuple[str, ...],
+    ring: str,
+    tier: str,
+    arch: str | None,
+    runtime_version: str | None,
+    health_timeout: float,
+    health_cmd: str,
+    hook_cmd: str,
+    as_json: bool,
+) -> None:
+    """Initialise a device's state directory."""
+    from ota.client import init_device
+
+    options: dict[str, Any] = {
+        "ring": ring,
+        "tier": tier,
+        "health_timeout_s": health_timeout,
+        "health_cmd": tuple(shlex.split(health_cmd)),
+        "hook_cmd": tuple(shlex.split(hook_cmd)),
+        "runtime_version": runtime_version or _detected_runtime(),
+    }
+    if arch:
+        options["arch"] = arch
+    cfg = init_device(state_dir, repo_url, root_path.read_bytes(), device_id, models, **options)
+    emit(
+        {
+            "state_dir": str(state_dir),
+            "device_id": cfg.device_id,
+            "models": list(cfg.models),
+            "ring": cfg.ring,
+            "tier": cfg.tier,
+            "arch": cfg.arch,
+            "runtime_version": cfg.runtime_version,
+        },
+        as_json,
+        lambda: (
+            f"device {cfg.device_id} ({cfg.arch}, tier {cfg.tier}, ring {cfg.ring}) "
+            f"follows {', '.join(cfg.models)} from {cfg.repo_url}"
+        ),
+    )
+
+
+def _detected_runtime() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("onnxruntime")
+    except PackageNotFoundError:
+        return ""
+
+
+@device.command("update")
+@state_option
+@click.option("--model", default=None, help="Only this model.")
+@json_option
+def update_cmd(state_dir: Path, model: str | None, as_json: bool) -> None:
+    """One update cycle: verify, fetch, stage, smoke-test, commit."""
+    from ota.client import update_once
+
+    result = update_once(state_dir, model=model)
+    emit(result.to_dict(), as_json, lambda: _render_update(result.to_dict()))
+    sys.exit(int(result.exit_code))
+
+
+def _render_update(doc: dict[str, Any]) -> str:
+    lines = []
+    for o in doc.get("models", []):
+        version = f" {o['version']}" if o.get("version") else ""
+        reason = f": {o['reason']}" if o.get("reason") else ""
+        lines.append(f"{o['model']}{version}: {o['status']}{reason}")
+        if o.get("remedy"):
+            lines.append(f"  hint: {o['remedy']}")
+    lines.append(
+        f"({doc.get('requests', 0)} requests, {doc.get('bytes', 0)} bytes, "
+        f"{doc.get('seconds', 0):.2f} s)"
+    )
+    return "\n".join(lines)
+
+
+@device.command("run")
+@state_option
+@click.option(
+    "--interval", type=float, default=300.0, show_default=True, help="Seconds between polls."
+)
+@click.option("--max-cycles", type=int, default=None, help="Stop after this many cycles.")
+def run_cmd(state_dir: Path, interval: float, max_cycles: int | None) -> None:
+    """The daemon: poll with jitter and backoff until SIGTERM."""
+    from ota.client import DaemonConfig, run_daemon
+
+    def report(result: Any) -> None:
+        click.echo(json.dumps(result.to_dict(), sort_keys=True), err=True)
+
+    run_daemon(
+        state_dir, DaemonConfig(interval_s=interval, max_cycles=max_cycles), on_result=report
+    )
+
+
+@device.command("status")
+@state_option
+@json_option
+def status_cmd(state_dir: Path, as_json: bool) -> None:
+    """Committed models, trial in progress, failed releases, queued events."""
+    from ota.client import status
+
+    s = status(state_dir).to_dict()
+
+    def human() -> str:
+        lines = [f"device {s['device_id']} ({s['arch']}, tier {s['tier']}, ring {s['ring']})"]
+        for name, m in sorted(s["models"].items()):
+            lines.append(f"  {name}: {json.dumps(m, sort_keys=True)}")
+        if s.get("trial"):
+            lines.append(f"  on trial: {json.dumps(s['trial'], sort_keys=True)}")
+        lines.append(
+            f"  failed releases: {len(s.get('failed', []))}; "
+            f"events queued: {s.get('pending_events', 0)}"
+        )
+        return "\n".join(lines)
+
+    emit(s, as_json, human)
+
+
+@device.command("confirm")
+@state_option
+@json_option
+def confirm_cmd(state_dir: Path, as_json: bool) -> None:
+    """Confirm the model on trial (the app is healthy)."""
+    from ota.client import confirm
+
+    o = confirm(state_dir)
+    emit(o.to_dict(), as_json, f"{o.model} {o.version or ''}: {o.status}")
+
+
+@device.command("revert")
+@state_option
+@click.option("--model", default=None)
+@json_option
+def revert_cmd(state_dir: Path, model: str | None, as_json: bool) -> None:
+    """Go back to the previous slot now; the abandoned release is never retried."""
+    from ota.client import revert
+
+    o = revert(state_dir, model=model)
+    emit(o.to_dict(), as_json, f"{o.model} {o.version or ''}: {o.status}")
+
+
+@device.command("current")
+@state_option
+@click.option("--model", default=None)
+def current_cmd(state_dir: Path, model: str | None) -> None:
+    """Print the path of the committed model file (for apps and scripts)."""
+    from ota.client import current_model
+
+    click.echo(str(current_model(state_dir, model)))
 
 
 def register(group: click.Group) -> None:
-    """Add this module's commands to ``group``."""
+    group.add_command(device)
