@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from ota.client import _smoke_child as child
-from ota.client._smoke import DEFAULT_SMOKE_LIMITS, SmokeLimits, measure
 
 from ota import _atomic
 from ota.bundle import SMOKE_GOLDEN_FILE, SMOKE_INPUTS_FILE, Budget, SmokeSpec
+from ota.client import _smoke_child as child
+from ota.client._smoke import DEFAULT_SMOKE_LIMITS, SmokeLimits, measure
 from ota.errors import InputError
 
 __all__ = ["GoldenError", "make_smoke_files", "measure_reference", "read_npz", "write_npz"]

@@ -1,5 +1,8 @@
 """Release records inside the metadata: the per-model index and the release targets.
 
+Release targets live in the role :meth:`Transaction.bin_for` names (a team role for a team's
+models, else a hash bin); index targets of every model live in the hash bins (online key).
+
 The index target (``index/<name>.json``) is what devices read to find candidates, because hash
 bins cannot be listed. It keeps the newest ``max_live`` releases with their rollout state and
 the model's security floor; older releases stay published (and auditable) in the bins.
@@ -24,6 +27,7 @@ from ota.bundle import (
 from ota.errors import ConflictError, InputError, SecurityError
 from ota.repository._project import put_target_file, target_storage_key
 from ota.repository._storage import Storage
+from ota.repository._trust import check_publisher
 from ota.repository._txn import Transaction
 
 if TYPE_CHECKING:
@@ -98,7 +102,10 @@ def add_release(
 
     Raises:
         CounterTaken: the index already holds this counter or a higher one.
+        InputError: this publisher may not publish the model (team globs, signing key; see
+            :func:`ota.repository._trust.check_publisher`).
     """
+    check_publisher(project, txn, release.name, info.path)
     index = read_index(txn, release.name) or ModelIndex(name=release.name)
     if any(r.counter >= release.counter for r in index.releases):
         raise CounterTaken(f"counter {release.counter} of {release.name} was taken")

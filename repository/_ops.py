@@ -26,6 +26,7 @@ from ota.bundle import (
     validate_version,
 )
 from ota.errors import InputError
+from ota.repository import _auditlog  # issue 4: every steering change is logged
 from ota.repository._chunker import Uploader
 from ota.repository._index import (
     UnknownRelease,
@@ -37,17 +38,20 @@ from ota.repository._index import (
 )
 from ota.repository._project import Project, target_storage_key
 from ota.repository._publish import PublishResult, _finish, _now
-from ota.repository._txn import Transaction, run
+from ota.repository._txn import Transaction
 
 
-def _steer(project: Project, name: str, version: str, **changes: object) -> RolloutState:
+def _steer(
+    project: Project, name: str, version: str, event: str, **changes: object
+) -> RolloutState:
     validate_name(name)
     validate_version(version)
-    return run(
-        project.storage,
-        project.signers,
-        project.expiry(),
+    return _auditlog.run_logged(  # issue 4: the commit anchors its audit log entry
+        project,
+        event,
         lambda txn: update_rollout(project, txn, name, version, **changes),
+        subject=f"{name} {version}",
+        details={k: repr(v) if isinstance(v, float) else v for k, v in changes.items()},
     )
 
 
@@ -64,18 +68,18 @@ def promote(project: Project, name: str, version: str, ring: str, percent: float
     state = _current(project, name, version)
     if state.yanked:
         raise InputError(f"{name} {version} is yanked", remedy="publish a new release instead")
-    return _steer(project, name, version, ring=ring, percent=percent, paused=False)
+    return _steer(project, name, version, "promote", ring=ring, percent=percent, paused=False)
 
 
 def pause(project: Project, name: str, version: str, paused: bool = True) -> RolloutState:
     """Stop (or resume) new installs of a release; devices that have it keep it."""
-    return _steer(project, name, version, paused=paused)
+    return _steer(project, name, version, "pause" if paused else "resume", paused=paused)
 
 
 def yank(project: Project, name: str, version: str, yanked: bool = True) -> RolloutState:
     """Withdraw a release: no device installs it, devices running it revert to their previous
     slot (see ``docs/runbooks/rollback.md``)."""
-    return _steer(project, name, version, yanked=yanked)
+    return _steer(project, name, version, "yank" if yanked else "unyank", yanked=yanked)
 
 
 def _current(project: Project, name: str, version: str) -> RolloutState:
@@ -183,7 +187,7 @@ def gc(project: Project, *, grace_seconds: float = 3600.0, dry_run: bool = False
     store = project.storage
     txn = Transaction.begin(store, project.signers, project.expiry())
     referenced: set[str] = set()
-    for role in txn.succinct().get_roles():
+    for role in txn.release_roles():  # team roles and the online bins
         for path, info in txn.targets(role).signed.targets.items():
             if not path.startswith("releases/"):
                 continue

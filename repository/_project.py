@@ -11,26 +11,21 @@ from __future__ import annotations
 import contextlib
 import json
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from securesystemslib.signer import Signer, SSlibKey
 from tuf.api.metadata import (
     DelegatedRole,
-    Delegations,
     Key,
     Metadata,
     MetaFile,
     Role,
-    Root,
     Snapshot,
-    SuccinctRoles,
     TargetFile,
     Targets,
     Timestamp,
@@ -40,8 +35,21 @@ from tuf.api.serialization.json import JSONSerializer
 from ota import _atomic
 from ota.bundle import canonical_json
 from ota.errors import ConfigError, InputError
+from ota.repository._keygen import (
+    generate_ed25519,
+    generate_p256,
+    generate_role_keys,
+    key_fingerprint,
+)
+from ota.repository._layout import RELEASES_PATHS, releases_delegation, top_level
 from ota.repository._storage import PreconditionFailed, Storage, open_storage
-from ota.repository._txn import HEAD_KEY, Expiry, SignerSet, md_key
+from ota.repository._txn import (
+    HEAD_KEY,
+    RELEASES_ROLE,
+    Expiry,
+    SignerSet,
+    md_key,
+)
 
 CONFIG_NAME = "ota.toml"
 TRUSTED_ROOT_NAME = "root.json"
@@ -63,6 +71,7 @@ class ProjectConfig:
     signers: dict[str, str] = field(default_factory=dict)  # keyid -> URI
     release_key: str = ""  # path of the P-256 model-signing private key (PEM)
     release_pub: str = ""
+    team: str = ""  # if set, this project publishes only the models of this team role
 
     def to_toml(self) -> str:
         def q(v: str) -> str:
@@ -76,6 +85,7 @@ class ProjectConfig:
             f"s3_endpoint = {q(self.s3_endpoint or '')}",
             f"bins = {self.bins}",
             f"max_live_releases = {self.max_live_releases}",
+            f"team = {q(self.team)}",
             "",
             "[expiry]  # days",
             *(f"{k} = {getattr(self.expiry, k)}" for k in _EXPIRY_FIELDS),
@@ -106,12 +116,13 @@ class ProjectConfig:
                 signers={str(k): str(v) for k, v in doc.get("signers", {}).items()},
                 release_key=str(doc.get("release", {}).get("signing_key", "")),
                 release_pub=str(doc.get("release", {}).get("public_key", "")),
+                team=str(repo.get("team", "")),
             )
         except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"bad {CONFIG_NAME}: {e}") from e
 
 
-_EXPIRY_FIELDS = ("root", "targets", "bins", "snapshot", "timestamp")
+_EXPIRY_FIELDS = ("root", "targets", "bins", "snapshot", "timestamp", "team")
 
 
 @dataclass
@@ -151,6 +162,29 @@ class Project:
     def expiry(self) -> Expiry:
         return self.config.expiry
 
+    def relpath(self, path: Path) -> str:
+        """``path`` relative to the project folder when inside it (portable ``ota.toml``)."""
+        path = Path(path).absolute()
+        inside = path.is_relative_to(self.root_dir)
+        return str(path.relative_to(self.root_dir)) if inside else str(path)
+
+    def set_signer(self, keyid: str, uri: str | None) -> None:
+        """Name (or, with ``None``, forget) the private key URI of a TUF key, in memory.
+
+        Call :meth:`save_config` to persist it.
+        """
+        if uri is None:
+            self.config.signers.pop(keyid, None)
+            self.signers.forget(keyid)
+        else:
+            if uri.startswith("file2:"):
+                uri = "file2:" + self.relpath(Path(uri[len("file2:") :]))
+            self.config.signers[keyid] = uri
+
+    def save_config(self) -> None:
+        """Write ``ota.toml`` atomically (keys and URIs changed by key management)."""
+        _atomic.write_bytes(self.root_dir / CONFIG_NAME, self.config.to_toml().encode())
+
 
 class _LazySigners(SignerSet):
     """Loads each signer from its URI the first time it is needed (public keys come from the
@@ -189,52 +223,6 @@ def _resolve_uri(uri: str, root_dir: Path) -> str:
     return uri
 
 
-# -- key generation (the demo ceremony; production keys come from a KMS or an offline box) -----
-
-
-def _write_private(path: Path, pem: bytes) -> None:
-    _atomic.write_bytes(path, pem, mode=0o600)
-
-
-def generate_ed25519(path: Path) -> SSlibKey:
-    """Create an Ed25519 key file (PKCS8 PEM, mode 0600) and return its public key."""
-    priv = ed25519.Ed25519PrivateKey.generate()
-    pem = priv.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    _write_private(path, pem)
-    return SSlibKey.from_crypto(priv.public_key())
-
-
-def _load_ed25519(path: Path) -> SSlibKey:
-    """Public key of an existing private key file (reused by ``ota init --keys-dir``)."""
-    try:
-        priv = serialization.load_pem_private_key(path.read_bytes(), None)
-    except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"cannot read key {path}: {e}") from e
-    if not isinstance(priv, ed25519.Ed25519PrivateKey):
-        raise ConfigError(f"{path} is not an Ed25519 key")
-    return SSlibKey.from_crypto(priv.public_key())
-
-
-def generate_p256(path: Path, pub_path: Path) -> bytes:
-    """Create a P-256 key file for model signing; return the public key PEM (also written)."""
-    priv = ec.generate_private_key(ec.SECP256R1())
-    pem = priv.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    _write_private(path, pem)
-    pub = priv.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    _atomic.write_bytes(pub_path, pub)
-    return pub
-
-
 @dataclass(frozen=True)
 class InitResult:
     project: Path
@@ -266,65 +254,6 @@ def signers_document(entries: Iterable[tuple[str, bytes, list[str]]]) -> bytes:
         for keyid, pem, models in entries
     ]
     return canonical_json({"signers": sorted(signers, key=lambda s: str(s["keyid"]))})
-
-
-def key_fingerprint(public_pem: bytes) -> str:
-    """sha256 of the DER SubjectPublicKeyInfo: the model-signing key's id."""
-    import hashlib
-
-    key = serialization.load_pem_public_key(public_pem)
-    der = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()
-
-
-def _generate_role_keys(
-    keys_dir: Path, root_keys: int, rel: Callable[[Path], str]
-) -> tuple[dict[str, str], dict[str, list[SSlibKey]]]:
-    """Ed25519 keys for every top-level role and the bins, as files; their URIs by key id."""
-    uris: dict[str, str] = {}
-    role_keys: dict[str, list[SSlibKey]] = {}
-    for role, n, where in [
-        ("root", root_keys, "offline"),
-        ("targets", 1, "offline"),
-        ("snapshot", 1, "online"),
-        ("timestamp", 1, "online"),
-        ("bins", 1, "online"),
-    ]:
-        role_keys[role] = []
-        for i in range(n):
-            path = keys_dir / where / (f"{role}.pem" if n == 1 else f"{role}-{i + 1}.pem")
-            key = _load_ed25519(path) if path.exists() else generate_ed25519(path)
-            role_keys[role].append(key)
-            uris[key.keyid] = f"file2:{rel(path)}"
-    return uris, role_keys
-
-
-def _top_level(
-    role_keys: dict[str, list[SSlibKey]],
-    root_threshold: int,
-    bins: int,
-    expiry: Expiry,
-    now: datetime,
-) -> tuple[Root, Targets, SuccinctRoles]:
-    """Root (consistent snapshots) and top-level targets delegating to succinct hash bins."""
-    root = Root(expires=now + expiry.for_role("root"), consistent_snapshot=True)
-    for role in ("root", "targets", "snapshot", "timestamp"):
-        for key in role_keys[role]:
-            root.add_key(key, role)
-    root.roles["root"].threshold = root_threshold
-    succinct = SuccinctRoles(
-        keyids=[k.keyid for k in role_keys["bins"]],
-        threshold=1,
-        bit_length=bins.bit_length() - 1,
-        name_prefix="bins",
-    )
-    targets = Targets(expires=now + expiry.for_role("targets"))
-    targets.delegations = Delegations(
-        keys={k.keyid: k for k in role_keys["bins"]}, succinct_roles=succinct
-    )
-    return root, targets, succinct
 
 
 def init_project(
@@ -365,7 +294,7 @@ def init_project(
     def rel(p: Path) -> str:
         return str(p.relative_to(project_dir)) if p.is_relative_to(project_dir) else str(p)
 
-    uris, role_keys = _generate_role_keys(keys_dir, root_keys, rel)
+    uris, role_keys = generate_role_keys(keys_dir, root_keys, rel)
     release_key = keys_dir / "release" / "release-signing.pem"
     release_pub_path = keys_dir / "release" / "release-signing.pub.pem"
     release_pub = (
@@ -387,7 +316,7 @@ def init_project(
     signers = _LazySigners(project_dir, uris)
     now = datetime.now(UTC).replace(microsecond=0)
 
-    root, targets, succinct = _top_level(role_keys, root_threshold, bins, expiry, now)
+    root, targets, releases, succinct = top_level(role_keys, root_threshold, bins, expiry, now)
     signers_doc = signers_document([(key_fingerprint(release_pub), release_pub, ["*"])])
     targets.targets[SIGNERS_TARGET] = TargetFile.from_data(SIGNERS_TARGET, signers_doc)
 
@@ -402,6 +331,13 @@ def init_project(
         bin_docs.append((md_key(name, 1), signed_bytes(md, role_keys["bins"], 1, name)))
         snapshot.meta[f"{name}.json"] = MetaFile(version=1)
     snapshot.meta["targets.json"] = MetaFile(version=1)
+    snapshot.meta[f"{RELEASES_ROLE}.json"] = MetaFile(version=1)
+    bin_docs.append(
+        (
+            md_key(RELEASES_ROLE, 1),
+            signed_bytes(Metadata(releases), role_keys["bins"], 1, RELEASES_ROLE),
+        )
+    )
     timestamp = Timestamp(expires=now + expiry.for_role("timestamp"), snapshot_meta=MetaFile(1))
 
     root_bytes = signed_bytes(Metadata(root), role_keys["root"], root_threshold, "root")
@@ -463,8 +399,13 @@ put_target_file = _put_target_file
 
 __all__ = [
     "CONFIG_NAME",
+    "RELEASES_PATHS",
     "SIGNERS_TARGET",
     "TRUSTED_ROOT_NAME",
+    "generate_ed25519",
+    "generate_p256",
+    "key_fingerprint",
+    "releases_delegation",
     "DelegatedRole",
     "InitResult",
     "Project",

@@ -42,6 +42,7 @@ from ota.bundle import (
     validate_version,
 )
 from ota.errors import ConfigError, InputError
+from ota.repository import _auditlog, _policy  # issue 4: publish policy and audit log
 from ota.repository._chunker import Progress, Uploader, UploadStats, chunk_file
 from ota.repository._index import (
     CounterTaken,
@@ -87,6 +88,7 @@ class PublishRequest:
     lineage: Sequence[str] = ()
     builder_id: str = "https://edge-ota.dev/builders/ota-publish@v1"
     runtime_version: str | None = None
+    policy: _policy.PolicyContext | None = None  # issue 4; None: the CLI's, else ota.toml
 
 
 @dataclass
@@ -146,6 +148,8 @@ def publish(
     peek = Transaction.begin(store, project.signers, project.expiry())
     if read_facts(peek, req.name, req.version) is not None:
         raise DuplicateVersion(f"{req.name} {req.version} is already published")
+    policy = _policy.resolve(project, req.policy)  # issue 4: checked before any upload
+    _policy.check_request(policy, project, req)
     known = _previous_chunks(project, peek, req.name)
 
     staging_root = project.root_dir / ".staging"
@@ -171,10 +175,11 @@ def publish(
                 entries[rel] = chunk_file(staging / rel, rel, up)
 
         sbom = _sbom(req, model_path, entries, card)
+        _policy.check_sbom(policy, req.name, req.version, sbom)  # issue 4: nothing published yet
         (staging / SBOM_FILE).write_bytes(sbom)
         entries[SBOM_FILE] = chunk_file(staging / SBOM_FILE, SBOM_FILE, up)
 
-        prov = _provenance(project, req, entries)
+        prov = _provenance(project, req, entries, policy.waived())
         (staging / PROVENANCE_FILE).write_bytes(prov)
         entries[PROVENANCE_FILE] = chunk_file(staging / PROVENANCE_FILE, PROVENANCE_FILE, up)
 
@@ -191,7 +196,8 @@ def publish(
                 created=_now(),
             )
 
-        return _finish(project, staging, entries, up, release_for, req.ring, req.percent)
+        return _finish(project, staging, entries, up, release_for, req.ring, req.percent,
+                       actor=policy.actor, waived=policy.waived())  # fmt: skip
 
 
 def _finish(
@@ -202,10 +208,14 @@ def _finish(
     release_for: Callable[[int], Release],
     ring: str,
     percent: float,
+    *,
+    actor: str | None = None,  # issue 4: who is recorded in the audit log
+    waived: Sequence[Mapping[str, str]] = (),  # issue 4: policy waivers, recorded
 ) -> PublishResult:
     """Sign, upload the manifest, and commit; re-sign with the next counter if one was taken.
 
     Shared by publish and rollback (which reuses every payload entry of an older release).
+    The commit also anchors the release's audit log entry (``_auditlog.run_logged``).
     """
     from ota.signing import sign_digests
 
@@ -244,7 +254,13 @@ def _finish(
             _commit_release(project, txn, i, r, ring, percent)
 
         try:
-            run(store, project.signers, project.expiry(), commit)
+            _auditlog.run_logged(  # issue 4: the commit anchors its audit log entry
+                project, "rollback" if release.rollback_of else "publish", commit,
+                subject=f"{release.name} {release.version}", actor=actor, waived=waived,
+                runner=run,
+                details=_auditlog.release_details(release.to_dict(), info.hashes["sha256"],
+                                                  ring, percent),
+            )  # fmt: skip
         except CounterTaken:
             continue  # a concurrent publish of this model took the counter: sign the next one
         return PublishResult(
@@ -377,7 +393,12 @@ def _sbom(
     )
 
 
-def _provenance(project: Project, req: PublishRequest, entries: Mapping[str, FileEntry]) -> bytes:
+def _provenance(
+    project: Project,
+    req: PublishRequest,
+    entries: Mapping[str, FileEntry],
+    waived: Sequence[Mapping[str, str]] = (),  # issue 4: policy waivers, recorded
+) -> bytes:
     from ota.signing import make_provenance, sign_provenance
 
     source_digest = entries["model/model.onnx"].sha256 if req.kind == "model" else ""
@@ -393,6 +414,7 @@ def _provenance(project: Project, req: PublishRequest, entries: Mapping[str, Fil
             "kind": req.kind,
             "compat": req.compat.to_dict(),
             "ring": req.ring,
+            **({"policy_waivers": [dict(w) for w in waived]} if waived else {}),  # issue 4
         },
     )
     signer = load_release_signer(

@@ -1,30 +1,36 @@
 """The publish transaction over TUF metadata in a :class:`Storage`.
 
 Layout (consistent snapshots, TUF spec 5.x): ``metadata/<v>.root.json``,
-``metadata/<v>.<role>.json`` for targets, the hash bins and snapshot, and
-``metadata/timestamp.json``. The timestamp is the *head*: the single mutable object, replaced
-with a conditional write (``If-Match``) as the very last step. Every other metadata file is
-immutable and created with ``If-None-Match``; if a version already exists (written by a
-concurrent or crashed publisher and never committed), the next free version is taken, so an
-orphan is never overwritten and versions only grow.
+``metadata/<v>.<role>.json`` for targets, the team roles, the ``releases`` role, the hash bins
+and snapshot, and ``metadata/timestamp.json``. The timestamp is the *head*: the single mutable
+object, replaced with a conditional write (``If-Match``) as the very last step. Every other
+metadata file is immutable and created with ``If-None-Match``; if a version already exists
+(written by a concurrent or crashed publisher and never committed), the next free version is
+taken, so an orphan is never overwritten and versions only grow.
 
 Invariant: a reader who starts from ``timestamp.json`` sees either the state before or the state
 after a transaction, never a mix; a transaction that dies at any point leaves the published state
 as it was (only unreferenced files behind, which ``ota gc`` removes).
 
-This module decides nothing about releases; it edits roles on request and commits them.
+Delegation tree (``docs/adr/0004-keys-and-delegations.md``): top-level ``targets`` (offline key)
+delegates named roles, team roles first (``releases/<glob>/*``, terminating, the team's keys),
+then the catch-all ``releases`` role (``releases/*/*`` and ``index/*``, online key), which
+delegates the succinct hash bins ``bins-*`` (same online key). :meth:`Transaction.bin_for` follows
+this tree exactly as python-tuf's client does (first matching delegation, terminating).
+
+This module decides nothing about releases; it edits roles on request and commits them. Every
+threshold question is answered by python-tuf (``verify_delegate``), never here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar, cast
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
 
-from securesystemslib.signer import Signer
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import (
     Key,
@@ -36,98 +42,35 @@ from tuf.api.metadata import (
     Targets,
     Timestamp,
 )
-from tuf.api.serialization.json import JSONSerializer
 
 from ota.errors import ConfigError, ConflictError, SecurityError
+from ota.repository._meta import (
+    BINS_PREFIX,
+    HEAD_KEY,
+    MAX_METADATA_BYTES,
+    RELEASES_ROLE,
+    TOP_LEVEL_ROLES,
+    Expiry,
+    SignerSet,
+    md_key,
+    newest_root,
+)
+from ota.repository._meta import SERIALIZER as _SERIALIZER
+from ota.repository._meta import now as _now
+from ota.repository._meta import parse_metadata as _parse
 from ota.repository._storage import NotFound, PreconditionFailed, Storage
 
-HEAD_KEY = "metadata/timestamp.json"
-MAX_METADATA_BYTES = 16 * 1024 * 1024
 _MAX_VERSION_SKIPS = 64
-
 T = TypeVar("T")
-_SERIALIZER = JSONSerializer(compact=True)
-
-
-@dataclass(frozen=True)
-class Expiry:
-    """Lifetimes of each role, in days."""
-
-    root: float = 365
-    targets: float = 365
-    bins: float = 30
-    snapshot: float = 7
-    timestamp: float = 1
-
-    def for_role(self, role: str) -> timedelta:
-        days = {
-            Root.type: self.root,
-            Targets.type: self.targets,
-            Snapshot.type: self.snapshot,
-            Timestamp.type: self.timestamp,
-        }.get(role, self.bins)
-        return timedelta(days=days)
-
-
-def md_key(role: str, version: int) -> str:
-    return f"metadata/{version}.{role}.json"
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
-
-
-def newest_root(store: Storage) -> Metadata[Root]:
-    """The newest root in ``store``, found by probing ``<v>.root.json`` upwards.
-
-    Raises:
-        ConfigError: there is no root at all.
-    """
-    version = 1
-    latest: Metadata[Root] | None = None
-    while True:
-        try:
-            raw, _ = store.get(md_key(Root.type, version), max_bytes=MAX_METADATA_BYTES)
-        except NotFound:
-            break
-        latest = _parse(raw, Root, "root")
-        version += 1
-    if latest is None:
-        raise ConfigError(f"no root metadata at {store.url}")
-    return latest
-
-
-class SignerSet:
-    """Signers by key id. A role is signed by every signer it lists that we hold."""
-
-    def __init__(self, signers: Mapping[str, Signer]) -> None:
-        self._signers = dict(signers)
-
-    def _signer(self, keyid: str, public: Key) -> Signer | None:
-        return self._signers.get(keyid)
-
-    def sign(self, md: Metadata[Any], keys: Mapping[str, Key], threshold: int, role: str) -> None:
-        """Sign ``md`` with every held key among the role's ``keys`` (key id -> public key).
-
-        Raises:
-            ConfigError: fewer than ``threshold`` of the role's keys are available here.
-        """
-        md.signatures.clear()
-        held = [s for k, pub in keys.items() if (s := self._signer(k, pub)) is not None]
-        if len(held) < threshold:
-            raise ConfigError(
-                f"cannot sign {role}: {len(held)} of its keys available, threshold {threshold}",
-                remedy=f"configure the {role} key URI in ota.toml (or sign offline and import)",
-            )
-        for signer in held:
-            md.sign(signer, append=True)
 
 
 class Transaction:
     """One read-modify-commit of the repository metadata.
 
-    Create with :meth:`begin`; read roles with :meth:`targets`; edit with :meth:`edit`;
-    publish with :meth:`commit`. A transaction is single-use.
+    Create with :meth:`begin`; read roles with :meth:`targets`; edit with :meth:`edit` (or
+    :meth:`resign` to re-sign unchanged); publish with :meth:`commit`. A transaction is
+    single-use. Roles are signed with the keys their delegator lists *in this transaction*
+    (an edited delegation applies to the roles re-signed in the same commit).
     """
 
     def __init__(
@@ -148,6 +91,10 @@ class Transaction:
         self._loaded: dict[str, Metadata[Targets]] = {}
         self._dirty: set[str] = set()
         self._root: Metadata[Root] | None = None
+        self._snapshot_due = False
+        self._timestamp_due = False
+        self._cosign: list[Root] = []
+        self._new: set[str] = set()  # delegated roles not yet in the snapshot
 
     @classmethod
     def begin(cls, store: Storage, signers: SignerSet, expiry: Expiry) -> Transaction:
@@ -179,24 +126,64 @@ class Transaction:
         return self._root
 
     def targets(self, role: str = Targets.type) -> Metadata[Targets]:
-        """The committed (or, once edited, the pending) metadata of a targets role."""
+        """The committed (or, once edited, the pending) metadata of a targets role.
+
+        A delegated role that the snapshot does not list yet (a team role before its first
+        release) reads as empty: its first commit writes version 1.
+
+        Raises:
+            SecurityError: the role is neither listed in the snapshot nor delegated.
+        """
         if role not in self._loaded:
             meta = self.snapshot.signed.meta.get(f"{role}.json")
             if meta is None:
-                raise SecurityError(f"snapshot does not list role {role}")
+                if role == Targets.type or self._delegator(role) is None:
+                    raise SecurityError(f"snapshot does not list role {role}")
+                self._loaded[role] = Metadata(Targets(version=1, expires=_now()))
+                self._new.add(role)
+                return self._loaded[role]
             raw, _ = self._store.get(md_key(role, meta.version), max_bytes=MAX_METADATA_BYTES)
             self._loaded[role] = _parse(raw, Targets, role)
         return self._loaded[role]
 
     def succinct(self) -> SuccinctRoles:
-        delegations = self.targets().signed.delegations
+        """The hash-bin delegation of the ``releases`` role.
+
+        Raises:
+            SecurityError: the repository has no ``releases`` role with hash bins.
+        """
+        delegations = self.targets(RELEASES_ROLE).signed.delegations
         if delegations is None or delegations.succinct_roles is None:
-            raise SecurityError("targets role has no succinct hash-bin delegation")
+            raise SecurityError("the releases role has no succinct hash-bin delegation")
         return delegations.succinct_roles
 
+    def team_roles(self) -> list[str]:
+        """Names of the team roles, in delegation order (the order devices consult them)."""
+        delegations = self.targets().signed.delegations
+        roles = delegations.roles if delegations is not None else None
+        return [name for name in (roles or {}) if name != RELEASES_ROLE]
+
+    def release_roles(self) -> list[str]:
+        """Every role that may hold release targets: the team roles, then the hash bins."""
+        return [*self.team_roles(), *self.succinct().get_roles()]
+
     def bin_for(self, path: str) -> str:
-        """Name of the hash-bin role responsible for a target path."""
-        return self.succinct().get_role_for_target(path)
+        """The role a TUF client consults for ``path``, walking the tree as python-tuf does.
+
+        From ``targets``: a role that lists ``path`` answers; otherwise the first delegation
+        whose paths match is followed (all our delegations are terminating). The last role
+        reached answers (a team role or a hash bin for release paths, a bin for index paths).
+        """
+        role = Targets.type
+        for _ in range(8):  # our tree is three levels deep; bound the walk anyway
+            signed = self.targets(role).signed
+            if path in signed.targets or signed.delegations is None:
+                return role
+            child = next(iter(signed.delegations.get_roles_for_target(path)), None)
+            if child is None:
+                return role
+            role = child[0]
+        raise SecurityError(f"delegation tree too deep for {path}")
 
     # -- editing ------------------------------------------------------------------------------
 
@@ -206,15 +193,36 @@ class Transaction:
         self._dirty.add(role)
         return md.signed
 
+    def resign(self, role: str) -> None:
+        """Re-sign ``role`` (any targets role, ``snapshot`` or ``timestamp``) unchanged."""
+        if role == Snapshot.type:
+            self._snapshot_due = True
+        elif role == Timestamp.type:
+            self._timestamp_due = True
+        else:
+            self.edit(role)
+
+    def cosign_with(self, root: Root) -> None:
+        """Also sign top-level roles with the keys ``root`` lists (a root rotation in flight).
+
+        The commit then checks with python-tuf that each top-level role it writes verifies
+        under ``root`` as well as under the stored newest root, so clients on either side of
+        the rotation accept it.
+        """
+        self._cosign.append(root)
+
     @property
     def changed(self) -> bool:
-        return bool(self._dirty)
+        return bool(self._dirty) or self._snapshot_due or self._timestamp_due
 
     def commit(self) -> int:
         """Sign and write every edited role, then snapshot, then the timestamp (the head).
 
+        The snapshot is rewritten when a role changed or :meth:`resign` asked for it; the
+        timestamp always is.
+
         Returns:
-            The new snapshot version.
+            The snapshot version the new head names.
 
         Raises:
             ConflictError: another publisher committed first (nothing of ours is visible).
@@ -222,23 +230,21 @@ class Transaction:
         """
         now = _now()
         snap = self.snapshot.signed
-        for role in sorted(self._dirty):
-            md = self._loaded[role]
-            keys, threshold = self._role_keys(role)
-            md.signed.expires = now + self._expiry.for_role(role)
-            version = self._write_versioned(md, role, keys, threshold)
-            snap.meta[f"{role}.json"] = MetaFile(version=version)
-        snap.expires = now + self._expiry.for_role(Snapshot.type)
-        snap_keys, snap_threshold = self._role_keys(Snapshot.type)
-        snap_version = self._write_versioned(
-            self.snapshot, Snapshot.type, snap_keys, snap_threshold
-        )
+        if self._dirty or self._snapshot_due:
+            for role in sorted(self._dirty):
+                md = self._loaded[role]
+                md.signed.expires = now + self.lifetime(role)
+                version = self._write_versioned(md, role)
+                snap.meta[f"{role}.json"] = MetaFile(version=version)
+            snap.expires = now + self.lifetime(Snapshot.type)
+            snap_version = self._write_versioned(self.snapshot, Snapshot.type)
+        else:
+            snap_version = snap.version
         ts = self.timestamp.signed
         ts.version += 1
-        ts.expires = now + self._expiry.for_role(Timestamp.type)
+        ts.expires = now + self.lifetime(Timestamp.type)
         ts.snapshot_meta = MetaFile(version=snap_version)
-        ts_keys, ts_threshold = self._role_keys(Timestamp.type)
-        self._signers.sign(self.timestamp, ts_keys, ts_threshold, Timestamp.type)
+        self._sign(self.timestamp, Timestamp.type)
         head = self.timestamp.to_bytes(_SERIALIZER)
         try:
             self._store.put(HEAD_KEY, head, if_match=self._head_etag)
@@ -246,7 +252,14 @@ class Transaction:
             if not self._is_ours(HEAD_KEY, head):  # a retried write whose first reply was lost
                 raise ConflictError("another publisher committed first") from e
         self._dirty.clear()
+        self._snapshot_due = self._timestamp_due = False
         return snap_version
+
+    def lifetime(self, role: str) -> timedelta:
+        """How long a new version of ``role`` stays valid (team roles: ``Expiry.team``)."""
+        if role in TOP_LEVEL_ROLES or role == RELEASES_ROLE or role.startswith(BINS_PREFIX + "-"):
+            return self._expiry.for_role(role)
+        return timedelta(days=self._expiry.team)
 
     def _is_ours(self, key: str, data: bytes) -> bool:
         """Whether ``key`` holds exactly ``data`` (signatures make a collision impossible)."""
@@ -255,25 +268,61 @@ class Transaction:
         except NotFound:
             return False
 
-    def _role_keys(self, role: str) -> tuple[dict[str, Key], int]:
-        """Public keys (by key id) and threshold of a role, from root or the delegation."""
-        if role in (Root.type, Targets.type, Snapshot.type, Timestamp.type):
+    def _delegator(self, role: str) -> Targets | None:
+        """The (pending) targets role that delegates ``role``, or None."""
+        top = self.targets().signed
+        with contextlib.suppress(ValueError):
+            top.get_delegated_role(role)
+            return top
+        if role != RELEASES_ROLE and role.startswith(BINS_PREFIX + "-"):
+            releases = self.targets(RELEASES_ROLE).signed
+            with contextlib.suppress(ValueError):
+                releases.get_delegated_role(role)
+                return releases
+        return None
+
+    def role_keys(self, role: str) -> tuple[dict[str, Key], int]:
+        """Public keys (by key id) and threshold of a role, from root or its delegator.
+
+        Raises:
+            SecurityError: ``role`` is not delegated, or names a key its delegator lacks.
+        """
+        if role in TOP_LEVEL_ROLES:
             root = self.root().signed
             r = root.roles[role]
             return {k: root.keys[k] for k in r.keyids}, r.threshold
-        delegations = self.targets().signed.delegations
-        succinct = self.succinct()
-        if delegations is None or delegations.keys is None or not succinct.is_delegated_role(role):
+        delegator = self._delegator(role)
+        if delegator is None:
             raise SecurityError(f"unknown delegated role {role}")
-        return {k: delegations.keys[k] for k in succinct.keyids}, succinct.threshold
+        r = delegator.get_delegated_role(role)
+        try:
+            return {k: delegator.get_key(k) for k in r.keyids}, r.threshold
+        except ValueError as e:
+            raise SecurityError(f"delegation of {role} names a missing key: {e}") from e
 
-    def _write_versioned(
-        self, md: Metadata[Any], role: str, keys: Mapping[str, Key], threshold: int
-    ) -> int:
-        version: int = md.signed.version + 1
+    _role_keys = role_keys
+
+    def _sign(self, md: Metadata[Any], role: str) -> None:
+        keys, threshold = self.role_keys(role)
+        self._signers.sign(md, keys, threshold, role)
+        if role not in TOP_LEVEL_ROLES:
+            return
+        for other in self._cosign:
+            r = other.roles[role]
+            self._signers.sign_also(md, {k: other.keys[k] for k in r.keyids})
+            try:  # python-tuf decides whether the other root accepts it
+                other.verify_delegate(role, md.signed_bytes, md.signatures)
+            except UnsignedMetadataError as e:
+                raise ConfigError(
+                    f"cannot sign {role} for root version {other.version}: {e}",
+                    remedy=f"configure the new {role} key URI in ota.toml",
+                ) from e
+
+    def _write_versioned(self, md: Metadata[Any], role: str) -> int:
+        version: int = 1 if role in self._new else md.signed.version + 1
         for _ in range(_MAX_VERSION_SKIPS):
             md.signed.version = version
-            self._signers.sign(md, keys, threshold, role)
+            self._sign(md, role)
             data = md.to_bytes(_SERIALIZER)
             try:
                 self._store.put(md_key(role, version), data, if_none_match=True)
@@ -319,22 +368,17 @@ def run(
     )
 
 
-def _parse(raw: bytes, typ: type[T], what: str) -> Metadata[Any]:
-    try:
-        md = Metadata[Any].from_bytes(raw)
-    except Exception as e:  # tuf raises DeserializationError and friends
-        raise SecurityError(f"stored {what} metadata does not parse: {e}") from e
-    if not isinstance(md.signed, cast(type, typ)):
-        raise SecurityError(f"stored {what} metadata has the wrong type")
-    return md
-
-
 __all__ = [
+    "BINS_PREFIX",
     "HEAD_KEY",
+    "MAX_METADATA_BYTES",
+    "RELEASES_ROLE",
+    "TOP_LEVEL_ROLES",
     "Expiry",
     "SignerSet",
     "Transaction",
     "UnsignedMetadataError",
     "md_key",
+    "newest_root",
     "run",
 ]

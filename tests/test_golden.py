@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 from numpy.typing import NDArray
+
+from ota.bundle import SMOKE_GOLDEN_FILE, SMOKE_INPUTS_FILE, Budget, SmokeSpec
+from ota.errors import InputError
 from ota.repository._golden import (
     GoldenError,
     make_smoke_files,
@@ -16,9 +19,6 @@ from ota.repository._golden import (
     npz_bytes,
     read_npz,
 )
-
-from ota.bundle import SMOKE_GOLDEN_FILE, SMOKE_INPUTS_FILE, Budget, SmokeSpec
-from ota.errors import InputError
 from tests import bad_models
 from tests.onnx_models import save, write_mlp
 

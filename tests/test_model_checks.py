@@ -8,9 +8,9 @@ from pathlib import Path
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from ota.repository._model_checks import ModelFacts, ModelRejected, TensorSig, check_model
 
 from ota.errors import InputError
+from ota.repository._model_checks import ModelFacts, ModelRejected, TensorSig, check_model
 from tests import bad_models
 from tests.onnx_models import mlp, save, write_mlp
 

@@ -311,7 +311,7 @@ def test_lost_reply_on_commit_is_not_a_conflict(tmp_path: Path) -> None:
     project.storage = LostReply(tmp_path / "repo")
     result = publish_mlp(project, "m", "1.0.0")
     assert result.counter == 1
-    assert "metadata/timestamp.json" in project.storage.tripped  # type: ignore[attr-defined]
+    assert "metadata/timestamp.json" in project.storage.tripped
     snapshots = sorted((tmp_path / "repo" / "metadata").glob("*.snapshot.json"))
     assert [p.name for p in snapshots] == ["1.snapshot.json", "2.snapshot.json"]
     assert [r.state.version for r in releases(project, "m")] == ["1.0.0"]
