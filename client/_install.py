@@ -10,6 +10,7 @@ facts -> model-signing signature by a key that ``trust/signers.json`` allows for
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -206,7 +207,7 @@ def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
             raise SecurityError("release.json in the bundle differs from the signed facts")
         keyid = verify_signature(dev, session, name, staging, verifier)
         dev.journal.advance(Phase.STAGED)
-        _slots.install_staged(mdir, slot, manifest)
+        _slots.install_staged(mdir, slot, manifest, _evidence(choice, session))
         _slots.remove_tree(old_stage)
         dev.events.append("staged", name, rel.version, slot=slot, signer=keyid)
     except (OtaError, OSError) as e:
@@ -267,3 +268,15 @@ def _abandon(dev: Device, mdir: Path, drop_staging: bool) -> None:
         dev.journal.advance(Phase.IDLE)
     if drop_staging:
         _slots.remove_tree(_slots.staging_path(mdir))
+
+
+def _evidence(choice: Any, session: Any) -> dict[str, bytes]:
+    """What TUF verified for this install, kept beside the slot for ``ota verify``."""
+    evidence = {
+        "target.json": json.dumps(
+            {"path": choice.info.path, "info": choice.info.to_dict()}, sort_keys=True
+        ).encode(),
+    }
+    if session.signers_raw is not None:
+        evidence["signers.json"] = session.signers_raw
+    return evidence

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from ota._atomic import fsync_dir, write_bytes
@@ -124,8 +125,13 @@ def new_staging(mdir: Path) -> Path:
     return stage
 
 
-def install_staged(mdir: Path, slot: str, manifest: Manifest) -> None:
+def install_staged(
+    mdir: Path, slot: str, manifest: Manifest, evidence: Mapping[str, bytes] | None = None
+) -> None:
     """Move a fully verified, fsynced staging folder into ``slot`` and mark the slot good.
+
+    ``evidence`` (``target.json``, ``signers.json``: what TUF verified at install) is kept
+    beside the slot as ``<slot>.<name>`` so that ``ota verify`` can re-check it offline.
 
     Precondition: ``slot`` is not ``current``. Raises LocalError on any filesystem failure;
     the slot is then left bad (never half good).
@@ -141,7 +147,9 @@ def install_staged(mdir: Path, slot: str, manifest: Manifest) -> None:
         fsync_dir(dest.parent)
     except OSError as e:
         raise LocalError(f"cannot install slot {slot}: {e}") from e
-    write_bytes(_meta_path(mdir, slot), manifest.to_bytes())
+    for name, data in (evidence or {}).items():
+        write_bytes(dest.with_name(f"{slot}.{name}"), data)
+    write_bytes(_meta_path(mdir, slot), manifest.to_bytes())  # last: marks the slot good
 
 
 def switch(mdir: Path, slot: str) -> None:

@@ -92,6 +92,7 @@ class TufSession:
                  pool: urllib3.PoolManager, fetch_cfg: FetchConfig,
                  stats: FetchStats | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
         base = repo_url.rstrip("/")
+        self.signers_raw: bytes | None = None  # trust/signers.json as verified, for the slot
         self.cache_dir = cache_dir
         self.limits = limits
         metadata_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +155,7 @@ class TufSession:
         if info is None:
             return []
         data = self._download(info, MAX_SIGNERS_BYTES)
+        self.signers_raw = data
         try:
             doc = json.loads(data)
             out = []

@@ -277,7 +277,8 @@ def verify_dir(folder: Path, *, trusted_root: bytes | None = None,
     report = Report(f"{manifest.name} {manifest.version}", f"{folder} ({layout})")
     facts, signers = None, None
     if layout == "slot":
-        report.add("tuf", "skipped", "a device slot keeps no TUF target facts")
+        report.add("tuf", "skipped", "slot evidence was verified by TUF at install time")
+        facts, signers = _slot_evidence(report, folder)
     elif trusted_root is None:
         report.add("tuf", "skipped", "no --root: target facts are unverified claims")
         facts = _claimed_facts(report, folder)
@@ -303,9 +304,31 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     return path.read_bytes()
 
 
-def _claimed_facts(report: Report, folder: Path) -> TargetFacts | None:
+def _slot_evidence(
+    report: Report, slot: Path
+) -> tuple[TargetFacts | None, list[SignerEntry] | None]:
+    """The target facts and signer list a device recorded beside a slot when it installed it
+    (``<slot>.target.json``, ``<slot>.signers.json``)."""
+    target = slot.parent / f"{slot.name}.target.json"
+    signers_path = slot.parent / f"{slot.name}.signers.json"
+    if not target.is_file():
+        report.add("target-facts", "skipped", "the slot has no recorded target facts")
+        return None, None
+    facts = _claimed_facts(report, slot.parent, target.name)
+    signers = None
+    if signers_path.is_file():
+        try:
+            signers = parse_signers(_read_bounded(signers_path, MAX_SIGNERS_BYTES))
+        except (OSError, ValueError, OtaError) as e:
+            report.add("signers", "failed", f"{signers_path.name} is unusable: {e}")
+    return facts, signers
+
+
+def _claimed_facts(
+    report: Report, folder: Path, name: str = "target.json"
+) -> TargetFacts | None:
     try:
-        doc = json.loads(_read_bounded(folder / "target.json", MAX_SIGNERS_BYTES))
+        doc = json.loads(_read_bounded(folder / name, MAX_SIGNERS_BYTES))
         return TargetFacts.from_custom(doc["info"]["custom"])
     except (OSError, ValueError, KeyError, TypeError, OtaError) as e:
         report.add("target-facts", "failed", f"target.json is unusable: {e}")

@@ -79,3 +79,34 @@ def test_device_update_without_init_is_a_config_error(tmp_path: Path) -> None:
     code, out = _ota("device", "update", "--state-dir", str(tmp_path / "nothing"))
     assert code == ExitCode.CONFIG, out
     assert out.startswith("error: ")
+
+
+def test_ota_verify_checks_a_device_slot_offline(tmp_path: Path) -> None:
+    """A device keeps what TUF verified beside each slot; `ota verify` re-checks it offline,
+    and names a file changed on the device's disk afterwards."""
+    project = make_project(tmp_path)
+    publish_mlp(project, "det", "1.0.0", ring="ga")
+    dev = tmp_path / "dev"
+    with serve_dir(tmp_path / "repo") as base:
+        code, out = _ota(
+            "device", "init", "--state-dir", str(dev), "--repo-url", base,
+            "--root", str(project.root_dir / "root.json"), "--device-id", "cam-1",
+            "--model", "det", "--health-timeout", "0",
+        )
+        assert code == 0, out
+        assert _ota("device", "update", "--state-dir", str(dev))[0] == ExitCode.OK
+    slot = next((dev / "models" / "det" / "slots").glob("?"))
+    assert (slot.parent / f"{slot.name}.target.json").is_file()
+    assert (slot.parent / f"{slot.name}.signers.json").is_file()
+    code, out = _ota("verify", str(slot), "--json")
+    assert code == 0, out
+    checks = {c["name"]: c["status"] for c in json.loads(out)["checks"]}
+    assert checks["files"] == "ok" and checks["signature"] == "ok" and checks["sbom"] == "ok"
+    model = slot / "model" / "model.onnx"
+    model.chmod(0o644)
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")
+    code, out = _ota("verify", str(slot), "--json")
+    assert code == ExitCode.SECURITY
+    report, _ = json.JSONDecoder().raw_decode(out)  # the error line follows the report
+    failed = {c["name"] for c in report["checks"] if c["status"] == "failed"}
+    assert "files" in failed
