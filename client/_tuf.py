@@ -13,10 +13,7 @@ signer list, and maps python-tuf's exceptions to ours:
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,13 +24,17 @@ from tuf.ngclient.updater import Updater
 
 from ota.bundle import (
     DEFAULT_LIMITS,
+    MAX_SIGNERS_BYTES,
+    SIGNERS_TARGET,
     FormatError,
     Limits,
     Manifest,
     ModelIndex,
+    SignerEntry,
     TargetFacts,
     index_target_path,
     manifest_target_path,
+    parse_signers,
 )
 from ota.errors import LocalError, OtaError, SecurityError, TransientError
 
@@ -41,9 +42,6 @@ from ._fetch import FetchConfig, FetchStats, SlowRetrievalError, TufFetcher
 
 if TYPE_CHECKING:  # defined there; re-exported untyped by tuf.api.metadata
     from tuf.api._payload import TargetFile
-
-SIGNERS_TARGET = "trust/signers.json"
-MAX_SIGNERS_BYTES = 256 * 1024
 
 
 def updater_config() -> UpdaterConfig:
@@ -78,19 +76,21 @@ def tuf_errors(what: str) -> Iterator[None]:
         raise LocalError(f"{what}: {e}") from e
 
 
-@dataclass(frozen=True)
-class Signer:
-    keyid: str
-    public_key_pem: str
-    models: tuple[str, ...]
-
-
 class TufSession:
     """One refresh worth of trusted metadata. Single-use, like python-tuf's Updater."""
 
-    def __init__(self, metadata_dir: Path, cache_dir: Path, repo_url: str, root: bytes, *,
-                 pool: urllib3.PoolManager, fetch_cfg: FetchConfig,
-                 stats: FetchStats | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        metadata_dir: Path,
+        cache_dir: Path,
+        repo_url: str,
+        root: bytes,
+        *,
+        pool: urllib3.PoolManager,
+        fetch_cfg: FetchConfig,
+        stats: FetchStats | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
         base = repo_url.rstrip("/")
         self.signers_raw: bytes | None = None  # trust/signers.json as verified, for the slot
         self.cache_dir = cache_dir
@@ -99,8 +99,12 @@ class TufSession:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tuf_errors("loading the trusted root"):
             self.updater = Updater(
-                str(metadata_dir), f"{base}/metadata/", str(cache_dir), f"{base}/targets/",
-                fetcher=TufFetcher(pool, fetch_cfg, stats), config=updater_config(),
+                str(metadata_dir),
+                f"{base}/metadata/",
+                str(cache_dir),
+                f"{base}/targets/",
+                fetcher=TufFetcher(pool, fetch_cfg, stats),
+                config=updater_config(),
                 bootstrap=root,
             )
 
@@ -146,23 +150,19 @@ class TufSession:
         Raises:
             SecurityError: verification or parsing failed.
         """
-        return Manifest.from_bytes(self._download(info, self.limits.max_manifest_bytes),
-                                   self.limits)
+        return Manifest.from_bytes(
+            self._download(info, self.limits.max_manifest_bytes), self.limits
+        )
 
-    def signers(self, name: str) -> list[Signer]:
-        """Model-signing keys the offline targets role allows for ``name`` (may be empty)."""
+    def signers(self, name: str) -> list[SignerEntry]:
+        """Model-signing keys the offline targets role allows for ``name`` (may be empty).
+
+        Raises:
+            FormatError: the document is malformed. SecurityError: TUF refused it.
+        """
         info = self._info(SIGNERS_TARGET)
         if info is None:
             return []
         data = self._download(info, MAX_SIGNERS_BYTES)
         self.signers_raw = data
-        try:
-            doc = json.loads(data)
-            out = []
-            for s in doc["signers"]:
-                models = tuple(str(m) for m in s["models"])
-                if any(fnmatch.fnmatchcase(name, m) for m in models):
-                    out.append(Signer(str(s["keyid"]), str(s["public_key_pem"]), models))
-        except (ValueError, KeyError, TypeError) as e:
-            raise FormatError(f"{SIGNERS_TARGET} is malformed: {e}") from e
-        return out
+        return [s for s in parse_signers(data) if s.allows(name)]

@@ -23,6 +23,7 @@ Layout of a bundle (paths are relative to the bundle root):
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -42,6 +43,10 @@ SBOM_FILE = "sbom.cdx.json"
 PROVENANCE_FILE = "provenance.intoto.json"
 SMOKE_INPUTS_FILE = "smoke/inputs.npz"
 SMOKE_GOLDEN_FILE = "smoke/golden.npz"
+
+SIGNERS_TARGET = "trust/signers.json"
+MAX_SIGNERS_BYTES = 256 * 1024
+MAX_SIGNERS = 256
 
 RINGS = ("canary", "pilot", "ga")
 Kind = Literal["model", "runtime"]
@@ -566,6 +571,58 @@ class ModelIndex:
             if r.version == version:
                 return r
         return None
+
+
+@dataclass(frozen=True)
+class SignerEntry:
+    """One model-signing public key (PEM) of ``trust/signers.json`` and the model-name globs it
+    may sign. The document is a target of the offline top-level targets role."""
+
+    keyid: str
+    public_key_pem: str
+    models: tuple[str, ...]
+
+    def allows(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, m) for m in self.models)
+
+
+def parse_signers(data: bytes) -> list[SignerEntry]:
+    """Parse ``trust/signers.json`` (bounded: size and number of keys).
+
+    Raises:
+        FormatError: too large or malformed.
+    """
+    if len(data) > MAX_SIGNERS_BYTES:
+        raise FormatError(f"{SIGNERS_TARGET} is too large")
+    doc = _load_json(data, SIGNERS_TARGET)
+    raw = doc.get("signers")
+    if not isinstance(raw, list) or len(raw) > MAX_SIGNERS:
+        raise FormatError(f"{SIGNERS_TARGET} has no signer list or too many signers")
+    out = []
+    for s in raw:
+        if not isinstance(s, dict):
+            raise FormatError(f"{SIGNERS_TARGET}: a signer is not an object")
+        _expect_keys(s, {"keyid", "public_key_pem", "models"}, "signer")
+        keyid, pem, models = s["keyid"], s["public_key_pem"], s["models"]
+        if not isinstance(keyid, str) or not _HEX64_RE.match(keyid):
+            raise FormatError(f"{SIGNERS_TARGET}: bad key id {keyid!r:.80}")
+        if not isinstance(pem, str) or len(pem) > 16 * 1024:
+            raise FormatError(f"{SIGNERS_TARGET}: bad public key for {keyid}")
+        if not isinstance(models, list) or len(models) > 64:
+            raise FormatError(f"{SIGNERS_TARGET}: bad model globs for {keyid}")
+        if not all(isinstance(m, str) and 0 < len(m) <= 128 for m in models):
+            raise FormatError(f"{SIGNERS_TARGET}: bad model glob for {keyid}")
+        out.append(SignerEntry(keyid, pem, tuple(models)))
+    return out
+
+
+def signers_document(entries: Iterable[SignerEntry]) -> bytes:
+    """Canonical ``trust/signers.json`` for ``entries`` (sorted, so the bytes are stable)."""
+    signers = [
+        {"keyid": e.keyid, "public_key_pem": e.public_key_pem, "models": sorted(e.models)}
+        for e in sorted(entries, key=lambda e: e.keyid)
+    ]
+    return canonical_json({"signers": signers})
 
 
 # -- helpers -------------------------------------------------------------------------------

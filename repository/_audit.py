@@ -24,31 +24,26 @@ from tuf.api.metadata import TargetFile
 from ota import _atomic
 from ota.bundle import (
     DEFAULT_LIMITS,
+    MAX_SIGNERS_BYTES,
+    SIGNERS_TARGET,
     FileEntry,
     Manifest,
+    SignerEntry,
     TargetFacts,
     blob_key,
     manifest_target_path,
+    parse_signers,
     validate_name,
     validate_version,
 )
 from ota.errors import InputError, OtaError, SecurityError
 from ota.repository._auditlog import ANCHOR_CUSTOM_KEY, ANCHOR_TARGET
 from ota.repository._tufview import DirSource, Source, StorageSource, TufView
-from ota.repository._verify import (
-    MAX_SIGNERS_BYTES,
-    MAX_SMALL_FILE,
-    Report,
-    SignerEntry,
-    check_bundle,
-    hash_local_files,
-    parse_signers,
-)
+from ota.repository._verify import MAX_SMALL_FILE, Report, check_bundle, hash_local_files
 
 if TYPE_CHECKING:
     from ota.repository._project import Project
 
-SIGNERS_TARGET = "trust/signers.json"
 _TUF_ERRORS = (tuf_exc.RepositoryError, tuf_exc.DownloadError, ValueError)
 
 
@@ -324,9 +319,7 @@ def _slot_evidence(
     return facts, signers
 
 
-def _claimed_facts(
-    report: Report, folder: Path, name: str = "target.json"
-) -> TargetFacts | None:
+def _claimed_facts(report: Report, folder: Path, name: str = "target.json") -> TargetFacts | None:
     try:
         doc = json.loads(_read_bounded(folder / name, MAX_SIGNERS_BYTES))
         return TargetFacts.from_custom(doc["info"]["custom"])

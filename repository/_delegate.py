@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from tuf.api.metadata import DelegatedRole, Root, Snapshot, Targets, Timestamp
 
+from ota.bundle import SignerEntry
 from ota.errors import InputError, SecurityError
 from ota.repository._index import model_names, read_index
 from ota.repository._keyspec import KeySpec
-from ota.repository._trust import SignerEntry, read_signers, write_signers
+from ota.repository._trust import read_signers, write_signers
 from ota.repository._txn import BINS_PREFIX, RELEASES_ROLE, Transaction, run
 
 if TYPE_CHECKING:
@@ -162,7 +163,7 @@ def add_team(
             for fp, pem in entries:
                 old = known.get(fp)
                 globs = tuple(sorted({*models, *(old.models if old else ())}))
-                known[fp] = SignerEntry(fp, pem, globs)
+                known[fp] = SignerEntry(fp, pem.decode(), globs)
             write_signers(project, txn, list(known.values()))
         return TeamInfo(
             team, tuple(models), tuple(role.keyids), threshold, tuple(e[0] for e in entries), 0

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
+from ota.bundle import SignerEntry
 from ota.errors import InputError
 from ota.repository._delegate import revoke_team_key
 from ota.repository._keyspec import KeySpec
@@ -32,7 +33,7 @@ from ota.repository._rootceremony import (
     sign_with_project,
     write_root_file,
 )
-from ota.repository._trust import SignerEntry, read_signers, write_signers
+from ota.repository._trust import read_signers, write_signers
 from ota.repository._txn import RELEASES_ROLE, Transaction, newest_root, run
 
 if TYPE_CHECKING:
@@ -135,8 +136,10 @@ def rotate_bins(project: Project, key: KeySpec, only: str | None = None) -> list
         bins = list(txn.succinct().get_roles())
         for b in bins:
             txn.resign(b)
-        return [f"bins: {', '.join(k[:16] for k in old)} -> {key.keyid[:16]}; "
-                f"re-signed releases and {len(bins)} bins"]
+        return [
+            f"bins: {', '.join(k[:16] for k in old)} -> {key.keyid[:16]}; "
+            f"re-signed releases and {len(bins)} bins"
+        ]
 
     return run(project.storage, project.signers, project.expiry(), change)
 
@@ -264,7 +267,9 @@ def _revoke_signing_key(
         globs = {g for e in gone for g in e.models}
         orphaned = sorted(g for g in globs if not any(g in e.models for e in kept))
         if replacement is not None:
-            new = SignerEntry(key_fingerprint(replacement), replacement, tuple(sorted(globs)))
+            new = SignerEntry(
+                key_fingerprint(replacement), replacement.decode(), tuple(sorted(globs))
+            )
             kept.append(new)
         elif orphaned and not force:
             raise InputError(
@@ -305,8 +310,10 @@ def refresh(project: Project, within_days: float | None = None) -> RefreshResult
         if within_days is not None:
             window = timedelta(days=within_days)
         else:
-            window = min(txn.lifetime(role) / 2, _OFFLINE_WARNING) if offline else (
-                txn.lifetime(role) / 2
+            window = (
+                min(txn.lifetime(role) / 2, _OFFLINE_WARNING)
+                if offline
+                else (txn.lifetime(role) / 2)
             )
         return expires - now < window
 
@@ -322,7 +329,8 @@ def refresh(project: Project, within_days: float | None = None) -> RefreshResult
                 resigned.append(role)
         warnings = []
         offline = [(Root.type, txn.root().signed.expires)] + [
-            (r, txn.targets(r).signed.expires) for r in (Targets.type, *txn.team_roles())
+            (r, txn.targets(r).signed.expires)
+            for r in (Targets.type, *txn.team_roles())
             if f"{r}.json" in txn.snapshot.signed.meta
         ]
         for role, expires in offline:

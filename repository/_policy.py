@@ -279,18 +279,13 @@ def _release_fingerprint(project: Project) -> str:
 
 def _allowed_by_signers_json(project: Project, name: str, fingerprint: str) -> bool:
     """Whether ``trust/signers.json`` (as committed) lets ``fingerprint`` sign ``name``."""
-    from ota.repository._project import SIGNERS_TARGET, key_fingerprint, target_storage_key
+    from ota.repository._project import key_fingerprint
+    from ota.repository._trust import read_signers  # checked against its signed target
     from ota.repository._txn import Transaction
-    from ota.repository._verify import allowed_signers, parse_signers
 
     txn = Transaction.begin(project.storage, project.signers, project.expiry())
-    info = txn.targets().signed.targets.get(SIGNERS_TARGET)
-    if info is None:
-        return False
-    data, _ = project.storage.get(
-        target_storage_key(SIGNERS_TARGET, info.hashes["sha256"]), max_bytes=256 * 1024
-    )
     return any(
         key_fingerprint(s.public_key_pem.encode()) == fingerprint
-        for s in allowed_signers(parse_signers(data), name)
+        for s in read_signers(project, txn)
+        if s.allows(name)
     )

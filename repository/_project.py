@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import tomllib
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -33,7 +32,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from ota import _atomic
-from ota.bundle import canonical_json
+from ota.bundle import SIGNERS_TARGET, SignerEntry, signers_document
 from ota.errors import ConfigError, InputError
 from ota.repository._keygen import (
     generate_ed25519,
@@ -53,7 +52,6 @@ from ota.repository._txn import (
 
 CONFIG_NAME = "ota.toml"
 TRUSTED_ROOT_NAME = "root.json"
-SIGNERS_TARGET = "trust/signers.json"
 _SERIALIZER = JSONSerializer(compact=True)
 _ONLINE_ROLES = ("snapshot", "timestamp", "bins")
 
@@ -247,15 +245,6 @@ class InitResult:
         }
 
 
-def signers_document(entries: Iterable[tuple[str, bytes, list[str]]]) -> bytes:
-    """The ``trust/signers.json`` target: model-signing keys allowed per model glob."""
-    signers = [
-        {"keyid": keyid, "public_key_pem": pem.decode(), "models": sorted(models)}
-        for keyid, pem, models in entries
-    ]
-    return canonical_json({"signers": sorted(signers, key=lambda s: str(s["keyid"]))})
-
-
 def init_project(
     project_dir: Path,
     storage_url: str,
@@ -317,7 +306,9 @@ def init_project(
     now = datetime.now(UTC).replace(microsecond=0)
 
     root, targets, releases, succinct = top_level(role_keys, root_threshold, bins, expiry, now)
-    signers_doc = signers_document([(key_fingerprint(release_pub), release_pub, ["*"])])
+    signers_doc = signers_document(
+        [SignerEntry(key_fingerprint(release_pub), release_pub.decode(), ("*",))]
+    )
     targets.targets[SIGNERS_TARGET] = TargetFile.from_data(SIGNERS_TARGET, signers_doc)
 
     def signed_bytes(md: Metadata[Any], keys: list[SSlibKey], threshold: int, role: str) -> bytes:

@@ -9,39 +9,24 @@ publish a model the devices would refuse.
 
 from __future__ import annotations
 
-import fnmatch
-import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tuf.api.exceptions import LengthOrHashMismatchError
 
-from ota.errors import ConfigError, InputError, SecurityError
-from ota.repository._project import (
+from ota.bundle import (
+    MAX_SIGNERS_BYTES,
     SIGNERS_TARGET,
-    key_fingerprint,
-    put_target_file,
+    FormatError,
+    SignerEntry,
+    parse_signers,
     signers_document,
-    target_storage_key,
 )
+from ota.errors import ConfigError, InputError, SecurityError
+from ota.repository._project import key_fingerprint, put_target_file, target_storage_key
 from ota.repository._txn import Transaction
 
 if TYPE_CHECKING:
     from ota.repository._project import Project
-
-MAX_SIGNERS_BYTES = 256 * 1024
-
-
-@dataclass(frozen=True)
-class SignerEntry:
-    """One model-signing key and the model globs it may sign."""
-
-    keyid: str
-    public_key_pem: bytes
-    models: tuple[str, ...]
-
-    def allows(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, m) for m in self.models)
 
 
 def read_signers(project: Project, txn: Transaction) -> list[SignerEntry]:
@@ -60,22 +45,14 @@ def read_signers(project: Project, txn: Transaction) -> list[SignerEntry]:
     except LengthOrHashMismatchError as e:
         raise SecurityError(f"stored {SIGNERS_TARGET} does not match its target: {e}") from e
     try:
-        doc = json.loads(data)
-        return [
-            SignerEntry(
-                str(s["keyid"]),
-                str(s["public_key_pem"]).encode(),
-                tuple(str(m) for m in s["models"]),
-            )
-            for s in doc["signers"]
-        ]
-    except (ValueError, KeyError, TypeError) as e:
+        return parse_signers(data)
+    except FormatError as e:
         raise SecurityError(f"stored {SIGNERS_TARGET} is malformed: {e}") from e
 
 
 def write_signers(project: Project, txn: Transaction, entries: list[SignerEntry]) -> None:
     """Upload a new ``trust/signers.json`` and list it in ``targets`` (offline key at commit)."""
-    doc = signers_document((e.keyid, e.public_key_pem, list(e.models)) for e in entries)
+    doc = signers_document(entries)
     info = put_target_file(project.storage, SIGNERS_TARGET, doc)
     txn.edit("targets").targets[SIGNERS_TARGET] = info
 

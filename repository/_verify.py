@@ -14,9 +14,7 @@ so that a report names *every* failing artifact; :meth:`Report.raise_for_failure
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +27,12 @@ from ota.bundle import (
     SIGNATURE_FILE,
     Manifest,
     Release,
+    SignerEntry,
     TargetFacts,
 )
 from ota.errors import OtaError, SecurityError
 
 Status = Literal["ok", "failed", "skipped"]
-MAX_SIGNERS_BYTES = 256 * 1024
 MAX_SMALL_FILE = {
     RELEASE_FILE: 64 * 1024,
     SBOM_FILE: 16 * 1024 * 1024,
@@ -125,34 +123,9 @@ def _detail_lines(c: Check) -> list[str]:
     return []
 
 
-@dataclass(frozen=True)
-class SignerEntry:
-    keyid: str
-    public_key_pem: str
-    models: tuple[str, ...]
-
-
-def parse_signers(data: bytes) -> list[SignerEntry]:
-    """Parse ``trust/signers.json`` (bounded).
-
-    Raises:
-        SecurityError: too large or malformed.
-    """
-    if len(data) > MAX_SIGNERS_BYTES:
-        raise SecurityError("trust/signers.json is too large")
-    try:
-        doc = json.loads(data)
-        return [
-            SignerEntry(str(s["keyid"]), str(s["public_key_pem"]), tuple(map(str, s["models"])))
-            for s in doc["signers"][:256]
-        ]
-    except (ValueError, KeyError, TypeError) as e:
-        raise SecurityError(f"trust/signers.json is malformed: {e}") from e
-
-
 def allowed_signers(signers: list[SignerEntry], name: str) -> list[SignerEntry]:
     """Signers whose model globs match ``name`` (the rule devices apply)."""
-    return [s for s in signers if any(fnmatch.fnmatchcase(name, m) for m in s.models)]
+    return [s for s in signers if s.allows(name)]
 
 
 def check_bundle(
