@@ -346,3 +346,49 @@ def test_runtime_bundle_publishes_with_wheel_sbom(tmp_path: Path) -> None:
         sbom = b"".join(_fetch_blob(base, c.sha256) for c in manifest.file("sbom.cdx.json").chunks)
     purls = {c.purl for c in load_sbom(sbom).components}
     assert "pkg:pypi/onnxruntime@1.31.1" in purls
+
+
+def test_ota_serve_answers_range_requests_and_hides_temp_files(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    project = make_project(tmp_path)
+    publish_mlp(project, "m", "1.0.0")
+    blobs = [p for p in (tmp_path / "repo" / "blobs").rglob("*") if p.is_file()]
+    assert blobs
+    path = blobs[0]
+    data = path.read_bytes()
+    rel = path.relative_to(tmp_path / "repo").as_posix()
+    (path.parent / ".hidden.tmp").write_bytes(b"partial")
+    with serve_dir(tmp_path / "repo") as base:
+        req = urllib.request.Request(f"{base}/{rel}", headers={"Range": "bytes=1-4"})
+        with urllib.request.urlopen(req) as r:
+            assert r.status == 206
+            assert r.read() == data[1:5]
+        for bad in (
+            f"{base}/{path.parent.relative_to(tmp_path / 'repo').as_posix()}/.hidden.tmp",
+            f"{base}/ota.toml",
+            f"{base}/metadata/../../proj/ota.toml",
+        ):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(bad)
+            assert e.value.code == 404
+            e.value.close()
+
+
+def test_wrong_key_file_is_a_config_error_and_publishes_nothing(cli_project: Path) -> None:
+    from tests.onnx_models import write_mlp
+
+    d = cli_project
+    model = write_mlp(d / "good.onnx")
+    before = _snapshot_of(d / "repo")
+    # Replace the online bins key with another valid Ed25519 key: the signer must notice that
+    # it does not match the public key the metadata names.
+    from ota.repository._project import generate_ed25519
+
+    generate_ed25519(d / "proj" / "keys" / "online" / "bins.pem")
+    code, out = _cli(
+        ["publish", str(model), "--project", str(d / "proj"), "--name", "m", "--version", "1.0.0"]
+    )
+    assert code == ExitCode.CONFIG, out
+    assert _snapshot_of(d / "repo") == before
