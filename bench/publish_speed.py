@@ -97,12 +97,23 @@ def raw_upload(client: Any, source: Path, bucket: str) -> str:
 
 
 @contextlib.contextmanager
-def s3_endpoint() -> Iterator[str]:
+def s3_endpoint(*, out_of_process: bool = False) -> Iterator[str]:
     """moto's S3 server (``tests.s3server.S3Server``) on 127.0.0.1 with fake credentials in the
-    environment for the duration; yields the endpoint URL."""
+    environment for the duration; yields the endpoint URL. ``out_of_process`` runs the server in
+    its own process, as a real S3 endpoint would be, so it does not share the GIL with us."""
     from tests.s3server import S3Server, s3_env
 
     quiet_http_logs()
+    if out_of_process:
+        with _external_s3() as url:
+            saved = dict(os.environ)
+            os.environ.update(s3_env(url))
+            try:
+                yield url
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+        return
     server = S3Server()
     server.start()
     saved = dict(os.environ)
@@ -115,6 +126,32 @@ def s3_endpoint() -> Iterator[str]:
         os.environ.clear()
         os.environ.update(saved)
         server.stop()
+
+
+@contextlib.contextmanager
+def _external_s3() -> Iterator[str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.s3server"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = ""
+        for line in proc.stdout:
+            if "AWS_ENDPOINT_URL=" in line:
+                url = line.strip().split("=", 1)[1]
+                break
+        if not url:
+            raise RuntimeError("the S3 server did not start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def _empty_bucket(client: Any, bucket: str) -> None:
@@ -133,7 +170,7 @@ def measure_storage(
 
     size = model.stat().st_size
     client: Any = None
-    if kind == "s3":
+    if kind.startswith("s3"):
         import boto3
 
         client = boto3.client("s3", endpoint_url=endpoint)
@@ -223,8 +260,8 @@ def run(size_mb: int, repeat: int, storages: list[str], workdir: Path) -> dict[s
     for kind in storages:
         work = workdir / kind
         work.mkdir(exist_ok=True)
-        if kind == "s3":
-            with s3_endpoint() as url:
+        if kind in ("s3", "s3-proc"):
+            with s3_endpoint(out_of_process=kind == "s3-proc") as url:
                 results.append(measure_storage(kind, model, work, repeat, url))
         else:
             results.append(measure_storage(kind, model, work, repeat, None))
@@ -259,8 +296,17 @@ def render(doc: dict[str, Any]) -> str:
         table(
             f"publish_speed: {mb(doc['model_bytes'])} MiB model, best of {doc['repeat']}"
             f" (goal publish/baseline <= {GOAL})",
-            ["storage", "baseline s", "publish s", "ratio", "goal", "base MB/s", "pub MB/s",
-             "uploaded MiB", "pub RSS MiB"],
+            [
+                "storage",
+                "baseline s",
+                "publish s",
+                "ratio",
+                "goal",
+                "base MB/s",
+                "pub MB/s",
+                "uploaded MiB",
+                "pub RSS MiB",
+            ],
             rows,
         )
     ]
@@ -272,11 +318,18 @@ def render(doc: dict[str, Any]) -> str:
             [f"{r['storage']} /base", *(ratio(r["phases_s"][p], r["baseline_s"]) for p in phases)]
         )
     out.append("")
-    out.append(f"(warm process; a fresh `ota publish` process also pays"
-               f" {doc['cold_import_s']:.2f} s of imports)")
+    out.append(
+        f"(warm process; a fresh `ota publish` process also pays"
+        f" {doc['cold_import_s']:.2f} s of imports)"
+    )
     out.append("")
-    out.append(table("publish phases of the best run (seconds; /base = ratio to baseline)",
-                     ["storage", *phases], prow))
+    out.append(
+        table(
+            "publish phases of the best run (seconds; /base = ratio to baseline)",
+            ["storage", *phases],
+            prow,
+        )
+    )
     return "\n".join(out)
 
 
@@ -314,13 +367,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "publish_speed")
     parser.add_argument("--size-mb", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3, help="rounds; best of each is kept")
-    parser.add_argument("--storage", default="file,s3", help="comma list of file, s3")
-    parser.add_argument("--profile", metavar="OUT", default=None,
-                        help="instead: publish once under cProfile (first storage), dump stats")
+    parser.add_argument(
+        "--storage",
+        default="file,s3,s3-proc",
+        help="comma list of file, s3 (moto in this process), s3-proc (moto in its own process)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="OUT",
+        default=None,
+        help="instead: publish once under cProfile (first storage), dump stats",
+    )
     args = parser.parse_args(argv)
     storages = [s for s in args.storage.split(",") if s]
     for s in storages:
-        if s not in ("file", "s3"):
+        if s not in ("file", "s3", "s3-proc"):
             parser.error(f"unknown storage {s!r}")
     with scratch_dir(args.workdir) as work:
         if args.profile:
