@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import itertools
 import os
 import shutil
 from collections import deque
@@ -182,16 +181,27 @@ class _Assembler:
         window = max(2 * self.cfg.parallel, 2)
         jobs = ((f, i) for f in files for i in range(len(f.chunks)))
         inflight: deque[tuple[FileEntry, int, Future[tuple[bytes | bytearray, bool]]]] = deque()
+        buffered = 0  # bytes of the chunks in flight: bounded so peak memory stays flat
+        pending: tuple[FileEntry, int] | None = None
         writer: _FileWriter | None = None
         with ThreadPoolExecutor(max_workers=max(self.cfg.parallel, 1)) as pool:
             try:
                 while True:
-                    for f, i in itertools.islice(jobs, window - len(inflight)):
+                    while len(inflight) < window:
+                        pending = pending or next(jobs, None)
+                        if pending is None:
+                            break
+                        f, i = pending
                         c = f.chunks[i]
+                        if inflight and buffered + c.size > self.cfg.max_inflight_bytes:
+                            break
                         inflight.append((f, i, pool.submit(self.get, c.sha256, c.size)))
+                        buffered += c.size
+                        pending = None
                     if not inflight:
                         break
                     f, i, fut = inflight.popleft()
+                    buffered -= f.chunks[i].size
                     if writer is None or i == 0:
                         writer = _FileWriter(self.dest, f)
                     self._write(writer, *fut.result())

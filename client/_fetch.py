@@ -51,6 +51,7 @@ class FetchConfig:
     backoff: float = 0.25
     backoff_max: float = 8.0
     parallel: int = 4  # concurrent chunk fetches
+    max_inflight_bytes: int = 8 * 1024 * 1024  # chunk bytes buffered at once (peak memory)
     read_size: int = 256 * 1024
     user_agent: str = "edge-ota-client"
 

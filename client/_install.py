@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,12 +38,18 @@ from ._policy import check_release, rank
 from ._tuf import TufSession
 
 DISK_RESERVE = 16 * 1024 * 1024
+MAX_SIGNATURE_BYTES = 16 * 1024 * 1024  # as ota.signing bounds it
 
 
 class Verifier(Protocol):
-    """Verifies a bundle folder's signature with one public key; raises SecurityError."""
+    """Verifies a staged bundle's signature with one public key; raises SecurityError.
 
-    def __call__(self, bundle_dir: Path, public_key_pem: bytes) -> object: ...
+    ``digests`` are the sha256 of every staged file but the signature, computed from the bytes
+    on disk while they were written (each checked against the TUF-verified manifest)."""
+
+    def __call__(
+        self, bundle_dir: Path, public_key_pem: bytes, digests: Mapping[str, str]
+    ) -> object: ...
 
 
 class SmokeRunner(Protocol):
@@ -52,10 +59,19 @@ class SmokeRunner(Protocol):
                  runtime_path: Path | None = None) -> Any: ...
 
 
-def default_verifier(bundle_dir: Path, public_key_pem: bytes) -> object:
-    from ota.signing import verify_bundle
+def default_verifier(
+    bundle_dir: Path, public_key_pem: bytes, digests: Mapping[str, str]
+) -> object:
+    """The upstream model_signing verifier over the staged digests: no byte is hashed again
+    (the stager hashed each file as it wrote it and refused any mismatch)."""
+    from ota.signing import verify_digests
 
-    return verify_bundle(bundle_dir, public_key_pem)
+    sig = bundle_dir / SIGNATURE_FILE
+    with sig.open("rb") as fh:
+        data = fh.read(MAX_SIGNATURE_BYTES + 1)
+    if len(data) > MAX_SIGNATURE_BYTES:
+        raise SecurityError(f"{SIGNATURE_FILE} is larger than {MAX_SIGNATURE_BYTES} bytes")
+    return verify_digests(data, public_key_pem, digests, signature_name=SIGNATURE_FILE)
 
 
 def default_smoke(model_path: Path, bundle_dir: Path, spec: SmokeSpec, *, tier: str,
@@ -147,7 +163,7 @@ def check_disk(mdir: Path, manifest: Manifest, index: ChunkIndex) -> None:
 
 
 def verify_signature(dev: Device, session: TufSession, name: str, bundle: Path,
-                     verifier: Verifier) -> str:
+                     manifest: Manifest, verifier: Verifier) -> str:
     """Accept the bundle iff a signer allowed for ``name`` signed it. Returns the key id.
 
     Raises:
@@ -156,10 +172,11 @@ def verify_signature(dev: Device, session: TufSession, name: str, bundle: Path,
     signers = session.signers(name)
     if not signers:
         raise SecurityError(f"no trusted model-signing key for {name} in trust/signers.json")
+    digests = {f.path: f.sha256 for f in manifest.files if f.path != SIGNATURE_FILE}
     last: Exception | None = None
     for s in signers:
         try:
-            verifier(bundle, s.public_key_pem.encode())
+            verifier(bundle, s.public_key_pem.encode(), digests)
             return s.keyid
         except OtaError as e:
             last = e
@@ -205,7 +222,7 @@ def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
                           seconds=round(time.monotonic() - t0, 3))
         if (staging / RELEASE_FILE).read_bytes() != rel.to_bytes():
             raise SecurityError("release.json in the bundle differs from the signed facts")
-        keyid = verify_signature(dev, session, name, staging, verifier)
+        keyid = verify_signature(dev, session, name, staging, manifest, verifier)
         dev.journal.advance(Phase.STAGED)
         _slots.install_staged(mdir, slot, manifest, _evidence(choice, session))
         _slots.remove_tree(old_stage)
