@@ -8,6 +8,7 @@ slot manifest), and an event records it.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -361,3 +362,22 @@ def _served_manifest(w: World, version: str) -> Manifest:
     files = list((w.repo / "targets" / "releases" / "det").glob(f"*.{version}.json"))
     assert len(files) == 1
     return Manifest.from_bytes(files[0].read_bytes())
+
+
+def test_model_exhausting_its_memory_limit_is_reverted(world: World) -> None:
+    """A bundle that verifies but needs 1 GiB at inference: the sandboxed smoke child hits its
+    RLIMIT_AS (default limits), the updater survives, reverts, and keeps serving 1.0.0."""
+    from ota.repository import PublishRequest, publish
+    from tests.bad_models import huge_alloc
+    from tests.onnx_models import save
+
+    world.committed_at("v1")
+    model = save(huge_alloc(elements=256 * 1024**2), world.tmp / "hog.onnx")
+    publish(world.project(), PublishRequest(source=model, name="det", version="1.2.0"))
+    res = world.update()
+    assert res.status == "smoke_failed", res.to_dict()
+    assert res.exit_code == ExitCode.SMOKE_FAILED
+    assert current_version(world.device) == "1.0.0"
+    [event] = world.events("smoke_failed")
+    assert "memory" in json.dumps(event)
+    assert world.update().status == "up_to_date"  # never retried
