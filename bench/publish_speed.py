@@ -152,6 +152,8 @@ def _external_s3() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _empty_bucket(client: Any, bucket: str) -> None:

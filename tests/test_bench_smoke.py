@@ -22,7 +22,7 @@ def _run(capsys: pytest.CaptureFixture[str], main: object, argv: list[str]) -> d
     return doc
 
 
-def test_publish_speed_reports_ratios_on_both_storages(
+def test_publish_speed_reports_ratios_on_every_storage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     doc = _run(capsys, publish_speed.main,
@@ -30,7 +30,7 @@ def test_publish_speed_reports_ratios_on_both_storages(
     assert doc["benchmark"] == "publish_speed"
     results = doc["results"]
     assert isinstance(results, list)
-    assert [r["storage"] for r in results] == ["file", "s3"]
+    assert [r["storage"] for r in results] == ["file", "s3", "s3-proc"]
     for r in results:
         assert {"baseline_s", "publish_s", "ratio", "goal_met", "phases_s", "upload"} <= set(r)
         assert set(r["phases_s"]) == {*PUBLISH_PHASES, "other"}
