@@ -5,32 +5,36 @@ Never a timed assertion: only the shape of each benchmark's JSON document is che
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from bench import device_delta, device_poll, device_rss, device_update
 from bench.device_update import UPDATE_PHASES
-
-
-def _run(capsys: pytest.CaptureFixture[str], main: object, argv: list[str]) -> dict[str, object]:
-    assert callable(main)
-    main(argv)
-    doc = json.loads(capsys.readouterr().out)
-    assert isinstance(doc, dict)
-    return doc
+from tests.bench_run import run_json
 
 
 def test_device_update_reports_both_ratios(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    doc = _run(capsys, device_update.main,
-               ["--json", "--size-mb", "2", "--repeat", "1", "--no-smoke",
-                "--workdir", str(tmp_path)])
+    doc = run_json(
+        capsys,
+        device_update.main,
+        ["--json", "--size-mb", "2", "--repeat", "1", "--no-smoke", "--workdir", str(tmp_path)],
+    )
     assert doc["benchmark"] == "device_update"
-    assert {"raw_s", "ours_s", "stock_s", "ratio_raw", "ratio_stock", "goal_raw_met",
-            "goal_stock_met", "ours_phases_s", "ours_served", "stock_steps_s"} <= set(doc)
+    assert {
+        "raw_s",
+        "ours_s",
+        "stock_s",
+        "ratio_raw",
+        "ratio_stock",
+        "goal_raw_met",
+        "goal_stock_met",
+        "ours_phases_s",
+        "ours_served",
+        "stock_steps_s",
+    } <= set(doc)
     phases = doc["ours_phases_s"]
     assert isinstance(phases, dict)
     assert set(phases) == {*UPDATE_PHASES, "other"}
@@ -42,24 +46,31 @@ def test_device_update_reports_both_ratios(
 def test_device_delta_reports_downloaded_fraction(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    doc = _run(capsys, device_delta.main,
-               ["--json", "--size-mb", "4", "--fractions", "0.1", "--workdir", str(tmp_path)])
+    doc = run_json(
+        capsys,
+        device_delta.main,
+        ["--json", "--size-mb", "4", "--fractions", "0.1", "--workdir", str(tmp_path)],
+    )
     assert doc["benchmark"] == "device_delta"
     deltas = doc["deltas"]
     assert isinstance(deltas, list)
     assert [d["fraction"] for d in deltas] == [0.1]
     for d in deltas:
-        assert {"requests", "bytes_downloaded", "downloaded_over_full", "stage",
-                "time_over_full_install"} <= set(d)
+        assert {
+            "requests",
+            "bytes_downloaded",
+            "downloaded_over_full",
+            "stage",
+            "time_over_full_install",
+        } <= set(d)
         assert 0 < d["downloaded_over_full"] < 1  # a fine-tune never refetches everything
     assert isinstance(doc["goal_met"], bool)
 
 
-def test_device_rss_reports_child_peaks(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    doc = _run(capsys, device_rss.main,
-               ["--json", "--sizes-mb", "2", "--workdir", str(tmp_path)])
+def test_device_rss_reports_child_peaks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = run_json(
+        capsys, device_rss.main, ["--json", "--sizes-mb", "2", "--workdir", str(tmp_path)]
+    )
     assert doc["benchmark"] == "device_rss"
     base = doc["imports_only"]
     assert isinstance(base, dict)
@@ -75,10 +86,16 @@ def test_device_rss_reports_child_peaks(
 def test_device_poll_counts_at_the_server(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    doc = _run(capsys, device_poll.main, ["--json", "--polls", "1", "--workdir", str(tmp_path)])
+    doc = run_json(capsys, device_poll.main, ["--json", "--polls", "1", "--workdir", str(tmp_path)])
     assert doc["benchmark"] == "device_poll"
-    assert {"requests", "body_bytes", "header_bytes", "polls", "goal_met",
-            "stock_refresh_up_to_date"} <= set(doc)
+    assert {
+        "requests",
+        "body_bytes",
+        "header_bytes",
+        "polls",
+        "goal_met",
+        "stock_refresh_up_to_date",
+    } <= set(doc)
     polls = doc["polls"]
     assert isinstance(polls, list)
     assert len(polls) == 1

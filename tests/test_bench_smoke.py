@@ -5,28 +5,23 @@ Never a timed assertion: only the shape of each benchmark's JSON document is che
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from bench import delta_publish, publish_speed, repo_growth
 from bench._common import PUBLISH_PHASES
-
-
-def _run(capsys: pytest.CaptureFixture[str], main: object, argv: list[str]) -> dict[str, object]:
-    assert callable(main)
-    main(argv)
-    doc = json.loads(capsys.readouterr().out)
-    assert isinstance(doc, dict)
-    return doc
+from tests.bench_run import run_json
 
 
 def test_publish_speed_reports_ratios_on_every_storage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    doc = _run(capsys, publish_speed.main,
-               ["--json", "--size-mb", "2", "--repeat", "1", "--workdir", str(tmp_path)])
+    doc = run_json(
+        capsys,
+        publish_speed.main,
+        ["--json", "--size-mb", "2", "--repeat", "1", "--workdir", str(tmp_path)],
+    )
     assert doc["benchmark"] == "publish_speed"
     results = doc["results"]
     assert isinstance(results, list)
@@ -41,8 +36,11 @@ def test_publish_speed_reports_ratios_on_every_storage(
 def test_delta_publish_reports_uploaded_fraction(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    doc = _run(capsys, delta_publish.main,
-               ["--json", "--size-mb", "2", "--fractions", "0.1,0.3", "--workdir", str(tmp_path)])
+    doc = run_json(
+        capsys,
+        delta_publish.main,
+        ["--json", "--size-mb", "2", "--fractions", "0.1,0.3", "--workdir", str(tmp_path)],
+    )
     assert doc["benchmark"] == "delta_publish"
     deltas = doc["deltas"]
     assert isinstance(deltas, list)
@@ -55,12 +53,26 @@ def test_delta_publish_reports_uploaded_fraction(
     assert isinstance(doc["goal_met"], bool)
 
 
-def test_repo_growth_reports_each_size(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    doc = _run(capsys, repo_growth.main,
-               ["--json", "--releases", "10,20", "--bins", "16", "--default-bins-releases", "",
-                "--repeat", "1", "--batch", "4", "--workdir", str(tmp_path)])
+def test_repo_growth_reports_each_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = run_json(
+        capsys,
+        repo_growth.main,
+        [
+            "--json",
+            "--releases",
+            "10,20",
+            "--bins",
+            "16",
+            "--default-bins-releases",
+            "",
+            "--repeat",
+            "1",
+            "--batch",
+            "4",
+            "--workdir",
+            str(tmp_path),
+        ],
+    )
     assert doc["benchmark"] == "repo_growth"
     series = doc["series"]
     assert isinstance(series, list)
@@ -68,6 +80,13 @@ def test_repo_growth_reports_each_size(
     points = series[0]["points"]
     assert [p["releases"] for p in points] == [10, 20]
     for p in points:
-        assert {"publish_s", "publish_ratio", "refresh_s", "refresh_bytes", "refresh_requests",
-                "refresh_bytes_ratio", "refresh_s_ratio"} <= set(p)
+        assert {
+            "publish_s",
+            "publish_ratio",
+            "refresh_s",
+            "refresh_bytes",
+            "refresh_requests",
+            "refresh_bytes_ratio",
+            "refresh_s_ratio",
+        } <= set(p)
         assert p["refresh_bytes"] > 0
