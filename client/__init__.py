@@ -10,8 +10,9 @@ Public API (everything else is private):
 * configuration: :class:`DeviceConfig`, :class:`FetchConfig`, :class:`DaemonConfig`;
 * seams for tests and integrators: :class:`Verifier`, :class:`SmokeRunner`.
 
-Importing this package imports no server, publisher or ML dependency (flask, boto3,
-cyclonedx, onnx, onnxruntime are never imported here).
+Importing this package imports no server, publisher or ML dependency (flask, cyclonedx, onnx,
+onnxruntime are never imported here; boto3 only if installed, by securesystemslib, which the
+``ota device`` commands prevent: :mod:`ota._lean`).
 """
 
 from ota.client._daemon import DaemonConfig, run_daemon

@@ -7,7 +7,8 @@ The package is split by component (see ``docs/architecture.md``):
 * :mod:`ota.signing` - keys by URI, OpenSSF model signing, provenance.
 * :mod:`ota.sbom` - CycloneDX ML-BOM, vulnerability matching.
 
-Importing :mod:`ota` or :mod:`ota.client` never imports flask, boto3 or cyclonedx.
+Importing :mod:`ota` or :mod:`ota.client` never imports flask or cyclonedx; boto3 only through
+securesystemslib when it is installed, and ``ota device`` keeps even that out (:mod:`ota._lean`).
 """
 
 from ota.errors import (

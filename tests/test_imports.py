@@ -44,3 +44,28 @@ def test_cli_help_is_cheap_and_lists_commands() -> None:
     assert out.returncode == 0, out.stderr
     for cmd in ("init", "publish", "promote", "rollback", "yank", "releases", "gc", "serve"):
         assert cmd in out.stdout
+
+
+_DEVICE_CLI_PROBE = """
+import atexit, sys
+def report():
+    sdk = sorted(m for m in ("boto3", "botocore") if sys.modules.get(m) is not None)
+    print("SDK", sdk, "TUF", "tuf.ngclient" in sys.modules, file=sys.stderr)
+atexit.register(report)
+from ota.cli import main
+sys.argv = ["ota", "device", "status", "--state-dir", sys.argv[1]]
+main()
+"""
+
+
+def test_device_commands_keep_cloud_sdks_out_even_when_installed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """boto3 is installed here (the publisher needs it); the device process must still not
+    load it through securesystemslib's optional KMS signers (memory, attack surface)."""
+    import importlib.util
+
+    assert importlib.util.find_spec("boto3") is not None  # the probe means something
+    out = subprocess.run(
+        [sys.executable, "-c", _DEVICE_CLI_PROBE, str(tmp_path / "no-device")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert "SDK [] TUF True" in out.stderr, out.stderr[-3000:]

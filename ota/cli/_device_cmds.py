@@ -29,6 +29,9 @@ state_option = click.option(
 @click.group("device")
 def device() -> None:
     """Run the updater on a device."""
+    from ota._lean import lean_device_process
+
+    lean_device_process()
 
 
 @device.command("init")
