@@ -164,8 +164,11 @@ def serve_counting(root: Path) -> Iterator[tuple[str, HitLog]]:
 
     quiet_http_logs()
     hits = HitLog()
-    if os.environ.get("OTA_BENCH_SERVER") == "process":
-        with _serve_process(root) as url:
+    mode = os.environ.get("OTA_BENCH_SERVER", "thread")
+    if mode in ("process", "nginx"):
+        from tests.nginx import serve_static
+
+        with _serve_process(root) if mode == "process" else serve_static(root) as url:
             yield url, hits  # a separate process: its requests are not counted here
         return
     server = make_server("127.0.0.1", 0, CountingApp(create_app(root), hits), threaded=True)
@@ -637,17 +640,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size-mb", type=int, default=256)
     parser.add_argument(
         "--server",
-        choices=("thread", "process"),
+        choices=("thread", "process", "nginx"),
         default="thread",
-        help="ota serve in this process (counts requests) or in its own process (realistic)",
+        help="ota serve in this process (counts requests), ota serve in its own process, or"
+        " nginx serving the folder (tests.nginx: a real static server, as in production)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="rounds; best of each is kept")
     parser.add_argument(
         "--no-smoke", action="store_true", help="skip the real smoke run measured apart"
     )
     args = parser.parse_args(argv)
-    if args.server == "process":
-        os.environ["OTA_BENCH_SERVER"] = "process"
+    if args.server != "thread":
+        os.environ["OTA_BENCH_SERVER"] = args.server
     with scratch_dir(args.workdir) as work:
         doc = run(args.size_mb, args.repeat, work, with_smoke=not args.no_smoke)
     doc["server"] = args.server

@@ -1,0 +1,107 @@
+"""A repository served by a plain static web server (nginx, with the documented server block
+``docs/serving/nginx-site.conf``) is all a device needs: the repository layout has no server
+logic, so S3, a CDN or nginx serve it as well as ``ota serve``.
+
+nginx runs in its own process (``tests.nginx``); CI installs Debian's ``nginx-light``.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ota.client import init_device, update_once
+from tests import nginx
+from ota.repository import PublishRequest, publish
+from tests.onnx_models import big_mlp, fine_tune, save
+from tests.repo_helpers import make_project, serve_dir, stock_updater
+from tests.updater_world import FAST, current_version
+
+pytestmark = pytest.mark.skipif(not nginx.available(), reason="nginx is not installed")
+
+
+def _head(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+    req = urllib.request.Request(url, headers=headers or {}, method="GET")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path, str]]:
+    root = tmp_path_factory.mktemp("mirror")
+    proj = make_project(root)
+    save(big_mlp(4), root / "m1" / "model.onnx")
+    publish(proj, PublishRequest(source=root / "m1" / "model.onnx", name="det", version="1.0.0"))
+    with nginx.serve_static(root / "repo") as url:
+        yield proj, root, url
+
+
+def test_device_installs_then_updates_by_delta_from_nginx(mirror: tuple[Any, Path, str],
+                                                          tmp_path: Path) -> None:
+    proj, root, url = mirror
+    trusted = (root / "repo" / "metadata" / "1.root.json").read_bytes()
+    dev = tmp_path / "dev"
+    init_device(dev, url, trusted, "dev-1", ["det"], ring="canary", health_timeout_s=0)
+    first = update_once(dev, fetch_config=FAST)
+    assert first.status == "updated", first.to_dict()
+    assert current_version(dev) == "1.0.0"
+    full = first.outcomes[0].figures["stage"]
+    assert full["bytes_downloaded"] == full["bytes_total"]
+
+    # a fine-tune of the same architecture: only the changed chunks cross the network
+    save(fine_tune(big_mlp(4), 0.1), root / "m2" / "model.onnx")
+    publish(proj, PublishRequest(source=root / "m2" / "model.onnx", name="det", version="1.1.0"))
+    second = update_once(dev, fetch_config=FAST)
+    assert second.status == "updated", second.to_dict()
+    assert current_version(dev) == "1.1.0"
+    stage = second.outcomes[0].figures["stage"]
+    assert 0 < stage["bytes_downloaded"] < stage["bytes_total"] * 0.5, stage
+    assert update_once(dev, fetch_config=FAST).status == "up_to_date"
+
+    # python-tuf's own client verifies the same mirror
+    up = stock_updater(url, trusted, tmp_path / "stock")
+    up.refresh()
+    assert up.get_targetinfo("index/det.json") is not None
+
+
+def test_nginx_serves_like_ota_serve(mirror: tuple[Any, Path, str]) -> None:
+    """Same statuses and the same caching class as ``ota serve`` for every kind of path,
+    dotfiles and unserved folders hidden, and byte ranges for resumed blobs."""
+    _, root, url = mirror
+    repo = root / "repo"
+    blob = next(p for p in sorted((repo / "blobs").rglob("*")) if p.is_file())
+    target = next(p for p in sorted((repo / "targets").rglob("*")) if p.is_file())
+    versioned = next(p for p in sorted((repo / "metadata").glob("[0-9]*.json")))
+    (repo / "metadata" / ".lock").write_text("")
+    (repo / "trust").mkdir(exist_ok=True)
+    (repo / "trust" / "secret.json").write_text("{}")
+    paths = {
+        "/metadata/timestamp.json": (200, False),
+        f"/metadata/{versioned.name}": (200, True),
+        f"/{blob.relative_to(repo).as_posix()}": (200, True),
+        f"/{target.relative_to(repo).as_posix()}": (200, True),
+        "/metadata/.lock": (404, None),
+        "/trust/secret.json": (404, None),
+        "/metadata/../trust/secret.json": (404, None),
+    }
+    with serve_dir(repo) as ota_url:
+        for path, (status, immutable) in paths.items():
+            for base in (url, ota_url):
+                code, headers = _head(base + path)
+                assert code == status, (base, path, code)
+                if immutable is not None:
+                    assert ("immutable" in headers.get("cache-control", "")) is immutable, (
+                        base, path, headers)
+    code, headers = _head(url + f"/{blob.relative_to(repo).as_posix()}", {"Range": "bytes=3-"})
+    assert code == 206
+    assert headers["content-range"].startswith("bytes 3-")
+    assert int(headers["content-length"]) == blob.stat().st_size - 3
