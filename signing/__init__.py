@@ -25,6 +25,7 @@ from ota.signing._keys import (
     load_signer,
     public_key_pem,
 )
+from ota.signing._light_verify import verify_digests_light
 from ota.signing._model_sig import (
     SignerInfo,
     sign_bundle,
@@ -63,5 +64,6 @@ __all__ = [
     "sign_provenance",
     "verify_bundle",
     "verify_digests",
+    "verify_digests_light",
     "verify_provenance",
 ]
