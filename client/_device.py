@@ -69,7 +69,8 @@ class Device:
         a release that needed more than ``max_attempts`` recoveries is marked failed.
         switching: the slot was verified and smoke-tested, so the switch is completed and
         the health window starts again. reverting: the revert is completed. trial: if the
-        confirmation was already persisted, the journal is closed.
+        confirmation was already persisted, the journal is closed. Every recovery of an
+        interrupted transaction is recorded as a ``resumed`` event naming the phase.
         """
         st = self.journal.load()
         txn = st.txn
@@ -80,14 +81,19 @@ class Device:
             self.events.append("resumed", txn.name, txn.version, phase=st.phase.value)
             st = self.journal.advance(Phase.IDLE)
         elif st.phase is Phase.SWITCHING:
+            self.events.append("resumed", txn.name, txn.version, phase=st.phase.value)
             if _slots.read_manifest(self.mdir(txn.name), txn.slot) is None:
                 st = self.revert_txn(txn, "slot not good at switch")
             else:
                 st = self.finish_switch(txn)
         elif st.phase is Phase.REVERTING:
+            self.events.append("resumed", txn.name, txn.version, phase=st.phase.value)
             st = self.revert_txn(txn, txn.reason or "interrupted revert")
         elif self._already_confirmed(txn):
-            st = self.journal.advance(Phase.IDLE)  # confirmed, journal not yet closed
+            # confirmed, journal not yet closed: the kill may have lost the event
+            self.events.append("resumed", txn.name, txn.version, phase=st.phase.value)
+            self.events.append("confirmed", txn.name, txn.version, by="recovery")
+            st = self.journal.advance(Phase.IDLE)
         return st
 
     def _already_confirmed(self, txn: Txn) -> bool:
@@ -116,11 +122,12 @@ class Device:
         if _slots.current_slot(mdir) != txn.slot:
             _slots.switch(mdir, txn.slot)
         deadline = self.clock() + self.cfg.health_timeout_s
-        st = self.journal.advance(Phase.TRIAL, replace(txn, deadline=deadline))
+        # Event and app hook before the journal leaves ``switching``: a kill in between makes
+        # recovery repeat them (at least once) instead of losing them (the app not reloaded).
         self.events.append("committed", txn.name, txn.version, slot=txn.slot,
                            previous_slot=txn.previous, health_deadline=deadline)
         self.run_hook("committed", txn.name)
-        return st
+        return self.journal.advance(Phase.TRIAL, replace(txn, deadline=deadline))
 
     def confirm_txn(self, txn: Txn, how: str) -> JournalState:
         """Persist the release as committed (counter, floor), then close the journal."""
@@ -128,9 +135,8 @@ class Device:
         floor = release.security_floor if release else 0
         state = self.sd.load_state()
         self.sd.save_state(state.with_confirmed(txn.name, txn.version, txn.counter, floor))
-        st = self.journal.advance(Phase.IDLE)
-        self.events.append("confirmed", txn.name, txn.version, by=how)
-        return st
+        self.events.append("confirmed", txn.name, txn.version, by=how)  # before the journal
+        return self.journal.advance(Phase.IDLE)  # closes: a kill before it is recovered
 
     def revert_txn(self, txn: Txn, reason: str) -> JournalState:
         """Go back to ``txn.previous`` (or to nothing on a first install) and remember
@@ -146,10 +152,11 @@ class Device:
                 _slots.switch(mdir, prev)
         elif _slots.current_slot(mdir) == txn.slot:
             _slots.clear_current(mdir)
-        st = self.journal.advance(Phase.IDLE)
+        # Event and app hook while the journal still says ``reverting``: a kill before the
+        # journal is closed repeats them on recovery rather than losing them.
         self.events.append("reverted", txn.name, txn.version, reason=reason, to_slot=prev)
         self.run_hook("reverted", txn.name)
-        return st
+        return self.journal.advance(Phase.IDLE)
 
     def check_trial(self) -> tuple[str, Txn] | None:
         """Decide an open health window: run the health command, or revert on timeout.
