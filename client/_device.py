@@ -21,6 +21,7 @@ from pathlib import Path
 
 import filelock
 
+from ota.bundle import Release
 from ota.errors import ConflictError, LocalError
 
 from . import _slots
@@ -157,6 +158,25 @@ class Device:
         self.events.append("reverted", txn.name, txn.version, reason=reason, to_slot=prev)
         self.run_hook("reverted", txn.name)
         return self.journal.advance(Phase.IDLE)
+
+    def revert_target(self, name: str) -> tuple[str, Release, str] | None:
+        """``(current slot, its release, inactive slot)`` when the inactive slot holds the
+        release committed before the current one, i.e. going there is a revert. None when
+        nothing is current, or the inactive slot holds no release, one that failed here
+        (reverted, smoke failed) or one newer than the current release (staged after it and
+        abandoned, so never committed): switching to such a slot would install it untested."""
+        mdir = self.mdir(name)
+        cur = _slots.current_slot(mdir)
+        cur_rel = _slots.read_release(mdir, cur) if cur else None
+        prev = _slots.other(cur)
+        prev_rel = _slots.read_release(mdir, prev)
+        if cur is None or cur_rel is None or prev_rel is None:
+            return None
+        if prev_rel.counter >= cur_rel.counter:
+            return None
+        if (name, prev_rel.version) in self.sd.load_state().failed:
+            return None
+        return cur, cur_rel, prev
 
     def check_trial(self) -> tuple[str, Txn] | None:
         """Decide an open health window: run the health command, or revert on timeout.

@@ -38,7 +38,7 @@ from ._policy import check_release, rank
 from ._tuf import TufSession
 
 DISK_RESERVE = 16 * 1024 * 1024
-MAX_SIGNATURE_BYTES = 16 * 1024 * 1024  # as ota.signing bounds it
+MAX_SIGNATURE_BYTES = 4 * 1024 * 1024  # as ota.signing bounds it
 
 
 class Verifier(Protocol):
@@ -62,16 +62,22 @@ class SmokeRunner(Protocol):
 def default_verifier(
     bundle_dir: Path, public_key_pem: bytes, digests: Mapping[str, str]
 ) -> object:
-    """The upstream model_signing verifier over the staged digests: no byte is hashed again
-    (the stager hashed each file as it wrote it and refused any mismatch)."""
-    from ota.signing import verify_digests
+    """The device's model-signature check over the staged digests: no byte is hashed again
+    (the stager hashed each file as it wrote it and refused any mismatch).
+
+    It is :func:`ota.signing.verify_digests_light`: it accepts only the keyed format our
+    publisher writes, with every check of the upstream verifier (differential tests in
+    ``tests/test_light_verify.py``), without importing model_signing's Sigstore stack (26 MiB
+    of the updater's memory; ADR 0006). ``ota verify`` and ``ota audit`` use the upstream
+    verifier."""
+    from ota.signing import verify_digests_light
 
     sig = bundle_dir / SIGNATURE_FILE
     with sig.open("rb") as fh:
         data = fh.read(MAX_SIGNATURE_BYTES + 1)
     if len(data) > MAX_SIGNATURE_BYTES:
         raise SecurityError(f"{SIGNATURE_FILE} is larger than {MAX_SIGNATURE_BYTES} bytes")
-    return verify_digests(data, public_key_pem, digests, signature_name=SIGNATURE_FILE)
+    return verify_digests_light(data, public_key_pem, digests, signature_name=SIGNATURE_FILE)
 
 
 def default_smoke(model_path: Path, bundle_dir: Path, spec: SmokeSpec, *, tier: str,
@@ -105,7 +111,7 @@ def choose(dev: Device, session: TufSession, name: str) -> Choice | tuple[dict[s
     cur_rel = _slots.read_release(mdir, cur) if cur else None
     entry = index.get(cur_rel.version) if cur_rel else None
     prev = _slots.other(cur)
-    if cur and cur_rel and entry and entry.yanked and _slots.read_release(mdir, prev):
+    if cur and cur_rel and entry and entry.yanked and dev.revert_target(name):
         dev.revert_txn(Txn(name, cur_rel.version, cur_rel.counter, cur, prev), "release yanked")
         return ({"version": cur_rel.version, "reason": "yanked: reverted to the previous slot",
                  "yank_reverted": True},)

@@ -334,12 +334,10 @@ def revert(state_dir: Path | str, *, model: str | None = None,
         name = model or (dev.cfg.models[0] if len(dev.cfg.models) == 1 else None)
         if name is None:
             raise InputError("name the model to revert")
-        mdir = dev.mdir(name)
-        cur = _slots.current_slot(mdir)
-        prev = _slots.other(cur)
-        rel = _slots.read_release(mdir, cur) if cur else None
-        if cur is None or rel is None or _slots.read_release(mdir, prev) is None:
+        target = dev.revert_target(name)
+        if target is None:
             raise InputError(f"{name} has no previous release to revert to")
+        cur, rel, prev = target
         txn = Txn(name, rel.version, rel.counter, cur, prev, started=dev.clock())
         dev.revert_txn(txn, "operator revert")
         return ModelOutcome(name, "reverted", rel.version)
