@@ -51,15 +51,15 @@ MAX_SIGNERS = 256
 RINGS = ("canary", "pilot", "ga")
 Kind = Literal["model", "runtime"]
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 # SemVer 2.0.0 (https://semver.org), with an upper bound on length.
 _VERSION_RE = re.compile(
     r"^(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})"
-    r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
+    r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?\Z"
 )
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
-_PATH_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_PATH_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}\Z")
 
 
 class FormatError(SecurityError):

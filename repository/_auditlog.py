@@ -50,8 +50,8 @@ EVENTS = frozenset(
         "refresh",
     }
 )  # fmt: skip
-_NAME_RE = re.compile(r"^(\d{12})\.json$")
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"^(\d{12})\.json\Z")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _MAX_APPEND_ATTEMPTS = 64
 T = TypeVar("T")
 

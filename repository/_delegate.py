@@ -30,8 +30,8 @@ from ota.repository._txn import BINS_PREFIX, RELEASES_ROLE, Transaction, run
 if TYPE_CHECKING:
     from ota.repository._project import Project
 
-_TEAM_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-_GLOB_RE = re.compile(r"^[a-z0-9._*?\[\]!-]{1,64}$")
+_TEAM_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}\Z")
+_GLOB_RE = re.compile(r"^[a-z0-9._*?\[\]!-]{1,64}\Z")
 _RESERVED = {RELEASES_ROLE, Root.type, Targets.type, Snapshot.type, Timestamp.type, "index"}
 
 

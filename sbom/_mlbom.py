@@ -46,7 +46,7 @@ from ota.sbom._schema import flatten_components, strict_validate
 MODEL_REF = "model"
 MODEL_CARD_REF = "model-card"
 RUNTIME_REF = "runtime"
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 _SERIAL_NS = uuid.UUID("5b0f3c1e-8a57-4c55-9a43-6f1d0f2b7e10")  # edge-ota SBOM serials
 
 

@@ -20,7 +20,7 @@ from ota.sbom._mlbom import validate_sbom
 
 _WHEEL_RE = re.compile(
     r"^(?P<dist>[A-Za-z0-9](?:[A-Za-z0-9._]*[A-Za-z0-9])?)-(?P<version>[0-9][A-Za-z0-9.+!_]*)"
-    r"(?:-[0-9][A-Za-z0-9_]*)?-[A-Za-z0-9_.]+-[A-Za-z0-9_.]+-[A-Za-z0-9_.]+\.whl$"
+    r"(?:-[0-9][A-Za-z0-9_]*)?-[A-Za-z0-9_.]+-[A-Za-z0-9_.]+-[A-Za-z0-9_.]+\.whl\Z"
 )
 _NS = uuid.UUID("8d7f0e0a-5f1c-4f3e-9f0b-2a9c6c1d4e77")
 

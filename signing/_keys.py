@@ -39,8 +39,8 @@ KeyKind = Literal["ed25519", "ecdsa-p256"]
 KEY_KINDS: tuple[KeyKind, ...] = ("ed25519", "ecdsa-p256")
 
 ENVVAR_SCHEME = "envvar"
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
 # AWS KMS errors that retrying cannot fix: the key or the permissions are wrong.
 _KMS_CONFIG_CODES = frozenset(
     {

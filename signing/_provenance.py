@@ -32,8 +32,8 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 MAX_ENVELOPE_BYTES = 1024 * 1024
 ROLE_ANNOTATION = "edge-ota.role"
 
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
-_DIGEST_SUFFIX_RE = re.compile(r"^(?P<uri>.+)@sha256:(?P<hex>[0-9a-f]{64})$")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_DIGEST_SUFFIX_RE = re.compile(r"^(?P<uri>.+)@sha256:(?P<hex>[0-9a-f]{64})\Z")
 
 
 def make_provenance(
