@@ -5,6 +5,8 @@
 * Model signatures (decision 9): :func:`sign_bundle`, :func:`sign_digests`,
   :func:`verify_bundle`, :func:`verify_digests` (keyed, ECDSA P-256) and :func:`sign_keyless`
   (Sigstore, under a hard deadline). The signature is the upstream ``model_signing`` format.
+  :func:`verify_digests_light` is the device's check of the same keyed format without importing
+  model_signing's Sigstore stack (ADR 0006).
 * Provenance: :func:`make_provenance`, :func:`sign_provenance`, :func:`verify_provenance`.
 
 Verification raises (:class:`SignatureError`, :class:`ProvenanceError`, both

@@ -38,15 +38,18 @@ from ota.errors import ConfigError, InputError
 from ota.signing._errors import SignatureError
 from ota.signing._keys import key_fingerprint
 
-MAX_SIGNATURE_BYTES = 16 * 1024 * 1024
+# A bundle has at most 4096 files (ota.bundle.Limits); their signature is about 2.5 MiB. The
+# bound keeps a hostile signature's parse within a device's memory budget.
+MAX_SIGNATURE_BYTES = 4 * 1024 * 1024
 _IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _CHANGED_RE = re.compile(r"Hash mismatch for \\?'([^'\\]+)\\?'")
 _SETDIFF_RE = re.compile(r"(Extra|Missing) files (?:found )?in model '[^']*': ([^\"\]]+)")
 _SUPPORTED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 # model_signing failures: ValueError for the documented ones; the others escape from its parsing
 # (KeyError, TypeError, a protobuf/JSON error) or from a second signature check (InvalidSignature).
-_UPSTREAM_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, InvalidSignature)
+_UPSTREAM_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError,
+                    InvalidSignature)
 
 
 @dataclass(frozen=True)

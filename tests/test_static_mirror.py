@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from ota.client import init_device, update_once
-from tests import nginx
 from ota.repository import PublishRequest, publish
+from tests import nginx
 from tests.onnx_models import big_mlp, fine_tune, save
 from tests.repo_helpers import make_project, serve_dir, stock_updater
 from tests.updater_world import FAST, current_version
