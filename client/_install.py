@@ -256,12 +256,13 @@ def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
 def run_smoke(dev: Device, name: str, rel: Release, *, slot: str,
               smoke: SmokeRunner) -> dict[str, Any] | None:
     """Model bundles: run the new model. Runtime bundles: run every other committed model
-    with the new runtime. None when the release has no smoke spec (or nothing to run)."""
+    with the new runtime (their own smoke specs: a runtime bundle has none). None when a model
+    has no smoke spec or no committed model can run the runtime."""
     bundle = _slots.slot_path(dev.mdir(name), slot)
     tier = dev.cfg.tier
-    if rel.smoke is None:
-        return None
     if rel.kind == "model":
+        if rel.smoke is None:
+            return None
         return _as_dict(smoke(bundle / rel.model_path, bundle, rel.smoke, tier=tier))
     reports: dict[str, Any] = {}
     for other in dev.cfg.models:

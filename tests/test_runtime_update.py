@@ -1,0 +1,238 @@
+"""Runtime bundles through the device updater: smoke-tested with the committed model, then
+committed or refused.
+
+A real repository (served over HTTP) holds ``det`` (an ONNX MLP) and a runtime ``ort-cpu``: the
+onnxruntime package of this venv, published as a runtime bundle (``ota publish --kind
+runtime``). A device follows both. Before a runtime release is committed the updater runs the
+committed ``det`` in the sandboxed smoke child with the *new* runtime first on its path; the
+child reports which onnxruntime it loaded, so the tests can tell the new runtime really ran.
+
+The failing runtime is the classic edge mistake: a build for another CPU architecture (aarch64)
+shipped to an x86-64 device under a label that lets it through. Its native libraries carry
+``e_machine = EM_AARCH64`` in their ELF headers, the field the dynamic loader checks first, so
+importing it fails on this device exactly as a real aarch64 build would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ota.client import current_model, init_device, status, update_once
+from ota.client._journal import Journal, Phase
+from ota.errors import ExitCode
+from ota.repository import PublishRequest, publish
+from tests.repo_helpers import make_project, publish_mlp, serve_dir
+from tests.updater_world import FAST
+
+RUNTIME = "ort-cpu"
+EM_X86_64, EM_AARCH64 = 62, 183
+
+
+@dataclass(frozen=True)
+class Published:
+    """Repository snapshots: ``1`` det 1.0.0 and ort-cpu 1.0.0; ``2`` adds ort-cpu 1.1.0 (a good
+    rebuild); ``3`` adds ort-cpu 2.0.0 (the aarch64 build)."""
+
+    root: Path
+    trusted_root: bytes
+
+    def state(self, n: int) -> Path:
+        return self.root / f"repo_{n}"
+
+
+def _runtime_folder(dest: Path, build: str) -> Path:
+    """The venv's onnxruntime package as a runtime folder (``onnxruntime/…``)."""
+    import onnxruntime
+
+    src = Path(onnxruntime.__file__).parent
+    shutil.copytree(src, dest / "onnxruntime", ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / "BUILD").write_text(build)
+    return dest
+
+
+def _retarget_elf(folder: Path, machine: int) -> int:
+    """Set ``e_machine`` in the ELF header of every native library under ``folder`` (64-bit,
+    little-endian, as built for x86-64). Returns how many were changed."""
+    changed = 0
+    for lib in folder.rglob("*.so*"):
+        with lib.open("r+b") as f:
+            head = f.read(20)
+            if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+                continue
+            assert int.from_bytes(head[18:20], "little") == EM_X86_64, lib
+            f.seek(18)
+            f.write(machine.to_bytes(2, "little"))
+            changed += 1
+    return changed
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
+    root = tmp_path_factory.mktemp("runtime")
+    project = make_project(root)
+    publish_mlp(project, "det", "1.0.0", seed=0)
+
+    def runtime(version: str, folder: Path) -> None:
+        publish(project, PublishRequest(source=folder, name=RUNTIME, version=version,
+                                        kind="runtime"))
+
+    runtime("1.0.0", _runtime_folder(root / "rt-1.0.0", "build 1"))
+    shutil.copytree(root / "repo", root / "repo_1")
+    runtime("1.1.0", _runtime_folder(root / "rt-1.1.0", "build 2"))
+    shutil.copytree(root / "repo", root / "repo_2")
+    arm = _runtime_folder(root / "rt-2.0.0", "build 3, aarch64")
+    assert _retarget_elf(arm, EM_AARCH64) >= 1
+    runtime("2.0.0", arm)
+    shutil.copytree(root / "repo", root / "repo_3")
+    return Published(root, (project.root_dir / "root.json").read_bytes())
+
+
+@dataclass
+class Device:
+    state_dir: Path
+    served: Path
+
+    def serve(self, pub: Published, n: int) -> None:
+        """Serve snapshot ``n`` (hard links: the server only reads)."""
+        shutil.rmtree(self.served, ignore_errors=True)
+        shutil.copytree(pub.state(n), self.served, copy_function=os.link)
+
+    def update(self) -> Any:
+        return update_once(self.state_dir, fetch_config=FAST)
+
+    def events(self, kind: str, model: str = RUNTIME) -> list[dict[str, Any]]:
+        doc = json.loads((self.state_dir / "events.json").read_bytes())
+        return [e for e in doc["events"] if e["kind"] == kind and e["model"] == model]
+
+
+@pytest.fixture
+def device(published: Published, tmp_path: Path) -> Iterator[Device]:
+    served = tmp_path / "repo"
+    served.mkdir()
+    with serve_dir(served) as url:
+        dev = Device(tmp_path / "dev", served)
+        init_device(dev.state_dir, url, published.trusted_root, "cam-1", ["det", RUNTIME],
+                    ring="canary", health_timeout_s=0)
+        yield dev
+
+
+def _current(state_dir: Path, name: str) -> tuple[str, Path]:
+    """(version, slot folder) of ``name``'s current slot, after re-hashing every file of the
+    slot against its manifest."""
+    slot = current_model(state_dir, name)
+    while slot.parent.name != "slots":
+        slot = slot.parent
+    manifest = json.loads(slot.with_name(f"{slot.name}.manifest.json").read_bytes())
+    for f in manifest["files"]:
+        digest = hashlib.sha256((slot / f["path"]).read_bytes()).hexdigest()
+        assert digest == f["sha256"], f["path"]
+    return json.loads((slot / "release.json").read_bytes())["version"], slot
+
+
+_APP = r"""
+import os, sys
+import numpy as np
+runtime, model, inputs = sys.argv[1:4]
+sys.path.insert(0, runtime)
+import onnxruntime as ort
+assert os.path.realpath(ort.__file__).startswith(os.path.realpath(runtime) + os.sep), ort.__file__
+session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+with np.load(inputs) as feed:
+    out = session.run(None, {k: feed[k] for k in feed.files})
+assert all(np.isfinite(o).all() for o in out)
+print(ort.__version__)
+"""
+
+
+def _app_runs_det_with_the_committed_runtime(state_dir: Path) -> None:
+    """What an app does: the committed runtime first on ``sys.path``, the committed model."""
+    import onnxruntime
+
+    runtime = current_model(state_dir, RUNTIME)
+    model = current_model(state_dir, "det")
+    inputs = model.parent.parent / "smoke" / "inputs.npz"
+    proc = subprocess.run([sys.executable, "-I", "-c", _APP, str(runtime), str(model),
+                           str(inputs)], capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout.decode().strip() == onnxruntime.__version__
+
+
+def test_good_runtime_runs_the_committed_model_in_smoke_then_is_committed(
+    published: Published, device: Device
+) -> None:
+    device.serve(published, 1)
+    res = device.update()
+    assert [(o.model, o.status, o.version) for o in res.outcomes] == [
+        ("det", "updated", "1.0.0"), (RUNTIME, "updated", "1.0.0")], res.to_dict()
+    old_version, old_slot = _current(device.state_dir, RUNTIME)
+    assert old_version == "1.0.0"
+
+    device.serve(published, 2)
+    res = device.update()
+    assert res.status == "updated" and res.exit_code == ExitCode.OK, res.to_dict()
+    assert [(o.model, o.status) for o in res.outcomes] == [
+        ("det", "up_to_date"), (RUNTIME, "updated")]
+    out = res.outcomes[1]
+    assert out.version == "1.1.0"
+    # the smoke ran det (its golden outputs, its budgets) with the NEW runtime's onnxruntime:
+    # loaded from the slot being installed, not the committed runtime nor the system one
+    new_version, new_slot = _current(device.state_dir, RUNTIME)
+    assert new_version == "1.1.0" and new_slot != old_slot
+    report = out.figures["smoke"]["det"]
+    assert report["runtime_file"] == str(new_slot.resolve() / "runtime/onnxruntime/__init__.py")
+    assert report["runs"] >= 1 and report["max_abs_err"] is not None
+    [passed] = [e for e in device.events("smoke_passed") if e["version"] == "1.1.0"]
+    assert passed["data"]["report"]["det"]["runtime_file"] == report["runtime_file"]
+    assert [e["version"] for e in device.events("confirmed")] == ["1.0.0", "1.1.0"]
+    st = status(device.state_dir)
+    assert st.models[RUNTIME]["committed_counter"] == 2 and st.failed == ()
+    assert _current(device.state_dir, "det")[0] == "1.0.0"
+    _app_runs_det_with_the_committed_runtime(device.state_dir)
+
+
+def test_runtime_that_cannot_run_the_committed_model_is_refused_and_not_retried(
+    published: Published, device: Device
+) -> None:
+    device.serve(published, 2)
+    res = device.update()
+    assert [(o.model, o.version) for o in res.outcomes] == [("det", "1.0.0"), (RUNTIME, "1.1.0")]
+    assert res.status == "updated", res.to_dict()
+    _, runtime_slot = _current(device.state_dir, RUNTIME)
+
+    device.serve(published, 3)
+    res = device.update()
+    assert res.status == "smoke_failed" and res.exit_code == ExitCode.SMOKE_FAILED, res.to_dict()
+    assert [(o.model, o.status) for o in res.outcomes] == [
+        ("det", "up_to_date"), (RUNTIME, "smoke_failed")]
+    out = res.outcomes[1]
+    assert out.version == "2.0.0"
+    assert "crash" in out.reason and "cannot import the runtime" in out.reason, out.reason
+    # the device keeps the old runtime and the model, both intact, and they still work
+    assert _current(device.state_dir, RUNTIME) == ("1.1.0", runtime_slot)
+    assert _current(device.state_dir, "det")[0] == "1.0.0"
+    assert Journal(device.state_dir / "journal.json").load().phase is Phase.IDLE
+    _app_runs_det_with_the_committed_runtime(device.state_dir)
+    st = status(device.state_dir)
+    assert st.failed == ((RUNTIME, "2.0.0"),)
+    assert st.models[RUNTIME]["committed_version"] == "1.1.0"
+    [event] = device.events("smoke_failed")
+    assert event["version"] == "2.0.0" and event["data"]["report"]["reason"] == "crash"
+    assert "onnxruntime_pybind11_state" in event["data"]["report"]["message"]
+    assert not [e for e in device.events("committed") if e["version"] == "2.0.0"]
+    # remembered as failed: never fetched or tried again
+    res = device.update()
+    assert res.status == "up_to_date", res.to_dict()
+    skipped = {s["version"]: s["reason"] for o in res.outcomes for s in o.skipped}
+    assert skipped["2.0.0"] == "failed on this device before"
+    assert len(device.events("smoke_failed")) == 1
