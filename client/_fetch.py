@@ -182,7 +182,7 @@ class BlobFetcher:
             TransientError: the network failed on every attempt.
         """
         url = self.url(sha256)
-        prog = _Progress()
+        prog = _Progress(size)
         attempt = 0
         while True:
             attempt += 1
@@ -196,15 +196,14 @@ class BlobFetcher:
                 raise why
             self.stats.add(retries=1)
             time.sleep(backoff_delay(self._cfg, attempt))
-        if len(prog.buf) != size or prog.h.hexdigest() != sha256:
+        if prog.n != size or prog.h.hexdigest() != sha256:
             raise SecurityError(f"chunk {sha256[:16]}... failed verification")
         return prog.buf
 
     def _attempt(self, url: str, size: int, prog: _Progress) -> bool:
         """One GET (ranged if resuming), appending to ``prog``. True when complete."""
-        buf = prog.buf
-        headers = {"Range": f"bytes={len(buf)}-"} if buf else {}
-        deadline = time.monotonic() + self._cfg.deadline_for(size - len(buf))
+        headers = {"Range": f"bytes={prog.n}-"} if prog.n else {}
+        deadline = time.monotonic() + self._cfg.deadline_for(size - prog.n)
         try:
             resp = self._pool.request("GET", url, headers=headers, preload_content=False,
                                       redirect=False)
@@ -214,31 +213,33 @@ class BlobFetcher:
         try:
             self._check_status(resp, url, prog)
             for data in _pieces(resp, self._cfg.read_size):
-                if len(buf) + len(data) > size:
+                end = prog.n + len(data)
+                if end > size:
                     raise SecurityError(f"{url} sent more than the {size} bytes announced")
-                buf += data
+                prog.buf[prog.n:end] = data
+                prog.n = end
                 prog.h.update(data)
                 self.stats.add(nbytes=len(data))
-                if time.monotonic() > deadline and len(buf) < size:
+                if time.monotonic() > deadline and prog.n < size:
                     raise SlowRetrievalError(f"{url} is slower than {self._cfg.min_rate:g} B/s")
         except urllib3.exceptions.TimeoutError as e:
             raise SlowRetrievalError(f"read timeout on {url}") from e
         except urllib3.exceptions.HTTPError:
-            return False  # reset or truncated: resume from len(buf)
+            return False  # reset or truncated: resume from prog.n
         finally:
             _release(resp)
-        return len(buf) == size
+        return prog.n == size
 
     @staticmethod
     def _check_status(resp: Any, url: str, prog: _Progress) -> None:
         status = resp.status
-        if status == 206 and prog.buf:
+        if status == 206 and prog.n:
             start = _content_range_start(resp.headers.get("Content-Range", ""))
-            if start != len(prog.buf):
-                raise TransientError(f"{url}: server resumed at {start}, not {len(prog.buf)}")
+            if start != prog.n:
+                raise TransientError(f"{url}: server resumed at {start}, not {prog.n}")
             return
         if status == 200:
-            if prog.buf:  # the server ignored Range: start over
+            if prog.n:  # the server ignored Range: start over
                 prog.reset()
             return
         if status in (404, 410):
@@ -262,14 +263,17 @@ def _pieces(resp: Any, size: int) -> Iterator[bytes]:
 
 
 class _Progress:
-    """Bytes received so far for one chunk and their running sha256."""
+    """One chunk's buffer, allocated once at its announced size (no regrowth while it
+    streams: peak memory is the chunk, not a doubling of it), the bytes received so far and
+    their running sha256."""
 
-    def __init__(self) -> None:
-        self.buf = bytearray()
+    def __init__(self, size: int) -> None:
+        self.buf = bytearray(size)
+        self.n = 0
         self.h = hashlib.sha256()
 
     def reset(self) -> None:
-        self.buf.clear()
+        self.n = 0
         self.h = hashlib.sha256()
 
 
