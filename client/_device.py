@@ -106,9 +106,11 @@ class Device:
         key = f"{txn.name}@{txn.version}"
         n = state.attempts.get(key, 0) + 1
         if n >= self.cfg.max_attempts:
-            self.sd.save_state(state.with_failed(txn.name, txn.version))
+            # the event first: a kill between the two would otherwise lose it for good (the
+            # next recovery finds the release failed and its count reset)
             self.events.append("failed", txn.name, txn.version,
                                reason=f"interrupted {n} times; not retried")
+            self.sd.save_state(state.with_failed(txn.name, txn.version))
         else:
             self.sd.save_state(replace(state, attempts={**state.attempts, key: n}))
 

@@ -56,6 +56,7 @@ from pathlib import Path
 from ota.client import _slots, confirm, revert, update_once
 from ota.client._fetch import FetchConfig
 from ota.client._journal import Journal
+from ota.client._state import StateDir
 
 device, op, kind, phase, offset = sys.argv[1:6]
 journal = Journal(Path(device) / "journal.json")
@@ -77,6 +78,13 @@ def advance(self, to, txn=None):
         die()
     return state
 Journal.advance = advance
+
+real_save = StateDir.save_state
+def save_state(self, state):
+    real_save(self, state)
+    if kind == "after-give-up" and state.failed:
+        die()
+StateDir.save_state = save_state
 
 real_switch = _slots.switch
 def switch(mdir, slot):
@@ -346,3 +354,26 @@ def test_abandoned_release_is_never_a_revert_target(devices: Devices, tmp_path: 
     res = update_once(dev, fetch_config=FAST)
     assert (res.status, res.outcomes[0].version) == ("pending_confirmation", "1.1.0")
     assert _serving(dev) == "1.1.0"
+
+
+def test_release_that_keeps_killing_the_updater_is_given_up(devices: Devices,
+                                                            tmp_path: Path) -> None:
+    """Three starts in a row die while staging 1.1.0: the recovery that counts the third gives
+    the release up (``max_attempts``), and the ``failed`` event survives a kill right after the
+    verdict was persisted (it is recorded first)."""
+    dev = _copy(devices.committed, tmp_path)
+    for _ in range(3):
+        _kill(dev, "update", "after-advance", "staging")
+        assert _journal(dev).phase is Phase.STAGING
+        assert _serving(dev) == "1.0.0"
+    _kill(dev, "update", "after-give-up", "")
+    assert ("det", "1.1.0") in status(dev).failed
+    [event] = _events(dev, "failed")
+    assert event["data"]["reason"] == "interrupted 3 times; not retried"
+    res = update_once(dev, fetch_config=FAST)
+    assert res.status == "up_to_date", res.to_dict()
+    assert _journal(dev).phase is Phase.IDLE
+    assert _serving(dev) == "1.0.0"
+    # recoveries 1 and 2 (children 2, 3), the next start; the killed third recorded "failed"
+    assert [e["data"]["phase"] for e in _events(dev, "resumed")] == ["staging"] * 3
+    assert len(_events(dev, "failed")) == 1
