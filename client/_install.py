@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +38,10 @@ from ._policy import check_release, rank
 from ._tuf import TufSession
 
 DISK_RESERVE = 16 * 1024 * 1024
+SELFTEST = "(runtime self-test)"  # report key when a runtime had no committed model to run
+_SELFTEST_DIR = Path(__file__).resolve().parent / "_selftest"  # scripts/make_selftest.py
+_SELFTEST_SPEC = SmokeSpec(inputs="inputs.npz", golden="golden.npz", rtol=1e-4, atol=1e-5,
+                           runs=3)
 MAX_SIGNATURE_BYTES = 4 * 1024 * 1024  # as ota.signing bounds it
 
 
@@ -255,28 +259,50 @@ def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
 
 def run_smoke(dev: Device, name: str, rel: Release, *, slot: str,
               smoke: SmokeRunner) -> dict[str, Any] | None:
-    """Model bundles: run the new model. Runtime bundles: run every other committed model
-    with the new runtime (their own smoke specs: a runtime bundle has none). None when a model
-    has no smoke spec or no committed model can run the runtime."""
+    """Model bundles: run the new model, with the device's committed runtime bundle when it
+    follows one (the runtime the app will use), else the system onnxruntime. Runtime bundles:
+    run every other committed model with the new runtime (their own smoke specs: a runtime
+    bundle has none); with no committed model to run, the built-in self-test model
+    (``client/_selftest``, golden outputs computed by numpy). None when a model has no smoke
+    spec."""
     bundle = _slots.slot_path(dev.mdir(name), slot)
     tier = dev.cfg.tier
     if rel.kind == "model":
         if rel.smoke is None:
             return None
-        return _as_dict(smoke(bundle / rel.model_path, bundle, rel.smoke, tier=tier))
+        runtime = _committed_runtime(dev, exclude=name)
+        return _as_dict(smoke(bundle / rel.model_path, bundle, rel.smoke, tier=tier,
+                              runtime_path=runtime))
     reports: dict[str, Any] = {}
+    for other, orel, obundle in _committed(dev, exclude=name):
+        if orel.smoke is None or orel.kind != "model":
+            continue
+        reports[other] = _as_dict(smoke(obundle / orel.model_path, obundle, orel.smoke,
+                                        tier=tier, runtime_path=bundle))
+    if not reports:
+        reports[SELFTEST] = _as_dict(smoke(_SELFTEST_DIR / "model.onnx", _SELFTEST_DIR,
+                                           _SELFTEST_SPEC, tier=tier, runtime_path=bundle))
+    return reports
+
+
+def _committed(dev: Device, *, exclude: str) -> Iterator[tuple[str, Release, Path]]:
+    """(name, release, slot folder) of every other followed bundle with a committed slot."""
     for other in dev.cfg.models:
-        if other == name:
+        if other == exclude:
             continue
         omdir = dev.mdir(other)
         oslot = _slots.current_slot(omdir)
         orel = _slots.read_release(omdir, oslot) if oslot else None
-        if oslot is None or orel is None or orel.smoke is None or orel.kind != "model":
-            continue
-        obundle = _slots.slot_path(omdir, oslot)
-        reports[other] = _as_dict(smoke(obundle / orel.model_path, obundle, orel.smoke,
-                                        tier=tier, runtime_path=bundle))
-    return reports or None
+        if oslot is not None and orel is not None:
+            yield other, orel, _slots.slot_path(omdir, oslot)
+
+
+def _committed_runtime(dev: Device, *, exclude: str) -> Path | None:
+    """The slot of the committed runtime bundle the device follows, if any."""
+    for _, orel, obundle in _committed(dev, exclude=exclude):
+        if orel.kind == "runtime":
+            return obundle
+    return None
 
 
 def _as_dict(report: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ importing it fails on this device exactly as a real aarch64 build would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,9 +30,10 @@ from typing import Any
 import pytest
 
 from ota.client import current_model, init_device, status, update_once
+from ota.client._install import SELFTEST
 from ota.client._journal import Journal, Phase
 from ota.errors import ExitCode
-from ota.repository import PublishRequest, publish
+from ota.repository import Project, PublishRequest, publish
 from tests.repo_helpers import make_project, publish_mlp, serve_dir
 from tests.updater_world import FAST
 
@@ -42,12 +44,12 @@ EM_X86_64, EM_AARCH64 = 62, 183
 @dataclass(frozen=True)
 class Published:
     """Repository snapshots: ``1`` det 1.0.0 and ort-cpu 1.0.0; ``2`` adds ort-cpu 1.1.0 (a good
-    rebuild); ``3`` adds ort-cpu 2.0.0 (the aarch64 build)."""
+    rebuild); ``3`` adds ort-cpu 2.0.0 (the aarch64 build); ``2m`` is ``2`` plus det 1.1.0."""
 
     root: Path
     trusted_root: bytes
 
-    def state(self, n: int) -> Path:
+    def state(self, n: int | str) -> Path:
         return self.root / f"repo_{n}"
 
 
@@ -91,6 +93,11 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
     shutil.copytree(root / "repo", root / "repo_1")
     runtime("1.1.0", _runtime_folder(root / "rt-1.1.0", "build 2"))
     shutil.copytree(root / "repo", root / "repo_2")
+    # a side branch of state 2: det 1.1.0 published into a copy (project and repository)
+    shutil.copytree(root / "proj", root / "side" / "proj")
+    shutil.copytree(root / "repo", root / "repo_2m")
+    side = Project.open(root / "side" / "proj", storage_override=str(root / "repo_2m"))
+    publish_mlp(side, "det", "1.1.0", seed=1)
     arm = _runtime_folder(root / "rt-2.0.0", "build 3, aarch64")
     assert _retarget_elf(arm, EM_AARCH64) >= 1
     runtime("2.0.0", arm)
@@ -103,7 +110,7 @@ class Device:
     state_dir: Path
     served: Path
 
-    def serve(self, pub: Published, n: int) -> None:
+    def serve(self, pub: Published, n: int | str) -> None:
         """Serve snapshot ``n`` (hard links: the server only reads)."""
         shutil.rmtree(self.served, ignore_errors=True)
         shutil.copytree(pub.state(n), self.served, copy_function=os.link)
@@ -118,11 +125,17 @@ class Device:
 
 @pytest.fixture
 def device(published: Published, tmp_path: Path) -> Iterator[Device]:
+    with _device(published, tmp_path, ["det", RUNTIME]) as dev:
+        yield dev
+
+
+@contextlib.contextmanager
+def _device(published: Published, tmp_path: Path, follows: list[str]) -> Iterator[Device]:
     served = tmp_path / "repo"
     served.mkdir()
     with serve_dir(served) as url:
         dev = Device(tmp_path / "dev", served)
-        init_device(dev.state_dir, url, published.trusted_root, "cam-1", ["det", RUNTIME],
+        init_device(dev.state_dir, url, published.trusted_root, "cam-1", follows,
                     ring="canary", health_timeout_s=0)
         yield dev
 
@@ -236,3 +249,50 @@ def test_runtime_that_cannot_run_the_committed_model_is_refused_and_not_retried(
     skipped = {s["version"]: s["reason"] for o in res.outcomes for s in o.skipped}
     assert skipped["2.0.0"] == "failed on this device before"
     assert len(device.events("smoke_failed")) == 1
+
+
+def test_model_update_is_smoke_tested_with_the_committed_runtime(
+    published: Published, device: Device
+) -> None:
+    """The app runs models with the committed runtime bundle, so that is what the smoke of a
+    new model must use (not whatever onnxruntime the system has)."""
+    device.serve(published, 2)
+    assert device.update().status == "updated"
+    _, runtime_slot = _current(device.state_dir, RUNTIME)
+    device.serve(published, "2m")
+    res = device.update()
+    assert [(o.model, o.status, o.version) for o in res.outcomes] == [
+        ("det", "updated", "1.1.0"), (RUNTIME, "up_to_date", None)], res.to_dict()
+    report = res.outcomes[0].figures["smoke"]
+    assert report["runtime_file"] == str(runtime_slot.resolve() / "runtime/onnxruntime/__init__.py")
+    assert _current(device.state_dir, "det")[0] == "1.1.0"
+
+
+@pytest.mark.parametrize("follows", [[RUNTIME], [RUNTIME, "det"]])
+def test_runtime_with_no_committed_model_runs_the_builtin_self_test(
+    published: Published, tmp_path: Path, follows: list[str]
+) -> None:
+    """A first install (or the runtime listed before the model): there is no committed model to
+    run, so the built-in self-test model (golden outputs computed by numpy) runs with the new
+    runtime: the good build is committed, the aarch64 build is refused."""
+    with _device(published, tmp_path, follows) as dev:
+        dev.serve(published, 2)
+        res = dev.update()
+        rt = next(o for o in res.outcomes if o.model == RUNTIME)
+        assert (rt.status, rt.version) == ("updated", "1.1.0"), res.to_dict()
+        report = rt.figures["smoke"][SELFTEST]
+        _, slot = _current(dev.state_dir, RUNTIME)
+        assert report["runtime_file"] == str(slot.resolve() / "runtime/onnxruntime/__init__.py")
+        assert report["runs"] == 3 and report["max_abs_err"] < 1e-5
+
+    shutil.rmtree(tmp_path / "dev")
+    shutil.rmtree(tmp_path / "repo")
+    with _device(published, tmp_path, [RUNTIME]) as dev:
+        dev.serve(published, 3)  # newest runtime: the aarch64 build, nothing committed yet
+        res = dev.update()
+        assert res.status == "smoke_failed", res.to_dict()
+        [out] = res.outcomes
+        assert out.version == "2.0.0" and "cannot import the runtime" in out.reason
+        [event] = dev.events("smoke_failed")
+        assert event["data"]["report"]["reason"] == "crash"
+        assert status(dev.state_dir).failed == ((RUNTIME, "2.0.0"),)
