@@ -161,9 +161,10 @@ def switch(mdir: Path, slot: str) -> None:
     if read_manifest(mdir, slot) is None:
         raise LocalError(f"refusing to switch to slot {slot}: it is not good")
     tmp = mdir / f".{CURRENT}.{os.getpid()}.tmp"
-    try:
+    for stale in mdir.glob(f".{CURRENT}.*.tmp"):  # left by a killed switch (one updater runs)
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            stale.unlink()
+    try:
         os.symlink(f"slots/{slot}", tmp)
         os.replace(tmp, mdir / CURRENT)
         fsync_dir(mdir)

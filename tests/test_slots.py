@@ -59,9 +59,10 @@ def test_switch_refuses_bad_slot_and_is_one_rename(tmp_path: Path) -> None:
     with pytest.raises(LocalError, match="not good"):
         _slots.switch(mdir, "a")
     _slots.install_staged(mdir, "b", _stage(mdir, "1.0.1"))
+    os.symlink("slots/a", mdir / ".current.999999.tmp")  # a switch killed before its rename
     _slots.switch(mdir, "b")
     assert os.readlink(mdir / "current") == "slots/b"
-    assert not list(mdir.glob(".current*"))  # no temp link left behind
+    assert not list(mdir.glob(".current*"))  # no temp link left behind, nor an older one
 
 
 def test_current_link_outside_slots_is_refused(tmp_path: Path) -> None:
