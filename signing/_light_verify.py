@@ -47,12 +47,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from securesystemslib.dsse import Envelope
 
 from ota.bundle import DEFAULT_LIMITS, FormatError, validate_bundle_path
-from ota.errors import InputError
 from ota.signing._errors import SignatureError
 from ota.signing._keys import key_fingerprint
 from ota.signing._model_sig import (
     MAX_SIGNATURE_BYTES,
     SignerInfo,
+    _check_digest_map,
     _check_same_files,
     _load_ec_public_key,
     _signature_name,
@@ -115,19 +115,9 @@ def verify_digests_light(
 
 
 def _check_digests(digests: Mapping[str, str], signature_name: str) -> None:
-    """The checks ``verify_digests`` makes on its input (InputError), with exact hex matching."""
+    """The checks ``verify_digests`` makes on its input (InputError)."""
     _signature_name(signature_name)
-    if not digests:
-        raise InputError("no file digests to verify")
-    for path, hexdigest in digests.items():
-        try:
-            validate_bundle_path(path)
-        except FormatError as e:
-            raise InputError(str(e)) from e
-        if path == signature_name:
-            raise InputError(f"the signature file {path} cannot sign itself")
-        if not isinstance(hexdigest, str) or not _HEX64_RE.fullmatch(hexdigest):
-            raise InputError(f"bad sha256 digest for {path}: {hexdigest!r:.80}")
+    _check_digest_map(digests, signature_name, "verify")
 
 
 def _verified_payload(signature: bytes, public_key: ec.EllipticCurvePublicKey) -> bytes:

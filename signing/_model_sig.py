@@ -246,13 +246,10 @@ def _hashing_config(signature_name: str) -> Any:
     )
 
 
-def _manifest_from_digests(digests: Mapping[str, str], signature_name: str, name: str) -> Any:
-    manifest = _upstream("manifest")
-    digest_type = _upstream("_hashing.hashing").Digest  # the one type manifest items need
-
+def _check_digest_map(digests: Mapping[str, str], signature_name: str, action: str) -> None:
+    """Bundle paths to 64-hex sha256 digests, not naming the signature itself (InputError)."""
     if not digests:
-        raise InputError("no file digests to sign")
-    items = []
+        raise InputError(f"no file digests to {action}")
     for path, hexdigest in digests.items():
         try:
             validate_bundle_path(path)
@@ -262,6 +259,15 @@ def _manifest_from_digests(digests: Mapping[str, str], signature_name: str, name
             raise InputError(f"the signature file {path} cannot sign itself")
         if not isinstance(hexdigest, str) or not _HEX64_RE.match(hexdigest):
             raise InputError(f"bad sha256 digest for {path}: {hexdigest!r:.80}")
+
+
+def _manifest_from_digests(digests: Mapping[str, str], signature_name: str, name: str) -> Any:
+    manifest = _upstream("manifest")
+    digest_type = _upstream("_hashing.hashing").Digest  # the one type manifest items need
+
+    _check_digest_map(digests, signature_name, "sign")
+    items = []
+    for path, hexdigest in digests.items():
         items.append(
             manifest.FileManifestItem(
                 path=PurePosixPath(path), digest=digest_type("sha256", bytes.fromhex(hexdigest))
