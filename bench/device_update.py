@@ -674,19 +674,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--server",
         choices=("thread", "process", "nginx"),
-        default="thread",
+        default=None,
         help="ota serve in this process (counts requests), ota serve in its own process, or"
-        " nginx serving the folder (tests.nginx: a real static server, as in production)",
+        " nginx serving the folder (tests.nginx: a real static server, as in production);"
+        " default: nginx when installed, else thread",
     )
     parser.add_argument("--repeat", type=int, default=5, help="rounds (best and median kept)")
     parser.add_argument(
         "--no-smoke", action="store_true", help="skip the real smoke run measured apart"
     )
     args = parser.parse_args(argv)
-    if args.server != "thread":
-        os.environ["OTA_BENCH_SERVER"] = args.server
-    with scratch_dir(args.workdir) as work:
-        doc = run(args.size_mb, args.repeat, work, with_smoke=not args.no_smoke)
+    if args.server is None:
+        from tests import nginx
+
+        args.server = "nginx" if nginx.available() else "thread"
+    before = os.environ.get("OTA_BENCH_SERVER")
+    os.environ["OTA_BENCH_SERVER"] = args.server
+    try:
+        with scratch_dir(args.workdir) as work:
+            doc = run(args.size_mb, args.repeat, work, with_smoke=not args.no_smoke)
+    finally:
+        if before is None:
+            del os.environ["OTA_BENCH_SERVER"]
+        else:
+            os.environ["OTA_BENCH_SERVER"] = before
     doc["server"] = args.server
     emit(doc, render(doc), args.json)
 

@@ -11,6 +11,7 @@ import pytest
 
 from bench import device_delta, device_poll, device_rss, device_update
 from bench.device_update import UPDATE_PHASES
+from tests import nginx
 from tests.bench_run import run_json
 
 
@@ -20,9 +21,10 @@ def test_device_update_reports_both_ratios(
     doc = run_json(
         capsys,
         device_update.main,
-        ["--json", "--size-mb", "2", "--repeat", "1", "--no-smoke", "--workdir", str(tmp_path)],
+        ["--json", "--size-mb", "2", "--repeat", "1", "--no-smoke", "--server", "thread",
+         "--workdir", str(tmp_path)],
     )
-    assert doc["benchmark"] == "device_update"
+    assert doc["benchmark"] == "device_update" and doc["server"] == "thread"
     assert {
         "raw_s",
         "ours_s",
@@ -34,6 +36,10 @@ def test_device_update_reports_both_ratios(
         "ours_phases_s",
         "ours_served",
         "stock_steps_s",
+        "raw_writeback_s",
+        "ratio_raw_writeback",
+        "median_ratio_raw",
+        "median_ratio_stock",
     } <= set(doc)
     phases = doc["ours_phases_s"]
     assert isinstance(phases, dict)
@@ -100,3 +106,19 @@ def test_device_poll_counts_at_the_server(
     assert isinstance(polls, list)
     assert len(polls) == 1
     assert polls[0]["requests"] == len(polls[0]["hits"]) > 0
+
+
+@pytest.mark.skipif(not nginx.available(), reason="nginx is not installed")
+def test_device_update_through_nginx_leaves_no_server_setting_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    doc = run_json(
+        capsys,
+        device_update.main,
+        ["--json", "--size-mb", "2", "--repeat", "1", "--no-smoke", "--workdir", str(tmp_path)],
+    )
+    assert doc["server"] == "nginx"  # the default where nginx is installed
+    assert doc["raw_s"] > 0 and doc["ours_s"] > 0 and doc["stock_s"] > 0
+    assert "OTA_BENCH_SERVER" not in os.environ
