@@ -120,5 +120,5 @@ def test_device_update_through_nginx_leaves_no_server_setting_behind(
         ["--json", "--size-mb", "2", "--repeat", "1", "--no-smoke", "--workdir", str(tmp_path)],
     )
     assert doc["server"] == "nginx"  # the default where nginx is installed
-    assert doc["raw_s"] > 0 and doc["ours_s"] > 0 and doc["stock_s"] > 0
+    assert all(isinstance(doc[k], float) and doc[k] > 0 for k in ("raw_s", "ours_s", "stock_s"))
     assert "OTA_BENCH_SERVER" not in os.environ
