@@ -3,7 +3,9 @@
 Public API (everything else is private):
 
 * :func:`init_device`, :func:`update_once`, :func:`status`, :func:`confirm`, :func:`revert`,
-  :func:`run_daemon` - what ``ota device init|update|status|confirm|revert|run`` call;
+  :func:`run_daemon`, :func:`report_events` - what ``ota device
+  init|update|status|confirm|revert|run|report`` call (events reach the fleet service through
+  :mod:`ota.client._report`, protocol ``edge-ota.report/1``);
 * :func:`current_model` - for apps: the path of the committed model file;
 * result types with ``to_dict()`` for ``--json``: :class:`UpdateResult` (``.exit_code``),
   :class:`ModelOutcome`, :class:`DeviceStatus`;
@@ -19,6 +21,7 @@ from ota.client._daemon import DaemonConfig, run_daemon
 from ota.client._events import Event, EventQueue
 from ota.client._fetch import FetchConfig, SlowRetrievalError
 from ota.client._install import SmokeRunner, Verifier
+from ota.client._report import ReportOutcome
 from ota.client._slots import current_model
 from ota.client._state import DeviceConfig
 from ota.client._updater import (
@@ -27,6 +30,7 @@ from ota.client._updater import (
     UpdateResult,
     confirm,
     init_device,
+    report_events,
     revert,
     status,
     update_once,
@@ -40,6 +44,7 @@ __all__ = [
     "EventQueue",
     "FetchConfig",
     "ModelOutcome",
+    "ReportOutcome",
     "SlowRetrievalError",
     "SmokeRunner",
     "UpdateResult",
@@ -47,6 +52,7 @@ __all__ = [
     "confirm",
     "current_model",
     "init_device",
+    "report_events",
     "revert",
     "run_daemon",
     "status",

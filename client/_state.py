@@ -43,6 +43,8 @@ class DeviceConfig:
     health_cmd: tuple[str, ...] = ()  # run after a switch; exit 0 confirms, else revert
     hook_cmd: tuple[str, ...] = ()  # run after every switch or revert (app reload)
     max_attempts: int = 3  # recoveries of one release before it is marked failed
+    report_url: str = ""  # fleet service base URL; "" keeps events queued on the device
+    report_token_file: str = ""  # bearer token for the fleet service (one word in a file)
 
     def validate(self) -> DeviceConfig:
         """Raises ConfigError on a bad field; returns self."""
@@ -59,6 +61,8 @@ class DeviceConfig:
                 validate_name_fmt(m)
             except Exception as e:
                 raise ConfigError(f"bad model name {m!r}") from e
+        if self.report_url and not self.report_url.startswith(("http://", "https://")):
+            raise ConfigError(f"report URL must be http(s): {self.report_url!r}")
         if self.health_timeout_s < 0 or self.max_attempts < 1:
             raise ConfigError("health timeout must be >= 0 and max attempts >= 1")
         return self

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from ._install import (
     install,
 )
 from ._journal import Phase, Txn
+from ._report import ReportOutcome, flush_events
 from ._state import DeviceConfig, StateDir
 from ._tuf import TufSession
 
@@ -85,6 +86,7 @@ class UpdateResult:
     requests: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    report: ReportOutcome | None = None  # events forwarded after the cycle, if configured
 
     @property
     def status(self) -> str:
@@ -97,7 +99,8 @@ class UpdateResult:
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "exit_code": int(self.exit_code),
                 "models": [o.to_dict() for o in self.outcomes], "requests": self.requests,
-                "bytes": self.bytes, "seconds": round(self.seconds, 3)}
+                "bytes": self.bytes, "seconds": round(self.seconds, 3),
+                "report": self.report.to_dict() if self.report else None}
 
 
 def init_device(state_dir: Path | str, repo_url: str, root: bytes, device_id: str,
@@ -112,6 +115,8 @@ def init_device(state_dir: Path | str, repo_url: str, root: bytes, device_id: st
         ConfigError: a bad option or a root that python-tuf rejects.
         InputError: an unknown option.
     """
+    if isinstance(options.get("report_url"), str):
+        options["report_url"] = options["report_url"].rstrip("/")
     try:
         cfg = DeviceConfig(device_id=device_id, repo_url=repo_url.rstrip("/"),
                            models=tuple(models), **options).validate()
@@ -142,8 +147,10 @@ def _check_root(root: bytes, where: Path) -> None:
 def update_once(state_dir: Path | str, *, model: str | None = None,
                 verifier: Verifier = default_verifier, smoke: SmokeRunner = default_smoke,
                 fetch_config: FetchConfig | None = None, limits: Limits = DEFAULT_LIMITS,
-                clock: Callable[[], float] = time.time) -> UpdateResult:
-    """One full update cycle (recover, health window, refresh, then each followed model).
+                clock: Callable[[], float] = time.time, report: bool = True) -> UpdateResult:
+    """One full update cycle (recover, health window, refresh, then each followed model),
+    then, when the device has a report URL and ``report``, the queued events are forwarded
+    to the fleet service (:mod:`ota.client._report`; its failure never fails the update).
 
     Raises:
         ConfigError: the state dir is not initialised; ``model`` is not followed.
@@ -158,7 +165,33 @@ def update_once(state_dir: Path | str, *, model: str | None = None,
     t0 = time.monotonic()
     with dev.locked():
         outcomes = _cycle(dev, names, _Ctx(fcfg, stats, limits, verifier, smoke))
-    return UpdateResult(tuple(outcomes), stats.requests, stats.bytes, time.monotonic() - t0)
+        sent = _report(dev, fcfg) if report else None
+    return UpdateResult(tuple(outcomes), stats.requests, stats.bytes, time.monotonic() - t0,
+                        sent)
+
+
+def _report(dev: Device, fcfg: FetchConfig) -> ReportOutcome:
+    """Forward queued events with few retries: the update is done, the events keep."""
+    try:
+        return flush_events(dev, replace(fcfg, retries=min(fcfg.retries, 2)))
+    except OtaError as e:  # a bad token file: the update itself stands
+        return ReportOutcome("failed", pending=len(dev.events.pending()), error=str(e))
+
+
+def report_events(state_dir: Path | str, *,
+                  fetch_config: FetchConfig | None = None) -> ReportOutcome:
+    """Forward the queued events now (``ota device report``).
+
+    Raises:
+        ConfigError: not initialised, no report URL, or an unreadable token.
+        ConflictError: an updater holds the state dir's lock.
+    """
+    dev = Device(state_dir)
+    if not dev.cfg.report_url:
+        raise ConfigError("this device has no report URL",
+                          remedy="run `ota device init ... --report-url URL`")
+    with dev.locked():
+        return flush_events(dev, fetch_config)
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,17 @@ def device() -> None:
 )
 @click.option("--health-cmd", default="", help="Command run after a switch; exit 0 confirms.")
 @click.option("--hook-cmd", default="", help="Command run after every switch or revert.")
+@click.option(
+    "--report-url",
+    default="",
+    help="Fleet service base URL; queued events are forwarded there after each cycle.",
+)
+@click.option(
+    "--report-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the bearer token for the fleet service.",
+)
 @json_option
 def init_cmd(
     state_dir: Path,
@@ -75,6 +86,8 @@ def init_cmd(
     health_timeout: float,
     health_cmd: str,
     hook_cmd: str,
+    report_url: str,
+    report_token_file: Path | None,
     as_json: bool,
 ) -> None:
     """Initialise a device's state directory."""
@@ -87,6 +100,8 @@ def init_cmd(
         "health_cmd": tuple(shlex.split(health_cmd)),
         "hook_cmd": tuple(shlex.split(hook_cmd)),
         "runtime_version": runtime_version or _detected_runtime(),
+        "report_url": report_url,
+        "report_token_file": str(report_token_file.absolute()) if report_token_file else "",
     }
     if arch:
         options["arch"] = arch
@@ -143,7 +158,29 @@ def _render_update(doc: dict[str, Any]) -> str:
         f"({doc.get('requests', 0)} requests, {doc.get('bytes', 0)} bytes, "
         f"{doc.get('seconds', 0):.2f} s)"
     )
+    report = doc.get("report")
+    if report and report["status"] != "disabled":
+        lines.append(_render_report(report))
     return "\n".join(lines)
+
+
+def _render_report(r: dict[str, Any]) -> str:
+    error = f": {r['error']}" if r.get("error") else ""
+    return f"events {r['status']}: {r['acked']} acknowledged, {r['pending']} queued{error}"
+
+
+@device.command("report")
+@state_option
+@json_option
+def report_cmd(state_dir: Path, as_json: bool) -> None:
+    """Forward queued events to the fleet service now (exit 5 if it cannot be reached)."""
+    from ota.client import report_events
+    from ota.errors import ExitCode
+
+    outcome = report_events(state_dir)
+    emit(outcome.to_dict(), as_json, lambda: _render_report(outcome.to_dict()))
+    if outcome.status in ("failed", "partial"):
+        sys.exit(int(ExitCode.TRANSIENT))
 
 
 @device.command("run")

@@ -1,0 +1,206 @@
+"""Forward the event queue to the fleet service: the "forward" half of store-and-forward.
+
+Protocol (``edge-ota.report/1``, the contract the fleet service implements)::
+
+    POST <report_url>/v1/devices/<device id, URL-quoted>/events
+    Content-Type: application/json
+    Authorization: Bearer <token>          (when the device has a token file)
+
+    {"format": "edge-ota.report/1",
+     "device": {"id", "ring", "tier", "arch", "runtime_version", "client_version",
+                "models": {name: {"version", "counter"}}},
+     "dropped": <events lost to the queue bound since the last ack>,
+     "events": [{"seq", "time", "kind", "model", "version", "data"}, ...]}   (oldest first)
+
+    -> 200/202 {"ack": <highest seq stored>}
+
+Events are delivered at least once (a lost reply means a resend; the fleet service dedupes by
+``(device id, seq)``); ``seq`` increases strictly per device.
+
+Invariants (the fleet service is trusted with diagnostics only, never with the device):
+
+* nothing here can change what the device runs: a report failure never fails an update, and no
+  reply is interpreted beyond its ``ack``;
+* an ``ack`` is honoured only up to the highest ``seq`` this request carried; anything else
+  (not JSON, not an integer, beyond what was sent, a body over ``MAX_REPLY_BYTES``) is a
+  failed report and acks nothing;
+* every request is bounded: ``MAX_BATCH`` events and ``MAX_BODY_BYTES`` per request,
+  ``MAX_BATCHES`` requests per flush, the fetch config's timeouts and bounded retries (5xx, 408,
+  429 and network errors, with jittered backoff); other 4xx are not retried.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import urllib3
+
+from ota.errors import ConfigError
+
+from ._events import Event
+from ._fetch import FetchConfig, backoff_delay, make_pool
+
+REPORT_FORMAT = "edge-ota.report/1"
+MAX_BATCH = 100
+MAX_BATCHES = 20
+MAX_BODY_BYTES = 512 * 1024
+MAX_REPLY_BYTES = 16 * 1024
+MAX_TOKEN_BYTES = 4096
+_RETRY = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    """What one flush did. ``status``: disabled (no report URL), nothing (queue empty), sent
+    (everything pending acknowledged), partial (some acknowledged), failed."""
+
+    status: str
+    sent: int = 0
+    acked: int = 0
+    pending: int = 0
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "sent": self.sent, "acked": self.acked,
+                "pending": self.pending, "error": self.error}
+
+
+class _ReportError(Exception):
+    pass
+
+
+def flush_events(dev: Any, fcfg: FetchConfig | None = None, *,
+                 pool: urllib3.PoolManager | None = None) -> ReportOutcome:
+    """Send pending events of ``dev`` (an opened, locked :class:`~ota.client._device.Device`)
+    in batches until the queue is empty, a request fails, or ``MAX_BATCHES`` were sent."""
+    url = dev.cfg.report_url
+    if not url:
+        return ReportOutcome("disabled", pending=len(dev.events.pending()))
+    cfg = fcfg or FetchConfig()
+    own_pool = pool is None
+    pool = pool or make_pool(cfg)
+    headers = {"Content-Type": "application/json"}
+    token = _token(dev.cfg.report_token_file)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    endpoint = f"{url}/v1/devices/{urllib.parse.quote(dev.cfg.device_id, safe='')}/events"
+    sent = acked = 0
+    try:
+        for _ in range(MAX_BATCHES):
+            events = dev.events.pending(limit=MAX_BATCH)
+            dropped = dev.events.dropped
+            if not events and not dropped:
+                break
+            body, carried = _body(dev, events, dropped)
+            try:
+                ack = _post(pool, endpoint, body, headers, cfg, carried)
+            except _ReportError as e:
+                return ReportOutcome("partial" if acked else "failed", sent, acked,
+                                     len(dev.events.pending()), str(e))
+            sent += len(carried)
+            removed = dev.events.ack(ack)  # also resets the drop count, now reported
+            acked += removed
+            if carried and removed == 0:
+                return ReportOutcome("partial" if acked else "failed", sent, acked,
+                                     len(dev.events.pending()),
+                                     "the fleet service acknowledged none of the events sent")
+    finally:
+        if own_pool:
+            pool.clear()
+    left = len(dev.events.pending())
+    status = "nothing" if sent == 0 else ("sent" if left == 0 else "partial")
+    return ReportOutcome(status, sent, acked, left)
+
+
+def _token(path: str) -> str:
+    if not path:
+        return ""
+    try:
+        with Path(path).open("rb") as fh:
+            raw = fh.read(MAX_TOKEN_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read the report token {path}: {e}") from e
+    token = raw.decode("ascii", errors="replace").strip()
+    if len(raw) > MAX_TOKEN_BYTES or not token or not token.isprintable() or " " in token:
+        raise ConfigError(f"the report token in {path} is not one printable word")
+    return token
+
+
+def _body(dev: Any, events: list[Event], dropped: int) -> tuple[bytes, list[Event]]:
+    """The request body, with as many of ``events`` as fit ``MAX_BODY_BYTES`` (at least the
+    first one's place: an event too large on its own is sent as a stub)."""
+    state = dev.sd.load_state()
+    device = {
+        "id": dev.cfg.device_id, "ring": dev.cfg.ring, "tier": dev.cfg.tier,
+        "arch": dev.cfg.arch, "runtime_version": dev.cfg.runtime_version,
+        "client_version": _client_version(),
+        "models": {n: {"version": m.version, "counter": m.counter}
+                   for n, m in sorted(state.models.items())},
+    }
+    docs = [e.to_dict() for e in events]
+    while True:
+        body = json.dumps({"format": REPORT_FORMAT, "device": device, "dropped": dropped,
+                           "events": docs}, sort_keys=True, default=str).encode()
+        if len(body) <= MAX_BODY_BYTES or len(docs) <= 1:
+            break
+        docs = docs[: max(1, len(docs) // 2)]
+    if len(body) > MAX_BODY_BYTES:  # one huge event: send what it was, not its data
+        docs = [{**docs[0], "data": {"truncated": True}}]
+        body = json.dumps({"format": REPORT_FORMAT, "device": device, "dropped": dropped,
+                           "events": docs}, sort_keys=True).encode()
+    return body, events[: len(docs)]
+
+
+def _client_version() -> str:
+    from ._state import client_version
+
+    return client_version()
+
+
+def _post(pool: urllib3.PoolManager, endpoint: str, body: bytes, headers: dict[str, str],
+          cfg: FetchConfig, carried: list[Event]) -> int:
+    """POST one batch; return the acknowledged seq (0 when the batch carried no event)."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            resp = pool.request("POST", endpoint, body=body, headers=headers,
+                                preload_content=False, redirect=False)
+        except urllib3.exceptions.HTTPError as e:
+            if attempt > cfg.retries:
+                raise _ReportError(f"cannot reach the fleet service: {e}") from e
+            time.sleep(backoff_delay(cfg, attempt))
+            continue
+        try:
+            reply = resp.read(MAX_REPLY_BYTES + 1)
+        except urllib3.exceptions.HTTPError as e:
+            raise _ReportError(f"reply from the fleet service failed: {e}") from e
+        finally:
+            resp.release_conn()
+        if resp.status in _RETRY and attempt <= cfg.retries:
+            time.sleep(backoff_delay(cfg, attempt))
+            continue
+        if resp.status not in (200, 202):
+            raise _ReportError(f"the fleet service answered HTTP {resp.status}")
+        return _ack(reply, carried)
+
+
+def _ack(reply: bytes, carried: list[Event]) -> int:
+    if len(reply) > MAX_REPLY_BYTES:
+        raise _ReportError("the fleet service's reply is too large")
+    try:
+        doc = json.loads(reply)
+    except ValueError as e:
+        raise _ReportError("the fleet service's reply is not JSON") from e
+    ack = doc.get("ack") if isinstance(doc, dict) else None
+    if not isinstance(ack, int) or isinstance(ack, bool) or ack < 0:
+        raise _ReportError(f"the fleet service's ack is not a sequence number: {ack!r:.40}")
+    highest = max((e.seq for e in carried), default=0)
+    if ack > highest:
+        raise _ReportError(f"the fleet service acked {ack}, beyond the {highest} sent")
+    return ack

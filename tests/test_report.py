@@ -1,0 +1,204 @@
+"""Store and forward: the device's events reach the fleet service over real HTTP, at least once,
+in order, bounded, and a fleet service that is down or misbehaves never touches an update."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ota.client import report_events, status
+from ota.client._device import Device
+from ota.client._report import MAX_BATCH, MAX_REPLY_BYTES
+from ota.errors import ConfigError, ExitCode
+from tests import http_faults
+from tests.fleet_peer import FleetPeer, fleet_peer
+from tests.test_updater import base  # noqa: F401 - the shared published world
+from tests.updater_world import FAST, Base, World, current_version
+
+DEVICE = "dev-1"
+
+
+@pytest.fixture
+def world(base: Base, tmp_path: Path) -> Iterator[World]:  # noqa: F811
+    with http_faults.serve(tmp_path / "repo") as fs:
+        yield World(tmp_path, base, fs)
+
+
+@pytest.fixture
+def peer() -> Iterator[FleetPeer]:
+    with fleet_peer() as p:
+        yield p
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _pending(w: World) -> list[int]:
+    return [e.seq for e in Device(w.device).events.pending()]
+
+
+def test_events_reach_the_fleet_service_after_an_update(world: World, peer: FleetPeer) -> None:
+    world.use("v1")
+    world.init(report_url=peer.url + "/")
+    res = world.update()
+    assert res.status == "updated", res.to_dict()
+    assert res.report is not None and res.report.status == "sent", res.to_dict()
+    kinds = peer.kinds(DEVICE)
+    for kind in ("downloaded", "staged", "smoke_passed", "committed", "confirmed"):
+        assert kind in kinds, kinds
+    assert kinds.index("staged") < kinds.index("committed") < kinds.index("confirmed")
+    assert _pending(world) == [] and status(world.device).pending_events == 0
+    [request] = peer.requests
+    assert request["path"] == f"/v1/devices/{DEVICE}/events"
+    assert request["headers"]["Content-Type"] == "application/json"
+    body = json.loads(request["body"])
+    assert body["format"] == "edge-ota.report/1" and body["dropped"] == 0
+    assert body["device"]["id"] == DEVICE and body["device"]["ring"] == "canary"
+    assert body["device"]["models"] == {"det": {"version": "1.0.0", "counter": 1}}
+    seqs = [e["seq"] for e in body["events"]]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert "report" in res.to_dict() and res.to_dict()["report"]["acked"] == len(seqs)
+
+
+def test_an_unreachable_fleet_service_never_fails_an_update(
+    world: World, peer: FleetPeer
+) -> None:
+    world.use("v1")
+    world.init(report_url=_closed_port_url())
+    res = world.update()
+    assert res.status == "updated" and res.exit_code == ExitCode.OK, res.to_dict()
+    assert res.report is not None and res.report.status == "failed"
+    assert "cannot reach the fleet service" in res.report.error
+    kept = _pending(world)
+    assert kept and res.report.pending == len(kept)
+    assert current_version(world.device) == "1.0.0"
+    # the service comes back (re-init keeps state and queue): everything arrives, once each
+    world.init(report_url=peer.url)
+    out = report_events(world.device, fetch_config=FAST)
+    assert out.status == "sent" and out.acked == len(kept)
+    assert sorted(seq for _, seq in peer.events) == kept
+    assert _pending(world) == []
+
+
+def test_5xx_is_retried_a_bounded_number_of_times(world: World, peer: FleetPeer) -> None:
+    world.committed_at("v1")
+    world.init(report_url=peer.url)  # events of the first install are still queued
+    peer.replies = [(503, b"busy"), (502, b"")]
+    out = report_events(world.device, fetch_config=FAST)  # FAST: 2 retries
+    assert out.status == "sent" and len(peer.requests) == 3
+    peer.replies = [(503, b"")] * 6
+    world.use("v2")
+    res = world.update()  # the cycle's own report: 1 + 2 retries, then it gives up
+    assert res.status == "updated" and res.report is not None, res.to_dict()
+    assert res.report.status == "failed" and "HTTP 503" in res.report.error
+    before = _pending(world)
+    out = report_events(world.device, fetch_config=FAST)
+    assert out.status == "failed" and "HTTP 503" in out.error
+    assert len(peer.requests) == 3 + 3 + 3
+    assert _pending(world) == before
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        ((200, b"<html>ok</html>"), "not JSON"),
+        ((200, b'{"ack": true}'), "not a sequence number"),
+        ((200, b'{"ack": -1}'), "not a sequence number"),
+        ((200, b'{"ack": 1000000000}'), "beyond"),
+        ((200, b'{"ack": 0}'), "acknowledged none"),
+        ((200, b" " * (MAX_REPLY_BYTES + 1)), "too large"),
+        ((401, b"who are you"), "HTTP 401"),
+        ((404, b""), "HTTP 404"),
+    ],
+)
+def test_a_bad_reply_acknowledges_nothing(
+    world: World, peer: FleetPeer, reply: tuple[int, bytes], error: str
+) -> None:
+    world.committed_at("v1")
+    world.init(report_url=peer.url)
+    before = _pending(world)
+    peer.replies = [reply]
+    out = report_events(world.device, fetch_config=FAST)
+    assert out.status == "failed" and error in out.error, out
+    assert _pending(world) == before
+    assert len(peer.requests) == 1  # not retried: the answer was not a transient one
+
+
+def test_partial_acks_resend_the_rest(world: World, peer: FleetPeer) -> None:
+    world.committed_at("v1")
+    world.init(report_url=peer.url)
+    before = _pending(world)
+    peer.replies = [(200, json.dumps({"ack": before[1]}).encode())]
+    out = report_events(world.device, fetch_config=FAST)
+    assert out.status == "sent" and out.acked == len(before)
+    assert len(peer.requests) == 2
+    resent = [e["seq"] for e in json.loads(peer.requests[1]["body"])["events"]]
+    assert resent == before[2:]
+
+
+def test_a_full_queue_reports_its_drops_then_drains_in_bounded_batches(
+    world: World, peer: FleetPeer
+) -> None:
+    world.committed_at("v1")
+    world.init(report_url=peer.url)
+    dev = Device(world.device)
+    for i in range(dev.events.max_events + 40):
+        dev.events.append("checked", "det", "1.0.0", i=i)
+    assert dev.events.dropped > 0
+    dropped = dev.events.dropped
+    out = report_events(world.device, fetch_config=FAST)
+    assert out.status == "sent" and out.acked == dev.events.max_events
+    bodies = [json.loads(r["body"]) for r in peer.requests]
+    assert all(len(b["events"]) <= MAX_BATCH for b in bodies)
+    assert len(bodies) == -(-dev.events.max_events // MAX_BATCH)
+    assert bodies[0]["dropped"] == dropped and all(b["dropped"] == 0 for b in bodies[1:])
+    assert dev.events.dropped == 0 and dev.events.pending() == []
+
+
+def test_the_token_is_sent_and_a_bad_token_file_is_a_config_error(
+    world: World, peer: FleetPeer
+) -> None:
+    token = world.tmp / "token"
+    token.write_text("s3cr3t-T0ken\n")
+    world.use("v1")
+    world.init(report_url=peer.url, report_token_file=str(token))
+    assert world.update().report.status == "sent"  # type: ignore[union-attr]
+    assert peer.requests[0]["headers"]["Authorization"] == "Bearer s3cr3t-T0ken"
+    token.write_text("two words")
+    world.use("v2")
+    res = world.update()
+    assert res.status == "updated", res.to_dict()  # the update stands
+    assert res.report is not None and res.report.status == "failed"
+    assert "not one printable word" in res.report.error
+    with pytest.raises(ConfigError):
+        report_events(world.device)
+
+
+def test_ota_device_report_exit_codes(world: World, peer: FleetPeer) -> None:
+    from ota.cli._main import _register, cli
+
+    _register()
+
+    def ota(*args: str) -> tuple[int, str]:
+        r = CliRunner().invoke(cli, ["device", *args], catch_exceptions=False)
+        return r.exit_code, r.output
+
+    world.committed_at("v1")
+    code, out = ota("report", "--state-dir", str(world.device))
+    assert code == ExitCode.CONFIG and "no report URL" in out
+    world.init(report_url=_closed_port_url())
+    code, out = ota("report", "--state-dir", str(world.device), "--json")
+    assert code == ExitCode.TRANSIENT and json.loads(out)["status"] == "failed"
+    world.init(report_url=peer.url)
+    code, out = ota("report", "--state-dir", str(world.device))
+    assert code == ExitCode.OK and "events sent" in out
+    code, out = ota("report", "--state-dir", str(world.device))
+    assert code == ExitCode.OK and "events nothing" in out
