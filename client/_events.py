@@ -64,7 +64,7 @@ class EventQueue:
             return events, int(doc["next_seq"]), int(doc["dropped"])
         except FileNotFoundError:
             return [], 1, 0
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             # A queue is diagnostics, not state: start over, but say so.
             return [], 1, 1
 

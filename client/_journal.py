@@ -172,7 +172,7 @@ def parse(data: bytes) -> JournalState:
         state = JournalState(phase, txn, int(doc["seq"]), tuple(doc.get("history", [])))
     except JournalError:
         raise
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise JournalError(f"journal is invalid: {e}") from e
     if (state.phase is Phase.IDLE) != (state.txn is None):
         raise JournalError("journal: transaction present iff not idle")

@@ -195,7 +195,7 @@ def _ack(reply: bytes, carried: list[Event]) -> int:
         raise _ReportError("the fleet service's reply is too large")
     try:
         doc = json.loads(reply)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError too; deep nesting
         raise _ReportError("the fleet service's reply is not JSON") from e
     ack = doc.get("ack") if isinstance(doc, dict) else None
     if not isinstance(ack, int) or isinstance(ack, bool) or ack < 0:

@@ -424,7 +424,7 @@ def _validate_result(data: bytes, limit: int) -> dict[str, Any]:
         raise ValueError("child result is not exactly one line")
     try:
         doc = json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"child result is not JSON: {e}") from e
     if not isinstance(doc, dict) or set(doc) != child.RESULT_KEYS:
         raise ValueError("child result has unexpected fields")

@@ -149,7 +149,7 @@ class CommittedState:
             )
         except LocalError:
             raise
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise LocalError(f"device state is corrupt: {e}") from e
 
 
@@ -174,7 +174,7 @@ class StateDir:
         except FileNotFoundError as e:
             raise ConfigError(f"{self.root} is not an initialised device",
                               remedy="run `ota device init` first") from e
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise ConfigError(f"cannot read {self.config_path}: {e}") from e
         return DeviceConfig.from_dict(doc)
 

@@ -653,13 +653,25 @@ def _name_version(doc: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def _load_json(data: bytes, what: str) -> dict[str, Any]:
+    """A JSON object with unique keys; deep nesting, NaN and bad UTF-8 are FormatErrors."""
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{what} is not valid JSON: {e}") from e
+        doc = json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise FormatError(f"{what} is not valid JSON: {str(e)[:200]}") from e
     if not isinstance(doc, dict):
         raise FormatError(f"{what} is not a JSON object")
     return doc
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("duplicate key")
+    return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
 
 
 def _expect_keys(doc: Mapping[str, Any], keys: Iterable[str], what: str) -> None:

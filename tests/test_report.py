@@ -110,6 +110,7 @@ def test_5xx_is_retried_a_bounded_number_of_times(world: World, peer: FleetPeer)
     ("reply", "error"),
     [
         ((200, b"<html>ok</html>"), "not JSON"),
+        ((200, b"[" * 8000 + b"]" * 8000), "not JSON"),  # used to crash update_once
         ((200, b'{"ack": true}'), "not a sequence number"),
         ((200, b'{"ack": -1}'), "not a sequence number"),
         ((200, b'{"ack": 1000000000}'), "beyond"),
