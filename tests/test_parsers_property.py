@@ -193,9 +193,31 @@ def test_a_corrupt_event_queue_starts_over_and_says_so(data: bytes) -> None:
         assert len(q.pending()) == len(pending) + 1 or q.dropped >= 1
 
 
+def _npy_heads() -> list[bytes]:
+    """Real .npy headers (so the loader's header checks are reached), then mutated ones."""
+    import io
+
+    import numpy as np
+
+    heads = []
+    for arr in (np.zeros(4, np.float32), np.zeros((2, 3), np.int64), np.array(["ab"])):
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        heads.append(buf.getvalue())
+    heads.append(heads[0].replace(b"(4,)", b"(99999999999,)"))
+    heads.append(heads[0].replace(b"'<f4'", b"'|O'"))
+    return heads
+
+
+_NPY_HEADS = _npy_heads()
+
+
 @SETTINGS
-@given(st.lists(st.tuples(st.text(min_size=1, max_size=20), st.binary(max_size=200)),
-                max_size=4))
+@given(st.lists(st.tuples(
+    st.sampled_from(["x.npy", "y.npy", "x", ".npy", "../x.npy"])
+    | st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=20),
+    st.binary(max_size=200) | st.sampled_from(_NPY_HEADS).map(lambda h: h + b"\0" * 64),
+), max_size=4))
 def test_npz_loader_only_raises_bad_files(members: list[tuple[str, bytes]]) -> None:
     import tempfile
 
