@@ -115,15 +115,27 @@ def choose(dev: Device, session: TufSession, name: str) -> Choice | tuple[dict[s
     cur_rel = _slots.read_release(mdir, cur) if cur else None
     entry = index.get(cur_rel.version) if cur_rel else None
     prev = _slots.other(cur)
-    if cur and cur_rel and entry and entry.yanked and dev.revert_target(name):
-        dev.revert_txn(Txn(name, cur_rel.version, cur_rel.counter, cur, prev), "release yanked")
-        return ({"version": cur_rel.version, "reason": "yanked: reverted to the previous slot",
-                 "yank_reverted": True},)
+    skipped: list[dict[str, Any]] = []
+    if cur and cur_rel and entry and entry.yanked:
+        def yanked(version: str) -> bool:
+            e = index.get(version)
+            return e is None or e.yanked
+
+        if dev.revert_target(name, yanked=yanked):
+            dev.revert_txn(Txn(name, cur_rel.version, cur_rel.counter, cur, prev),
+                           "release yanked")
+            return ({"version": cur_rel.version, "reason": "yanked: reverted to the previous slot",
+                     "yank_reverted": True},)
+        # Nothing safe to go back to (below the security floor, yanked too, or none): keep
+        # the model running, say so, and take a newer release if there is one.
+        reason = "yanked, and no earlier release on this device is above the floor and not yanked"
+        skipped.append({"version": cur_rel.version, "reason": reason, "security": True})
+        dev.events.append("security", name, cur_rel.version, reason=reason)
     committed = dev.sd.load_state().committed()
     device = dev.cfg.facts()
     ranking = rank(index, device, committed, cur_rel.version if cur_rel else None)
-    skipped = [{"version": s.version, "reason": s.reason, "security": s.security}
-               for s in ranking.skipped]
+    skipped += [{"version": s.version, "reason": s.reason, "security": s.security}
+                for s in ranking.skipped]
     for s in ranking.skipped:
         if s.security:
             dev.events.append("security", name, s.version, reason=s.reason)
