@@ -23,6 +23,7 @@ from typing import Any
 from ota._atomic import write_bytes
 
 QUEUE_FORMAT = "edge-ota.events/1"
+MAX_EVENT_DATA_BYTES = 16 * 1024  # per event; with max_events=512 the file stays under 9 MB
 KINDS = frozenset({
     "checked", "downloaded", "staged", "smoke_passed", "smoke_failed", "committed",
     "confirmed", "reverted", "security", "refused", "failed", "resumed",
@@ -113,6 +114,11 @@ class EventQueue:
 
 
 def _jsonable(data: Mapping[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(dict(data), default=str))
+    """``data`` as plain JSON, cut to ``MAX_EVENT_DATA_BYTES`` (an error message may quote
+    remote data: the queue is bounded in bytes as well as in events)."""
+    text = json.dumps(dict(data), default=str, sort_keys=True)
+    if len(text) > MAX_EVENT_DATA_BYTES:
+        return {"truncated": True, "head": text[: MAX_EVENT_DATA_BYTES // 2]}
+    out = json.loads(text)
     assert isinstance(out, dict)
     return out

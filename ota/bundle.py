@@ -88,7 +88,7 @@ def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid model or runtime name, else raise InputError."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise InputError(
-            f"invalid name {name!r}",
+            f"invalid name {name!r:.80}",
             remedy="use 1-64 characters of a-z, 0-9, '.', '_' or '-', starting alphanumeric",
         )
     return name
@@ -98,7 +98,7 @@ def validate_version(version: str) -> str:
     """Return ``version`` if it is a SemVer 2.0 version string, else raise InputError."""
     if not isinstance(version, str) or len(version) > 128 or not _VERSION_RE.match(version):
         raise InputError(
-            f"invalid version {version!r}",
+            f"invalid version {version!r:.80}",
             remedy="use a SemVer version such as 1.4.0 or 2.0.0-rc.1",
         )
     return version
@@ -202,7 +202,7 @@ class Manifest:
         doc = _load_json(data, "manifest")
         _expect_keys(doc, {"format", "name", "version", "files"}, "manifest")
         if doc["format"] != MANIFEST_FORMAT:
-            raise FormatError(f"unsupported manifest format {doc['format']!r}")
+            raise FormatError(f"unsupported manifest format {doc['format']!r:.80}")
         name, version = _name_version(doc)
         raw_files = doc["files"]
         if not isinstance(raw_files, list) or not 0 < len(raw_files) <= limits.max_files:
@@ -417,11 +417,11 @@ class Release:
             "release",
         )
         if doc["format"] != RELEASE_FORMAT:
-            raise FormatError(f"unsupported release format {doc['format']!r}")
+            raise FormatError(f"unsupported release format {doc['format']!r:.80}")
         name, version = _name_version(doc)
         kind = doc["kind"]
         if kind not in ("model", "runtime"):
-            raise FormatError(f"bad release kind {kind!r}")
+            raise FormatError(f"bad release kind {kind!r:.80}")
         rollback_of = doc["rollback_of"]
         if rollback_of is not None:
             _name_version({"name": name, "version": rollback_of})
@@ -465,6 +465,8 @@ class TargetFacts:
 
     @classmethod
     def from_custom(cls, custom: Mapping[str, Any]) -> TargetFacts:
+        if not isinstance(custom, Mapping):  # python-tuf passes whatever the metadata holds
+            raise FormatError("target custom data is not an object")
         doc = custom.get(TARGET_CUSTOM_KEY)
         if not isinstance(doc, dict):
             raise FormatError("target lacks edge-ota custom data")
@@ -508,7 +510,7 @@ class RolloutState:
         if not isinstance(version, str) or not _VERSION_RE.match(version):
             raise FormatError("bad version in rollout entry")
         if doc["ring"] not in RINGS:
-            raise FormatError(f"unknown ring {doc['ring']!r}")
+            raise FormatError(f"unknown ring {doc['ring']!r:.80}")
         percent = _float(doc["percent"], "percent")
         if not 0.0 <= percent <= 100.0:
             raise FormatError("percent out of range")
@@ -552,6 +554,8 @@ class ModelIndex:
 
     @classmethod
     def from_custom(cls, custom: Mapping[str, Any], max_releases: int = 1024) -> ModelIndex:
+        if not isinstance(custom, Mapping):
+            raise FormatError("index custom data is not an object")
         doc = custom.get(TARGET_CUSTOM_KEY)
         if not isinstance(doc, dict):
             raise FormatError("index lacks edge-ota custom data")
@@ -679,7 +683,7 @@ def _expect_keys(doc: Mapping[str, Any], keys: Iterable[str], what: str) -> None
     have = set(doc)
     if have != want:
         missing, extra = sorted(want - have), sorted(have - want)
-        raise FormatError(f"{what}: missing {missing}, unexpected {extra}")
+        raise FormatError(f"{what}: missing {missing}, unexpected {str(extra)[:200]}")
 
 
 def _hex64(value: object, what: str) -> str:

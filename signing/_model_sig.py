@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -379,8 +379,8 @@ def _load_ec_private_key(path: Path) -> None:
 def _load_ec_public_key(pem: bytes) -> ec.EllipticCurvePublicKey:
     try:
         key = serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError) as e:
-        raise ConfigError("the model-signing public key is not a PEM public key") from e
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:  # e.g. a binary-field curve
+        raise ConfigError("the model-signing public key is not a supported PEM public key") from e
     _check_curve(key, "the model-signing public key")
     assert isinstance(key, ec.EllipticCurvePublicKey)
     return key

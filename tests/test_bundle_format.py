@@ -7,6 +7,8 @@ and other near misses.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ota.bundle import (
@@ -14,6 +16,9 @@ from ota.bundle import (
     FileEntry,
     FormatError,
     Manifest,
+    ModelIndex,
+    RolloutState,
+    TargetFacts,
     validate_bundle_path,
     validate_name,
     validate_version,
@@ -63,3 +68,28 @@ def test_manifest_refuses_digests_and_paths_with_a_trailing_newline() -> None:
         assert good.count(old.encode()) >= 1
         with pytest.raises(FormatError):
             Manifest.from_bytes(good.replace(old.encode(), new.encode()))
+
+
+@pytest.mark.parametrize("custom", [None, "not an object", [1, 2], 7])
+def test_target_custom_data_that_is_not_an_object_is_a_format_error(custom: object) -> None:
+    """python-tuf hands over whatever a target's ``custom`` holds (review finding: a string
+    crashed the updater with AttributeError instead of a security refusal)."""
+    with pytest.raises(FormatError):
+        TargetFacts.from_custom(custom)  # type: ignore[arg-type]
+    with pytest.raises(FormatError):
+        ModelIndex.from_custom(custom)  # type: ignore[arg-type]
+
+
+def test_error_messages_do_not_echo_huge_remote_values() -> None:
+    """Messages end up in events and reports: a remote value is quoted, never in full."""
+    huge = "x" * 4_000_000
+    doc = {"version": "1.0.0", "counter": 1, "ring": huge, "percent": "1", "paused": False,
+           "yanked": False}
+    with pytest.raises(FormatError) as info:
+        RolloutState.from_dict(doc)
+    assert len(str(info.value)) < 400
+    manifest = json.loads(_manifest())
+    manifest.update({f"k{i}": i for i in range(300_000)})
+    with pytest.raises(FormatError) as info:
+        Manifest.from_bytes(json.dumps(manifest).encode())
+    assert len(str(info.value)) < 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,16 @@ def test_unknown_kind_and_corrupt_file(tmp_path: Path) -> None:
     assert q.pending() == [] and q.dropped == 1
     q.append("security", reason="x")
     assert len(q.pending()) == 1
+
+
+def test_event_data_is_bounded_in_bytes(tmp_path: Path) -> None:
+    """An error message may quote remote data; the queue stays bounded in bytes too."""
+    from ota.client._events import MAX_EVENT_DATA_BYTES
+
+    q = EventQueue(tmp_path / "events.json")
+    q.append("security", "det", "1.0.0", reason="x" * 4_000_000)
+    [ev] = q.pending()
+    assert ev.data["truncated"] is True
+    assert len(json.dumps(ev.to_dict())) < MAX_EVENT_DATA_BYTES
+    q.append("checked", "det", "1.0.0", figures={"a": 1})
+    assert q.pending()[-1].data == {"figures": {"a": 1}}

@@ -499,6 +499,13 @@ REFUSED: dict[str, _R] = {  # both verifiers raise SignatureError
     ),
 }
 
+_SECT163K1_PEM = b"""-----BEGIN PUBLIC KEY-----
+MEAwEAYHKoZIzj0CAQYFK4EEAAEDLAAEB+geGRd7ofRcZeJt5679j4LszSg2AU3r
+GyEZUyHp9tG52s5tQgQxpLbl
+-----END PUBLIC KEY-----
+"""
+
+
 BAD_INPUT: dict[str, tuple[_R, type[OtaError]]] = {
     "digests-empty": (lambda w: Attempt(w.sig, digests={}), InputError),
     "digests-name-the-signature": (
@@ -522,6 +529,9 @@ BAD_INPUT: dict[str, tuple[_R, type[OtaError]]] = {
         ConfigError,
     ),
     "not-a-public-key": (lambda w: Attempt(w.sig, public_pem=b"not a key"), ConfigError),
+    # a binary-field curve cryptography cannot load (UnsupportedAlgorithm): once escaped as a
+    # crash, so a bad key in trust/signers.json blocked every signer after it (review finding)
+    "sect163k1-public-key": (lambda w: Attempt(w.sig, public_pem=_SECT163K1_PEM), ConfigError),
 }
 _EXPECTED = {**{name: (build, SignatureError) for name, build in REFUSED.items()}, **BAD_INPUT}
 
