@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import filelock
+
 from ota._atomic import write_bytes
 from ota.bundle import DEFAULT_LIMITS, Limits
 from ota.errors import (
@@ -103,6 +105,9 @@ class UpdateResult:
                 "report": self.report.to_dict() if self.report else None}
 
 
+_INIT_LOCK_WAIT_S = 30.0
+
+
 def init_device(state_dir: Path | str, repo_url: str, root: bytes, device_id: str,
                 models: list[str] | tuple[str, ...], **options: Any) -> DeviceConfig:
     """Initialise a state directory: device facts, repository URL, trusted root.
@@ -125,8 +130,15 @@ def init_device(state_dir: Path | str, repo_url: str, root: bytes, device_id: st
     sd = StateDir(state_dir)
     _check_root(root, sd.root)
     sd.root.mkdir(parents=True, exist_ok=True)
-    write_bytes(sd.root_path, root)
-    sd.save_config(cfg)
+    # Re-init of a live device: wait (bounded) for a running updater rather than change its
+    # config and trust anchor under it. The lock only; a corrupt config must stay fixable.
+    try:
+        with filelock.FileLock(str(sd.lock_path), timeout=_INIT_LOCK_WAIT_S):
+            write_bytes(sd.root_path, root)
+            sd.save_config(cfg)
+    except filelock.Timeout as e:
+        raise ConflictError(f"an updater holds {sd.lock_path}",
+                            remedy="retry when it has finished its cycle") from e
     return cfg
 
 

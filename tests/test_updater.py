@@ -416,3 +416,22 @@ def test_model_exhausting_its_memory_limit_is_reverted(world: World) -> None:
     [event] = world.events("smoke_failed")
     assert "memory" in json.dumps(event)
     assert world.update().status == "up_to_date"  # never retried
+
+
+def test_reinit_waits_for_a_running_updater(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``init_device`` on a live device takes the updater's lock (review finding): it never
+    swaps the config or trust anchor under a running cycle."""
+    import filelock
+
+    import ota.client._updater as updater
+    from ota.errors import ConflictError
+
+    world.committed_at("v1")
+    monkeypatch.setattr(updater, "_INIT_LOCK_WAIT_S", 0.2)
+    before = (world.device / "device.json").read_bytes()
+    with filelock.FileLock(str(world.device / ".lock"), timeout=1):
+        with pytest.raises(ConflictError):
+            world.init(ring="ga")
+        assert (world.device / "device.json").read_bytes() == before
+    world.init(ring="ga")
+    assert json.loads((world.device / "device.json").read_bytes())["ring"] == "ga"
