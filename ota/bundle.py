@@ -73,7 +73,7 @@ class Limits:
     max_manifest_bytes: int = 8 * 1024 * 1024
     max_release_bytes: int = 64 * 1024
     max_files: int = 4096
-    max_chunks: int = 1 << 20
+    max_chunks: int = 1 << 17  # 128 GiB at FastCDC's 1 MiB average; bounds the manifest parse
     max_chunk_size: int = 8 * 1024 * 1024
     max_file_size: int = 64 * 1024**3
     max_bundle_size: int = 128 * 1024**3
@@ -199,6 +199,12 @@ class Manifest:
         """
         if len(data) > limits.max_manifest_bytes:
             raise FormatError(f"manifest of {len(data)} bytes exceeds the limit")
+        # Bound what json.loads may allocate before it runs: names, versions, paths and hex
+        # digests cannot contain these characters, so a real manifest has about 10 per file
+        # and 3 per chunk. 8 MiB of "[]," would otherwise cost ~200 MiB to parse.
+        tokens = sum(data.count(c) for c in (b"{", b"[", b",", b":"))
+        if tokens > 64 + 16 * limits.max_files + 4 * limits.max_chunks:
+            raise FormatError("manifest has more JSON structure than its limits allow")
         doc = _load_json(data, "manifest")
         _expect_keys(doc, {"format", "name", "version", "files"}, "manifest")
         if doc["format"] != MANIFEST_FORMAT:

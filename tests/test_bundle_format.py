@@ -93,3 +93,16 @@ def test_error_messages_do_not_echo_huge_remote_values() -> None:
     with pytest.raises(FormatError) as info:
         Manifest.from_bytes(json.dumps(manifest).encode())
     assert len(str(info.value)) < 400
+
+
+def test_a_manifest_made_of_json_structure_is_refused_before_parsing() -> None:
+    """8 MiB of ``[],`` (within the size limit) cost ~200 MiB to parse (review finding)."""
+    import resource
+
+    data = b"[" + b"[]," * (2_796_000) + b"[]]"
+    assert len(data) <= 8 * 1024 * 1024
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(FormatError, match="more JSON structure"):
+        Manifest.from_bytes(data)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024  # KiB
+    Manifest.from_bytes(_manifest())  # a real one still parses
