@@ -99,11 +99,13 @@ def _skip_rest(report: Report) -> Report:
 
 def _tuf_step(report: Report, source: Source, root: bytes, path: str,
               work: Path) -> tuple[TufView, TargetFile] | None:  # fmt: skip
+    view: TufView | None = None
     try:
         view = TufView(source, root, work)
         info = view.target(path)
     except _TUF_ERRORS as e:
-        report.add("tuf", "failed", f"metadata refused by python-tuf: {_tuf_reason(e)}")
+        where = f" (reading {view.fetcher.last})" if view and view.fetcher.last else ""
+        report.add("tuf", "failed", f"metadata refused by python-tuf{where}: {_tuf_reason(e)}")
         return None
     if info is None:
         report.add("tuf", "failed", f"{path} is not a target of the verified metadata")

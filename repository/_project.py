@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tomllib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -315,38 +316,17 @@ def init_project(
         signers.sign(md, {k.keyid: k for k in keys}, threshold, role)
         return md.to_bytes(_SERIALIZER)
 
-    snapshot = Snapshot(expires=now + expiry.for_role("snapshot"))
-    bin_docs: list[tuple[str, bytes]] = []
-    for name in succinct.get_roles():
-        md = Metadata(Targets(expires=now + expiry.for_role(name)))
-        bin_docs.append((md_key(name, 1), signed_bytes(md, role_keys["bins"], 1, name)))
-        snapshot.meta[f"{name}.json"] = MetaFile(version=1)
-    snapshot.meta["targets.json"] = MetaFile(version=1)
-    snapshot.meta[f"{RELEASES_ROLE}.json"] = MetaFile(version=1)
-    bin_docs.append(
-        (
-            md_key(RELEASES_ROLE, 1),
-            signed_bytes(Metadata(releases), role_keys["bins"], 1, RELEASES_ROLE),
-        )
+    bin_docs, targets_bytes, snapshot_bytes, timestamp = _first_versions(
+        signed_bytes, role_keys, targets, releases, succinct, expiry, now
     )
-    timestamp = Timestamp(expires=now + expiry.for_role("timestamp"), snapshot_meta=MetaFile(1))
-
     root_bytes = signed_bytes(Metadata(root), role_keys["root"], root_threshold, "root")
     _put_target_file(storage, SIGNERS_TARGET, signers_doc)
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda kv: storage.put(kv[0], kv[1], if_none_match=True), bin_docs))
     storage.put(md_key("root", 1), root_bytes, if_none_match=True)
     storage.put("metadata/root.json", root_bytes)
-    storage.put(
-        md_key("targets", 1),
-        signed_bytes(Metadata(targets), role_keys["targets"], 1, "targets"),
-        if_none_match=True,
-    )
-    storage.put(
-        md_key("snapshot", 1),
-        signed_bytes(Metadata(snapshot), role_keys["snapshot"], 1, "snapshot"),
-        if_none_match=True,
-    )
+    storage.put(md_key("targets", 1), targets_bytes, if_none_match=True)
+    storage.put(md_key("snapshot", 1), snapshot_bytes, if_none_match=True)
     try:
         storage.put(
             HEAD_KEY,
@@ -376,6 +356,37 @@ def target_storage_key(path: str, sha256: str) -> str:
     """Storage key of a TUF target under consistent snapshots: ``targets/<dir>/<hash>.<name>``."""
     dirname, _, base = path.rpartition("/")
     return f"targets/{dirname}/{sha256}.{base}" if dirname else f"targets/{sha256}.{base}"
+
+
+def _first_versions(
+    signed_bytes: Callable[[Metadata[Any], list[SSlibKey], int, str], bytes],
+    role_keys: dict[str, list[SSlibKey]],
+    targets: Targets,
+    releases: Targets,
+    succinct: Any,
+    expiry: Expiry,
+    now: datetime,
+) -> tuple[list[tuple[str, bytes]], bytes, bytes, Timestamp]:
+    """Version 1 of the bins, ``releases``, ``targets`` and ``snapshot`` roles, signed, and
+    the unsigned first timestamp. Every meta entry carries its file's length: python-tuf then
+    downloads at most that many bytes before checking a signature (a mirror cannot feed a
+    device megabytes)."""
+    snapshot = Snapshot(expires=now + expiry.for_role("snapshot"))
+    bin_docs: list[tuple[str, bytes]] = []
+    for name in succinct.get_roles():
+        md = Metadata(Targets(expires=now + expiry.for_role(name)))
+        data = signed_bytes(md, role_keys["bins"], 1, name)
+        bin_docs.append((md_key(name, 1), data))
+        snapshot.meta[f"{name}.json"] = MetaFile(version=1, length=len(data))
+    releases_bytes = signed_bytes(Metadata(releases), role_keys["bins"], 1, RELEASES_ROLE)
+    bin_docs.append((md_key(RELEASES_ROLE, 1), releases_bytes))
+    snapshot.meta[f"{RELEASES_ROLE}.json"] = MetaFile(version=1, length=len(releases_bytes))
+    targets_bytes = signed_bytes(Metadata(targets), role_keys["targets"], 1, "targets")
+    snapshot.meta["targets.json"] = MetaFile(version=1, length=len(targets_bytes))
+    snapshot_bytes = signed_bytes(Metadata(snapshot), role_keys["snapshot"], 1, "snapshot")
+    timestamp = Timestamp(expires=now + expiry.for_role("timestamp"),
+                          snapshot_meta=MetaFile(1, length=len(snapshot_bytes)))
+    return bin_docs, targets_bytes, snapshot_bytes, timestamp
 
 
 def _put_target_file(storage: Storage, path: str, data: bytes) -> TargetFile:

@@ -105,9 +105,11 @@ class SourceFetcher(FetcherInterface):
     def __init__(self, source: Source) -> None:
         self.source = source
         self.served: dict[str, bytes] = {}
+        self.last = ""  # the last file asked for: names the culprit when python-tuf refuses
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         key = url.removeprefix(_BASE)
+        self.last = key
         try:
             data = self.source.read(parse.unquote(key), MAX_FETCH_BYTES)
         except NotFound as e:

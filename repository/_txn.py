@@ -234,16 +234,20 @@ class Transaction:
             for role in sorted(self._dirty):
                 md = self._loaded[role]
                 md.signed.expires = now + self.lifetime(role)
-                version = self._write_versioned(md, role)
-                snap.meta[f"{role}.json"] = MetaFile(version=version)
+                version, length = self._write_versioned(md, role)
+                snap.meta[f"{role}.json"] = MetaFile(version=version, length=length)
             snap.expires = now + self.lifetime(Snapshot.type)
-            snap_version = self._write_versioned(self.snapshot, Snapshot.type)
+            snap_version, written = self._write_versioned(self.snapshot, Snapshot.type)
+            snap_length: int | None = written
         else:
             snap_version = snap.version
+            old = self.timestamp.signed.snapshot_meta
+            snap_length = old.length if old.version == snap_version else None
         ts = self.timestamp.signed
         ts.version += 1
         ts.expires = now + self.lifetime(Timestamp.type)
-        ts.snapshot_meta = MetaFile(version=snap_version)
+        # signed lengths: python-tuf reads at most that many bytes of each file (ADR 0002)
+        ts.snapshot_meta = MetaFile(version=snap_version, length=snap_length)
         self._sign(self.timestamp, Timestamp.type)
         head = self.timestamp.to_bytes(_SERIALIZER)
         try:
@@ -318,7 +322,8 @@ class Transaction:
                     remedy=f"configure the new {role} key URI in ota.toml",
                 ) from e
 
-    def _write_versioned(self, md: Metadata[Any], role: str) -> int:
+    def _write_versioned(self, md: Metadata[Any], role: str) -> tuple[int, int]:
+        """Write the next free version of ``role``; return (version, length in bytes)."""
         version: int = 1 if role in self._new else md.signed.version + 1
         for _ in range(_MAX_VERSION_SKIPS):
             md.signed.version = version
@@ -326,10 +331,10 @@ class Transaction:
             data = md.to_bytes(_SERIALIZER)
             try:
                 self._store.put(md_key(role, version), data, if_none_match=True)
-                return version
+                return version, len(data)
             except PreconditionFailed:
                 if self._is_ours(md_key(role, version), data):
-                    return version  # our own write, retried after a lost reply
+                    return version, len(data)  # our own write, retried after a lost reply
                 version += 1  # an orphan of a lost or crashed publish: never overwrite it
         raise ConflictError(f"too many concurrent versions of {role}")
 

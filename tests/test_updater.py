@@ -79,8 +79,13 @@ def test_update_reuses_local_chunks(world: World) -> None:
     assert stage["bytes_reused"] + stage["bytes_linked"] > 0
     assert stage["bytes_downloaded"] < stage["bytes_total"]
     assert current_version(world.device) == "1.1.0"
-    assert {e["kind"] for e in world.events()} >= {"downloaded", "staged", "smoke_passed",
-                                                   "committed", "confirmed"}
+    assert {e["kind"] for e in world.events()} >= {
+        "downloaded",
+        "staged",
+        "smoke_passed",
+        "committed",
+        "confirmed",
+    }
 
 
 # -- attacks ------------------------------------------------------------------------------
@@ -128,8 +133,9 @@ def test_tampered_chunk_refused(world: World) -> None:
     _refused(world, world.update())
 
 
-def test_extra_file_not_covered_by_signature_refused(world: World,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_extra_file_not_covered_by_signature_refused(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     world.committed_at("v1")
     import ota.signing
 
@@ -148,8 +154,9 @@ def test_missing_file_refused(world: World, monkeypatch: pytest.MonkeyPatch) -> 
     import ota.repository._publish as pub
 
     def without_provenance(name: str, version: str, files: Any) -> Manifest:
-        return Manifest(name, version,
-                        tuple(f for f in files if f.path != "provenance.intoto.json"))
+        return Manifest(
+            name, version, tuple(f for f in files if f.path != "provenance.intoto.json")
+        )
 
     monkeypatch.setattr(pub, "Manifest", without_provenance)
     _publish_v2(world)
@@ -214,8 +221,9 @@ def test_wrong_hardware_tier_skipped(world: World) -> None:
     assert world.events("refused")
 
 
-def test_relabelled_tier_in_target_facts_refused(world: World,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relabelled_tier_in_target_facts_refused(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A compromised online key re-labels a gpu-only bundle as fit for every tier."""
     world.committed_at("v1")
     import dataclasses
@@ -284,8 +292,9 @@ def test_wrong_signing_key_refused(world: World, monkeypatch: pytest.MonkeyPatch
     import ota.signing
 
     real = ota.signing.sign_digests
-    monkeypatch.setattr(ota.signing, "sign_digests",
-                        lambda digests, _key, *a, **kw: real(digests, other, *a, **kw))
+    monkeypatch.setattr(
+        ota.signing, "sign_digests", lambda digests, _key, *a, **kw: real(digests, other, *a, **kw)
+    )
     _publish_v2(world)
     _refused(world, world.update())
 
@@ -435,3 +444,31 @@ def test_reinit_waits_for_a_running_updater(world: World, monkeypatch: pytest.Mo
         assert (world.device / "device.json").read_bytes() == before
     world.init(ring="ga")
     assert json.loads((world.device / "device.json").read_bytes())["ring"] == "ga"
+
+
+def test_padded_metadata_is_cut_at_its_signed_length(world: World) -> None:
+    """A mirror pads snapshot and bin metadata with megabytes of whitespace. The signature
+    still verifies (it covers the canonical form), so only the signed lengths that snapshot
+    and timestamp carry stop python-tuf from downloading and parsing it all (review finding:
+    ~160 MiB of updater memory)."""
+    world.committed_at("v1")
+    _publish_v2(world)
+    snapshot = json.loads((world.repo / "metadata" / "timestamp.json").read_bytes())
+    assert snapshot["signed"]["meta"]["snapshot.json"]["length"] > 0
+    newest = max(
+        world.repo.glob("metadata/*.snapshot.json"), key=lambda p: int(p.name.split(".")[0])
+    )
+    assert all("length" in m for m in json.loads(newest.read_bytes())["signed"]["meta"].values())
+    padded = 0
+    for path in world.repo.glob("metadata/*.json"):
+        if ".bins-" in path.name or ".snapshot." in path.name or ".releases." in path.name:
+            path.chmod(0o644)
+            with path.open("ab") as fh:
+                fh.write(b" " * 3_000_000)
+            padded += 1
+    assert padded >= 3
+    res = world.update()
+    assert res.status == "security", res.to_dict()
+    assert "endless data" in res.outcomes[0].reason
+    assert res.bytes < 1_000_000  # cut at the signed length, not read to the 2-5 MB caps
+    assert current_version(world.device) == "1.0.0"
