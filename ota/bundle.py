@@ -662,10 +662,16 @@ def _name_version(doc: Mapping[str, Any]) -> tuple[str, str]:
     return name, version
 
 
+def strict_json(data: bytes | str) -> Any:
+    """``json.loads`` refusing duplicate keys and NaN/Infinity (ValueError). Bad UTF-8 is a
+    ValueError too; deep nesting a RecursionError: callers map both to their error class."""
+    return json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
 def _load_json(data: bytes, what: str) -> dict[str, Any]:
     """A JSON object with unique keys; deep nesting, NaN and bad UTF-8 are FormatErrors."""
     try:
-        doc = json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        doc = strict_json(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise FormatError(f"{what} is not valid JSON: {str(e)[:200]}") from e
     if not isinstance(doc, dict):

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -46,7 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from securesystemslib.dsse import Envelope
 
-from ota.bundle import DEFAULT_LIMITS, FormatError, validate_bundle_path
+from ota.bundle import DEFAULT_LIMITS, FormatError, strict_json, validate_bundle_path
 from ota.signing._errors import SignatureError
 from ota.signing._keys import key_fingerprint
 from ota.signing._model_sig import (
@@ -244,22 +243,9 @@ def _json(raw: bytes, max_tokens: int, what: str) -> Any:
     if sum(raw.count(c) for c in (b"{", b"[", b",", b":")) > max_tokens:
         raise SignatureError(f"malformed signature: the {what} has too many JSON elements")
     try:
-        return json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant
-        )
+        return strict_json(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError, ours
         raise SignatureError(f"malformed signature: the {what} is not JSON ({e})") from e
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate key")
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
 
 
 def _b64(value: object, what: str) -> bytes:
