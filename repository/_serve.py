@@ -44,7 +44,9 @@ def serve_forever(root: Path, host: str, port: int) -> None:
     from werkzeug.serving import make_server
 
     server = make_server(host, port, create_app(root), threaded=True)
-    print(f"serving {root} on http://{host}:{server.server_port}", flush=True)
+    print(f"serving {root} on http://{host}:{server.server_port}"
+          " (embedded server: for a fleet, serve the folder with nginx, S3 or a CDN;"
+          " see docs/serving/)", flush=True)
     try:
         server.serve_forever()
     finally:
