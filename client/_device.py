@@ -162,14 +162,14 @@ class Device:
         return self.journal.advance(Phase.IDLE)
 
     def revert_target(self, name: str, *, yanked: Callable[[str], bool] | None = None,
-                      ) -> tuple[str, Release, str] | None:
+                      floor: int = 0) -> tuple[str, Release, str] | None:
         """``(current slot, its release, inactive slot)`` when the inactive slot holds the
         release committed before the current one, i.e. going there is a revert. None when
         nothing is current, or the inactive slot holds no release, one that failed here
         (reverted, smoke failed), one newer than the current release (staged after it and
         abandoned, so never committed: switching would install it untested), one below the
-        security floor this device has committed (a revert is never a downgrade past the
-        floor), or one that ``yanked`` says is yanked."""
+        security floor (``floor``, e.g. the signed index's, or the one this device has
+        committed: a revert is never a downgrade past it), or one ``yanked`` says is yanked."""
         mdir = self.mdir(name)
         cur = _slots.current_slot(mdir)
         cur_rel = _slots.read_release(mdir, cur) if cur else None
@@ -182,7 +182,7 @@ class Device:
         state = self.sd.load_state()
         if (name, prev_rel.version) in state.failed:
             return None
-        floor = max(state.models[name].floor if name in state.models else 0,
+        floor = max(floor, state.models[name].floor if name in state.models else 0,
                     cur_rel.security_floor)
         if prev_rel.counter < floor:
             return None

@@ -34,7 +34,7 @@ from ._chunks import ChunkIndex, StageStats, stage
 from ._device import Device
 from ._fetch import BlobFetcher, FetchConfig
 from ._journal import Phase, Txn
-from ._policy import check_release, rank
+from ._policy import check_release, floor_of, rank
 from ._tuf import TufSession
 
 DISK_RESERVE = 16 * 1024 * 1024
@@ -121,16 +121,21 @@ def choose(dev: Device, session: TufSession, name: str) -> Choice | tuple[dict[s
             e = index.get(version)
             return e is None or e.yanked
 
-        if dev.revert_target(name, yanked=yanked):
+        floor = floor_of(name, index, dev.sd.load_state().committed())
+        if dev.revert_target(name, yanked=yanked, floor=floor):
             dev.revert_txn(Txn(name, cur_rel.version, cur_rel.counter, cur, prev),
                            "release yanked")
             return ({"version": cur_rel.version, "reason": "yanked: reverted to the previous slot",
                      "yank_reverted": True},)
         # Nothing safe to go back to (below the security floor, yanked too, or none): keep
-        # the model running, say so, and take a newer release if there is one.
+        # the model running, report it once per release (not every poll: the daemon must
+        # not back off, a fixed release may come), and take a newer release if there is one.
         reason = "yanked, and no earlier release on this device is above the floor and not yanked"
-        skipped.append({"version": cur_rel.version, "reason": reason, "security": True})
-        dev.events.append("security", name, cur_rel.version, reason=reason)
+        skipped.append({"version": cur_rel.version, "reason": reason, "kept_yanked": True})
+        state = dev.sd.load_state()
+        if not state.noticed(name, cur_rel.version, "kept_yanked"):
+            dev.events.append("security", name, cur_rel.version, reason=reason)
+            dev.sd.save_state(state.with_notice(name, cur_rel.version, "kept_yanked"))
     committed = dev.sd.load_state().committed()
     device = dev.cfg.facts()
     ranking = rank(index, device, committed, cur_rel.version if cur_rel else None)

@@ -104,6 +104,7 @@ class CommittedState:
     models: dict[str, ModelState] = field(default_factory=dict)
     failed: tuple[tuple[str, str], ...] = ()
     attempts: dict[str, int] = field(default_factory=dict)  # "name@version" -> recoveries
+    notices: tuple[str, ...] = ()  # "name@version:what" conditions already reported once
 
     def committed(self) -> Committed:
         return Committed(
@@ -119,6 +120,12 @@ class CommittedState:
         attempts = {k: v for k, v in self.attempts.items() if k != f"{name}@{version}"}
         return replace(self, failed=failed, attempts=attempts)
 
+    def noticed(self, name: str, version: str, what: str) -> bool:
+        return f"{name}@{version}:{what}" in self.notices
+
+    def with_notice(self, name: str, version: str, what: str) -> CommittedState:
+        return replace(self, notices=(*self.notices, f"{name}@{version}:{what}")[-MAX_FAILED:])
+
     def with_confirmed(self, name: str, version: str, counter: int, floor: int) -> CommittedState:
         old = self.models.get(name)
         models = dict(self.models)
@@ -133,6 +140,7 @@ class CommittedState:
             "models": {n: asdict(m) for n, m in sorted(self.models.items())},
             "failed": [list(p) for p in self.failed],
             "attempts": dict(sorted(self.attempts.items())),
+            "notices": list(self.notices),
         }
         return json.dumps(doc, sort_keys=True, indent=1).encode()
 
@@ -146,6 +154,7 @@ class CommittedState:
                 models={n: ModelState(**m) for n, m in doc["models"].items()},
                 failed=tuple((str(a), str(b)) for a, b in doc["failed"]),
                 attempts={str(k): int(v) for k, v in doc["attempts"].items()},
+                notices=tuple(str(n) for n in doc.get("notices", [])),  # absent before 2026-11
             )
         except LocalError:
             raise

@@ -248,29 +248,35 @@ def test_yanked_release_not_installed(world: World) -> None:
     assert current_version(world.device) == "1.0.0"
 
 
-@pytest.mark.parametrize("why", ["below the floor", "yanked too"])
+@pytest.mark.parametrize("why", ["below the floor", "below the index floor", "yanked too"])
 def test_a_yank_never_reverts_below_the_floor_or_onto_a_yanked_release(
     world: World, why: str
 ) -> None:
     """What a compromised online key can do: yank the current release. The device may go back
-    only to an earlier release that is above its committed security floor and not yanked;
-    otherwise it keeps the current model, reports a security event, and still takes a newer
-    release when one comes."""
+    only to an earlier release that is above the security floor (its own or the signed
+    index's) and not yanked; otherwise it keeps the current model, reports a security event
+    once, keeps polling normally (up to date, no daemon backoff), and takes a newer release
+    when one comes."""
     world.committed_at("v1")  # 1.0.0, counter 1
     floor = 2 if why == "below the floor" else 0
     _publish_v2(world, "1.2.0", security_floor=floor)  # counter 2
     assert world.update().status == "updated"
     if why == "yanked too":
         yank(world.project(), "det", "1.0.0")
+    if why == "below the index floor":  # the fix is signed but not rolled out yet
+        publish_mlp(world.project(), "det", "1.3.0", seed=3, security_floor=3)
+        pause(world.project(), "det", "1.3.0")
     yank(world.project(), "det", "1.2.0")
-    res = world.update()
-    assert res.status == "security" and res.exit_code == ExitCode.SECURITY, res.to_dict()
-    assert current_version(world.device) == "1.2.0"
+    for _ in range(2):
+        res = world.update()
+        assert res.status == "up_to_date", res.to_dict()
+        assert any(s.get("kept_yanked") for s in res.outcomes[0].skipped)
+        assert current_version(world.device) == "1.2.0"
     [event] = [e for e in world.events("security") if e["version"] == "1.2.0"]
     assert "no earlier release" in event["data"]["reason"]
-    publish_mlp(world.project(), "det", "1.3.0", seed=3)
+    publish_mlp(world.project(), "det", "1.4.0", seed=4)
     res = world.update()
-    assert res.status == "updated" and current_version(world.device) == "1.3.0", res.to_dict()
+    assert res.status == "updated" and current_version(world.device) == "1.4.0", res.to_dict()
 
 
 def test_a_yank_reverts_to_a_safe_earlier_release(world: World) -> None:
