@@ -31,18 +31,21 @@ Invariants (the fleet service is trusted with diagnostics only, never with the d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.parse
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import urllib3
 
-from ota.errors import ConfigError
+from ota.errors import ConfigError, OtaError
 
-from ._events import Event
+from ._events import Event, Snapshot
 from ._fetch import FetchConfig, backoff_delay, make_pool
 
 REPORT_FORMAT = "edge-ota.report/1"
@@ -51,6 +54,7 @@ MAX_BATCHES = 20
 MAX_BODY_BYTES = 512 * 1024
 MAX_REPLY_BYTES = 16 * 1024
 MAX_TOKEN_BYTES = 4096
+FLUSH_DEADLINE_S = 20.0  # one flush, all batches and retries
 _RETRY = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -75,13 +79,23 @@ class _ReportError(Exception):
 
 
 def flush_events(dev: Any, fcfg: FetchConfig | None = None, *,
-                 pool: urllib3.PoolManager | None = None) -> ReportOutcome:
-    """Send pending events of ``dev`` (an opened, locked :class:`~ota.client._device.Device`)
-    in batches until the queue is empty, a request fails, or ``MAX_BATCHES`` were sent."""
+                 lock: Callable[[], AbstractContextManager[None]] | None = None,
+                 pool: urllib3.PoolManager | None = None,
+                 deadline_s: float = FLUSH_DEADLINE_S) -> ReportOutcome:
+    """Send pending events of ``dev`` (an opened :class:`~ota.client._device.Device`) in
+    batches until the queue is empty, a request fails, ``MAX_BATCHES`` were sent or
+    ``deadline_s`` has passed.
+
+    ``lock`` (the state directory's, with a short timeout) is held only to read a batch and
+    to acknowledge it, never while talking to the fleet service: a slow or hostile service
+    can delay reports, never the device's own transactions (``ota device confirm``).
+    """
     url = dev.cfg.report_url
     if not url:
         return ReportOutcome("disabled", pending=len(dev.events.pending()))
     cfg = fcfg or FetchConfig()
+    guard = lock or contextlib.nullcontext
+    deadline = time.monotonic() + deadline_s
     own_pool = pool is None
     pool = pool or make_pool(cfg)
     headers = {"Content-Type": "application/json"}
@@ -92,29 +106,39 @@ def flush_events(dev: Any, fcfg: FetchConfig | None = None, *,
     sent = acked = 0
     try:
         for _ in range(MAX_BATCHES):
-            events = dev.events.pending(limit=MAX_BATCH)
-            dropped = dev.events.dropped
-            if not events and not dropped:
+            with guard():
+                batch = dev.events.snapshot(MAX_BATCH)
+            if not batch.events and not batch.dropped:
                 break
-            body, carried = _body(dev, events, dropped)
+            body, carried = _body(dev, batch)
             try:
-                ack = _post(pool, endpoint, body, headers, cfg, carried)
+                ack = _post(pool, endpoint, body, headers, cfg, carried, deadline)
             except _ReportError as e:
-                return ReportOutcome("partial" if acked else "failed", sent, acked,
-                                     len(dev.events.pending()), str(e))
+                return _stopped(dev, sent, acked, str(e))
             sent += len(carried)
-            removed = dev.events.ack(ack)  # also resets the drop count, now reported
+            if carried and ack < carried[0].seq:
+                return _stopped(dev, sent, acked,
+                                "the fleet service acknowledged none of the events sent")
+            try:
+                with guard():
+                    removed = dev.events.ack(ack, dropped_reported=batch.dropped,
+                                             epoch=batch.epoch)
+            except OtaError as e:  # the lock is busy: the batch is sent again next time
+                return _stopped(dev, sent, acked, f"not acknowledged locally: {e}")
             acked += removed
-            if carried and removed == 0:
-                return ReportOutcome("partial" if acked else "failed", sent, acked,
-                                     len(dev.events.pending()),
-                                     "the fleet service acknowledged none of the events sent")
+            if not removed and not carried:
+                break  # only a drop count went out, and the queue changed meanwhile
     finally:
         if own_pool:
             pool.clear()
     left = len(dev.events.pending())
-    status = "nothing" if sent == 0 else ("sent" if left == 0 else "partial")
+    status = "nothing" if sent == 0 and acked == 0 else ("sent" if left == 0 else "partial")
     return ReportOutcome(status, sent, acked, left)
+
+
+def _stopped(dev: Any, sent: int, acked: int, error: str) -> ReportOutcome:
+    return ReportOutcome("partial" if acked else "failed", sent, acked,
+                         len(dev.events.pending()), error)
 
 
 def _token(path: str) -> str:
@@ -131,9 +155,9 @@ def _token(path: str) -> str:
     return token
 
 
-def _body(dev: Any, events: list[Event], dropped: int) -> tuple[bytes, list[Event]]:
-    """The request body, with as many of ``events`` as fit ``MAX_BODY_BYTES`` (at least the
-    first one's place: an event too large on its own is sent as a stub)."""
+def _body(dev: Any, batch: Snapshot) -> tuple[bytes, list[Event]]:
+    """The request body, with as many of the batch's events as fit ``MAX_BODY_BYTES`` (at
+    least the first one: an event too large on its own is sent as a stub)."""
     state = dev.sd.load_state()
     device = {
         "id": dev.cfg.device_id, "ring": dev.cfg.ring, "tier": dev.cfg.tier,
@@ -142,18 +166,21 @@ def _body(dev: Any, events: list[Event], dropped: int) -> tuple[bytes, list[Even
         "models": {n: {"version": m.version, "counter": m.counter}
                    for n, m in sorted(state.models.items())},
     }
-    docs = [e.to_dict() for e in events]
-    while True:
-        body = json.dumps({"format": REPORT_FORMAT, "device": device, "dropped": dropped,
-                           "events": docs}, sort_keys=True, default=str).encode()
-        if len(body) <= MAX_BODY_BYTES or len(docs) <= 1:
-            break
+    docs = [e.to_dict() for e in batch.events]
+
+    def encode(events: list[dict[str, Any]]) -> bytes:
+        return json.dumps({"format": REPORT_FORMAT, "device": device, "queue": batch.epoch,
+                           "dropped": batch.dropped, "events": events},
+                          sort_keys=True, default=str).encode()
+
+    body = encode(docs)
+    while len(body) > MAX_BODY_BYTES and len(docs) > 1:
         docs = docs[: max(1, len(docs) // 2)]
+        body = encode(docs)
     if len(body) > MAX_BODY_BYTES:  # one huge event: send what it was, not its data
         docs = [{**docs[0], "data": {"truncated": True}}]
-        body = json.dumps({"format": REPORT_FORMAT, "device": device, "dropped": dropped,
-                           "events": docs}, sort_keys=True).encode()
-    return body, events[: len(docs)]
+        body = encode(docs)
+    return body, batch.events[: len(docs)]
 
 
 def _client_version() -> str:
@@ -163,31 +190,48 @@ def _client_version() -> str:
 
 
 def _post(pool: urllib3.PoolManager, endpoint: str, body: bytes, headers: dict[str, str],
-          cfg: FetchConfig, carried: list[Event]) -> int:
+          cfg: FetchConfig, carried: list[Event], deadline: float) -> int:
     """POST one batch; return the acknowledged seq (0 when the batch carried no event)."""
     attempt = 0
     while True:
         attempt += 1
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _ReportError("the fleet service did not answer in time")
+        timeout = urllib3.Timeout(connect=min(cfg.connect_timeout, left),
+                                  read=min(cfg.read_timeout, left))
         try:
             resp = pool.request("POST", endpoint, body=body, headers=headers,
-                                preload_content=False, redirect=False)
+                                preload_content=False, redirect=False, timeout=timeout)
+            try:
+                reply = _read_reply(resp, deadline)
+            finally:
+                resp.release_conn()
         except urllib3.exceptions.HTTPError as e:
             if attempt > cfg.retries:
                 raise _ReportError(f"cannot reach the fleet service: {e}") from e
-            time.sleep(backoff_delay(cfg, attempt))
+            time.sleep(min(backoff_delay(cfg, attempt), max(0.0, deadline - time.monotonic())))
             continue
-        try:
-            reply = resp.read(MAX_REPLY_BYTES + 1)
-        except urllib3.exceptions.HTTPError as e:
-            raise _ReportError(f"reply from the fleet service failed: {e}") from e
-        finally:
-            resp.release_conn()
         if resp.status in _RETRY and attempt <= cfg.retries:
-            time.sleep(backoff_delay(cfg, attempt))
+            time.sleep(min(backoff_delay(cfg, attempt), max(0.0, deadline - time.monotonic())))
             continue
         if resp.status not in (200, 202):
             raise _ReportError(f"the fleet service answered HTTP {resp.status}")
         return _ack(reply, carried)
+
+
+def _read_reply(resp: Any, deadline: float) -> bytes:
+    """At most ``MAX_REPLY_BYTES + 1`` bytes, and no read past ``deadline`` (a reply dripped
+    a byte at a time is cut, not waited for)."""
+    reply = bytearray()
+    while len(reply) <= MAX_REPLY_BYTES:
+        if time.monotonic() > deadline:
+            raise _ReportError("the fleet service's reply is too slow")
+        piece = resp.read1(MAX_REPLY_BYTES + 1 - len(reply))
+        if not piece:
+            break
+        reply += piece
+    return bytes(reply)
 
 
 def _ack(reply: bytes, carried: list[Event]) -> int:

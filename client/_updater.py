@@ -106,6 +106,7 @@ class UpdateResult:
 
 
 _INIT_LOCK_WAIT_S = 30.0
+_REPORT_LOCK_WAIT_S = 5.0  # a reporter reads or acks the queue; it never holds the lock long
 
 
 def init_device(state_dir: Path | str, repo_url: str, root: bytes, device_id: str,
@@ -177,7 +178,7 @@ def update_once(state_dir: Path | str, *, model: str | None = None,
     t0 = time.monotonic()
     with dev.locked():
         outcomes = _cycle(dev, names, _Ctx(fcfg, stats, limits, verifier, smoke))
-        sent = _report(dev, fcfg) if report else None
+    sent = _report(dev, fcfg) if report else None  # after the lock: see flush_events
     return UpdateResult(tuple(outcomes), stats.requests, stats.bytes, time.monotonic() - t0,
                         sent)
 
@@ -185,7 +186,8 @@ def update_once(state_dir: Path | str, *, model: str | None = None,
 def _report(dev: Device, fcfg: FetchConfig) -> ReportOutcome:
     """Forward queued events with few retries: the update is done, the events keep."""
     try:
-        return flush_events(dev, replace(fcfg, retries=min(fcfg.retries, 2)))
+        return flush_events(dev, replace(fcfg, retries=min(fcfg.retries, 2)),
+                            lock=lambda: dev.locked(timeout=_REPORT_LOCK_WAIT_S))
     except OtaError as e:  # a bad token file: the update itself stands
         return ReportOutcome("failed", pending=len(dev.events.pending()), error=str(e))
 
@@ -202,8 +204,8 @@ def report_events(state_dir: Path | str, *,
     if not dev.cfg.report_url:
         raise ConfigError("this device has no report URL",
                           remedy="run `ota device init ... --report-url URL`")
-    with dev.locked():
-        return flush_events(dev, fetch_config)
+    return flush_events(dev, fetch_config,
+                        lock=lambda: dev.locked(timeout=_REPORT_LOCK_WAIT_S))
 
 
 @dataclass(frozen=True)

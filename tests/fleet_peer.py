@@ -2,9 +2,11 @@
 ``edge-ota.report/1`` (``ota.client._report``), stores what it receives and acks it.
 
 Not the fleet service: just enough of its contract to test the device end to end over HTTP.
-``replies`` scripts the next answers (a status and a body, or ``"ack"`` for the normal one);
-by default every batch is stored and acked with its highest ``seq``. Batches are deduplicated
-by ``(device, seq)`` as the real service must do (delivery is at least once).
+``replies`` scripts the next answers (a status and a body, ``"ack"`` for the normal one, or
+``("slow", seconds)`` to answer normally after a pause); by default every batch is stored and
+acked with its highest ``seq``. Events are deduplicated by ``(device, queue epoch, seq)`` as the
+real service must do (delivery is at least once; seq restarts when a device's queue is lost).
+``on_request`` runs as each request arrives (tests use it to look at the device meanwhile).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,22 +27,32 @@ from werkzeug.wrappers import Request, Response
 class FleetPeer:
     url: str = ""
     requests: list[dict[str, Any]] = field(default_factory=list)  # path, headers, body
-    events: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
-    replies: list[tuple[int, bytes] | str] = field(default_factory=list)
+    events: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
+    replies: list[tuple[Any, Any] | str] = field(default_factory=list)
+    on_request: Callable[[], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def kinds(self, device: str) -> list[str]:
+        """Kinds of the events stored for ``device``, in the order they were first stored."""
         with self.lock:
-            return [e["kind"] for (d, _), e in sorted(self.events.items()) if d == device]
+            return [e["kind"] for (d, _, _), e in self.events.items() if d == device]
+
+    def seqs(self) -> list[int]:
+        with self.lock:
+            return sorted(seq for _, _, seq in self.events)
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         req = Request(environ)
         body = req.get_data(cache=False)
+        if self.on_request is not None:
+            self.on_request()
         with self.lock:
             self.requests.append({"path": req.path, "method": req.method,
                                   "headers": dict(req.headers), "body": body})
             reply = self.replies.pop(0) if self.replies else "ack"
-        if reply != "ack":
+        if isinstance(reply, tuple) and reply[0] == "slow":
+            time.sleep(float(reply[1]))
+        elif reply != "ack":
             assert isinstance(reply, tuple)
             return Response(reply[1], status=reply[0])(environ, start_response)
         parts = req.path.strip("/").split("/")
@@ -49,7 +62,7 @@ class FleetPeer:
         device = parts[2]
         with self.lock:
             for e in doc["events"]:
-                self.events[(device, e["seq"])] = e
+                self.events.setdefault((device, doc["queue"], e["seq"]), e)
         ack = max((e["seq"] for e in doc["events"]), default=0)
         return Response(json.dumps({"ack": ack}), status=200,
                         content_type="application/json")(environ, start_response)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ota.client import report_events, status
+from ota.client import confirm, report_events, status
 from ota.client._device import Device
-from ota.client._report import MAX_BATCH, MAX_REPLY_BYTES
+from ota.client._report import MAX_BATCH, MAX_REPLY_BYTES, flush_events
 from ota.errors import ConfigError, ExitCode
 from tests import http_faults
 from tests.fleet_peer import FleetPeer, fleet_peer
@@ -84,7 +84,7 @@ def test_an_unreachable_fleet_service_never_fails_an_update(
     world.init(report_url=peer.url)
     out = report_events(world.device, fetch_config=FAST)
     assert out.status == "sent" and out.acked == len(kept)
-    assert sorted(seq for _, seq in peer.events) == kept
+    assert peer.seqs() == kept
     assert _pending(world) == []
 
 
@@ -203,3 +203,69 @@ def test_ota_device_report_exit_codes(world: World, peer: FleetPeer) -> None:
     assert code == ExitCode.OK and "events sent" in out
     code, out = ota("report", "--state-dir", str(world.device))
     assert code == ExitCode.OK and "events nothing" in out
+
+
+def test_the_lock_is_free_while_the_fleet_service_is_asked(world: World, peer: FleetPeer) -> None:
+    """Reporting never holds the state-dir lock during a request (review finding: a slow
+    service held it for up to 90 s, so the app's ``confirm`` failed and a good release was
+    reverted when its health window expired)."""
+    import filelock
+
+    seen: list[bool] = []
+
+    def lock_is_free() -> None:
+        try:
+            with filelock.FileLock(str(world.device / ".lock"), timeout=0):
+                seen.append(True)
+        except filelock.Timeout:
+            seen.append(False)
+
+    world.use("v1")
+    world.init(report_url=peer.url, health_timeout_s=60)
+    peer.on_request = lock_is_free
+    res = world.update()
+    assert res.status == "pending_confirmation" and res.report is not None
+    assert res.report.status == "sent" and seen == [True], (res.to_dict(), seen)
+    assert confirm(world.device).status == "confirmed"
+
+
+def test_a_slow_fleet_service_is_cut_at_the_flush_deadline(world: World, peer: FleetPeer) -> None:
+    import time
+
+    world.committed_at("v1")
+    world.init(report_url=peer.url)
+    before = _pending(world)
+    peer.replies = [("slow", 5.0)]
+    dev = Device(world.device)
+    t0 = time.monotonic()
+    out = flush_events(dev, FAST, deadline_s=1.0)
+    assert time.monotonic() - t0 < 4.0
+    assert out.status == "failed" and out.error, out
+    assert _pending(world) == before
+
+
+def test_a_lost_queue_starts_a_new_epoch_so_restarted_seqs_are_not_deduplicated_away(
+    world: World, peer: FleetPeer
+) -> None:
+    world.use("v1")
+    world.init(report_url=peer.url)
+    assert world.update().report.status == "sent"
+    first = json.loads(peer.requests[-1]["body"])
+    (world.device / "events.json").unlink()  # lost (or the state dir re-provisioned)
+    Device(world.device).events.append("checked", "det", "1.0.0")
+    assert report_events(world.device, fetch_config=FAST).status == "sent"
+    second = json.loads(peer.requests[-1]["body"])
+    assert second["events"][0]["seq"] == 1 and second["queue"] != first["queue"]
+    assert peer.kinds(DEVICE)[-1] == "checked"  # stored, not taken for the old seq 1
+
+
+def test_an_ack_of_nothing_keeps_the_drop_count(world: World, peer: FleetPeer) -> None:
+    world.committed_at("v1")
+    world.init(report_url=peer.url)
+    dev = Device(world.device)
+    for _ in range(dev.events.max_events + 15):
+        dev.events.append("checked")
+    dropped = dev.events.dropped
+    peer.replies = [(200, b'{"ack": 0}')]
+    out = report_events(world.device, fetch_config=FAST)
+    assert out.status == "failed" and dev.events.dropped == dropped
