@@ -32,14 +32,20 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 def lean_device_process() -> list[str]:
-    """Make later imports of the cloud SDKs fail (securesystemslib then leaves its KMS signers
-    unavailable, which a verifying device never uses) and pin malloc's mmap threshold.
-    Returns the SDKs kept out."""
+    """Import securesystemslib's signer package with the cloud SDKs hidden (it then leaves its
+    KMS signers unavailable, which a verifying device never uses), then unhide them, and pin
+    malloc's mmap threshold. Returns the SDKs kept out."""
     kept_out = []
     for name in CLOUD_SDKS:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]
             kept_out.append(name)
+    try:
+        import securesystemslib.signer  # noqa: F401 - its optional backends, evaluated now
+    finally:
+        for name in kept_out:  # later code in this process may import them if it wants
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
     pin_mmap_threshold()
     return kept_out
 
@@ -49,7 +55,7 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     dynamic raise), so freed chunk buffers leave the process. True if the C library took it."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such symbol; Windows has no CDLL(None)
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int

@@ -69,3 +69,20 @@ def test_device_commands_keep_cloud_sdks_out_even_when_installed(tmp_path) -> No
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert "SDK [] TUF True" in out.stderr, out.stderr[-3000:]
+
+
+def test_lean_device_process_leaves_boto3_importable_afterwards() -> None:
+    """Only securesystemslib's import is kept away from the SDKs: code that runs later in the
+    same process (a CLI embedded in an app, a test runner) can still import boto3."""
+    probe = (
+        "import sys\n"
+        "from ota._lean import lean_device_process\n"
+        "assert lean_device_process() == ['boto3', 'botocore']\n"
+        "import tuf.ngclient\n"
+        "assert 'boto3' not in sys.modules\n"
+        "import boto3\n"
+        "print('ok', boto3.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok boto3", out.stderr[-2000:]
