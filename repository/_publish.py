@@ -23,6 +23,7 @@ from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
 from tuf.api.metadata import TargetFile
 
 from ota.bundle import (
+    DEFAULT_LIMITS,
     PROVENANCE_FILE,
     RELEASE_FILE,
     RINGS,
@@ -31,6 +32,7 @@ from ota.bundle import (
     Budget,
     Compat,
     FileEntry,
+    FormatError,
     Kind,
     Manifest,
     Release,
@@ -200,6 +202,20 @@ def publish(
                        actor=policy.actor, waived=policy.waived())  # fmt: skip
 
 
+def _check_device_limits(manifest: Manifest) -> None:
+    """Refuse to publish what devices would refuse to parse (too many files or chunks, a
+    manifest over its size or structure bounds): devices treat that as an attack.
+
+    Raises:
+        InputError: the bundle exceeds the device's limits (``ota.bundle.Limits``).
+    """
+    try:
+        Manifest.from_bytes(manifest.to_bytes(), DEFAULT_LIMITS)
+    except FormatError as e:
+        raise InputError(f"devices would refuse this bundle: {e}",
+                         remedy="split it, or package fewer, larger files") from e
+
+
 def _finish(
     project: Project,
     staging: Path,
@@ -239,6 +255,7 @@ def _finish(
         files[SIGNATURE_FILE] = chunk_file(staging / SIGNATURE_FILE, SIGNATURE_FILE, up)
         up.flush()  # every chunk durable before any metadata names it
         manifest = Manifest(release.name, release.version, tuple(files[p] for p in sorted(files)))
+        _check_device_limits(manifest)
         target_path = manifest_target_path(release.name, release.version)
         facts = TargetFacts(
             release=release,

@@ -392,3 +392,20 @@ def test_wrong_key_file_is_a_config_error_and_publishes_nothing(cli_project: Pat
     )
     assert code == ExitCode.CONFIG, out
     assert _snapshot_of(d / "repo") == before
+
+
+def test_a_bundle_devices_would_refuse_is_not_published(tmp_path: Path) -> None:
+    """4,100 files is over the device's ``max_files``: devices would take the manifest for an
+    attack, so the publisher refuses it and publishes nothing (review finding)."""
+    from ota.bundle import DEFAULT_LIMITS
+    from ota.repository import PublishRequest, publish
+
+    project = make_project(tmp_path, bins=4)
+    rt = tmp_path / "rt" / "lib"
+    rt.mkdir(parents=True)
+    for i in range(DEFAULT_LIMITS.max_files + 4):
+        (rt / f"f{i}.txt").write_bytes(b"x%d" % i)
+    with pytest.raises(InputError, match="devices would refuse"):
+        publish(project, PublishRequest(source=rt.parent, name="rt", version="1.0.0",
+                                        kind="runtime", runtime_version="1.20.0"))
+    assert releases(project) == []  # nothing of it was published
