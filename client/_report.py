@@ -9,13 +9,14 @@ Protocol (``edge-ota.report/1``, the contract the fleet service implements)::
     {"format": "edge-ota.report/1",
      "device": {"id", "ring", "tier", "arch", "runtime_version", "client_version",
                 "models": {name: {"version", "counter"}}},
+     "queue": <the queue's epoch: a random id, new whenever the queue file is recreated>,
      "dropped": <events lost to the queue bound since the last ack>,
      "events": [{"seq", "time", "kind", "model", "version", "data"}, ...]}   (oldest first)
 
     -> 200/202 {"ack": <highest seq stored>}
 
 Events are delivered at least once (a lost reply means a resend; the fleet service dedupes by
-``(device id, seq)``); ``seq`` increases strictly per device.
+``(device id, queue, seq)``); ``seq`` increases strictly within a queue epoch.
 
 Invariants (the fleet service is trusted with diagnostics only, never with the device):
 
@@ -25,8 +26,11 @@ Invariants (the fleet service is trusted with diagnostics only, never with the d
   (not JSON, not an integer, beyond what was sent, a body over ``MAX_REPLY_BYTES``) is a
   failed report and acks nothing;
 * every request is bounded: ``MAX_BATCH`` events and ``MAX_BODY_BYTES`` per request,
-  ``MAX_BATCHES`` requests per flush, the fetch config's timeouts and bounded retries (5xx, 408,
-  429 and network errors, with jittered backoff); other 4xx are not retried.
+  ``MAX_BATCHES`` requests and ``FLUSH_DEADLINE_S`` per flush (a dripped reply is cut), the
+  fetch config's timeouts and bounded retries (5xx, 408, 429 and network errors, with jittered
+  backoff); other 4xx are not retried;
+* the state-dir lock is held only to read a batch and to ack it, never during a request, so a
+  slow fleet service cannot delay ``ota device confirm`` (and expire a health window).
 """
 
 from __future__ import annotations
