@@ -210,7 +210,7 @@ def _check_device_limits(manifest: Manifest) -> None:
         InputError: the bundle exceeds the device's limits (``ota.bundle.Limits``).
     """
     try:
-        Manifest.from_bytes(manifest.to_bytes(), DEFAULT_LIMITS)
+        type(manifest).from_bytes(manifest.to_bytes(), DEFAULT_LIMITS)
     except FormatError as e:
         raise InputError(f"devices would refuse this bundle: {e}",
                          remedy="split it, or package fewer, larger files") from e

@@ -6,6 +6,7 @@ with werkzeug's ``safe_join`` (no traversal) and only three top-level folders ar
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from flask import Flask, Response, abort, send_from_directory
@@ -44,9 +45,9 @@ def serve_forever(root: Path, host: str, port: int) -> None:
     from werkzeug.serving import make_server
 
     server = make_server(host, port, create_app(root), threaded=True)
-    print(f"serving {root} on http://{host}:{server.server_port}"
-          " (embedded server: for a fleet, serve the folder with nginx, S3 or a CDN;"
-          " see docs/serving/)", flush=True)
+    print(f"serving {root} on http://{host}:{server.server_port}", flush=True)
+    print("note: this is the embedded server; for a fleet, serve the folder with nginx, S3 or"
+          " a CDN (docs/serving/)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:
