@@ -16,6 +16,7 @@ import binascii
 import hashlib
 import os
 import re
+from abc import ABC
 from pathlib import Path
 from typing import Literal
 
@@ -195,17 +196,10 @@ def key_fingerprint(public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519Publi
     return hashlib.sha256(der).hexdigest()
 
 
-class EnvVarSigner(Signer):
-    """A private key read from an environment variable: ``envvar:<NAME>``.
+class _Delegating(Signer, ABC):
+    """A signer that hands signing to another one (and may translate its failures)."""
 
-    The variable holds a PKCS#8 PEM private key, or the same PEM base64-encoded (CI secret
-    stores often mangle newlines). The key is parsed once; signing is delegated to
-    :class:`CryptoSigner`.
-    """
-
-    SCHEME = ENVVAR_SCHEME
-
-    def __init__(self, inner: CryptoSigner) -> None:
+    def __init__(self, inner: Signer) -> None:
         self._inner = inner
 
     @property
@@ -214,6 +208,17 @@ class EnvVarSigner(Signer):
 
     def sign(self, payload: bytes) -> Signature:
         return self._inner.sign(payload)
+
+
+class EnvVarSigner(_Delegating):
+    """A private key read from an environment variable: ``envvar:<NAME>``.
+
+    The variable holds a PKCS#8 PEM private key, or the same PEM base64-encoded (CI secret
+    stores often mangle newlines). The key is parsed once; signing is delegated to
+    :class:`CryptoSigner`.
+    """
+
+    SCHEME = ENVVAR_SCHEME
 
     @classmethod
     def from_priv_key_uri(
@@ -257,15 +262,8 @@ def _pem_bytes(value: str) -> bytes:
         return text.encode()  # let the PEM parser report it
 
 
-class _KmsSigner(Signer):
+class _KmsSigner(_Delegating):
     """Wraps securesystemslib's AWSSigner so that KMS failures while signing become ours."""
-
-    def __init__(self, inner: Signer) -> None:
-        self._inner = inner
-
-    @property
-    def public_key(self) -> Key:
-        return self._inner.public_key
 
     def sign(self, payload: bytes) -> Signature:
         """Raises ConfigError (key, permission) or TransientError (network, throttling)."""
