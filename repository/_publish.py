@@ -202,18 +202,21 @@ def publish(
                        actor=policy.actor, waived=policy.waived())  # fmt: skip
 
 
-def _check_device_limits(manifest: Manifest) -> None:
+def _check_device_limits(manifest: Manifest) -> bytes:
     """Refuse to publish what devices would refuse to parse (too many files or chunks, a
-    manifest over its size or structure bounds): devices treat that as an attack.
+    manifest over its size or structure bounds): devices treat that as an attack. Returns
+    the manifest's bytes, checked, for upload.
 
     Raises:
         InputError: the bundle exceeds the device's limits (``ota.bundle.Limits``).
     """
+    data = manifest.to_bytes()
     try:
-        type(manifest).from_bytes(manifest.to_bytes(), DEFAULT_LIMITS)
+        type(manifest).from_bytes(data, DEFAULT_LIMITS)
     except FormatError as e:
         raise InputError(f"devices would refuse this bundle: {e}",
                          remedy="split it, or package fewer, larger files") from e
+    return data
 
 
 def _finish(
@@ -255,7 +258,7 @@ def _finish(
         files[SIGNATURE_FILE] = chunk_file(staging / SIGNATURE_FILE, SIGNATURE_FILE, up)
         up.flush()  # every chunk durable before any metadata names it
         manifest = Manifest(release.name, release.version, tuple(files[p] for p in sorted(files)))
-        _check_device_limits(manifest)
+        manifest_bytes = _check_device_limits(manifest)
         target_path = manifest_target_path(release.name, release.version)
         facts = TargetFacts(
             release=release,
@@ -265,7 +268,7 @@ def _finish(
                 if p in files
             },
         )
-        info = put_target_file(store, target_path, manifest.to_bytes())
+        info = put_target_file(store, target_path, manifest_bytes)
         info.unrecognized_fields["custom"] = facts.to_custom()
         def commit(txn: Transaction, i: TargetFile = info, r: Release = release) -> None:
             _commit_release(project, txn, i, r, ring, percent)

@@ -173,7 +173,7 @@ def test_path_escaping_the_slot_refused(world: World, monkeypatch: pytest.Monkey
             return data.replace(b'"path":"sbom.cdx.json"', b'"path":"../../sbom"')
 
     monkeypatch.setattr(pub, "Manifest", Evil)
-    monkeypatch.setattr(pub, "_check_device_limits", lambda m: None)  # a rogue publisher
+    monkeypatch.setattr(pub, "_check_device_limits", lambda m: m.to_bytes())  # a rogue publisher
     _publish_v2(world)
     _refused(world, world.update())
     assert not (world.device / "models" / "sbom").exists()
