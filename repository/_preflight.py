@@ -77,7 +77,11 @@ def role_problems(project: Project, txn: Transaction, role: str) -> list[str]:
     usable = sum(1 for p in problems.values() if p is None)
     if usable >= threshold:
         return []
-    return [f"{role} (threshold {threshold}, usable {usable}): {p}" for p in problems.values() if p]
+    return [
+        f"cannot sign {role} ({usable} of its keys usable, threshold {threshold}): {p}"
+        for p in problems.values()
+        if p
+    ]
 
 
 def require_keys(
@@ -90,6 +94,7 @@ def require_keys(
     extra: Iterable[str] = (),
     logged: bool = True,
     head: bool = True,
+    publishes: str | None = None,
 ) -> None:
     """Raise :class:`MissingKeys` unless every key needed is usable here.
 
@@ -97,15 +102,20 @@ def require_keys(
     client walks the tree, must be signed); ``roles``: further roles; snapshot and timestamp
     are needed unless ``head`` is False; ``logged``: the command anchors an audit-log entry
     (the role holding the anchor must be signed); ``release_key``: the model-signing key;
-    ``extra``: problems the caller found.
+    ``extra``: problems the caller found; ``publishes``: the model a new release of which is
+    committed (its first target path): the project's model-signing key must be listed for it
+    and, in a team project, the path must be the team's
+    (:func:`~ota.repository._trust.check_publisher`, checked again at commit).
 
     Raises:
         MissingKeys: listing every problem at once.
+        InputError: this project may not publish ``publishes`` (see ``check_publisher``).
     """
     from ota.repository._auditlog import ANCHOR_TARGET
     from ota.repository._txn import Transaction
 
     txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    targets = list(targets)
     needed: dict[str, None] = {}
     for path in [*targets, *([ANCHOR_TARGET] if logged else [])]:
         needed[txn.bin_for(path)] = None
@@ -118,3 +128,7 @@ def require_keys(
         problems.append(p)
     if problems:
         raise MissingKeys(what, problems)
+    if publishes is not None:
+        from ota.repository._trust import check_publisher
+
+        check_publisher(project, txn, publishes, targets[0])

@@ -149,7 +149,7 @@ def publish(
     """
     _validate_request(req)
     require_keys(  # issue 12 (17): every key, before any byte is uploaded
-        project, "publish", release_key=True,
+        project, "publish", release_key=True, publishes=req.name,
         targets=[manifest_target_path(req.name, req.version), index_target_path(req.name)],
     )  # fmt: skip
     store = project.storage
