@@ -209,3 +209,21 @@ def test_serve_uses_the_port_of_base_url(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=30)
         out.close()
+
+
+def test_the_updater_library_refuses_path_like_device_ids(tmp_path: Path) -> None:
+    """Not only the CLI: the device config itself (init_device, or a device.json edited on
+    disk) refuses an id that is not a safe path part."""
+    from ota.client import init_device
+    from ota.errors import ConfigError
+
+    project = make_project(tmp_path, bins=4)
+    root = (project.root_dir / "root.json").read_bytes()
+    with pytest.raises(ConfigError, match="invalid device id"):
+        init_device(tmp_path / "dev", "http://127.0.0.1:1", root, "../../admin", ["m"])
+    init_device(tmp_path / "dev", "http://127.0.0.1:1", root, "cam-1", ["m"])
+    doc = json.loads((tmp_path / "dev" / "device.json").read_text())
+    doc["device_id"] = "../../admin"
+    (tmp_path / "dev" / "device.json").write_text(json.dumps(doc))
+    res = _ota("device", "status", "--state-dir", str(tmp_path / "dev"), "--json")
+    assert res.exit_code == ExitCode.CONFIG and "invalid device id" in res.stdout, res.output
