@@ -50,6 +50,7 @@ def _steer(
     validate_name(name)
     validate_version(version)
     require_keys(project, event, targets=[index_target_path(name)])  # issue 12 (17)
+    _current(project, name, version)  # issue 12 (17): a typo appends no audit entry either
     return _auditlog.run_logged(  # issue 4: the commit anchors its audit log entry
         project,
         event,

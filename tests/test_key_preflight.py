@@ -242,3 +242,14 @@ def test_commands_without_bins_key_write_nothing(
     assert res.exit_code == ExitCode.CONFIG, res.output
     assert "bins-" in res.output and "not found" in res.output, res.output
     assert _tree(tmp_path / "repo", proj.root_dir) == before  # no chunk, no audit entry
+
+
+@pytest.mark.parametrize("command", ["pause", "yank", "unyank", "resume"])
+def test_steering_an_unknown_release_writes_nothing(
+    proj: Project, tmp_path: Path, command: str
+) -> None:
+    before = _tree(tmp_path / "repo", proj.root_dir)
+    res = _ota(command, "m", "9.9.9", "--project", str(proj.root_dir), "--json")
+    assert res.exit_code == ExitCode.INPUT, res.output
+    assert json.loads(res.stdout)["class"] == "UnknownRelease"
+    assert _tree(tmp_path / "repo", proj.root_dir) == before  # no audit-log entry
