@@ -69,12 +69,6 @@ class KeyChange:
         }
 
 
-def new_role_key(project: Project, role: str) -> KeySpec:
-    """Generate an Ed25519 key file for ``role`` under ``keys/online`` or ``keys/offline``."""
-    fresh = _FreshKey.make(project, role)
-    return KeySpec(fresh.key.public, fresh.write())
-
-
 @dataclass(frozen=True)
 class _FreshKey:
     """A role key generated in memory, written to its project folder only on :meth:`write`."""

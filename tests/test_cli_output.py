@@ -201,7 +201,7 @@ def test_serve_uses_the_port_of_base_url(tmp_path: Path) -> None:
     assert out is not None
     threading.Thread(target=lambda: lines.put(out.readline()), daemon=True).start()
     try:
-        first = lines.get(timeout=60)  # a condition with a generous deadline, not a sleep
+        first = lines.get(timeout=120)  # a condition with a generous deadline, not a sleep
         assert first.rstrip().endswith(f"on http://127.0.0.1:{port}"), first
         with socket.create_connection(("127.0.0.1", port), timeout=10):
             pass
