@@ -16,7 +16,7 @@ Trust decisions stay with python-tuf: roots are checked by
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -119,6 +119,20 @@ def _sign_here(project: Project, md: Metadata[Root]) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _signers_restored_on_error(project: Project) -> Iterator[None]:
+    """Checks run before any write may have named new key URIs in memory (``export_root``,
+    ``set_signer``); if a check fails, forget them so that a later ``save_config`` of the same
+    ``Project`` cannot record them."""
+    before = dict(project.config.signers)
+    try:
+        yield
+    except BaseException:
+        project.config.signers.clear()
+        project.config.signers.update(before)
+        raise
+
+
 def _has_private(key: KeySpec, fresh: _FreshKey | None) -> bool:
     return fresh is not None or key.uri is not None
 
@@ -184,6 +198,11 @@ def rotate(
     """
     if role not in ROTATABLE:
         raise InputError(f"cannot rotate {role!r}", remedy=f"use one of {', '.join(ROTATABLE)}")
+    with _signers_restored_on_error(project):
+        return _rotate(project, role, new_key, out)
+
+
+def _rotate(project: Project, role: str, new_key: KeySpec | None, out: Path | None) -> KeyChange:
     fresh: _FreshKey | None = None
     if new_key is None:
         fresh = _FreshKey.make(project, role)
@@ -350,7 +369,19 @@ def revoke(
         InputError: the key is listed nowhere; a role would fall under its threshold.
         ConfigError: the offline targets key (or a root key, to publish here) is missing.
     """
-    keyid = resolve_keyid(project, keyid)
+    with _signers_restored_on_error(project):
+        return _revoke(project, resolve_keyid(project, keyid), replacement,
+                       signing_replacement, force, out)  # fmt: skip
+
+
+def _revoke(
+    project: Project,
+    keyid: str,
+    replacement: KeySpec | None,
+    signing_replacement: bytes | None,
+    force: bool,
+    out: Path | None,
+) -> KeyChange:
     rows = [r for r in list_keys(project) if r.keyid == keyid]
     signing = any(row.kind == "model-signing" for row in rows)
     teams = [r[len("team:") :] for row in rows for r in row.roles if r.startswith("team:")]

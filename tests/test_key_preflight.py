@@ -253,3 +253,19 @@ def test_steering_an_unknown_release_writes_nothing(
     assert res.exit_code == ExitCode.INPUT, res.output
     assert json.loads(res.stdout)["class"] == "UnknownRelease"
     assert _tree(tmp_path / "repo", proj.root_dir) == before  # no audit-log entry
+
+
+def test_failed_rotation_leaves_the_open_project_unchanged(proj: Project, tmp_path: Path) -> None:
+    """The library API too: a refused rotation names no new key URI in the caller's Project
+    (a later save_config would otherwise record it)."""
+    from ota.repository._keyadmin import rotate
+    from ota.repository._preflight import MissingKeys
+
+    _move_offline(proj, tmp_path)
+    before = dict(proj.config.signers)
+    with pytest.raises(MissingKeys, match="cannot sign targets"):
+        rotate(proj, "bins")
+    assert proj.config.signers == before
+    assert sorted(p.name for p in (proj.root_dir / "keys" / "online").iterdir()) == [
+        "bins.pem", "snapshot.pem", "timestamp.pem",
+    ]  # fmt: skip
