@@ -269,3 +269,15 @@ def test_failed_rotation_leaves_the_open_project_unchanged(proj: Project, tmp_pa
     assert sorted(p.name for p in (proj.root_dir / "keys" / "online").iterdir()) == [
         "bins.pem", "snapshot.pem", "timestamp.pem",
     ]  # fmt: skip
+
+
+def test_a_private_key_beside_the_public_one_must_match_it(proj: Project, tmp_path: Path) -> None:
+    k = tmp_path / "k"
+    _ota("key", "generate", "bins", "--out-dir", str(k), "--name", "good")
+    _ota("key", "generate", "bins", "--out-dir", str(k), "--name", "other")
+    shutil.copy(k / "other.pem", k / "good.pem")  # a swapped (or planted) private key
+    before = _tree(tmp_path / "repo", proj.root_dir)
+    res = _ota("key", "revoke", _keyid(proj, "bins")[:16], "--replacement",
+               str(k / "good.pub.pem"), "--project", str(proj.root_dir))  # fmt: skip
+    assert res.exit_code == ExitCode.INPUT and "not the private half" in res.output, res.output
+    assert _tree(tmp_path / "repo", proj.root_dir) == before
