@@ -190,7 +190,11 @@ def _check_signature(report: Report, manifest: Manifest, sig: bytes | None,
         report.add("signature", "failed", f"{SIGNATURE_FILE} is missing or was altered")
         return None
     if signers is None:
-        report.add("signature", "failed", "no trusted signer key (pass --root or --signer-key)")
+        report.add(
+            "signature",
+            "failed",
+            "no trusted signer key (pass --signer-key; or --root for an export)",
+        )
         return None
     candidates = allowed_signers(signers, manifest.name)
     if not candidates:
