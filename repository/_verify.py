@@ -116,7 +116,8 @@ def _detail_lines(c: Check) -> list[str]:
     if c.name == "signature" and "key_fingerprint" in c.data:
         return [f"signer key sha256:{c.data['key_fingerprint']}"]
     if c.name == "vulns":
-        return [f"{m['id']} {m['severity']} {m['package']}@{m['version']}"
+        return [f"{m['id']} {m['severity']} {m['package']}"
+                + (f": {m['note']}" if m.get("note") else f"@{m['version']}")
                 for m in c.data.get("matches", [])]  # fmt: skip
     if c.name == "files" and c.data.get("problems"):
         return list(c.data["problems"])

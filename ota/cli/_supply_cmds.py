@@ -247,7 +247,8 @@ def vulns(project_dir: str, osv_dir: Path, fail_on: str, as_json: bool) -> None:
             [f"{len(rows)} live releases, {len(matches)} vulnerable components"]
             + [
                 f"  {m.release}: {m.vuln_id} {m.severity.name if m.severity else 'UNKNOWN'} "
-                f"{m.package}@{m.version} fixed in {', '.join(m.fixed) or '-'}"
+                + (f"{m.package}: {m.note}" if m.note else f"{m.package}@{m.version}")
+                + f" fixed in {', '.join(m.fixed) or '-'}"
                 for m in matches
             ]
         ),
