@@ -397,7 +397,7 @@ def _sbom(
     if model_path is None:
         from ota.sbom import build_runtime_bom
 
-        return build_runtime_bom(name=req.name, version=req.version, files=files)
+        return build_runtime_bom(name=req.name, version=req.version, files=files, root=req.source)
     from ota.sbom import build_mlbom
 
     return build_mlbom(
