@@ -30,6 +30,7 @@ import os
 import shutil
 import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from ota.errors import SecurityError
@@ -169,7 +170,13 @@ def _unpack(wheel: Path, dest: Path, budget: list[int]) -> None:
             budget[0] -= 1
             if budget[0] < 0:
                 raise RuntimeBundleError(f"runtime wheels hold more than {MAX_FILES} files")
-            _extract(zf, info, dest / rel, expected, budget, wheel.name)
+            try:
+                _extract(zf, info, dest / rel, expected, budget, wheel.name)
+            except (FileExistsError, NotADirectoryError, IsADirectoryError) as e:
+                raise RuntimeBundleError(f"{wheel.name}: {name!r:.200} clashes with another "
+                                         f"member ({type(e).__name__})") from e  # fmt: skip
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                raise RuntimeBundleError(f"{wheel.name}: {name!r:.200} is corrupt: {e}") from e
 
 
 def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path,

@@ -454,6 +454,8 @@ def test_unpacked_runtime_sbom_names_its_distributions(tmp_path: Path) -> None:
         ({"/abs.py": b"x = 1\n"}, None, "unsafe path"),
         (None, "onnxruntime/__init__.py", "differs from its RECORD"),
         ({"onnxruntime-1.31.1.data/scripts/../../x": b""}, None, "unsafe path"),
+        ({"onnxruntime/./__init__.py": b"x = 1\n"}, None, "appears twice|clashes"),
+        ({"onnxruntime/__init__.py/x": b"x = 1\n"}, None, "clashes"),
     ],
 )
 def test_a_bad_runtime_wheel_is_refused_and_nothing_escapes(
@@ -484,3 +486,23 @@ def test_a_reused_slot_is_unpacked_again(tmp_path: Path) -> None:
     again = import_root(slot / "runtime")
     assert (again / "onnxruntime" / "added.py").is_file()
     assert not (again / "stale.txt").exists() and (again / STAMP).is_file()
+
+
+def test_smoke_with_an_unsafe_runtime_wheel_fails_as_runtime_mismatch(tmp_path: Path) -> None:
+    """What the updater sees: the release fails its smoke (``runtime_mismatch``, the reason
+    named) instead of a traceback, and a good wheel in the same place runs the self-test."""
+    from ota.client._install import _SELFTEST_DIR, _SELFTEST_SPEC
+    from ota.client._smoke import SmokeFailed, run_smoke
+
+    bad = tmp_path / "bad" / "slots" / "a"
+    _wheel_from_venv(bad / "runtime", extra={"../escape.py": b"x = 1\n"})
+    with pytest.raises(SmokeFailed) as e:
+        run_smoke(_SELFTEST_DIR / "model.onnx", _SELFTEST_DIR, _SELFTEST_SPEC, tier="default",
+                  runtime_path=bad)  # fmt: skip
+    assert e.value.reason == "runtime_mismatch" and "unsafe path" in str(e.value)
+    good = tmp_path / "good" / "slots" / "a"
+    _wheel_from_venv(good / "runtime")
+    report = run_smoke(_SELFTEST_DIR / "model.onnx", _SELFTEST_DIR, _SELFTEST_SPEC,
+                       tier="default", runtime_path=good)  # fmt: skip
+    unpacked = (good.parent / "a.unpacked").resolve()
+    assert report.runtime_file == str(unpacked / "onnxruntime" / "__init__.py")
