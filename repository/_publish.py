@@ -397,7 +397,7 @@ def _sbom(
     if model_path is None:
         from ota.sbom import build_runtime_bom
 
-        return build_runtime_bom(name=req.name, version=req.version, files=files)
+        return build_runtime_bom(name=req.name, version=req.version, files=files, root=req.source)
     from ota.sbom import build_mlbom
 
     return build_mlbom(
@@ -406,11 +406,36 @@ def _sbom(
         model_path=model_path,
         files=files,
         runtime_range=runtime_range,
-        runtime_version=req.runtime_version,
+        runtime_version=req.runtime_version or _validated_runtime(runtime_range),
         datasets=list(req.datasets),
         licenses=list(req.licenses),
         facts=card,
     )
+
+
+def _validated_runtime(runtime_range: str) -> str:
+    """The onnxruntime version the golden run used (this process's), recorded in the SBOM as
+    the exact version the release was validated with (issue 12 item 3: OSV matches exact
+    versions). Refuses when it is outside the range the release declares.
+
+    Raises:
+        InputError: the golden run's onnxruntime is outside ``runtime_range``.
+    """
+    import onnxruntime
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    version = str(onnxruntime.__version__)
+    try:
+        ok = SpecifierSet(runtime_range).contains(version, prereleases=True)
+    except InvalidSpecifier:
+        return version  # the SBOM builder names the bad range
+    if not ok:
+        raise InputError(
+            f"the golden outputs were computed with onnxruntime {version}, outside the "
+            f"declared runtime range {runtime_range!r}",
+            remedy="publish with an onnxruntime inside --runtime, or pass --runtime-version",
+        )
+    return version
 
 
 def _provenance(

@@ -252,10 +252,11 @@ def revert_cmd(state_dir: Path, model: str | None, as_json: bool) -> None:
 @state_option
 @click.option("--model", default=None)
 def current_cmd(state_dir: Path, model: str | None) -> None:
-    """Print the path of the committed model file (for apps and scripts)."""
-    from ota.client import current_model
+    """Print the path of the committed model file (for apps and scripts); for a runtime
+    bundle, the folder to put first on sys.path (its wheels unpacked beside the slot)."""
+    from ota.client._runtime import current_import_path
 
-    click.echo(str(current_model(state_dir, model)))
+    click.echo(str(current_import_path(state_dir, model)))
 
 
 def register(group: click.Group) -> None:

@@ -124,6 +124,9 @@ def init(
 @click.option(
     "--runtime", "runtime_range", default="", help="onnxruntime version range, e.g. '>=1.20,<2'."
 )
+@click.option(
+    "--runtime-version", default=None, help="Exact onnxruntime validated with (default: this one)."
+)
 @click.option("--min-client", default="0.0.0", show_default=True)
 @click.option("--budget", "budgets", multiple=True, help="TIER:LATENCY_MS:PEAK_MB smoke budget.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
@@ -152,6 +155,7 @@ def publish(
     tiers: tuple[str, ...],
     providers: tuple[str, ...],
     runtime_range: str,
+    runtime_version: str | None,
     min_client: str,
     budgets: tuple[str, ...],
     rtol: float,
@@ -193,6 +197,7 @@ def publish(
         licenses=licenses,
         training_data=datasets,
         lineage=lineage,
+        runtime_version=runtime_version,
     )
     project = _project(project_dir)
     size = sum(
