@@ -1,4 +1,4 @@
-"""Device commands: ``ota device init|update|run|status|confirm|revert``.
+"""Device commands: ``ota device init|update|run|status|confirm|revert|forget-failure``.
 
 Thin wrappers over :mod:`ota.client`; the exit code of ``update`` is the cycle's outcome (see
 ``ota --help``), so scripts and systemd can react without parsing output.
@@ -246,6 +246,19 @@ def revert_cmd(state_dir: Path, model: str | None, as_json: bool) -> None:
 
     o = revert(state_dir, model=model)
     emit(o.to_dict(), as_json, f"{o.model} {o.version or ''}: {o.status}")
+
+
+@device.command("forget-failure")
+@state_option
+@click.argument("name")
+@click.argument("version")
+@json_option
+def forget_failure_cmd(state_dir: Path, name: str, version: str, as_json: bool) -> None:
+    """Let a release that failed or was abandoned here be retried by the next update."""
+    from ota.client import forget_failure
+
+    o = forget_failure(state_dir, name, version)
+    emit(o.to_dict(), as_json, f"{o.model} {o.version}: may be retried by the next update")
 
 
 @device.command("current")
