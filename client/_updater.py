@@ -379,7 +379,7 @@ def status(state_dir: Path | str) -> DeviceStatus:
                         "current_slot": slot, "model_path": path,
                         "committed_version": cm.version if cm else None,
                         "committed_counter": cm.counter if cm else 0,
-                        "security_floor": cm.floor if cm else 0}
+                        "security_floor": committed.floor(name)}  # highest verified
     trial = None
     if st.txn is not None:
         trial = {"model": st.txn.name, "version": st.txn.version, "slot": st.txn.slot,

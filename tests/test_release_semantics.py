@@ -334,3 +334,21 @@ def test_a_failed_release_is_retried_after_forget_failure(
     with pytest.raises(InputError):
         forget_failure(dev, "det", "1.1.0")
 
+
+
+def test_kept_floors_survive_a_reload_and_never_go_down() -> None:
+    """``state.json`` keeps the verified floor per model (also for a model never committed);
+    a state written before floors were kept still loads; a corrupt floor is refused."""
+    from ota.client._state import CommittedState
+    from ota.errors import LocalError
+
+    st = CommittedState().with_floor("det", 3)
+    assert st.with_floor("det", 2) is st
+    back = CommittedState.from_bytes(st.to_bytes())
+    assert back.floor("det") == 3 and back.committed().floors == {"det": 3}
+    legacy = json.loads(st.to_bytes())
+    del legacy["floors"]
+    assert CommittedState.from_bytes(json.dumps(legacy).encode()).floor("det") == 0
+    legacy["floors"] = {"det": -1}
+    with pytest.raises(LocalError, match="bad floor"):
+        CommittedState.from_bytes(json.dumps(legacy).encode())
