@@ -200,3 +200,12 @@ def test_nothing_status_tells_waiting_for_a_rollout_from_up_to_date() -> None:
     assert nothing_status([Skip("1.1.0", "failed", kind="failed", counter=2)], 1) == "up_to_date"
     assert nothing_status([Skip("1.1.0", "paused", kind="paused", counter=2)], 1) == (
         "not_in_rollout")
+
+
+def test_an_index_whose_floor_is_below_the_kept_one_is_stale() -> None:
+    from ota.client._policy import stale_floor_reason
+
+    assert stale_floor_reason(idx(floor=3), Committed(floors={"det": 3})) is None
+    assert stale_floor_reason(idx(floor=4), Committed(floors={"det": 3})) is None
+    reason = stale_floor_reason(idx(floor=0), Committed(floors={"det": 3}))
+    assert reason is not None and "forged" in reason
