@@ -10,7 +10,7 @@ state dir, a held lock) raises.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -118,17 +118,25 @@ _REPORT_LOCK_WAIT_S = 5.0  # a reporter reads or acks the queue; it never holds 
 
 
 def init_device(state_dir: Path | str, repo_url: str, root: bytes, device_id: str,
-                models: list[str] | tuple[str, ...], **options: Any) -> DeviceConfig:
+                models: list[str] | tuple[str, ...], *,
+                floors: Mapping[str, int] | None = None, **options: Any) -> DeviceConfig:
     """Initialise a state directory: device facts, repository URL, trusted root.
 
     ``options`` are :class:`DeviceConfig` fields (ring, tier, arch, runtime_version,
     providers, health_timeout_s, health_cmd, hook_cmd, max_attempts). Re-running init on an
     initialised directory updates the config but keeps committed state and slots.
+    ``floors`` (model -> release counter) provisions security floors, like the trusted root,
+    from a source the device trusts: a device that has never polled cannot learn a floor that
+    an attacker holding the online keys hides. Kept floors only ever rise.
 
     Raises:
         ConfigError: a bad option or a root that python-tuf rejects.
-        InputError: an unknown option.
+        InputError: an unknown option, or a floor for a model not followed or out of range.
     """
+    for m, f in (floors or {}).items():
+        if m not in models or isinstance(f, bool) or not isinstance(f, int) or not 0 <= f <= 2**53:
+            raise InputError(f"bad security floor {m}={f!r}",
+                             remedy="give MODEL=COUNTER for a model this device follows")
     if isinstance(options.get("report_url"), str):
         options["report_url"] = options["report_url"].rstrip("/")
     try:
@@ -145,6 +153,12 @@ def init_device(state_dir: Path | str, repo_url: str, root: bytes, device_id: st
         with filelock.FileLock(str(sd.lock_path), timeout=_INIT_LOCK_WAIT_S):
             write_bytes(sd.root_path, root)
             sd.save_config(cfg)
+            state = sd.load_state()
+            raised = state
+            for m, f in (floors or {}).items():
+                raised = raised.with_floor(m, f)
+            if raised is not state:
+                sd.save_state(raised)
     except filelock.Timeout as e:
         raise ConflictError(f"an updater holds {sd.lock_path}",
                             remedy="retry when it has finished its cycle") from e

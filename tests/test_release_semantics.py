@@ -167,6 +167,31 @@ def test_device_below_the_floor_keeps_it_when_the_index_is_forged(
         assert "forged" in res.outcomes[0].reason
 
 
+def test_a_never_polled_device_with_a_provisioned_floor_refuses_the_forged_index(
+    repo: tuple[Project, str], tmp_path: Path
+) -> None:
+    """A device initialised after the compromise never saw a genuine index; the floor
+    provisioned at enrolment (like its trusted root) is what protects it."""
+    project, url = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    publish_mlp(project, "det", "1.1.0", seed=1)
+    publish_mlp(project, "det", "1.2.0", seed=2, security_floor=3)
+    _forge(project, keep={"1.0.0", "1.1.0"})
+    dev = tmp_path / "dev"
+    code, out = _ota("device", "init", "--state-dir", str(dev), "--repo-url", url, "--root",
+                     str(project.root_dir / "root.json"), "--device-id", "cam-9", "--model",
+                     "det", "--ring", "canary", "--health-timeout", "0",
+                     "--security-floor", "det=3")
+    assert code == 0, out
+    res = _update(dev)
+    assert res.status == "security" and "forged" in res.outcomes[0].reason, res.to_dict()
+    assert current_version(dev) is None
+    code, out = _ota("device", "init", "--state-dir", str(dev), "--repo-url", url, "--root",
+                     str(project.root_dir / "root.json"), "--device-id", "cam-9", "--model",
+                     "det", "--security-floor", "other=3")
+    assert code == ExitCode.INPUT, out
+
+
 def promote_forged(project: Project, version: str) -> None:
     """The attacker also rolls the vulnerable 1.1.0 out to everyone (online key only)."""
     txn = _online_attacker(project)

@@ -72,6 +72,13 @@ def device() -> None:
     default=None,
     help="File holding the bearer token for the fleet service.",
 )
+@click.option(
+    "--security-floor",
+    "floors",
+    multiple=True,
+    metavar="MODEL=COUNTER",
+    help="Provision a security floor (see `ota releases`); kept floors only ever rise.",
+)
 @json_option
 def init_cmd(
     state_dir: Path,
@@ -88,10 +95,19 @@ def init_cmd(
     hook_cmd: str,
     report_url: str,
     report_token_file: Path | None,
+    floors: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Initialise a device's state directory."""
     from ota.client import init_device
+    from ota.errors import InputError
+
+    kept: dict[str, int] = {}
+    for spec in floors:
+        model, _, counter = spec.partition("=")
+        if not counter.isdigit() or len(counter) > 16:
+            raise InputError(f"bad --security-floor {spec!r}", remedy="use MODEL=COUNTER")
+        kept[model] = int(counter)
 
     options: dict[str, Any] = {
         "ring": ring,
@@ -105,7 +121,9 @@ def init_cmd(
     }
     if arch:
         options["arch"] = arch
-    cfg = init_device(state_dir, repo_url, root_path.read_bytes(), device_id, models, **options)
+    cfg = init_device(
+        state_dir, repo_url, root_path.read_bytes(), device_id, models, floors=kept, **options
+    )
     emit(
         {
             "state_dir": str(state_dir),
