@@ -63,6 +63,9 @@ def _steer(
 def promote(project: Project, name: str, version: str, ring: str, percent: float) -> RolloutState:
     """Move a release to ``ring`` at ``percent`` (and un-pause it).
 
+    The percentage applies to ``ring`` only (the ring being entered): devices of the rings
+    before it, which the release has passed, may all install it (``docs/runbooks/rollout.md``).
+
     Raises:
         InputError: unknown ring, percent out of range, unknown or yanked release.
     """
