@@ -136,7 +136,13 @@ def init(
     "--security-floor",
     type=int,
     default=0,
-    help="Refuse releases with a lower counter on devices from now on.",
+    help="Refuse releases with a lower counter on devices from now on (kept by every later "
+    "release).",
+)
+@click.option(
+    "--allow-lower-version",
+    is_flag=True,
+    help="Publish a version that does not sort above the newest release (audit-logged).",
 )
 @click.option("--dataset", "datasets", multiple=True, help="Training dataset reference (SBOM).")
 @click.option("--license", "licenses", multiple=True, help="SPDX licence id (SBOM).")
@@ -162,6 +168,7 @@ def publish(
     atol: float,
     max_model_mb: float,
     security_floor: int,
+    allow_lower_version: bool,
     datasets: tuple[str, ...],
     licenses: tuple[str, ...],
     lineage: tuple[str, ...],
@@ -193,6 +200,7 @@ def publish(
         atol=atol,
         max_model_bytes=int(max_model_mb * 1024 * 1024),
         security_floor=security_floor,
+        allow_lower_version=allow_lower_version,
         datasets=datasets,
         licenses=licenses,
         training_data=datasets,
