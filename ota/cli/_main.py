@@ -75,6 +75,17 @@ class _Group(click.Group):
             e.show()
             click.echo(json.dumps(error_document(e, e.exit_code), sort_keys=True))
             ctx.exit(e.exit_code)
+        except ModuleNotFoundError as e:  # a device-only install running a publisher command
+            from ota._extras import from_import_error
+
+            missing = from_import_error(e, f"`ota {ctx.invoked_subcommand}`")
+            if missing is None:
+                raise
+            click.echo(f"error: {missing.diagnostics()}", err=True)
+            if as_json:
+                doc = error_document(missing, int(missing.exit_code))
+                click.echo(json.dumps(doc, sort_keys=True))
+            ctx.exit(int(missing.exit_code))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
