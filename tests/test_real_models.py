@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,11 @@ from ota.repository._auditlog import read_log
 from ota.repository._golden import GoldenError, make_smoke_files, npz_bytes
 from ota.repository._publish import OverBudget
 from ota.sbom import model_card
+from tests import http_faults
 from tests.onnx_models import framed, noisy, save
 from tests.real_models import ocr_model, silero_model
-from tests.repo_helpers import make_project
+from tests.repo_helpers import make_project, publish_mlp
+from tests.updater_world import Base, World, current_version
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -185,6 +189,41 @@ def test_model_card_counts_weights_in_constants_and_subgraphs(model: Path, at_le
     assert facts.parameters * 4 <= model.stat().st_size
 
 
+def test_model_card_counts_constant_weights_not_shape_constants(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    body = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["w"], value=w),
+            helper.make_node("MatMul", ["x", "w"], ["o"]),
+        ],
+        "then", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 3])],
+    )  # fmt: skip
+    other = helper.make_graph(
+        [helper.make_node("Constant", [], ["o"], value_floats=[0.0, 0.0, 0.0])],
+        "else", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, [3])],
+    )  # fmt: skip
+    shape = helper.make_tensor("s", TensorProto.INT64, [2], [1, 3])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["flag"], value_int=1),
+            helper.make_node("Cast", ["flag"], ["c"], to=TensorProto.BOOL),
+            helper.make_node("If", ["c"], ["r"], then_branch=body, else_branch=other),
+            helper.make_node("Constant", [], ["s"], value=shape),
+            helper.make_node("Reshape", ["r", "s"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    facts = model_card(save(model, tmp_path / "m.onnx"))
+    assert facts.parameters == 4 * 3 + 3  # the If's weights; not the int64 shape or flag
+    assert facts.precision == ("fp32",)
+
+
 # -- item 13: budgets checked on the publisher's own tier -----------------------------------
 
 
@@ -234,3 +273,41 @@ def test_degenerate_override_is_recorded_in_the_audit_log(tmp_path: Path) -> Non
     publish(project, _request(det, "1.0.0", inputs_npz=tiny, allow_degenerate_golden=True))
     waivers = [e for e in read_log(project.storage) if e.event == "policy-waiver"]
     assert [w.details["rule"] for w in waivers] == ["degenerate-golden"]
+
+
+# -- end to end: a device installs a release with two sets and the shapes check ------------
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
+    root = tmp_path_factory.mktemp("world")
+    proj = make_project(root)
+    publish_mlp(proj, "det", "1.0.0", seed=0)
+    shutil.copytree(root / "repo", root / "repo_v1")
+    publish_mlp(proj, "det", "1.1.0", seed=1)
+    shutil.copytree(root / "repo", root / "repo_v2")
+    return Base(root)
+
+
+@pytest.fixture
+def world(base: Base, tmp_path: Path) -> Iterator[World]:
+    with http_faults.serve(tmp_path / "repo") as fs:
+        yield World(tmp_path, base, fs)
+
+
+def test_device_installs_a_release_checked_by_shapes_over_two_sets(
+    world: World, tmp_path: Path
+) -> None:
+    world.committed_at("v1")
+    model = save(noisy(), tmp_path / "noisy.onnx")
+    rng = np.random.default_rng(0)
+    sets = [
+        _write_npz(tmp_path / f"s{n}.npz", x=rng.standard_normal((n, 8)).astype(np.float32))
+        for n in (1, 3)
+    ]
+    req = PublishRequest(source=model, name="det", version="1.2.0", inputs_npz=sets,
+                         golden_check="shapes")  # fmt: skip
+    publish(world.project(), req)
+    res = world.update()
+    assert res.status == "updated", res.to_dict()
+    assert current_version(world.device) == "1.2.0"
