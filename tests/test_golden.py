@@ -201,7 +201,7 @@ def test_smoke_spec_refuses_bad_optional_keys(change: dict[str, Any]) -> None:
 def test_degenerate_outputs() -> None:
     from ota.repository._smoke_inputs import degenerate_outputs
 
-    outputs = {
+    outputs: dict[str, NDArray[Any]] = {
         "zero": np.zeros((1, 1, 32, 32), np.float32),
         "tiny": np.full((4,), 3e-6, np.float32) * np.arange(4, dtype=np.float32),
         "flat": np.full((3,), 7.0, np.float32),
@@ -222,7 +222,7 @@ def test_degenerate_outputs() -> None:
 def test_candidates_share_symbols_and_keep_state_axes_at_batch() -> None:
     from ota.repository._smoke_inputs import SIZE_LADDER, candidates
 
-    sig = [
+    sig: list[tuple[str, str, list[Any]]] = [
         ("audio", "tensor(float)", ["batch", "samples"]),
         ("state", "tensor(float)", [2, None, 128]),
         ("mask", "tensor(bool)", ["batch", "samples"]),
@@ -271,7 +271,7 @@ def test_integer_hints_follow_casts_into_subgraphs(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     path = save(model, tmp_path / "m.onnx")
-    sig = [("rate", "tensor(int64)", [])]
+    sig: list[tuple[str, str, list[Any]]] = [("rate", "tensor(int64)", [])]
     assert int_hints(path, sig, {"rate": "int64"}) == {"rate": [8000]}
     assert int_hints(path, [("rate", "tensor(int64)", [100])], {"rate": "int64"}) == {}
     assert generate_inputs(sig)["rate"].shape == ()
