@@ -15,7 +15,8 @@ What it checks, in order: the inputs and golden files are bounded, pickle-free n
 the model loads; the session's inputs match the inputs file (names, dtypes, ranks, fixed dims)
 and its outputs match the golden file (names, dtypes, ranks); then ``runs`` inferences, each
 compared with the golden outputs (``np.allclose`` semantics with ``equal_nan=False``; exact for
-integer and bool outputs; shapes must be equal). It measures per-run latency and the peak RSS of
+integer and bool outputs; shapes must be equal), or with ``--check=shapes`` (outputs that vary
+by design) only their shapes, dtypes and finiteness. It measures per-run latency and the peak RSS of
 the process (``ru_maxrss``). The first run is a warm-up: latency figures use the others when
 there are any.
 """

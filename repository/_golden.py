@@ -9,9 +9,15 @@ Invariants:
   writer: members in signature order, stored, fixed zip timestamps and attributes, npy format
   without pickles);
 * the inputs match the model's input signature as onnxruntime reports it (names, dtypes, ranks,
-  fixed dims), which is exactly what the device-side child checks;
-* the golden outputs are finite and reproducible: the model is run twice and must agree within
-  the tolerances, else the release would fail on every device.
+  fixed dims), which is exactly what the device-side child checks; generated inputs are ones
+  the model ran on (:mod:`ota.repository._smoke_inputs`), else publish stops and asks for
+  ``--inputs``;
+* the golden outputs are finite; with the ``values`` check they are reproducible (the model is
+  run twice and must agree within the tolerances, else the release would fail on every
+  device); they are not degenerate (empty, or indistinguishable from a constant within the
+  tolerances) unless the operator explicitly allowed it;
+* onnxruntime's own error log is silenced here (severity 4): every failure is one
+  :class:`GoldenError` line with a remedy, never a raw runtime message on stderr.
 """
 
 from __future__ import annotations
