@@ -312,7 +312,7 @@ def render(doc: dict[str, Any]) -> str:
             rows,
         )
     ]
-    phases = [*PUBLISH_PHASES, "other"]
+    phases = [*PUBLISH_PHASES, "other", "overlap"]
     prow = []
     for r in doc["results"]:
         prow.append([r["storage"], *(r["phases_s"][p] for p in phases)])
