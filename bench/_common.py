@@ -210,8 +210,9 @@ def import_cost() -> float:
 
     mods = (
         "import ota.repository, ota.repository._golden, ota.repository._model_checks, "
-        "ota.signing, ota.sbom._mlbom, onnxruntime, cyclonedx.validation.json"
-    )
+        "ota.signing, ota.sbom._mlbom, onnxruntime; "
+        "from ota.sbom._schema import _strict_validator; _strict_validator()"
+    )  # the SBOM validator as publish builds it (its IRI grammar deferred: sbom/_lazy_iri.py)
     return round(max(0.0, child(mods) - child("pass")), 3)
 
 
