@@ -311,3 +311,31 @@ def test_device_installs_a_release_checked_by_shapes_over_two_sets(
     res = world.update()
     assert res.status == "updated", res.to_dict()
     assert current_version(world.device) == "1.2.0"
+
+
+def test_cli_options_several_inputs_shapes_check_and_budget_override(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from ota.cli._main import _register, cli
+
+    _register()
+    project = make_project(tmp_path)
+    model = save(noisy(), tmp_path / "noisy.onnx")
+    rng = np.random.default_rng(1)
+    a, b = (
+        _write_npz(tmp_path / f"{n}.npz", x=rng.standard_normal((n, 8)).astype(np.float32))
+        for n in (1, 2)
+    )
+    base = ["publish", str(model), "--project", str(project.root_dir), "--name", "noisy",
+            "--inputs", str(a), "--inputs", str(b), "--golden-check", "shapes",
+            "--budget", "edge:0.001:"]  # fmt: skip
+    runner = CliRunner()
+    over = runner.invoke(cli, [*base, "--version", "1.0.0", "--publisher-tier", "edge"])
+    assert over.exit_code == ExitCode.INPUT and "--allow-over-budget" in over.output
+    ok = runner.invoke(cli, [*base, "--version", "1.0.0", "--publisher-tier", "edge",
+                             "--allow-over-budget", "--json"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    facts = [e for e in read_log(project.storage) if e.event == "publish"][-1].details
+    assert facts["waived"] == ["smoke-budget"]
+    other_tier = runner.invoke(cli, [*base, "--version", "1.1.0"])  # this machine: "default"
+    assert other_tier.exit_code == 0, other_tier.output
