@@ -84,8 +84,8 @@ class PhaseTimer:
     from outside; the code under test is not modified) and undo with :meth:`restore`.
 
     Phases on different threads may overlap in time, so their sum can exceed the wall time:
-    :meth:`breakdown` reports ``other`` as the wall time outside every timed interval and
-    ``overlap`` as the time counted in more than one phase at once."""
+    :meth:`breakdown` reports ``other`` as the wall time outside every timed interval and, when
+    asked, ``overlap`` as the time counted in more than one phase at once."""
 
     totals: dict[str, float] = field(default_factory=dict)
     _local: threading.local = field(default_factory=threading.local)
@@ -136,15 +136,18 @@ class PhaseTimer:
             end = t1
         return total
 
-    def breakdown(self, total: float, order: Sequence[str]) -> dict[str, float]:
+    def breakdown(
+        self, total: float, order: Sequence[str], *, overlap: bool = False
+    ) -> dict[str, float]:
         """Seconds per phase in ``order``, plus ``other`` (``total`` outside every timed call)
-        and ``overlap`` (time counted in two phases at once, on different threads)."""
+        and, with ``overlap``, the time counted in two phases at once (different threads)."""
         with self._lock:
             totals = dict(self.totals)
         out = {p: round(totals.get(p, 0.0), 4) for p in order}
         covered = self.covered()
         out["other"] = round(max(0.0, total - covered), 4)
-        out["overlap"] = round(max(0.0, sum(totals.values()) - covered), 4)
+        if overlap:
+            out["overlap"] = round(max(0.0, sum(totals.values()) - covered), 4)
         return out
 
 

@@ -37,7 +37,7 @@ def test_phases_on_two_threads_are_both_timed_and_overlap_is_reported() -> None:
     assert set(timer.totals) == {"chunk_upload", "smoke_golden"}  # "sign" nested: not counted
     assert timer.totals["smoke_golden"] > 0 and timer.totals["chunk_upload"] > 0
     total = timer.covered() + 1.0
-    parts = timer.breakdown(total, ["chunk_upload", "smoke_golden"])
+    parts = timer.breakdown(total, ["chunk_upload", "smoke_golden"], overlap=True)
     assert sum(timer.totals.values()) > timer.covered()  # the side call ran inside the main one
     assert parts["overlap"] == round(sum(timer.totals.values()) - timer.covered(), 4)
     assert parts["other"] == round(total - timer.covered(), 4)
