@@ -36,6 +36,7 @@ from typing import IO, Any
 
 from ota.bundle import FormatError, SmokeSpec, validate_bundle_path
 from ota.client import _smoke_child as child
+from ota.client._runtime import RuntimeBundleError, import_root, wheels
 from ota.errors import LocalError, SmokeError
 
 __all__ = ["SmokeFailed", "SmokeLimits", "SmokeReport", "measure", "run_smoke"]
@@ -262,7 +263,7 @@ _REMEDIES = {
 }
 
 
-def _run_child(
+def _run_child(  # noqa: PLR0911 - each early return is a distinct synthetic result
     model: Path,
     inputs: Path,
     golden: Path | None,
@@ -295,7 +296,12 @@ def _run_child(
     cpu_s = limits.cpu_s
     if cpu_s is None:
         cpu_s = math.ceil(limits.timeout_s * (os.cpu_count() or 1)) + 5
-    runtime = _runtime_dir(runtime_path).absolute() if runtime_path else ""
+    try:
+        runtime = _runtime_dir(runtime_path).absolute() if runtime_path else ""
+    except RuntimeBundleError as e:
+        return _synthetic(child.RUNTIME_MISMATCH, str(e), {})
+    except OSError as e:
+        raise LocalError(f"cannot unpack the runtime bundle: {e.strerror or e}") from e
     argv = [
         sys.executable, "-I", child.__file__,
         f"--model={model}", f"--inputs={inputs}", f"--golden={golden or ''}",
@@ -347,11 +353,21 @@ def _run_child(
 def _runtime_dir(runtime_path: Path) -> Path:
     """The folder to put first on the child's ``sys.path``: ``runtime_path`` itself when it
     holds an ``onnxruntime`` package, else its ``runtime/`` folder when that does (a runtime
-    bundle's root, see :mod:`ota.bundle`). Otherwise ``runtime_path``, and the child will
-    report ``runtime_mismatch``."""
+    bundle's root, see :mod:`ota.bundle`), else the wheels of either unpacked beside the slot
+    (:func:`ota.client._runtime.import_root`). Otherwise ``runtime_path``, and the child will
+    report ``runtime_mismatch``.
+
+    Raises:
+        RuntimeBundleError: a wheel cannot be unpacked safely. OSError: nor written.
+    """
     path = Path(runtime_path)
-    if not (path / "onnxruntime").is_dir() and (path / "runtime" / "onnxruntime").is_dir():
+    if (path / "onnxruntime").is_dir():
+        return path
+    if (path / "runtime" / "onnxruntime").is_dir():
         return path / "runtime"
+    for folder in (path / "runtime", path):
+        if wheels(folder):
+            return import_root(folder)
     return path
 
 

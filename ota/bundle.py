@@ -427,9 +427,14 @@ class Release:
     model_path: str = "model/model.onnx"
     rollback_of: str | None = None  # version whose files this release re-publishes
     created: str = ""  # RFC 3339 UTC
+    # Rollbacks only: the counter of the release whose content this one carries (issue 12).
+    # Serialised only when set, so release documents written before it stay byte-identical.
+    content_counter: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {} if self.content_counter is None else {"content_counter": self.content_counter}
         return {
+            **extra,
             "format": RELEASE_FORMAT,
             "name": self.name,
             "version": self.version,
@@ -469,6 +474,7 @@ class Release:
                 "model_path",
                 "rollback_of",
                 "created",
+                *(("content_counter",) if "content_counter" in doc else ()),
             },
             "release",
         )
@@ -484,6 +490,11 @@ class Release:
         created = doc["created"]
         if not isinstance(created, str) or len(created) > 40:
             raise FormatError("bad created timestamp")
+        content = doc.get("content_counter")
+        if content is not None:
+            content = _count(content, 2**53, "content counter")
+            if rollback_of is None:
+                raise FormatError("content_counter is only for rollback releases")
         return cls(
             name=name,
             version=version,
@@ -495,6 +506,7 @@ class Release:
             model_path=validate_bundle_path(doc["model_path"]),
             rollback_of=rollback_of,
             created=created,
+            content_counter=content,
         )
 
     @classmethod

@@ -150,6 +150,9 @@ def init(
 @click.option(
     "--runtime", "runtime_range", default="", help="onnxruntime version range, e.g. '>=1.20,<2'."
 )
+@click.option(
+    "--runtime-version", default=None, help="Exact onnxruntime validated with (default: this one)."
+)
 @click.option("--min-client", default="0.0.0", show_default=True)
 @click.option("--budget", "budgets", multiple=True, help="TIER:LATENCY_MS:PEAK_MB smoke budget.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
@@ -159,7 +162,13 @@ def init(
     "--security-floor",
     type=int,
     default=0,
-    help="Refuse releases with a lower counter on devices from now on.",
+    help="Refuse releases with a lower counter on devices from now on (kept by every later "
+    "release).",
+)
+@click.option(
+    "--allow-lower-version",
+    is_flag=True,
+    help="Publish a version that does not sort above the newest release (audit-logged).",
 )
 @click.option("--dataset", "datasets", multiple=True, help="Training dataset reference (SBOM).")
 @click.option("--license", "licenses", multiple=True, help="SPDX licence id (SBOM).")
@@ -182,12 +191,14 @@ def publish(
     tiers: tuple[str, ...],
     providers: tuple[str, ...],
     runtime_range: str,
+    runtime_version: str | None,
     min_client: str,
     budgets: tuple[str, ...],
     rtol: float,
     atol: float,
     max_model_mb: float,
     security_floor: int,
+    allow_lower_version: bool,
     datasets: tuple[str, ...],
     licenses: tuple[str, ...],
     lineage: tuple[str, ...],
@@ -223,10 +234,12 @@ def publish(
         atol=atol,
         max_model_bytes=int(max_model_mb * 1024 * 1024),
         security_floor=security_floor,
+        allow_lower_version=allow_lower_version,
         datasets=datasets,
         licenses=licenses,
         training_data=datasets,
         lineage=lineage,
+        runtime_version=runtime_version,
     )
     project = _project(project_dir)
     size = sum(
