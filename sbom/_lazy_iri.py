@@ -36,7 +36,10 @@ def install() -> None:
     with _lock:
         if _NAME in sys.modules or "jsonschema._format" in sys.modules:
             return
-        if importlib.util.find_spec(_NAME) is None:
+        try:
+            if importlib.util.find_spec(_NAME) is None:
+                return
+        except (ImportError, ValueError):  # an import hook that refuses it: not installed
             return
         stand_in = types.ModuleType(_NAME, "stand-in: imports rfc3987_syntax on first use")
         stand_in.is_valid_syntax = _is_valid_syntax  # type: ignore[attr-defined]
