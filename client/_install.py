@@ -188,7 +188,7 @@ def check_bundle_facts(manifest: Manifest, facts: TargetFacts) -> None:
     if rel.kind == "model":
         required.add(rel.model_path)
     if rel.smoke is not None:
-        required |= {rel.smoke.inputs, rel.smoke.golden}
+        required |= set(rel.smoke.files())
     for path in sorted(required):
         entry = manifest.file(path)  # FormatError (a SecurityError) if missing
         want = facts.digests.get(path)
