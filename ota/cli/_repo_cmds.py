@@ -4,6 +4,7 @@ gc, serve. Each parses, calls :mod:`ota.repository`, prints."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -269,6 +270,14 @@ def _state_line(name: str, s: object) -> str:
     return f"{name} {s.version} (#{s.counter}): {s.ring} {s.percent:g}% {flags}".rstrip()
 
 
+def _numeric_percent(doc: dict[str, Any]) -> dict[str, Any]:
+    """``percent`` as a JSON number, as ``publish --json`` gives it (the signed index keeps
+    it as a string for canonical JSON; the CLI's JSON is not signed)."""
+    if isinstance(doc.get("percent"), str):
+        doc["percent"] = float(doc["percent"])
+    return doc
+
+
 @click.command()
 @click.argument("name")
 @click.argument("version")
@@ -283,7 +292,7 @@ def promote(
     from ota.repository import promote as do
 
     s = do(_project(project_dir), name, version, ring, percent)
-    emit({"name": name, **s.to_dict()}, as_json, lambda: _state_line(name, s))
+    emit(_numeric_percent({"name": name, **s.to_dict()}), as_json, lambda: _state_line(name, s))
 
 
 def _flag_command(cmd_name: str, helptext: str, field: str, value: bool) -> click.Command:
@@ -297,7 +306,7 @@ def _flag_command(cmd_name: str, helptext: str, field: str, value: bool) -> clic
 
         fn = pause if field == "paused" else yank
         s = fn(_project(project_dir), name, version, value)
-        emit({"name": name, **s.to_dict()}, as_json, lambda: _state_line(name, s))
+        emit(_numeric_percent({"name": name, **s.to_dict()}), as_json, lambda: _state_line(name, s))
 
     return cmd
 
@@ -338,7 +347,7 @@ def releases(name: str | None, project_dir: str, as_json: bool) -> None:
 
     rows = do(_project(project_dir), name)
     emit(
-        [r.to_dict() for r in rows],
+        [_numeric_percent(r.to_dict()) for r in rows],
         as_json,
         lambda: "\n".join(_state_line(r.name, r.state) for r in rows) or "no releases",
     )
@@ -380,17 +389,44 @@ def gc(project_dir: str, grace: float, dry_run: bool, as_json: bool) -> None:
     help="Repository folder to serve (default: the project's local storage).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8765, show_default=True)
-def serve(project_dir: str, root_dir: Path | None, host: str, port: int) -> None:
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Default: the port named in the project's base_url, else 8765.",
+)
+def serve(project_dir: str, root_dir: Path | None, host: str, port: int | None) -> None:
     """Serve a local repository read-only over HTTP (metadata, targets, blobs; Range)."""
+    from ota.errors import ConfigError
     from ota.repository._serve import serve_forever
 
+    project = None
     if root_dir is None:
-        local = _project(project_dir).storage.local_root()
+        project = _project(project_dir)
+        local = project.storage.local_root()
         if local is None:
             raise InputError("the project's storage is not a local folder", remedy="use --root")
         root_dir = local
-    serve_forever(root_dir, host, port)
+    elif port is None:
+        try:
+            project = _project(project_dir)
+        except ConfigError:
+            project = None  # --root without a project: the default port
+    if port is None:
+        port = _base_url_port(project.config.base_url) if project is not None else None
+    serve_forever(root_dir, host, 8765 if port is None else port)
+
+
+def _base_url_port(base_url: str) -> int | None:
+    """The port written in ``base_url`` (``http://127.0.0.1:9000/repo`` -> 9000), or None."""
+    from urllib.parse import urlsplit
+
+    from ota.errors import ConfigError
+
+    try:
+        return urlsplit(base_url).port
+    except ValueError as e:
+        raise ConfigError(f"bad base_url {base_url!r} in ota.toml: {e}") from e
 
 
 def register(group: click.Group) -> None:
