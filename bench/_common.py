@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def best_of(n: int, fn: Callable[[], T], *, setup: Callable[[], None] | None = None) -> tuple[
-    float, T
-]:
+def best_of(
+    n: int, fn: Callable[[], T], *, setup: Callable[[], None] | None = None
+) -> tuple[float, T]:
     """Run ``fn`` ``n`` times (each after an untimed ``setup``); return the best wall time in
     seconds and the result of the best run."""
     best: tuple[float, T] | None = None
@@ -184,7 +184,13 @@ def import_cost() -> float:
 
 
 PUBLISH_PHASES = (
-    "checks", "chunk_upload", "smoke_golden", "sbom", "provenance", "sign", "commit",
+    "checks",
+    "chunk_upload",
+    "smoke_golden",
+    "sbom",
+    "provenance",
+    "sign",
+    "commit",
 )
 
 
@@ -262,4 +268,5 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }

@@ -273,6 +273,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     options.log_severity_level = 3
     if args.threads:
         options.intra_op_num_threads = args.threads
+    _memory_options(options, args)
     start = time.perf_counter()
     try:
         session = ort.InferenceSession(args.model, options, providers=args.providers.split(","))
@@ -285,6 +286,17 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     check_signature(sig_in, sig_out, inputs, golden)
     names = [name for name, _, _ in sig_out]
     _infer(session, names, inputs=inputs, golden=golden, args=args, result=result)
+
+
+def _memory_options(options: Any, args: argparse.Namespace) -> None:
+    """Session options that decide how many copies of the weights onnxruntime holds (ADR
+    0008): by default no planned block for the initializers (which external data, mapped
+    from its file, never uses); prepacking stays on unless the parent turns it off (it
+    changes the outputs' rounding: golden outputs are computed with it)."""
+    if not args.prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    if not args.mem_pattern:
+        options.enable_mem_pattern = False
 
 
 def _import_runtime(runtime_path: str, result: dict[str, Any]) -> Any:
@@ -374,6 +386,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--providers", default="CPUExecutionProvider")
     parser.add_argument("--max-npz-bytes", type=int, default=1 << 30)
+    parser.add_argument("--prepack", type=int, choices=(0, 1), default=1)
+    parser.add_argument("--mem-pattern", type=int, choices=(0, 1), default=0)
     return parser.parse_args(list(argv))
 
 

@@ -23,6 +23,7 @@ from ota.client._smoke import (
     SmokeReport,
     _parse_result,
     measure,
+    memory_limit_mb,
     run_smoke,
 )
 from ota.errors import SmokeError
@@ -121,6 +122,73 @@ def test_memory_exhaustion_is_contained(tmp_path: Path) -> None:
     err = _fails(child.MEMORY, model, tmp_path, SmokeSpec(), limits=SmokeLimits(mem_margin_mb=64))
     assert err.report["mem_limit_mb"] < 500
     assert err.report["peak_mem_mb"] < 500
+
+
+def test_memory_limit_is_derived_from_model_size_and_budget() -> None:
+    limits = SmokeLimits(threads=2)
+    reserve = limits.base_mem_mb + limits.mem_margin_mb + 2 * limits.thread_mem_mb
+    mb = 1024 * 1024
+    # No budget: the model file costs model_as_factor x its size (parse slack), external data
+    # once, the smoke files twice.
+    assert memory_limit_mb(100 * mb, 0, 0, limits=limits) == (reserve + 300, "model")
+    assert memory_limit_mb(1024 * mb, 0, 0, limits=limits) == (reserve + 3072, "model")
+    assert memory_limit_mb(mb, 4096 * mb, 5 * mb, limits=limits) == (
+        reserve + 3 + 4096 + 10,
+        "model",
+    )
+    # A tier budget replaces the model's allowance, up or down; the parse slack stays.
+    assert memory_limit_mb(100 * mb, 0, 5 * mb, limits=limits, budget_mb=1000.0) == (
+        reserve + 200 + 1000,
+        "budget",
+    )
+    assert memory_limit_mb(100 * mb, 0, 0, limits=limits, budget_mb=1.0) == (
+        reserve + 200 + 1,
+        "budget",
+    )
+    # An explicit limit overrides everything.
+    fixed = SmokeLimits(mem_limit_mb=777)
+    assert memory_limit_mb(10**10, 10**10, 0, limits=fixed, budget_mb=5.0) == (777, "override")
+
+
+def test_the_child_runs_under_the_derived_limit(bundle: tuple[Path, Path, SmokeSpec]) -> None:
+    root, model, spec = bundle
+    smoke = (root / spec.inputs).stat().st_size + (root / spec.golden).stat().st_size
+    plain = SmokeSpec(inputs=spec.inputs, golden=spec.golden, runs=1)
+    want, _ = memory_limit_mb(model.stat().st_size, 0, smoke)
+    assert run_smoke(model, root, plain, tier="cam-v1").mem_limit_mb == want
+    # A larger model file gets a larger limit: nothing is a constant.
+    (model.parent / "model.onnx.data").write_bytes(b"\0" * (8 * 1024 * 1024))
+    bigger, _ = memory_limit_mb(model.stat().st_size, 8 * 1024 * 1024, smoke)
+    assert bigger == want + 8
+    assert run_smoke(model, root, plain, tier="cam-v1").mem_limit_mb == bigger
+    budgeted = SmokeSpec(
+        inputs=spec.inputs,
+        golden=spec.golden,
+        runs=1,
+        budgets={"cam-v1": Budget(peak_mem_mb=900.0)},
+    )
+    want_b, source = memory_limit_mb(model.stat().st_size, 0, smoke, budget_mb=900.0)
+    assert source == "budget"
+    assert run_smoke(model, root, budgeted, tier="cam-v1").mem_limit_mb == want_b
+
+
+def test_a_tier_budget_can_allow_what_the_model_size_alone_does_not(tmp_path: Path) -> None:
+    """A tiny model that allocates 512 MiB at run time: over the limit derived from its size,
+    within the limit of a tier whose budget allows it; and a budget far too small for it
+    stops it as ``memory_budget``."""
+    model = save(bad_models.huge_alloc(2**27), tmp_path / "model" / "model.onnx")
+    _write(tmp_path, SMOKE_INPUTS_FILE, {"x": np.ones(1, np.float32)})
+    _write(tmp_path, SMOKE_GOLDEN_FILE, {"y": np.array(2.0**27, np.float32)})
+    limits = SmokeLimits(threads=1, mem_margin_mb=64)
+    err = _fails(child.MEMORY, model, tmp_path, SmokeSpec(runs=1), limits=limits)
+    assert err.report["mem_limit_from"] == "model"
+    roomy = SmokeSpec(runs=1, budgets={"cam-v1": Budget(peak_mem_mb=1200.0)})
+    report = run_smoke(model, tmp_path, roomy, tier="cam-v1", limits=limits)
+    assert report.peak_mem_mb > 512
+    tight = SmokeSpec(runs=1, budgets={"cam-v1": Budget(peak_mem_mb=50.0)})
+    err = _fails(child.MEMORY_BUDGET, model, tmp_path, tight, limits=limits)
+    assert err.report["mem_limit_from"] == "budget"
+    assert "cam-v1 budget" in str(err)
 
 
 def test_latency_budget(bundle: tuple[Path, Path, SmokeSpec]) -> None:
