@@ -114,11 +114,18 @@ def measure_size(size_mb: int, work: Path, server: str) -> dict[str, Any]:
     repo.publish(model, "1.0.0", name=name)
     publish_s = time.perf_counter() - t0
     shutil.rmtree(model.parent, ignore_errors=True)
+    before = os.environ.get("OTA_BENCH_SERVER")
     os.environ["OTA_BENCH_SERVER"] = server
-    with serve_counting(repo.root_dir) as (url, _):
-        state = init_dev(work / f"dev-{size_mb}", url, repo.trusted_root, name=name)
-        log(f"{size_mb} MB: ota device update (real smoke)")
-        child = run_child(state)
+    try:
+        with serve_counting(repo.root_dir) as (url, _):
+            state = init_dev(work / f"dev-{size_mb}", url, repo.trusted_root, name=name)
+            log(f"{size_mb} MB: ota device update (real smoke)")
+            child = run_child(state)
+    finally:
+        if before is None:
+            os.environ.pop("OTA_BENCH_SERVER", None)
+        else:
+            os.environ["OTA_BENCH_SERVER"] = before
     smoke = _smoke_report(child["result"])
     smoke_peak_mib = float(smoke.get("peak_mem_mb") or child["children_maxrss_mib"])
     smoke_goal_mib = (1.3 * model_bytes + 150 * MB) / MIB

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import device_delta, device_poll, device_rss, device_update
+from bench import device_delta, device_large, device_poll, device_rss, device_update
 from bench.device_update import UPDATE_PHASES
 from tests import nginx
 from tests.bench_run import run_json
@@ -21,8 +21,18 @@ def test_device_update_reports_both_ratios(
     doc = run_json(
         capsys,
         device_update.main,
-        ["--json", "--size-mb", "2", "--repeat", "1", "--no-smoke", "--server", "thread",
-         "--workdir", str(tmp_path)],
+        [
+            "--json",
+            "--size-mb",
+            "2",
+            "--repeat",
+            "1",
+            "--no-smoke",
+            "--server",
+            "thread",
+            "--workdir",
+            str(tmp_path),
+        ],
     )
     assert doc["benchmark"] == "device_update" and doc["server"] == "thread"
     assert {
@@ -87,6 +97,25 @@ def test_device_rss_reports_child_peaks(tmp_path: Path, capsys: pytest.CaptureFi
     for p in points:
         assert {"peak_mb", "over_imports_mb", "ratio_to_smallest", "goal_met"} <= set(p)
         assert p["child"]["status"] in ("updated", "pending_confirmation")
+
+
+def test_device_large_installs_with_the_real_smoke_and_reports_both_peaks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    doc = run_json(
+        capsys,
+        device_large.main,
+        ["--json", "--sizes-mb", "2", "--server", "thread", "--workdir", str(tmp_path)],
+    )
+    assert doc["benchmark"] == "device_large"
+    [p] = doc["points"]
+    assert p["exit_code"] == 0 and p["status"] == "updated", p["failure"]
+    assert 0 < p["updater_peak_mib"] < p["smoke_peak_mib"]  # two processes, measured apart
+    assert p["smoke_mem_limit_mib"] > p["model_bytes"] / 2**20
+    assert isinstance(doc["goal_met"], bool) and doc["environment"]["loadavg"]
+    assert "OTA_BENCH_SERVER" not in os.environ
 
 
 def test_device_poll_counts_at_the_server(
