@@ -21,42 +21,38 @@ def test_device_update_reports_both_ratios(
     doc = run_json(
         capsys,
         device_update.main,
-        [
-            "--json",
-            "--size-mb",
-            "2",
-            "--repeat",
-            "1",
-            "--no-smoke",
-            "--server",
-            "thread",
-            "--workdir",
-            str(tmp_path),
-        ],
-    )
+        ["--json", "--size-mb", "2", "--repeat", "2", "--no-smoke", "--server", "thread",
+         "--workdir", str(tmp_path)],
+    )  # fmt: skip
     assert doc["benchmark"] == "device_update" and doc["server"] == "thread"
     assert {
-        "raw_s",
-        "ours_s",
-        "stock_s",
-        "ratio_raw",
+        "seconds",
+        "cpu_seconds",
         "ratio_stock",
-        "goal_raw_met",
+        "ratio_curl",
+        "ratio_stock_work",
         "goal_stock_met",
+        "goal_curl_met",
         "ours_phases_s",
-        "ours_served",
-        "stock_steps_s",
-        "raw_writeback_s",
-        "ratio_raw_writeback",
-        "median_ratio_raw",
-        "median_ratio_stock",
+        "rounds",
+        "loadavg_before",
     } <= set(doc)
+    rounds = doc["rounds"]
+    assert isinstance(rounds, list) and len(rounds) == 2
+    for r in rounds:  # every path in every round, each ratio from the same round
+        assert r["ratio_stock"] == round(r["ours_s"] / r["stock_s"], 3)
+        assert r["ratio_curl"] == round(r["ours_s"] / r["curl_s"], 3)
+        assert len(r["loadavg"]) == 3
+        assert r["stock_steps_s"]["download_target"] > 0
+    for key in ("seconds", "cpu_seconds"):
+        spread = doc[key]
+        assert isinstance(spread, dict)
+        assert set(spread) == {"ours", "stock", "curl"}
+        for v in spread.values():
+            assert v["min"] <= v["median"] <= v["max"]
     phases = doc["ours_phases_s"]
     assert isinstance(phases, dict)
     assert set(phases) == {*UPDATE_PHASES, "other"}
-    served = doc["ours_served"]
-    assert isinstance(served, dict)
-    assert served["blob_bytes"] >= doc["model_bytes"]
 
 
 def test_device_delta_reports_downloaded_fraction(
@@ -153,7 +149,8 @@ def test_device_update_through_nginx_leaves_no_server_setting_behind(
         ["--json", "--size-mb", "2", "--repeat", "1", "--no-smoke", "--workdir", str(tmp_path)],
     )
     assert doc["server"] == "nginx"  # the default where nginx is installed
-    for key in ("raw_s", "ours_s", "stock_s"):
-        value = doc[key]
-        assert isinstance(value, float) and value > 0, key
+    seconds = doc["seconds"]
+    assert isinstance(seconds, dict)
+    for key in ("ours", "stock", "curl"):
+        assert seconds[key]["median"] > 0, key
     assert "OTA_BENCH_SERVER" not in os.environ
