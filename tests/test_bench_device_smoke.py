@@ -135,6 +135,12 @@ def test_device_poll_counts_at_the_server(
     assert isinstance(polls, list)
     assert len(polls) == 1
     assert polls[0]["requests"] == len(polls[0]["hits"]) > 0
+    wire = doc["nginx_wire"]
+    if nginx.available():
+        assert isinstance(wire, dict)
+        [last] = wire["polls"]
+        assert last["total"] == wire["request_bytes"] + wire["response_bytes"] > 0
+        assert any(h.startswith("HTTP/1.1 404") for h in wire["response_heads"])
 
 
 @pytest.mark.skipif(not nginx.available(), reason="nginx is not installed")
