@@ -74,6 +74,9 @@ class SmokeLimits:
     # from external data (+1x the model in address space); off.
     prepack: bool = True
     mem_pattern: bool = False
+    # Load a single-file model through its skeleton (large initializers read in place from
+    # the file as external data): one copy of the weights instead of protobuf's.
+    skeleton: bool = True
     fsize_bytes: int = 1 * _MB
     nofile: int = 256
     max_output_bytes: int = 64 * 1024
@@ -294,6 +297,7 @@ def _run_child(
         f"--threads={limits.threads}", f"--providers={','.join(limits.providers)}",
         f"--max-npz-bytes={limits.max_npz_bytes}", f"--runtime-path={runtime}",
         f"--prepack={int(limits.prepack)}", f"--mem-pattern={int(limits.mem_pattern)}",
+        f"--skeleton={int(limits.skeleton)}",
     ]  # fmt: skip
     preexec = _limiter(mem_mb * _MB, cpu_s, limits.fsize_bytes, limits.nofile)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:

@@ -376,3 +376,82 @@ def test_measure_without_inputs_file(bundle: tuple[Path, Path, SmokeSpec]) -> No
     with pytest.raises(SmokeFailed) as info:
         measure(model, root / "absent.npz")
     assert info.value.reason == child.BAD_FILES
+
+
+# -- the model's skeleton (ADR 0008): initializers read in place from the model file ---------
+
+
+def _session(model: Path | bytes, folder: Path | None = None) -> Any:
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if folder is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(folder)
+        )
+    source = model if isinstance(model, bytes) else str(model)
+    return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def test_skeleton_points_at_the_initializers_own_bytes_and_computes_the_same(
+    tmp_path: Path,
+) -> None:
+    import onnx
+
+    model = write_mlp(tmp_path / "model.onnx", in_features=200, hidden=300, out_features=7)
+    skel = child.skeleton(str(model))
+    assert skel is not None and len(skel) < 16384 < model.stat().st_size // 10
+    original = onnx.load(str(model))
+    parsed = onnx.ModelProto.FromString(skel)
+    data = model.read_bytes()
+    big = 0
+    for before, after in zip(original.graph.initializer, parsed.graph.initializer, strict=True):
+        assert before.name == after.name and list(before.dims) == list(after.dims)
+        if len(before.raw_data) < 64 * 1024:
+            assert after.raw_data == before.raw_data  # small ones stay inline
+            continue
+        big += 1
+        ext = {e.key: e.value for e in after.external_data}
+        assert after.data_location == onnx.TensorProto.EXTERNAL and not after.raw_data
+        assert ext["location"] == "model.onnx"
+        start, length = int(ext["offset"]), int(ext["length"])
+        assert data[start : start + length] == before.raw_data
+    assert big >= 2
+    assert list(parsed.graph.node) == list(original.graph.node)
+    x = np.random.default_rng(3).standard_normal((5, 200)).astype(np.float32)
+    want = _session(model).run(None, {"x": x})[0]
+    got = _session(skel, tmp_path).run(None, {"x": x})[0]
+    assert np.array_equal(got, want)
+
+
+def test_skeleton_declines_what_it_cannot_walk(tmp_path: Path) -> None:
+    small = write_mlp(tmp_path / "small" / "model.onnx")  # every initializer under 64 KiB
+    assert child.skeleton(str(small)) is None
+    external = write_mlp(tmp_path / "ext" / "model.onnx", in_features=200, hidden=300,
+                         external_data=True)  # fmt: skip
+    assert child.skeleton(str(external)) is None  # already external: nothing to do
+    big = write_mlp(tmp_path / "big" / "model.onnx", in_features=200, hidden=300)
+    data = big.read_bytes()
+    for name, payload in {
+        "truncated": data[: len(data) // 2],  # a length runs past the end
+        "garbage": b"\xff" * 64,  # a varint that never ends
+        "group": b"\x0b" + data,  # wire type 3 (a group) at the top level
+        "two_graphs": data + data,  # protobuf would merge them: not ours to decide
+        "empty": b"",
+    }.items():
+        path = tmp_path / name / "model.onnx"
+        path.parent.mkdir()
+        path.write_bytes(payload)
+        assert child.skeleton(str(path)) is None, name
+    assert child.skeleton(str(tmp_path / "missing.onnx")) is None
+
+
+def test_smoke_through_the_skeleton_matches_golden_outputs(tmp_path: Path) -> None:
+    """Golden outputs computed in-process from the file (onnxruntime's defaults); the sandboxed
+    child loads the skeleton and must reproduce them within the default tolerances."""
+    root = tmp_path / "bundle"
+    model = write_mlp(root / "model" / "model.onnx", in_features=200, hidden=300, layers=3)
+    assert child.skeleton(str(model)) is not None
+    spec = make_smoke_files(model, root, batch=2)
+    report = run_smoke(model, root, spec, tier="cam-v1")
+    assert report.runs == spec.runs
+    assert report.max_abs_err == 0.0  # the same bytes, the same kernels: bit-identical
