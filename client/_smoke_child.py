@@ -333,6 +333,7 @@ def _load_session(ort: Any, args: argparse.Namespace, options: Any) -> Any:
 # .external_data = 13, .data_location = 14); anything unexpected returns None (load by path).
 
 _SKELETON_MIN_BYTES = 64 * 1024  # smaller initializers stay inline
+_SKELETON_MAX_BYTES = 1024 * 1024  # or 1/16 of the model: else the path is as good
 _LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
 
 
@@ -344,9 +345,13 @@ def skeleton(path: str, min_bytes: int = _SKELETON_MIN_BYTES) -> bytes | None:
 
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _skeleton_model(buf, os.path.basename(path), min_bytes)
+            skel = _skeleton_model(buf, os.path.basename(path), min_bytes)
+            size = len(buf)
     except (OSError, ValueError):
         return None
+    if skel is not None and len(skel) > max(_SKELETON_MAX_BYTES, size // 16):
+        return None  # big tensors elsewhere (Constant nodes...): a skeleton would save little
+    return skel
 
 
 def _skeleton_model(buf: Any, location: str, min_bytes: int) -> bytes | None:

@@ -443,6 +443,18 @@ def test_skeleton_declines_what_it_cannot_walk(tmp_path: Path) -> None:
         path.write_bytes(payload)
         assert child.skeleton(str(path)) is None, name
     assert child.skeleton(str(tmp_path / "missing.onnx")) is None
+    # Most of the bytes outside initializers (a large Constant node): no skeleton either.
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(big))
+    const = np.ones((1, 300), np.float32).repeat(2000, axis=0)  # 2.4 MB in the graph's nodes
+    model.graph.node.append(
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(const, "c"))
+    )
+    heavy = save(model, tmp_path / "heavy" / "model.onnx")
+    assert child.skeleton(str(heavy)) is None
+    assert child.skeleton(str(big)) is not None
 
 
 def test_smoke_through_the_skeleton_matches_golden_outputs(tmp_path: Path) -> None:
