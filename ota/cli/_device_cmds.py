@@ -188,9 +188,15 @@ def _detected_runtime() -> str:
 @json_option
 def update_cmd(state_dir: Path, model: str | None, as_json: bool) -> None:
     """One update cycle: verify, fetch, stage, smoke-test, commit."""
+    from ota.cli._progress import TtyProgress
     from ota.client import update_once
 
-    result = update_once(state_dir, model=model)
+    progress = None if as_json or not sys.stderr.isatty() else TtyProgress(sys.stderr)
+    try:
+        result = update_once(state_dir, model=model, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
     emit(result.to_dict(), as_json, lambda: _render_update(result.to_dict()))
     sys.exit(int(result.exit_code))
 
