@@ -34,12 +34,12 @@ from ota.repository._storage import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "s3", "s3rver"])
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of an empty repository on each backend."""
+    """The URL of an empty repository on each backend: a folder, moto, s3rver."""
     if request.param == "file":
         return str(tmp_path / "repo")
-    url: str = request.getfixturevalue("s3_url")
+    url: str = request.getfixturevalue("s3rver_url" if request.param == "s3rver" else "s3_url")
     return url
 
 
@@ -48,11 +48,18 @@ def storage(storage_url: str, request: pytest.FixtureRequest) -> Storage:
     return _open(storage_url, request)
 
 
+def _endpoint(request: pytest.FixtureRequest) -> str | None:
+    """The S3 endpoint of this test's backend (None for the file backend)."""
+    param = request.node.callspec.params.get("storage_url")
+    if param == "file":
+        return None
+    name = "s3rver_endpoint" if param == "s3rver" else "s3_endpoint"
+    endpoint: str = request.getfixturevalue(name)
+    return endpoint
+
+
 def _open(url: str, request: pytest.FixtureRequest) -> Storage:
-    if url.startswith("s3://"):
-        endpoint: str = request.getfixturevalue("s3_endpoint")
-        return open_storage(url, s3_endpoint=endpoint)
-    return open_storage(url)
+    return open_storage(url, s3_endpoint=_endpoint(request))
 
 
 # -- behaviour shared by every backend --------------------------------------------------------
@@ -212,13 +219,13 @@ WORKERS = 4
 INCREMENTS = 25
 
 
-def _cas_worker(url: str, key: str, count: int) -> None:
+def _cas_worker(url: str, endpoint: str, key: str, count: int) -> None:
     """Child process: increment the counter at ``key`` ``count`` times with read -> CAS loops.
 
     Prints ``ready``, waits for a line on stdin (so all workers start together), then prints
     the number of conflicts it lost.
     """
-    storage = open_storage(url)  # S3: the endpoint comes from AWS_ENDPOINT_URL
+    storage = open_storage(url, s3_endpoint=endpoint or None)
     print("ready", flush=True)
     sys.stdin.readline()
     conflicts = 0
@@ -234,11 +241,22 @@ def _cas_worker(url: str, key: str, count: int) -> None:
 
 
 @pytest.mark.slow
-def test_concurrent_compare_and_swap_loses_no_update(storage: Storage, storage_url: str) -> None:
+def test_concurrent_compare_and_swap_loses_no_update(
+    storage: Storage, storage_url: str, request: pytest.FixtureRequest
+) -> None:
     storage.put("counter", b"0")
+    endpoint = _endpoint(request) or ""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.test_storage", storage_url, "counter", str(INCREMENTS)],
+            [
+                sys.executable,
+                "-m",
+                "tests.test_storage",
+                storage_url,
+                endpoint,
+                "counter",
+                str(INCREMENTS),
+            ],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -458,4 +476,4 @@ def test_s3_error_codes_map_by_who_must_react(
 
 
 if __name__ == "__main__":
-    _cas_worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    _cas_worker(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
