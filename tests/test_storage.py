@@ -1,7 +1,10 @@
 """Storage backends: one behavioural suite, run against FileStorage and S3Storage alike.
 
-S3 runs against a real HTTP endpoint (``tests/s3server.py``), never a patched boto3. The
-concurrency test uses separate OS processes, as two publishing CI jobs would.
+S3 runs against real HTTP endpoints, never a patched boto3: moto (``tests/s3server.py``), which
+honours conditional writes as AWS S3 does, and s3rver (``tests/s3rver.py``), which ignores them.
+On s3rver the suite runs in single-publisher mode (conditional writes emulated under a host
+lock); what happens outside that mode is tested below. The concurrency test uses separate OS
+processes, as two publishing CI jobs would.
 """
 
 from __future__ import annotations
@@ -58,8 +61,13 @@ def _endpoint(request: pytest.FixtureRequest) -> str | None:
     return endpoint
 
 
+def _single(request: pytest.FixtureRequest) -> bool:
+    """s3rver ignores conditional writes: the shared suite uses it in single-publisher mode."""
+    return bool(request.node.callspec.params.get("storage_url") == "s3rver")
+
+
 def _open(url: str, request: pytest.FixtureRequest) -> Storage:
-    return open_storage(url, s3_endpoint=_endpoint(request))
+    return open_storage(url, s3_endpoint=_endpoint(request), single_publisher=_single(request))
 
 
 # -- behaviour shared by every backend --------------------------------------------------------
@@ -144,11 +152,20 @@ def test_list_by_prefix(storage: Storage) -> None:
     assert set(storage.list("nope/")) == set()
 
 
-def test_list_many_keys_pages(storage: Storage) -> None:
+def test_list_many_keys_pages(storage: Storage, request: pytest.FixtureRequest) -> None:
     keys = {f"blobs/{i:04d}" for i in range(1005)}  # S3 pages hold at most 1000 keys
     with ThreadPoolExecutor(8) as pool:  # shared by threads, as the chunk uploader does
         list(pool.map(lambda key: storage.put_blob(key, b""), keys))
     storage.barrier()
+    if _single(request):
+        # s3rver 3.7.1 answers 500 InternalError to a listing past 1000 keys: the error must
+        # arrive as a retryable storage failure naming the prefix (exit 5), not a traceback.
+        with pytest.raises(TransientError, match="InternalError") as exc:
+            set(storage.list("blobs/"))
+        assert "repo/blobs/" in str(exc.value)
+        for key in keys:  # leave a bucket the fixture can list and delete
+            storage.delete(key)
+        return
     assert set(storage.list("blobs/")) == keys
 
 
@@ -196,15 +213,17 @@ def test_delete_is_idempotent(storage: Storage) -> None:
     assert set(storage.list("")) == set()
 
 
-def test_put_file_streams_a_large_file(storage: Storage, tmp_path: Path) -> None:
+def test_put_file_streams_a_large_file(
+    storage: Storage, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     src = tmp_path / "weights.bin"
     payload = os.urandom(20 * 1024 * 1024 + 123)
     src.write_bytes(payload)
     storage.put_file("blobs/weights.bin", src)
     data, etag = storage.get("blobs/weights.bin")
     assert hashlib.sha256(data).digest() == hashlib.sha256(payload).digest()
-    if storage.url.startswith("s3://"):
-        assert etag.endswith("-3")  # three 8 MiB parts: the multipart path was taken
+    if storage.url.startswith("s3://") and not _single(request):
+        assert etag.endswith("-3")  # three 8 MiB parts: the multipart path was taken (moto)
 
 
 def test_put_file_of_a_missing_file_fails(storage: Storage, tmp_path: Path) -> None:
@@ -219,13 +238,13 @@ WORKERS = 4
 INCREMENTS = 25
 
 
-def _cas_worker(url: str, endpoint: str, key: str, count: int) -> None:
+def _cas_worker(url: str, endpoint: str, single: bool, key: str, count: int) -> None:
     """Child process: increment the counter at ``key`` ``count`` times with read -> CAS loops.
 
     Prints ``ready``, waits for a line on stdin (so all workers start together), then prints
     the number of conflicts it lost.
     """
-    storage = open_storage(url, s3_endpoint=endpoint or None)
+    storage = open_storage(url, s3_endpoint=endpoint or None, single_publisher=single)
     print("ready", flush=True)
     sys.stdin.readline()
     conflicts = 0
@@ -245,6 +264,7 @@ def test_concurrent_compare_and_swap_loses_no_update(
     storage: Storage, storage_url: str, request: pytest.FixtureRequest
 ) -> None:
     storage.put("counter", b"0")
+    storage.close()  # single-publisher mode: the workers wait for this process's host lock
     endpoint = _endpoint(request) or ""
     procs = [
         subprocess.Popen(
@@ -254,6 +274,7 @@ def test_concurrent_compare_and_swap_loses_no_update(
                 "tests.test_storage",
                 storage_url,
                 endpoint,
+                "single" if _single(request) else "",
                 "counter",
                 str(INCREMENTS),
             ],
@@ -285,7 +306,12 @@ def test_concurrent_compare_and_swap_loses_no_update(
                 p.kill()
                 p.wait()
     assert storage.get("counter")[0] == str(WORKERS * INCREMENTS).encode()
-    assert conflicts > 0, "the workers never raced: the test proved nothing"
+    if _single(request):
+        # s3rver overwrites whatever the headers say: only the host lock kept every update,
+        # by running the workers one after the other.
+        assert conflicts == 0
+    else:
+        assert conflicts > 0, "the workers never raced: the test proved nothing"
 
 
 # -- S3 only ----------------------------------------------------------------------------------
@@ -476,4 +502,4 @@ def test_s3_error_codes_map_by_who_must_react(
 
 
 if __name__ == "__main__":
-    _cas_worker(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    _cas_worker(sys.argv[1], sys.argv[2], sys.argv[3] == "single", sys.argv[4], int(sys.argv[5]))
