@@ -298,6 +298,37 @@ def init_project(
     if (project_dir / CONFIG_NAME).exists():
         raise InputError(f"{project_dir / CONFIG_NAME} already exists")
     storage = open_storage(storage_url, s3_endpoint=s3_endpoint, single_publisher=single_publisher)
+    try:
+        return _init_in(
+            storage,
+            project_dir,
+            storage_url,
+            base_url,
+            s3_endpoint,
+            bins,
+            root_keys,
+            root_threshold,
+            keys_dir,
+            expiry,
+            single_publisher,
+        )
+    finally:
+        storage.close()  # single-publisher mode: release the host lock
+
+
+def _init_in(
+    storage: Storage,
+    project_dir: Path,
+    storage_url: str,
+    base_url: str,
+    s3_endpoint: str | None,
+    bins: int,
+    root_keys: int,
+    root_threshold: int,
+    keys_dir: Path | None,
+    expiry: Expiry | None,
+    single_publisher: bool,
+) -> InitResult:
     if storage.exists(HEAD_KEY):
         raise InputError(f"a repository already exists at {storage.url}")
     storage.check_conditional_writes()
