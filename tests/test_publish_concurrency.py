@@ -102,6 +102,9 @@ def test_concurrent_publishers_on_s3(tmp_path: Path, s3_endpoint: str, s3_url: s
         (f"own{i}", "1.0.0") for i in range(3)
     }
     assert sorted(r.state.counter for r in rows if r.name == "shared") == [1, 2, 3]
+    # moto honours conditional writes: the probe passed (its marker is there, no canary left).
+    probe_keys = set(project.storage.list("_ota/"))
+    assert probe_keys == {"_ota/conditional-writes.json"}
 
 
 @pytest.mark.slow
@@ -213,7 +216,9 @@ def test_single_publisher_mode_serialises_publishers_on_one_host(
             assert p.returncode == 0, err[-2000:]
             assert "no other host may publish" in err
         versions += round_versions
-    rows = releases(Project.open(projects[0]), "m")
+    project = Project.open(projects[0])
+    rows = releases(project, "m")
+    project.storage.close()  # this process held the host lock since its first read
     assert sorted(r.state.version for r in rows) == sorted(versions)
     assert sorted(r.state.counter for r in rows) == list(range(1, len(versions) + 1))
     verify = subprocess.run(
