@@ -1,4 +1,5 @@
-"""The S3 storage backend (AWS S3 and S3-compatible stores: MinIO, Ceph RGW, Cloudflare R2).
+"""The S3 storage backend (AWS S3 and S3-compatible stores such as MinIO, Ceph RGW, Cloudflare
+R2; whether one honours conditional writes is probed, never assumed).
 
 Same semantics as :class:`~ota.repository._storage.FileStorage`, over boto3:
 
@@ -520,7 +521,8 @@ class S3Storage(Storage):
                 raise ConfigError(
                     f"the S3 endpoint {self.endpoint} does not implement a request on {where}",
                     remedy="use a store with conditional writes (If-Match, If-None-Match): "
-                    "AWS S3, a recent MinIO, Ceph RGW or Cloudflare R2",
+                    "AWS S3 honours them; any other store is probed on first use "
+                    "(docs/runbooks/publish.md)",
                 ) from e
             if code in _TRANSIENT_CODES or status >= 500 or status == 429:
                 raise TransientError(
