@@ -21,7 +21,7 @@ Same semantics as :class:`~ota.repository._storage.FileStorage`, over boto3:
   (:class:`S3Limits`). Errors are mapped at this boundary, by who must react:
   connection failures, timeouts, 5xx and throttling are :class:`TransientError`; a missing
   bucket, refused credentials or a bad endpoint are :class:`ConfigError`; a missing key is
-  :class:`NotFound`; anything else is :class:`StorageError`.
+  :class:`NotFound`; anything else is :class:`StorageError` (:mod:`ota.repository._s3errors`).
 
 Credentials and the endpoint come from boto3's standard chain (environment, profile, instance
 role; ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) unless an endpoint is passed explicitly.
@@ -47,10 +47,13 @@ import botocore.exceptions as bex
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 
-from ota.errors import ConfigError, LocalError, OtaError, TransientError
+from ota.errors import ConfigError, LocalError, OtaError
 from ota.repository import _condwrite
+from ota.repository._s3errors import bad_endpoint as _bad_endpoint
+from ota.repository._s3errors import error_code as _code
+from ota.repository._s3errors import etag as _etag
+from ota.repository._s3errors import raise_mapped
 from ota.repository._storage import (
-    NotFound,
     PreconditionFailed,
     Storage,
     StorageError,
@@ -63,35 +66,6 @@ from ota.repository._storage import (
 _S3Client = Any
 
 _MiB = 1 << 20
-
-_TRANSIENT_CODES = frozenset(
-    {
-        "InternalError",
-        "ServiceUnavailable",
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "BadGateway",
-        "GatewayTimeout",
-    }
-)
-_CREDENTIAL_CODES = frozenset(
-    {
-        "AccessDenied",
-        "AllAccessDisabled",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "ExpiredToken",
-        "InvalidToken",
-        "TokenRefreshRequired",
-        "AccountProblem",
-        "403",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -504,70 +478,4 @@ class S3Storage(Storage):
         # path must never hide the error it reports.
         root = f"{self.prefix}/" if self.prefix else ""
         where = f"s3://{self.bucket}/{root}{key.lstrip('/')}"
-        if isinstance(e, bex.ClientError):
-            code = _code(e)
-            status = _status(e)
-            if code == "NoSuchBucket":
-                raise self._no_bucket() from e
-            if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchUpload"):
-                raise NotFound(key) from e
-            if code in _CREDENTIAL_CODES or status == 403:
-                raise ConfigError(
-                    f"S3 refused access to {where} ({code})",
-                    remedy="check the AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID) and that "
-                    "they allow s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket",
-                ) from e
-            if code == "NotImplemented" or status == 501:
-                raise ConfigError(
-                    f"the S3 endpoint {self.endpoint} does not implement a request on {where}",
-                    remedy="use a store with conditional writes (If-Match, If-None-Match): "
-                    "AWS S3 honours them; any other store is probed on first use "
-                    "(docs/runbooks/publish.md)",
-                ) from e
-            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-                raise TransientError(
-                    f"S3 failed on {where} ({code}, HTTP {status})", remedy="retry later"
-                ) from e
-            raise StorageError(f"S3 error on {where}: {code}: {_message(e)}") from e
-        if isinstance(e, bex.NoCredentialsError | bex.PartialCredentialsError):
-            raise ConfigError(
-                f"no usable AWS credentials for {where}: {e}",
-                remedy="set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                "or run on a machine with an instance role",
-            ) from e
-        if isinstance(e, bex.ParamValidationError):
-            raise ConfigError(f"bad S3 request for {where}: {e}") from e
-        if isinstance(e, bex.ConnectionError | bex.HTTPClientError):
-            raise TransientError(
-                f"S3 endpoint {self.endpoint} unreachable or failed for {where}: {e}",
-                remedy="check the network and AWS_ENDPOINT_URL, then retry",
-            ) from e
-        if isinstance(e, bex.BotoCoreError):
-            raise StorageError(f"S3 client error on {where}: {e}") from e
-        raise e
-
-
-def _bad_endpoint(url: str | None) -> ConfigError:
-    return ConfigError(
-        f"bad S3 endpoint URL {url!r}",
-        remedy="use an http(s) URL such as https://s3.example.com, or unset AWS_ENDPOINT_URL",
-    )
-
-
-def _etag(value: str) -> str:
-    """The etag in the form this backend hands out: S3's ETag without its quotes."""
-    return value.strip().removeprefix("W/").strip('"')
-
-
-def _code(e: Exception) -> str:
-    if isinstance(e, bex.ClientError):
-        return str(e.response.get("Error", {}).get("Code", ""))
-    return ""
-
-
-def _status(e: bex.ClientError) -> int:
-    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _message(e: bex.ClientError) -> str:
-    return str(e.response.get("Error", {}).get("Message", "")) or str(e)
+        raise_mapped(e, key, where, self.endpoint, self._no_bucket())
