@@ -248,6 +248,7 @@ def test_ota_init_single_publisher_records_the_mode(
     args = ["init", s3rver_url, "--project", str(proj), "--s3-endpoint", s3rver_endpoint]
     code, out = _cli([*args, "--bins", "16", "--single-publisher"])
     assert code == 0, out
+    assert "ONE publisher host only" in out
     config = tomllib.loads((proj / "ota.toml").read_text())
     assert config["repository"]["publishers"] == "single"
 

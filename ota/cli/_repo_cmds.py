@@ -94,12 +94,15 @@ def init(
         keys_dir=keys_dir,
         single_publisher=single_publisher,
     )
+    publishers = "single" if single_publisher else "concurrent"
+    note = " (ONE publisher host only; see the publish runbook)" if single_publisher else ""
     emit(
-        result.to_dict(),
+        result.to_dict() | {"publishers": publishers},
         as_json,
         lambda: "\n".join(
             [
                 f"repository created in {result.storage}",
+                f"  publishers:                        {publishers}{note}",
                 f"  trusted root (install on devices): {result.trusted_root}",
                 f"  devices fetch from:                {result.base_url}",
                 f"  hash bins:                         {result.bins}",
