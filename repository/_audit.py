@@ -11,9 +11,11 @@ vulnerabilities. ``--export DIR`` materialises the verified bundle and replayabl
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -28,9 +30,11 @@ from ota.bundle import (
     SIGNERS_TARGET,
     FileEntry,
     Manifest,
+    ModelIndex,
     SignerEntry,
     TargetFacts,
     blob_key,
+    index_target_path,
     manifest_target_path,
     parse_signers,
     validate_name,
@@ -64,6 +68,8 @@ def audit(source: Source, trusted_root: bytes, name: str, version: str,
 
     Raises:
         InputError: bad name or version; an export folder that is not empty.
+        UnknownRelease: the verified metadata does not list the release (exit 3, with the
+            closest published versions as a hint); refused metadata is a failed check.
         LocalError: the export cannot be written.
     """
     opts = options or AuditOptions()
@@ -74,7 +80,7 @@ def audit(source: Source, trusted_root: bytes, name: str, version: str,
     report = Report(f"{name} {version}", source.label)
     with tempfile.TemporaryDirectory(prefix="ota-audit-") as tmp:
         tuf = _tuf_step(report, source, trusted_root, manifest_target_path(name, version),
-                        Path(tmp))  # fmt: skip
+                        Path(tmp), lambda view: _not_published(view, name, version))  # fmt: skip
         if tuf is None:
             return _skip_rest(report)
         view, info = tuf
@@ -97,8 +103,12 @@ def _skip_rest(report: Report) -> Report:
     return report
 
 
-def _tuf_step(report: Report, source: Source, root: bytes, path: str,
-              work: Path) -> tuple[TufView, TargetFile] | None:  # fmt: skip
+def _tuf_step(report: Report, source: Source, root: bytes, path: str, work: Path,
+              missing: Callable[[TufView], None] | None = None,
+              ) -> tuple[TufView, TargetFile] | None:  # fmt: skip
+    """Verify the metadata down to ``path``. A target that the verified metadata does not
+    list is handed to ``missing`` (which raises :class:`UnknownRelease` for an audit: the
+    metadata was verified, so the release is simply not published), else a failed check."""
     view: TufView | None = None
     try:
         view = TufView(source, root, work)
@@ -107,6 +117,8 @@ def _tuf_step(report: Report, source: Source, root: bytes, path: str,
         where = f" (reading {view.fetcher.last})" if view and view.fetcher.last else ""
         report.add("tuf", "failed", f"metadata refused by python-tuf{where}: {_tuf_reason(e)}")
         return None
+    if info is None and missing is not None:
+        missing(view)
     if info is None:
         report.add("tuf", "failed", f"{path} is not a target of the verified metadata")
         return None
@@ -115,6 +127,35 @@ def _tuf_step(report: Report, source: Source, root: bytes, path: str,
                chain=chain, target={"path": path, "length": info.length,
                                     "sha256": info.hashes.get("sha256")})  # fmt: skip
     return view, info
+
+
+def _not_published(view: TufView, name: str, version: str) -> None:
+    """Raise :class:`UnknownRelease` for a release the *verified* metadata does not list,
+    suggesting the closest published versions (from the model's TUF-verified index).
+
+    Raises:
+        UnknownRelease: always (exit 3: a typo is not a security failure).
+        SecurityError: the model's index target is malformed.
+    """
+    from ota.repository._index import UnknownRelease
+
+    try:
+        index_info = view.target(index_target_path(name))
+    except _TUF_ERRORS as e:
+        raise SecurityError(f"metadata refused by python-tuf: {_tuf_reason(e)}") from e
+    if index_info is None:
+        raise UnknownRelease(
+            f"{name} {version} is not published: no model {name!r} in the verified metadata",
+            remedy="check the model name (`ota releases`)",
+        )
+    try:
+        versions = [r.version for r in ModelIndex.from_custom(index_info.custom).releases]
+    except OtaError as e:
+        raise SecurityError(f"{index_target_path(name)} is malformed: {e}") from e
+    close = difflib.get_close_matches(version, versions, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}?" if close else (
+        "live versions: " + (", ".join(versions[-5:]) or "none"))  # fmt: skip
+    raise UnknownRelease(f"{name} {version} is not published", remedy=hint)
 
 
 def _manifest_step(report: Report, view: TufView, info: TargetFile, name: str,
@@ -255,11 +296,17 @@ def verify_dir(folder: Path, *, trusted_root: bytes | None = None,
     ``folder`` is an export (``bundle/``, ``manifest.json``, ``target.json``, ``tuf/``) or a
     device slot (``slots/a`` with ``a.manifest.json`` beside it). With ``trusted_root`` the
     exported TUF metadata is replayed through python-tuf (expiry included) and the target
-    facts and signer list come from it; else they are unverified claims and the signature
-    needs ``signer_key`` (a PEM public key the auditor trusts).
+    facts and signer list come from it; else the target facts are unverified claims.
+
+    Invariant: the trust anchor is what the operator gives, never a file in ``folder``.
+    ``signer_key`` (a PEM public key), when given, is the *only* key the signature and the
+    provenance are checked with (even beside ``--root``); a slot's own ``a.signers.json`` is
+    evidence of what the device trusted, not a trust anchor, so a slot without
+    ``signer_key`` fails the signature check.
 
     Raises:
-        InputError: ``folder`` is neither layout. SecurityError: a malformed manifest.
+        InputError: ``folder`` is neither layout; ``signer_key`` is not a PEM public key.
+        SecurityError: a malformed manifest.
     """
     folder = Path(folder).resolve()
     if (folder / "manifest.json").is_file() and (folder / "bundle").is_dir():
@@ -269,22 +316,24 @@ def verify_dir(folder: Path, *, trusted_root: bytes | None = None,
         manifest_path = folder.parent / f"{folder.name}.manifest.json"
     else:
         raise InputError(f"{folder} is neither an `ota audit --export` folder nor a device slot")
+    operator = _operator_signer(signer_key) if signer_key is not None else None
     raw = _read_bounded(manifest_path, DEFAULT_LIMITS.max_manifest_bytes)
     manifest = Manifest.from_bytes(raw)
     report = Report(f"{manifest.name} {manifest.version}", f"{folder} ({layout})")
     facts, signers = None, None
     if layout == "slot":
         report.add("tuf", "skipped", "slot evidence was verified by TUF at install time")
-        facts, signers = _slot_evidence(report, folder)
+        facts = _slot_evidence(report, folder, operator)
     elif trusted_root is None:
         report.add("tuf", "skipped", "no --root: target facts are unverified claims")
         facts = _claimed_facts(report, folder)
     else:
         facts, signers = _replay(report, folder, trusted_root, manifest, raw)
-    if signers is None and signer_key is not None:
-        from ota.repository._project import key_fingerprint
-
-        signers = [SignerEntry(key_fingerprint(signer_key), signer_key.decode(), ("*",))]
+    if operator is not None:
+        signers = [operator]
+        if layout != "slot":
+            report.add("signers", "ok", f"the operator's key {operator.keyid[:16]} (--signer-key)"
+                       " is the only trusted signer", keyids=[operator.keyid])  # fmt: skip
     problems, small = hash_local_files(bundle, manifest)
     if problems:
         report.add("files", "failed", f"{len(problems)} problems", problems=problems)
@@ -295,30 +344,50 @@ def verify_dir(folder: Path, *, trusted_root: bytes | None = None,
     return report
 
 
+def _operator_signer(pem: bytes) -> SignerEntry:
+    """The operator's ``--signer-key`` as the one trusted signer (any model name).
+
+    Raises:
+        InputError: not a PEM public key.
+    """
+    from ota.repository._keygen import key_fingerprint
+
+    try:
+        return SignerEntry(key_fingerprint(pem), pem.decode("ascii"), ("*",))
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise InputError(f"--signer-key is not a PEM public key: {e}") from e
+
+
 def _read_bounded(path: Path, limit: int) -> bytes:
     if path.stat().st_size > limit:
         raise SecurityError(f"{path} is larger than {limit} bytes")
     return path.read_bytes()
 
 
-def _slot_evidence(
-    report: Report, slot: Path
-) -> tuple[TargetFacts | None, list[SignerEntry] | None]:
-    """The target facts and signer list a device recorded beside a slot when it installed it
-    (``<slot>.target.json``, ``<slot>.signers.json``)."""
+def _slot_evidence(report: Report, slot: Path,
+                   operator: SignerEntry | None) -> TargetFacts | None:  # fmt: skip
+    """The target facts a device recorded beside a slot when it installed it
+    (``<slot>.target.json``), reported as unverified claims. The recorded signer list
+    (``<slot>.signers.json``) is only reported: files in the slot are never their own trust."""
     target = slot.parent / f"{slot.name}.target.json"
     signers_path = slot.parent / f"{slot.name}.signers.json"
-    if not target.is_file():
-        report.add("target-facts", "skipped", "the slot has no recorded target facts")
-        return None, None
-    facts = _claimed_facts(report, slot.parent, target.name)
-    signers = None
+    recorded = ""
     if signers_path.is_file():
         try:
-            signers = parse_signers(_read_bounded(signers_path, MAX_SIGNERS_BYTES))
+            ids = [s.keyid for s in parse_signers(_read_bounded(signers_path, MAX_SIGNERS_BYTES))]
+            recorded = f"; {signers_path.name} lists {len(ids)} keys, not trusted"
         except (OSError, ValueError, OtaError) as e:
-            report.add("signers", "failed", f"{signers_path.name} is unusable: {e}")
-    return facts, signers
+            recorded = f"; {signers_path.name} is unusable ({e}), not trusted"
+    if operator is None:
+        report.add("signers", "skipped", "no --signer-key: a slot's own signer list is not a "
+                   f"trust anchor{recorded}")  # fmt: skip
+    else:
+        report.add("signers", "ok", f"the operator's key {operator.keyid[:16]} (--signer-key) "
+                   f"is the only trusted signer{recorded}", keyids=[operator.keyid])  # fmt: skip
+    if not target.is_file():
+        report.add("target-facts", "skipped", "the slot has no recorded target facts")
+        return None
+    return _claimed_facts(report, slot.parent, target.name)
 
 
 def _claimed_facts(report: Report, folder: Path, name: str = "target.json") -> TargetFacts | None:

@@ -19,8 +19,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastcdc import fastcdc
-
 from ota.bundle import Chunk, FileEntry, blob_key
 from ota.repository._storage import Storage
 
@@ -117,6 +115,8 @@ def chunk_file(
     Raises:
         OSError: the file cannot be read.
     """
+    from fastcdc import fastcdc  # publisher-only: a device (client extra) never chunks
+
     size = source.stat().st_size
     if size == 0:
         return FileEntry(bundle_path, hashlib.sha256(b"").hexdigest(), 0, ())

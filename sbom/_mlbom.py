@@ -243,19 +243,39 @@ def validate_sbom(data: bytes, *, limits: SbomLimits = DEFAULT_LIMITS) -> dict[s
     return doc
 
 
-def load_sbom(data: bytes, *, limits: SbomLimits = DEFAULT_LIMITS) -> SbomView:
+def load_sbom(data: bytes, *, limits: SbomLimits = DEFAULT_LIMITS,
+              schema: bool = True) -> SbomView:  # fmt: skip
     """Strictly validate an SBOM (see :func:`validate_sbom`) and return its typed view.
+
+    ``schema=False`` skips only the CycloneDX JSON-schema check (it needs cyclonedx, which a
+    device-only install lacks): the size bound, format, version and the structure this view
+    reads are still checked. Callers must say that the schema was not checked.
 
     Raises:
         SbomError: everything :func:`validate_sbom` raises, or edge-ota model-card properties
             that are present but malformed.
     """
-    doc = validate_sbom(data, limits=limits)
+    if schema:
+        doc = validate_sbom(data, limits=limits)
+    else:
+        doc = load_json_object(data, "SBOM", limits.max_sbom_bytes)
+        if doc.get("bomFormat") != "CycloneDX" or doc.get("specVersion") != "1.6":
+            raise SbomError("not a CycloneDX 1.6 SBOM (bomFormat/specVersion)")
+        try:
+            return _view(doc, limits)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise SbomError(f"malformed SBOM structure: {type(e).__name__}: {e}") from e
+    return _view(doc, limits)
+
+
+def _view(doc: dict[str, Any], limits: SbomLimits) -> SbomView:
     meta = doc.get("metadata", {})
     all_raw: list[dict[str, Any]] = []
     if "component" in meta:
         all_raw.append(meta["component"])
-    all_raw += flatten_components(doc.get("components", []))
+    all_raw += flatten_components(doc.get("components", []), limits.max_components + 1)
+    if len(all_raw) > limits.max_components + 1:
+        raise SbomError(f"more than {limits.max_components} components")
     model_raw = next((c for c in all_raw if c["type"] == "machine-learning-model"), None)
     card = None
     if model_raw is not None and "modelCard" in model_raw:

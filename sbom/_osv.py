@@ -12,6 +12,13 @@ is in ``versions[]`` or inside a ``SEMVER``/``ECOSYSTEM`` range (events sorted b
 ``introduced`` opens, ``fixed`` closes, ``last_affected`` closes after). PyPI versions compare
 with :mod:`packaging.version`, others as SemVer 2.0 (PEP 440 as a fallback). ``GIT`` ranges
 and versions that cannot be parsed are not matched (logged).
+
+A component with no exact version but a PEP 440 range (property ``edge-ota:runtime:range``:
+the runtime a model accepts) is matched *conservatively*: it is affected when the range admits
+at least one affected version (the range is read as one interval, ``!=`` exclusions ignored,
+pre-releases admitted), and the match says so (:attr:`VulnMatch.note`: "range >=1.16 admits
+affected versions >=1.16.0,<1.17.3"). A range that cannot be read is reported as affected
+by every record of its package: an unreadable range must not hide a vulnerability.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ota.sbom._common import DEFAULT_LIMITS, SbomError, SbomLimits
+from ota.sbom._common import DEFAULT_LIMITS, P_RUNTIME_RANGE, SbomError, SbomLimits
 from ota.sbom._mlbom import ComponentInfo, load_sbom
 from ota.sbom._severity import Severity, cvss_base_score
 
@@ -57,8 +64,13 @@ class VulnMatch:
     summary: str
     severity: Severity | None
     package: str  # purl without version
-    version: str
+    version: str  # the exact version, or the PEP 440 range for a range match
     fixed: tuple[str, ...]
+    note: str = ""  # for a range match: "range R admits affected versions X"
+
+    @property
+    def is_range(self) -> bool:
+        return bool(self.note)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +82,8 @@ class VulnMatch:
             "package": self.package,
             "version": self.version,
             "fixed": list(self.fixed),
+            "range": self.is_range,
+            "note": self.note,
         }
 
 
@@ -188,7 +202,8 @@ def _match_component(release: str, comp: ComponentInfo, db: OsvDatabase) -> Iter
         log.warning("%s: unparseable purl %r", release, comp.purl)
         return
     version = purl.version or comp.version
-    if not version:
+    spec = comp.prop(P_RUNTIME_RANGE) if not version else None
+    if not version and not spec:
         return
     keys = _purl_keys(purl.type, purl.namespace, purl.name)
     base = PackageURL(type=purl.type, namespace=purl.namespace, name=purl.name).to_string()
@@ -198,10 +213,144 @@ def _match_component(release: str, comp: ComponentInfo, db: OsvDatabase) -> Iter
             if id(aff) in seen:
                 continue
             seen.add(id(aff))
+            if spec:
+                hit, fixed, admitted = _range_affects(aff, spec)
+                if hit:
+                    note = f"range {spec} admits affected versions {admitted}"
+                    yield VulnMatch(release, adv.id, adv.aliases, adv.summary, adv.severity,
+                                    base, spec, fixed, note)  # fmt: skip
+                continue
             hit, fixed = _affects(aff, version)
             if hit:
                 yield VulnMatch(release, adv.id, adv.aliases, adv.summary, adv.severity,
                                 base, version, fixed)  # fmt: skip
+
+
+# An interval of versions: (low, low_closed, high, high_closed); None is unbounded.
+_Interval = tuple[Any, bool, Any, bool]
+
+
+def _range_affects(aff: _Affected, spec: str) -> tuple[bool, tuple[str, ...], str]:
+    """Whether the PEP 440 range ``spec`` admits a version that ``aff`` marks affected: the
+    fixed versions of the affected intervals it meets, and those intervals as text.
+
+    Conservative by construction: the range is widened to one interval (``!=`` ignored,
+    pre-releases admitted); an unreadable range or record is treated as affected.
+    """
+    from packaging.version import InvalidVersion, Version
+
+    want = _spec_interval(spec)
+    if want is None:
+        log.warning("unreadable runtime range %r: treated as affected", spec)
+        return True, (), "(unreadable range: every version)"
+    hits: list[str] = []
+    fixed: set[str] = set()
+    for x in aff.versions:
+        try:
+            v = Version(x)
+        except InvalidVersion:
+            hits.append(x)  # cannot compare: assume it is admitted
+            continue
+        if _meets(want, (v, True, v, True)):
+            hits.append(f"=={x}")
+    for kind, events in aff.ranges:
+        if kind not in ("SEMVER", "ECOSYSTEM"):
+            continue
+        try:
+            intervals = _affected_intervals(events)
+        except InvalidVersion:
+            log.warning("cannot compare range %r with OSV range %r: treated as affected",
+                        spec, events)  # fmt: skip
+            hits.append("(unreadable OSV range)")
+            continue
+        for iv, text, fix in intervals:
+            if _meets(want, iv):
+                hits.append(text)
+                if fix:
+                    fixed.add(fix)
+    return bool(hits), tuple(sorted(fixed)), "; ".join(hits)
+
+
+def _affected_intervals(events: tuple[tuple[str, str], ...]) -> list[tuple[_Interval, str, str]]:
+    """The affected intervals of one OSV range, each with its text and its fixed version.
+
+    Raises:
+        InvalidVersion: an event's version is not PEP 440.
+    """
+    from packaging.version import Version
+
+    keyed = sorted(
+        ((e, x, None if (e == "introduced" and x == "0") else Version(x)) for e, x in events),
+        key=lambda t: (t[2] is not None, t[2] or Version("0")),
+    )
+    out: list[tuple[_Interval, str, str]] = []
+    start: tuple[str, Any] | None = None
+    for event, text, key in keyed:
+        if event == "introduced":
+            if start is None:
+                start = (text, key)
+        elif start is not None:
+            closed = event == "last_affected"
+            low = f">={start[0]}," if start[1] is not None else ""
+            label = f"{low}{'<=' if closed else '<'}{text}"
+            out.append(((start[1], True, key, closed), label, "" if closed else text))
+            start = None
+    if start is not None:
+        out.append(((start[1], True, None, False), f">={start[0]}", ""))
+    return out
+
+
+def _spec_interval(spec: str) -> _Interval | None:
+    """The smallest interval holding every version ``spec`` admits (None: unreadable)."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        specs = list(SpecifierSet(spec))
+    except InvalidSpecifier:
+        return None
+    low: tuple[Any, bool] = (None, True)
+    high: tuple[Any, bool] = (None, True)
+    try:
+        for s in specs:
+            op, ver = s.operator, s.version
+            if op == "!=":
+                continue
+            if op in ("==", "~=") and (op == "~=" or ver.endswith(".*")):
+                base = ver[:-2] if ver.endswith(".*") else ver
+                v = Version(base)
+                rel = v.release if op == "==" else v.release[:-1]
+                top = Version(".".join(map(str, (*rel[:-1], rel[-1] + 1))) + ".dev0")
+                bounds = [(">=", Version(base + ".dev0") if op == "==" else v), ("<", top)]
+            elif op in ("==", "==="):
+                v = Version(ver)
+                bounds = [(">=", v), ("<=", v)]
+            else:
+                bounds = [(op, Version(ver))]
+            for bop, v in bounds:
+                if bop in (">=", ">"):
+                    cand = (v, bop == ">=")
+                    if low[0] is None or v > low[0] or (v == low[0] and not cand[1]):
+                        low = cand
+                else:
+                    cand = (v, bop == "<=")
+                    if high[0] is None or v < high[0] or (v == high[0] and not cand[1]):
+                        high = cand
+    except (InvalidVersion, IndexError):
+        return None
+    return (low[0], low[1], high[0], high[1])
+
+
+def _meets(a: _Interval, b: _Interval) -> bool:
+    """Whether two version intervals share a version (versions are dense enough: any two
+    distinct versions have others between them, e.g. post- or dev-releases)."""
+    lows = [(x, c) for x, c in ((a[0], a[1]), (b[0], b[1])) if x is not None]
+    highs = [(x, c) for x, c in ((a[2], a[3]), (b[2], b[3])) if x is not None]
+    if not lows or not highs:
+        return True
+    lo = max(lows, key=lambda t: (t[0], not t[1]))
+    hi = min(highs, key=lambda t: (t[0], t[1]))
+    return bool(lo[0] < hi[0] or (lo[0] == hi[0] and lo[1] and hi[1]))
 
 
 def _affects(aff: _Affected, version: str) -> tuple[bool, tuple[str, ...]]:

@@ -21,9 +21,10 @@ from ota.bundle import (
     blob_key,
     manifest_target_path,
 )
-from ota.errors import ExitCode
+from ota.errors import ExitCode, InputError
 from ota.repository import Project
 from ota.repository._audit import AuditOptions, audit, verify_dir
+from ota.repository._index import UnknownRelease
 from ota.repository._project import generate_p256, key_fingerprint, target_storage_key
 from ota.repository._tufview import HttpSource, StorageSource
 from ota.repository._txn import Transaction
@@ -266,8 +267,82 @@ def test_cli_audit_exit_codes(world: Project) -> None:
     assert "signature" in bad.output and "RESULT: FAIL" in bad.output
 
 
-def test_unknown_release_is_a_tuf_failure(world: Project) -> None:
+def test_unknown_release_is_not_published_not_a_security_failure(world: Project) -> None:
+    """A typo is exit 3 with a suggestion; refused metadata stays a security failure (4)."""
     root = (world.root_dir / "root.json").read_bytes()
-    report = audit(StorageSource(world.storage), root, NAME, "9.9.9")
-    assert [c.name for c in report.failed()] == ["tuf"]
+    with pytest.raises(UnknownRelease, match=r"det 1\.0\.1 is not published") as e:
+        audit(StorageSource(world.storage), root, NAME, "1.0.1")
+    assert "did you mean 1.0.0" in e.value.diagnostics()
+    with pytest.raises(UnknownRelease, match="no model 'dett'"):
+        audit(StorageSource(world.storage), root, "dett", VERSION)
     assert target_storage_key("a/b", "0" * 64).startswith("targets/a/")
+
+
+def test_cli_typo_exits_3_and_tampering_still_exits_4(world: Project) -> None:
+    from click.testing import CliRunner
+
+    from ota.cli._main import _register, cli
+
+    _register()
+    typo = CliRunner().invoke(cli, ["audit", "detectorr", VERSION, "--project",
+                                    str(world.root_dir)])  # fmt: skip
+    assert typo.exit_code == ExitCode.INPUT, typo.output
+    assert "not published" in typo.output and "not a target" not in typo.output
+    # the same question against metadata an attacker altered is a security failure
+    repo = Path(world.storage.local_root())  # type: ignore[arg-type]
+    (timestamp,) = repo.glob("metadata/timestamp.json")
+    doc = json.loads(timestamp.read_bytes())
+    doc["signed"]["version"] += 1  # no longer matches its signature
+    timestamp.write_text(json.dumps(doc))
+    bad = CliRunner().invoke(cli, ["audit", "detectorr", VERSION, "--project",
+                                   str(world.root_dir)])  # fmt: skip
+    assert bad.exit_code == ExitCode.SECURITY, bad.output
+    assert "refused by python-tuf" in bad.output
+
+
+def _slot_from_export(export: Path, slots: Path) -> Path:
+    """A device slot as client/_slots.py lays it out, with the evidence the device recorded
+    at install (``a.target.json``, ``a.signers.json``)."""
+    shutil.copytree(export / "bundle", slots / "a")
+    shutil.copy(export / "manifest.json", slots / "a.manifest.json")
+    shutil.copy(export / "target.json", slots / "a.target.json")
+    shutil.copy(export / "signers.json", slots / "a.signers.json")
+    return slots / "a"
+
+
+def test_verify_slot_trusts_the_operators_key_not_the_slots_signer_list(
+    world: Project, tmp_path: Path
+) -> None:
+    """Attack: a slot holding a bundle signed by an unrelated key, with that key in the slot's
+    own ``a.signers.json``. With the operator's --signer-key it must fail, and without any key
+    the slot's own list must not make it pass."""
+    evil = make_project(tmp_path / "evil")  # the attacker's own keys, same model name
+    publish_mlp(evil, NAME, VERSION, seed=7)
+    export = tmp_path / "evil-export"
+    evil_root = (evil.root_dir / "root.json").read_bytes()
+    assert audit(StorageSource(evil.storage), evil_root, NAME, VERSION,
+                 AuditOptions(export=export)).ok  # fmt: skip
+    slot = _slot_from_export(export, tmp_path / "state" / "slots")
+    operator_pub = (world.root_dir / world.config.release_pub).read_bytes()
+    report = verify_dir(slot, signer_key=operator_pub)
+    assert "signature" in {c.name for c in report.failed()}, report.render()
+    assert "not signed by any of the 1 keys" in _check(report, "signature")
+    assert "not trusted" in _check(report, "signers")
+    no_key = verify_dir(slot)
+    assert "signature" in {c.name for c in no_key.failed()}, no_key.render()
+    # the attacker's key does verify it: the failure above is the anchor, not the bundle
+    assert verify_dir(slot, signer_key=(evil.root_dir / evil.config.release_pub).read_bytes()).ok
+
+
+def test_verify_export_with_root_still_obeys_the_operators_key(
+    world: Project, tmp_path: Path
+) -> None:
+    export = tmp_path / "export"
+    root = (world.root_dir / "root.json").read_bytes()
+    assert audit(StorageSource(world.storage), root, NAME, VERSION,
+                 AuditOptions(export=export)).ok  # fmt: skip
+    other = generate_p256(tmp_path / "other.pem", tmp_path / "other.pub.pem")
+    report = verify_dir(export, trusted_root=root, signer_key=other)
+    assert "signature" in {c.name for c in report.failed()}, report.render()
+    with pytest.raises(InputError, match="not a PEM public key"):
+        verify_dir(export, signer_key=b"not a key")

@@ -98,14 +98,17 @@ def test_ota_verify_checks_a_device_slot_offline(tmp_path: Path) -> None:
     slot = next((dev / "models" / "det" / "slots").glob("?"))
     assert (slot.parent / f"{slot.name}.target.json").is_file()
     assert (slot.parent / f"{slot.name}.signers.json").is_file()
-    code, out = _ota("verify", str(slot), "--json")
+    # the slot's own a.signers.json is no trust anchor (issue 12 item 2): the operator's key is
+    key = str(project.root_dir / project.config.release_pub)
+    assert _ota("verify", str(slot), "--json")[0] == ExitCode.SECURITY
+    code, out = _ota("verify", str(slot), "--signer-key", key, "--json")
     assert code == 0, out
     checks = {c["name"]: c["status"] for c in json.loads(out)["checks"]}
     assert checks["files"] == "ok" and checks["signature"] == "ok" and checks["sbom"] == "ok"
     model = slot / "model" / "model.onnx"
     model.chmod(0o644)
     model.write_bytes(model.read_bytes()[:-1] + b"\x00")
-    code, out = _ota("verify", str(slot), "--json")
+    code, out = _ota("verify", str(slot), "--signer-key", key, "--json")
     assert code == ExitCode.SECURITY
     report, _ = json.JSONDecoder().raw_decode(out)  # the error line follows the report
     failed = {c["name"] for c in report["checks"] if c["status"] == "failed"}

@@ -3,8 +3,12 @@ or the publisher's dependencies (flask, boto3, cyclonedx, onnx, fastcdc)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+from ota.errors import ExitCode
 
 # Run in a fresh interpreter in which those packages cannot be imported at all, as on a device
 # that never installed them (securesystemslib and tuf import boto3 only if it is installed).
@@ -66,7 +70,10 @@ def test_device_commands_keep_cloud_sdks_out_even_when_installed(tmp_path) -> No
     assert importlib.util.find_spec("boto3") is not None  # the probe means something
     out = subprocess.run(
         [sys.executable, "-c", _DEVICE_CLI_PROBE, str(tmp_path / "no-device")],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert "SDK [] TUF True" in out.stderr, out.stderr[-3000:]
 
@@ -83,6 +90,67 @@ def test_lean_device_process_leaves_boto3_importable_afterwards() -> None:
         "import boto3\n"
         "print('ok', boto3.__name__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok boto3", out.stderr[-2000:]
+
+
+# -- issue 12 item 6: the documented device commands on a device-only install ---------------
+
+
+def test_client_only_blocker_blocks_the_publishers_modules() -> None:
+    """The probe below means something: what it blocks is computed from the installed
+    metadata, and covers the modules a device-only install lacks."""
+    from tests.client_only import blocked_modules
+
+    blocked = blocked_modules()
+    assert {"fastcdc", "onnx", "boto3", "cyclonedx", "packageurl", "flask"} <= blocked
+    assert not {"onnxruntime", "numpy", "tuf", "model_signing", "click"} & blocked
+
+
+def test_device_commands_work_on_the_client_extra_and_others_name_the_extra(
+    tmp_path: Path,
+) -> None:
+    from ota.repository._audit import AuditOptions, audit
+    from ota.repository._tufview import StorageSource
+    from tests.client_only import run_client_only
+    from tests.repo_helpers import make_project, publish_mlp, serve_dir
+
+    project = make_project(tmp_path)
+    publish_mlp(project, "det", "1.0.0")
+    root_file = project.root_dir / "root.json"
+    export = tmp_path / "export"
+    assert audit(StorageSource(project.storage), root_file.read_bytes(), "det", "1.0.0",
+                 AuditOptions(export=export)).ok  # fmt: skip
+    slots = tmp_path / "state" / "slots"
+    shutil.copytree(export / "bundle", slots / "a")
+    shutil.copy(export / "manifest.json", slots / "a.manifest.json")
+    key = str(project.root_dir / project.config.release_pub)
+
+    # the incident runbook's device check
+    out = run_client_only(["verify", str(slots / "a"), "--signer-key", key])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RESULT: PASS" in out.stdout and "sbom-schema" in out.stdout
+    # a served repository audited from a device-only machine
+    with serve_dir(project.storage.local_root()) as url:  # type: ignore[arg-type]
+        out = run_client_only(["audit", "det", "1.0.0", "--repo-url", url,
+                               "--root", str(root_file)])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    # tampering is still found (exit 4), without the publisher's modules
+    (slots / "a" / "model" / "model.onnx").write_bytes(b"\0" * 64)
+    out = run_client_only(["verify", str(slots / "a"), "--signer-key", key])
+    assert out.returncode == ExitCode.SECURITY, out.stderr[-3000:]
+    # publisher commands: exit 9, the extra named, no traceback
+    model = tmp_path / "models" / "det-1.0.0.onnx"
+    for args in (
+        ["publish", str(model), "--project", str(project.root_dir), "--name", "det",
+         "--version", "2.0.0"],
+        ["vulns", "--project", str(project.root_dir), "--osv", str(tmp_path)],
+        ["sbom", "show", "det", "1.0.0", "--project", str(project.root_dir)],
+        ["verify", str(slots / "a"), "--signer-key", key, "--osv", str(tmp_path)],
+    ):  # fmt: skip
+        out = run_client_only(args)
+        assert out.returncode == ExitCode.CONFIG, (args, out.stderr[-3000:])
+        assert "pip install 'edge-ota[repository]'" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr

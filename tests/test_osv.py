@@ -231,3 +231,102 @@ def test_invalid_sbom_names_its_release(tmp_path: Path) -> None:
 )
 def test_cvss_base_scores(vector: str, score: float | None) -> None:
     assert cvss_base_score(vector) == score
+
+
+# -- issue 12 item 3: a model's runtime is a PEP 440 range, not a version ------------------
+
+# OSV 1.6 records as the GitHub advisory database exports them (fields and nesting as in
+# osv.dev's PyPI exports; the ids are this test's own).
+GHSA_ORT_RANGE: dict[str, Any] = {
+    "schema_version": "1.6.0",
+    "id": "GHSA-t3st-ort0-0001",
+    "modified": "2026-03-02T10:11:12Z",
+    "published": "2026-03-01T09:00:00Z",
+    "aliases": ["CVE-2026-10001"],
+    "summary": "Out-of-bounds read in a tensor kernel",
+    "details": "Crafted models trigger an out-of-bounds read.",
+    "severity": [{"type": "CVSS_V3", "score": "CVSS:3.1/AV:N/AC:L/PR:N/UI:R/S:U/C:H/I:N/A:H"}],
+    "affected": [
+        {
+            "package": {"ecosystem": "PyPI", "name": "onnxruntime", "purl": "pkg:pypi/onnxruntime"},
+            "ranges": [{"type": "ECOSYSTEM",
+                        "events": [{"introduced": "1.16.0"}, {"fixed": "1.17.3"}]}],
+            "database_specific": {"source": "https://github.com/advisories/GHSA-t3st-ort0-0001"},
+        }
+    ],
+    "references": [{"type": "ADVISORY", "url": "https://nvd.nist.gov/vuln/detail/CVE-2026-10001"}],
+    "database_specific": {"cwe_ids": ["CWE-125"], "severity": "HIGH", "github_reviewed": True},
+}  # fmt: skip
+PYSEC_ORT_OLD: dict[str, Any] = {
+    "schema_version": "1.6.0",
+    "id": "PYSEC-2026-77",
+    "modified": "2026-01-05T00:00:00Z",
+    "affected": [
+        {
+            "package": {"ecosystem": "PyPI", "name": "onnxruntime"},
+            "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "1.12.0"}]}],
+            "versions": ["1.10.0", "1.11.0", "1.11.1"],
+        }
+    ],
+}  # fmt: skip
+
+
+def _range_sbom(tmp_path: Path, runtime_range: str) -> bytes:
+    """An ML-BOM whose runtime is only a range (what ``ota publish`` wrote before)."""
+    model = write_mlp(tmp_path / "model" / "model.onnx")
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    return build_mlbom(name="detector", version="2.0.0", model_path=model,
+                       files={"model/model.onnx": (sha, model.stat().st_size)},
+                       runtime_range=runtime_range, runtime_version=None)  # fmt: skip
+
+
+def _write_records(folder: Path, *records: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        (folder / f"{r['id']}.json").write_text(json.dumps(r))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("runtime_range", "expected", "admits"),
+    [
+        (">=1.16", {"GHSA-t3st-ort0-0001"}, ">=1.16.0,<1.17.3"),
+        (">=1.16,<2", {"GHSA-t3st-ort0-0001"}, ">=1.16.0,<1.17.3"),
+        ("~=1.17.0", {"GHSA-t3st-ort0-0001"}, ">=1.16.0,<1.17.3"),
+        ("==1.17.*", {"GHSA-t3st-ort0-0001"}, ">=1.16.0,<1.17.3"),
+        (">=1.17.3,<2", set(), ""),  # starts at the fix
+        (">=1.12,<1.16", set(), ""),  # between the two records
+        (">1.11,<1.16", {"PYSEC-2026-77"}, "==1.11.1"),  # 1.11.1 > 1.11
+        ("<=1.16.0", {"GHSA-t3st-ort0-0001", "PYSEC-2026-77"}, "<1.12.0"),
+        (">=1.11.1,!=1.11.1,<1.12", {"PYSEC-2026-77"}, "==1.11.1; <1.12.0"),  # != is ignored
+    ],
+)
+def test_a_runtime_range_matches_conservatively(
+    tmp_path: Path, runtime_range: str, expected: set[str], admits: str
+) -> None:
+    osv = _write_records(tmp_path / "osv", GHSA_ORT_RANGE, PYSEC_ORT_OLD)
+    matches = match_osv([("detector@2.0.0", _range_sbom(tmp_path, runtime_range))], osv)
+    assert {m.vuln_id for m in matches} == expected
+    for m in matches:
+        assert m.is_range and m.version == runtime_range
+        assert m.note.startswith(f"range {runtime_range} admits affected versions ")
+        assert m.to_dict()["range"] is True
+    if admits:
+        assert any(admits in m.note for m in matches), [m.note for m in matches]
+
+
+def test_range_match_reports_fix_and_severity(tmp_path: Path) -> None:
+    osv = _write_records(tmp_path / "osv", GHSA_ORT_RANGE)
+    (m,) = match_osv([("detector@2.0.0", _range_sbom(tmp_path, ">=1.16,<2"))], osv)
+    assert m.note == "range >=1.16,<2 admits affected versions >=1.16.0,<1.17.3"
+    assert m.fixed == ("1.17.3",) and m.severity is Severity.HIGH
+    assert severity_at_least(m, "high")
+
+
+def test_an_exact_runtime_version_wins_over_its_range(tmp_path: Path) -> None:
+    """The version a release was validated with is matched exactly (its range is not)."""
+    osv = _write_records(tmp_path / "osv", GHSA_ORT_RANGE)
+    clean = _sbom(tmp_path, "1.0.0", "1.25.0")  # range >=1.16,<2 admits the advisory
+    hit = _sbom(tmp_path, "1.0.1", "1.17.0")
+    matches = match_osv([("detector@1.0.0", clean), ("detector@1.0.1", hit)], osv)
+    assert [(m.release, m.version, m.note) for m in matches] == [("detector@1.0.1", "1.17.0", "")]

@@ -15,6 +15,7 @@ importing it fails on this device exactly as a real aarch64 build would.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -22,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +88,9 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
     publish_mlp(project, "det", "1.0.0", seed=0)
 
     def runtime(version: str, folder: Path) -> None:
-        publish(project, PublishRequest(source=folder, name=RUNTIME, version=version,
-                                        kind="runtime"))
+        publish(
+            project, PublishRequest(source=folder, name=RUNTIME, version=version, kind="runtime")
+        )
 
     runtime("1.0.0", _runtime_folder(root / "rt-1.0.0", "build 1"))
     shutil.copytree(root / "repo", root / "repo_1")
@@ -135,8 +138,15 @@ def _device(published: Published, tmp_path: Path, follows: list[str]) -> Iterato
     served.mkdir()
     with serve_dir(served) as url:
         dev = Device(tmp_path / "dev", served)
-        init_device(dev.state_dir, url, published.trusted_root, "cam-1", follows,
-                    ring="canary", health_timeout_s=0)
+        init_device(
+            dev.state_dir,
+            url,
+            published.trusted_root,
+            "cam-1",
+            follows,
+            ring="canary",
+            health_timeout_s=0,
+        )
         yield dev
 
 
@@ -175,8 +185,12 @@ def _app_runs_det_with_the_committed_runtime(state_dir: Path) -> None:
     runtime = current_model(state_dir, RUNTIME)
     model = current_model(state_dir, "det")
     inputs = model.parent.parent / "smoke" / "inputs.npz"
-    proc = subprocess.run([sys.executable, "-I", "-c", _APP, str(runtime), str(model),
-                           str(inputs)], capture_output=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", _APP, str(runtime), str(model), str(inputs)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert proc.stdout.decode().strip() == onnxruntime.__version__
 
@@ -187,7 +201,9 @@ def test_good_runtime_runs_the_committed_model_in_smoke_then_is_committed(
     device.serve(published, 1)
     res = device.update()
     assert [(o.model, o.status, o.version) for o in res.outcomes] == [
-        ("det", "updated", "1.0.0"), (RUNTIME, "updated", "1.0.0")], res.to_dict()
+        ("det", "updated", "1.0.0"),
+        (RUNTIME, "updated", "1.0.0"),
+    ], res.to_dict()
     old_version, old_slot = _current(device.state_dir, RUNTIME)
     assert old_version == "1.0.0"
 
@@ -195,7 +211,9 @@ def test_good_runtime_runs_the_committed_model_in_smoke_then_is_committed(
     res = device.update()
     assert res.status == "updated" and res.exit_code == ExitCode.OK, res.to_dict()
     assert [(o.model, o.status) for o in res.outcomes] == [
-        ("det", "up_to_date"), (RUNTIME, "updated")]
+        ("det", "up_to_date"),
+        (RUNTIME, "updated"),
+    ]
     out = res.outcomes[1]
     assert out.version == "1.1.0"
     # the smoke ran det (its golden outputs, its budgets) with the NEW runtime's onnxruntime:
@@ -227,7 +245,9 @@ def test_runtime_that_cannot_run_the_committed_model_is_refused_and_not_retried(
     res = device.update()
     assert res.status == "smoke_failed" and res.exit_code == ExitCode.SMOKE_FAILED, res.to_dict()
     assert [(o.model, o.status) for o in res.outcomes] == [
-        ("det", "up_to_date"), (RUNTIME, "smoke_failed")]
+        ("det", "up_to_date"),
+        (RUNTIME, "smoke_failed"),
+    ]
     out = res.outcomes[1]
     assert out.version == "2.0.0"
     assert "crash" in out.reason and "cannot import the runtime" in out.reason, out.reason
@@ -262,7 +282,9 @@ def test_model_update_is_smoke_tested_with_the_committed_runtime(
     device.serve(published, "2m")
     res = device.update()
     assert [(o.model, o.status, o.version) for o in res.outcomes] == [
-        ("det", "updated", "1.1.0"), (RUNTIME, "up_to_date", None)], res.to_dict()
+        ("det", "updated", "1.1.0"),
+        (RUNTIME, "up_to_date", None),
+    ], res.to_dict()
     report = res.outcomes[0].figures["smoke"]
     assert report["runtime_file"] == str(runtime_slot.resolve() / "runtime/onnxruntime/__init__.py")
     assert _current(device.state_dir, "det")[0] == "1.1.0"
@@ -296,3 +318,191 @@ def test_runtime_with_no_committed_model_runs_the_builtin_self_test(
         [event] = dev.events("smoke_failed")
         assert event["data"]["report"]["reason"] == "crash"
         assert status(dev.state_dir).failed == ((RUNTIME, "2.0.0"),)
+
+
+# -- issue 12 item 14: runtime bundles made as the publish runbook says ---------------------
+
+
+def _dist_info_dir() -> Path:
+    import onnxruntime
+
+    site = Path(onnxruntime.__file__).parent.parent
+    (found,) = site.glob(f"onnxruntime-{onnxruntime.__version__}.dist-info")
+    return found
+
+
+def _record_line(rel: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{rel},sha256={digest},{len(data)}"
+
+
+def _wheel_from_venv(folder: Path, *, extra: dict[str, bytes] | None = None,
+                     tamper: str | None = None) -> Path:  # fmt: skip
+    """A real PEP 427 wheel of this venv's onnxruntime (its package and dist-info, a fresh
+    RECORD), as `pip download onnxruntime` would give for this platform. ``extra`` adds
+    members (listed in RECORD); ``tamper`` names a member whose bytes change after RECORD."""
+    import onnxruntime
+
+    pkg = Path(onnxruntime.__file__).parent
+    dist = _dist_info_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    wheel = folder / f"onnxruntime-{onnxruntime.__version__}-{tag}-{tag}-linux_x86_64.whl"
+    members: dict[str, bytes] = {}
+    for p in sorted(pkg.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts:
+            members[p.relative_to(pkg.parent).as_posix()] = p.read_bytes()
+    for n in ("METADATA", "WHEEL", "entry_points.txt"):
+        if (dist / n).is_file():
+            members[f"{dist.name}/{n}"] = (dist / n).read_bytes()
+    members.update(extra or {})
+    record = [_record_line(rel, data) for rel, data in members.items()]
+    record.append(f"{dist.name}/RECORD,,")
+    if tamper is not None:
+        changed = bytearray(members[tamper])  # same size, other bytes
+        changed[-1] ^= 0x01
+        members[tamper] = bytes(changed)
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_STORED) as zf:
+        for rel, data in members.items():
+            info = zipfile.ZipInfo(rel, date_time=(2026, 1, 1, 0, 0, 0))
+            info.external_attr = (0o100755 if rel.endswith(".so") else 0o100644) << 16
+            zf.writestr(info, data)
+        zf.writestr(f"{dist.name}/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from ota.cli._main import _register, cli
+
+    _register()
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def test_runtime_wheel_folder_publishes_installs_and_runs_the_smoke(tmp_path: Path) -> None:
+    """The publish runbook's runtime bundle: a folder holding the onnxruntime wheel, published
+    with `ota publish DIR --kind runtime`. The device unpacks the verified wheel beside the
+    slot, the smoke runs the committed model with it, apps get its import root, and the slot
+    itself still verifies."""
+    import onnxruntime
+
+    project = make_project(tmp_path)
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    folder = tmp_path / "ort-1.31-x86_64"
+    wheel = _wheel_from_venv(folder)
+    code, out = _cli("publish", str(folder), "--project", str(project.root_dir), "--kind",
+                     "runtime", "--name", RUNTIME, "--version", "1.31.1")  # fmt: skip
+    assert code == 0, out
+    code, out = _cli("sbom", "show", RUNTIME, "1.31.1", "--project", str(project.root_dir))
+    assert f"pkg:pypi/onnxruntime@{onnxruntime.__version__}" in out, out
+    trusted = (project.root_dir / "root.json").read_bytes()
+    pub = Published(tmp_path, trusted)
+    shutil.copytree(tmp_path / "repo", pub.state("w"))
+    (tmp_path / "d").mkdir()
+    with _device(pub, tmp_path / "d", ["det", RUNTIME]) as dev:
+        dev.serve(pub, "w")
+        res = dev.update()
+        assert [(o.model, o.status) for o in res.outcomes] == [
+            ("det", "updated"), (RUNTIME, "updated")], res.to_dict()  # fmt: skip
+        version, slot = _current(dev.state_dir, RUNTIME)  # the slot is exactly its manifest
+        assert version == "1.31.1" and (slot / "runtime" / wheel.name).is_file()
+        unpacked = slot.with_name(f"{slot.name}.unpacked").resolve()
+        report = res.outcomes[1].figures["smoke"]["det"]
+        assert report["runtime_file"] == str(unpacked / "onnxruntime" / "__init__.py")
+        assert report["max_abs_err"] is not None
+        code, out = _cli("device", "current", "--state-dir", str(dev.state_dir), "--model",
+                         RUNTIME)  # fmt: skip
+        assert code == 0 and Path(out.strip()).resolve() == unpacked, out
+        model = current_model(dev.state_dir, "det")
+        proc = subprocess.run([sys.executable, "-I", "-c", _APP, out.strip(), str(model),
+                               str(model.parent.parent / "smoke" / "inputs.npz")],
+                              capture_output=True, timeout=120, check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        code, out = _cli("verify", str(slot), "--signer-key",
+                         str(project.root_dir / project.config.release_pub))  # fmt: skip
+        assert code == 0 and "RESULT: PASS" in out, out
+
+
+def test_unpacked_runtime_sbom_names_its_distributions(tmp_path: Path) -> None:
+    """An unpacked runtime (pip --target layout) carries pkg:pypi components read from its
+    dist-info METADATA, so `ota vulns` sees it."""
+    import onnxruntime
+
+    project = make_project(tmp_path)
+    folder = _runtime_folder(tmp_path / "rt", "unpacked")
+    shutil.copytree(_dist_info_dir(), folder / _dist_info_dir().name)
+    publish(project, PublishRequest(source=folder, name=RUNTIME, version="1.0.0",
+                                    kind="runtime"))  # fmt: skip
+    osv = tmp_path / "osv"
+    osv.mkdir()
+    (osv / "GHSA-t3st-rt00-0001.json").write_text(json.dumps({
+        "schema_version": "1.6.0", "id": "GHSA-t3st-rt00-0001", "modified": "2026-04-01T00:00:00Z",
+        "affected": [{"package": {"ecosystem": "PyPI", "name": "onnxruntime"},
+                      "versions": [onnxruntime.__version__]}],
+        "database_specific": {"severity": "HIGH"}}))  # fmt: skip
+    code, out = _cli("vulns", "--osv", str(osv), "--project", str(project.root_dir))
+    assert code == ExitCode.SECURITY, out
+    assert f"{RUNTIME}@1.0.0: GHSA-t3st-rt00-0001 HIGH pkg:pypi/onnxruntime@" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "tamper", "message"),
+    [
+        ({"../escape.py": b"x = 1\n"}, None, "unsafe path"),
+        ({"/abs.py": b"x = 1\n"}, None, "unsafe path"),
+        (None, "onnxruntime/__init__.py", "differs from its RECORD"),
+        ({"onnxruntime-1.31.1.data/scripts/../../x": b""}, None, "unsafe path"),
+        ({"onnxruntime/./__init__.py": b"x = 1\n"}, None, "appears twice|clashes"),
+        ({"onnxruntime/__init__.py/x": b"x = 1\n"}, None, "clashes"),
+    ],
+)
+def test_a_bad_runtime_wheel_is_refused_and_nothing_escapes(
+    tmp_path: Path, extra: dict[str, bytes] | None, tamper: str | None, message: str
+) -> None:
+    from ota.client._runtime import RuntimeBundleError, import_root
+
+    slot = tmp_path / "slots" / "a"
+    _wheel_from_venv(slot / "runtime", extra=extra, tamper=tamper)
+    with pytest.raises(RuntimeBundleError, match=message):
+        import_root(slot / "runtime")
+    assert not (tmp_path / "slots" / "a.unpacked").exists()
+    assert not list(tmp_path.rglob("escape.py")) and not Path("/abs.py").exists()
+    assert sorted(p.name for p in (tmp_path / "slots").iterdir()) == ["a"]
+
+
+def test_a_reused_slot_is_unpacked_again(tmp_path: Path) -> None:
+    from ota.client._runtime import STAMP, import_root
+
+    slot = tmp_path / "slots" / "a"
+    wheel = _wheel_from_venv(slot / "runtime")
+    root = import_root(slot / "runtime")
+    assert (root / "onnxruntime" / "__init__.py").is_file()
+    assert import_root(slot / "runtime") == root  # unchanged wheels: reused
+    (root / "stale.txt").write_text("from the release that used this slot before")
+    wheel.unlink()
+    _wheel_from_venv(slot / "runtime", extra={"onnxruntime/added.py": b"y = 2\n"})
+    again = import_root(slot / "runtime")
+    assert (again / "onnxruntime" / "added.py").is_file()
+    assert not (again / "stale.txt").exists() and (again / STAMP).is_file()
+
+
+def test_smoke_with_an_unsafe_runtime_wheel_fails_as_runtime_mismatch(tmp_path: Path) -> None:
+    """What the updater sees: the release fails its smoke (``runtime_mismatch``, the reason
+    named) instead of a traceback, and a good wheel in the same place runs the self-test."""
+    from ota.client._install import _SELFTEST_DIR, _SELFTEST_SPEC
+    from ota.client._smoke import SmokeFailed, run_smoke
+
+    bad = tmp_path / "bad" / "slots" / "a"
+    _wheel_from_venv(bad / "runtime", extra={"../escape.py": b"x = 1\n"})
+    with pytest.raises(SmokeFailed) as e:
+        run_smoke(_SELFTEST_DIR / "model.onnx", _SELFTEST_DIR, _SELFTEST_SPEC, tier="default",
+                  runtime_path=bad)  # fmt: skip
+    assert e.value.reason == "runtime_mismatch" and "unsafe path" in str(e.value)
+    good = tmp_path / "good" / "slots" / "a"
+    _wheel_from_venv(good / "runtime")
+    report = run_smoke(_SELFTEST_DIR / "model.onnx", _SELFTEST_DIR, _SELFTEST_SPEC,
+                       tier="default", runtime_path=good)  # fmt: skip
+    unpacked = (good.parent / "a.unpacked").resolve()
+    assert report.runtime_file == str(unpacked / "onnxruntime" / "__init__.py")

@@ -68,3 +68,55 @@ def test_vulns(project: Project, tmp_path: Path) -> None:
     assert code == ExitCode.SECURITY and "det@1.0.0: GHSA-test-0001 HIGH" in out
     code, _ = _cli(*args, "--fail-on", "critical")
     assert code == 0
+
+
+def _installed_ort_record() -> dict[str, object]:
+    """An OSV record (GitHub advisory shape) that affects the onnxruntime installed here."""
+    import onnxruntime
+    from packaging.version import Version
+
+    v = Version(onnxruntime.__version__)
+    fixed = f"{v.major}.{v.minor}.{v.micro + 1}"
+    return {
+        "schema_version": "1.6.0", "id": "GHSA-t3st-inst-0001", "modified": "2026-04-01T00:00:00Z",
+        "summary": "affects the runtime the publisher validated with",
+        "affected": [{"package": {"ecosystem": "PyPI", "name": "onnxruntime"},
+                      "ranges": [{"type": "ECOSYSTEM", "events": [
+                          {"introduced": str(v)}, {"fixed": fixed}]}]}],
+        "database_specific": {"severity": "CRITICAL"},
+    }  # fmt: skip
+
+
+def test_cli_publish_records_the_runtime_it_validated_with_and_vulns_fire(tmp_path: Path) -> None:
+    """Issue 12 item 3: `ota publish` without --runtime-version records the onnxruntime its
+    golden run used, exactly, so an OSV record for that version is found by `ota vulns`."""
+    import onnxruntime
+
+    from tests.onnx_models import write_mlp
+
+    p = make_project(tmp_path)
+    model = write_mlp(tmp_path / "m.onnx")
+    root = str(p.root_dir)
+    code, out = _cli("publish", str(model), "--project", root, "--name", "det", "--version",
+                     "1.0.0", "--runtime", ">=1.16,<2")  # fmt: skip
+    assert code == 0, out
+    code, out = _cli("publish", str(model), "--project", root, "--name", "det", "--version",
+                     "1.1.0", "--runtime", ">=1.16,<2", "--runtime-version", "1.17.0")  # fmt: skip
+    assert code == 0, out
+    code, out = _cli("sbom", "show", "det", "1.0.0", "--project", root)
+    assert f"pkg:pypi/onnxruntime@{onnxruntime.__version__}" in out
+    osv = tmp_path / "osv"
+    osv.mkdir()
+    (osv / "GHSA-t3st-inst-0001.json").write_text(json.dumps(_installed_ort_record()))
+    (osv / "GHSA-test-0001.json").write_text(json.dumps(OSV_HIGH))
+    code, out = _cli("vulns", "--osv", str(osv), "--project", root)
+    assert code == ExitCode.SECURITY, out
+    assert "det@1.0.0: GHSA-t3st-inst-0001 CRITICAL" in out
+    assert "det@1.1.0: GHSA-test-0001 HIGH pkg:pypi/onnxruntime@1.17.0" in out
+    # a runtime version outside the declared range is refused before anything is published
+    code, out = _cli("publish", str(model), "--project", root, "--name", "det", "--version",
+                     "1.2.0", "--runtime", ">=1.16,<2", "--runtime-version", "2.1.0")  # fmt: skip
+    assert code == ExitCode.INPUT and "outside" in out
+    code, out = _cli("publish", str(model), "--project", root, "--name", "det", "--version",
+                     "1.2.0", "--runtime", "<1.0")  # fmt: skip
+    assert code == ExitCode.INPUT and "golden outputs were computed with onnxruntime" in out

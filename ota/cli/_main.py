@@ -19,6 +19,14 @@ class _Group(click.Group):
         except OtaError as e:
             click.echo(f"error: {e.diagnostics()}", err=True)
             ctx.exit(int(e.exit_code))
+        except ModuleNotFoundError as e:  # a device-only install running a publisher command
+            from ota._extras import from_import_error
+
+            missing = from_import_error(e, f"`ota {ctx.invoked_subcommand}`")
+            if missing is None:
+                raise
+            click.echo(f"error: {missing.diagnostics()}", err=True)
+            ctx.exit(int(missing.exit_code))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)

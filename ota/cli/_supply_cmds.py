@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from ota._extras import require
 from ota.cli._output import emit, json_option, project_option
 from ota.errors import InputError, SecurityError
 
@@ -72,6 +73,8 @@ def audit(name: str, version: str, project_dir: str, repo_url: str | None,
     from ota.repository._audit import audit as do_audit
     from ota.repository._tufview import HttpSource, Source, StorageSource
 
+    if osv_dir is not None:
+        require("repository", "`--osv` (vulnerability matching)")
     source: Source
     if repo_url:
         if root_file is None:
@@ -106,6 +109,8 @@ def audit(name: str, version: str, project_dir: str, repo_url: str | None,
 def verify(folder: Path, root_file: Path | None, signer_key: Path | None,
            osv_dir: Path | None, fail_on: str, as_json: bool) -> None:  # fmt: skip
     """Verify a bundle on disk (an `ota audit --export` folder or a device slot), offline."""
+    if osv_dir is not None:
+        require("repository", "`--osv` (vulnerability matching)")
     from ota.repository._audit import verify_dir
 
     report = verify_dir(
@@ -174,6 +179,7 @@ def _release_sbom(project: Any, name: str, version: str) -> bytes:
 @click.group()
 def sbom() -> None:
     """Show or compare the CycloneDX ML-BOMs of published releases."""
+    require("repository", "`ota sbom`")
 
 
 @sbom.command("show")
@@ -226,6 +232,7 @@ def sbom_diff(name: str, old: str, new: str, project_dir: str, as_json: bool) ->
 @json_option
 def vulns(project_dir: str, osv_dir: Path, fail_on: str, as_json: bool) -> None:
     """Match every live release's SBOM against an offline OSV export (exit 4 on a match)."""
+    require("repository", "`ota vulns`")
     from ota.repository import releases
     from ota.sbom import load_osv, match_osv, severity_at_least
 
@@ -247,7 +254,8 @@ def vulns(project_dir: str, osv_dir: Path, fail_on: str, as_json: bool) -> None:
             [f"{len(rows)} live releases, {len(matches)} vulnerable components"]
             + [
                 f"  {m.release}: {m.vuln_id} {m.severity.name if m.severity else 'UNKNOWN'} "
-                f"{m.package}@{m.version} fixed in {', '.join(m.fixed) or '-'}"
+                + (f"{m.package}: {m.note}" if m.note else f"{m.package}@{m.version}")
+                + f" fixed in {', '.join(m.fixed) or '-'}"
                 for m in matches
             ]
         ),
@@ -274,6 +282,7 @@ def _extend_publish(cmd: click.Command) -> None:
     original = cmd.callback
 
     def callback(**kw: Any) -> Any:
+        require("repository", "`ota publish`")  # before anything is read or written
         from ota.repository._policy import PolicyContext, load_policy, reset_context, use_context
 
         policy_file, waive = kw.pop("policy_file"), kw.pop("waive")
