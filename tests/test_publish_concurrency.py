@@ -162,6 +162,8 @@ def _cli_publish(
     proj: Path, model: Path, version: str, env: dict[str, str]
 ) -> subprocess.Popen[str]:
     args = ["publish", str(model), "--project", str(proj), "--name", "m", "--version", version]
+    # Racing publishers of one model: whichever commits second may carry the lower version.
+    args.append("--allow-lower-version")
     return subprocess.Popen(
         [sys.executable, "-m", "ota.cli", *args],
         stdout=subprocess.PIPE,
