@@ -60,6 +60,12 @@ def _budgets(values: tuple[str, ...]):  # type: ignore[no-untyped-def]
     type=click.Path(file_okay=False, path_type=Path),
     help="Reuse key files from this folder (missing ones are created there).",
 )
+@click.option(
+    "--single-publisher",
+    is_flag=True,
+    help="Allow a store that ignores conditional writes, on the promise that ONE publisher "
+    "host ever writes to it (a host-wide lock serialises that host; see the publish runbook).",
+)
 @json_option
 def init(
     storage: str,
@@ -70,6 +76,7 @@ def init(
     root_keys: int,
     root_threshold: int,
     keys_dir: Path | None,
+    single_publisher: bool,
     as_json: bool,
 ) -> None:
     """Create a repository in STORAGE (a folder, file:// or s3://bucket/prefix)."""
@@ -86,13 +93,17 @@ def init(
         root_keys=root_keys,
         root_threshold=root_threshold,
         keys_dir=keys_dir,
+        single_publisher=single_publisher,
     )
+    publishers = "single" if single_publisher else "concurrent"
+    note = " (ONE publisher host only; see the publish runbook)" if single_publisher else ""
     emit(
-        result.to_dict(),
+        result.to_dict() | {"publishers": publishers},
         as_json,
         lambda: "\n".join(
             [
                 f"repository created in {result.storage}",
+                f"  publishers:                        {publishers}{note}",
                 f"  trusted root (install on devices): {result.trusted_root}",
                 f"  devices fetch from:                {result.base_url}",
                 f"  hash bins:                         {result.bins}",
@@ -243,6 +254,13 @@ def publish(
         runtime_version=runtime_version,
     )
     project = _project(project_dir)
+    # Probe the store before any work: a store that ignores conditional writes loses releases.
+    if project.storage.check_conditional_writes() == "emulated":
+        click.echo(
+            "warning: this store ignores conditional writes; single-publisher mode serialises "
+            "publishers on this host only: no other host may publish to it",
+            err=True,
+        )
     size = sum(
         p.stat().st_size for p in ([model] if model.is_file() else model.rglob("*")) if p.is_file()
     )
