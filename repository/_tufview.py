@@ -22,7 +22,7 @@ from tuf.api.serialization.json import CanonicalJSONSerializer
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from ota.errors import OtaError, SecurityError, TransientError
-from ota.repository._storage import NotFound, Storage, StorageError
+from ota.repository._storage import NotFound, Storage, TooLarge
 
 MAX_FETCH_BYTES = 16 * 1024 * 1024
 _BASE = "ota-source://repository/"
@@ -38,8 +38,8 @@ class Source(ABC):
         """Bytes of ``key`` (e.g. ``metadata/1.root.json``, ``blobs/sha256/…``).
 
         Raises:
-            NotFound: no such file. StorageError / TransientError: larger than
-            ``max_bytes`` or unreadable.
+            NotFound: no such file. TooLarge (exit 4): larger than ``max_bytes`` (or, in a
+            folder, a symlink). StorageError / TransientError: unreadable.
         """
 
 
@@ -74,10 +74,12 @@ class HttpSource(Source):
             if r.status != 200:
                 raise TransientError(f"GET {key}: HTTP {r.status}")
             data = r.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                r.close()  # unread bytes remain on that connection: never reuse it
         finally:
             r.release_conn()
         if len(data) > max_bytes:
-            raise StorageError(f"{key} is larger than {max_bytes} bytes")
+            raise TooLarge(f"{key} is larger than {max_bytes} bytes")
         return bytes(data)
 
 
@@ -93,7 +95,7 @@ class DirSource(Source):
         path = self.root / key
         try:
             if path.is_symlink() or path.stat().st_size > max_bytes:
-                raise StorageError(f"{key} is larger than {max_bytes} bytes or a symlink")
+                raise TooLarge(f"{key} is larger than {max_bytes} bytes or a symlink")
             return path.read_bytes()
         except FileNotFoundError as e:
             raise NotFound(key) from e

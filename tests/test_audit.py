@@ -346,3 +346,29 @@ def test_verify_export_with_root_still_obeys_the_operators_key(
     assert "signature" in {c.name for c in report.failed()}, report.render()
     with pytest.raises(InputError, match="not a PEM public key"):
         verify_dir(export, signer_key=b"not a key")
+
+
+def test_an_oversized_object_is_refused_as_security_from_every_source(
+    world: Project, tmp_path: Path
+) -> None:
+    """A served repository or an export folder holding a file over its bound is refused like any
+    oversized input (exit 4), not reported as a storage misconfiguration (exit 9)."""
+    from ota.repository._storage import TooLarge
+    from ota.repository._tufview import DirSource
+
+    repo = Path(world.storage.local_root())  # type: ignore[arg-type]
+    with serve_dir(repo) as base:
+        source = HttpSource(base)
+        with pytest.raises(TooLarge) as over:
+            source.read("metadata/timestamp.json", 16)
+        assert source.read("metadata/timestamp.json", 1 << 20)  # the next read is unharmed
+        source._pool.clear()
+    assert over.value.exit_code == ExitCode.SECURITY
+    folder = tmp_path / "export"
+    (folder / "tuf").mkdir(parents=True)
+    (folder / "tuf" / "big.json").write_bytes(b"x" * 64)
+    with pytest.raises(TooLarge):
+        DirSource(folder).read("tuf/big.json", 16)
+    (folder / "tuf" / "link.json").symlink_to(folder / "tuf" / "big.json")
+    with pytest.raises(TooLarge):
+        DirSource(folder).read("tuf/link.json", 1 << 20)

@@ -340,6 +340,11 @@ def test_s3_endpoint_comes_from_the_environment(s3_url: str, s3_endpoint: str) -
 # -- errors, mapped by who must react ---------------------------------------------------------
 
 
+# What "bounded" means for a refused or silent endpoint: far below botocore's defaults (60 s per
+# read, several attempts), far above anything a loaded CI machine adds. Never a speed claim.
+_BOUNDED_S = 45
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -361,7 +366,9 @@ def test_unreachable_endpoint_is_transient_and_fast() -> None:
         start = time.monotonic()
         with pytest.raises(TransientError) as exc:
             call()
-        assert time.monotonic() - start < 8
+        # bounded, not fast: refused connections are not retried through botocore's default
+        # 60 s timeouts; the bound is generous so a loaded machine cannot fail it
+        assert time.monotonic() - start < _BOUNDED_S
         assert "unreachable" in str(exc.value)
         assert exc.value.remedy
 
@@ -389,7 +396,7 @@ def test_silent_endpoint_times_out(silent_endpoint: str, tmp_path: Path) -> None
         start = time.monotonic()
         with pytest.raises(TransientError):  # botocore's timeouts are OSErrors: not LocalError
             call()
-        assert time.monotonic() - start < 8
+        assert time.monotonic() - start < _BOUNDED_S  # botocore's default would wait 60 s x 3
 
 
 class _Always503(http.server.BaseHTTPRequestHandler):
@@ -420,11 +427,9 @@ def test_server_errors_are_transient_after_bounded_retries() -> None:
             "s3://bucket/repo", s3_endpoint=f"http://127.0.0.1:{server.server_address[1]}"
         )
         _Always503.hits = 0
-        start = time.monotonic()
         with pytest.raises(TransientError, match="SlowDown"):
             storage.get("k")
-        assert time.monotonic() - start < 10
-        assert _Always503.hits == 3  # S3Limits.max_attempts
+        assert _Always503.hits == 3  # S3Limits.max_attempts: bounded by count, not by the clock
     finally:
         server.shutdown()
         server.server_close()
