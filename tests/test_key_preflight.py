@@ -281,3 +281,28 @@ def test_a_private_key_beside_the_public_one_must_match_it(proj: Project, tmp_pa
                str(k / "good.pub.pem"), "--project", str(proj.root_dir))  # fmt: skip
     assert res.exit_code == ExitCode.INPUT and "not the private half" in res.output, res.output
     assert _tree(tmp_path / "repo", proj.root_dir) == before
+
+
+def test_key_generate_never_overwrites_a_key_that_appears_after_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review (issue 12): "never overwrites" was a look-before-leap ``exists()`` check and then
+    an ``os.replace``: a key file created between the two (a second `ota key generate` with
+    the same name, a ceremony script) was silently replaced, losing a private key that may
+    already be registered. The file must be created exclusively."""
+    from ota.signing import NewKey
+
+    check = NewKey.paths
+    theirs = b"-----BEGIN PRIVATE KEY-----\nsomeone else's key\n-----END PRIVATE KEY-----\n"
+
+    def paths_then_race(self: NewKey, path_dir: Path | str, name: str) -> tuple[Path, Path]:
+        priv, pub = check(self, path_dir, name)
+        priv.write_bytes(theirs)  # another process wins the race after the check
+        return priv, pub
+
+    monkeypatch.setattr(NewKey, "paths", paths_then_race)
+    res = _ota("key", "generate", "timestamp", "--out-dir", str(tmp_path), "--name", "k")
+    assert res.exit_code != 0, res.output
+    assert (tmp_path / "k.pem").read_bytes() == theirs
+    assert not (tmp_path / "k.pub.pem").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["k.pem"]  # no temp file left behind
