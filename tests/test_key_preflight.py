@@ -306,3 +306,19 @@ def test_key_generate_never_overwrites_a_key_that_appears_after_the_check(
     assert (tmp_path / "k.pem").read_bytes() == theirs
     assert not (tmp_path / "k.pub.pem").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["k.pem"]  # no temp file left behind
+
+
+def test_a_private_key_passed_as_a_path_is_never_echoed(proj: Project, tmp_path: Path) -> None:
+    """Review (issue 12): a key argument that is the PEM text itself (``--new-key "$(cat
+    k.pem)"``, or a mistyped ``$KEY`` instead of ``envvar:KEY``) was echoed in full in the
+    error message, twice (ours and the OSError's), on stderr and in the --json error object:
+    the private key landed in CI logs. Refused with exit 3, without the key material."""
+    _ota("key", "generate", "timestamp", "--out-dir", str(tmp_path / "k"), "--name", "t")
+    pem = (tmp_path / "k" / "t.pem").read_text()
+    body = pem.splitlines()[1]
+    res = _ota("key", "rotate", "timestamp", "--project", str(proj.root_dir), "--new-key", pem,
+               "--json")  # fmt: skip
+    assert res.exit_code == ExitCode.INPUT, res.output
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert doc["kind"] == "input"
+    assert body not in res.output and "PRIVATE KEY" not in res.output, res.output
