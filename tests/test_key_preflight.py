@@ -322,3 +322,31 @@ def test_a_private_key_passed_as_a_path_is_never_echoed(proj: Project, tmp_path:
     doc = json.loads(res.stdout.strip().splitlines()[-1])
     assert doc["kind"] == "input"
     assert body not in res.output and "PRIVATE KEY" not in res.output, res.output
+
+
+def test_a_rotation_failing_after_root_is_published_keeps_the_new_key(
+    proj: Project, tmp_path: Path
+) -> None:
+    """Review (issue 12): the all-or-nothing wrapper deleted the generated key and restored
+    ``ota.toml`` on *any* failure, also one after root N+1 (which trusts only the new key)
+    was in storage: here the local copy of root.json cannot be written (disk full, a bad
+    permission). The repository then named a timestamp key whose private half had just been
+    deleted: timestamp could never be signed again (devices freeze when it expires) until an
+    offline root ceremony. Past the point of no return the key and its URI must stay."""
+    from ota.errors import LocalError
+    from ota.repository._keyadmin import refresh, rotate
+    from ota.repository._txn import newest_root
+
+    old = _keyid(proj, "timestamp")
+    local_root = proj.root_dir / "root.json"
+    local_root.unlink()
+    local_root.mkdir()  # the local copy cannot be replaced: the last write fails
+    with pytest.raises(LocalError):
+        rotate(proj, "timestamp")
+    published = newest_root(proj.storage).signed.roles["timestamp"].keyids
+    assert published != [old]  # root N+1 is in storage: the rotation happened
+    assert all(k in proj.config.signers for k in published)
+    local_root.rmdir()
+    again = Project.open(proj.root_dir)  # what the next command sees
+    assert all(k in again.config.signers for k in published)
+    assert "timestamp" in refresh(again, within_days=10_000).resigned  # still signable here
