@@ -350,3 +350,14 @@ def test_a_rotation_failing_after_root_is_published_keeps_the_new_key(
     again = Project.open(proj.root_dir)  # what the next command sees
     assert all(k in again.config.signers for k in published)
     assert "timestamp" in refresh(again, within_days=10_000).resigned  # still signable here
+
+
+def test_key_generate_into_an_unusable_folder_is_a_local_error(tmp_path: Path) -> None:
+    """Review (issue 12): `ota key generate --out-dir` under a file (or a read-only mount)
+    died with a NotADirectoryError traceback and exit 1, and no JSON error under --json."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    res = _ota("key", "generate", "bins", "--out-dir", str(blocker / "keys"), "--name", "z",
+               "--json")  # fmt: skip
+    assert res.exit_code == ExitCode.LOCAL, (res.exit_code, res.exception, res.output)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["kind"] == "local"
