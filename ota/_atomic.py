@@ -26,18 +26,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+def write_bytes(path: Path, data: bytes, *, mode: int = 0o644, exclusive: bool = False) -> None:
     """Atomically replace ``path`` with ``data`` (temp file, fsync, ``os.replace``, fsync dir).
+    With ``exclusive`` the file is only created, never replaced: the name is claimed with
+    ``O_EXCL`` just before the rename (fails if a file of that name exists, however recently it
+    appeared; works without hard links, e.g. on a FAT key stick). A crash between the claim
+    and the rename leaves an empty file, never a partial one.
 
     Raises:
-        LocalError: the disk is full or the folder cannot be written. The old file is intact.
+        LocalError: the disk is full or the folder cannot be written, or (``exclusive``) the
+            file exists. The old file is intact.
     """
-    with open_atomic(path, mode=mode) as f:
+    with open_atomic(path, mode=mode, exclusive=exclusive) as f:
         f.write(data)
 
 
 @contextlib.contextmanager
-def open_atomic(path: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+def open_atomic(path: Path, *, mode: int = 0o644, exclusive: bool = False) -> Iterator[BinaryIO]:
     """Write a file through a temp file in the same folder; publish it atomically on success.
 
     On any exception the temp file is removed and ``path`` is untouched.
@@ -58,7 +63,15 @@ def open_atomic(path: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
             raw.flush()
             os.fsync(raw.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if exclusive:  # EEXIST rather than replace a file created since any check
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                _unlink_quiet(path)  # our own empty claim
+                raise
+        else:
+            os.replace(tmp, path)
         fsync_dir(parent)
     except OSError as e:
         _unlink_quiet(Path(tmp))
@@ -76,4 +89,6 @@ def _unlink_quiet(path: Path) -> None:
 def _local(e: OSError, path: Path) -> LocalError:
     if e.errno == errno.ENOSPC:
         return LocalError(f"disk full while writing {path}", remedy="free disk space and retry")
+    if e.errno == errno.EEXIST:
+        return LocalError(f"{path} exists already; it was not overwritten")
     return LocalError(f"cannot write {path}: {e.strerror or e}")

@@ -127,9 +127,10 @@ def _signers_restored_on_error(project: Project) -> Iterator[None]:
     before = dict(project.config.signers)
     try:
         yield
-    except BaseException:
-        project.config.signers.clear()
-        project.config.signers.update(before)
+    except BaseException as e:
+        if not getattr(e, _COMMITTED, False):  # past the point of no return: keep (see below)
+            project.config.signers.clear()
+            project.config.signers.update(before)
         raise
 
 
@@ -138,23 +139,43 @@ def _has_private(key: KeySpec, fresh: _FreshKey | None) -> bool:
 
 
 def _transactionally(
-    project: Project, fresh: _FreshKey | None, work: Callable[[], KeyChange]
+    project: Project,
+    fresh: _FreshKey | None,
+    work: Callable[[], KeyChange],
+    committed: Callable[[], bool],
 ) -> KeyChange:
     """Write the fresh key, run ``work``; if it fails, remove the key and restore ``ota.toml``
-    as it was (nothing recorded on failure)."""
+    as it was (nothing recorded on failure) -- unless ``committed()`` says (or cannot rule out)
+    that storage already trusts the change: then the key file and its URI are kept (a deleted
+    key that the repository trusts can never sign again; a kept unused one is harmless)."""
     saved = (project.root_dir / "ota.toml").read_bytes()
     signers = dict(project.config.signers)
     try:
         if fresh is not None:
             fresh.write()
         return work()
-    except BaseException:
+    except BaseException as e:
+        if _maybe_committed(committed):
+            setattr(e, _COMMITTED, True)
+            with contextlib.suppress(Exception):
+                project.save_config()  # the URIs storage may now depend on
+            raise
         if fresh is not None:
             fresh.undo()
         project.config.signers.clear()
         project.config.signers.update(signers)
         _atomic.write_bytes(project.root_dir / "ota.toml", saved)
         raise
+
+
+_COMMITTED = "_ota_storage_committed"  # set on an exception raised past the point of no return
+
+
+def _maybe_committed(committed: Callable[[], bool]) -> bool:
+    try:
+        return committed()
+    except Exception:  # storage unreachable: cannot rule it out
+        return True
 
 
 def _finish_root(
@@ -188,7 +209,9 @@ def rotate(
 
     All or nothing: every key the rotation signs with is checked first; the new key file and
     its URI in ``ota.toml`` are written only when the rotation can complete (published here, or
-    an unsigned root written for the offline ceremony), and removed again if it fails.
+    an unsigned root written for the offline ceremony), and removed again if it fails before
+    storage trusts the new key (after that, e.g. a failed local write of root.json, they are
+    kept: deleting a key the repository trusts would freeze the role).
 
     Raises:
         InputError: unknown role.
@@ -220,7 +243,11 @@ def _rotate(project: Project, role: str, new_key: KeySpec | None, out: Path | No
             project.save_config()
             return KeyChange(rotate_bins(project, key), new_keyid=key.keyid)
 
-        return _transactionally(project, fresh, bins)
+        def bins_committed() -> bool:
+            txn = Transaction.begin(project.storage, project.signers, project.expiry())
+            return key.keyid in txn.targets().signed.get_delegated_role(RELEASES_ROLE).keyids
+
+        return _transactionally(project, fresh, bins, bins_committed)
     current = newest_root(project.storage).signed
     old = list(current.roles[role].keyids)
     change = RootChange(
@@ -237,6 +264,7 @@ def _rotate(project: Project, role: str, new_key: KeySpec | None, out: Path | No
         project,
         fresh,
         lambda: _finish_root(project, md, out, actions, key.keyid, signed_here=signed_here),
+        lambda: key.keyid in newest_root(project.storage).signed.roles[role].keyids,
     )
 
 
@@ -441,7 +469,11 @@ def _revoke(
         project.save_config()
         return result
 
-    return _transactionally(project, None, work)
+    def changed() -> bool:  # a step already committed: keep the replacement's URI
+        now = [(r.kind, r.roles) for r in list_keys(project, check=False) if r.keyid == keyid]
+        return now != [(r.kind, r.roles) for r in rows]
+
+    return _transactionally(project, None, work, changed)
 
 
 def _root_without(

@@ -60,6 +60,16 @@ def _private_from_pem(pem: bytes, what: str) -> SSlibKey:
         raise InputError(f"{what} is not an unencrypted PEM private key: {e}") from e
 
 
+def _refuse_inline_pem(spec: str) -> None:
+    """A key argument holding the PEM text itself (``"$(cat k.pem)"``) is refused without
+    echoing it: an error message would put the private key in logs and --json output."""
+    if "-----BEGIN" in spec or "\n" in spec:
+        raise InputError(
+            "a key argument holds PEM text, not a file or URI (its content is not shown)",
+            remedy="pass the key file's path, or envvar:NAME for a key in an environment variable",
+        )
+
+
 def parse_key(spec: str, base_dir: Path | None = None) -> KeySpec:
     """Resolve ``spec`` (see the module docstring) to a public key and optional private URI.
 
@@ -69,6 +79,7 @@ def parse_key(spec: str, base_dir: Path | None = None) -> KeySpec:
         InputError: unreadable or unsupported key.
         ConfigError: an environment variable or KMS key cannot be used.
     """
+    _refuse_inline_pem(spec)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     scheme, sep, rest = spec.partition(":")
     if sep and scheme == "file2":
@@ -107,6 +118,7 @@ def model_signing_pem(spec: str, base_dir: Path | None = None) -> bytes:
     Raises:
         InputError: unreadable, or not a P-256 key (model_signing accepts no other here).
     """
+    _refuse_inline_pem(spec)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     path = Path(spec) if Path(spec).is_absolute() else base / spec
     try:

@@ -199,15 +199,15 @@ def _nodes_and_constants(
 ) -> tuple[list[onnx.NodeProto], dict[str, NDArray[Any]]]:
     """Every node (subgraphs included) and every small constant (initializer or Constant)."""
     import onnx
-    from onnx import numpy_helper
 
     consts: dict[str, NDArray[Any]] = {}
     nodes: list[onnx.NodeProto] = []
     stack = [model.graph]
     while stack:
         graph = stack.pop()
-        consts.update((t.name, numpy_helper.to_array(t)) for t in graph.initializer
-                      if _small(t.dims))  # fmt: skip
+        for t in graph.initializer:
+            if (value := _inline_small(t)) is not None:
+                consts[t.name] = value
         for node in graph.node:
             nodes.append(node)
             for attr in node.attribute:
@@ -215,9 +215,29 @@ def _nodes_and_constants(
                     stack.append(attr.g)
                 elif attr.type == onnx.AttributeProto.GRAPHS:
                     stack.extend(attr.graphs)
-                elif node.op_type == "Constant" and attr.name == "value" and _small(attr.t.dims):
-                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
+                elif (
+                    node.op_type == "Constant"
+                    and attr.name == "value"
+                    and node.output
+                    and (value := _inline_small(attr.t)) is not None
+                ):
+                    consts[node.output[0]] = value
     return nodes, consts
+
+
+def _inline_small(tensor: onnx.TensorProto) -> NDArray[Any] | None:
+    """A small tensor's value, or None: external data is never read (``to_array`` would
+    resolve it against the working directory, not the model's folder) and an unreadable
+    tensor gives no hint (hints are optional)."""
+    import onnx
+    from onnx import numpy_helper
+
+    if not _small(tensor.dims) or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError):
+        return None
 
 
 def _aliases(name: str, nodes: Sequence[onnx.NodeProto]) -> set[str]:

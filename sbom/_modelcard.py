@@ -217,7 +217,8 @@ def model_card(
 
     Raises:
         SbomError: the file is missing, not a regular file, larger than the limit, not an ONNX
-            protobuf, declares negative dims, or nests subgraphs deeper than the limit.
+            protobuf, declares negative dims or unknown element types, or nests subgraphs deeper
+            than the limit.
     """
     import onnx
     from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
@@ -239,7 +240,10 @@ def model_card(
     except (DecodeError, ValueError, RuntimeError) as e:
         raise SbomError(f"{model_path} is not an ONNX model: {e}") from e
     del data
-    return _facts(model, top_n, limits)
+    try:
+        return _facts(model, top_n, limits)
+    except ValueError as e:  # protobuf enums: an element type this onnx does not know
+        raise SbomError(f"{model_path} is a malformed ONNX model: {e}") from e
 
 
 def _facts(model: onnx.ModelProto, top_n: int, limits: SbomLimits) -> ModelCardFacts:
@@ -329,6 +333,8 @@ def _constant_weights(node: onnx.NodeProto) -> list[tuple[str, int]]:
     import onnx
 
     found: list[tuple[str, int]] = []
+    if len(node.output) != 1:  # malformed (onnx.checker refuses it): names no value
+        return found
     for attr in node.attribute:
         if attr.name == "value" and attr.HasField("t"):
             type_name = onnx.TensorProto.DataType.Name(attr.t.data_type)

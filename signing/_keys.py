@@ -94,7 +94,7 @@ def generate_key(
         raise InputError(
             f"key file {path} exists already", remedy="remove it or choose another name"
         )
-    write_bytes(path, signer.private_bytes, mode=0o600)
+    write_bytes(path, signer.private_bytes, mode=0o600, exclusive=True)
     return f"{CryptoSigner.SCHEME}:{path}", signer.public_key
 
 
@@ -183,9 +183,9 @@ class NewKey:
             InputError: see :meth:`paths`. LocalError: the files cannot be written.
         """
         priv, pub = self.paths(path_dir, name)
-        write_bytes(priv, self.private_pem, mode=0o600)
+        write_bytes(priv, self.private_pem, mode=0o600, exclusive=True)
         if public:
-            write_bytes(pub, self.public_pem)
+            write_bytes(pub, self.public_pem, exclusive=True)
         return f"{CryptoSigner.SCHEME}:{priv}"
 
 

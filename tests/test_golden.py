@@ -275,3 +275,49 @@ def test_integer_hints_follow_casts_into_subgraphs(tmp_path: Path) -> None:
     assert int_hints(path, sig, {"rate": "int64"}) == {"rate": [8000]}
     assert int_hints(path, [("rate", "tensor(int64)", [100])], {"rate": "int64"}) == {}
     assert generate_inputs(sig)["rate"].shape == ()
+
+
+def test_external_data_constants_do_not_crash_the_input_guesser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review (issue 12): a model saved with every tensor as external data (onnx's
+    ``size_threshold=0``) and a small integer input made the hint search read each small
+    initializer from ``weights.bin`` relative to the *working directory*, not the model's
+    folder: publish died with a raw onnx ValidationError traceback (or read an unrelated file
+    of that name). Hints are optional: external tensors give none; the golden run decides."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ota.repository._smoke_inputs import int_hints
+
+    k = numpy_helper.from_array(np.array([16000], dtype=np.int64), "k")
+    w = numpy_helper.from_array(np.arange(1, 5, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Equal", ["sr", "k"], ["eq"]),
+            helper.make_node("Cast", ["eq"], ["eqf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["x", "w"], ["xw"]),
+            helper.make_node("Add", ["xw", "eqf"], ["y"]),
+        ],
+        "external",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [k, w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "model" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        location="weights.bin", size_threshold=0,
+    )  # fmt: skip
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    sig: list[tuple[str, str, list[Any]]] = [("x", "tensor(float)", [4]),
+                                             ("sr", "tensor(int64)", [1])]  # fmt: skip
+    assert int_hints(path, sig, {"x": "float32", "sr": "int64"}) == {}
+    spec = make_smoke_files(path, tmp_path / "b")
+    assert _load(tmp_path / "b" / spec.golden)["y"].shape == (4,)

@@ -281,3 +281,83 @@ def test_a_private_key_beside_the_public_one_must_match_it(proj: Project, tmp_pa
                str(k / "good.pub.pem"), "--project", str(proj.root_dir))  # fmt: skip
     assert res.exit_code == ExitCode.INPUT and "not the private half" in res.output, res.output
     assert _tree(tmp_path / "repo", proj.root_dir) == before
+
+
+def test_key_generate_never_overwrites_a_key_that_appears_after_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review (issue 12): "never overwrites" was a look-before-leap ``exists()`` check and then
+    an ``os.replace``: a key file created between the two (a second `ota key generate` with
+    the same name, a ceremony script) was silently replaced, losing a private key that may
+    already be registered. The file must be created exclusively."""
+    from ota.signing import NewKey
+
+    check = NewKey.paths
+    theirs = b"-----BEGIN PRIVATE KEY-----\nsomeone else's key\n-----END PRIVATE KEY-----\n"
+
+    def paths_then_race(self: NewKey, path_dir: Path | str, name: str) -> tuple[Path, Path]:
+        priv, pub = check(self, path_dir, name)
+        priv.write_bytes(theirs)  # another process wins the race after the check
+        return priv, pub
+
+    monkeypatch.setattr(NewKey, "paths", paths_then_race)
+    res = _ota("key", "generate", "timestamp", "--out-dir", str(tmp_path), "--name", "k")
+    assert res.exit_code != 0, res.output
+    assert (tmp_path / "k.pem").read_bytes() == theirs
+    assert not (tmp_path / "k.pub.pem").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["k.pem"]  # no temp file left behind
+
+
+def test_a_private_key_passed_as_a_path_is_never_echoed(proj: Project, tmp_path: Path) -> None:
+    """Review (issue 12): a key argument that is the PEM text itself (``--new-key "$(cat
+    k.pem)"``, or a mistyped ``$KEY`` instead of ``envvar:KEY``) was echoed in full in the
+    error message, twice (ours and the OSError's), on stderr and in the --json error object:
+    the private key landed in CI logs. Refused with exit 3, without the key material."""
+    _ota("key", "generate", "timestamp", "--out-dir", str(tmp_path / "k"), "--name", "t")
+    pem = (tmp_path / "k" / "t.pem").read_text()
+    body = pem.splitlines()[1]
+    res = _ota("key", "rotate", "timestamp", "--project", str(proj.root_dir), "--new-key", pem,
+               "--json")  # fmt: skip
+    assert res.exit_code == ExitCode.INPUT, res.output
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert doc["kind"] == "input"
+    assert body not in res.output and "PRIVATE KEY" not in res.output, res.output
+
+
+def test_a_rotation_failing_after_root_is_published_keeps_the_new_key(
+    proj: Project, tmp_path: Path
+) -> None:
+    """Review (issue 12): the all-or-nothing wrapper deleted the generated key and restored
+    ``ota.toml`` on *any* failure, also one after root N+1 (which trusts only the new key)
+    was in storage: here the local copy of root.json cannot be written (disk full, a bad
+    permission). The repository then named a timestamp key whose private half had just been
+    deleted: timestamp could never be signed again (devices freeze when it expires) until an
+    offline root ceremony. Past the point of no return the key and its URI must stay."""
+    from ota.errors import LocalError
+    from ota.repository._keyadmin import refresh, rotate
+    from ota.repository._txn import newest_root
+
+    old = _keyid(proj, "timestamp")
+    local_root = proj.root_dir / "root.json"
+    local_root.unlink()
+    local_root.mkdir()  # the local copy cannot be replaced: the last write fails
+    with pytest.raises(LocalError):
+        rotate(proj, "timestamp")
+    published = newest_root(proj.storage).signed.roles["timestamp"].keyids
+    assert published != [old]  # root N+1 is in storage: the rotation happened
+    assert all(k in proj.config.signers for k in published)
+    local_root.rmdir()
+    again = Project.open(proj.root_dir)  # what the next command sees
+    assert all(k in again.config.signers for k in published)
+    assert "timestamp" in refresh(again, within_days=10_000).resigned  # still signable here
+
+
+def test_key_generate_into_an_unusable_folder_is_a_local_error(tmp_path: Path) -> None:
+    """Review (issue 12): `ota key generate --out-dir` under a file (or a read-only mount)
+    died with a NotADirectoryError traceback and exit 1, and no JSON error under --json."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    res = _ota("key", "generate", "bins", "--out-dir", str(blocker / "keys"), "--name", "z",
+               "--json")  # fmt: skip
+    assert res.exit_code == ExitCode.LOCAL, (res.exit_code, res.exception, res.output)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["kind"] == "local"

@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ota.bundle import (
+    MAX_SMOKE_SETS,
+    SMOKE_CHECKS,
     Budget,
     Chunk,
     Compat,
@@ -32,6 +34,7 @@ from ota.bundle import (
     TargetFacts,
     parse_signers,
     signers_document,
+    validate_bundle_path,
 )
 from ota.client import _smoke_child as child
 from ota.client._events import EventQueue
@@ -127,6 +130,30 @@ def test_release_parser_only_raises_format_error(data: bytes) -> None:
     assert Release.from_bytes(rel.to_bytes()) == rel
 
 
+_RELEASE_SETS = Release(
+    name="det", version="1.0.0", counter=1,
+    smoke=SmokeSpec(check="shapes", extra_sets=(("smoke/inputs-2.npz", "smoke/golden-2.npz"),
+                                                ("smoke/inputs-3.npz", "smoke/golden-3.npz"))),
+)
+
+
+@SETTINGS
+@given(documents(json.loads(_RELEASE_SETS.to_bytes())))
+def test_smoke_check_and_extra_sets_parse_only_raises_format_error(data: bytes) -> None:
+    """The issue-12 smoke keys (``check``, ``extra_sets``) reached deep by mutations: a parsed
+    spec names only safe, distinct bundle paths, at most MAX_SMOKE_SETS sets, a known check."""
+    try:
+        rel = Release.from_bytes(data)
+    except FormatError:
+        return
+    assert Release.from_bytes(rel.to_bytes()) == rel
+    if rel.smoke is not None:
+        files = rel.smoke.files()
+        assert len(set(files)) == len(files) and len(rel.smoke.sets()) <= MAX_SMOKE_SETS
+        assert all(validate_bundle_path(f) == f for f in files)
+        assert rel.smoke.check in SMOKE_CHECKS
+
+
 _INDEX = ModelIndex(name="det", releases=(RolloutState("1.0.0", 1, "canary", 10.0),))
 _SIGNER = SignerEntry(HEX, "-----BEGIN PUBLIC KEY-----\n...\n", ("cam-*", "det"))
 _SIGNERS = json.loads(signers_document([_SIGNER]))
@@ -135,6 +162,7 @@ _SIGNERS = json.loads(signers_document([_SIGNER]))
 def test_the_valid_fixtures_parse_so_the_properties_are_not_vacuous() -> None:
     assert Manifest.from_bytes(_MANIFEST.to_bytes()) == _MANIFEST
     assert Release.from_bytes(_RELEASE.to_bytes()) == _RELEASE
+    assert Release.from_bytes(_RELEASE_SETS.to_bytes()) == _RELEASE_SETS
     assert ModelIndex.from_custom(_INDEX.to_custom()) == _INDEX
     assert parse_signers(signers_document([_SIGNER])) == [_SIGNER]
 

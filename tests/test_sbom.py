@@ -9,6 +9,7 @@ import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -405,3 +406,26 @@ def test_large_sboms_validate_in_slices(bundle: tuple[Path, dict[str, tuple[str,
     doc["components"][-2].pop("bom-ref")
     with pytest.raises(SbomError, match="duplicate components"):
         validate_sbom(json.dumps(doc).encode())
+
+
+def test_model_card_refuses_malformed_constant_nodes(tmp_path: Path) -> None:
+    """Review (issue 12): the new Constant-node parameter counter read ``node.output[0]``
+    and ``DataType.Name(t.data_type)`` unguarded: a Constant without outputs, or with an
+    unknown element type, raised IndexError/ValueError out of :func:`model_card` instead of
+    its documented SbomError (publish is shielded by onnx.checker; the library API is not)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    no_output = helper.make_node(
+        "Constant", [], [], value=helper.make_tensor("v", TensorProto.FLOAT, [2], [1.0, 2.0])
+    )
+    bad_type = helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])
+    bad_type.data_type = 999
+    def card_of(node: onnx.NodeProto) -> Any:
+        graph = helper.make_graph([node, helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+        path = tmp_path / "m.onnx"
+        path.write_bytes(helper.make_model(graph).SerializeToString())
+        return model_card(path)
+
+    assert card_of(no_output).parameters == 0  # names no value: no weight
+    with pytest.raises(SbomError, match="malformed"):
+        card_of(helper.make_node("Constant", [], ["c"], value=bad_type))

@@ -467,3 +467,20 @@ def test_smoke_through_the_skeleton_matches_golden_outputs(tmp_path: Path) -> No
     report = run_smoke(model, root, spec, tier="cam-v1")
     assert report.runs == spec.runs
     assert report.max_abs_err == 0.0  # the same bytes, the same kernels: bit-identical
+
+
+def test_shapes_check_reports_no_value_error(bundle: tuple[Path, Path, SmokeSpec]) -> None:
+    """Review (issue 12): under ``check: shapes`` values are not compared, yet the report
+    said ``max_abs_err: 0.0`` (an exact match) even for golden values that are far off: the
+    fleet record claimed a check that was never made. It is None (not measured) now, and the
+    shapes check is still applied."""
+    import dataclasses
+
+    root, model, spec = bundle
+    far = {k: v + 1000.0 for k, v in _golden(root).items()}
+    _write(root, SMOKE_GOLDEN_FILE, far)
+    shapes = dataclasses.replace(spec, check="shapes")
+    report = run_smoke(model, root, shapes, tier="cam-v1")
+    assert report.max_abs_err is None, report
+    _write(root, SMOKE_GOLDEN_FILE, {k: v[:1] for k, v in far.items()})
+    _fails(child.GOLDEN_MISMATCH, model, root, shapes)

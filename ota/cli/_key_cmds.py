@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ota.cli._output import emit, json_option, project_option
-from ota.errors import InputError
+from ota.errors import InputError, LocalError
 
 
 def _project(project_dir: str) -> Any:
@@ -293,7 +293,10 @@ def key_generate(role: str, out_dir: Path, name: str | None, as_json: bool) -> N
     kind = ROLE_KEY_KINDS[role]
     stem = name or f"{role}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
     new = NewKey.generate(kind)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LocalError(f"cannot create {out_dir}: {e.strerror or e}") from e
     uri = new.write(out_dir, stem)
     priv, pub = out_dir.absolute() / f"{stem}.pem", out_dir.absolute() / f"{stem}.pub.pem"
     keyid = new.fingerprint if role == "release" else new.keyid
