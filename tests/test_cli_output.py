@@ -130,7 +130,8 @@ def test_device_current_json_and_readable_status(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "device_id", ["../../admin", "a/b", ".hidden", "-rf", "", "x" * 129, "cam 1", "cam-1\n"]
+    "device_id",
+    ["../../admin", "a/b", ".hidden", "-rf", ":x", "", "x" * 129, "cam 1", "cam-1\n", "a\\b"],
 )
 def test_device_ids_that_could_name_paths_are_refused(tmp_path: Path, device_id: str) -> None:
     project = make_project(tmp_path, bins=4)
@@ -141,7 +142,10 @@ def test_device_ids_that_could_name_paths_are_refused(tmp_path: Path, device_id:
     assert not (dev / "device.json").exists()
 
 
-@pytest.mark.parametrize("device_id", ["cam-001", "CAM_7.front", "0" * 128])
+@pytest.mark.parametrize(
+    "device_id",
+    ["cam-001", "CAM_7.front", "0" * 128, "b8:27:eb:00:00:01"],  # MAC ids predate us
+)
 def test_good_device_ids_are_kept(tmp_path: Path, device_id: str) -> None:
     project = make_project(tmp_path, bins=4)
     res = _init_device(project, "http://127.0.0.1:1", tmp_path / "dev", "--device-id", device_id,
