@@ -377,3 +377,37 @@ def test_kept_floors_survive_a_reload_and_never_go_down() -> None:
     legacy["floors"] = {"det": -1}
     with pytest.raises(LocalError, match="bad floor"):
         CommittedState.from_bytes(json.dumps(legacy).encode())
+
+
+def test_a_forged_index_cannot_raise_the_kept_floor_above_every_genuine_release(
+    repo: tuple[Project, str], tmp_path: Path
+) -> None:
+    """Security review of issue 12: the attacker (online keys only) lists a made-up release
+    with a huge counter and sets the floor to it. A device that polls that index must not keep
+    the floor: nothing signed by the release key backs it, and a kept floor never goes down,
+    so every genuine release after the repair would be refused for ever (a permanent brick,
+    where the online key may only pause)."""
+    from ota.bundle import RolloutState
+
+    project, url = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    dev = _device(project, url, tmp_path / "dev")
+    assert _update(dev).status == "updated"
+
+    txn = _online_attacker(project)
+    index = read_index(txn, "det")
+    assert index is not None
+    fake = RolloutState("9.0.0", 2**40, ring="ga")
+    write_index(project, txn, ModelIndex("det", (*index.releases, fake), security_floor=2**40))
+    txn.commit()
+    assert _update(dev).status == "security"
+
+    # The operator repairs the index (offline keys are theirs again) and publishes a fix.
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    write_index(project, txn, index)
+    txn.commit()
+    publish_mlp(project, "det", "1.1.0", seed=1)
+    res = _update(dev)
+    assert (res.status, current_version(dev)) == ("updated", "1.1.0"), res.to_dict()
+    state = json.loads((dev / "state.json").read_bytes())
+    assert state.get("floors", {}).get("det", 0) < 2**40
