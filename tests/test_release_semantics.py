@@ -411,3 +411,26 @@ def test_a_forged_index_cannot_raise_the_kept_floor_above_every_genuine_release(
     assert (res.status, current_version(dev)) == ("updated", "1.1.0"), res.to_dict()
     state = json.loads((dev / "state.json").read_bytes())
     assert state.get("floors", {}).get("det", 0) < 2**40
+
+
+def test_the_publisher_never_signs_a_floor_above_the_release_counter(
+    repo: tuple[Project, str],
+) -> None:
+    """Security review of issue 12: the publisher carries the index's floor into the release
+    facts it signs with the release key. The index is the online key's: an attacker who sets
+    its floor above every counter must not get that floor signed (every later release would
+    carry it and refuse itself, for ever)."""
+    from ota.errors import SecurityError
+    from ota.repository._index import read_facts
+
+    project, _ = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    txn = _online_attacker(project)
+    index = read_index(txn, "det")
+    assert index is not None
+    write_index(project, txn, ModelIndex("det", index.releases, security_floor=2**40))
+    txn.commit()
+    with pytest.raises(SecurityError, match="forged"):
+        publish_mlp(project, "det", "1.1.0", seed=1)
+    peek = Transaction.begin(project.storage, project.signers, project.expiry())
+    assert read_facts(peek, "det", "1.1.0") is None
