@@ -434,3 +434,34 @@ def test_the_publisher_never_signs_a_floor_above_the_release_counter(
         publish_mlp(project, "det", "1.1.0", seed=1)
     peek = Transaction.begin(project.storage, project.signers, project.expiry())
     assert read_facts(peek, "det", "1.1.0") is None
+
+
+def test_rollback_judges_the_content_by_its_release_key_signed_facts(
+    repo: tuple[Project, str],
+) -> None:
+    """Security review of issue 12: ``ota rollback`` read the counter of the content it
+    re-publishes from the release target's facts, which the online bins key signs. An
+    attacker holding only the online keys rewrote 1.0.0's facts to counter 2 (at the floor):
+    the publisher then signed ``content_counter`` 2 over 1.0.0's vulnerable bytes with the
+    release key, and every device at the floor would install them. The facts must equal the
+    release-key-signed ``release.json`` of the release rolled back to."""
+    from dataclasses import replace
+
+    from ota.bundle import TargetFacts
+    from ota.errors import SecurityError
+
+    project, _ = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    publish_mlp(project, "det", "1.1.0", seed=1, security_floor=2)
+    txn = _online_attacker(project)
+    path = manifest_target_path("det", "1.0.0")
+    info = txn.edit(txn.bin_for(path)).targets[path]
+    facts = TargetFacts.from_custom(info.unrecognized_fields["custom"])
+    forged = replace(facts, release=replace(facts.release, counter=2))
+    info.unrecognized_fields["custom"] = forged.to_custom()
+    txn.commit()
+    with pytest.raises(SecurityError, match="release.json"):
+        rollback(project, "det", "1.0.0")
+    index = read_index(Transaction.begin(project.storage, project.signers, project.expiry()),
+                       "det")
+    assert index is not None and [r.version for r in index.releases] == ["1.0.0", "1.1.0"]
