@@ -12,9 +12,10 @@ Invariants:
 * Only wheels of the slot are unpacked, and only after the slot was verified (the caller
   smoke-tests verified slots). Each file is checked against the wheel's own ``RECORD``
   (sha256 and size, PEP 376/427); a file the RECORD does not list, an absolute or ``..``
-  path, a symlink, a duplicate, more than :data:`MAX_FILES` files or :data:`MAX_BYTES` bytes
-  is refused (:class:`RuntimeBundleError`), and nothing is left half-unpacked: the tree is
-  built in a temporary sibling and renamed into place.
+  path, a symlink, a duplicate, more than :data:`MAX_FILES` files (or members, or RECORD
+  rows, in any one wheel) or :data:`MAX_BYTES` bytes is refused
+  (:class:`RuntimeBundleError`), and nothing is left half-unpacked: the tree is built in a
+  temporary sibling and renamed into place.
 * ``<slot>.unpacked/.edge-ota-wheels`` records the sha256 of the wheels it came from; a slot
   reused for another release (other wheels) is unpacked again, never served stale.
 """
@@ -128,7 +129,9 @@ def _record(zf: zipfile.ZipFile, wheel: Path) -> tuple[str, dict[str, tuple[str,
     with zf.open(info) as f:
         text = f.read(16 * 1024 * 1024 + 1).decode("utf-8", "replace")
     record: dict[str, tuple[str, int]] = {}
-    for row in csv.reader(io.StringIO(text)):
+    for n, row in enumerate(csv.reader(io.StringIO(text))):
+        if n >= MAX_FILES:  # rows are held in memory: as bounded as the files they list
+            raise RuntimeBundleError(f"{wheel.name}: RECORD lists more than {MAX_FILES} files")
         if len(row) != 3 or not row[0]:
             continue
         digest, size = row[1], row[2]
@@ -148,6 +151,8 @@ def _unpack(wheel: Path, dest: Path, budget: list[int]) -> None:
     except (OSError, zipfile.BadZipFile) as e:
         raise RuntimeBundleError(f"{wheel.name}: not a readable wheel: {e}") from e
     with zf:
+        if len(zf.infolist()) > MAX_FILES:  # skipped members are walked too: count them all
+            raise RuntimeBundleError(f"{wheel.name}: more than {MAX_FILES} members")
         dist_info, record = _record(zf, wheel)
         data_dir = dist_info[: -len(".dist-info")] + ".data"
         seen: set[str] = set()

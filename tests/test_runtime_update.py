@@ -506,3 +506,39 @@ def test_smoke_with_an_unsafe_runtime_wheel_fails_as_runtime_mismatch(tmp_path: 
                        tier="default", runtime_path=good)  # fmt: skip
     unpacked = (good.parent / "a.unpacked").resolve()
     assert report.runtime_file == str(unpacked / "onnxruntime" / "__init__.py")
+
+
+@pytest.mark.parametrize("where", ["members", "record"])
+def test_a_runtime_wheel_with_too_many_entries_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Security review of issue 12: the file count bound applied only to extracted members.
+    Members of the ``.data`` folders that are skipped (scripts, headers, data) and RECORD rows
+    were unbounded: RECORD is read up to 16 MiB, about a million rows held in the updater's
+    memory, and every member is walked. Both count against MAX_FILES (lowered here so the
+    test builds a small wheel; the code reads it at each call)."""
+    import ota.client._runtime as rt
+
+    monkeypatch.setattr(rt, "MAX_FILES", 400)
+    slot = tmp_path / "slots" / "a"
+    wheel = _wheel_from_venv(slot / "runtime")
+    with zipfile.ZipFile(wheel) as zf:
+        record = next(i.filename for i in zf.infolist() if i.filename.endswith("/RECORD"))
+        n = len(zf.infolist())
+    assert n < 400
+    data = record.replace(".dist-info/RECORD", ".data")
+    if where == "members":
+        with zipfile.ZipFile(wheel, "a") as zf:
+            for i in range(401 - n):
+                zf.writestr(f"{data}/scripts/s{i}", b"")
+    else:  # RECORD rows for files that are not in the wheel
+        with zipfile.ZipFile(wheel) as zf:
+            members = {i.filename: zf.read(i) for i in zf.infolist()}
+        rows = "".join(f"ghost/{i}.py,sha256=AAAA,1\n" for i in range(401))
+        members[record] += rows.encode()
+        with zipfile.ZipFile(wheel, "w") as zf:
+            for name, body in members.items():
+                zf.writestr(name, body)
+    with pytest.raises(rt.RuntimeBundleError, match="more than 400"):
+        rt.import_root(slot / "runtime")
+    assert sorted(p.name for p in (tmp_path / "slots").iterdir()) == ["a"]
