@@ -134,8 +134,9 @@ def _not_published(view: TufView, name: str, version: str) -> None:
     suggesting the closest published versions (from the model's TUF-verified index).
 
     Raises:
-        UnknownRelease: always (exit 3: a typo is not a security failure).
-        SecurityError: the model's index target is malformed.
+        UnknownRelease: the release is not published (exit 3: a typo is not a security
+            failure).
+        SecurityError: the model's index target is malformed, or lists the release.
     """
     from ota.repository._index import UnknownRelease
 
@@ -152,6 +153,12 @@ def _not_published(view: TufView, name: str, version: str) -> None:
         versions = [r.version for r in ModelIndex.from_custom(index_info.custom).releases]
     except OtaError as e:
         raise SecurityError(f"{index_target_path(name)} is malformed: {e}") from e
+    if version in versions:  # hidden from the bins, still listed: not a typo
+        raise SecurityError(
+            f"the verified index of {name} lists {version} but the verified metadata has no "
+            "target for it: an inconsistent repository (a hidden release)",
+            remedy="treat the online keys as compromised (docs/runbooks/incident.md)",
+        )
     close = difflib.get_close_matches(version, versions, n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(close)}?" if close else (
         "live versions: " + (", ".join(versions[-5:]) or "none"))  # fmt: skip
