@@ -124,6 +124,12 @@ def choose(dev: Device, session: TufSession, name: str,
     """
     index = session.index(name)
     if index is None:
+        state = dev.sd.load_state()
+        if name in state.models or state.floor(name):  # no command removes an index
+            reason = (f"the repository no longer lists model {name!r}, which this device has "
+                      "verified before: metadata that hides it")
+            dev.events.append("security", name, "", reason=reason)
+            return ({"version": None, "reason": reason, "security": True},)
         return ({"version": None, "reason": f"the repository has no model named {name!r}",
                  "no_such_model": True},)
     if proof is not None:  # kept even if hidden later, once the release key vouches for it

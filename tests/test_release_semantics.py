@@ -465,3 +465,23 @@ def test_rollback_judges_the_content_by_its_release_key_signed_facts(
     index = read_index(Transaction.begin(project.storage, project.signers, project.expiry()),
                        "det")
     assert index is not None and [r.version for r in index.releases] == ["1.0.0", "1.1.0"]
+
+
+def test_a_model_hidden_from_a_device_that_runs_it_is_a_security_event(
+    repo: tuple[Project, str], tmp_path: Path
+) -> None:
+    """Security review of issue 12 item 9: no command removes a model's index. A device that
+    committed a release of the model and then finds no index was shown metadata that hides it
+    (an attacker holding the online keys): a security outcome (exit 4), not "no such model"
+    (exit 11, whose remedy is to check the model name for a typo)."""
+    project, url = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    dev = _device(project, url, tmp_path / "dev")
+    assert _update(dev).status == "updated"
+    txn = _online_attacker(project)
+    path = "index/det.json"
+    del txn.edit(txn.bin_for(path)).targets[path]
+    txn.commit()
+    res = _update(dev)
+    assert (res.status, res.exit_code) == ("security", ExitCode.SECURITY), res.to_dict()
+    assert current_version(dev) == "1.0.0"
