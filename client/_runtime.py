@@ -32,6 +32,7 @@ import shutil
 import stat
 import zipfile
 import zlib
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 from ota.errors import SecurityError
@@ -72,7 +73,7 @@ def import_root(runtime_dir: Path) -> Path:
         return runtime_dir
     slot = runtime_dir.parent if runtime_dir.name == "runtime" else runtime_dir
     dest = slot.with_name(f"{slot.name}.unpacked")
-    stamp = "".join(f"{_sha256(w)}  {w.name}\n" for w in found)
+    stamp = _stamp(found)
     with contextlib.suppress(OSError):
         if (dest / STAMP).read_text() == stamp:
             return dest
@@ -89,6 +90,81 @@ def import_root(runtime_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def check_unpacked(slot: Path) -> tuple[Path, list[str]] | None:
+    """Re-check ``<slot>.unpacked`` (what apps import) against the wheels of ``slot`` (its
+    ``runtime/`` folder, else itself): every file must be one a wheel lists in its RECORD,
+    with that sha256 and size, none missing, no symlink, and the stamp must name these
+    wheels. Bytecode caches Python writes beside a wheel's sources are not checked (they are
+    in no RECORD). None when the slot has no wheels or they were never unpacked.
+
+    Returns:
+        The unpacked folder and its problems (empty: it is exactly what the wheels hold).
+
+    Raises:
+        RuntimeBundleError: a wheel of the slot is malformed or unsafe.
+    """
+    found = next((w for w in (wheels(slot / "runtime"), wheels(slot)) if w), [])
+    dest = slot.with_name(f"{slot.name}.unpacked")
+    if not found or not dest.is_dir():
+        return None
+    expected: dict[str, tuple[str, int] | None] = {}
+    for w in found:
+        with zipfile.ZipFile(w) as zf:
+            if len(zf.infolist()) > MAX_FILES:
+                raise RuntimeBundleError(f"{w.name}: more than {MAX_FILES} members")
+            dist_info, record = _record(zf, w)
+            data_dir = dist_info[: -len(".dist-info")] + ".data"
+            for info in zf.infolist():
+                where = None if info.is_dir() else _target(info.filename, data_dir)
+                if where is not None:
+                    expected[where.as_posix()] = record.get(info.filename)
+    problems = []
+    with contextlib.suppress(OSError):
+        if (dest / STAMP).read_text() != _stamp(found):
+            problems.append(f"{STAMP}: unpacked from other wheels")
+    seen = 0
+    for path in sorted(dest.rglob("*")):
+        rel = path.relative_to(dest).as_posix()
+        seen += 1
+        if seen > MAX_FILES + 1:
+            problems.append(f"more than {MAX_FILES} files")
+            break
+        if path.is_symlink():
+            problems.append(f"{rel}: a symlink")
+        elif path.is_dir() or rel == STAMP or _compiled_cache(rel, expected):
+            continue
+        elif rel not in expected:
+            problems.append(f"{rel}: not in any wheel")
+        elif (want := expected[rel]) is not None and (
+            _record_digest(path), path.stat().st_size
+        ) != want:
+            problems.append(f"{rel}: differs from its wheel's RECORD")
+    problems += [f"{rel}: missing" for rel in sorted(expected) if not (dest / rel).is_file()]
+    return dest, problems
+
+
+def _compiled_cache(rel: str, expected: Mapping[str, object]) -> bool:
+    """``pkg/__pycache__/mod.<tag>.pyc`` of a ``pkg/mod.py`` the wheels hold: what Python
+    writes when an app imports (not checked: a bytecode cache is not in RECORD)."""
+    p = PurePosixPath(rel)
+    if p.suffix != ".pyc" or p.parent.name != "__pycache__":
+        return False
+    source = p.parent.parent / f"{p.name.split('.', 1)[0]}.py"
+    return source.as_posix() in expected
+
+
+def _stamp(found: list[Path]) -> str:
+    return "".join(f"{_sha256(w)}  {w.name}\n" for w in found)
+
+
+def _record_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
 
 
 def _sha256(path: Path) -> str:

@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,7 +349,28 @@ def verify_dir(folder: Path, *, trusted_root: bytes | None = None,
         report.add("files", "ok", f"{len(manifest.files)} files: sha256 and size verified")
     check_bundle(report, manifest, {p: small.get(p) for p in MAX_SMALL_FILE}, facts, signers,
                  osv=osv, fail_on=fail_on)  # fmt: skip
+    if layout == "slot":
+        _check_unpacked(report, folder)
     return report
+
+
+def _check_unpacked(report: Report, slot: Path) -> None:
+    """A runtime slot's wheels unpacked beside it (what apps import) are checked too."""
+    from ota.client._runtime import check_unpacked
+
+    try:
+        found = check_unpacked(slot)
+    except (OtaError, OSError, zipfile.BadZipFile) as e:
+        report.add("unpacked", "failed", f"the slot's wheels cannot be re-read: {e}")
+        return
+    if found is None:
+        return
+    dest, problems = found
+    if problems:
+        report.add("unpacked", "failed", f"{dest.name}: {len(problems)} problems",
+                   problems=problems[:100])  # fmt: skip
+    else:
+        report.add("unpacked", "ok", f"{dest.name}: every file as its wheel's RECORD lists")
 
 
 def _operator_signer(pem: bytes) -> SignerEntry:

@@ -423,6 +423,12 @@ def test_runtime_wheel_folder_publishes_installs_and_runs_the_smoke(tmp_path: Pa
         code, out = _cli("verify", str(slot), "--signer-key",
                          str(project.root_dir / project.config.release_pub))  # fmt: skip
         assert code == 0 and "RESULT: PASS" in out, out
+        # what apps import is the unpacked tree: `ota verify` of the slot covers it too
+        init = unpacked / "onnxruntime" / "__init__.py"
+        init.write_bytes(init.read_bytes() + b"\nimport os  # planted\n")
+        code, out = _cli("verify", str(slot), "--signer-key",
+                         str(project.root_dir / project.config.release_pub))  # fmt: skip
+        assert code == ExitCode.SECURITY and "onnxruntime/__init__.py" in out, out
 
 
 def test_unpacked_runtime_sbom_names_its_distributions(tmp_path: Path) -> None:
@@ -542,3 +548,27 @@ def test_a_runtime_wheel_with_too_many_entries_is_refused(
     with pytest.raises(rt.RuntimeBundleError, match="more than 400"):
         rt.import_root(slot / "runtime")
     assert sorted(p.name for p in (tmp_path / "slots").iterdir()) == ["a"]
+
+
+def test_ota_verify_checks_a_runtime_slots_unpacked_tree(tmp_path: Path) -> None:
+    """Security review of issue 12 item 14: apps and the smoke import the runtime from
+    ``<slot>.unpacked``, which was checked once, when unpacked. ``ota verify`` of the slot
+    re-hashed only the slot, so an altered, added or removed file there went unseen. Each
+    file must be one a wheel of the slot lists in its RECORD, with its sha256 and size."""
+    from ota.client._runtime import check_unpacked, import_root
+
+    slot = tmp_path / "slots" / "a"
+    _wheel_from_venv(slot / "runtime")
+    root = import_root(slot / "runtime")
+    assert check_unpacked(slot) == (root, [])
+    init = root / "onnxruntime" / "__init__.py"
+    init.write_bytes(init.read_bytes() + b"\n# planted\n")
+    (root / "sitecustomize.py").write_text("import os\n")
+    (root / "onnxruntime" / "capi" / "_pybind_state.py").unlink()
+    found = check_unpacked(slot)
+    assert found is not None
+    problems = "\n".join(found[1])
+    assert "onnxruntime/__init__.py: differs from" in problems, problems
+    assert "sitecustomize.py: not in any wheel" in problems, problems
+    assert "onnxruntime/capi/_pybind_state.py: missing" in problems, problems
+    assert check_unpacked(tmp_path / "nothing") is None
