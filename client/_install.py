@@ -208,7 +208,9 @@ def keep_index_floor(dev: Device, session: TufSession, name: str, index: ModelIn
         return
     info, facts = found
     rel = facts.release
-    if rel.counter != top.counter or rel.security_floor < floor:
+    if (rel.name, rel.version, rel.counter) != (name, top.version, top.counter) or (
+        rel.security_floor < floor
+    ):  # another model's facts under this path would vouch for a floor not ours
         return
     where = dev.mdir(name) / "floor-proof"
     try:

@@ -485,3 +485,43 @@ def test_a_model_hidden_from_a_device_that_runs_it_is_a_security_event(
     res = _update(dev)
     assert (res.status, res.exit_code) == ("security", ExitCode.SECURITY), res.to_dict()
     assert current_version(dev) == "1.0.0"
+
+
+def test_another_models_release_cannot_vouch_for_a_forged_floor(
+    repo: tuple[Project, str], tmp_path: Path
+) -> None:
+    """Security review of issue 12: the proof of an index's floor is the newest release's
+    release-key-signed facts; they must be *this* model's. The attacker (online keys only)
+    lists under det's index a copy of cam's genuine 1.2.0 target (floor 3, counter 3)."""
+    from ota.bundle import RolloutState
+    from ota.repository._project import put_target_file, target_storage_key
+
+    project, url = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    for i, v in enumerate(("1.0.0", "1.1.0", "1.2.0")):
+        publish_mlp(project, "cam", v, seed=10 + i, security_floor=3 if v == "1.2.0" else 0)
+    dev = _device(project, url, tmp_path / "dev")
+    assert _update(dev).status == "updated"
+
+    txn = _online_attacker(project)
+    index = read_index(txn, "det")
+    assert index is not None
+    cam = manifest_target_path("cam", "1.2.0")
+    info = txn.edit(txn.bin_for(cam)).targets[cam]
+    data, _ = project.storage.get(target_storage_key(cam, info.hashes["sha256"]))
+    path = manifest_target_path("det", "1.2.0")
+    copy = put_target_file(project.storage, path, data)
+    copy.unrecognized_fields["custom"] = info.unrecognized_fields["custom"]
+    txn.edit(txn.bin_for(path)).targets[path] = copy
+    write_index(project, txn, ModelIndex(
+        "det", (*index.releases, RolloutState("1.2.0", 3, ring="ga")), security_floor=3))
+    txn.commit()
+    assert _update(dev).status == "security"
+
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    del txn.edit(txn.bin_for(path)).targets[path]
+    write_index(project, txn, index)
+    txn.commit()
+    publish_mlp(project, "det", "1.1.0", seed=1)
+    res = _update(dev)
+    assert (res.status, current_version(dev)) == ("updated", "1.1.0"), res.to_dict()
