@@ -127,7 +127,7 @@ def rollback(
     if facts is None:
         raise UnknownRelease(f"{name} {to_version} is not published")
     old = load_manifest(project.storage, txn, name, to_version)
-    _check_signed_facts(project, txn, facts, old)  # the content counter is the release key's
+    _check_signed_facts(project, txn, facts, old, name, to_version)  # release-key-signed
     content = content_counter(facts.release)
     index = read_index(txn, name)
     floor = max(index.security_floor if index else 0, facts.release.security_floor)
@@ -165,7 +165,7 @@ def rollback(
 
 
 def _check_signed_facts(project: Project, txn: Transaction, facts: TargetFacts,
-                        manifest: Manifest) -> None:
+                        manifest: Manifest, want_name: str, want_version: str) -> None:
     """Raise unless ``facts`` are what the release key signed: the release target's facts
     are signed by the online bins key alone, and a rollback signs their counter (as
     ``content_counter``) and the manifest's files with the release key. So, as a device
@@ -173,11 +173,20 @@ def _check_signed_facts(project: Project, txn: Transaction, facts: TargetFacts,
     manifest's signature is by a key ``trust/signers.json`` allows for the model.
 
     Raises:
-        SecurityError: the facts, ``release.json`` or the signature disagree.
+        SecurityError: another model or version; the facts, ``release.json`` or the
+            signature disagree.
     """
     from ota.signing import verify_digests
 
     name = facts.release.name
+    if (name, facts.release.version) != (manifest.name, manifest.version) or (
+        manifest.name, manifest.version) != (want_name, want_version):  # fmt: skip
+        raise SecurityError(
+            f"the target of {want_name} {want_version} holds {name} {facts.release.version} "
+            f"(manifest {manifest.name} {manifest.version}), not {want_name} {want_version}: "
+            "the online-signed metadata was altered; nothing was published",
+            remedy="treat the online keys as compromised (docs/runbooks/incident.md)",
+        )
 
     def read(path: str, limit: int) -> bytes:
         entry = manifest.file(path)

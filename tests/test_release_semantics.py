@@ -525,3 +525,29 @@ def test_another_models_release_cannot_vouch_for_a_forged_floor(
     publish_mlp(project, "det", "1.1.0", seed=1)
     res = _update(dev)
     assert (res.status, current_version(dev)) == ("updated", "1.1.0"), res.to_dict()
+
+
+def test_rollback_refuses_another_models_release_under_this_name(
+    repo: tuple[Project, str],
+) -> None:
+    """Security review of issue 12: the release rolled back to must be this model's own, at
+    the version asked. The attacker (online keys only) puts a copy of cam's genuine 1.2.0
+    target (its release-key-signed release.json included) at det's 1.2.0: ``ota rollback det
+    --to 1.2.0`` would sign cam's files as a det release."""
+    from ota.errors import SecurityError
+    from ota.repository._project import put_target_file, target_storage_key
+
+    project, _ = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    publish_mlp(project, "cam", "1.2.0", seed=10)
+    txn = _online_attacker(project)
+    cam = manifest_target_path("cam", "1.2.0")
+    info = txn.edit(txn.bin_for(cam)).targets[cam]
+    data, _ = project.storage.get(target_storage_key(cam, info.hashes["sha256"]))
+    path = manifest_target_path("det", "1.2.0")
+    copy = put_target_file(project.storage, path, data)
+    copy.unrecognized_fields["custom"] = info.unrecognized_fields["custom"]
+    txn.edit(txn.bin_for(path)).targets[path] = copy
+    txn.commit()
+    with pytest.raises(SecurityError, match=r"not det 1\.2\.0"):
+        rollback(project, "det", "1.2.0")
