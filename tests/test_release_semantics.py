@@ -551,3 +551,17 @@ def test_rollback_refuses_another_models_release_under_this_name(
     txn.commit()
     with pytest.raises(SecurityError, match=r"not det 1\.2\.0"):
         rollback(project, "det", "1.2.0")
+
+
+@pytest.mark.parametrize("spec", ["det=\u00b2", "det=\u0663", "det=-1", "det="])
+def test_a_bad_provisioned_floor_is_an_input_error(
+    repo: tuple[Project, str], tmp_path: Path, spec: str
+) -> None:
+    """Security review of issue 12: str.isdigit() admits Unicode digits ('²' makes int()
+    raise, a traceback; Arabic-Indic digits would be read as a number): only ASCII digits."""
+    project, url = repo
+    code, out = _ota("device", "init", "--state-dir", str(tmp_path / "d"), "--repo-url", url,
+                     "--root", str(project.root_dir / "root.json"), "--device-id", "cam-9",
+                     "--model", "det", "--security-floor", spec)
+    assert code == ExitCode.INPUT, out
+    assert "bad --security-floor" in out
