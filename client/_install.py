@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +55,9 @@ class Verifier(Protocol):
     def __call__(
         self, bundle_dir: Path, public_key_pem: bytes, digests: Mapping[str, str]
     ) -> object: ...
+
+
+Progress = Callable[[str, str, int, int], None]  # model, version, bytes staged, bundle size
 
 
 class SmokeRunner(Protocol):
@@ -255,7 +258,7 @@ def check_bundle_facts(manifest: Manifest, facts: TargetFacts) -> None:
     if rel.kind == "model":
         required.add(rel.model_path)
     if rel.smoke is not None:
-        required |= {rel.smoke.inputs, rel.smoke.golden}
+        required |= set(rel.smoke.files())
     for path in sorted(required):
         entry = manifest.file(path)  # FormatError (a SecurityError) if missing
         want = facts.digests.get(path)
@@ -296,8 +299,10 @@ def verify_signature(dev: Device, session: TufSession, name: str, bundle: Path,
 
 def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
             blob_base: str, pool: Any, fetch_cfg: FetchConfig, limits: Limits,
-            verifier: Verifier, smoke: SmokeRunner, stats: Any) -> dict[str, Any]:
+            verifier: Verifier, smoke: SmokeRunner, stats: Any,
+            progress: Progress | None = None) -> dict[str, Any]:
     """Stage, verify, smoke-test and switch to ``choice``. Returns figures for the result.
+    ``progress`` is called with (model, version, bytes staged, bundle size) while staging.
 
     On return the journal is in ``trial`` (health window open). On SmokeError the release is
     marked failed, the journal is idle and the committed model untouched.
@@ -328,7 +333,8 @@ def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
     try:
         staging = _slots.new_staging(mdir)
         fetcher = BlobFetcher(pool, blob_base, fetch_cfg, stats)
-        st: StageStats = stage(manifest, staging, index, fetcher, fetch_cfg)
+        st: StageStats = stage(manifest, staging, index, fetcher, fetch_cfg,
+                               on_bytes=_bytes_hook(progress, name, rel.version))
         dev.events.append("downloaded", name, rel.version, **st.to_dict(),
                           seconds=round(time.monotonic() - t0, 3))
         if (staging / RELEASE_FILE).read_bytes() != rel.to_bytes():
@@ -359,6 +365,13 @@ def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
     dev.events.append("smoke_passed", name, rel.version, report=report)
     dev.begin_switch(txn)
     return figures
+
+
+def _bytes_hook(progress: Progress | None, name: str,
+                version: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(name, version, done, total)
 
 
 def run_smoke(dev: Device, name: str, rel: Release, *, slot: str,

@@ -104,6 +104,18 @@ def validate_version(version: str) -> str:
     return version
 
 
+def validate_device_id(device_id: str) -> str:
+    """Return ``device_id`` if it is safe as a file name and a URL path part (1-128 of
+    A-Z a-z 0-9 ``_ . -``, not starting with ``.`` or ``-``), else raise InputError."""
+    if not isinstance(device_id, str) or not _PATH_PART_RE.match(device_id):
+        raise InputError(
+            f"invalid device id {device_id!r:.80}",
+            remedy="use 1-128 characters of A-Z, a-z, 0-9, '_', '.' or '-', "
+            "starting with a letter, digit or '_'",
+        )
+    return device_id
+
+
 def validate_bundle_path(path: str, limits: Limits = DEFAULT_LIMITS) -> str:
     """Return ``path`` if it is a safe relative path inside a bundle, else raise FormatError.
 
@@ -310,9 +322,22 @@ class Budget:
         }
 
 
+SMOKE_CHECKS = ("values", "shapes")
+"""How a device compares smoke outputs: ``values`` (with the golden outputs, within rtol/atol)
+or ``shapes`` (names, dtypes, shapes and finiteness only: models whose outputs vary)."""
+MAX_SMOKE_SETS = 16
+
+
 @dataclass(frozen=True)
 class SmokeSpec:
-    """How a device checks a bundle before committing it."""
+    """How a device checks a bundle before committing it.
+
+    ``inputs``/``golden`` are the first reference set; ``extra_sets`` holds further
+    ``(inputs, golden)`` pairs, each checked the same way (at most ``MAX_SMOKE_SETS`` in all).
+    ``check`` is one of :data:`SMOKE_CHECKS`. The two optional keys are written only when they
+    differ from the defaults, so a release that uses neither has the same bytes as before, and a
+    device too old to know them refuses a release that needs them (fail closed).
+    """
 
     inputs: str = SMOKE_INPUTS_FILE
     golden: str = SMOKE_GOLDEN_FILE
@@ -320,9 +345,19 @@ class SmokeSpec:
     atol: float = 1e-4
     runs: int = 5
     budgets: Mapping[str, Budget] = field(default_factory=dict)  # tier name, or "*" for any
+    check: str = "values"
+    extra_sets: tuple[tuple[str, str], ...] = ()
+
+    def sets(self) -> tuple[tuple[str, str], ...]:
+        """Every ``(inputs, golden)`` pair, the first one first."""
+        return ((self.inputs, self.golden), *self.extra_sets)
+
+    def files(self) -> tuple[str, ...]:
+        """Every smoke file's bundle path."""
+        return tuple(p for pair in self.sets() for p in pair)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "inputs": self.inputs,
             "golden": self.golden,
             "rtol": _fstr(self.rtol),
@@ -330,12 +365,18 @@ class SmokeSpec:
             "runs": self.runs,
             "budgets": {k: v.to_dict() for k, v in sorted(self.budgets.items())},
         }
+        if self.check != "values":
+            doc["check"] = self.check
+        if self.extra_sets:
+            doc["extra_sets"] = [{"inputs": i, "golden": g} for i, g in self.extra_sets]
+        return doc
 
     @classmethod
     def from_dict(cls, doc: object) -> SmokeSpec:
         if not isinstance(doc, dict):
             raise FormatError("smoke spec is not an object")
-        _expect_keys(doc, {"inputs", "golden", "rtol", "atol", "runs", "budgets"}, "smoke spec")
+        base = {"inputs", "golden", "rtol", "atol", "runs", "budgets"}
+        _expect_keys(doc, base | ({"check", "extra_sets"} & set(doc)), "smoke spec")
         budgets_raw = doc["budgets"]
         if not isinstance(budgets_raw, dict) or len(budgets_raw) > 64:
             raise FormatError("bad smoke budgets")
@@ -349,14 +390,35 @@ class SmokeSpec:
                 _opt_float(b["peak_mem_mb"], "memory budget"),
             )
         runs = _count(doc["runs"], 1000, "smoke runs")
-        return cls(
+        check = doc.get("check", "values")
+        if check not in SMOKE_CHECKS or ("check" in doc and check == "values"):
+            raise FormatError(f"bad smoke check {check!r:.40}")
+        extra_raw = doc.get("extra_sets", [])
+        if not isinstance(extra_raw, list) or ("extra_sets" in doc and not extra_raw):
+            raise FormatError("bad smoke extra_sets")
+        if len(extra_raw) >= MAX_SMOKE_SETS:
+            raise FormatError(f"more than {MAX_SMOKE_SETS} smoke sets")
+        extra: list[tuple[str, str]] = []
+        for item in extra_raw:
+            if not isinstance(item, dict):
+                raise FormatError("bad smoke set")
+            _expect_keys(item, {"inputs", "golden"}, "smoke set")
+            extra.append(
+                (validate_bundle_path(item["inputs"]), validate_bundle_path(item["golden"]))
+            )
+        spec = cls(
             inputs=validate_bundle_path(doc["inputs"]),
             golden=validate_bundle_path(doc["golden"]),
             rtol=_float(doc["rtol"], "rtol"),
             atol=_float(doc["atol"], "atol"),
             runs=max(runs, 1),
             budgets=budgets,
+            check=check,
+            extra_sets=tuple(extra),
         )
+        if len(set(spec.files())) != len(spec.files()):
+            raise FormatError("smoke sets name one file twice")
+        return spec
 
     def budget_for(self, tier: str) -> Budget | None:
         return self.budgets.get(tier) or self.budgets.get("*")

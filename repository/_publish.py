@@ -39,6 +39,7 @@ from ota.bundle import (
     Release,
     SmokeSpec,
     TargetFacts,
+    index_target_path,
     manifest_target_path,
     validate_bundle_path,
     validate_name,
@@ -54,6 +55,7 @@ from ota.repository._index import (
     read_facts,
     read_index,
 )
+from ota.repository._preflight import require_keys
 from ota.repository._project import Project, put_target_file
 from ota.repository._txn import Transaction, run
 
@@ -141,11 +143,15 @@ class PublishRequest:
     ring: str = "canary"
     percent: float = 100.0
     compat: Compat = field(default_factory=Compat)
-    inputs_npz: Path | None = None
+    inputs_npz: Path | Sequence[Path] | None = None  # one reference set per file
     rtol: float = 1e-3
     atol: float = 1e-4
     runs: int = 5
     budgets: Mapping[str, Budget] = field(default_factory=dict)
+    golden_check: str = "values"  # or "shapes": outputs that vary (ota.bundle.SMOKE_CHECKS)
+    allow_degenerate_golden: bool = False  # recorded as an override when it applies
+    publisher_tier: str = "default"  # this machine's tier: its budget is checked here
+    allow_over_budget: bool = False  # recorded as an override when it applies
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
     security_floor: int = 0
     datasets: Sequence[str] = ()
@@ -211,6 +217,10 @@ def publish(
         TransientError: storage unreachable. Nothing is published in any failure case.
     """
     _validate_request(req)
+    require_keys(  # issue 12 (17): every key, before any byte is uploaded
+        project, "publish", release_key=True, publishes=req.name,
+        targets=[manifest_target_path(req.name, req.version), index_target_path(req.name)],
+    )  # fmt: skip
     store = project.storage
     peek = Transaction.begin(store, project.signers, project.expiry())
     if read_facts(peek, req.name, req.version) is not None:
@@ -235,22 +245,23 @@ def publish(
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="publish") as side:
             # Golden outputs and the model card parse the model while its chunks stream out:
             # onnxruntime and hashlib release the GIL, so the two cores overlap them.
-            smoke_job = side.submit(_smoke_files, req, model_path, staging)
+            smoke_job = side.submit(_smoke_files, req, model_path, staging, policy.actor)
             card_job = side.submit(_model_card, model_path)
             for bundle_path, src in payload.items():
                 entries[bundle_path] = chunk_file(src, bundle_path, up, progress)
-            smoke = smoke_job.result()
+            smoke, overrides = smoke_job.result()
             card = card_job.result()
         if smoke is not None:
-            for rel in (smoke.inputs, smoke.golden):
+            for rel in smoke.files():
                 entries[rel] = chunk_file(staging / rel, rel, up)
+        waived = [*policy.waived(), *overrides]  # overrides are recorded like policy waivers
 
         sbom = _sbom(req, model_path, entries, card)
         _policy.check_sbom(policy, req.name, req.version, sbom)  # issue 4: nothing published yet
         (staging / SBOM_FILE).write_bytes(sbom)
         entries[SBOM_FILE] = chunk_file(staging / SBOM_FILE, SBOM_FILE, up)
 
-        prov = _provenance(project, req, entries, policy.waived())
+        prov = _provenance(project, req, entries, waived)
         (staging / PROVENANCE_FILE).write_bytes(prov)
         entries[PROVENANCE_FILE] = chunk_file(staging / PROVENANCE_FILE, PROVENANCE_FILE, up)
 
@@ -269,7 +280,7 @@ def publish(
 
         extra = {"allow_lower_version": lower_than} if lower_than else {}
         return _finish(project, staging, entries, up, release_for, req.ring, req.percent,
-                       actor=policy.actor, waived=policy.waived(),
+                       actor=policy.actor, waived=waived,
                        allow_lower=req.allow_lower_version, audit_extra=extra)  # fmt: skip
 
 
@@ -302,8 +313,10 @@ def _check_device_limits(manifest: Manifest) -> bytes:
     try:
         type(manifest).from_bytes(data, DEFAULT_LIMITS)
     except FormatError as e:
-        raise InputError(f"devices would refuse this bundle: {e}",
-                         remedy="split it, or package fewer, larger files") from e
+        raise InputError(
+            f"devices would refuse this bundle: {e}",
+            remedy="split it, or package fewer, larger files",
+        ) from e
     return data
 
 
@@ -368,6 +381,7 @@ def _finish(
         )
         info = put_target_file(store, target_path, manifest_bytes)
         info.unrecognized_fields["custom"] = facts.to_custom()
+
         def commit(txn: Transaction, i: TargetFile = info, r: Release = release) -> None:
             _commit_release(project, txn, i, r, ring, percent, allow_lower=allow_lower)
 
@@ -467,12 +481,27 @@ def _runtime_payload(folder: Path) -> dict[str, Path]:
     return payload
 
 
-def _smoke_files(req: PublishRequest, model_path: Path | None, staging: Path) -> SmokeSpec | None:
+class OverBudget(InputError):
+    """The reference run on the publisher's own tier already exceeds that tier's budget:
+    every device of the tier would fail smoke and revert."""
+
+
+def _smoke_files(
+    req: PublishRequest, model_path: Path | None, staging: Path, actor: str = ""
+) -> tuple[SmokeSpec | None, list[dict[str, str]]]:
+    """The smoke files and spec, and the overrides that let them through (for the record).
+
+    Raises:
+        GoldenError: see :func:`~ota.repository._golden.make_smoke_files`.
+        OverBudget: the publisher's tier budget is exceeded and ``allow_over_budget`` is off.
+        SmokeFailed: the model fails in the sandbox while its budget is measured.
+    """
     if model_path is None:
-        return None
+        return None, []
     from ota.repository._golden import make_smoke_files
 
-    return make_smoke_files(
+    degenerate: list[str] = []
+    spec = make_smoke_files(
         model_path,
         staging,
         inputs_npz=req.inputs_npz,
@@ -480,7 +509,57 @@ def _smoke_files(req: PublishRequest, model_path: Path | None, staging: Path) ->
         rtol=req.rtol,
         atol=req.atol,
         budgets=req.budgets,
+        check=req.golden_check,
+        allow_degenerate=req.allow_degenerate_golden,
+        accepted=degenerate,
     )
+    overrides: list[dict[str, str]] = []
+    if degenerate:
+        overrides.append(_override("degenerate-golden", "--allow-degenerate-golden", actor,
+                                   "; ".join(degenerate)))  # fmt: skip
+    over = _budget_violations(req, model_path, staging, spec)
+    if over:
+        if not req.allow_over_budget:
+            raise OverBudget(
+                f"the reference run on this machine (tier {req.publisher_tier!r}) already "
+                f"exceeds the budget: {'; '.join(over)}; every device of the tier would fail "
+                "smoke",
+                remedy="raise the --budget, make the model faster or smaller, or publish "
+                "anyway with --allow-over-budget (recorded in the audit log and provenance); "
+                "--publisher-tier names this machine's tier",
+            )
+        overrides.append(_override("smoke-budget", "--allow-over-budget", actor, "; ".join(over)))
+    return spec, overrides
+
+
+def _override(rule: str, flag: str, actor: str, violation: str) -> dict[str, str]:
+    return {"rule": rule, "reason": f"{flag} given", "actor": actor, "violation": violation[:1024]}
+
+
+def _budget_violations(
+    req: PublishRequest, model_path: Path, staging: Path, spec: SmokeSpec
+) -> list[str]:
+    """Measure the model in the device's sandbox on every reference set when the publisher's
+    tier has a budget, and name each figure over it (worst over the sets).
+
+    Raises:
+        SmokeFailed: the model fails in the sandbox.
+    """
+    budget = spec.budget_for(req.publisher_tier)
+    if budget is None or (budget.latency_ms_p95 is None and budget.peak_mem_mb is None):
+        return []
+    from ota.repository._golden import measure_reference
+
+    latency, peak = 0.0, 0.0
+    for inputs, _ in spec.sets():
+        lat, mem = measure_reference(model_path, staging / inputs, runs=max(spec.runs, 2))
+        latency, peak = max(latency, lat), max(peak, mem)
+    over = []
+    if budget.latency_ms_p95 is not None and latency > budget.latency_ms_p95:
+        over.append(f"latency p95 {latency:.3f} ms > {budget.latency_ms_p95:g} ms")
+    if budget.peak_mem_mb is not None and peak > budget.peak_mem_mb:
+        over.append(f"peak memory {peak:.1f} MB > {budget.peak_mem_mb:g} MB")
+    return over
 
 
 def _model_card(model_path: Path | None) -> ModelCardFacts | None:

@@ -313,7 +313,7 @@ def test_wrong_signing_key_refused(world: World, monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize("budget", [Budget(latency_ms_p95=1e-6), Budget(peak_mem_mb=1.0)])
 def test_smoke_over_budget_is_not_committed(world: World, budget: Budget) -> None:
     world.committed_at("v1")
-    _publish_v2(world, budgets={"*": budget})
+    _publish_v2(world, budgets={"*": budget}, allow_over_budget=True)  # publish refuses by default
     res = world.update()
     assert res.status == "smoke_failed" and res.exit_code == ExitCode.SMOKE_FAILED
     assert current_version(world.device) == "1.0.0"
