@@ -23,6 +23,7 @@ from ota.bundle import (
     SIGNATURE_FILE,
     Limits,
     Manifest,
+    ModelIndex,
     Release,
     SmokeSpec,
     TargetFacts,
@@ -101,10 +102,24 @@ class Choice:
     skipped: tuple[dict[str, Any], ...]
 
 
-def choose(dev: Device, session: TufSession, name: str) -> Choice | tuple[dict[str, Any], ...]:
+@dataclass(frozen=True)
+class FloorProof:
+    """What :func:`choose` needs to fetch the release-key evidence for an index's floor."""
+
+    pool: Any
+    blob_base: str
+    fetch_cfg: FetchConfig
+    verifier: Verifier
+    stats: Any = None
+
+
+def choose(dev: Device, session: TufSession, name: str,
+           proof: FloorProof | None = None) -> Choice | tuple[dict[str, Any], ...]:
     """The release to install, or the reasons nothing is (a tuple of skip records).
 
-    Security skips (downgrade attempts) are recorded as security events here.
+    Security skips (downgrade attempts) are recorded as security events here. The index's
+    floor is in force for this cycle; it is kept for later cycles only when ``proof`` lets
+    :func:`keep_index_floor` find it signed by the release key.
 
     Raises:
         SecurityError: the repository is inconsistent (index vs target facts, a listed
@@ -112,9 +127,16 @@ def choose(dev: Device, session: TufSession, name: str) -> Choice | tuple[dict[s
     """
     index = session.index(name)
     if index is None:
+        state = dev.sd.load_state()
+        if name in state.models or state.floor(name):  # no command removes an index
+            reason = (f"the repository no longer lists model {name!r}, which this device has "
+                      "verified before: metadata that hides it")
+            dev.events.append("security", name, "", reason=reason)
+            return ({"version": None, "reason": reason, "security": True},)
         return ({"version": None, "reason": f"the repository has no model named {name!r}",
                  "no_such_model": True},)
-    _keep_floor(dev, name, floor_to_keep(index))  # verified by TUF: kept even if hidden later
+    if proof is not None:  # kept even if hidden later, once the release key vouches for it
+        keep_index_floor(dev, session, name, index, proof)
     skipped: list[dict[str, Any]] = []
     stale = stale_floor_reason(index, dev.sd.load_state().committed())
     if stale is not None:
@@ -166,6 +188,51 @@ def choose(dev: Device, session: TufSession, name: str) -> Choice | tuple[dict[s
                         "kind": "incompatible", "counter": cand.counter})
         dev.events.append("refused", name, cand.version, reason=why)
     return tuple(skipped)
+
+
+def keep_index_floor(dev: Device, session: TufSession, name: str, index: ModelIndex,
+                     proof: FloorProof) -> None:
+    """Keep the floor of a TUF-verified index only if the release key signed it.
+
+    The index is signed by the online bins key alone, and a kept floor never goes down: kept
+    on the index's word, a floor made up by an attacker holding the online keys (with a
+    made-up release to bound it) would refuse every genuine release for ever. A genuine
+    floor is carried in the facts of every release published since (DESIGN decision 4), so
+    the newest release listed must carry it: its ``release.json`` and signature are fetched
+    (two small files, only while the floor is above the kept one) and checked as an install
+    checks them. Without that proof the floor stays in force for this cycle only.
+    """
+    floor = floor_to_keep(index)
+    if floor <= dev.sd.load_state().floor(name):
+        return
+    top = max(index.releases, key=lambda r: r.counter)
+    found = session.release(name, top.version)
+    if found is None:
+        return
+    info, facts = found
+    rel = facts.release
+    if (rel.name, rel.version, rel.counter) != (name, top.version, top.counter) or (
+        rel.security_floor < floor
+    ):  # another model's facts under this path would vouch for a floor not ours
+        return
+    where = dev.mdir(name) / "floor-proof"
+    try:
+        manifest = session.manifest(info)
+        check_bundle_facts(manifest, facts)
+        wanted = Manifest(manifest.name, manifest.version,
+                          (manifest.file(RELEASE_FILE), manifest.file(SIGNATURE_FILE)))
+        _slots.remove_tree(where)
+        where.mkdir(parents=True)
+        fetcher = BlobFetcher(proof.pool, proof.blob_base, proof.fetch_cfg, proof.stats)
+        stage(wanted, where, ChunkIndex(), fetcher, proof.fetch_cfg)
+        if (where / RELEASE_FILE).read_bytes() != rel.to_bytes():
+            return
+        verify_signature(dev, session, name, where, manifest, proof.verifier)
+    except (OtaError, OSError):
+        return  # unproven: in force for this cycle (floor_of), not kept
+    finally:
+        _slots.remove_tree(where)
+    _keep_floor(dev, name, floor)
 
 
 def _keep_floor(dev: Device, name: str, floor: int) -> None:

@@ -12,9 +12,10 @@ Invariants:
 * Only wheels of the slot are unpacked, and only after the slot was verified (the caller
   smoke-tests verified slots). Each file is checked against the wheel's own ``RECORD``
   (sha256 and size, PEP 376/427); a file the RECORD does not list, an absolute or ``..``
-  path, a symlink, a duplicate, more than :data:`MAX_FILES` files or :data:`MAX_BYTES` bytes
-  is refused (:class:`RuntimeBundleError`), and nothing is left half-unpacked: the tree is
-  built in a temporary sibling and renamed into place.
+  path, a symlink, a duplicate, more than :data:`MAX_FILES` files (or members, or RECORD
+  rows, in any one wheel) or :data:`MAX_BYTES` bytes is refused
+  (:class:`RuntimeBundleError`), and nothing is left half-unpacked: the tree is built in a
+  temporary sibling and renamed into place.
 * ``<slot>.unpacked/.edge-ota-wheels`` records the sha256 of the wheels it came from; a slot
   reused for another release (other wheels) is unpacked again, never served stale.
 """
@@ -31,6 +32,7 @@ import shutil
 import stat
 import zipfile
 import zlib
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 from ota.errors import SecurityError
@@ -71,7 +73,7 @@ def import_root(runtime_dir: Path) -> Path:
         return runtime_dir
     slot = runtime_dir.parent if runtime_dir.name == "runtime" else runtime_dir
     dest = slot.with_name(f"{slot.name}.unpacked")
-    stamp = "".join(f"{_sha256(w)}  {w.name}\n" for w in found)
+    stamp = _stamp(found)
     with contextlib.suppress(OSError):
         if (dest / STAMP).read_text() == stamp:
             return dest
@@ -88,6 +90,81 @@ def import_root(runtime_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def check_unpacked(slot: Path) -> tuple[Path, list[str]] | None:
+    """Re-check ``<slot>.unpacked`` (what apps import) against the wheels of ``slot`` (its
+    ``runtime/`` folder, else itself): every file must be one a wheel lists in its RECORD,
+    with that sha256 and size, none missing, no symlink, and the stamp must name these
+    wheels. Bytecode caches Python writes beside a wheel's sources are not checked (they are
+    in no RECORD). None when the slot has no wheels or they were never unpacked.
+
+    Returns:
+        The unpacked folder and its problems (empty: it is exactly what the wheels hold).
+
+    Raises:
+        RuntimeBundleError: a wheel of the slot is malformed or unsafe.
+    """
+    found = next((w for w in (wheels(slot / "runtime"), wheels(slot)) if w), [])
+    dest = slot.with_name(f"{slot.name}.unpacked")
+    if not found or not dest.is_dir():
+        return None
+    expected: dict[str, tuple[str, int] | None] = {}
+    for w in found:
+        with zipfile.ZipFile(w) as zf:
+            if len(zf.infolist()) > MAX_FILES:
+                raise RuntimeBundleError(f"{w.name}: more than {MAX_FILES} members")
+            dist_info, record = _record(zf, w)
+            data_dir = dist_info[: -len(".dist-info")] + ".data"
+            for info in zf.infolist():
+                where = None if info.is_dir() else _target(info.filename, data_dir)
+                if where is not None:
+                    expected[where.as_posix()] = record.get(info.filename)
+    problems = []
+    with contextlib.suppress(OSError):
+        if (dest / STAMP).read_text() != _stamp(found):
+            problems.append(f"{STAMP}: unpacked from other wheels")
+    seen = 0
+    for path in sorted(dest.rglob("*")):
+        rel = path.relative_to(dest).as_posix()
+        seen += 1
+        if seen > MAX_FILES + 1:
+            problems.append(f"more than {MAX_FILES} files")
+            break
+        if path.is_symlink():
+            problems.append(f"{rel}: a symlink")
+        elif path.is_dir() or rel == STAMP or _compiled_cache(rel, expected):
+            continue
+        elif rel not in expected:
+            problems.append(f"{rel}: not in any wheel")
+        elif (want := expected[rel]) is not None and (
+            _record_digest(path), path.stat().st_size
+        ) != want:
+            problems.append(f"{rel}: differs from its wheel's RECORD")
+    problems += [f"{rel}: missing" for rel in sorted(expected) if not (dest / rel).is_file()]
+    return dest, problems
+
+
+def _compiled_cache(rel: str, expected: Mapping[str, object]) -> bool:
+    """``pkg/__pycache__/mod.<tag>.pyc`` of a ``pkg/mod.py`` the wheels hold: what Python
+    writes when an app imports (not checked: a bytecode cache is not in RECORD)."""
+    p = PurePosixPath(rel)
+    if p.suffix != ".pyc" or p.parent.name != "__pycache__":
+        return False
+    source = p.parent.parent / f"{p.name.split('.', 1)[0]}.py"
+    return source.as_posix() in expected
+
+
+def _stamp(found: list[Path]) -> str:
+    return "".join(f"{_sha256(w)}  {w.name}\n" for w in found)
+
+
+def _record_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
 
 
 def _sha256(path: Path) -> str:
@@ -128,7 +205,9 @@ def _record(zf: zipfile.ZipFile, wheel: Path) -> tuple[str, dict[str, tuple[str,
     with zf.open(info) as f:
         text = f.read(16 * 1024 * 1024 + 1).decode("utf-8", "replace")
     record: dict[str, tuple[str, int]] = {}
-    for row in csv.reader(io.StringIO(text)):
+    for n, row in enumerate(csv.reader(io.StringIO(text))):
+        if n >= MAX_FILES:  # rows are held in memory: as bounded as the files they list
+            raise RuntimeBundleError(f"{wheel.name}: RECORD lists more than {MAX_FILES} files")
         if len(row) != 3 or not row[0]:
             continue
         digest, size = row[1], row[2]
@@ -148,6 +227,8 @@ def _unpack(wheel: Path, dest: Path, budget: list[int]) -> None:
     except (OSError, zipfile.BadZipFile) as e:
         raise RuntimeBundleError(f"{wheel.name}: not a readable wheel: {e}") from e
     with zf:
+        if len(zf.infolist()) > MAX_FILES:  # skipped members are walked too: count them all
+            raise RuntimeBundleError(f"{wheel.name}: more than {MAX_FILES} members")
         dist_info, record = _record(zf, wheel)
         data_dir = dist_info[: -len(".dist-info")] + ".data"
         seen: set[str] = set()

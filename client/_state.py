@@ -5,8 +5,9 @@
 * ``trust/root.json`` - the bootstrap TUF root given at init (the trust anchor).
 * ``state.json`` - :class:`CommittedState`: per model the confirmed version and its counter;
   per model the highest security floor this device has ever verified (``floors``: from the
-  release facts it verified, signed by the release key, and from TUF-verified indexes, bounded
-  by :func:`ota.client._policy.floor_to_keep`), which only ever grows; releases that failed
+  release facts it verified, signed by the release key, and from TUF-verified indexes once
+  the release key vouches for them, :func:`ota.client._install.keep_index_floor`), which only
+  ever grows; releases that failed
   here; recovery attempts per release. Every change is one atomic write (``ota._atomic``).
 """
 

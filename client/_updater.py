@@ -35,6 +35,7 @@ from ._device import Device
 from ._fetch import FetchConfig, FetchStats, SlowRetrievalError, make_pool
 from ._install import (
     Choice,
+    FloorProof,
     Progress,
     SmokeRunner,
     Verifier,
@@ -275,7 +276,8 @@ def _cycle(dev: Device, names: tuple[str, ...], ctx: _Ctx) -> list[ModelOutcome]
 def _one(dev: Device, session: TufSession, name: str, pool: Any, ctx: _Ctx) -> ModelOutcome:
     version = None
     try:
-        chosen = choose(dev, session, name)
+        proof = FloorProof(pool, dev.cfg.repo_url, ctx.fcfg, ctx.verifier, ctx.stats)
+        chosen = choose(dev, session, name, proof)
         if not isinstance(chosen, Choice):
             if any(s.get("yank_reverted") for s in chosen):
                 return ModelOutcome(name, "yank_reverted", chosen[0]["version"],

@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,8 +135,9 @@ def _not_published(view: TufView, name: str, version: str) -> None:
     suggesting the closest published versions (from the model's TUF-verified index).
 
     Raises:
-        UnknownRelease: always (exit 3: a typo is not a security failure).
-        SecurityError: the model's index target is malformed.
+        UnknownRelease: the release is not published (exit 3: a typo is not a security
+            failure).
+        SecurityError: the model's index target is malformed, or lists the release.
     """
     from ota.repository._index import UnknownRelease
 
@@ -152,6 +154,12 @@ def _not_published(view: TufView, name: str, version: str) -> None:
         versions = [r.version for r in ModelIndex.from_custom(index_info.custom).releases]
     except OtaError as e:
         raise SecurityError(f"{index_target_path(name)} is malformed: {e}") from e
+    if version in versions:  # hidden from the bins, still listed: not a typo
+        raise SecurityError(
+            f"the verified index of {name} lists {version} but the verified metadata has no "
+            "target for it: an inconsistent repository (a hidden release)",
+            remedy="treat the online keys as compromised (docs/runbooks/incident.md)",
+        )
     close = difflib.get_close_matches(version, versions, n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(close)}?" if close else (
         "live versions: " + (", ".join(versions[-5:]) or "none"))  # fmt: skip
@@ -341,7 +349,28 @@ def verify_dir(folder: Path, *, trusted_root: bytes | None = None,
         report.add("files", "ok", f"{len(manifest.files)} files: sha256 and size verified")
     check_bundle(report, manifest, {p: small.get(p) for p in MAX_SMALL_FILE}, facts, signers,
                  osv=osv, fail_on=fail_on)  # fmt: skip
+    if layout == "slot":
+        _check_unpacked(report, folder)
     return report
+
+
+def _check_unpacked(report: Report, slot: Path) -> None:
+    """A runtime slot's wheels unpacked beside it (what apps import) are checked too."""
+    from ota.client._runtime import check_unpacked
+
+    try:
+        found = check_unpacked(slot)
+    except (OtaError, OSError, zipfile.BadZipFile) as e:
+        report.add("unpacked", "failed", f"the slot's wheels cannot be re-read: {e}")
+        return
+    if found is None:
+        return
+    dest, problems = found
+    if problems:
+        report.add("unpacked", "failed", f"{dest.name}: {len(problems)} problems",
+                   problems=problems[:100])  # fmt: skip
+    else:
+        report.add("unpacked", "ok", f"{dest.name}: every file as its wheel's RECORD lists")
 
 
 def _operator_signer(pem: bytes) -> SignerEntry:

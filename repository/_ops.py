@@ -7,6 +7,7 @@ needs the release manager's signature, see ``docs/threat-model.md``).
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,9 +19,11 @@ from ota.bundle import (
     RINGS,
     SIGNATURE_FILE,
     FileEntry,
+    Manifest,
     ModelIndex,
     Release,
     RolloutState,
+    TargetFacts,
     blob_key,
     index_target_path,
     manifest_target_path,
@@ -28,7 +31,7 @@ from ota.bundle import (
     validate_version,
 )
 from ota.client._policy import content_counter
-from ota.errors import InputError, SecurityError
+from ota.errors import InputError, OtaError, SecurityError
 from ota.repository import _auditlog  # issue 4: every steering change is logged
 from ota.repository._chunker import Uploader
 from ota.repository._index import (
@@ -42,6 +45,7 @@ from ota.repository._index import (
 from ota.repository._preflight import require_keys
 from ota.repository._project import Project, target_storage_key
 from ota.repository._publish import PublishResult, _finish, _now
+from ota.repository._trust import read_signers
 from ota.repository._txn import Transaction
 
 
@@ -131,6 +135,8 @@ def rollback(
     facts = read_facts(txn, name, to_version)
     if facts is None:
         raise UnknownRelease(f"{name} {to_version} is not published")
+    old = load_manifest(project.storage, txn, name, to_version)
+    _check_signed_facts(project, txn, facts, old, name, to_version)  # release-key-signed
     content = content_counter(facts.release)
     index = read_index(txn, name)
     floor = max(index.security_floor if index else 0, facts.release.security_floor)
@@ -141,7 +147,6 @@ def rollback(
             remedy=f"roll back to a release at or above counter {floor} (see `ota releases`), "
             "or publish a fixed release",
         )
-    old = load_manifest(project.storage, txn, name, to_version)
     entries: dict[str, FileEntry] = {f.path: f for f in old.files}
     base = to_version.split("+", 1)[0]
     staging_root = project.root_dir / ".staging"
@@ -166,6 +171,62 @@ def rollback(
 
         payload = {p: e for p, e in entries.items() if p not in (RELEASE_FILE, SIGNATURE_FILE)}
         return _finish(project, Path(tmp), payload, up, release_for, ring, percent)
+
+
+def _check_signed_facts(project: Project, txn: Transaction, facts: TargetFacts,
+                        manifest: Manifest, want_name: str, want_version: str) -> None:
+    """Raise unless ``facts`` are what the release key signed: the release target's facts
+    are signed by the online bins key alone, and a rollback signs their counter (as
+    ``content_counter``) and the manifest's files with the release key. So, as a device
+    checks before it installs: ``release.json`` of the manifest equals the facts, and the
+    manifest's signature is by a key ``trust/signers.json`` allows for the model.
+
+    Raises:
+        SecurityError: another model or version; the facts, ``release.json`` or the
+            signature disagree.
+    """
+    from ota.signing import verify_digests
+
+    name = facts.release.name
+    if (name, facts.release.version) != (manifest.name, manifest.version) or (
+        manifest.name, manifest.version) != (want_name, want_version):  # fmt: skip
+        raise SecurityError(
+            f"the target of {want_name} {want_version} holds {name} {facts.release.version} "
+            f"(manifest {manifest.name} {manifest.version}), not {want_name} {want_version}: "
+            "the online-signed metadata was altered; nothing was published",
+            remedy="treat the online keys as compromised (docs/runbooks/incident.md)",
+        )
+
+    def read(path: str, limit: int) -> bytes:
+        entry = manifest.file(path)
+        if entry.size > limit:
+            raise SecurityError(f"{path} of {name} {facts.release.version} is too large")
+        data = b"".join(project.storage.get(blob_key(c.sha256), max_bytes=c.size)[0]
+                        for c in entry.chunks)
+        if hashlib.sha256(data).hexdigest() != entry.sha256 or len(data) != entry.size:
+            raise SecurityError(f"stored {path} of {name} does not match its manifest")
+        return data
+
+    if (facts.digests.get(RELEASE_FILE) != manifest.file(RELEASE_FILE).sha256
+            or read(RELEASE_FILE, 1024 * 1024) != facts.release.to_bytes()):
+        raise SecurityError(
+            f"the facts of {name} {facts.release.version} differ from its signed release.json: "
+            "the online-signed metadata was altered; nothing was published",
+            remedy="treat the online keys as compromised (docs/runbooks/incident.md)",
+        )
+    signature = read(SIGNATURE_FILE, 4 * 1024 * 1024)  # as ota.signing bounds it
+    digests = {f.path: f.sha256 for f in manifest.files if f.path != SIGNATURE_FILE}
+    for signer in read_signers(project, txn):
+        if not signer.allows(name):
+            continue
+        try:
+            verify_digests(signature, signer.public_key_pem.encode(), digests,
+                           signature_name=SIGNATURE_FILE)
+            return
+        except OtaError:
+            continue
+    raise SecurityError(f"{name} {facts.release.version} is not signed by a key trusted for "
+                        f"{name}: its release.json cannot be trusted; nothing was published")
 
 
 @dataclass(frozen=True)

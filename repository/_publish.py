@@ -45,7 +45,7 @@ from ota.bundle import (
     validate_name,
     validate_version,
 )
-from ota.errors import ConfigError, InputError
+from ota.errors import ConfigError, InputError, SecurityError
 from ota.repository import _auditlog, _policy  # issue 4: publish policy and audit log
 from ota.repository._chunker import Progress, Uploader, UploadStats, chunk_file
 from ota.repository._index import (
@@ -109,6 +109,26 @@ def check_floor(index: ModelIndex | None, floor: int) -> None:
             f"--security-floor {floor} is above this release's counter ({nxt}): devices "
             "would refuse the release itself",
             remedy=f"a floor is a release counter (see `ota releases`); at most {nxt} here",
+        )
+
+
+def check_index_floor(index: ModelIndex | None) -> None:
+    """The index's floor is carried into the facts the release key signs; the index is signed
+    by the online key alone. A genuine floor is never above a counter the index lists (each
+    was set by a release at or above it, :func:`check_floor`), so a higher one is forged.
+
+    Raises:
+        SecurityError: the floor is above every counter of the index (or there is none).
+    """
+    if index is None or not index.security_floor:
+        return
+    top = max([r.counter for r in index.releases] + [0])
+    if index.security_floor > top:
+        raise SecurityError(
+            f"the index of {index.name} says security floor {index.security_floor}, above every "
+            f"release counter it lists (highest {top}): a forged index; nothing was signed",
+            remedy="treat the online keys as compromised (docs/runbooks/incident.md), "
+            "rotate them and re-sign the index with the floor the audit log records",
         )
 
 
@@ -206,6 +226,7 @@ def publish(
     if read_facts(peek, req.name, req.version) is not None:
         raise DuplicateVersion(f"{req.name} {req.version} is already published")
     index = read_index(peek, req.name)
+    check_index_floor(index)
     check_floor(index, req.security_floor)
     lower_than = _version_order(index, req)
     policy = _policy.resolve(project, req.policy)  # issue 4: checked before any upload
@@ -331,6 +352,7 @@ def _finish(
     for _ in range(32):
         peek = Transaction.begin(store, project.signers, project.expiry())
         index = read_index(peek, release.name)
+        check_index_floor(index)  # never sign the online key's word for a floor above all
         counter = max([r.counter for r in index.releases] + [0]) + 1 if index else 1
         release = release_for(counter)
         carried = max([index.security_floor if index else 0, release.security_floor])

@@ -119,7 +119,7 @@ def _detail_lines(c: Check) -> list[str]:
         return [f"{m['id']} {m['severity']} {m['package']}"
                 + (f": {m['note']}" if m.get("note") else f"@{m['version']}")
                 for m in c.data.get("matches", [])]  # fmt: skip
-    if c.name == "files" and c.data.get("problems"):
+    if c.name in ("files", "unpacked") and c.data.get("problems"):
         return list(c.data["problems"])
     return []
 

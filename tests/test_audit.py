@@ -372,3 +372,27 @@ def test_an_oversized_object_is_refused_as_security_from_every_source(
     (folder / "tuf" / "link.json").symlink_to(folder / "tuf" / "big.json")
     with pytest.raises(TooLarge):
         DirSource(folder).read("tuf/link.json", 1 << 20)
+
+
+def test_a_release_its_index_lists_but_the_bins_hide_is_a_security_failure(
+    world: Project,
+) -> None:
+    """Security review of issue 12 item 10: "not published" (exit 3) is for a release the
+    verified metadata does not know. A release the model's verified index lists whose target
+    is gone from the bins is an inconsistent repository (what an attacker holding the online
+    keys makes by hiding a release; a device refuses such an index): exit 4, not a typo."""
+    from click.testing import CliRunner
+
+    from ota.bundle import manifest_target_path
+    from ota.cli._main import _register, cli
+    from ota.repository._project import _LazySigners
+
+    online = {k: u for k, u in world.config.signers.items() if "/online/" in u}
+    txn = Transaction.begin(world.storage, _LazySigners(world.root_dir, online), world.expiry())
+    path = manifest_target_path(NAME, VERSION)
+    del txn.edit(txn.bin_for(path)).targets[path]
+    txn.commit()
+    _register()
+    res = CliRunner().invoke(cli, ["audit", NAME, VERSION, "--project", str(world.root_dir)])
+    assert res.exit_code == ExitCode.SECURITY, res.output
+    assert "not published" not in res.output

@@ -377,3 +377,191 @@ def test_kept_floors_survive_a_reload_and_never_go_down() -> None:
     legacy["floors"] = {"det": -1}
     with pytest.raises(LocalError, match="bad floor"):
         CommittedState.from_bytes(json.dumps(legacy).encode())
+
+
+def test_a_forged_index_cannot_raise_the_kept_floor_above_every_genuine_release(
+    repo: tuple[Project, str], tmp_path: Path
+) -> None:
+    """Security review of issue 12: the attacker (online keys only) lists a made-up release
+    with a huge counter and sets the floor to it. A device that polls that index must not keep
+    the floor: nothing signed by the release key backs it, and a kept floor never goes down,
+    so every genuine release after the repair would be refused for ever (a permanent brick,
+    where the online key may only pause)."""
+    from ota.bundle import RolloutState
+
+    project, url = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    dev = _device(project, url, tmp_path / "dev")
+    assert _update(dev).status == "updated"
+
+    txn = _online_attacker(project)
+    index = read_index(txn, "det")
+    assert index is not None
+    fake = RolloutState("9.0.0", 2**40, ring="ga")
+    write_index(project, txn, ModelIndex("det", (*index.releases, fake), security_floor=2**40))
+    txn.commit()
+    assert _update(dev).status == "security"
+
+    # The operator repairs the index (offline keys are theirs again) and publishes a fix.
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    write_index(project, txn, index)
+    txn.commit()
+    publish_mlp(project, "det", "1.1.0", seed=1)
+    res = _update(dev)
+    assert (res.status, current_version(dev)) == ("updated", "1.1.0"), res.to_dict()
+    state = json.loads((dev / "state.json").read_bytes())
+    assert state.get("floors", {}).get("det", 0) < 2**40
+
+
+def test_the_publisher_never_signs_a_floor_above_the_release_counter(
+    repo: tuple[Project, str],
+) -> None:
+    """Security review of issue 12: the publisher carries the index's floor into the release
+    facts it signs with the release key. The index is the online key's: an attacker who sets
+    its floor above every counter must not get that floor signed (every later release would
+    carry it and refuse itself, for ever)."""
+    from ota.errors import SecurityError
+    from ota.repository._index import read_facts
+
+    project, _ = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    txn = _online_attacker(project)
+    index = read_index(txn, "det")
+    assert index is not None
+    write_index(project, txn, ModelIndex("det", index.releases, security_floor=2**40))
+    txn.commit()
+    with pytest.raises(SecurityError, match="forged"):
+        publish_mlp(project, "det", "1.1.0", seed=1)
+    peek = Transaction.begin(project.storage, project.signers, project.expiry())
+    assert read_facts(peek, "det", "1.1.0") is None
+
+
+def test_rollback_judges_the_content_by_its_release_key_signed_facts(
+    repo: tuple[Project, str],
+) -> None:
+    """Security review of issue 12: ``ota rollback`` read the counter of the content it
+    re-publishes from the release target's facts, which the online bins key signs. An
+    attacker holding only the online keys rewrote 1.0.0's facts to counter 2 (at the floor):
+    the publisher then signed ``content_counter`` 2 over 1.0.0's vulnerable bytes with the
+    release key, and every device at the floor would install them. The facts must equal the
+    release-key-signed ``release.json`` of the release rolled back to."""
+    from dataclasses import replace
+
+    from ota.bundle import TargetFacts
+    from ota.errors import SecurityError
+
+    project, _ = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    publish_mlp(project, "det", "1.1.0", seed=1, security_floor=2)
+    txn = _online_attacker(project)
+    path = manifest_target_path("det", "1.0.0")
+    info = txn.edit(txn.bin_for(path)).targets[path]
+    facts = TargetFacts.from_custom(info.unrecognized_fields["custom"])
+    forged = replace(facts, release=replace(facts.release, counter=2))
+    info.unrecognized_fields["custom"] = forged.to_custom()
+    txn.commit()
+    with pytest.raises(SecurityError, match=r"release\.json"):
+        rollback(project, "det", "1.0.0")
+    index = read_index(Transaction.begin(project.storage, project.signers, project.expiry()),
+                       "det")
+    assert index is not None and [r.version for r in index.releases] == ["1.0.0", "1.1.0"]
+
+
+def test_a_model_hidden_from_a_device_that_runs_it_is_a_security_event(
+    repo: tuple[Project, str], tmp_path: Path
+) -> None:
+    """Security review of issue 12 item 9: no command removes a model's index. A device that
+    committed a release of the model and then finds no index was shown metadata that hides it
+    (an attacker holding the online keys): a security outcome (exit 4), not "no such model"
+    (exit 11, whose remedy is to check the model name for a typo)."""
+    project, url = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    dev = _device(project, url, tmp_path / "dev")
+    assert _update(dev).status == "updated"
+    txn = _online_attacker(project)
+    path = "index/det.json"
+    del txn.edit(txn.bin_for(path)).targets[path]
+    txn.commit()
+    res = _update(dev)
+    assert (res.status, res.exit_code) == ("security", ExitCode.SECURITY), res.to_dict()
+    assert current_version(dev) == "1.0.0"
+
+
+def test_another_models_release_cannot_vouch_for_a_forged_floor(
+    repo: tuple[Project, str], tmp_path: Path
+) -> None:
+    """Security review of issue 12: the proof of an index's floor is the newest release's
+    release-key-signed facts; they must be *this* model's. The attacker (online keys only)
+    lists under det's index a copy of cam's genuine 1.2.0 target (floor 3, counter 3)."""
+    from ota.bundle import RolloutState
+    from ota.repository._project import put_target_file, target_storage_key
+
+    project, url = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    for i, v in enumerate(("1.0.0", "1.1.0", "1.2.0")):
+        publish_mlp(project, "cam", v, seed=10 + i, security_floor=3 if v == "1.2.0" else 0)
+    dev = _device(project, url, tmp_path / "dev")
+    assert _update(dev).status == "updated"
+
+    txn = _online_attacker(project)
+    index = read_index(txn, "det")
+    assert index is not None
+    cam = manifest_target_path("cam", "1.2.0")
+    info = txn.edit(txn.bin_for(cam)).targets[cam]
+    data, _ = project.storage.get(target_storage_key(cam, info.hashes["sha256"]))
+    path = manifest_target_path("det", "1.2.0")
+    copy = put_target_file(project.storage, path, data)
+    copy.unrecognized_fields["custom"] = info.unrecognized_fields["custom"]
+    txn.edit(txn.bin_for(path)).targets[path] = copy
+    write_index(project, txn, ModelIndex(
+        "det", (*index.releases, RolloutState("1.2.0", 3, ring="ga")), security_floor=3))
+    txn.commit()
+    assert _update(dev).status == "security"
+
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    del txn.edit(txn.bin_for(path)).targets[path]
+    write_index(project, txn, index)
+    txn.commit()
+    publish_mlp(project, "det", "1.1.0", seed=1)
+    res = _update(dev)
+    assert (res.status, current_version(dev)) == ("updated", "1.1.0"), res.to_dict()
+
+
+def test_rollback_refuses_another_models_release_under_this_name(
+    repo: tuple[Project, str],
+) -> None:
+    """Security review of issue 12: the release rolled back to must be this model's own, at
+    the version asked. The attacker (online keys only) puts a copy of cam's genuine 1.2.0
+    target (its release-key-signed release.json included) at det's 1.2.0: ``ota rollback det
+    --to 1.2.0`` would sign cam's files as a det release."""
+    from ota.errors import SecurityError
+    from ota.repository._project import put_target_file, target_storage_key
+
+    project, _ = repo
+    publish_mlp(project, "det", "1.0.0", seed=0)
+    publish_mlp(project, "cam", "1.2.0", seed=10)
+    txn = _online_attacker(project)
+    cam = manifest_target_path("cam", "1.2.0")
+    info = txn.edit(txn.bin_for(cam)).targets[cam]
+    data, _ = project.storage.get(target_storage_key(cam, info.hashes["sha256"]))
+    path = manifest_target_path("det", "1.2.0")
+    copy = put_target_file(project.storage, path, data)
+    copy.unrecognized_fields["custom"] = info.unrecognized_fields["custom"]
+    txn.edit(txn.bin_for(path)).targets[path] = copy
+    txn.commit()
+    with pytest.raises(SecurityError, match=r"not det 1\.2\.0"):
+        rollback(project, "det", "1.2.0")
+
+
+@pytest.mark.parametrize("spec", ["det=\u00b2", "det=\u0663", "det=-1", "det="])
+def test_a_bad_provisioned_floor_is_an_input_error(
+    repo: tuple[Project, str], tmp_path: Path, spec: str
+) -> None:
+    """Security review of issue 12: str.isdigit() admits Unicode digits ('²' makes int()
+    raise, a traceback; Arabic-Indic digits would be read as a number): only ASCII digits."""
+    project, url = repo
+    code, out = _ota("device", "init", "--state-dir", str(tmp_path / "d"), "--repo-url", url,
+                     "--root", str(project.root_dir / "root.json"), "--device-id", "cam-9",
+                     "--model", "det", "--security-floor", spec)
+    assert code == ExitCode.INPUT, out
+    assert "bad --security-floor" in out

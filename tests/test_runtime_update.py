@@ -423,6 +423,12 @@ def test_runtime_wheel_folder_publishes_installs_and_runs_the_smoke(tmp_path: Pa
         code, out = _cli("verify", str(slot), "--signer-key",
                          str(project.root_dir / project.config.release_pub))  # fmt: skip
         assert code == 0 and "RESULT: PASS" in out, out
+        # what apps import is the unpacked tree: `ota verify` of the slot covers it too
+        init = unpacked / "onnxruntime" / "__init__.py"
+        init.write_bytes(init.read_bytes() + b"\nimport os  # planted\n")
+        code, out = _cli("verify", str(slot), "--signer-key",
+                         str(project.root_dir / project.config.release_pub))  # fmt: skip
+        assert code == ExitCode.SECURITY and "onnxruntime/__init__.py" in out, out
 
 
 def test_unpacked_runtime_sbom_names_its_distributions(tmp_path: Path) -> None:
@@ -506,3 +512,63 @@ def test_smoke_with_an_unsafe_runtime_wheel_fails_as_runtime_mismatch(tmp_path: 
                        tier="default", runtime_path=good)  # fmt: skip
     unpacked = (good.parent / "a.unpacked").resolve()
     assert report.runtime_file == str(unpacked / "onnxruntime" / "__init__.py")
+
+
+@pytest.mark.parametrize("where", ["members", "record"])
+def test_a_runtime_wheel_with_too_many_entries_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Security review of issue 12: the file count bound applied only to extracted members.
+    Members of the ``.data`` folders that are skipped (scripts, headers, data) and RECORD rows
+    were unbounded: RECORD is read up to 16 MiB, about a million rows held in the updater's
+    memory, and every member is walked. Both count against MAX_FILES (lowered here so the
+    test builds a small wheel; the code reads it at each call)."""
+    import ota.client._runtime as rt
+
+    monkeypatch.setattr(rt, "MAX_FILES", 400)
+    slot = tmp_path / "slots" / "a"
+    wheel = _wheel_from_venv(slot / "runtime")
+    with zipfile.ZipFile(wheel) as zf:
+        record = next(i.filename for i in zf.infolist() if i.filename.endswith("/RECORD"))
+        n = len(zf.infolist())
+    assert n < 400
+    data = record.replace(".dist-info/RECORD", ".data")
+    if where == "members":
+        with zipfile.ZipFile(wheel, "a") as zf:
+            for i in range(401 - n):
+                zf.writestr(f"{data}/scripts/s{i}", b"")
+    else:  # RECORD rows for files that are not in the wheel
+        with zipfile.ZipFile(wheel) as zf:
+            members = {i.filename: zf.read(i) for i in zf.infolist()}
+        rows = "".join(f"ghost/{i}.py,sha256=AAAA,1\n" for i in range(401))
+        members[record] += rows.encode()
+        with zipfile.ZipFile(wheel, "w") as zf:
+            for name, body in members.items():
+                zf.writestr(name, body)
+    with pytest.raises(rt.RuntimeBundleError, match="more than 400"):
+        rt.import_root(slot / "runtime")
+    assert sorted(p.name for p in (tmp_path / "slots").iterdir()) == ["a"]
+
+
+def test_ota_verify_checks_a_runtime_slots_unpacked_tree(tmp_path: Path) -> None:
+    """Security review of issue 12 item 14: apps and the smoke import the runtime from
+    ``<slot>.unpacked``, which was checked once, when unpacked. ``ota verify`` of the slot
+    re-hashed only the slot, so an altered, added or removed file there went unseen. Each
+    file must be one a wheel of the slot lists in its RECORD, with its sha256 and size."""
+    from ota.client._runtime import check_unpacked, import_root
+
+    slot = tmp_path / "slots" / "a"
+    _wheel_from_venv(slot / "runtime")
+    root = import_root(slot / "runtime")
+    assert check_unpacked(slot) == (root, [])
+    init = root / "onnxruntime" / "__init__.py"
+    init.write_bytes(init.read_bytes() + b"\n# planted\n")
+    (root / "sitecustomize.py").write_text("import os\n")
+    (root / "onnxruntime" / "capi" / "_pybind_state.py").unlink()
+    found = check_unpacked(slot)
+    assert found is not None
+    problems = "\n".join(found[1])
+    assert "onnxruntime/__init__.py: differs from" in problems, problems
+    assert "sitecustomize.py: not in any wheel" in problems, problems
+    assert "onnxruntime/capi/_pybind_state.py: missing" in problems, problems
+    assert check_unpacked(tmp_path / "nothing") is None

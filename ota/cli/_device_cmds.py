@@ -105,7 +105,7 @@ def init_cmd(
     kept: dict[str, int] = {}
     for spec in floors:
         model, _, counter = spec.partition("=")
-        if not counter.isdigit() or len(counter) > 16:
+        if not (counter.isascii() and counter.isdigit()) or len(counter) > 16:
             raise InputError(f"bad --security-floor {spec!r}", remedy="use MODEL=COUNTER")
         kept[model] = int(counter)
 
