@@ -1,0 +1,819 @@
+"""On-device inference telemetry: bounded summaries per model version and interval.
+
+An application wraps each inference::
+
+    rec = Telemetry.open(state_dir)
+    with rec.inference("det", "1.0.0") as t:
+        out = session.run(None, feeds)
+        t.outputs(out)
+    ...
+    rec.close()          # flushes what is left
+
+or calls ``rec.record(model, version, latency_s, ok=True, outputs=...)`` after the fact.
+Every ``interval_s`` (default 300 s) each ``(model, version)`` seen becomes one summary
+(format ``edge-ota.telemetry/1``, docs/adr/0009-inference-telemetry.md) appended as a
+``telemetry`` event to the device's store-and-forward queue (:mod:`ota.client._events`), which
+``ota device report`` forwards with ``edge-ota.report/1``.
+
+Invariants:
+
+* no input and no raw output leaves the device: a summary holds counts only (a latency
+  histogram over the fixed buckets :data:`LATENCY_EDGES`, counts of inferences, errors and
+  crashes, and per output a histogram over bins fixed by the release, or the top classes);
+* everything is bounded whatever the app does: at most :data:`MAX_KEYS` model versions per
+  recorder, :data:`MAX_OUTPUTS` outputs, :data:`MAX_BINS` bins, :data:`MAX_CLASSES` tracked
+  classes (:data:`TOP_K` reported), :data:`MAX_SAMPLE` elements looked at per output and call,
+  :data:`MAX_PENDING` summaries waiting for the queue lock, :data:`MAX_SUMMARY_BYTES` per
+  summary, validated with :func:`validate_summary` before it is written;
+* a summary is written only for a version this device runs (the confirmed version in
+  ``state.json`` or the release in the slot ``current`` points at, i.e. on trial); others are
+  refused when first used (:class:`TelemetryError`) and dropped at flush (``rejected``);
+* the hot path (:meth:`Telemetry.inference`, :meth:`Telemetry.record` without outputs) does no
+  IO and keeps no new objects: it updates preallocated counters under a thread lock and one
+  byte of a memory-mapped session file (the in-flight count), so a process that dies
+  mid-inference is counted as a crash by the next :meth:`Telemetry.open` on the state dir;
+* the queue is appended under the state directory's file lock (the updater's), so several
+  processes may record and flush at once; a busy lock keeps the summary for the next flush.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fcntl
+import itertools
+import json
+import math
+import mmap
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import filelock
+import numpy as np
+
+from ota.bundle import validate_name_fmt, validate_version
+from ota.errors import InputError
+
+from . import _slots
+from ._events import MAX_EVENT_DATA_BYTES, EventQueue
+from ._state import StateDir
+
+TELEMETRY_FORMAT = "edge-ota.telemetry/1"
+EVENT_KIND = "telemetry"
+# Latency buckets, seconds: 10 us .. 100 s, four per decade (edges rounded to 4 digits).
+# Bucket 0 counts latencies below LATENCY_EDGES[0], bucket i (1..28) those in
+# [LATENCY_EDGES[i-1], LATENCY_EDGES[i]), bucket 29 those >= LATENCY_EDGES[28].
+LATENCY_EDGES: tuple[float, ...] = tuple(float(f"{1e-5 * 10 ** (k / 4):.4g}") for k in range(29))
+LATENCY_BUCKETS = len(LATENCY_EDGES) + 1
+MAX_KEYS = 16
+MAX_OUTPUTS = 4
+MAX_BINS = 64
+MAX_CLASSES = 4096
+TOP_K = 16
+MAX_SAMPLE = 4096
+MAX_PENDING = 32
+MAX_COUNT = 2**53
+MAX_SUMMARY_BYTES = 12 * 1024
+MAX_INTERVAL_S = 86400.0
+DEFAULT_INTERVAL_S = 300.0
+_SESSION_SIZE = 64 + MAX_KEYS * 256
+_SESSION_MAGIC = b"EOTEL1\n\0"
+_LOCK_WAIT_S = 2.0
+
+
+class TelemetryError(InputError):
+    """Telemetry that cannot be accepted: malformed, oversized, inconsistent, or for a
+    model version this device does not run."""
+
+
+# -- the format: specs, summaries and their validation (pure) ---------------------------------
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How one output is summarised: ``hist`` (``bins`` equal bins over ``[lo, hi]``, plus
+    under, over and NaN counts) or ``classes`` (argmax over the last axis for float outputs,
+    the values themselves for integer outputs; class ids >= ``MAX_CLASSES`` count as other)."""
+
+    name: str
+    kind: str = "hist"
+    lo: float = 0.0
+    hi: float = 1.0
+    bins: int = 32
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == "classes":
+            return {"name": self.name, "kind": "classes"}
+        return {"name": self.name, "kind": "hist", "lo": self.lo, "hi": self.hi, "bins": self.bins}
+
+
+@dataclass(frozen=True)
+class OutputSummary:
+    spec: OutputSpec
+    n: int  # inferences that gave this output
+    counts: tuple[int, ...] = ()  # hist: one per bin
+    under: int = 0
+    over: int = 0
+    nan: int = 0
+    top: tuple[tuple[int, int], ...] = ()  # classes: (class id, count), count descending
+    other: int = 0
+
+    def total(self) -> int:
+        """Values counted (hist: elements, classes: rows)."""
+        if self.spec.kind == "classes":
+            return sum(c for _, c in self.top) + self.other
+        return sum(self.counts) + self.under + self.over + self.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {**self.spec.to_dict(), "n": self.n}
+        if self.spec.kind == "classes":
+            d.update(top=[list(p) for p in self.top], other=self.other)
+        else:
+            d.update(counts=list(self.counts), under=self.under, over=self.over, nan=self.nan)
+        return d
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One validated ``edge-ota.telemetry/1`` summary (or, with ``reference``, a release's
+    reference distribution: outputs only)."""
+
+    model: str
+    version: str
+    start: float
+    end: float
+    inferences: int
+    errors: int
+    crashes: int
+    latency: tuple[int, ...]
+    latency_sum_s: float
+    outputs: tuple[OutputSummary, ...]
+
+    def output(self, name: str) -> OutputSummary | None:
+        return next((o for o in self.outputs if o.spec.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": TELEMETRY_FORMAT,
+            "model": self.model,
+            "version": self.version,
+            "start": self.start,
+            "end": self.end,
+            "inferences": self.inferences,
+            "errors": self.errors,
+            "crashes": self.crashes,
+            "latency": {"counts": list(self.latency), "sum_s": self.latency_sum_s},
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
+
+
+def _bad(msg: str) -> TelemetryError:
+    return TelemetryError(f"bad telemetry summary: {msg}")
+
+
+def _count(v: object, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_COUNT:
+        raise _bad(f"{what} must be an integer in [0, 2**53]")
+    return v
+
+
+def _num(v: object, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise _bad(f"{what} must be a finite number")
+    return float(v)
+
+
+def _keys(d: object, need: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise _bad(f"{what} is not an object")
+    if set(d) != need:
+        raise _bad(f"{what} has keys {sorted(map(str, d))[:12]}, expected {sorted(need)}")
+    return d
+
+
+def _spec(d: object) -> OutputSpec:
+    if not isinstance(d, dict):
+        raise _bad("an output is not an object")
+    name = d.get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= 128 or not name.isprintable():
+        raise _bad("output name must be 1-128 printable characters")
+    if d.get("kind") == "classes":
+        return OutputSpec(name, "classes")
+    if d.get("kind") != "hist":
+        raise _bad(f"output kind must be hist or classes, not {d.get('kind')!r:.40}")
+    lo, hi = _num(d.get("lo"), "lo"), _num(d.get("hi"), "hi")
+    bins = d.get("bins")
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS:
+        raise _bad(f"bins must be an integer in [1, {MAX_BINS}]")
+    if not lo < hi:
+        raise _bad("lo must be below hi")
+    return OutputSpec(name, "hist", lo, hi, bins)
+
+
+def _output(d: object, inferences: int | None) -> OutputSummary:
+    spec = _spec(d)
+    assert isinstance(d, dict)
+    base = {"name", "kind", "n"} | (
+        {"top", "other"}
+        if spec.kind == "classes"
+        else {"lo", "hi", "bins", "counts", "under", "over", "nan"}
+    )
+    _keys(d, base, f"output {spec.name!r}")
+    n = _count(d["n"], "n")
+    if inferences is not None and n > inferences:
+        raise _bad(f"output {spec.name!r} counts {n} inferences of {inferences}")
+    if spec.kind == "classes":
+        pairs = _top(d["top"])
+        out = OutputSummary(spec, n, top=tuple(pairs), other=_count(d["other"], "other"))
+    else:
+        counts = d["counts"]
+        if not isinstance(counts, list) or len(counts) != spec.bins:
+            raise _bad(f"output {spec.name!r} needs exactly {spec.bins} counts")
+        out = OutputSummary(
+            spec,
+            n,
+            tuple(_count(c, "bin count") for c in counts),
+            _count(d["under"], "under"),
+            _count(d["over"], "over"),
+            _count(d["nan"], "nan"),
+        )
+    if out.total() > MAX_COUNT:
+        raise _bad("counts overflow")
+    if n == 0 and out.total() != 0:
+        raise _bad(f"output {spec.name!r} has values but no inference")
+    if inferences is not None and out.total() > n * MAX_SAMPLE:
+        raise _bad(f"output {spec.name!r} counts more than {MAX_SAMPLE} values per inference")
+    return out
+
+
+def _top(top: object) -> list[tuple[int, int]]:
+    if not isinstance(top, list) or len(top) > TOP_K:
+        raise _bad(f"top must be a list of at most {TOP_K} pairs")
+    pairs: list[tuple[int, int]] = []
+    for p in top:
+        if not isinstance(p, list) or len(p) != 2:
+            raise _bad("a top entry must be [class, count]")
+        cls, c = _count(p[0], "class"), _count(p[1], "class count")
+        if cls >= MAX_CLASSES or c == 0:
+            raise _bad(f"class ids must be below {MAX_CLASSES} with a count above 0")
+        pairs.append((cls, c))
+    if len({c for c, _ in pairs}) != len(pairs):
+        raise _bad("a class appears twice in top")
+    if any(a[1] < b[1] for a, b in itertools.pairwise(pairs)):
+        raise _bad("top must be sorted by count, highest first")
+    return pairs
+
+
+def _outputs(v: object, inferences: int | None) -> tuple[OutputSummary, ...]:
+    if not isinstance(v, list) or len(v) > MAX_OUTPUTS:
+        raise _bad(f"outputs must be a list of at most {MAX_OUTPUTS}")
+    outs = tuple(_output(o, inferences) for o in v)
+    if len({o.spec.name for o in outs}) != len(outs):
+        raise _bad("an output name appears twice")
+    return outs
+
+
+def _size_ok(doc: object) -> None:
+    try:
+        size = len(json.dumps(doc, allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise _bad(f"not plain JSON: {e}") from e
+    if size > MAX_SUMMARY_BYTES:
+        raise _bad(f"{size} bytes, over the {MAX_SUMMARY_BYTES} bound")
+
+
+def validate_summary(doc: object) -> Summary:
+    """Validate one ``edge-ota.telemetry/1`` summary (as sent by a device) and return it.
+
+    Checks, all of them: plain JSON within :data:`MAX_SUMMARY_BYTES`; exactly the documented
+    keys; name and version well formed; ``0 <= start < end``, ``end - start <=
+    MAX_INTERVAL_S``; every count an integer in ``[0, 2**53]``; ``errors <= inferences``;
+    ``len(latency.counts) == LATENCY_BUCKETS`` and their total ``== inferences``;
+    ``0 <= latency.sum_s`` and finite; per output: a known kind, a bounded spec, ``n <=
+    inferences``, at most ``MAX_SAMPLE`` values per inference, ``top`` distinct and sorted.
+
+    Raises:
+        TelemetryError: on anything else. Pure: no IO, no clock.
+    """
+    _size_ok(doc)
+    d = _keys(
+        doc,
+        {
+            "format",
+            "model",
+            "version",
+            "start",
+            "end",
+            "inferences",
+            "errors",
+            "crashes",
+            "latency",
+            "outputs",
+        },
+        "summary",
+    )
+    if d["format"] != TELEMETRY_FORMAT:
+        raise _bad(f"unknown format {d['format']!r:.40}")
+    model, version = d["model"], d["version"]
+    try:
+        validate_name_fmt(model)
+        validate_version(version)
+    except Exception as e:
+        raise _bad(f"bad model name or version: {e}") from e
+    start, end = _num(d["start"], "start"), _num(d["end"], "end")
+    if not 0 <= start < end or end - start > MAX_INTERVAL_S:
+        raise _bad(f"interval must satisfy 0 <= start < end <= start + {MAX_INTERVAL_S:g}")
+    n = _count(d["inferences"], "inferences")
+    errors, crashes = _count(d["errors"], "errors"), _count(d["crashes"], "crashes")
+    if errors > n:
+        raise _bad("more errors than inferences")
+    lat = _keys(d["latency"], {"counts", "sum_s"}, "latency")
+    counts = lat["counts"]
+    if not isinstance(counts, list) or len(counts) != LATENCY_BUCKETS:
+        raise _bad(f"latency needs exactly {LATENCY_BUCKETS} counts")
+    hist = tuple(_count(c, "latency count") for c in counts)
+    if sum(hist) != n:
+        raise _bad(f"latency histogram holds {sum(hist)} inferences, not {n}")
+    if n == 0 and crashes == 0:
+        raise _bad("an empty summary")
+    sum_s = _num(lat["sum_s"], "latency sum")
+    if sum_s < 0:
+        raise _bad("negative latency sum")
+    return Summary(
+        str(model),
+        str(version),
+        start,
+        end,
+        n,
+        errors,
+        crashes,
+        hist,
+        sum_s,
+        _outputs(d["outputs"], n),
+    )
+
+
+def validate_reference(doc: object) -> tuple[OutputSummary, ...]:
+    """Validate a release's reference output distribution (``Release.telemetry``):
+    ``{"format": "edge-ota.telemetry/1", "outputs": [...]}``, outputs as in a summary.
+
+    Raises:
+        TelemetryError: malformed or oversized.
+    """
+    _size_ok(doc)
+    d = _keys(doc, {"format", "outputs"}, "reference")
+    if d["format"] != TELEMETRY_FORMAT:
+        raise _bad(f"unknown format {d['format']!r:.40}")
+    outs = _outputs(d["outputs"], None)
+    if not outs:
+        raise _bad("a reference needs at least one output")
+    return outs
+
+
+# -- aggregation (device side) ----------------------------------------------------------------
+
+
+class _OutAgg:
+    """Counters of one output over one interval (preallocated; never resized)."""
+
+    __slots__ = ("counts", "n", "nan", "over", "scale", "spec", "under")
+
+    def __init__(self, spec: OutputSpec) -> None:
+        self.spec = spec
+        self.n = 0
+        size = MAX_CLASSES + 1 if spec.kind == "classes" else spec.bins
+        self.counts = np.zeros(size, dtype=np.int64)  # classes: the last one is "other"
+        self.under = self.over = self.nan = 0
+        self.scale = spec.bins / (spec.hi - spec.lo) if spec.kind == "hist" else 0.0
+
+    def add(self, value: Any) -> None:
+        """Count one inference's output (bounded: at most MAX_SAMPLE values looked at)."""
+        a = np.asarray(value)
+        if a.dtype.kind not in "fiub":
+            return
+        if self.spec.kind == "classes":
+            if a.dtype.kind == "f":
+                if a.ndim == 0 or a.shape[-1] == 0:
+                    return
+                a = a.reshape(-1, a.shape[-1])
+                if a.shape[0] > MAX_SAMPLE:
+                    a = a[:: -(-a.shape[0] // MAX_SAMPLE)]
+                ids = a.argmax(axis=1)  # NaN rows give the NaN's index: still one row
+            else:
+                ids = a.reshape(-1)
+                if ids.size > MAX_SAMPLE:
+                    ids = ids[:: -(-ids.size // MAX_SAMPLE)]
+            ids = np.where((ids < 0) | (ids >= MAX_CLASSES), MAX_CLASSES, ids)
+            self.n += 1
+            if ids.size <= 8:
+                for i in ids.tolist():
+                    self.counts[i] += 1
+            else:
+                self.counts += np.bincount(ids, minlength=MAX_CLASSES + 1)
+            return
+        x = a.reshape(-1)
+        if x.size > MAX_SAMPLE:
+            x = x[:: -(-x.size // MAX_SAMPLE)]
+        t = (x.astype(np.float64) - self.spec.lo) * self.scale
+        bins = self.spec.bins
+        nan = int(np.count_nonzero(np.isnan(t)))
+        under = int(np.count_nonzero(t < 0))
+        over = int(np.count_nonzero(t > bins))
+        inside = t[(t >= 0) & (t <= bins)].astype(np.intp)
+        np.minimum(inside, bins - 1, out=inside)
+        self.n += 1
+        self.nan += nan
+        self.under += under
+        self.over += over
+        self.counts += np.bincount(inside, minlength=bins)
+
+    def summary(self) -> OutputSummary:
+        if self.spec.kind == "classes":
+            tracked = self.counts[:MAX_CLASSES]
+            nz = np.flatnonzero(tracked)
+            order = nz[np.lexsort((nz, -tracked[nz]))][:TOP_K]
+            top = tuple((int(i), int(tracked[i])) for i in order)
+            other = int(self.counts.sum()) - sum(c for _, c in top)
+            return OutputSummary(self.spec, self.n, top=top, other=other)
+        return OutputSummary(
+            self.spec, self.n, tuple(int(c) for c in self.counts), self.under, self.over, self.nan
+        )
+
+
+class _Agg:
+    """Counters of one (model, version) over one interval."""
+
+    __slots__ = (
+        "by_name",
+        "crashes",
+        "errors",
+        "inflight",
+        "lat",
+        "lat_sum",
+        "model",
+        "n",
+        "outs",
+        "slot",
+        "version",
+    )
+
+    def __init__(self, model: str, version: str, slot: int, specs: Sequence[OutputSpec]) -> None:
+        self.model, self.version, self.slot = model, version, slot
+        self.inflight = 0
+        self.outs = [_OutAgg(s) for s in specs[:MAX_OUTPUTS]]
+        self.by_name = {o.spec.name: o for o in self.outs}
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = self.errors = self.crashes = 0
+        self.lat = [0] * LATENCY_BUCKETS
+        self.lat_sum = 0.0
+        self.outs = [_OutAgg(o.spec) for o in self.outs]
+        self.by_name = {o.spec.name: o for o in self.outs}
+
+    def empty(self) -> bool:
+        return self.n == 0 and self.crashes == 0
+
+    def doc(self, start: float, end: float) -> dict[str, Any]:
+        return {
+            "format": TELEMETRY_FORMAT,
+            "model": self.model,
+            "version": self.version,
+            "start": start,
+            "end": end,
+            "inferences": self.n,
+            "errors": self.errors,
+            "crashes": self.crashes,
+            "latency": {"counts": list(self.lat), "sum_s": self.lat_sum},
+            "outputs": [o.summary().to_dict() for o in self.outs],
+        }
+
+
+class Inference:
+    """One inference being timed (``with rec.inference(...) as t``). An exception leaving
+    the block counts as an error; it is never swallowed."""
+
+    __slots__ = ("_agg", "_out", "_rec", "_t0")
+
+    def __init__(self, rec: Telemetry, agg: _Agg) -> None:
+        self._rec, self._agg, self._t0 = rec, agg, 0.0
+        self._out: Any = None
+
+    def outputs(self, value: Any) -> None:
+        """The inference's outputs: an array (one output), a sequence of arrays in the
+        model's output order (as ``InferenceSession.run`` returns them) or a mapping by
+        output name. Only counted into the release's fixed bins; never stored."""
+        self._out = value
+
+    def __enter__(self) -> Inference:
+        self._rec._begin(self._agg)
+        self._t0 = self._rec._timer()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._rec._end(self._agg, self._rec._timer() - self._t0, et is None, self._out)
+
+
+class Telemetry:
+    """Inference telemetry of one device state directory, for one process. Thread-safe."""
+
+    def __init__(
+        self,
+        state_dir: Path | str,
+        *,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        clock: Callable[[], float] = time.time,
+        auto_flush: bool = True,
+        specs: Mapping[str, Sequence[OutputSpec]] | None = None,
+        lock_wait_s: float = _LOCK_WAIT_S,
+    ) -> None:
+        if not 1.0 <= interval_s <= MAX_INTERVAL_S:
+            raise TelemetryError(f"interval must be within [1, {MAX_INTERVAL_S:g}] s")
+        self.sd = StateDir(state_dir)
+        self.sd.load_config()  # ConfigError when the state dir is not a device
+        self.interval_s = interval_s
+        self._clock = clock
+        self._timer = time.perf_counter
+        self._specs = dict(specs or {})
+        self._lock_wait = lock_wait_s
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._keys: dict[tuple[str, str], _Agg] = {}
+        self._pending: list[dict[str, Any]] = []
+        self._start = clock()
+        self.rejected = 0  # summaries dropped: version not run here, or invalid
+        self.dropped = 0  # summaries dropped: MAX_PENDING waiting for the queue lock
+        self.crashes_found: dict[tuple[str, str], int] = {}
+        self._dir = self.sd.root / "telemetry"
+        self._dir.mkdir(exist_ok=True)
+        self._session_path, self._fd, self._mm = self._new_session()
+        self._collect_crashes()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if auto_flush:
+            self._thread = threading.Thread(target=self._run, name="ota-telemetry", daemon=True)
+            self._thread.start()
+
+    @classmethod
+    def open(cls, state_dir: Path | str, **kw: Any) -> Telemetry:
+        """Open the recorder of ``state_dir`` (an initialised device) for this process and
+        count crashes left by processes that died mid-inference.
+
+        Raises:
+            ConfigError: not an initialised device.
+            TelemetryError: a bad interval.
+        """
+        return cls(state_dir, **kw)
+
+    # -- hot path ---------------------------------------------------------------------------
+
+    def inference(self, model: str, version: str) -> Inference:
+        """A context manager timing one inference of ``model`` at ``version``.
+
+        Raises:
+            TelemetryError: the device does not run this version, or too many versions.
+        """
+        agg = self._keys.get((model, version))
+        if agg is None:
+            agg = self._register(model, version)
+        return Inference(self, agg)
+
+    def record(
+        self, model: str, version: str, latency_s: float, *, ok: bool = True, outputs: Any = None
+    ) -> None:
+        """Count one finished inference (same checks as :meth:`inference`)."""
+        agg = self._keys.get((model, version))
+        if agg is None:
+            agg = self._register(model, version)
+        self._begin(agg)
+        self._end(agg, latency_s, ok, outputs)
+
+    def _begin(self, agg: _Agg) -> None:
+        with self._lock:
+            agg.inflight += 1
+            self._mm[64 + agg.slot * 256] = min(agg.inflight, 255)
+
+    def _end(self, agg: _Agg, latency_s: float, ok: bool, outputs: Any) -> None:
+        if outputs is not None and ok and agg.outs:
+            self._add_outputs(agg, outputs)
+        if not latency_s >= 0.0:  # NaN or negative: a broken clock, count it as 0
+            latency_s = 0.0
+        i = bisect.bisect_right(LATENCY_EDGES, latency_s)
+        with self._lock:
+            agg.inflight -= 1
+            self._mm[64 + agg.slot * 256] = min(agg.inflight, 255)
+            agg.n += 1
+            if not ok:
+                agg.errors += 1
+            agg.lat[i] += 1
+            agg.lat_sum += min(latency_s, MAX_INTERVAL_S)
+
+    def _add_outputs(self, agg: _Agg, outputs: Any) -> None:
+        if isinstance(outputs, Mapping):
+            pairs = [(agg.by_name.get(str(k)), v) for k, v in outputs.items()]
+        elif isinstance(outputs, list | tuple):
+            pairs = list(zip(agg.outs, outputs, strict=False))
+        else:
+            pairs = [(agg.outs[0], outputs)]
+        with self._lock:  # numpy counters are not atomic; summaries are small and bounded
+            for o, v in pairs[:MAX_OUTPUTS]:
+                if o is not None:
+                    o.add(v)
+
+    # -- registration and version check ---------------------------------------------------
+
+    def runs(self, model: str) -> set[str]:
+        """Versions of ``model`` this device runs: confirmed, and on trial in ``current``."""
+        out: set[str] = set()
+        m = self.sd.load_state().models.get(model)
+        if m is not None:
+            out.add(m.version)
+        rel = self._current_release(model)
+        if rel is not None:
+            out.add(rel.version)
+        return out
+
+    def _current_release(self, model: str) -> Any:
+        mdir = _slots.model_dir(self.sd.root, model)
+        try:
+            slot = _slots.current_slot(mdir)
+        except InputError:
+            return None
+        except Exception:
+            return None
+        return _slots.read_release(mdir, slot) if slot else None
+
+    def _register(self, model: str, version: str) -> _Agg:
+        try:
+            validate_name_fmt(model)
+            validate_version(version)
+        except Exception as e:
+            raise TelemetryError(f"bad model name or version: {e}") from e
+        if version not in self.runs(model):
+            raise TelemetryError(
+                f"this device does not run {model} {version}",
+                remedy="record the version `ota device status` shows",
+            )
+        specs = self._specs.get(model)
+        if specs is None:
+            rel = self._current_release(model)
+            ref = getattr(rel, "telemetry", None) if rel and rel.version == version else None
+            specs = [o.spec for o in validate_reference(ref)] if ref else []
+        with self._lock:
+            agg = self._keys.get((model, version))
+            if agg is not None:
+                return agg
+            if len(self._keys) >= MAX_KEYS:
+                raise TelemetryError(f"more than {MAX_KEYS} model versions in one process")
+            agg = _Agg(model, version, len(self._keys), specs)
+            name = f"{model}\n{version}".encode()[:250]
+            off = 64 + agg.slot * 256
+            self._mm[off + 1] = len(name)
+            self._mm[off + 2 : off + 2 + len(name)] = name
+            self._keys = {**self._keys, (model, version): agg}  # readers never see a resize
+            return agg
+
+    # -- crash detection ------------------------------------------------------------------
+
+    def _new_session(self) -> tuple[Path, int, mmap.mmap]:
+        path = self._dir / f"session-{os.getpid()}-{secrets.token_hex(4)}.live"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, _SESSION_SIZE)
+        mm = mmap.mmap(fd, _SESSION_SIZE)
+        mm[0:8] = _SESSION_MAGIC
+        return path, fd, mm
+
+    def _collect_crashes(self) -> None:
+        """Count in-flight inferences of sessions whose process is gone (its flock is free),
+        once: the file is zeroed and removed while its lock is held."""
+        for path in sorted(self._dir.glob("session-*.live"))[:256]:
+            if path == self._session_path:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # alive
+                try:
+                    if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                        continue  # another process collected it meanwhile
+                except FileNotFoundError:
+                    continue
+                data = os.pread(fd, _SESSION_SIZE, 0)
+                if data[:8] == _SESSION_MAGIC and len(data) == _SESSION_SIZE:
+                    for slot in range(MAX_KEYS):
+                        off = 64 + slot * 256
+                        n, ln = data[off], data[off + 1]
+                        if n and ln:
+                            model, _, version = (
+                                data[off + 2 : off + 2 + ln]
+                                .decode(errors="replace")
+                                .partition("\n")
+                            )
+                            key = (model, version)
+                            self.crashes_found[key] = self.crashes_found.get(key, 0) + n
+                os.pwrite(fd, bytes(_SESSION_SIZE), 0)
+                path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        for (model, version), n in self.crashes_found.items():
+            try:
+                agg = self._register(model, version)
+            except TelemetryError:
+                self.rejected += 1  # the crashed version is no longer run here
+                continue
+            with self._lock:
+                agg.crashes += n
+
+    # -- flushing ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(0.0, self._start + self.interval_s - self._clock())):
+            with contextlib.suppress(Exception):  # a flush failure never stops recording
+                self.flush()
+
+    def flush(self) -> int:
+        """End the current interval: every non-empty ``(model, version)`` becomes a summary,
+        validated, checked against the versions the device runs, and appended to the event
+        queue under the state-dir lock (kept for the next flush when the lock is busy).
+        Returns how many summaries were queued."""
+        with self._flush_lock:
+            end = max(self._clock(), self._start + 1e-3)
+            with self._lock:
+                start, self._start = self._start, end
+                docs = [a.doc(start, end) for a in self._keys.values() if not a.empty()]
+                for a in self._keys.values():
+                    a.reset()
+            for doc in docs:
+                try:
+                    validate_summary(doc)
+                except TelemetryError:
+                    self.rejected += 1
+                    continue
+                self._pending.append(doc)
+            if len(self._pending) > MAX_PENDING:
+                self.dropped += len(self._pending) - MAX_PENDING
+                del self._pending[:-MAX_PENDING]
+            return self._write_pending()
+
+    def _write_pending(self) -> int:
+        if not self._pending:
+            return 0
+        lock = filelock.FileLock(str(self.sd.lock_path), timeout=self._lock_wait)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            return 0
+        written = 0
+        try:
+            queue = EventQueue(self.sd.events_path, clock=self._clock)
+            runs: dict[str, set[str]] = {}
+            while self._pending:
+                doc = self._pending[0]
+                model = doc["model"]
+                if model not in runs:
+                    runs[model] = self.runs(model)
+                if doc["version"] in runs[model]:
+                    data = {"summary": doc}
+                    assert len(json.dumps(data)) < MAX_EVENT_DATA_BYTES
+                    queue.append(EVENT_KIND, model, doc["version"], **data)
+                    written += 1
+                else:
+                    self.rejected += 1
+                self._pending.pop(0)
+        finally:
+            lock.release()
+        return written
+
+    def close(self) -> int:
+        """Flush what is left, stop the flusher and end this process's session (no crash is
+        counted for it). Returns how many summaries were queued by the last flush."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        n = self.flush()
+        with contextlib.suppress(OSError):
+            self._mm.close()
+            self._session_path.unlink(missing_ok=True)
+            os.close(self._fd)
+        return n
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
