@@ -111,7 +111,9 @@ class OutputSpec:
     def to_dict(self) -> dict[str, Any]:
         if self.kind == "classes":
             return {"name": self.name, "kind": "classes"}
-        return {"name": self.name, "kind": "hist", "lo": self.lo, "hi": self.hi, "bins": self.bins}
+        # lo/hi as decimal strings: release facts are canonical JSON, which has no floats
+        return {"name": self.name, "kind": "hist", "lo": repr(self.lo), "hi": repr(self.hi),
+                "bins": self.bins}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,19 @@ def _num(v: object, what: str) -> float:
     return float(v)
 
 
+def _decimal(v: object, what: str) -> float:
+    """A bin edge: a finite number written as a JSON string (at most 32 characters)."""
+    if not isinstance(v, str) or not 1 <= len(v) <= 32:
+        raise _bad(f"{what} must be a number in a string of at most 32 characters")
+    try:
+        x = float(v)
+    except ValueError as e:
+        raise _bad(f"{what} is not a number") from e
+    if not math.isfinite(x):
+        raise _bad(f"{what} must be finite")
+    return x
+
+
 def _keys(d: object, need: set[str], what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise _bad(f"{what} is not an object")
@@ -208,7 +223,7 @@ def _spec(d: object) -> OutputSpec:
         return OutputSpec(name, "classes")
     if d.get("kind") != "hist":
         raise _bad(f"output kind must be hist or classes, not {d.get('kind')!r:.40}")
-    lo, hi = _num(d.get("lo"), "lo"), _num(d.get("hi"), "hi")
+    lo, hi = _decimal(d.get("lo"), "lo"), _decimal(d.get("hi"), "hi")
     bins = d.get("bins")
     if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS:
         raise _bad(f"bins must be an integer in [1, {MAX_BINS}]")
