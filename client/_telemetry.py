@@ -86,6 +86,7 @@ DEFAULT_INTERVAL_S = 300.0
 _SESSION_SIZE = 64 + MAX_KEYS * 256
 _SESSION_MAGIC = b"EOTEL1\n\0"
 _LOCK_WAIT_S = 2.0
+_SMALL = 16  # outputs with at most this many values are counted without numpy temporaries
 
 
 class TelemetryError(InputError):
@@ -398,13 +399,14 @@ def validate_reference(doc: object) -> tuple[OutputSummary, ...]:
 class _OutAgg:
     """Counters of one output over one interval (preallocated; never resized)."""
 
-    __slots__ = ("counts", "n", "nan", "over", "scale", "spec", "under")
+    __slots__ = ("counts", "n", "nan", "over", "scale", "small", "spec", "under")
 
     def __init__(self, spec: OutputSpec) -> None:
         self.spec = spec
         self.n = 0
         size = MAX_CLASSES + 1 if spec.kind == "classes" else spec.bins
         self.counts = np.zeros(size, dtype=np.int64)  # classes: the last one is "other"
+        self.small = [0] * size  # the few-values path (plain ints: no numpy per-call cost)
         self.under = self.over = self.nan = 0
         self.scale = spec.bins / (spec.hi - spec.lo) if spec.kind == "hist" else 0.0
 
@@ -414,52 +416,71 @@ class _OutAgg:
         if a.dtype.kind not in "fiub":
             return
         if self.spec.kind == "classes":
-            if a.dtype.kind == "f":
-                if a.ndim == 0 or a.shape[-1] == 0:
-                    return
-                a = a.reshape(-1, a.shape[-1])
-                if a.shape[0] > MAX_SAMPLE:
-                    a = a[:: -(-a.shape[0] // MAX_SAMPLE)]
-                ids = a.argmax(axis=1)  # NaN rows give the NaN's index: still one row
-            else:
-                ids = a.reshape(-1)
-                if ids.size > MAX_SAMPLE:
-                    ids = ids[:: -(-ids.size // MAX_SAMPLE)]
-            ids = np.where((ids < 0) | (ids >= MAX_CLASSES), MAX_CLASSES, ids)
-            self.n += 1
-            if ids.size <= 8:
-                for i in ids.tolist():
-                    self.counts[i] += 1
-            else:
-                self.counts += np.bincount(ids, minlength=MAX_CLASSES + 1)
+            self._add_classes(a)
             return
         x = a.reshape(-1)
         if x.size > MAX_SAMPLE:
             x = x[:: -(-x.size // MAX_SAMPLE)]
-        t = (x.astype(np.float64) - self.spec.lo) * self.scale
+        self.n += 1
+        if x.size <= _SMALL:  # a few values: plain Python is faster than numpy's per-call cost
+            self._add_few(x.tolist())
+            return
         bins = self.spec.bins
+        t = (x.astype(np.float64) - self.spec.lo) * self.scale
         nan = int(np.count_nonzero(np.isnan(t)))
         under = int(np.count_nonzero(t < 0))
         over = int(np.count_nonzero(t > bins))
         inside = t[(t >= 0) & (t <= bins)].astype(np.intp)
         np.minimum(inside, bins - 1, out=inside)
-        self.n += 1
         self.nan += nan
         self.under += under
         self.over += over
         self.counts += np.bincount(inside, minlength=bins)
 
+    def _add_few(self, values: list[float]) -> None:
+        lo, scale, counts, bins = self.spec.lo, self.scale, self.small, self.spec.bins
+        for v in values:
+            t = (float(v) - lo) * scale  # the same float64 arithmetic as the numpy path
+            if math.isnan(t):
+                self.nan += 1
+            elif t < 0:
+                self.under += 1
+            elif t > bins:
+                self.over += 1
+            else:
+                counts[min(int(t), bins - 1)] += 1
+
+    def _add_classes(self, a: Any) -> None:
+        if a.dtype.kind == "f":
+            if a.ndim == 0 or a.shape[-1] == 0:
+                return
+            a = a.reshape(-1, a.shape[-1])
+            if a.shape[0] > MAX_SAMPLE:
+                a = a[:: -(-a.shape[0] // MAX_SAMPLE)]
+            ids = a.argmax(axis=1)  # a NaN row gives the NaN's index: still one row
+        else:
+            ids = a.reshape(-1)
+            if ids.size > MAX_SAMPLE:
+                ids = ids[:: -(-ids.size // MAX_SAMPLE)]
+        self.n += 1
+        if ids.size <= _SMALL:
+            for i in ids.tolist():
+                self.small[i if 0 <= i < MAX_CLASSES else MAX_CLASSES] += 1
+            return
+        ids = np.where((ids < 0) | (ids >= MAX_CLASSES), MAX_CLASSES, ids)
+        self.counts += np.bincount(ids, minlength=MAX_CLASSES + 1)
+
     def summary(self) -> OutputSummary:
         if self.spec.kind == "classes":
-            tracked = self.counts[:MAX_CLASSES]
+            tracked = (self.counts + np.asarray(self.small, dtype=np.int64))[:MAX_CLASSES]
+            total = int(tracked.sum()) + int(self.counts[MAX_CLASSES]) + self.small[MAX_CLASSES]
             nz = np.flatnonzero(tracked)
             order = nz[np.lexsort((nz, -tracked[nz]))][:TOP_K]
             top = tuple((int(i), int(tracked[i])) for i in order)
-            other = int(self.counts.sum()) - sum(c for _, c in top)
+            other = total - sum(c for _, c in top)
             return OutputSummary(self.spec, self.n, top=top, other=other)
-        return OutputSummary(
-            self.spec, self.n, tuple(int(c) for c in self.counts), self.under, self.over, self.nan
-        )
+        counts = tuple(int(c) + s for c, s in zip(self.counts, self.small, strict=True))
+        return OutputSummary(self.spec, self.n, counts, self.under, self.over, self.nan)
 
 
 class _Agg:

@@ -532,3 +532,23 @@ def test_any_consistent_latency_histogram_round_trips(counts: list[int]) -> None
         return
     s = validate_summary(doc)
     assert s.to_dict() == doc
+
+
+def test_the_few_values_path_counts_as_the_numpy_path() -> None:
+    from ota.client._telemetry import _OutAgg
+
+    rng = np.random.default_rng(1)
+    values = rng.normal(0.0, 1.0, 1024)
+    values[::17] = np.nan
+    for spec, data in (
+        (OutputSpec("y", "hist", -1.5, 1.5, 7), values),
+        (OutputSpec("c", "classes"), rng.integers(-5, MAX_CLASSES + 5, 1024)),
+    ):
+        few, bulk = _OutAgg(spec), _OutAgg(spec)
+        for chunk in np.split(data, 128):  # 8 values: the few-values path
+            few.add(chunk)
+        for chunk in np.split(data, 4):  # 256 values: numpy
+            bulk.add(chunk)
+        a, b = few.summary(), bulk.summary()
+        assert (a.counts, a.under, a.over, a.nan) == (b.counts, b.under, b.over, b.nan)
+        assert (a.top, a.other, a.total()) == (b.top, b.other, b.total()) and a.total() == 1024
