@@ -552,3 +552,31 @@ def test_the_few_values_path_counts_as_the_numpy_path() -> None:
         a, b = few.summary(), bulk.summary()
         assert (a.counts, a.under, a.over, a.nan) == (b.counts, b.under, b.over, b.nan)
         assert (a.top, a.other, a.total()) == (b.top, b.other, b.total()) and a.total() == 1024
+
+
+def test_the_cli_takes_reference_data_and_refuses_a_file_without_outputs(tmp_path: Path) -> None:
+    from ota.errors import ExitCode
+    from tests.onnx_models import write_mlp
+    from tests.test_publish import _cli, _snapshot_of
+
+    code, out = _cli(["init", str(tmp_path / "repo"), "--project", str(tmp_path / "proj")])
+    assert code == 0, out
+    model = write_mlp(tmp_path / "m.onnx")
+    np.savez(tmp_path / "text.npz", y=np.array(["a", "b"]))
+    before = _snapshot_of(tmp_path / "repo")
+    args = ["publish", str(model), "--project", str(tmp_path / "proj"), "--name", "m"]
+    code, out = _cli([*args, "--version", "1.0.0", "--reference-data", str(tmp_path / "text.npz")])
+    assert code == ExitCode.INPUT and "holds no numeric output" in out, out
+    assert _snapshot_of(tmp_path / "repo") == before
+    np.savez(tmp_path / "ref.npz", y=np.full((4, 8), 0.25, np.float32))
+    code, out = _cli([*args, "--version", "1.0.0", "--reference-data", str(tmp_path / "ref.npz")])
+    assert code == 0, out
+    from ota.repository._index import read_facts
+    from ota.repository._txn import Transaction
+
+    project = Project.open(tmp_path / "proj")
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    facts = read_facts(txn, "m", "1.0.0")
+    assert facts is not None and facts.release.telemetry is not None
+    [y] = validate_reference(facts.release.telemetry)
+    assert y.n == 4 and y.total() == 32 and y.spec.lo < 0.25 < y.spec.hi
