@@ -58,8 +58,8 @@ from typing import Any
 import filelock
 import numpy as np
 
-from ota.bundle import validate_name_fmt, validate_version
-from ota.errors import InputError
+from ota.bundle import Release, validate_name_fmt, validate_version
+from ota.errors import InputError, LocalError, OtaError
 
 from . import _slots
 from ._events import MAX_EVENT_DATA_BYTES, EventQueue
@@ -590,8 +590,11 @@ class Telemetry:
         self.dropped = 0  # summaries dropped: MAX_PENDING waiting for the queue lock
         self.crashes_found: dict[tuple[str, str], int] = {}
         self._dir = self.sd.root / "telemetry"
-        self._dir.mkdir(exist_ok=True)
-        self._session_path, self._fd, self._mm = self._new_session()
+        try:
+            self._dir.mkdir(exist_ok=True)
+            self._session_path, self._fd, self._mm = self._new_session()
+        except OSError as e:
+            raise LocalError(f"cannot start telemetry in {self._dir}: {e}") from e
         self._collect_crashes()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -607,6 +610,7 @@ class Telemetry:
         Raises:
             ConfigError: not an initialised device.
             TelemetryError: a bad interval.
+            LocalError: the session file cannot be created in ``<state_dir>/telemetry``.
         """
         return cls(state_dir, **kw)
 
@@ -678,13 +682,11 @@ class Telemetry:
             out.add(rel.version)
         return out
 
-    def _current_release(self, model: str) -> Any:
+    def _current_release(self, model: str) -> Release | None:
         mdir = _slots.model_dir(self.sd.root, model)
         try:
             slot = _slots.current_slot(mdir)
-        except InputError:
-            return None
-        except Exception:
+        except OtaError:  # not a slot link: nothing is run
             return None
         return _slots.read_release(mdir, slot) if slot else None
 
@@ -702,7 +704,7 @@ class Telemetry:
         specs = self._specs.get(model)
         if specs is None:
             rel = self._current_release(model)
-            ref = getattr(rel, "telemetry", None) if rel and rel.version == version else None
+            ref = rel.telemetry if rel is not None and rel.version == version else None
             specs = [o.spec for o in validate_reference(ref)] if ref else []
         with self._lock:
             agg = self._keys.get((model, version))
@@ -791,6 +793,9 @@ class Telemetry:
             end = max(self._clock(), self._start + 1e-3)
             with self._lock:
                 start, self._start = self._start, end
+                # a flush late by more than the bound (or a clock jump) keeps its counts: the
+                # summary says they were made in the last MAX_INTERVAL_S
+                start = max(start, end - MAX_INTERVAL_S)
                 docs = [a.doc(start, end) for a in self._keys.values() if not a.empty()]
                 for a in self._keys.values():
                     a.reset()

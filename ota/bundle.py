@@ -515,7 +515,7 @@ class Release:
             rollback_of=rollback_of,
             created=created,
             content_counter=content,
-            telemetry=_telemetry_reference(doc.get("telemetry")),
+            telemetry=_telemetry_reference(doc["telemetry"]) if "telemetry" in doc else None,
         )
 
     @classmethod
@@ -525,11 +525,10 @@ class Release:
         return cls.from_dict(_load_json(data, "release"))
 
 
-def _telemetry_reference(doc: object) -> Mapping[str, Any] | None:
+def _telemetry_reference(doc: object) -> Mapping[str, Any]:
     """A release's reference distribution, validated by the telemetry format's own checker
-    (imported here, lazily: ``ota.client`` imports this module)."""
-    if doc is None:
-        return None
+    (imported here, lazily: ``ota.client`` imports this module). Present means not null: a
+    release without one omits the key, so each release has one encoding."""
     from ota.client._telemetry import TelemetryError, validate_reference
 
     try:

@@ -200,7 +200,42 @@ def test_unknown_versions_are_refused_so_versions_stay_bounded(device: Path) -> 
         rec.record("../x", "1.0.0", 0.01)
     rec.flush()
     assert _summaries(device) == []
-    assert MAX_KEYS * 256 + 64 <= 4096 * 2
+
+
+def test_a_forged_session_file_cannot_add_versions_or_crashes(device: Path) -> None:
+    """A dead session naming MAX_KEYS versions the device never ran: every one is refused
+    (versions stay bounded by what the device runs), and the file is consumed once."""
+    from ota.client import _telemetry as tm
+
+    data = bytearray(tm._SESSION_SIZE)
+    data[:8] = tm._SESSION_MAGIC
+    for slot in range(MAX_KEYS):
+        off = 64 + slot * 256
+        name = f"{MODEL}\n9.{slot}.0".encode()
+        data[off], data[off + 1] = 255, len(name)
+        data[off + 2 : off + 2 + len(name)] = name
+    (device / "telemetry").mkdir(exist_ok=True)
+    (device / "telemetry" / "session-1-forged.live").write_bytes(bytes(data))
+    (device / "telemetry" / "session-2-junk.live").write_bytes(b"not a session")
+    rec = _open(device)
+    assert len(rec.crashes_found) == MAX_KEYS and rec.rejected == MAX_KEYS
+    rec.record(MODEL, "1.0.0", 0.001)
+    rec.flush()
+    [doc] = _summaries(device)
+    assert doc["crashes"] == 0 and doc["inferences"] == 1
+    assert sorted(p.name for p in (device / "telemetry").iterdir()) == sorted(
+        [rec._session_path.name]
+    )
+
+
+def test_a_late_flush_keeps_its_counts_within_the_interval_bound(device: Path) -> None:
+    clock = Clock()
+    rec = _open(device, clock)
+    rec.record(MODEL, "1.0.0", 0.001)
+    clock.t += 3 * 86400  # the app flushed three days late (or the clock jumped)
+    assert rec.flush() == 1
+    s = validate_summary(_summaries(device)[0])
+    assert s.inferences == 1 and s.end - s.start == 86400
 
 
 def test_many_classes_huge_and_nan_outputs_stay_bounded(device: Path) -> None:
@@ -516,6 +551,22 @@ def test_a_mutated_summary_is_valid_and_consistent_or_refused(
     assert sum(s.latency) == s.inferences and s.errors <= s.inferences
     assert all(o.n <= s.inferences for o in s.outputs)
     assert validate_summary(s.to_dict()) == s
+
+
+@SETTINGS
+@given(JSON)
+def test_random_json_is_a_reference_or_refused_and_a_release_says_format_error(doc: Any) -> None:
+    try:
+        outs = validate_reference(doc)
+    except TelemetryError:
+        outs = None
+    rel = Release(name=MODEL, version="1.0.0", counter=1).to_dict()
+    try:
+        parsed = Release.from_dict({**rel, "telemetry": doc})
+    except FormatError:
+        assert outs is None
+        return
+    assert outs is not None and parsed.telemetry == doc
 
 
 @SETTINGS
