@@ -411,10 +411,14 @@ class _OutAgg:
         self.scale = spec.bins / (spec.hi - spec.lo) if spec.kind == "hist" else 0.0
 
     def add(self, value: Any) -> None:
-        """Count one inference's output (bounded: at most MAX_SAMPLE values looked at)."""
-        a = np.asarray(value)
+        """Count one inference's output (bounded: at most MAX_SAMPLE values looked at).
+
+        Raises:
+            TypeError, ValueError: not an array of numbers (nothing is counted).
+        """
+        a = np.asarray(value)  # ValueError for a ragged list
         if a.dtype.kind not in "fiub":
-            return
+            raise TypeError(f"output {self.spec.name!r} is not numeric ({a.dtype})")
         if self.spec.kind == "classes":
             self._add_classes(a)
             return
@@ -588,6 +592,7 @@ class Telemetry:
         self._start = clock()
         self.rejected = 0  # summaries dropped: version not run here, or invalid
         self.dropped = 0  # summaries dropped: MAX_PENDING waiting for the queue lock
+        self.output_errors = 0  # outputs that could not be read as numbers (skipped)
         self.crashes_found: dict[tuple[str, str], int] = {}
         self._dir = self.sd.root / "telemetry"
         try:
@@ -643,11 +648,21 @@ class Telemetry:
             self._mm[64 + agg.slot * 256] = min(agg.inflight, 255)
 
     def _end(self, agg: _Agg, latency_s: float, ok: bool, outputs: Any) -> None:
+        """Count a finished inference. Never raises for what the app passed: a latency that
+        is not a number >= 0 counts as 0, outputs numpy cannot read are skipped (and counted
+        in ``output_errors``), so the in-flight count always goes down again."""
+        try:
+            lat = float(latency_s)
+        except (TypeError, ValueError):
+            lat = 0.0
+        if not lat >= 0.0:  # NaN or negative: a broken clock
+            lat = 0.0
+        i = bisect.bisect_right(LATENCY_EDGES, lat)
         if outputs is not None and ok and agg.outs:
-            self._add_outputs(agg, outputs)
-        if not latency_s >= 0.0:  # NaN or negative: a broken clock, count it as 0
-            latency_s = 0.0
-        i = bisect.bisect_right(LATENCY_EDGES, latency_s)
+            try:
+                self._add_outputs(agg, outputs)
+            except Exception:  # a ragged list, an object the app made up: not telemetry's to raise
+                self.output_errors += 1
         with self._lock:
             agg.inflight -= 1
             self._mm[64 + agg.slot * 256] = min(agg.inflight, 255)
@@ -655,18 +670,18 @@ class Telemetry:
             if not ok:
                 agg.errors += 1
             agg.lat[i] += 1
-            agg.lat_sum += min(latency_s, MAX_INTERVAL_S)
+            agg.lat_sum += min(lat, MAX_INTERVAL_S)
 
     def _add_outputs(self, agg: _Agg, outputs: Any) -> None:
-        if isinstance(outputs, Mapping):
-            pairs = [(agg.by_name.get(str(k)), v) for k, v in outputs.items()]
-        elif isinstance(outputs, list | tuple):
-            pairs = list(zip(agg.outs, outputs, strict=False))
-        else:
-            pairs = [(agg.outs[0], outputs)]
         with self._lock:  # numpy counters are not atomic; summaries are small and bounded
-            for o, v in pairs[:MAX_OUTPUTS]:
-                if o is not None:
+            if isinstance(outputs, Mapping):  # looked up by the spec's names: bounded
+                pairs = [(o, outputs.get(o.spec.name)) for o in agg.outs]
+            elif isinstance(outputs, list | tuple):
+                pairs = list(zip(agg.outs, outputs[:MAX_OUTPUTS], strict=False))
+            else:
+                pairs = [(agg.outs[0], outputs)]
+            for o, v in pairs:
+                if v is not None:
                     o.add(v)
 
     # -- registration and version check ---------------------------------------------------

@@ -631,3 +631,20 @@ def test_the_cli_takes_reference_data_and_refuses_a_file_without_outputs(tmp_pat
     assert facts is not None and facts.release.telemetry is not None
     [y] = validate_reference(facts.release.telemetry)
     assert y.n == 4 and y.total() == 32 and y.spec.lo < 0.25 < y.spec.hi
+
+
+def test_what_the_app_passes_never_raises_nor_leaves_an_inference_in_flight(device: Path) -> None:
+    rec = _open(device)
+    ragged = [[1.0, 2.0], [3.0]]  # not an array numpy can build
+    rec.record(MODEL, "1.0.0", float("nan"), outputs={"y": ragged})
+    rec.record(MODEL, "1.0.0", -1.0, outputs={"y": object()})
+    rec.record(MODEL, "1.0.0", "slow", outputs=np.array(["text"]))  # type: ignore[arg-type]
+    with rec.inference(MODEL, "1.0.0") as t:
+        t.outputs({"y": np.zeros((1, 8)), **{f"extra{i}": i for i in range(10_000)}})
+    assert rec.output_errors == 3
+    rec.close()
+    assert _open(device).crashes_found == {}  # every inference left the in-flight count
+    [doc] = _summaries(device)
+    assert doc["inferences"] == 4 and doc["latency"]["counts"][0] == 3
+    [y] = doc["outputs"]
+    assert y["n"] == 1 and sum(y["counts"]) + y["under"] + y["over"] == 8
