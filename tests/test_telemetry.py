@@ -648,3 +648,25 @@ def test_what_the_app_passes_never_raises_nor_leaves_an_inference_in_flight(devi
     assert doc["inferences"] == 4 and doc["latency"]["counts"][0] == 3
     [y] = doc["outputs"]
     assert y["n"] == 1 and sum(y["counts"]) + y["under"] + y["over"] == 8
+
+
+_WRITER = """
+import sys
+from ota.client.telemetry import Telemetry
+t = [1_000_000.0]
+rec = Telemetry.open(sys.argv[1], auto_flush=False, clock=lambda: t[0], lock_wait_s=60.0)
+for i in range(int(sys.argv[2])):
+    rec.record("det", "1.0.0", 0.001 * (i + 1))
+    t[0] += 300
+    assert rec.flush() == 1
+rec.close()
+"""
+
+
+def test_several_processes_append_to_the_queue_without_losing_a_summary(device: Path) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(device), "15"]) for _ in range(3)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    docs = _summaries(device)
+    assert len(docs) == 45 and all(validate_summary(d).inferences == 1 for d in docs)
+    seqs = [e.seq for e in EventQueue(device / "events.json").pending()]
+    assert seqs == sorted(set(seqs))
