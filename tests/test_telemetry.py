@@ -670,3 +670,20 @@ def test_several_processes_append_to_the_queue_without_losing_a_summary(device: 
     assert len(docs) == 45 and all(validate_summary(d).inferences == 1 for d in docs)
     seqs = [e.seq for e in EventQueue(device / "events.json").pending()]
     assert seqs == sorted(set(seqs))
+
+
+@SETTINGS
+@given(
+    st.lists(st.integers(0, 1000), min_size=2, max_size=8).filter(any),
+    st.lists(st.integers(0, 1000), min_size=2, max_size=8).filter(any),
+)
+def test_drift_metrics_are_bounded_and_js_is_symmetric(a: list[int], b: list[int]) -> None:
+    n = min(len(a), len(b))
+    ha, hb = _hist(a[:n]), _hist(b[:n])
+    if not any(a[:n]) or not any(b[:n]):
+        with pytest.raises(DriftError):
+            psi(ha, hb)
+        return
+    assert psi(ha, hb) >= 0.0 and psi(ha, ha) == pytest.approx(0.0, abs=1e-12)
+    js = jensen_shannon(ha, hb)
+    assert 0.0 <= js <= 1.0 and js == pytest.approx(jensen_shannon(hb, ha), abs=1e-9)
