@@ -541,7 +541,7 @@ def _telemetry_reference(doc: object) -> Mapping[str, Any]:
     """A release's reference distribution, validated by the telemetry format's own checker
     (imported here, lazily: ``ota.client`` imports this module). Present means not null: a
     release without one omits the key, so each release has one encoding."""
-    from ota.client._telemetry import TelemetryError, validate_reference
+    from ota.client._telemetry_format import TelemetryError, validate_reference
 
     try:
         validate_reference(doc)

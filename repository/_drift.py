@@ -16,7 +16,7 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 
-from ota.client._telemetry import OutputSummary
+from ota.client._telemetry_format import OutputSummary
 from ota.errors import InputError
 
 EPS = 1e-4

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ota.client._telemetry import (
+from ota.client._telemetry_format import (
     MAX_OUTPUTS,
     TELEMETRY_FORMAT,
+    OutputCounter,
     OutputSpec,
-    _OutAgg,
     validate_reference,
 )
 from ota.errors import InputError
@@ -69,7 +69,7 @@ def reference_from_outputs(sets: Sequence[Mapping[str, NDArray[Any]]]) -> dict[s
         spec = _spec(name, np.concatenate([a.reshape(-1) for a in arrays]))
         if spec is None:
             continue
-        agg = _OutAgg(spec)
+        agg = OutputCounter(spec)
         for a in arrays:
             rows = a if a.ndim >= 1 and a.shape[0] > 0 else a.reshape(1, *a.shape)
             for row in rows:  # one "inference" per batch row, as a device with batch 1 sees it

@@ -402,7 +402,7 @@ def test_reference_from_outputs_is_deterministic_and_valid() -> None:
 
 
 def _hist(counts: list[int]) -> Any:
-    from ota.client._telemetry import OutputSummary
+    from ota.client._telemetry_format import OutputSummary
 
     return OutputSummary(OutputSpec("y", "hist", 0.0, 1.0, len(counts)), sum(counts) or 1,
                          tuple(counts))  # fmt: skip
@@ -425,7 +425,7 @@ def test_drift_metrics_on_known_distributions() -> None:
 
 
 def test_drift_between_class_summaries_aligns_on_the_union_of_classes() -> None:
-    from ota.client._telemetry import OutputSummary
+    from ota.client._telemetry_format import OutputSummary
 
     spec = OutputSpec("label", "classes")
     a = OutputSummary(spec, 100, top=((1, 60), (2, 40)))
@@ -586,7 +586,7 @@ def test_any_consistent_latency_histogram_round_trips(counts: list[int]) -> None
 
 
 def test_the_few_values_path_counts_as_the_numpy_path() -> None:
-    from ota.client._telemetry import _OutAgg
+    from ota.client._telemetry_format import OutputCounter
 
     rng = np.random.default_rng(1)
     values = rng.normal(0.0, 1.0, 1024)
@@ -595,7 +595,7 @@ def test_the_few_values_path_counts_as_the_numpy_path() -> None:
         (OutputSpec("y", "hist", -1.5, 1.5, 7), values),
         (OutputSpec("c", "classes"), rng.integers(-5, MAX_CLASSES + 5, 1024)),
     ):
-        few, bulk = _OutAgg(spec), _OutAgg(spec)
+        few, bulk = OutputCounter(spec), OutputCounter(spec)
         for chunk in np.split(data, 128):  # 8 values: the few-values path
             few.add(chunk)
         for chunk in np.split(data, 4):  # 256 values: numpy
