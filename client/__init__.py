@@ -24,6 +24,7 @@ from ota.client._install import SmokeRunner, Verifier
 from ota.client._report import ReportOutcome
 from ota.client._slots import current_model
 from ota.client._state import DeviceConfig
+from ota.client._telemetry import Telemetry
 from ota.client._updater import (
     DeviceStatus,
     ModelOutcome,
@@ -48,6 +49,7 @@ __all__ = [
     "ReportOutcome",
     "SlowRetrievalError",
     "SmokeRunner",
+    "Telemetry",
     "UpdateResult",
     "Verifier",
     "confirm",

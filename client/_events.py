@@ -30,6 +30,7 @@ KINDS = frozenset({
     "checked", "downloaded", "staged", "smoke_passed", "smoke_failed", "committed",
     "confirmed", "reverted", "security", "refused", "failed", "resumed",
     "failure_forgotten",  # an operator cleared a failed release (ota device forget-failure)
+    "telemetry",  # an inference summary, edge-ota.telemetry/1 (ota.client.telemetry)
 })
 
 

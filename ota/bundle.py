@@ -445,9 +445,16 @@ class Release:
     # Rollbacks only: the counter of the release whose content this one carries (issue 12).
     # Serialised only when set, so release documents written before it stay byte-identical.
     content_counter: int | None = None
+    # Issue 9: the reference output distribution (``edge-ota.telemetry/1``, ADR 0009), the
+    # fixed bins devices summarise outputs into. Serialised only when set (same reason).
+    telemetry: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        extra = {} if self.content_counter is None else {"content_counter": self.content_counter}
+        extra: dict[str, Any] = {}
+        if self.content_counter is not None:
+            extra["content_counter"] = self.content_counter
+        if self.telemetry is not None:
+            extra["telemetry"] = self.telemetry
         return {
             **extra,
             "format": RELEASE_FORMAT,
@@ -490,6 +497,7 @@ class Release:
                 "rollback_of",
                 "created",
                 *(("content_counter",) if "content_counter" in doc else ()),
+                *(("telemetry",) if "telemetry" in doc else ()),
             },
             "release",
         )
@@ -522,6 +530,7 @@ class Release:
             rollback_of=rollback_of,
             created=created,
             content_counter=content,
+            telemetry=_telemetry_reference(doc["telemetry"]) if "telemetry" in doc else None,
         )
 
     @classmethod
@@ -529,6 +538,20 @@ class Release:
         if len(data) > limits.max_release_bytes:
             raise FormatError("release document too large")
         return cls.from_dict(_load_json(data, "release"))
+
+
+def _telemetry_reference(doc: object) -> Mapping[str, Any]:
+    """A release's reference distribution, validated by the telemetry format's own checker
+    (imported here, lazily: ``ota.client`` imports this module). Present means not null: a
+    release without one omits the key, so each release has one encoding."""
+    from ota.client._telemetry_format import TelemetryError, validate_reference
+
+    try:
+        validate_reference(doc)
+    except TelemetryError as e:
+        raise FormatError(f"bad telemetry reference: {e}") from e
+    assert isinstance(doc, dict)
+    return doc
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,7 @@ class PublishRequest:
     runtime_version: str | None = None
     policy: _policy.PolicyContext | None = None  # issue 4; None: the CLI's, else ota.toml
     allow_lower_version: bool = False  # issue 12: recorded in the audit log when it is used
+    reference_data: Path | None = None  # issue 9: npz of outputs; default: the golden outputs
 
 
 @dataclass
@@ -254,6 +255,7 @@ def publish(
         if smoke is not None:
             for rel in smoke.files():
                 entries[rel] = chunk_file(staging / rel, rel, up)
+        reference = _reference(req, smoke, staging)
         waived = [*policy.waived(), *overrides]  # overrides are recorded like policy waivers
 
         sbom = _sbom(req, model_path, entries, card)
@@ -276,6 +278,7 @@ def publish(
                 smoke=smoke,
                 model_path="model/model.onnx" if req.kind == "model" else "runtime",
                 created=_now(),
+                telemetry=reference,
             )
 
         extra = {"allow_lower_version": lower_than} if lower_than else {}
@@ -530,6 +533,17 @@ def _smoke_files(
             )
         overrides.append(_override("smoke-budget", "--allow-over-budget", actor, "; ".join(over)))
     return spec, overrides
+
+
+def _reference(req: PublishRequest, smoke: SmokeSpec | None, staging: Path) -> Any:
+    """The release's reference output distribution (issue 9), or None (a runtime, or no
+    output that can be summarised). See :mod:`ota.repository._reference`."""
+    if req.kind != "model" or (smoke is None and req.reference_data is None):
+        return None
+    from ota.repository._reference import reference_for
+
+    golden = [staging / g for _, g in smoke.sets()] if smoke is not None else []
+    return reference_for(golden, req.reference_data)
 
 
 def _override(rule: str, flag: str, actor: str, violation: str) -> dict[str, str]:

@@ -182,6 +182,12 @@ def init(
     is_flag=True,
     help="Publish a version that does not sort above the newest release (audit-logged).",
 )
+@click.option(
+    "--reference-data",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Model outputs on representative data (.npz, output name -> array): the release's "
+    "reference output distribution for drift gates. Default: the golden outputs.",
+)
 @click.option("--dataset", "datasets", multiple=True, help="Training dataset reference (SBOM).")
 @click.option("--license", "licenses", multiple=True, help="SPDX licence id (SBOM).")
 @click.option("--lineage", multiple=True, help="Base model reference (provenance).")
@@ -211,6 +217,7 @@ def publish(
     max_model_mb: float,
     security_floor: int,
     allow_lower_version: bool,
+    reference_data: Path | None,
     datasets: tuple[str, ...],
     licenses: tuple[str, ...],
     lineage: tuple[str, ...],
@@ -247,6 +254,7 @@ def publish(
         max_model_bytes=int(max_model_mb * 1024 * 1024),
         security_floor=security_floor,
         allow_lower_version=allow_lower_version,
+        reference_data=reference_data,
         datasets=datasets,
         licenses=licenses,
         training_data=datasets,
