@@ -30,6 +30,7 @@ from ota.bundle import SMOKE_GOLDEN_FILE, SMOKE_INPUTS_FILE, Budget, SmokeSpec
 from ota.client import _smoke_child as child
 from ota.client._smoke import DEFAULT_SMOKE_LIMITS, SmokeLimits, measure
 from ota.errors import InputError
+from ota.repository._stream import ort_session
 
 __all__ = ["GoldenError", "make_smoke_files", "measure_reference", "read_npz", "write_npz"]
 
@@ -202,8 +203,12 @@ def _session(model_path: Path) -> Any:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Prepacked weight copies would double the model in memory (issue 13: 530 -> 360 MB at
+    # 256 MB); the golden outputs do not depend on the packing. The weights are mapped from
+    # the file, not copied (ota.repository._stream.ort_session).
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        return ort_session(Path(model_path), options)
     except Exception as e:  # onnxruntime's errors do not share a useful base class
         raise GoldenError(f"onnxruntime cannot load {Path(model_path).name}: {_line(e)}") from e
 
