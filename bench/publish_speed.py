@@ -5,9 +5,8 @@ Two measurements per round (``--repeat`` rounds, interleaved, load average recor
 * **cli** (local folder, the issue 13 figure): the baseline is ``cp`` of the model into the
   storage's file system, ``openssl dgst -sha256`` of it and ``sync``, three commands timed
   together; the publish is a fresh ``ota publish`` process (``init`` untimed) timed from spawn to
-  exit, imports, checks, golden run and commit included, and its peak RSS is the child's
-  ``VmHWM`` (``ru_maxrss`` from ``wait4``: the kernel's high-water mark of the child and its
-  descendants).
+  exit, imports, checks, golden run and commit included, and its peak RSS is the child's own
+  ``VmHWM``, which it reads at exit (``python -m ota.cli`` under a two-line ``atexit`` hook).
 * **in-process** (each ``--storage``): the publish in a warm process with its phases timed
   (:func:`bench._common.publish_phases`) and the peak RSS seen during each phase (``VmRSS``
   sampled every 5 ms), so the golden run is reported apart; baselines as before (file: copy +
@@ -68,14 +67,70 @@ _SAMPLE_S = 0.005
 
 
 def build_model(folder: Path, size_mb: int, *, external: bool = False) -> Path:
-    """``tests.onnx_models.big_mlp(size_mb)`` saved once as ``folder/model.onnx`` (with
-    ``external``, its weights in ``model.onnx.data`` beside it: ONNX external data)."""
+    """``tests.onnx_models.big_mlp(size_mb)`` saved once as ``folder/model.onnx``; with
+    ``external``, an MLP of the same shape written layer by layer with its weights in
+    ``model.onnx.data`` beside it (ONNX external data; never whole in memory, so 4 GB works)."""
     from tests.onnx_models import big_mlp, save
 
     path = folder / "model.onnx"
     if not path.exists():
-        save(big_mlp(size_mb), path, external_data=external)
+        if external:
+            build_external_mlp(path, size_mb)
+        else:
+            save(big_mlp(size_mb), path)
     return path
+
+
+def build_external_mlp(path: Path, size_mb: int, *, layers: int = 8, seed: int = 0) -> None:
+    """``layers`` square Gemm + Relu layers of about ``size_mb`` MB of float32 weights in
+    total, weights streamed to ``<path>.data`` in 64 MiB blocks (offsets page-aligned)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    width = int((size_mb * 2**20 // 4 // layers) ** 0.5)
+    rng = np.random.default_rng(seed)
+    data_name = path.name + ".data"
+    inits: list[TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    rows_per_block = max(1, (64 << 20) // (4 * width))
+    with open(path.with_name(data_name), "wb") as out:
+
+        def tensor(name: str, dims: list[int], write: Callable[[], object]) -> None:
+            out.seek((out.tell() + 4095) // 4096 * 4096)
+            offset = out.tell()
+            write()
+            t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims)
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", offset),
+                         ("length", out.tell() - offset)):  # fmt: skip
+                t.external_data.add(key=k, value=str(v))
+            inits.append(t)
+
+        def weights() -> None:
+            for start in range(0, width, rows_per_block):
+                n = min(rows_per_block, width - start)
+                block = rng.standard_normal((n, width), dtype=np.float32) / np.float32(width**0.5)
+                out.write(block.tobytes())
+
+        prev = "x"
+        for i in range(layers):
+            tensor(f"w{i}", [width, width], weights)
+            tensor(f"b{i}", [width], lambda: out.write(np.zeros(width, np.float32).tobytes()))
+            nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"h{i}"]))
+            last = i == layers - 1
+            nodes.append(helper.make_node("Relu", [f"h{i}"], ["y" if last else f"r{i}"]))
+            prev = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path.write_bytes(model.SerializeToString())
 
 
 def model_bytes(model: Path) -> int:
@@ -218,34 +273,54 @@ def _ota() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "ota.cli"]
 
 
+# `ota` run as `python -m ota.cli`, writing its own VmHWM to $BENCH_VMHWM at exit. The
+# parent's figures cannot be used: ru_maxrss from wait4 starts at the parent's high-water
+# mark when the child is spawned with vfork (exec records the old mm's), so a benchmark
+# process holding 500 MB would make every child look 500 MB large.
+_CLI_WITH_VMHWM = """
+import atexit, os, runpy, sys
+def _report():
+    with open("/proc/self/status") as f:
+        hwm = next((line.split()[1] for line in f if line.startswith("VmHWM:")), "0")
+    with open(os.environ["BENCH_VMHWM"], "w") as out:
+        out.write(hwm)
+atexit.register(_report)
+sys.argv = ["ota", *sys.argv[1:]]
+runpy.run_module("ota.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def cli_publish(model: Path, work: Path, i: int) -> dict[str, Any]:
     """One fresh ``ota publish`` process into a new local-folder repository (``ota init``
-    untimed). Returns its wall seconds and the child's peak RSS (``wait4`` ``ru_maxrss``)."""
+    untimed). Returns its wall seconds and its own peak RSS (``VmHWM`` read by the child at
+    exit, see ``_CLI_WITH_VMHWM``)."""
     proj, repo = work / f"cli-proj-{i}", work / f"cli-repo-{i}"
     subprocess.run(
         [*_ota(), "init", "--project", str(proj), "--bins", "16", str(repo)],
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    cmd = [*_ota(), "publish", "--project", str(proj), "--name", "bench-model"]
-    cmd += ["--version", "1.0.0", "--json", str(model)]
+    cmd = [sys.executable, "-c", _CLI_WITH_VMHWM, "publish", "--project", str(proj)]
+    cmd += ["--name", "bench-model", "--version", "1.0.0", "--json", str(model)]
+    hwm_file = work / f"vmhwm-{i}"
+    env = dict(os.environ, BENCH_VMHWM=str(hwm_file))
     drop_dirty_pages()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(cmd, stdout=out, stderr=err, env=env, check=False)
         secs = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             err.seek(0)
             raise RuntimeError(f"ota publish failed ({proc.returncode}): {err.read()[-2000:]!r}")
         out.seek(0)
         result = json.loads(out.read())
+    vmhwm_kib = int(hwm_file.read_text() or 0)
+    hwm_file.unlink()
     shutil.rmtree(proj, ignore_errors=True)
     shutil.rmtree(repo, ignore_errors=True)
     return {
         "publish_s": round(secs, 4),
-        "vmhwm_mb": round(usage.ru_maxrss / 1024, 1),
+        "vmhwm_mb": round(vmhwm_kib / 1024, 1),
         "bytes_uploaded": result.get("upload", {}).get("bytes_uploaded"),
     }
 
