@@ -447,7 +447,7 @@ def measure_storage(
             "baseline_s": round(base_s, 4),
             "publish_s": round(pub_s, 4),
             "ratio": ratio(pub_s, base_s),
-            "phases_s": timer.breakdown(pub_s, PUBLISH_PHASES),
+            "phases_s": timer.breakdown(pub_s, PUBLISH_PHASES, overlap=True),
             "phase_peak_rss_mb": {p: round(v, 1) for p, v in rss.items()},
             "upload": result.upload.to_dict(),
             "baseline_peak_rss_mb": round(base_rss, 1),

@@ -3,9 +3,9 @@
 Public API (everything else is private):
 
 * :func:`init_device`, :func:`update_once`, :func:`status`, :func:`confirm`, :func:`revert`,
-  :func:`run_daemon`, :func:`report_events` - what ``ota device
-  init|update|status|confirm|revert|run|report`` call (events reach the fleet service through
-  :mod:`ota.client._report`, protocol ``edge-ota.report/1``);
+  :func:`forget_failure`, :func:`run_daemon`, :func:`report_events` - what ``ota device
+  init|update|status|confirm|revert|forget-failure|run|report`` call (events reach the fleet
+  service through :mod:`ota.client._report`, protocol ``edge-ota.report/1``);
 * :func:`current_model` - for apps: the path of the committed model file;
 * result types with ``to_dict()`` for ``--json``: :class:`UpdateResult` (``.exit_code``),
   :class:`ModelOutcome`, :class:`DeviceStatus`;
@@ -29,6 +29,7 @@ from ota.client._updater import (
     ModelOutcome,
     UpdateResult,
     confirm,
+    forget_failure,
     init_device,
     report_events,
     revert,
@@ -51,6 +52,7 @@ __all__ = [
     "Verifier",
     "confirm",
     "current_model",
+    "forget_failure",
     "init_device",
     "report_events",
     "revert",

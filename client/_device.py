@@ -27,6 +27,7 @@ from ota.errors import ConflictError, LocalError
 from . import _slots
 from ._events import EventQueue
 from ._journal import Journal, JournalState, Phase, Txn
+from ._policy import content_counter
 from ._state import DeviceConfig, StateDir
 
 
@@ -182,9 +183,8 @@ class Device:
         state = self.sd.load_state()
         if (name, prev_rel.version) in state.failed:
             return None
-        floor = max(floor, state.models[name].floor if name in state.models else 0,
-                    cur_rel.security_floor)
-        if prev_rel.counter < floor:
+        floor = max(floor, state.floor(name), cur_rel.security_floor)
+        if content_counter(prev_rel) < floor:  # a rollback is judged by what it carries
             return None
         if yanked is not None and yanked(prev_rel.version):
             return None

@@ -29,6 +29,7 @@ MAX_EVENT_DATA_BYTES = 16 * 1024  # per event; with max_events=512 the file stay
 KINDS = frozenset({
     "checked", "downloaded", "staged", "smoke_passed", "smoke_failed", "committed",
     "confirmed", "reverted", "security", "refused", "failed", "resumed",
+    "failure_forgotten",  # an operator cleared a failed release (ota device forget-failure)
 })
 
 

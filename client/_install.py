@@ -34,7 +34,7 @@ from ._chunks import ChunkIndex, StageStats, stage
 from ._device import Device
 from ._fetch import BlobFetcher, FetchConfig
 from ._journal import Phase, Txn
-from ._policy import check_release, floor_of, rank
+from ._policy import check_release, floor_of, floor_to_keep, rank, stale_floor_reason
 from ._tuf import TufSession
 
 DISK_RESERVE = 16 * 1024 * 1024
@@ -109,13 +109,19 @@ def choose(dev: Device, session: TufSession, name: str) -> Choice | tuple[dict[s
     """
     index = session.index(name)
     if index is None:
-        return ({"version": None, "reason": "no index for this model"},)
+        return ({"version": None, "reason": f"the repository has no model named {name!r}",
+                 "no_such_model": True},)
+    _keep_floor(dev, name, floor_to_keep(index))  # verified by TUF: kept even if hidden later
+    skipped: list[dict[str, Any]] = []
+    stale = stale_floor_reason(index, dev.sd.load_state().committed())
+    if stale is not None:
+        skipped.append({"version": None, "reason": stale, "security": True, "kind": "floor"})
+        dev.events.append("security", name, "", reason=stale)
     mdir = dev.mdir(name)
     cur = _slots.current_slot(mdir)
     cur_rel = _slots.read_release(mdir, cur) if cur else None
     entry = index.get(cur_rel.version) if cur_rel else None
     prev = _slots.other(cur)
-    skipped: list[dict[str, Any]] = []
     if cur and cur_rel and entry and entry.yanked:
         def yanked(version: str) -> bool:
             e = index.get(version)
@@ -139,8 +145,8 @@ def choose(dev: Device, session: TufSession, name: str) -> Choice | tuple[dict[s
     committed = dev.sd.load_state().committed()
     device = dev.cfg.facts()
     ranking = rank(index, device, committed, cur_rel.version if cur_rel else None)
-    skipped += [{"version": s.version, "reason": s.reason, "security": s.security}
-                for s in ranking.skipped]
+    skipped += [{"version": s.version, "reason": s.reason, "security": s.security,
+                 "kind": s.kind, "counter": s.counter} for s in ranking.skipped]
     for s in ranking.skipped:
         if s.security:
             dev.events.append("security", name, s.version, reason=s.reason)
@@ -149,12 +155,23 @@ def choose(dev: Device, session: TufSession, name: str) -> Choice | tuple[dict[s
         if found is None:
             raise SecurityError(f"index lists {name} {cand.version} but it has no target")
         info, facts = found
-        why = check_release(facts, cand, index, device, committed)
+        why = check_release(facts, cand, index, device, committed,
+                            cur_rel.version if cur_rel else None)
         if why is None:
             return Choice(facts, info, tuple(skipped))
-        skipped.append({"version": cand.version, "reason": why, "security": False})
+        skipped.append({"version": cand.version, "reason": why, "security": False,
+                        "kind": "incompatible", "counter": cand.counter})
         dev.events.append("refused", name, cand.version, reason=why)
     return tuple(skipped)
+
+
+def _keep_floor(dev: Device, name: str, floor: int) -> None:
+    """Persist ``floor`` for ``name`` if it is higher than every floor kept so far (one
+    atomic write; nothing is written when it does not rise)."""
+    state = dev.sd.load_state()
+    raised = state.with_floor(name, floor)
+    if raised is not state:
+        dev.sd.save_state(raised)
 
 
 def check_bundle_facts(manifest: Manifest, facts: TargetFacts) -> None:
@@ -171,7 +188,7 @@ def check_bundle_facts(manifest: Manifest, facts: TargetFacts) -> None:
     if rel.kind == "model":
         required.add(rel.model_path)
     if rel.smoke is not None:
-        required |= {rel.smoke.inputs, rel.smoke.golden}
+        required |= set(rel.smoke.files())
     for path in sorted(required):
         entry = manifest.file(path)  # FormatError (a SecurityError) if missing
         want = facts.digests.get(path)
@@ -250,6 +267,9 @@ def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
         if (staging / RELEASE_FILE).read_bytes() != rel.to_bytes():
             raise SecurityError("release.json in the bundle differs from the signed facts")
         keyid = verify_signature(dev, session, name, staging, manifest, verifier)
+        # release.json equals the facts and the release key signed it: its floor is kept
+        # whatever happens to this install (smoke failure, revert, a later forged index).
+        _keep_floor(dev, name, rel.security_floor)
         dev.journal.advance(Phase.STAGED)
         _slots.install_staged(mdir, slot, manifest, _evidence(choice, session))
         _slots.remove_tree(old_stage)

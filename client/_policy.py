@@ -8,10 +8,15 @@ of a candidate.
 Invariants enforced here (DESIGN decisions 3 and 4):
 
 * a release is installable only if its counter is strictly above the committed counter of its
-  model and not below any security floor (the index's, the release's, the committed one);
+  model (or equal to it when it *is* the committed release, re-installed after a local revert)
+  and its content is not below any security floor (the index's, the release's, the highest
+  one this device has verified); a rollback release is judged by the counter of the release
+  whose content it carries (``Release.content_counter``, signed in its facts), never by its
+  own newer counter;
 * the rollout state must let this device in: not paused, not yanked, ring order
   ``canary < pilot < ga`` (a device in ring ``d`` takes a release at ring ``r`` iff
-  ``index(d) <= index(r)``), and the device's deterministic bucket below the percentage;
+  ``index(d) <= index(r)``); the percentage applies only to the ring being entered
+  (``d == r``): a ring the release has passed (``index(d) < index(r)``) stays at 100 %;
 * the release must be compatible: arch, hardware tier, execution providers, PEP 440 runtime
   range, minimum client version;
 * a release that failed here is never retried;
@@ -54,22 +59,32 @@ class DeviceFacts:
 
 @dataclass(frozen=True)
 class Committed:
-    """What the device has committed: highest confirmed counter and floor per model, and the
-    releases that failed here (``(name, version)`` pairs)."""
+    """What the device has committed: highest confirmed counter per model and its version,
+    the highest security floor it has ever verified per model, and the releases that failed
+    here (``(name, version)`` pairs)."""
 
     counters: Mapping[str, int] = field(default_factory=dict)
     floors: Mapping[str, int] = field(default_factory=dict)
     failed: frozenset[tuple[str, str]] = frozenset()
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+
+# Kinds of skip: why a release was not taken (``Skip.kind``); the rollout kinds say the
+# repository has it but has not rolled it out to this device yet.
+ROLLOUT_KINDS = frozenset({"paused", "ring", "bucket"})
 
 
 @dataclass(frozen=True)
 class Skip:
     """Why one release of the index was not chosen. ``security`` marks a refusal that must be
-    reported as a security event (a downgrade attempt, an inconsistent repository)."""
+    reported as a security event (a downgrade attempt, an inconsistent repository). ``kind``
+    is one of yanked, failed, downgrade, floor, paused, ring, bucket."""
 
     version: str
     reason: str
     security: bool = False
+    kind: str = ""
+    counter: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,13 +131,54 @@ def floor_of(name: str, index: ModelIndex | None, committed: Committed) -> int:
     return max(index.security_floor if index else 0, committed.floors.get(name, 0))
 
 
+def content_counter(rel: Release) -> int:
+    """The counter of the release whose bytes ``rel`` carries: its own, or for a rollback the
+    one it re-publishes (signed in its facts). A rollback published before rollbacks carried
+    it counts as 0: under any floor it is refused (fail closed)."""
+    if rel.rollback_of is None:
+        return rel.counter
+    return rel.content_counter if rel.content_counter is not None else 0
+
+
+def floor_to_keep(index: ModelIndex) -> int:
+    """The floor a device may persist from a TUF-verified index: the index's floor, but never
+    above the highest counter it lists (a publisher never signs a floor above its own release's
+    counter). This bounds what a forged index can make a device refuse forever to the counters
+    it names; the floors signed by the release key (in release facts) are kept unbounded."""
+    top = max((r.counter for r in index.releases), default=0)
+    return min(index.security_floor, top)
+
+
+def stale_floor_reason(index: ModelIndex, committed: Committed) -> str | None:
+    """Why ``index`` cannot be the repository's current index, or None.
+
+    A genuine index's floor is the highest floor ever published for its model, so it is never
+    below a floor this device verified (from release facts, or an earlier index). A lower one
+    is a forged or replayed index: what an attacker holding only the online keys signs to
+    make old, vulnerable releases installable again."""
+    mine = committed.floors.get(index.name, 0)
+    if index.security_floor < mine:
+        return (f"the index of {index.name} says security floor {index.security_floor}, below "
+                f"the floor {mine} this device has verified: a forged or replayed index")
+    return None
+
+
+def nothing_status(skipped: Iterable[Skip], committed_counter: int) -> str:
+    """Status of a cycle that installs nothing, from the skips: ``not_in_rollout`` when a
+    release newer than the committed one exists but its rollout (ring, percentage, pause)
+    leaves this device out, else ``up_to_date``."""
+    if any(s.counter > committed_counter and s.kind in ROLLOUT_KINDS for s in skipped):
+        return "not_in_rollout"
+    return "up_to_date"
+
+
 def rank(index: ModelIndex, device: DeviceFacts, committed: Committed,
-         committed_version: str | None = None) -> Ranking:
+         current_version: str | None = None) -> Ranking:
     """Order the index's releases this device may take, best (highest counter) first.
 
-    A release whose SemVer version is above the committed version but whose counter is not
-    above the committed counter is a downgrade attempt (a newly signed pointer to old bytes
-    with a lower counter) and is reported as a security skip.
+    ``current_version`` is the release the device runs now. A release whose SemVer version
+    is above it but whose counter is not above the committed counter is a downgrade attempt
+    (a newly signed pointer to old bytes with a lower counter): a security skip.
 
     Raises:
         SecurityError: the index lists one version twice or one counter for two versions.
@@ -134,7 +190,9 @@ def rank(index: ModelIndex, device: DeviceFacts, committed: Committed,
     ok: list[RolloutState] = []
     skipped: list[Skip] = []
     for r in index.releases:
-        reason = _rollout_reason(r, name, device, committed, have=have, floor=floor)
+        reinstall = _reinstall(r.version, name, committed, current_version)
+        kind, reason = _rollout_reason(r, name, device, committed,
+                                       have=have - 1 if reinstall else have, floor=floor)
         if reason is None:
             ok.append(r)
             continue
@@ -144,15 +202,16 @@ def rank(index: ModelIndex, device: DeviceFacts, committed: Committed,
         security = (
             reason.startswith("downgrade")
             and r.counter < have
-            and _looks_newer(r.version, committed_version)
+            and _looks_newer(r.version, current_version)
         )
-        skipped.append(Skip(r.version, reason, security))
+        skipped.append(Skip(r.version, reason, security, kind, r.counter))
     ok.sort(key=lambda r: r.counter, reverse=True)
     return Ranking(tuple(ok), tuple(skipped))
 
 
 def check_release(facts: TargetFacts, state: RolloutState, index: ModelIndex,
-                  device: DeviceFacts, committed: Committed) -> str | None:
+                  device: DeviceFacts, committed: Committed,
+                  current_version: str | None = None) -> str | None:
     """Check a candidate's signed facts against its index entry and this device.
 
     Returns None if the release may be installed, else the reason it is incompatible with
@@ -168,26 +227,33 @@ def check_release(facts: TargetFacts, state: RolloutState, index: ModelIndex,
             f"release target {rel.name} {rel.version} (counter {rel.counter}) contradicts its "
             f"index entry {index.name} {state.version} (counter {state.counter})"
         )
-    check_counter(rel, index, committed)
+    check_counter(rel, index, committed, current_version)
     return compat_reason(rel, device)
 
 
-def check_counter(rel: Release, index: ModelIndex | None, committed: Committed) -> None:
-    """Raise unless ``rel`` is strictly above the committed counter and every floor.
+def check_counter(rel: Release, index: ModelIndex | None, committed: Committed,
+                  current_version: str | None = None) -> None:
+    """Raise unless ``rel`` is strictly above the committed counter (or is the committed
+    release itself while the device runs another one) and its content is not below any floor.
 
     Raises:
-        DowngradeError: a counter at or below the committed one, or below a security floor.
+        DowngradeError: a counter at or below the committed one, or content below a floor.
     """
     have = committed.counters.get(rel.name, 0)
+    if _reinstall(rel.version, rel.name, committed, current_version):
+        have -= 1
     if rel.counter <= have:
         raise DowngradeError(
             f"downgrade refused: {rel.name} {rel.version} has counter {rel.counter}, "
             f"committed counter is {have}"
         )
     floor = max(floor_of(rel.name, index, committed), rel.security_floor)
-    if rel.counter < floor:
+    content = content_counter(rel)
+    if content < floor:
+        what = f"counter {rel.counter}" if content == rel.counter else (
+            f"a rollback to {rel.rollback_of}, content counter {content}")
         raise DowngradeError(
-            f"{rel.name} {rel.version} (counter {rel.counter}) is below the security floor {floor}"
+            f"{rel.name} {rel.version} ({what}) is below the security floor {floor}"
         )
 
 
@@ -246,20 +312,32 @@ def _check_index(index: ModelIndex) -> None:
 
 
 def _rollout_reason(r: RolloutState, name: str, device: DeviceFacts, committed: Committed,
-                    *, have: int, floor: int) -> str | None:
-    """The first reason, in this order, that keeps ``r`` from this device, or None."""
+                    *, have: int, floor: int) -> tuple[str, str | None]:
+    """The first ``(kind, reason)``, in this order, that keeps ``r`` from this device, or
+    ``("", None)``. The percentage applies only to the ring the release is entering: a device
+    in an earlier ring than the release's (one the release has passed) is always in."""
+    entering = device.ring == r.ring
     checks = (
-        (r.yanked, "yanked"),
-        ((name, r.version) in committed.failed, "failed on this device before"),
-        (r.counter <= have, f"downgrade: counter {r.counter} is not above committed {have}"),
-        (r.counter < floor, f"downgrade: counter {r.counter} below security floor {floor}"),
-        (r.paused, "rollout paused"),
-        (not ring_allows(device.ring, r.ring),
+        (r.yanked, "yanked", "yanked"),
+        ((name, r.version) in committed.failed, "failed", "failed on this device before"),
+        (r.counter <= have, "downgrade",
+         f"downgrade: counter {r.counter} is not above committed {have}"),
+        (r.counter < floor, "floor",
+         f"downgrade: counter {r.counter} below security floor {floor}"),
+        (r.paused, "paused", "rollout paused"),
+        (not ring_allows(device.ring, r.ring), "ring",
          f"rollout at ring {r.ring}, device is in ring {device.ring}"),
-        (bucket(device.device_id, name, r.version) >= r.percent,
-         f"outside the {r.percent:g}% rollout bucket"),
+        (entering and bucket(device.device_id, name, r.version) >= r.percent, "bucket",
+         f"outside the {r.percent:g}% rollout bucket of ring {r.ring}"),
     )
-    return next((why for hit, why in checks if hit), None)
+    return next(((kind, why) for hit, kind, why in checks if hit), ("", None))
+
+
+def _reinstall(version: str, name: str, committed: Committed, current_version: str | None) -> bool:
+    """True when ``version`` is the release this device committed while it runs another
+    one (after ``ota device revert``): taking it again is no downgrade (same counter)."""
+    return (committed.versions.get(name) == version and current_version is not None
+            and current_version != version)
 
 
 def _looks_newer(version: str, committed_version: str | None) -> bool:

@@ -3,8 +3,11 @@
 * ``device.json`` - what the device is and where it updates from (:class:`DeviceConfig`),
   written by :func:`ota.client.init_device`; read-only afterwards.
 * ``trust/root.json`` - the bootstrap TUF root given at init (the trust anchor).
-* ``state.json`` - :class:`CommittedState`: per model the confirmed version, its counter and the
-  highest security floor seen; releases that failed here; recovery attempts per release.
+* ``state.json`` - :class:`CommittedState`: per model the confirmed version and its counter;
+  per model the highest security floor this device has ever verified (``floors``: from the
+  release facts it verified, signed by the release key, and from TUF-verified indexes, bounded
+  by :func:`ota.client._policy.floor_to_keep`), which only ever grows; releases that failed
+  here; recovery attempts per release. Every change is one atomic write (``ota._atomic``).
 """
 
 from __future__ import annotations
@@ -105,12 +108,36 @@ class CommittedState:
     failed: tuple[tuple[str, str], ...] = ()
     attempts: dict[str, int] = field(default_factory=dict)  # "name@version" -> recoveries
     notices: tuple[str, ...] = ()  # "name@version:what" conditions already reported once
+    floors: dict[str, int] = field(default_factory=dict)  # highest verified floor per model
+
+    def floor(self, name: str) -> int:
+        m = self.models.get(name)
+        return max(m.floor if m else 0, self.floors.get(name, 0))
 
     def committed(self) -> Committed:
+        names = set(self.models) | set(self.floors)
         return Committed(
             counters={n: m.counter for n, m in self.models.items()},
-            floors={n: m.floor for n, m in self.models.items()},
+            floors={n: self.floor(n) for n in names},
             failed=frozenset(self.failed),
+            versions={n: m.version for n, m in self.models.items()},
+        )
+
+    def with_floor(self, name: str, floor: int) -> CommittedState:
+        """The state with ``floor`` kept for ``name`` if higher: floors never go down."""
+        if floor <= self.floor(name):
+            return self
+        return replace(self, floors={**self.floors, name: floor})
+
+    def without_failure(self, name: str, version: str) -> CommittedState:
+        """The state with ``(name, version)`` no longer failed nor abandoned: it may be
+        retried (operator action, ``ota device forget-failure``)."""
+        key = f"{name}@{version}"
+        return replace(
+            self,
+            failed=tuple(p for p in self.failed if p != (name, version)),
+            attempts={k: v for k, v in self.attempts.items() if k != key},
+            notices=tuple(n for n in self.notices if not n.startswith(key + ":")),
         )
 
     def with_failed(self, name: str, version: str) -> CommittedState:
@@ -141,6 +168,7 @@ class CommittedState:
             "failed": [list(p) for p in self.failed],
             "attempts": dict(sorted(self.attempts.items())),
             "notices": list(self.notices),
+            "floors": dict(sorted(self.floors.items())),
         }
         return json.dumps(doc, sort_keys=True, indent=1).encode()
 
@@ -155,11 +183,18 @@ class CommittedState:
                 failed=tuple((str(a), str(b)) for a, b in doc["failed"]),
                 attempts={str(k): int(v) for k, v in doc["attempts"].items()},
                 notices=tuple(str(n) for n in doc.get("notices", [])),  # absent before 2026-11
+                floors={str(k): _floor(v) for k, v in doc.get("floors", {}).items()},  # 2026-12
             )
         except LocalError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise LocalError(f"device state is corrupt: {e}") from e
+
+
+def _floor(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**53:
+        raise LocalError(f"device state is corrupt: bad floor {value!r:.40}")
+    return value
 
 
 class StateDir:

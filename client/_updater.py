@@ -10,7 +10,7 @@ state dir, a held lock) raises.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,14 +43,18 @@ from ._install import (
     install,
 )
 from ._journal import Phase, Txn
+from ._policy import ROLLOUT_KINDS, Skip, nothing_status
 from ._report import ReportOutcome, flush_events
 from ._state import DeviceConfig, StateDir
 from ._tuf import TufSession
 
 # Worst first: the exit code of a multi-model cycle is that of its worst outcome.
 _SEVERITY = ["security", "smoke_failed", "reverted", "local_error", "transient", "conflict",
-             "pending_confirmation", "yank_reverted", "updated", "confirmed", "up_to_date"]
+             "no_such_model", "kept_yanked", "reverted_locally", "pending_confirmation",
+             "yank_reverted", "updated", "confirmed", "not_in_rollout", "up_to_date"]
 _EXIT = {
+    "no_such_model": ExitCode.NO_SUCH_MODEL, "not_in_rollout": ExitCode.NOT_IN_ROLLOUT,
+    "kept_yanked": ExitCode.KEPT_YANKED, "reverted_locally": ExitCode.REVERTED_LOCALLY,
     "security": ExitCode.SECURITY, "smoke_failed": ExitCode.SMOKE_FAILED,
     "reverted": ExitCode.SMOKE_FAILED, "local_error": ExitCode.LOCAL,
     "transient": ExitCode.TRANSIENT, "conflict": ExitCode.CONFLICT,
@@ -66,7 +70,11 @@ class ModelOutcome:
     up_to_date, updated (confirmed in this cycle), pending_confirmation (health window open),
     confirmed, reverted (health check failed or window expired), yank_reverted (the current
     release was yanked: back on the previous slot), smoke_failed, security, transient,
-    local_error, conflict."""
+    local_error, conflict; and when nothing was installed for a reason other than being up to
+    date: no_such_model (the repository has no such model), not_in_rollout (a newer release
+    exists but its ring, percentage or pause leaves this device out), kept_yanked (the current
+    release is yanked and nothing safe is left to revert to), reverted_locally (the device runs
+    an older slot than its committed release, after ``ota device revert``)."""
 
     model: str
     status: str
@@ -110,17 +118,25 @@ _REPORT_LOCK_WAIT_S = 5.0  # a reporter reads or acks the queue; it never holds 
 
 
 def init_device(state_dir: Path | str, repo_url: str, root: bytes, device_id: str,
-                models: list[str] | tuple[str, ...], **options: Any) -> DeviceConfig:
+                models: list[str] | tuple[str, ...], *,
+                floors: Mapping[str, int] | None = None, **options: Any) -> DeviceConfig:
     """Initialise a state directory: device facts, repository URL, trusted root.
 
     ``options`` are :class:`DeviceConfig` fields (ring, tier, arch, runtime_version,
     providers, health_timeout_s, health_cmd, hook_cmd, max_attempts). Re-running init on an
     initialised directory updates the config but keeps committed state and slots.
+    ``floors`` (model -> release counter) provisions security floors, like the trusted root,
+    from a source the device trusts: a device that has never polled cannot learn a floor that
+    an attacker holding the online keys hides. Kept floors only ever rise.
 
     Raises:
         ConfigError: a bad option or a root that python-tuf rejects.
-        InputError: an unknown option.
+        InputError: an unknown option, or a floor for a model not followed or out of range.
     """
+    for m, f in (floors or {}).items():
+        if m not in models or isinstance(f, bool) or not isinstance(f, int) or not 0 <= f <= 2**53:
+            raise InputError(f"bad security floor {m}={f!r}",
+                             remedy="give MODEL=COUNTER for a model this device follows")
     if isinstance(options.get("report_url"), str):
         options["report_url"] = options["report_url"].rstrip("/")
     try:
@@ -137,6 +153,12 @@ def init_device(state_dir: Path | str, repo_url: str, root: bytes, device_id: st
         with filelock.FileLock(str(sd.lock_path), timeout=_INIT_LOCK_WAIT_S):
             write_bytes(sd.root_path, root)
             sd.save_config(cfg)
+            state = sd.load_state()
+            raised = state
+            for m, f in (floors or {}).items():
+                raised = raised.with_floor(m, f)
+            if raised is not state:
+                sd.save_state(raised)
     except filelock.Timeout as e:
         raise ConflictError(f"an updater holds {sd.lock_path}",
                             remedy="retry when it has finished its cycle") from e
@@ -258,7 +280,7 @@ def _one(dev: Device, session: TufSession, name: str, pool: Any, ctx: _Ctx) -> M
             if sec:
                 return ModelOutcome(name, "security", sec[0]["version"], sec[0]["reason"],
                                     skipped=chosen)
-            return ModelOutcome(name, "up_to_date", skipped=chosen)
+            return _idle(dev, session, name, chosen)
         version = chosen.facts.release.version
         figures = install(dev, session, name, chosen, blob_base=dev.cfg.repo_url, pool=pool,
                           fetch_cfg=ctx.fcfg, limits=ctx.limits, verifier=ctx.verifier,
@@ -272,6 +294,43 @@ def _one(dev: Device, session: TufSession, name: str, pool: Any, ctx: _Ctx) -> M
         return ModelOutcome(name, status, version, skipped=chosen.skipped, figures=figures)
     except OtaError as e:
         return _failure(dev, name, version, e)
+
+
+def _idle(dev: Device, session: TufSession, name: str,
+          skipped: tuple[dict[str, Any], ...]) -> ModelOutcome:
+    """The outcome of a cycle that installs nothing for ``name``: the first that applies of
+    no_such_model, kept_yanked, reverted_locally, not_in_rollout, else up_to_date."""
+    if any(s.get("no_such_model") for s in skipped):
+        return ModelOutcome(name, "no_such_model", None, skipped[0]["reason"],
+                            "check the model name this device follows (`ota device init "
+                            "--model`) against `ota releases`", skipped)
+    kept = [s for s in skipped if s.get("kept_yanked")]
+    if kept:
+        return ModelOutcome(name, "kept_yanked", kept[0]["version"], kept[0]["reason"],
+                            "publish a fixed release (or un-yank); the device keeps running "
+                            "the yanked one until then", skipped)
+    state = dev.sd.load_state()
+    mdir = dev.mdir(name)
+    cur = _slots.current_slot(mdir)
+    cur_rel = _slots.read_release(mdir, cur) if cur else None
+    cm = state.models.get(name)
+    index = session.index(name)
+    entry = index.get(cm.version) if index is not None and cm is not None else None
+    if cm is not None and cur_rel is not None and cur_rel.version != cm.version and not (
+        entry is not None and entry.yanked
+    ):  # a yank revert follows the repository; an operator revert is this device's own
+        return ModelOutcome(
+            name, "reverted_locally", cur_rel.version,
+            f"running {cur_rel.version}; the committed release {cm.version} was reverted here",
+            f"`ota device forget-failure {name} {cm.version}` lets the next cycle reinstall "
+            "it; a newer release is taken as usual", skipped)
+    skips = [Skip(str(s.get("version")), str(s["reason"]), bool(s.get("security")),
+                  str(s.get("kind", "")), int(s.get("counter", 0))) for s in skipped]
+    status = nothing_status(skips, cm.counter if cm else 0)
+    if status == "not_in_rollout":
+        waiting = [s for s in skips if s.kind in ROLLOUT_KINDS]
+        return ModelOutcome(name, status, waiting[0].version, waiting[0].reason, skipped=skipped)
+    return ModelOutcome(name, "up_to_date", skipped=skipped)
 
 
 def _failure(dev: Device, name: str, version: str | None, e: OtaError) -> ModelOutcome:
@@ -334,7 +393,7 @@ def status(state_dir: Path | str) -> DeviceStatus:
                         "current_slot": slot, "model_path": path,
                         "committed_version": cm.version if cm else None,
                         "committed_counter": cm.counter if cm else 0,
-                        "security_floor": cm.floor if cm else 0}
+                        "security_floor": committed.floor(name)}  # highest verified
     trial = None
     if st.txn is not None:
         trial = {"model": st.txn.name, "version": st.txn.version, "slot": st.txn.slot,
@@ -388,3 +447,26 @@ def revert(state_dir: Path | str, *, model: str | None = None,
         txn = Txn(name, rel.version, rel.counter, cur, prev, started=dev.clock())
         dev.revert_txn(txn, "operator revert")
         return ModelOutcome(name, "reverted", rel.version)
+
+
+def forget_failure(state_dir: Path | str, name: str, version: str, *,
+                   timeout: float = 30.0) -> ModelOutcome:
+    """Operator action: let a release that failed or was abandoned here be retried. It clears
+    the release from the failed list, its recovery attempts and its one-time notices; the
+    next cycle may install it again if the policy allows (counter, floor, rollout). A release
+    this device committed and then reverted is re-installed under its own counter.
+
+    Raises:
+        InputError: the release is not failed or abandoned on this device.
+        ConflictError: the lock was not free within ``timeout`` seconds.
+    """
+    dev = Device(state_dir)
+    with dev.locked(timeout):
+        dev.recover()
+        state = dev.sd.load_state()
+        if (name, version) not in state.failed and f"{name}@{version}" not in state.attempts:
+            raise InputError(f"{name} {version} has not failed on this device",
+                             remedy="see `ota device status` for the failed releases")
+        dev.sd.save_state(state.without_failure(name, version))
+        dev.events.append("failure_forgotten", name, version, by="operator")
+        return ModelOutcome(name, "failure_forgotten", version)

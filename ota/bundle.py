@@ -310,9 +310,22 @@ class Budget:
         }
 
 
+SMOKE_CHECKS = ("values", "shapes")
+"""How a device compares smoke outputs: ``values`` (with the golden outputs, within rtol/atol)
+or ``shapes`` (names, dtypes, shapes and finiteness only: models whose outputs vary)."""
+MAX_SMOKE_SETS = 16
+
+
 @dataclass(frozen=True)
 class SmokeSpec:
-    """How a device checks a bundle before committing it."""
+    """How a device checks a bundle before committing it.
+
+    ``inputs``/``golden`` are the first reference set; ``extra_sets`` holds further
+    ``(inputs, golden)`` pairs, each checked the same way (at most ``MAX_SMOKE_SETS`` in all).
+    ``check`` is one of :data:`SMOKE_CHECKS`. The two optional keys are written only when they
+    differ from the defaults, so a release that uses neither has the same bytes as before, and a
+    device too old to know them refuses a release that needs them (fail closed).
+    """
 
     inputs: str = SMOKE_INPUTS_FILE
     golden: str = SMOKE_GOLDEN_FILE
@@ -320,9 +333,19 @@ class SmokeSpec:
     atol: float = 1e-4
     runs: int = 5
     budgets: Mapping[str, Budget] = field(default_factory=dict)  # tier name, or "*" for any
+    check: str = "values"
+    extra_sets: tuple[tuple[str, str], ...] = ()
+
+    def sets(self) -> tuple[tuple[str, str], ...]:
+        """Every ``(inputs, golden)`` pair, the first one first."""
+        return ((self.inputs, self.golden), *self.extra_sets)
+
+    def files(self) -> tuple[str, ...]:
+        """Every smoke file's bundle path."""
+        return tuple(p for pair in self.sets() for p in pair)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "inputs": self.inputs,
             "golden": self.golden,
             "rtol": _fstr(self.rtol),
@@ -330,12 +353,18 @@ class SmokeSpec:
             "runs": self.runs,
             "budgets": {k: v.to_dict() for k, v in sorted(self.budgets.items())},
         }
+        if self.check != "values":
+            doc["check"] = self.check
+        if self.extra_sets:
+            doc["extra_sets"] = [{"inputs": i, "golden": g} for i, g in self.extra_sets]
+        return doc
 
     @classmethod
     def from_dict(cls, doc: object) -> SmokeSpec:
         if not isinstance(doc, dict):
             raise FormatError("smoke spec is not an object")
-        _expect_keys(doc, {"inputs", "golden", "rtol", "atol", "runs", "budgets"}, "smoke spec")
+        base = {"inputs", "golden", "rtol", "atol", "runs", "budgets"}
+        _expect_keys(doc, base | ({"check", "extra_sets"} & set(doc)), "smoke spec")
         budgets_raw = doc["budgets"]
         if not isinstance(budgets_raw, dict) or len(budgets_raw) > 64:
             raise FormatError("bad smoke budgets")
@@ -349,14 +378,35 @@ class SmokeSpec:
                 _opt_float(b["peak_mem_mb"], "memory budget"),
             )
         runs = _count(doc["runs"], 1000, "smoke runs")
-        return cls(
+        check = doc.get("check", "values")
+        if check not in SMOKE_CHECKS or ("check" in doc and check == "values"):
+            raise FormatError(f"bad smoke check {check!r:.40}")
+        extra_raw = doc.get("extra_sets", [])
+        if not isinstance(extra_raw, list) or ("extra_sets" in doc and not extra_raw):
+            raise FormatError("bad smoke extra_sets")
+        if len(extra_raw) >= MAX_SMOKE_SETS:
+            raise FormatError(f"more than {MAX_SMOKE_SETS} smoke sets")
+        extra: list[tuple[str, str]] = []
+        for item in extra_raw:
+            if not isinstance(item, dict):
+                raise FormatError("bad smoke set")
+            _expect_keys(item, {"inputs", "golden"}, "smoke set")
+            extra.append(
+                (validate_bundle_path(item["inputs"]), validate_bundle_path(item["golden"]))
+            )
+        spec = cls(
             inputs=validate_bundle_path(doc["inputs"]),
             golden=validate_bundle_path(doc["golden"]),
             rtol=_float(doc["rtol"], "rtol"),
             atol=_float(doc["atol"], "atol"),
             runs=max(runs, 1),
             budgets=budgets,
+            check=check,
+            extra_sets=tuple(extra),
         )
+        if len(set(spec.files())) != len(spec.files()):
+            raise FormatError("smoke sets name one file twice")
+        return spec
 
     def budget_for(self, tier: str) -> Budget | None:
         return self.budgets.get(tier) or self.budgets.get("*")
@@ -377,9 +427,14 @@ class Release:
     model_path: str = "model/model.onnx"
     rollback_of: str | None = None  # version whose files this release re-publishes
     created: str = ""  # RFC 3339 UTC
+    # Rollbacks only: the counter of the release whose content this one carries (issue 12).
+    # Serialised only when set, so release documents written before it stay byte-identical.
+    content_counter: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {} if self.content_counter is None else {"content_counter": self.content_counter}
         return {
+            **extra,
             "format": RELEASE_FORMAT,
             "name": self.name,
             "version": self.version,
@@ -419,6 +474,7 @@ class Release:
                 "model_path",
                 "rollback_of",
                 "created",
+                *(("content_counter",) if "content_counter" in doc else ()),
             },
             "release",
         )
@@ -434,6 +490,11 @@ class Release:
         created = doc["created"]
         if not isinstance(created, str) or len(created) > 40:
             raise FormatError("bad created timestamp")
+        content = doc.get("content_counter")
+        if content is not None:
+            content = _count(content, 2**53, "content counter")
+            if rollback_of is None:
+                raise FormatError("content_counter is only for rollback releases")
         return cls(
             name=name,
             version=version,
@@ -445,6 +506,7 @@ class Release:
             model_path=validate_bundle_path(doc["model_path"]),
             rollback_of=rollback_of,
             created=created,
+            content_counter=content,
         )
 
     @classmethod

@@ -32,6 +32,11 @@ class ExitCode(enum.IntEnum):
     CONFLICT = 8
     CONFIG = 9
     UP_TO_DATE = 10
+    # ``ota device update``: nothing installed, for a reason that is not "up to date" (issue 12)
+    NO_SUCH_MODEL = 11  # the device follows a model the repository does not have
+    NOT_IN_ROLLOUT = 12  # a newer release exists; its ring, percentage or pause leaves us out
+    KEPT_YANKED = 13  # running a yanked release with nothing safe to revert to
+    REVERTED_LOCALLY = 14  # running an older slot than the committed release (device revert)
 
 
 class OtaError(Exception):

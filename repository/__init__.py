@@ -5,6 +5,7 @@ Importing this package pulls in the publisher's dependencies lazily; devices nev
 
 from ota.repository._index import UnknownRelease
 from ota.repository._ops import (
+    BelowFloor,
     GcResult,
     ReleaseRow,
     gc,
@@ -18,6 +19,7 @@ from ota.repository._ops import (
 from ota.repository._project import InitResult, Project, ProjectConfig, init_project
 from ota.repository._publish import (
     DuplicateVersion,
+    LowerVersion,
     PublishRequest,
     PublishResult,
     publish,
@@ -32,10 +34,12 @@ from ota.repository._storage import (
 )
 
 __all__ = [
+    "BelowFloor",
     "DuplicateVersion",
     "FileStorage",
     "GcResult",
     "InitResult",
+    "LowerVersion",
     "NotFound",
     "PreconditionFailed",
     "Project",

@@ -25,7 +25,8 @@ from ota.bundle import (
     validate_name,
     validate_version,
 )
-from ota.errors import InputError
+from ota.client._policy import content_counter
+from ota.errors import InputError, SecurityError
 from ota.repository import _auditlog  # issue 4: every steering change is logged
 from ota.repository._chunker import Uploader
 from ota.repository._index import (
@@ -39,6 +40,10 @@ from ota.repository._index import (
 from ota.repository._project import Project, target_storage_key
 from ota.repository._publish import PublishResult, _finish, _now
 from ota.repository._txn import Transaction
+
+
+class BelowFloor(SecurityError):
+    """A rollback to content below the security floor (devices would refuse it): exit 4."""
 
 
 def _steer(
@@ -57,6 +62,9 @@ def _steer(
 
 def promote(project: Project, name: str, version: str, ring: str, percent: float) -> RolloutState:
     """Move a release to ``ring`` at ``percent`` (and un-pause it).
+
+    The percentage applies to ``ring`` only (the ring being entered): devices of the rings
+    before it, which the release has passed, may all install it (``docs/runbooks/rollout.md``).
 
     Raises:
         InputError: unknown ring, percent out of range, unknown or yanked release.
@@ -99,8 +107,14 @@ def rollback(
     Nothing is re-uploaded but the new ``release.json`` and signature; devices that still hold
     the old chunks download almost nothing. The new version is ``<to_version>+rollback.<n>``.
 
+    The new release's facts carry the counter of the release whose content it re-publishes
+    (``content_counter``, signed by the release key): devices judge it by that counter
+    against the security floor, never by its own newer counter (DESIGN decision 4). So a
+    rollback to content below the model's floor is refused here.
+
     Raises:
         UnknownRelease: ``to_version`` is not published.
+        BelowFloor: ``to_version``'s content is below the model's security floor.
     """
     validate_name(name)
     validate_version(to_version)
@@ -108,6 +122,16 @@ def rollback(
     facts = read_facts(txn, name, to_version)
     if facts is None:
         raise UnknownRelease(f"{name} {to_version} is not published")
+    content = content_counter(facts.release)
+    index = read_index(txn, name)
+    floor = max(index.security_floor if index else 0, facts.release.security_floor)
+    if content < floor:
+        raise BelowFloor(
+            f"refused: {name} {to_version} carries the content of release counter {content}, "
+            f"below the security floor {floor}; devices would refuse it",
+            remedy=f"roll back to a release at or above counter {floor} (see `ota releases`), "
+            "or publish a fixed release",
+        )
     old = load_manifest(project.storage, txn, name, to_version)
     entries: dict[str, FileEntry] = {f.path: f for f in old.files}
     base = to_version.split("+", 1)[0]
@@ -128,6 +152,7 @@ def rollback(
                 model_path=facts.release.model_path,
                 rollback_of=to_version,
                 created=_now(),
+                content_counter=content,
             )
 
         payload = {p: e for p, e in entries.items() if p not in (RELEASE_FILE, SIGNATURE_FILE)}

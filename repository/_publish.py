@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,7 @@ from ota.bundle import (
     FormatError,
     Kind,
     Manifest,
+    ModelIndex,
     Release,
     SmokeSpec,
     TargetFacts,
@@ -66,6 +67,49 @@ class DuplicateVersion(InputError):
     """The version is already published for this model."""
 
 
+class LowerVersion(InputError):
+    """The version does not sort above the newest release of its model (issue 12)."""
+
+
+def check_version_order(index: ModelIndex | None, name: str, version: str) -> str | None:
+    """Raise unless ``version`` sorts above the newest release (highest counter) of ``name``.
+
+    Returns the newest release's version (None for a first release). A rollback release
+    (``<v>+rollback.<n>``) sorts as ``<v>``: after rolling back, a fix above ``<v>`` is fine.
+
+    Raises:
+        LowerVersion: SemVer precedence (build metadata ignored) not above the newest's.
+    """
+    from ota.client._policy import semver_key
+
+    if index is None or not index.releases:
+        return None
+    newest = max(index.releases, key=lambda r: r.counter)
+    if semver_key(version) <= semver_key(newest.version):
+        raise LowerVersion(
+            f"{name} {version} does not sort above the newest release {newest.version} "
+            f"(counter {newest.counter}): devices would install it as an update",
+            remedy="publish a higher version; to return to older files use `ota rollback`; "
+            "to publish it anyway pass --allow-lower-version (recorded in the audit log)",
+        )
+    return newest.version
+
+
+def check_floor(index: ModelIndex | None, floor: int) -> None:
+    """A release may not set a floor above its own counter (it would refuse itself).
+
+    Raises:
+        InputError: ``floor`` above the counter this release will get at the earliest.
+    """
+    nxt = max([r.counter for r in index.releases] + [0]) + 1 if index else 1
+    if floor > nxt:
+        raise InputError(
+            f"--security-floor {floor} is above this release's counter ({nxt}): devices "
+            "would refuse the release itself",
+            remedy=f"a floor is a release counter (see `ota releases`); at most {nxt} here",
+        )
+
+
 @dataclass
 class PublishRequest:
     """What ``ota publish`` was asked to do."""
@@ -77,11 +121,15 @@ class PublishRequest:
     ring: str = "canary"
     percent: float = 100.0
     compat: Compat = field(default_factory=Compat)
-    inputs_npz: Path | None = None
+    inputs_npz: Path | Sequence[Path] | None = None  # one reference set per file
     rtol: float = 1e-3
     atol: float = 1e-4
     runs: int = 5
     budgets: Mapping[str, Budget] = field(default_factory=dict)
+    golden_check: str = "values"  # or "shapes": outputs that vary (ota.bundle.SMOKE_CHECKS)
+    allow_degenerate_golden: bool = False  # recorded as an override when it applies
+    publisher_tier: str = "default"  # this machine's tier: its budget is checked here
+    allow_over_budget: bool = False  # recorded as an override when it applies
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
     security_floor: int = 0
     datasets: Sequence[str] = ()
@@ -91,6 +139,7 @@ class PublishRequest:
     builder_id: str = "https://edge-ota.dev/builders/ota-publish@v1"
     runtime_version: str | None = None
     policy: _policy.PolicyContext | None = None  # issue 4; None: the CLI's, else ota.toml
+    allow_lower_version: bool = False  # issue 12: recorded in the audit log when it is used
 
 
 @dataclass
@@ -150,6 +199,9 @@ def publish(
     peek = Transaction.begin(store, project.signers, project.expiry())
     if read_facts(peek, req.name, req.version) is not None:
         raise DuplicateVersion(f"{req.name} {req.version} is already published")
+    index = read_index(peek, req.name)
+    check_floor(index, req.security_floor)
+    lower_than = _version_order(index, req)
     policy = _policy.resolve(project, req.policy)  # issue 4: checked before any upload
     _policy.check_request(policy, project, req)
     known = _previous_chunks(project, peek, req.name)
@@ -166,22 +218,23 @@ def publish(
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="publish") as side:
             # Golden outputs and the model card parse the model while its chunks stream out:
             # onnxruntime and hashlib release the GIL, so the two cores overlap them.
-            smoke_job = side.submit(_smoke_files, req, model_path, staging)
+            smoke_job = side.submit(_smoke_files, req, model_path, staging, policy.actor)
             card_job = side.submit(_model_card, model_path)
             for bundle_path, src in payload.items():
                 entries[bundle_path] = chunk_file(src, bundle_path, up, progress)
-            smoke = smoke_job.result()
+            smoke, overrides = smoke_job.result()
             card = card_job.result()
         if smoke is not None:
-            for rel in (smoke.inputs, smoke.golden):
+            for rel in smoke.files():
                 entries[rel] = chunk_file(staging / rel, rel, up)
+        waived = [*policy.waived(), *overrides]  # overrides are recorded like policy waivers
 
         sbom = _sbom(req, model_path, entries, card)
         _policy.check_sbom(policy, req.name, req.version, sbom)  # issue 4: nothing published yet
         (staging / SBOM_FILE).write_bytes(sbom)
         entries[SBOM_FILE] = chunk_file(staging / SBOM_FILE, SBOM_FILE, up)
 
-        prov = _provenance(project, req, entries, policy.waived())
+        prov = _provenance(project, req, entries, waived)
         (staging / PROVENANCE_FILE).write_bytes(prov)
         entries[PROVENANCE_FILE] = chunk_file(staging / PROVENANCE_FILE, PROVENANCE_FILE, up)
 
@@ -198,8 +251,27 @@ def publish(
                 created=_now(),
             )
 
+        extra = {"allow_lower_version": lower_than} if lower_than else {}
         return _finish(project, staging, entries, up, release_for, req.ring, req.percent,
-                       actor=policy.actor, waived=policy.waived())  # fmt: skip
+                       actor=policy.actor, waived=waived,
+                       allow_lower=req.allow_lower_version, audit_extra=extra)  # fmt: skip
+
+
+def _version_order(index: ModelIndex | None, req: PublishRequest) -> str | None:
+    """None if ``req.version`` sorts above the newest release; with
+    ``--allow-lower-version``, the newest release's version it does not sort above (for the
+    audit log).
+
+    Raises:
+        LowerVersion: lower or equal, and not allowed.
+    """
+    try:
+        check_version_order(index, req.name, req.version)
+    except LowerVersion:
+        if not req.allow_lower_version:
+            raise
+        return max(index.releases, key=lambda r: r.counter).version if index else None
+    return None
 
 
 def _check_device_limits(manifest: Manifest) -> bytes:
@@ -214,8 +286,10 @@ def _check_device_limits(manifest: Manifest) -> bytes:
     try:
         type(manifest).from_bytes(data, DEFAULT_LIMITS)
     except FormatError as e:
-        raise InputError(f"devices would refuse this bundle: {e}",
-                         remedy="split it, or package fewer, larger files") from e
+        raise InputError(
+            f"devices would refuse this bundle: {e}",
+            remedy="split it, or package fewer, larger files",
+        ) from e
     return data
 
 
@@ -230,11 +304,18 @@ def _finish(
     *,
     actor: str | None = None,  # issue 4: who is recorded in the audit log
     waived: Sequence[Mapping[str, str]] = (),  # issue 4: policy waivers, recorded
+    allow_lower: bool = False,  # issue 12: --allow-lower-version
+    audit_extra: Mapping[str, Any] | None = None,  # issue 12: overrides, recorded
 ) -> PublishResult:
     """Sign, upload the manifest, and commit; re-sign with the next counter if one was taken.
 
     Shared by publish and rollback (which reuses every payload entry of an older release).
     The commit also anchors the release's audit log entry (``_auditlog.run_logged``).
+
+    Invariant (DESIGN decision 4): the floor signed into the release facts (and so by the
+    release key, through ``release.json``) is never below the model's floor as committed:
+    once published, a floor is carried in every later release, whatever the request says.
+    The version order (not a rollback) is checked again inside the commit.
     """
     from ota.signing import sign_digests
 
@@ -246,6 +327,8 @@ def _finish(
         index = read_index(peek, release.name)
         counter = max([r.counter for r in index.releases] + [0]) + 1 if index else 1
         release = release_for(counter)
+        carried = max([index.security_floor if index else 0, release.security_floor])
+        release = replace(release, security_floor=carried)
         (staging / RELEASE_FILE).write_bytes(release.to_bytes())
         files = dict(payload)
         files[RELEASE_FILE] = chunk_file(staging / RELEASE_FILE, RELEASE_FILE, up)
@@ -270,16 +353,18 @@ def _finish(
         )
         info = put_target_file(store, target_path, manifest_bytes)
         info.unrecognized_fields["custom"] = facts.to_custom()
+
         def commit(txn: Transaction, i: TargetFile = info, r: Release = release) -> None:
-            _commit_release(project, txn, i, r, ring, percent)
+            _commit_release(project, txn, i, r, ring, percent, allow_lower=allow_lower)
 
         try:
             _auditlog.run_logged(  # issue 4: the commit anchors its audit log entry
                 project, "rollback" if release.rollback_of else "publish", commit,
                 subject=f"{release.name} {release.version}", actor=actor, waived=waived,
                 runner=run,
-                details=_auditlog.release_details(release.to_dict(), info.hashes["sha256"],
-                                                  ring, percent),
+                details={**_auditlog.release_details(release.to_dict(), info.hashes["sha256"],
+                                                     ring, percent),
+                         "security_floor": release.security_floor, **(audit_extra or {})},
             )  # fmt: skip
         except CounterTaken:
             continue  # a concurrent publish of this model took the counter: sign the next one
@@ -300,10 +385,16 @@ def _finish(
 
 
 def _commit_release(
-    project: Project, txn: Transaction, info: TargetFile, release: Release, ring: str, pct: float
+    project: Project, txn: Transaction, info: TargetFile, release: Release, ring: str, pct: float,
+    *, allow_lower: bool = False,
 ) -> None:
     if read_facts(txn, release.name, release.version) is not None:
         raise DuplicateVersion(f"{release.name} {release.version} is already published")
+    index = read_index(txn, release.name)
+    if index is not None and release.security_floor < index.security_floor:
+        raise CounterTaken(f"the floor of {release.name} rose to {index.security_floor}")
+    if release.rollback_of is None and not allow_lower:
+        check_version_order(index, release.name, release.version)
     add_release(
         project,
         txn,
@@ -362,12 +453,27 @@ def _runtime_payload(folder: Path) -> dict[str, Path]:
     return payload
 
 
-def _smoke_files(req: PublishRequest, model_path: Path | None, staging: Path) -> SmokeSpec | None:
+class OverBudget(InputError):
+    """The reference run on the publisher's own tier already exceeds that tier's budget:
+    every device of the tier would fail smoke and revert."""
+
+
+def _smoke_files(
+    req: PublishRequest, model_path: Path | None, staging: Path, actor: str = ""
+) -> tuple[SmokeSpec | None, list[dict[str, str]]]:
+    """The smoke files and spec, and the overrides that let them through (for the record).
+
+    Raises:
+        GoldenError: see :func:`~ota.repository._golden.make_smoke_files`.
+        OverBudget: the publisher's tier budget is exceeded and ``allow_over_budget`` is off.
+        SmokeFailed: the model fails in the sandbox while its budget is measured.
+    """
     if model_path is None:
-        return None
+        return None, []
     from ota.repository._golden import make_smoke_files
 
-    return make_smoke_files(
+    degenerate: list[str] = []
+    spec = make_smoke_files(
         model_path,
         staging,
         inputs_npz=req.inputs_npz,
@@ -375,7 +481,57 @@ def _smoke_files(req: PublishRequest, model_path: Path | None, staging: Path) ->
         rtol=req.rtol,
         atol=req.atol,
         budgets=req.budgets,
+        check=req.golden_check,
+        allow_degenerate=req.allow_degenerate_golden,
+        accepted=degenerate,
     )
+    overrides: list[dict[str, str]] = []
+    if degenerate:
+        overrides.append(_override("degenerate-golden", "--allow-degenerate-golden", actor,
+                                   "; ".join(degenerate)))  # fmt: skip
+    over = _budget_violations(req, model_path, staging, spec)
+    if over:
+        if not req.allow_over_budget:
+            raise OverBudget(
+                f"the reference run on this machine (tier {req.publisher_tier!r}) already "
+                f"exceeds the budget: {'; '.join(over)}; every device of the tier would fail "
+                "smoke",
+                remedy="raise the --budget, make the model faster or smaller, or publish "
+                "anyway with --allow-over-budget (recorded in the audit log and provenance); "
+                "--publisher-tier names this machine's tier",
+            )
+        overrides.append(_override("smoke-budget", "--allow-over-budget", actor, "; ".join(over)))
+    return spec, overrides
+
+
+def _override(rule: str, flag: str, actor: str, violation: str) -> dict[str, str]:
+    return {"rule": rule, "reason": f"{flag} given", "actor": actor, "violation": violation[:1024]}
+
+
+def _budget_violations(
+    req: PublishRequest, model_path: Path, staging: Path, spec: SmokeSpec
+) -> list[str]:
+    """Measure the model in the device's sandbox on every reference set when the publisher's
+    tier has a budget, and name each figure over it (worst over the sets).
+
+    Raises:
+        SmokeFailed: the model fails in the sandbox.
+    """
+    budget = spec.budget_for(req.publisher_tier)
+    if budget is None or (budget.latency_ms_p95 is None and budget.peak_mem_mb is None):
+        return []
+    from ota.repository._golden import measure_reference
+
+    latency, peak = 0.0, 0.0
+    for inputs, _ in spec.sets():
+        lat, mem = measure_reference(model_path, staging / inputs, runs=max(spec.runs, 2))
+        latency, peak = max(latency, lat), max(peak, mem)
+    over = []
+    if budget.latency_ms_p95 is not None and latency > budget.latency_ms_p95:
+        over.append(f"latency p95 {latency:.3f} ms > {budget.latency_ms_p95:g} ms")
+    if budget.peak_mem_mb is not None and peak > budget.peak_mem_mb:
+        over.append(f"peak memory {peak:.1f} MB > {budget.peak_mem_mb:g} MB")
+    return over
 
 
 def _model_card(model_path: Path | None) -> ModelCardFacts | None:

@@ -5,8 +5,11 @@ Invariants of :class:`ModelCardFacts`:
 * every fact comes from the graph itself (``onnx.load(..., load_external_data=False)``), so a
   model with 10 GB of external weights costs the size of its ``.onnx`` protobuf, not 10 GB;
 * the parameter count is the sum of element counts of all initializers (dense: product of dims;
-  sparse: number of stored values), subgraph initializers included; ``Constant`` nodes are
-  not parameters;
+  sparse: number of stored values) plus the weight-typed values of ``Constant`` nodes
+  (floating and quantized types, ``value_float(s)``; not int32/int64/bool/string shape and
+  index constants), subgraphs (If/Loop/Scan bodies) included: exporters often put every
+  weight in ``Constant`` nodes or in If branches (silero-vad, PaddleOCR exports). A scalar
+  float constant (an epsilon) counts as one parameter;
 * ``precision`` lists the weight precisions that hold at least 1% of floating/quantized
   initializer elements, by decreasing share, plus the precision implied by quantization
   operators (QuantizeLinear/DequantizeLinear/QLinear*/MatMulInteger/...). Mixed is normal:
@@ -264,6 +267,12 @@ def _facts(model: onnx.ModelProto, top_n: int, limits: SbomLimits) -> ModelCardF
             parameters += n
             elements[onnx.TensorProto.DataType.Name(s.values.data_type)] += n
         for node in g.node:
+            if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
+                for type_name, n in _constant_weights(node):
+                    parameters += n
+                    elements[type_name] += n
+                    dtypes[node.output[0]] = type_name
+        for node in g.node:
             nodes += 1
             domain = node.domain
             ops[node.op_type if domain in _DEFAULT_DOMAINS else f"{domain}:{node.op_type}"] += 1
@@ -313,6 +322,30 @@ def _graphs(graph: onnx.GraphProto, max_depth: int) -> Iterator[onnx.GraphProto]
                     stack.append((attr.g, depth + 1))
                 elif attr.type == onnx.AttributeProto.GRAPHS:
                     stack.extend((sub, depth + 1) for sub in attr.graphs)
+
+
+def _constant_weights(node: onnx.NodeProto) -> list[tuple[str, int]]:
+    """(TensorProto type name, elements) of a ``Constant`` node's value when it is a weight:
+    a tensor (dense or sparse) of a weight precision, or ``value_float(s)``. Integer shape and
+    index constants (int32/int64/bool/string) are not weights and give nothing."""
+    import onnx
+
+    found: list[tuple[str, int]] = []
+    for attr in node.attribute:
+        if attr.name == "value" and attr.HasField("t"):
+            type_name = onnx.TensorProto.DataType.Name(attr.t.data_type)
+            if type_name in _PRECISION:
+                found.append((type_name, _elements(attr.t.dims, node.output[0])))
+        elif attr.name == "sparse_value" and attr.HasField("sparse_tensor"):
+            values = attr.sparse_tensor.values
+            type_name = onnx.TensorProto.DataType.Name(values.data_type)
+            if type_name in _PRECISION:
+                found.append((type_name, _elements(values.dims, node.output[0])))
+        elif attr.name == "value_float":
+            found.append(("FLOAT", 1))
+        elif attr.name == "value_floats":
+            found.append(("FLOAT", len(attr.floats)))
+    return found
 
 
 def _elements(dims: Sequence[int], name: str) -> int:

@@ -21,6 +21,9 @@ _SLICE = 128
 
 @functools.cache
 def _strict_validator() -> JsonStrictValidator:
+    from ota.sbom._lazy_iri import install
+
+    install()  # before jsonschema: its IRI grammar is compiled only if an IRI is checked
     from cyclonedx.schema import SchemaVersion
     from cyclonedx.validation.json import JsonStrictValidator
 

@@ -103,3 +103,41 @@ def save(model: onnx.ModelProto, path: Path, *, external_data: bool = False) -> 
 def write_mlp(path: Path, *, seed: int = 0, external_data: bool = False, **kw: int) -> Path:
     """Build :func:`mlp` and save it at ``path``."""
     return save(mlp(seed=seed, **kw), path, external_data=external_data)
+
+
+def noisy(*, width: int = 8, opset: int = 17) -> onnx.ModelProto:
+    """``y = x + RandomNormalLike(x)`` without a seed: outputs differ on every run, as in a
+    model that samples (the case for ``--golden-check shapes``)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("RandomNormalLike", ["x"], ["noise"], scale=0.1),
+            helper.make_node("Add", ["x", "noise"], ["y"]),
+        ],
+        "noisy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def framed(*, frame: int = 21, opset: int = 17) -> onnx.ModelProto:
+    """Input ``x[N, L]`` reshaped to frames of ``frame`` samples: only lengths that are a
+    multiple of ``frame`` run, which no generic size guess is (the case for ``--inputs``)."""
+    shape = numpy_helper.from_array(np.array([0, -1, frame], dtype=np.int64), "frames")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "frames"], ["f"]),
+            helper.make_node("ReduceMean", ["f"], ["y"], axes=[2], keepdims=0),
+        ],
+        "framed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "L"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "F"])],
+        [shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model

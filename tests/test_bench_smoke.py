@@ -28,10 +28,8 @@ def test_publish_speed_reports_ratios_on_every_storage(
     assert isinstance(results, list)
     assert [r["storage"] for r in results] == ["file", "s3", "s3-proc"]
     for r in results:
-        assert {"baseline_s", "publish_s", "ratio", "ratio_spread", "goal_met", "phases_s"} <= set(
-            r
-        )
-        assert set(PUBLISH_PHASES) <= set(r["phases_s"])
+        assert {"baseline_s", "publish_s", "ratio", "ratio_spread", "goal_met"} <= set(r)
+        assert set(r["phases_s"]) == {*PUBLISH_PHASES, "other", "overlap"}
         assert r["upload"]["bytes_uploaded"] >= r["model_bytes"]
         assert r["ratio"] > 0
         # the peak RSS of each phase was sampled while it ran

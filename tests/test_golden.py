@@ -164,3 +164,114 @@ def test_measure_reference(model: Path, tmp_path: Path) -> None:
     latency, peak = measure_reference(model, tmp_path / "b" / SMOKE_INPUTS_FILE, runs=5)
     assert 0.0 < latency < 1000.0
     assert 10.0 < peak < 1000.0
+
+
+# -- issue 12 item 11: smoke spec format, degenerate outputs, candidate inputs ---------------
+
+
+def test_smoke_spec_new_keys_only_when_used() -> None:
+    plain = SmokeSpec()
+    assert set(plain.to_dict()) == {"inputs", "golden", "rtol", "atol", "runs", "budgets"}
+    both = SmokeSpec(check="shapes", extra_sets=(("smoke/i2.npz", "smoke/g2.npz"),))
+    assert SmokeSpec.from_dict(both.to_dict()) == both
+    assert both.files() == (SMOKE_INPUTS_FILE, SMOKE_GOLDEN_FILE, "smoke/i2.npz", "smoke/g2.npz")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"check": "nothing"},
+        {"check": "values"},  # the default is never written: its presence is not canonical
+        {"extra_sets": []},
+        {"extra_sets": [{"inputs": "../x.npz", "golden": "smoke/g.npz"}]},
+        {"extra_sets": [{"inputs": "smoke/i.npz"}]},
+        {"extra_sets": [{"inputs": SMOKE_INPUTS_FILE, "golden": "smoke/g2.npz"}]},
+        {"extra_sets": [{"inputs": f"s/i{n}", "golden": f"s/g{n}"} for n in range(16)]},
+        {"unknown": 1},
+    ],
+    ids=["check", "default-check", "empty-sets", "escape", "half-set", "dup", "many", "extra"],
+)
+def test_smoke_spec_refuses_bad_optional_keys(change: dict[str, Any]) -> None:
+    from ota.bundle import FormatError
+
+    with pytest.raises(FormatError):
+        SmokeSpec.from_dict({**SmokeSpec().to_dict(), **change})
+
+
+def test_degenerate_outputs() -> None:
+    from ota.repository._smoke_inputs import degenerate_outputs
+
+    outputs: dict[str, NDArray[Any]] = {
+        "zero": np.zeros((1, 1, 32, 32), np.float32),
+        "tiny": np.full((4,), 3e-6, np.float32) * np.arange(4, dtype=np.float32),
+        "flat": np.full((3,), 7.0, np.float32),
+        "ints": np.ones((5,), np.int64),
+        "empty": np.zeros((0, 4), np.float32),
+        "score": np.zeros((1, 1), np.float32),  # one element: not judged
+        "fine": np.arange(4, dtype=np.float32),
+        "labels": np.arange(4, dtype=np.int64),
+    }
+    found = degenerate_outputs(outputs, 1e-3, 1e-4)
+    assert found == [
+        "'zero' is all zero", "'tiny' is zero within atol", "'flat' is constant",
+        "'ints' is constant", "'empty' is empty",
+    ]  # fmt: skip
+    assert degenerate_outputs({"tiny": outputs["tiny"]}, 0.0, 0.0) == []
+
+
+def test_candidates_share_symbols_and_keep_state_axes_at_batch() -> None:
+    from ota.repository._smoke_inputs import SIZE_LADDER, candidates
+
+    sig: list[tuple[str, str, list[Any]]] = [
+        ("audio", "tensor(float)", ["batch", "samples"]),
+        ("state", "tensor(float)", [2, None, 128]),
+        ("mask", "tensor(bool)", ["batch", "samples"]),
+    ]
+    dtypes = {"audio": "float32", "state": "float32", "mask": "bool"}
+    cands = list(candidates(sig, dtypes, batch=2, max_bytes=1 << 30))
+    first = cands[0].inputs
+    assert first["audio"].shape == (2, SIZE_LADDER[0]) == first["mask"].shape
+    assert first["state"].shape == (2, 2, 128)
+    assert len({c.description for c in cands}) == len(cands) <= 32
+    again = list(candidates(sig, dtypes, batch=2, max_bytes=1 << 30))
+    pairs = zip(cands, again, strict=True)
+    assert all(np.array_equal(a.inputs["audio"], b.inputs["audio"]) for a, b in pairs)
+    small = list(candidates(sig, dtypes, batch=1, max_bytes=2000))
+    assert small[0].error and "over the 2000 limit" in small[0].error
+    assert any(not c.error for c in small)
+
+
+def test_integer_hints_follow_casts_into_subgraphs(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    from ota.repository._golden import generate_inputs
+    from ota.repository._smoke_inputs import int_hints
+
+    def branch(value: float) -> Any:
+        return helper.make_graph(
+            [helper.make_node("Constant", [], ["o"], value_float=value)], "b", [],
+            [helper.make_tensor_value_info("o", TensorProto.FLOAT, [])],
+        )  # fmt: skip
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["rate"], ["r"], to=TensorProto.INT32),
+            helper.make_node("Constant", [], ["k"], value_int=16000),
+            helper.make_node("Cast", ["k"], ["k32"], to=TensorProto.INT32),
+            helper.make_node("Constant", [], ["k8"],
+                             value=helper.make_tensor("k8", TensorProto.INT32, [], [8000])),
+            helper.make_node("Equal", ["k8", "r"], ["is8"]),
+            helper.make_node("If", ["is8"], ["y"], then_branch=branch(1.0),
+                             else_branch=branch(2.0)),
+        ],
+        "hinted",
+        [helper.make_tensor_value_info("rate", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path = save(model, tmp_path / "m.onnx")
+    sig: list[tuple[str, str, list[Any]]] = [("rate", "tensor(int64)", [])]
+    assert int_hints(path, sig, {"rate": "int64"}) == {"rate": [8000]}
+    assert int_hints(path, [("rate", "tensor(int64)", [100])], {"rate": "int64"}) == {}
+    assert generate_inputs(sig)["rate"].shape == ()

@@ -8,10 +8,14 @@ from ota.bundle import Compat, ModelIndex, Release, RolloutState, TargetFacts
 from ota.client._policy import (
     Committed,
     DeviceFacts,
+    Skip,
     bucket,
     check_counter,
     check_release,
     compat_reason,
+    content_counter,
+    floor_to_keep,
+    nothing_status,
     rank,
     ring_allows,
     semver_key,
@@ -57,7 +61,7 @@ def test_ring_unknown_raises() -> None:
 def test_rank_orders_by_counter_and_filters() -> None:
     index = idx(rs("1.0.0", 1, ring="ga"), rs("1.2.0", 3, ring="ga"), rs("1.1.0", 2, ring="ga"),
                 rs("1.3.0", 4, ring="ga", yanked=True), rs("1.4.0", 5, ring="ga", paused=True),
-                rs("1.5.0", 6, ring="canary"), rs("1.6.0", 7, ring="ga", percent=0.0))
+                rs("1.5.0", 6, ring="canary"), rs("1.6.0", 7, ring="pilot", percent=0.0))
     r = rank(index, DEV, Committed(counters={"det": 1}, failed=frozenset({("det", "1.1.0")})),
              "1.0.0")
     assert [c.version for c in r.candidates] == ["1.2.0"]
@@ -120,3 +124,88 @@ def test_semver_precedence() -> None:
     ordered = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-beta", "1.0.0-beta.2", "1.0.0-beta.11",
                "1.0.0-rc.1", "1.0.0", "1.0.1", "1.10.0"]
     assert sorted(ordered, key=semver_key) == ordered
+
+
+# -- issue 12: percentages, floors carried by content, statuses ---------------------------
+
+
+def test_percentage_applies_only_to_the_ring_being_entered() -> None:
+    """After ``publish --ring canary`` then ``promote --ring pilot --percent 10`` every canary
+    device may install (canary was passed: 100 %), and about 10 % of pilot devices."""
+    index = idx(rs("1.1.0", 2, ring="pilot", percent=10.0))
+    canary = [DeviceFacts(f"cam-{i}", "aarch64", "cpu-small", "canary") for i in range(20)]
+    assert all(rank(index, d, Committed()).candidates for d in canary)
+    pilot = [DeviceFacts(f"cam-{i}", "aarch64", "cpu-small", "pilot") for i in range(400)]
+    taken = sum(bool(rank(index, d, Committed()).candidates) for d in pilot)
+    assert 20 <= taken <= 60, taken  # 10 % of 400, with room for the hash's spread
+    ga = DeviceFacts("cam-0", "aarch64", "cpu-small", "ga")
+    assert rank(index, ga, Committed()).skipped[0].kind == "ring"
+
+
+def test_a_rollback_is_judged_by_the_counter_of_its_content() -> None:
+    """``1.0.0+rollback.5`` carries 1.0.0's bytes (counter 1): under floor 3 it is refused
+    although its own counter (5) is above the floor; a rollback without a content counter
+    (published before they carried one) counts as 0."""
+    rb = Release("det", "1.0.0+rollback.5", 5, security_floor=3, rollback_of="1.0.0",
+                 content_counter=1)
+    assert content_counter(rb) == 1
+    with pytest.raises(DowngradeError, match="content counter 1"):
+        check_counter(rb, idx(floor=0), Committed(counters={"det": 4}))
+    ok = Release("det", "1.3.0+rollback.6", 6, security_floor=3, rollback_of="1.3.0",
+                 content_counter=4)
+    check_counter(ok, idx(floor=3), Committed(counters={"det": 5}))
+    legacy = Release("det", "1.0.0+rollback.5", 5, rollback_of="1.0.0")
+    assert content_counter(legacy) == 0
+    check_counter(legacy, None, Committed())  # no floor anywhere: allowed
+    with pytest.raises(DowngradeError):
+        check_counter(legacy, None, Committed(floors={"det": 1}))
+
+
+def test_the_device_floor_beats_a_forged_index_floor() -> None:
+    """An index re-signed with floor 0 does not lower the floor this device keeps."""
+    rel = Release("det", "1.1.0", 2)
+    with pytest.raises(DowngradeError, match="floor 3"):
+        check_counter(rel, idx(rs("1.1.0", 2), floor=0), Committed(floors={"det": 3}))
+
+
+def test_floor_kept_from_an_index_is_bounded_by_its_counters() -> None:
+    assert floor_to_keep(idx(rs("1.0.0", 1), rs("1.1.0", 4), floor=3)) == 3
+    assert floor_to_keep(idx(rs("1.0.0", 1), floor=2**40)) == 1
+    assert floor_to_keep(idx(floor=7)) == 0
+
+
+def test_reinstalling_the_committed_release_after_a_local_revert() -> None:
+    """Committed 1.1.0 (counter 2), running 1.0.0 after ``ota device revert``: 1.1.0 may be
+    taken again once its failure is forgotten; while it is failed it is not; a device that
+    runs it is up to date."""
+    index = idx(rs("1.0.0", 1, ring="ga"), rs("1.1.0", 2, ring="ga"))
+    c = Committed(counters={"det": 2}, versions={"det": "1.1.0"})
+    assert [r.version for r in rank(index, DEV, c, "1.0.0").candidates] == ["1.1.0"]
+    check_counter(Release("det", "1.1.0", 2), index, c, "1.0.0")
+    assert not rank(index, DEV, c, "1.1.0").candidates
+    with pytest.raises(DowngradeError):
+        check_counter(Release("det", "1.1.0", 2), index, c, "1.1.0")
+    failed = Committed(counters={"det": 2}, versions={"det": "1.1.0"},
+                       failed=frozenset({("det", "1.1.0")}))
+    assert not rank(index, DEV, failed, "1.0.0").candidates
+
+
+def test_nothing_status_tells_waiting_for_a_rollout_from_up_to_date() -> None:
+    index = idx(rs("1.0.0", 1, ring="ga"), rs("1.1.0", 2, ring="pilot", percent=0.0))
+    c = Committed(counters={"det": 1})
+    r = rank(index, DEV, c, "1.0.0")
+    assert not r.candidates and nothing_status(r.skipped, 1) == "not_in_rollout"
+    assert nothing_status([Skip("1.0.0", "downgrade", kind="downgrade", counter=1)], 1) == (
+        "up_to_date")
+    assert nothing_status([Skip("1.1.0", "failed", kind="failed", counter=2)], 1) == "up_to_date"
+    assert nothing_status([Skip("1.1.0", "paused", kind="paused", counter=2)], 1) == (
+        "not_in_rollout")
+
+
+def test_an_index_whose_floor_is_below_the_kept_one_is_stale() -> None:
+    from ota.client._policy import stale_floor_reason
+
+    assert stale_floor_reason(idx(floor=3), Committed(floors={"det": 3})) is None
+    assert stale_floor_reason(idx(floor=4), Committed(floors={"det": 3})) is None
+    reason = stale_floor_reason(idx(floor=0), Committed(floors={"det": 3}))
+    assert reason is not None and "forged" in reason

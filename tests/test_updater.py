@@ -256,8 +256,8 @@ def test_a_yank_never_reverts_below_the_floor_or_onto_a_yanked_release(
     """What a compromised online key can do: yank the current release. The device may go back
     only to an earlier release that is above the security floor (its own or the signed
     index's) and not yanked; otherwise it keeps the current model, reports a security event
-    once, keeps polling normally (up to date, no daemon backoff), and takes a newer release
-    when one comes."""
+    once, keeps polling normally (status kept_yanked, exit 13, no daemon backoff), and takes a
+    newer release when one comes."""
     world.committed_at("v1")  # 1.0.0, counter 1
     floor = 2 if why == "below the floor" else 0
     _publish_v2(world, "1.2.0", security_floor=floor)  # counter 2
@@ -270,7 +270,8 @@ def test_a_yank_never_reverts_below_the_floor_or_onto_a_yanked_release(
     yank(world.project(), "det", "1.2.0")
     for _ in range(2):
         res = world.update()
-        assert res.status == "up_to_date", res.to_dict()
+        assert res.status == "kept_yanked", res.to_dict()  # issue 12: not "up to date"
+        assert res.exit_code == ExitCode.KEPT_YANKED
         assert any(s.get("kept_yanked") for s in res.outcomes[0].skipped)
         assert current_version(world.device) == "1.2.0"
     [event] = [e for e in world.events("security") if e["version"] == "1.2.0"]
@@ -312,7 +313,7 @@ def test_wrong_signing_key_refused(world: World, monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize("budget", [Budget(latency_ms_p95=1e-6), Budget(peak_mem_mb=1.0)])
 def test_smoke_over_budget_is_not_committed(world: World, budget: Budget) -> None:
     world.committed_at("v1")
-    _publish_v2(world, budgets={"*": budget})
+    _publish_v2(world, budgets={"*": budget}, allow_over_budget=True)  # publish refuses by default
     res = world.update()
     assert res.status == "smoke_failed" and res.exit_code == ExitCode.SMOKE_FAILED
     assert current_version(world.device) == "1.0.0"

@@ -1,4 +1,4 @@
-"""Device commands: ``ota device init|update|run|status|confirm|revert``.
+"""Device commands: ``ota device init|update|run|status|confirm|revert|forget-failure``.
 
 Thin wrappers over :mod:`ota.client`; the exit code of ``update`` is the cycle's outcome (see
 ``ota --help``), so scripts and systemd can react without parsing output.
@@ -72,6 +72,13 @@ def device() -> None:
     default=None,
     help="File holding the bearer token for the fleet service.",
 )
+@click.option(
+    "--security-floor",
+    "floors",
+    multiple=True,
+    metavar="MODEL=COUNTER",
+    help="Provision a security floor (see `ota releases`); kept floors only ever rise.",
+)
 @json_option
 def init_cmd(
     state_dir: Path,
@@ -88,10 +95,19 @@ def init_cmd(
     hook_cmd: str,
     report_url: str,
     report_token_file: Path | None,
+    floors: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Initialise a device's state directory."""
     from ota.client import init_device
+    from ota.errors import InputError
+
+    kept: dict[str, int] = {}
+    for spec in floors:
+        model, _, counter = spec.partition("=")
+        if not counter.isdigit() or len(counter) > 16:
+            raise InputError(f"bad --security-floor {spec!r}", remedy="use MODEL=COUNTER")
+        kept[model] = int(counter)
 
     options: dict[str, Any] = {
         "ring": ring,
@@ -105,7 +121,9 @@ def init_cmd(
     }
     if arch:
         options["arch"] = arch
-    cfg = init_device(state_dir, repo_url, root_path.read_bytes(), device_id, models, **options)
+    cfg = init_device(
+        state_dir, repo_url, root_path.read_bytes(), device_id, models, floors=kept, **options
+    )
     emit(
         {
             "state_dir": str(state_dir),
@@ -246,6 +264,19 @@ def revert_cmd(state_dir: Path, model: str | None, as_json: bool) -> None:
 
     o = revert(state_dir, model=model)
     emit(o.to_dict(), as_json, f"{o.model} {o.version or ''}: {o.status}")
+
+
+@device.command("forget-failure")
+@state_option
+@click.argument("name")
+@click.argument("version")
+@json_option
+def forget_failure_cmd(state_dir: Path, name: str, version: str, as_json: bool) -> None:
+    """Let a release that failed or was abandoned here be retried by the next update."""
+    from ota.client import forget_failure
+
+    o = forget_failure(state_dir, name, version)
+    emit(o.to_dict(), as_json, f"{o.model} {o.version}: may be retried by the next update")
 
 
 @device.command("current")

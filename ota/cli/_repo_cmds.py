@@ -115,8 +115,34 @@ def init(
 @click.option(
     "--inputs",
     "inputs_npz",
-    type=click.Path(exists=True, path_type=Path),
-    help="Reference inputs (.npz); default: generated from the input signature.",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Reference inputs (.npz, one array per input name); repeat for several sets. "
+    "Default: generated from the input signature and graph.",
+)
+@click.option(
+    "--golden-check",
+    type=click.Choice(["values", "shapes"]),
+    default="values",
+    show_default=True,
+    help="How devices compare outputs: with the golden values, or (outputs that vary from run "
+    "to run) shapes, dtypes and finiteness only.",
+)
+@click.option(
+    "--allow-degenerate-golden",
+    is_flag=True,
+    help="Publish even if golden outputs are constant, all zero or empty (recorded).",
+)
+@click.option(
+    "--publisher-tier",
+    default="default",
+    show_default=True,
+    help="Hardware tier of this machine: its --budget is checked by a reference run here.",
+)
+@click.option(
+    "--allow-over-budget",
+    is_flag=True,
+    help="Publish even if the reference run here exceeds this tier's budget (recorded).",
 )
 @click.option("--arch", multiple=True, help="Compatible CPU architecture(s), e.g. aarch64.")
 @click.option("--tier", "tiers", multiple=True, help="Compatible hardware tier(s).")
@@ -136,7 +162,13 @@ def init(
     "--security-floor",
     type=int,
     default=0,
-    help="Refuse releases with a lower counter on devices from now on.",
+    help="Refuse releases with a lower counter on devices from now on (kept by every later "
+    "release).",
+)
+@click.option(
+    "--allow-lower-version",
+    is_flag=True,
+    help="Publish a version that does not sort above the newest release (audit-logged).",
 )
 @click.option("--dataset", "datasets", multiple=True, help="Training dataset reference (SBOM).")
 @click.option("--license", "licenses", multiple=True, help="SPDX licence id (SBOM).")
@@ -150,7 +182,11 @@ def publish(
     kind: str,
     ring: str,
     percent: float,
-    inputs_npz: Path | None,
+    inputs_npz: tuple[Path, ...],
+    golden_check: str,
+    allow_degenerate_golden: bool,
+    publisher_tier: str,
+    allow_over_budget: bool,
     arch: tuple[str, ...],
     tiers: tuple[str, ...],
     providers: tuple[str, ...],
@@ -162,6 +198,7 @@ def publish(
     atol: float,
     max_model_mb: float,
     security_floor: int,
+    allow_lower_version: bool,
     datasets: tuple[str, ...],
     licenses: tuple[str, ...],
     lineage: tuple[str, ...],
@@ -180,7 +217,11 @@ def publish(
         kind="runtime" if kind == "runtime" else "model",
         ring=ring,
         percent=percent,
-        inputs_npz=inputs_npz,
+        inputs_npz=list(inputs_npz) or None,
+        golden_check=golden_check,
+        allow_degenerate_golden=allow_degenerate_golden,
+        publisher_tier=publisher_tier,
+        allow_over_budget=allow_over_budget,
         compat=Compat(
             arch=arch,
             tiers=tiers,
@@ -193,6 +234,7 @@ def publish(
         atol=atol,
         max_model_bytes=int(max_model_mb * 1024 * 1024),
         security_floor=security_floor,
+        allow_lower_version=allow_lower_version,
         datasets=datasets,
         licenses=licenses,
         training_data=datasets,
