@@ -177,6 +177,15 @@ def raw_copy(source: Path, dest: Path) -> str:
     return h.hexdigest()
 
 
+def raw_copy_model(model: Path, dest: Path) -> str:
+    """:func:`raw_copy` of the model and of its external data (``<name>.data``) if any."""
+    digest = raw_copy(model, dest)
+    data = model.with_name(model.name + ".data")
+    if data.exists():
+        raw_copy(data, dest.with_name(data.name))
+    return digest
+
+
 def raw_upload(client: Any, source: Path, bucket: str) -> str:
     """Baseline for S3: sha256 over the file, then boto3 ``upload_file`` (its defaults)."""
     digest = sha256_file(source)
@@ -412,7 +421,7 @@ def measure_storage(
         drop_dirty_pages()
         if kind == "file":
             dest = work / f"raw-{i}" / "model.onnx"
-            base_fn: Callable[[], str] = partial(raw_copy, model, dest)
+            base_fn: Callable[[], str] = partial(raw_copy_model, model, dest)
         else:
             bucket = f"bench-raw-{uuid.uuid4().hex[:8]}"
             client.create_bucket(Bucket=bucket)
