@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def best_of(n: int, fn: Callable[[], T], *, setup: Callable[[], None] | None = None) -> tuple[
-    float, T
-]:
+def best_of(
+    n: int, fn: Callable[[], T], *, setup: Callable[[], None] | None = None
+) -> tuple[float, T]:
     """Run ``fn`` ``n`` times (each after an untimed ``setup``); return the best wall time in
     seconds and the result of the best run."""
     best: tuple[float, T] | None = None
@@ -220,7 +220,13 @@ def import_cost() -> float:
 
 
 PUBLISH_PHASES = (
-    "checks", "chunk_upload", "smoke_golden", "sbom", "provenance", "sign", "commit",
+    "checks",
+    "chunk_upload",
+    "smoke_golden",
+    "sbom",
+    "provenance",
+    "sign",
+    "commit",
 )
 
 
@@ -298,4 +304,101 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+class WireCounter:
+    """A TCP relay on 127.0.0.1 in front of ``upstream`` (``host:port``) that counts the bytes
+    each way, headers included, as they cross the wire (TCP payload; IP/TCP framing is not
+    counted), and keeps the first ``keep`` bytes of responses so their headers can be shown.
+
+    Use as a context manager; ``url`` is the relay's base URL; :meth:`reset` starts a new
+    count (connections opened before keep counting into the new figures)."""
+
+    def __init__(self, upstream: str, keep: int = 16384) -> None:
+        import socket
+        import threading
+
+        host, _, port = upstream.rpartition(":")
+        self._upstream = (host.removeprefix("http://"), int(port))
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.sent = 0  # client -> server (requests)
+        self.received = 0  # server -> client (responses)
+        self.responses = b""
+        self._threads: list[threading.Thread] = []
+        self._open: list[socket.socket] = []
+        self._stop = False
+
+    def __enter__(self) -> WireCounter:
+        import threading
+
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._sock.close()
+        with self._lock:
+            socks = list(self._open)
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(2)  # SHUT_RDWR: the pumps return
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.sent = self.received = 0
+            self.responses = b""
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._stop:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._upstream)
+            with self._lock:
+                self._open += [client, server]
+            t = threading.Thread(target=self._relay, args=(client, server), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _relay(self, client: Any, server: Any) -> None:
+        import threading
+
+        up = threading.Thread(target=self._pump, args=(client, server, True), daemon=True)
+        up.start()
+        self._pump(server, client, False)
+        up.join()
+        for sock in (client, server):
+            sock.close()
+            with self._lock:
+                self._open.remove(sock)
+
+    def _pump(self, src: Any, dst: Any, up: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                with self._lock:
+                    if up:
+                        self.sent += len(data)
+                    else:
+                        self.received += len(data)
+                        room = self._keep - len(self.responses)
+                        if room > 0:
+                            self.responses += data[:room]
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(1)  # SHUT_WR: pass the end of stream on

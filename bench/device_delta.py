@@ -77,31 +77,38 @@ def run(size_mb: int, fractions: list[float], workdir: Path) -> dict[str, Any]:
             if outcome.version != version:
                 raise RuntimeError(f"installed {outcome.version}, expected {version}")
             stage = outcome.figures.get("stage", {})
-            deltas.append({
-                "fraction": fraction,
-                "version": version,
-                "served": served,
-                "requests": served["requests"],
-                "bytes_downloaded": served["body_bytes"],
-                "downloaded_over_full": round(served["body_bytes"] / size, 4),
-                "blob_bytes_over_full": round(served["blob_bytes"] / size, 4),
-                "downloaded_over_changed": ratio(served["blob_bytes"], size * fraction),
-                "client_requests": result.requests,
-                "client_bytes": result.bytes,
-                "stage": stage,
-                "update_s": round(secs, 4),
-                "time_over_full_install": ratio(secs, full_s),
-            })
-            log(f"fine-tune {fraction:.0%}: {mb(served['body_bytes'])} MiB in"
-                f" {served['requests']} requests, {secs:.2f}s")
+            deltas.append(
+                {
+                    "fraction": fraction,
+                    "version": version,
+                    "served": served,
+                    "requests": served["requests"],
+                    "bytes_downloaded": served["body_bytes"],
+                    "downloaded_over_full": round(served["body_bytes"] / size, 4),
+                    "blob_bytes_over_full": round(served["blob_bytes"] / size, 4),
+                    "downloaded_over_changed": ratio(served["blob_bytes"], size * fraction),
+                    "client_requests": result.requests,
+                    "client_bytes": result.bytes,
+                    "stage": stage,
+                    "update_s": round(secs, 4),
+                    "time_over_full_install": ratio(secs, full_s),
+                }
+            )
+            log(
+                f"fine-tune {fraction:.0%}: {mb(served['body_bytes'])} MiB in"
+                f" {served['requests']} requests, {secs:.2f}s"
+            )
     shutil.rmtree(dev, ignore_errors=True)
     head = next((d for d in deltas if d["fraction"] == HEADLINE), deltas[0] if deltas else None)
     return {
         "benchmark": "device_delta",
         "size_mb": size_mb,
         "model_bytes": size,
-        "full": {"served": full_served, "update_s": round(full_s, 4),
-                 "stage": full.outcomes[0].figures.get("stage", {})},
+        "full": {
+            "served": full_served,
+            "update_s": round(full_s, 4),
+            "stage": full.outcomes[0].figures.get("stage", {}),
+        },
         "deltas": deltas,
         "headline_fraction": head["fraction"] if head else None,
         "goal": GOAL,
@@ -113,39 +120,66 @@ def run(size_mb: int, fractions: list[float], workdir: Path) -> dict[str, Any]:
 
 def render(doc: dict[str, Any]) -> str:
     full = doc["full"]
-    rows: list[list[object]] = [[
-        "full 1.0.0", mb(full["served"]["body_bytes"]),
-        round(full["served"]["body_bytes"] / doc["model_bytes"], 4), "-",
-        full["served"]["requests"], full["stage"].get("chunks_downloaded", "?"),
-        full["update_s"], 1.0,
-    ]]
+    rows: list[list[object]] = [
+        [
+            "full 1.0.0",
+            mb(full["served"]["body_bytes"]),
+            round(full["served"]["body_bytes"] / doc["model_bytes"], 4),
+            "-",
+            full["served"]["requests"],
+            full["stage"].get("chunks_downloaded", "?"),
+            full["update_s"],
+            1.0,
+        ]
+    ]
     for d in doc["deltas"]:
         st = d["stage"]
-        rows.append([
-            f"fine-tune {d['fraction']:.0%}", mb(d["bytes_downloaded"]),
-            d["downloaded_over_full"], d["downloaded_over_changed"], d["requests"],
-            f"{st.get('chunks_downloaded', '?')}/"
-            f"{st.get('chunks_downloaded', 0) + st.get('chunks_reused', 0)}",
-            d["update_s"], d["time_over_full_install"],
-        ])
+        rows.append(
+            [
+                f"fine-tune {d['fraction']:.0%}",
+                mb(d["bytes_downloaded"]),
+                d["downloaded_over_full"],
+                d["downloaded_over_changed"],
+                d["requests"],
+                f"{st.get('chunks_downloaded', '?')}/"
+                f"{st.get('chunks_downloaded', 0) + st.get('chunks_reused', 0)}",
+                d["update_s"],
+                d["time_over_full_install"],
+            ]
+        )
     goal = "met" if doc["goal_met"] else "NOT met"
-    return "\n".join([
-        table(f"device_delta: {mb(doc['model_bytes'])} MiB model, update from 1.0.0"
-              f" (goal downloaded/full <= {GOAL} for {doc['headline_fraction']}: {goal})",
-              ["release", "downloaded MiB", "/ full", "blobs / changed", "requests",
-               "chunks fetched", "update s", "time / full"],
-              rows),
-        "",
-        "(downloaded = every response body the server sent for the update: metadata, manifest,"
-        " signer list, blobs)",
-    ])
+    return "\n".join(
+        [
+            table(
+                f"device_delta: {mb(doc['model_bytes'])} MiB model, update from 1.0.0"
+                f" (goal downloaded/full <= {GOAL} for {doc['headline_fraction']}: {goal})",
+                [
+                    "release",
+                    "downloaded MiB",
+                    "/ full",
+                    "blobs / changed",
+                    "requests",
+                    "chunks fetched",
+                    "update s",
+                    "time / full",
+                ],
+                rows,
+            ),
+            "",
+            "(downloaded = every response body the server sent for the update: metadata, manifest,"
+            " signer list, blobs)",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "device_delta")
     parser.add_argument("--size-mb", type=int, default=256)
-    parser.add_argument("--fractions", default="0.1,0.01,0.3",
-                        help="fine-tune fractions, comma separated (headline 0.1)")
+    parser.add_argument(
+        "--fractions",
+        default="0.1,0.01,0.3",
+        help="fine-tune fractions, comma separated (headline 0.1)",
+    )
     args = parser.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",") if f]
     with scratch_dir(args.workdir) as work:

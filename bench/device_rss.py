@@ -80,7 +80,8 @@ def child_main(mode: str, state: str | None, model: str | None) -> None:
         doc["bytes"] = result.bytes
     doc.update(_peak_rss_mb())
     doc["heavy_modules"] = sorted(
-        m for m in ("model_signing", "sigstore", "pydantic", "boto3", "botocore", "onnxruntime")
+        m
+        for m in ("model_signing", "sigstore", "pydantic", "boto3", "botocore", "onnxruntime")
         if sys.modules.get(m) is not None
     )
     print(json.dumps(doc), flush=True)
@@ -92,8 +93,13 @@ def run_child(mode: str, state: Path | None = None, model: str | None = None) ->
         argv += ["--state", str(state)]
     if model:
         argv += ["--model", model]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}): {proc.stderr[-2000:]}")
     doc: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -111,8 +117,10 @@ def run(sizes: list[int], workdir: Path) -> dict[str, Any]:
     with serve_counting(repo.root_dir) as (url, _):
         for size in sizes:
             if size >= 1024 and disk_free(workdir) < MIN_FREE_FOR_1GB:
-                note = (f"skipped {size} MB: {disk_free(workdir) / 1024**3:.1f} GB free in"
-                        f" {workdir}, need 6 GB")
+                note = (
+                    f"skipped {size} MB: {disk_free(workdir) / 1024**3:.1f} GB free in"
+                    f" {workdir}, need 6 GB"
+                )
                 log(note)
                 notes.append(note)
                 continue
@@ -123,14 +131,16 @@ def run(sizes: list[int], workdir: Path) -> dict[str, Any]:
             state = init_dev(workdir / f"dev-{size}", url, repo.trusted_root, name=name)
             child = run_child("update", state, name)
             log(f"{size} MB update: peak {child['peak_mb']} MB in {child['update_s']}s")
-            points.append({
-                "size_mb": size,
-                "model_bytes": model.stat().st_size,
-                "child": child,
-                "peak_mb": child["peak_mb"],
-                "over_imports_mb": round(child["peak_mb"] - baseline["peak_mb"], 1),
-                "goal_met": child["peak_mb"] <= GOAL_MB,
-            })
+            points.append(
+                {
+                    "size_mb": size,
+                    "model_bytes": model.stat().st_size,
+                    "child": child,
+                    "peak_mb": child["peak_mb"],
+                    "over_imports_mb": round(child["peak_mb"] - baseline["peak_mb"], 1),
+                    "goal_met": child["peak_mb"] <= GOAL_MB,
+                }
+            )
             shutil.rmtree(state, ignore_errors=True)
             shutil.rmtree(model.parent, ignore_errors=True)
     first = points[0]["peak_mb"] if points else 0.0
@@ -154,12 +164,25 @@ def render(doc: dict[str, Any]) -> str:
     base = doc["imports_only"]
     rows: list[list[object]] = [["imports only", "-", base["peak_mb"], "-", "-", "-"]]
     for p in doc["points"]:
-        rows.append([f"update {p['size_mb']} MB", p["child"]["update_s"], p["peak_mb"],
-                     p["over_imports_mb"], p["ratio_to_smallest"],
-                     "yes" if p["goal_met"] else "NO"])
-    out = [table(f"device_rss: peak RSS of the updater child (VmHWM, MiB; goal <= {GOAL_MB})",
-                 ["child", "update s", "peak MiB", "- imports", "/ smallest", "goal"], rows),
-           "", f"({doc['smoke']})"]
+        rows.append(
+            [
+                f"update {p['size_mb']} MB",
+                p["child"]["update_s"],
+                p["peak_mb"],
+                p["over_imports_mb"],
+                p["ratio_to_smallest"],
+                "yes" if p["goal_met"] else "NO",
+            ]
+        )
+    out = [
+        table(
+            f"device_rss: peak RSS of the updater child (VmHWM, MiB; goal <= {GOAL_MB})",
+            ["child", "update s", "peak MiB", "- imports", "/ smallest", "goal"],
+            rows,
+        ),
+        "",
+        f"({doc['smoke']})",
+    ]
     for p in doc["points"]:
         heavy = p["child"].get("heavy_modules", [])
         out.append(f"{p['size_mb']} MB update: heavy modules loaded: {', '.join(heavy) or 'none'}")
@@ -170,8 +193,12 @@ def render(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "device_rss")
     parser.add_argument("--sizes-mb", default="256,1024")
-    parser.add_argument("--child", choices=("imports", "update"), default=None,
-                        help="internal: run as the measured child")
+    parser.add_argument(
+        "--child",
+        choices=("imports", "update"),
+        default=None,
+        help="internal: run as the measured child",
+    )
     parser.add_argument("--state", default=None, help="internal: the child's state dir")
     parser.add_argument("--model", default=None, help="internal: the child's model")
     args = parser.parse_args(argv)

@@ -52,6 +52,10 @@ class StageStats:
     chunks_downloaded: int = 0
     chunks_reused: int = 0
 
+    @property
+    def bytes_staged(self) -> int:
+        return self.bytes_downloaded + self.bytes_reused + self.bytes_linked
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -126,12 +130,15 @@ class ChunkIndex:
 
 
 def stage(manifest: Manifest, dest: Path, index: ChunkIndex, fetcher: BlobFetcher,
-          cfg: FetchConfig, *, on_file: Callable[[str], None] | None = None) -> StageStats:
+          cfg: FetchConfig, *, on_file: Callable[[str], None] | None = None,
+          on_bytes: Callable[[int, int], None] | None = None) -> StageStats:
     """Write every file of ``manifest`` under ``dest`` (an empty folder), verified.
 
     Whole files already on the device are hard-linked (or copied) after re-hashing; other
     files are assembled chunk by chunk from disk or network, with up to ``cfg.parallel``
-    chunks in flight, in order. ``on_file`` is called with each completed path.
+    chunks in flight, in order. ``on_file`` is called with each completed path, ``on_bytes``
+    with (bytes staged so far, bundle size) after every chunk or linked file (progress only:
+    it decides nothing).
 
     Raises:
         SecurityError: a chunk or file does not match the manifest.
@@ -153,7 +160,9 @@ def stage(manifest: Manifest, dest: Path, index: ChunkIndex, fetcher: BlobFetche
             stats.files += 1
             if on_file:
                 on_file(f.path)
-        _Assembler(dest, index, fetcher, cfg, stats, on_file).run(pending)
+            if on_bytes:
+                on_bytes(stats.bytes_staged, stats.bytes_total)
+        _Assembler(dest, index, fetcher, cfg, stats, on_file, on_bytes).run(pending)
         for d in sorted({(dest / f.path).parent for f in manifest.files}, reverse=True):
             fsync_dir(d)
         fsync_dir(dest)
@@ -172,6 +181,7 @@ class _Assembler:
     cfg: FetchConfig
     stats: StageStats
     on_file: Callable[[str], None] | None
+    on_bytes: Callable[[int, int], None] | None = None
 
     def get(self, sha256: str, size: int) -> tuple[bytes | bytearray, bool]:
         data = self.index.read_chunk(sha256, size)
@@ -228,6 +238,8 @@ class _Assembler:
         else:
             self.stats.bytes_downloaded += len(data)
             self.stats.chunks_downloaded += 1
+        if self.on_bytes:
+            self.on_bytes(self.stats.bytes_staged, self.stats.bytes_total)
 
     def _finish(self, writer: _FileWriter) -> None:
         writer.finish()

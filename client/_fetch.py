@@ -113,8 +113,12 @@ class TufFetcher(FetcherInterface):
             attempt += 1
             try:
                 resp = self._pool.request("GET", url, preload_content=False, redirect=False)
+            except urllib3.exceptions.NewConnectionError as e:
+                # urllib3 derives it from ConnectTimeoutError: a refusal is no timeout
+                err: Exception = tuf_exc.DownloadError(f"cannot connect to {url}: {e}")
+                err.__cause__ = e
             except urllib3.exceptions.TimeoutError as e:
-                err: Exception = tuf_exc.SlowRetrievalError(f"timeout connecting to {url}")
+                err = tuf_exc.SlowRetrievalError(f"timeout connecting to {url}")
                 err.__cause__ = e
             except urllib3.exceptions.HTTPError as e:
                 err = tuf_exc.DownloadError(f"cannot reach {url}: {e}")

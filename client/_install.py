@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +54,9 @@ class Verifier(Protocol):
     def __call__(
         self, bundle_dir: Path, public_key_pem: bytes, digests: Mapping[str, str]
     ) -> object: ...
+
+
+Progress = Callable[[str, str, int, int], None]  # model, version, bytes staged, bundle size
 
 
 class SmokeRunner(Protocol):
@@ -229,8 +232,10 @@ def verify_signature(dev: Device, session: TufSession, name: str, bundle: Path,
 
 def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
             blob_base: str, pool: Any, fetch_cfg: FetchConfig, limits: Limits,
-            verifier: Verifier, smoke: SmokeRunner, stats: Any) -> dict[str, Any]:
+            verifier: Verifier, smoke: SmokeRunner, stats: Any,
+            progress: Progress | None = None) -> dict[str, Any]:
     """Stage, verify, smoke-test and switch to ``choice``. Returns figures for the result.
+    ``progress`` is called with (model, version, bytes staged, bundle size) while staging.
 
     On return the journal is in ``trial`` (health window open). On SmokeError the release is
     marked failed, the journal is idle and the committed model untouched.
@@ -261,7 +266,8 @@ def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
     try:
         staging = _slots.new_staging(mdir)
         fetcher = BlobFetcher(pool, blob_base, fetch_cfg, stats)
-        st: StageStats = stage(manifest, staging, index, fetcher, fetch_cfg)
+        st: StageStats = stage(manifest, staging, index, fetcher, fetch_cfg,
+                               on_bytes=_bytes_hook(progress, name, rel.version))
         dev.events.append("downloaded", name, rel.version, **st.to_dict(),
                           seconds=round(time.monotonic() - t0, 3))
         if (staging / RELEASE_FILE).read_bytes() != rel.to_bytes():
@@ -292,6 +298,13 @@ def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
     dev.events.append("smoke_passed", name, rel.version, report=report)
     dev.begin_switch(txn)
     return figures
+
+
+def _bytes_hook(progress: Progress | None, name: str,
+                version: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(name, version, done, total)
 
 
 def run_smoke(dev: Device, name: str, rel: Release, *, slot: str,

@@ -3,9 +3,13 @@
 :func:`run_smoke` runs :mod:`ota.client._smoke_child` in a subprocess: ``python -I`` with a
 scrubbed environment, its own session (process group), and rlimits set before ``exec``:
 
-* ``RLIMIT_AS``: model files + ``base_mem_mb`` (interpreter, numpy, onnxruntime: about 190 MB
-  of address space measured with ``MALLOC_ARENA_MAX=2``) + ``thread_mem_mb`` per intra-op
-  thread (8 MB stacks) + ``mem_margin_mb`` + twice the smoke files;
+* ``RLIMIT_AS``: derived per run from the model and the tier's memory budget
+  (:func:`memory_limit_mb`, ADR 0008): a fixed reserve (interpreter, numpy, onnxruntime, thread
+  stacks, margin) + the address space onnxruntime's loader reserves beyond the model's bytes
+  (protobuf grows each initializer's buffer by doubling: up to ``model_as_factor`` x the model
+  file while it parses, untouched pages included) + the memory the run may use: the tier's
+  ``peak_mem_mb`` budget when the bundle sets one, else the model files and twice the smoke
+  files;
 * ``RLIMIT_CPU``: a backstop if this process dies and cannot kill the child;
 * ``RLIMIT_FSIZE`` (the child writes nothing but its bounded stdout/stderr, which go to
   temporary files, so this also bounds them), ``RLIMIT_NOFILE``, ``RLIMIT_CORE = 0``.
@@ -39,7 +43,7 @@ from ota.client import _smoke_child as child
 from ota.client._runtime import RuntimeBundleError, import_root, wheels
 from ota.errors import LocalError, SmokeError
 
-__all__ = ["SmokeFailed", "SmokeLimits", "SmokeReport", "measure", "run_smoke"]
+__all__ = ["SmokeFailed", "SmokeLimits", "SmokeReport", "measure", "memory_limit_mb", "run_smoke"]
 
 _MB = 1024 * 1024
 _STDERR_TAIL = 2000
@@ -61,7 +65,19 @@ class SmokeLimits:
     base_mem_mb: int = 300
     thread_mem_mb: int = 10  # per onnxruntime intra-op thread (8 MB stack, measured)
     mem_margin_mb: int = 256
+    model_as_factor: float = 3.0  # address space per byte of the .onnx file while it parses
     mem_limit_mb: int | None = None  # overrides the derived RLIMIT_AS entirely
+    # onnxruntime session options that cost memory (ADR 0008, measured). Prepacking keeps a
+    # packed copy of Gemm/MatMul weights beside the originals (+0.6x a 256 MB model), but it
+    # also changes the kernels, hence the outputs (0.6% relative on big_mlp): the publisher's
+    # golden outputs and the app use it, so the smoke does too. The memory pattern only plans
+    # allocations: one block the size of all initializers, never used when they are mapped
+    # from external data (+1x the model in address space); off.
+    prepack: bool = True
+    mem_pattern: bool = False
+    # Load a single-file model through its skeleton (large initializers read in place from
+    # the file as external data): one copy of the weights instead of protobuf's.
+    skeleton: bool = True
     fsize_bytes: int = 1 * _MB
     nofile: int = 256
     max_output_bytes: int = 64 * 1024
@@ -90,6 +106,7 @@ class SmokeReport:
     runtime_version: str
     runtime_file: str
     tier: str
+    mem_limit_mb: int = 0  # the child's RLIMIT_AS (memory_limit_mb)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +150,7 @@ def run_smoke(
             smoke file or an unparseable child result. ``.report`` has the figures.
         LocalError: the child process could not be started.
     """
+    budget = spec.budget_for(tier)
     report: SmokeReport | None = None
     for inputs_rel, golden_rel in spec.sets():  # every reference set must pass; worst figures
         inputs = _bundle_file(bundle_dir, inputs_rel, tier)
@@ -141,11 +159,16 @@ def run_smoke(
             Path(model_path), inputs, golden,
             runs=max(1, spec.runs), rtol=spec.rtol, atol=spec.atol, limits=limits,
             runtime_path=runtime_path, check=spec.check,
+            budget_mb=budget.peak_mem_mb if budget else None,
         )  # fmt: skip
+        if raw["reason"] == child.MEMORY and raw.get("mem_limit_from") == "budget":
+            raise _failed(
+                {**raw, "reason": child.MEMORY_BUDGET, "tier": tier},
+                f"ran out of memory under the {tier} budget's limit: {raw['message']}",
+            )
         one = _report(raw, tier)
         report = one if report is None else _worst(report, one)
     assert report is not None  # spec.sets() is never empty
-    budget = spec.budget_for(tier)
     if budget is not None:
         if budget.latency_ms_p95 is not None and report.latency_ms_p95 > budget.latency_ms_p95:
             raise _failed(
@@ -214,6 +237,7 @@ def _report(raw: Mapping[str, Any], tier: str) -> SmokeReport:
         runtime_version=raw["runtime_version"] or "",
         runtime_file=raw["runtime_file"] or "",
         tier=tier,
+        mem_limit_mb=int(raw.get("mem_limit_mb") or 0),
     )
 
 
@@ -231,6 +255,7 @@ def _worst(a: SmokeReport, b: SmokeReport) -> SmokeReport:
         runtime_version=a.runtime_version,
         runtime_file=a.runtime_file,
         tier=a.tier,
+        mem_limit_mb=max(a.mem_limit_mb, b.mem_limit_mb),
     )
 
 
@@ -274,25 +299,20 @@ def _run_child(  # noqa: PLR0911 - each early return is a distinct synthetic res
     limits: SmokeLimits,
     runtime_path: Path | None,
     check: str = "values",
+    budget_mb: float | None = None,
 ) -> dict[str, Any]:
     """Run the child under limits and return its validated result dict (plus ``wall_ms``,
     ``returncode`` and ``stderr_tail``). Never raises for a child failure: that is a result."""
     model, inputs = model.absolute(), inputs.absolute()  # the child runs in "/"
     golden = golden.absolute() if golden else None
-    model_bytes = _model_bytes(model, limits.max_model_files)
+    model_file, other_bytes = _model_bytes(model, limits.max_model_files)
     try:
         smoke_bytes = inputs.stat().st_size + (golden.stat().st_size if golden else 0)
     except OSError as e:
         return _synthetic(child.BAD_FILES, f"cannot read the smoke files: {e}", {})
-    mem_mb = limits.mem_limit_mb
-    if mem_mb is None:
-        threads = limits.threads or os.cpu_count() or 1
-        mem_mb = (
-            limits.base_mem_mb
-            + limits.mem_margin_mb
-            + limits.thread_mem_mb * threads
-            + math.ceil((model_bytes + 2 * smoke_bytes) / _MB)
-        )
+    mem_mb, mem_from = memory_limit_mb(
+        model_file, other_bytes, smoke_bytes, limits=limits, budget_mb=budget_mb
+    )
     cpu_s = limits.cpu_s
     if cpu_s is None:
         cpu_s = math.ceil(limits.timeout_s * (os.cpu_count() or 1)) + 5
@@ -309,6 +329,8 @@ def _run_child(  # noqa: PLR0911 - each early return is a distinct synthetic res
         f"--threads={limits.threads}", f"--providers={','.join(limits.providers)}",
         f"--max-npz-bytes={limits.max_npz_bytes}", f"--runtime-path={runtime}",
         f"--check={check}",
+        f"--prepack={int(limits.prepack)}", f"--mem-pattern={int(limits.mem_pattern)}",
+        f"--skeleton={int(limits.skeleton)}",
     ]  # fmt: skip
     preexec = _limiter(mem_mb * _MB, cpu_s, limits.fsize_bytes, limits.nofile)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -335,7 +357,7 @@ def _run_child(  # noqa: PLR0911 - each early return is a distinct synthetic res
         stderr = _read_tail(err, _STDERR_TAIL)
     extra: dict[str, Any] = {
         "wall_ms": wall_ms, "returncode": proc.returncode, "stderr_tail": stderr,
-        "mem_limit_mb": mem_mb,
+        "mem_limit_mb": mem_mb, "mem_limit_from": mem_from,
     }  # fmt: skip
     if timed_out:
         return _synthetic(child.TIMEOUT, f"no result within {limits.timeout_s:g} s", extra)
@@ -428,18 +450,50 @@ def _read_tail(f: IO[bytes], limit: int) -> str:
     return f.read(limit).decode("utf-8", "replace")
 
 
-def _model_bytes(model: Path, max_files: int) -> int:
-    """Model file plus the regular files beside it (its external data), bounded in count."""
+def memory_limit_mb(
+    model_file_bytes: int,
+    other_bytes: int,
+    smoke_bytes: int,
+    *,
+    limits: SmokeLimits = DEFAULT_SMOKE_LIMITS,
+    budget_mb: float | None = None,
+) -> tuple[int, str]:
+    """The smoke child's ``RLIMIT_AS`` in MiB, and what set it: ``"override"``, ``"budget"``
+    (the tier's ``peak_mem_mb``) or ``"model"``.
+
+    ``reserve`` (interpreter, numpy, onnxruntime's mappings, thread stacks, margin) + ``slack``
+    (address space the loader reserves but does not touch: protobuf grows an initializer's
+    buffer by doubling, so parsing a ``.onnx`` file can map up to ``model_as_factor`` times its
+    size, of which one is used; external data is mapped once) + ``allowance``: the tier's
+    memory budget when there is one (a model that fits its budget is never cut short, and one
+    far over it is stopped early), else the model files plus twice the smoke files (the bytes
+    onnxruntime and numpy hold). Measured in ADR 0008: peak RSS 1.1-1.4x the model + 60 MB.
+    """
+    if limits.mem_limit_mb is not None:
+        return limits.mem_limit_mb, "override"
+    threads = limits.threads or os.cpu_count() or 1
+    reserve = limits.base_mem_mb + limits.mem_margin_mb + limits.thread_mem_mb * threads
+    slack = max(limits.model_as_factor - 1.0, 0.0) * model_file_bytes / _MB
+    if budget_mb is not None:
+        allowance, source = max(budget_mb, 0.0), "budget"
+    else:
+        allowance, source = (model_file_bytes + other_bytes + 2 * smoke_bytes) / _MB, "model"
+    return math.ceil(reserve + slack + allowance), source
+
+
+def _model_bytes(model: Path, max_files: int) -> tuple[int, int]:
+    """Sizes of the model file, and of the regular files beside it (its external data),
+    bounded in count."""
     try:
-        total = model.stat().st_size
+        size, others = model.stat().st_size, 0
         for n, entry in enumerate(os.scandir(model.parent)):
             if n >= max_files:
                 break
             if entry.is_file(follow_symlinks=False) and entry.path != str(model):
-                total += entry.stat(follow_symlinks=False).st_size
+                others += entry.stat(follow_symlinks=False).st_size
     except OSError as e:
         raise _failed({"reason": child.BAD_FILES}, f"cannot read the model: {e}") from e
-    return total
+    return size, others
 
 
 _NUMBER_KEYS = ("latency_ms_p95", "latency_ms_first", "load_ms", "peak_mem_mb", "max_abs_err")

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ota._atomic import write_bytes
-from ota.bundle import RINGS, validate_name_fmt
-from ota.errors import ConfigError, LocalError
+from ota.bundle import RINGS, validate_device_id, validate_name_fmt
+from ota.errors import ConfigError, InputError, LocalError
 
 from ._policy import Committed, DeviceFacts, normalize_arch
 
@@ -51,8 +51,10 @@ class DeviceConfig:
 
     def validate(self) -> DeviceConfig:
         """Raises ConfigError on a bad field; returns self."""
-        if not self.device_id or len(self.device_id) > 128:
-            raise ConfigError("device id must be 1-128 characters")
+        try:  # issue 12: an id is a safe path part (anchored regex), never "../../admin"
+            validate_device_id(self.device_id)
+        except InputError as e:
+            raise ConfigError(str(e), remedy=e.remedy) from e
         if not self.repo_url.startswith(("http://", "https://")):
             raise ConfigError(f"repository URL must be http(s): {self.repo_url!r}")
         if self.ring not in RINGS:

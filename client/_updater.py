@@ -35,6 +35,7 @@ from ._device import Device
 from ._fetch import FetchConfig, FetchStats, SlowRetrievalError, make_pool
 from ._install import (
     Choice,
+    Progress,
     SmokeRunner,
     Verifier,
     choose,
@@ -182,10 +183,12 @@ def _check_root(root: bytes, where: Path) -> None:
 def update_once(state_dir: Path | str, *, model: str | None = None,
                 verifier: Verifier = default_verifier, smoke: SmokeRunner = default_smoke,
                 fetch_config: FetchConfig | None = None, limits: Limits = DEFAULT_LIMITS,
-                clock: Callable[[], float] = time.time, report: bool = True) -> UpdateResult:
+                clock: Callable[[], float] = time.time, report: bool = True,
+                progress: Progress | None = None) -> UpdateResult:
     """One full update cycle (recover, health window, refresh, then each followed model),
     then, when the device has a report URL and ``report``, the queued events are forwarded
     to the fleet service (:mod:`ota.client._report`; its failure never fails the update).
+    ``progress`` (model, version, bytes staged, bundle size) is called while a bundle stages.
 
     Raises:
         ConfigError: the state dir is not initialised; ``model`` is not followed.
@@ -199,7 +202,7 @@ def update_once(state_dir: Path | str, *, model: str | None = None,
     stats = FetchStats()
     t0 = time.monotonic()
     with dev.locked():
-        outcomes = _cycle(dev, names, _Ctx(fcfg, stats, limits, verifier, smoke))
+        outcomes = _cycle(dev, names, _Ctx(fcfg, stats, limits, verifier, smoke, progress))
     sent = _report(dev, fcfg) if report else None  # after the lock: see flush_events
     return UpdateResult(tuple(outcomes), stats.requests, stats.bytes, time.monotonic() - t0,
                         sent)
@@ -237,6 +240,7 @@ class _Ctx:
     limits: Limits
     verifier: Verifier
     smoke: SmokeRunner
+    progress: Progress | None = None
 
 
 def _cycle(dev: Device, names: tuple[str, ...], ctx: _Ctx) -> list[ModelOutcome]:
@@ -284,7 +288,7 @@ def _one(dev: Device, session: TufSession, name: str, pool: Any, ctx: _Ctx) -> M
         version = chosen.facts.release.version
         figures = install(dev, session, name, chosen, blob_base=dev.cfg.repo_url, pool=pool,
                           fetch_cfg=ctx.fcfg, limits=ctx.limits, verifier=ctx.verifier,
-                          smoke=ctx.smoke, stats=ctx.stats)
+                          smoke=ctx.smoke, stats=ctx.stats, progress=ctx.progress)
         trial = dev.check_trial()
         status = "pending_confirmation"
         if trial is not None and trial[0] == "confirmed":

@@ -104,6 +104,18 @@ def validate_version(version: str) -> str:
     return version
 
 
+def validate_device_id(device_id: str) -> str:
+    """Return ``device_id`` if it is safe as a file name and a URL path part (1-128 of
+    A-Z a-z 0-9 ``_ . -``, not starting with ``.`` or ``-``), else raise InputError."""
+    if not isinstance(device_id, str) or not _PATH_PART_RE.match(device_id):
+        raise InputError(
+            f"invalid device id {device_id!r:.80}",
+            remedy="use 1-128 characters of A-Z, a-z, 0-9, '_', '.' or '-', "
+            "starting with a letter, digit or '_'",
+        )
+    return device_id
+
+
 def validate_bundle_path(path: str, limits: Limits = DEFAULT_LIMITS) -> str:
     """Return ``path`` if it is a safe relative path inside a bundle, else raise FormatError.
 

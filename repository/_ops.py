@@ -22,6 +22,8 @@ from ota.bundle import (
     Release,
     RolloutState,
     blob_key,
+    index_target_path,
+    manifest_target_path,
     validate_name,
     validate_version,
 )
@@ -37,6 +39,7 @@ from ota.repository._index import (
     read_index,
     update_rollout,
 )
+from ota.repository._preflight import require_keys
 from ota.repository._project import Project, target_storage_key
 from ota.repository._publish import PublishResult, _finish, _now
 from ota.repository._txn import Transaction
@@ -51,6 +54,8 @@ def _steer(
 ) -> RolloutState:
     validate_name(name)
     validate_version(version)
+    require_keys(project, event, targets=[index_target_path(name)])  # issue 12 (17)
+    _current(project, name, version)  # issue 12 (17): a typo appends no audit entry either
     return _auditlog.run_logged(  # issue 4: the commit anchors its audit log entry
         project,
         event,
@@ -118,6 +123,10 @@ def rollback(
     """
     validate_name(name)
     validate_version(to_version)
+    require_keys(  # issue 12 (17): before the new release.json is signed and uploaded
+        project, "rollback", release_key=True,
+        targets=[manifest_target_path(name, to_version), index_target_path(name)],
+    )  # fmt: skip
     txn = Transaction.begin(project.storage, project.signers, project.expiry())
     facts = read_facts(txn, name, to_version)
     if facts is None:

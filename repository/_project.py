@@ -71,6 +71,9 @@ class ProjectConfig:
     release_key: str = ""  # path of the P-256 model-signing private key (PEM)
     release_pub: str = ""
     team: str = ""  # if set, this project publishes only the models of this team role
+    # "concurrent" (the store must honour conditional writes) or "single" (one publisher host;
+    # see ota.repository._condwrite and docs/runbooks/publish.md)
+    publishers: str = "concurrent"
 
     def to_toml(self) -> str:
         def q(v: str) -> str:
@@ -85,6 +88,9 @@ class ProjectConfig:
             f"bins = {self.bins}",
             f"max_live_releases = {self.max_live_releases}",
             f"team = {q(self.team)}",
+            "# concurrent: the store must honour conditional writes (probed);"
+            " single: ONE publisher host only",
+            f"publishers = {q(self.publishers)}",
             "",
             "[expiry]  # days",
             *(f"{k} = {getattr(self.expiry, k)}" for k in _EXPIRY_FIELDS),
@@ -116,9 +122,16 @@ class ProjectConfig:
                 release_key=str(doc.get("release", {}).get("signing_key", "")),
                 release_pub=str(doc.get("release", {}).get("public_key", "")),
                 team=str(repo.get("team", "")),
+                publishers=_publishers(repo.get("publishers", "concurrent")),
             )
         except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"bad {CONFIG_NAME}: {e}") from e
+
+
+def _publishers(value: object) -> str:
+    if value not in ("concurrent", "single"):
+        raise ValueError(f'publishers must be "concurrent" or "single", not {value!r}')
+    return str(value)
 
 
 _EXPIRY_FIELDS = ("root", "targets", "bins", "snapshot", "timestamp", "team")
@@ -151,7 +164,11 @@ class Project:
         config = ProjectConfig.from_toml(text)
         if storage_override:
             config = replace(config, storage=storage_override)
-        storage = open_storage(config.storage, s3_endpoint=config.s3_endpoint)
+        storage = open_storage(
+            config.storage,
+            s3_endpoint=config.s3_endpoint,
+            single_publisher=config.publishers == "single",
+        )
         return cls(root_dir, config, storage, _LazySigners(root_dir, config.signers))
 
     def abspath(self, rel: str) -> Path:
@@ -257,6 +274,7 @@ def init_project(
     root_threshold: int = 1,
     keys_dir: Path | None = None,
     expiry: Expiry | None = None,
+    single_publisher: bool = False,
 ) -> InitResult:
     """Create keys, ``ota.toml``, and a new, empty TUF repository in ``storage_url``.
 
@@ -264,9 +282,13 @@ def init_project(
     bins) to ``keys/online``, the model-signing key to ``keys/release``: three folders that a
     real deployment keeps on three different machines.
 
+    The store's conditional writes are probed before any key is made
+    (``ota.repository._condwrite``); ``single_publisher`` records single-publisher mode.
+
     Raises:
         InputError: bad ``bins`` or threshold; the project or repository already exists.
-        ConfigError / TransientError: storage unusable.
+        ConfigError / TransientError: storage unusable, or it ignores conditional writes
+            (outside single-publisher mode).
     """
     if bins < 2 or bins > 65536 or bins & (bins - 1):
         raise InputError(f"--bins must be a power of two between 2 and 65536, not {bins}")
@@ -275,9 +297,41 @@ def init_project(
     project_dir = Path(project_dir).resolve()
     if (project_dir / CONFIG_NAME).exists():
         raise InputError(f"{project_dir / CONFIG_NAME} already exists")
-    storage = open_storage(storage_url, s3_endpoint=s3_endpoint)
+    storage = open_storage(storage_url, s3_endpoint=s3_endpoint, single_publisher=single_publisher)
+    try:
+        return _init_in(
+            storage,
+            project_dir,
+            storage_url,
+            base_url,
+            s3_endpoint,
+            bins,
+            root_keys,
+            root_threshold,
+            keys_dir,
+            expiry,
+            single_publisher,
+        )
+    finally:
+        storage.close()  # single-publisher mode: release the host lock
+
+
+def _init_in(
+    storage: Storage,
+    project_dir: Path,
+    storage_url: str,
+    base_url: str,
+    s3_endpoint: str | None,
+    bins: int,
+    root_keys: int,
+    root_threshold: int,
+    keys_dir: Path | None,
+    expiry: Expiry | None,
+    single_publisher: bool,
+) -> InitResult:
     if storage.exists(HEAD_KEY):
         raise InputError(f"a repository already exists at {storage.url}")
+    storage.check_conditional_writes()
     expiry = expiry or Expiry()
     keys_dir = Path(keys_dir or project_dir / "keys").resolve()
 
@@ -302,6 +356,7 @@ def init_project(
         signers=uris,
         release_key=rel(release_key),
         release_pub=rel(release_pub_path),
+        publishers="single" if single_publisher else "concurrent",
     )
     signers = _LazySigners(project_dir, uris)
     now = datetime.now(UTC).replace(microsecond=0)

@@ -39,6 +39,7 @@ from ota.bundle import (
     Release,
     SmokeSpec,
     TargetFacts,
+    index_target_path,
     manifest_target_path,
     validate_bundle_path,
     validate_name,
@@ -54,6 +55,7 @@ from ota.repository._index import (
     read_facts,
     read_index,
 )
+from ota.repository._preflight import require_keys
 from ota.repository._project import Project, put_target_file
 from ota.repository._txn import Transaction, run
 
@@ -195,6 +197,10 @@ def publish(
         TransientError: storage unreachable. Nothing is published in any failure case.
     """
     _validate_request(req)
+    require_keys(  # issue 12 (17): every key, before any byte is uploaded
+        project, "publish", release_key=True, publishes=req.name,
+        targets=[manifest_target_path(req.name, req.version), index_target_path(req.name)],
+    )  # fmt: skip
     store = project.storage
     peek = Transaction.begin(store, project.signers, project.expiry())
     if read_facts(peek, req.name, req.version) is not None:

@@ -1,4 +1,5 @@
-"""The S3 storage backend (AWS S3 and S3-compatible stores: MinIO, Ceph RGW, Cloudflare R2).
+"""The S3 storage backend (AWS S3 and S3-compatible stores such as MinIO, Ceph RGW, Cloudflare
+R2; whether one honours conditional writes is probed, never assumed).
 
 Same semantics as :class:`~ota.repository._storage.FileStorage`, over boto3:
 
@@ -7,13 +8,20 @@ Same semantics as :class:`~ota.repository._storage.FileStorage`, over boto3:
   (or 409 ``ConditionalRequestConflict`` while another conditional write is in flight), which is
   raised as :class:`PreconditionFailed`. No lock is taken anywhere, so publishers on different
   machines are serialised by the store alone.
+* Not every S3-compatible store honours them, so the first conditional write of an instance
+  probes the store (:mod:`ota.repository._condwrite`): a store that ignores them is refused with
+  :class:`ConfigError`, or, in single-publisher mode, conditional writes are emulated under a
+  host-wide lock.
+* Every upload carries a ``Cache-Control`` header chosen by its key
+  (:func:`~ota.repository._storage.cache_control`), the same rules as ``ota serve`` and
+  ``docs/serving/nginx-site.conf``, so a bucket served directly or through a CDN caches right.
 * Etags are S3's ETag header with the quotes stripped, in ``get``, ``put`` and ``head`` alike, so
   ``get`` then ``put(if_match=etag)`` is a compare-and-swap.
 * Every network call is bounded: a connect timeout, a read timeout and a few retries
   (:class:`S3Limits`). Errors are mapped at this boundary, by who must react:
   connection failures, timeouts, 5xx and throttling are :class:`TransientError`; a missing
   bucket, refused credentials or a bad endpoint are :class:`ConfigError`; a missing key is
-  :class:`NotFound`; anything else is :class:`StorageError`.
+  :class:`NotFound`; anything else is :class:`StorageError` (:mod:`ota.repository._s3errors`).
 
 Credentials and the endpoint come from boto3's standard chain (environment, profile, instance
 role; ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) unless an endpoint is passed explicitly.
@@ -27,6 +35,7 @@ tell the two apart re-reads and compares the content (e.g. a transaction id insi
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,43 +47,25 @@ import botocore.exceptions as bex
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 
-from ota.errors import ConfigError, LocalError, OtaError, TransientError
-from ota.repository._storage import NotFound, PreconditionFailed, Storage, StorageError
+from ota.errors import ConfigError, LocalError, OtaError
+from ota.repository import _condwrite
+from ota.repository._s3errors import bad_endpoint as _bad_endpoint
+from ota.repository._s3errors import error_code as _code
+from ota.repository._s3errors import etag as _etag
+from ota.repository._s3errors import raise_mapped
+from ota.repository._storage import (
+    PreconditionFailed,
+    Storage,
+    StorageError,
+    TooLarge,
+    cache_control,
+)
 
 # boto3-stubs types `boto3.client("s3")` only with mypy-boto3-s3 of the same minor release, which
 # is not published for boto3 1.44; the client is therefore typed `Any` here, on purpose.
 _S3Client = Any
 
 _MiB = 1 << 20
-
-_TRANSIENT_CODES = frozenset(
-    {
-        "InternalError",
-        "ServiceUnavailable",
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "BadGateway",
-        "GatewayTimeout",
-    }
-)
-_CREDENTIAL_CODES = frozenset(
-    {
-        "AccessDenied",
-        "AllAccessDisabled",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "ExpiredToken",
-        "InvalidToken",
-        "TokenRefreshRequired",
-        "AccountProblem",
-        "403",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -114,6 +105,7 @@ class S3Storage(Storage):
         *,
         endpoint_url: str | None = None,
         limits: S3Limits | None = None,
+        single_publisher: bool = False,
     ) -> None:
         """Configure a client for ``s3://bucket/prefix`` from boto3's standard chain.
 
@@ -123,6 +115,9 @@ class S3Storage(Storage):
             endpoint_url: an S3-compatible endpoint; None means boto3's own resolution
                 (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, the profile, then AWS).
             limits: timeouts, retries and transfer bounds.
+            single_publisher: the operator chose single-publisher mode (``ota.toml``): on a
+                store that ignores conditional writes, emulate them under a host-wide lock
+                instead of refusing.
 
         Raises:
             ConfigError: the endpoint URL is malformed or not http(s).
@@ -151,6 +146,11 @@ class S3Storage(Storage):
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise _bad_endpoint(self.endpoint)
         self._bucket_checked = False
+        self.single_publisher = single_publisher
+        self._mode: _condwrite.Mode | None = None
+        self._mode_lock = threading.Lock()
+        self.probes: list[_condwrite.ProbeResult] = []  # what this instance found (tests, CLI)
+        self._locked = False
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -176,6 +176,10 @@ class S3Storage(Storage):
             TransientError: the endpoint is unreachable, timed out, throttled or failed (5xx).
             ConfigError: the bucket does not exist or the credentials are refused.
         """
+        self._enter()
+        return self._get(key, max_bytes=max_bytes)
+
+    def _get(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
         s3key = self._key(key)
         try:
             resp = self._client.get_object(Bucket=self.bucket, Key=s3key)
@@ -185,10 +189,10 @@ class S3Storage(Storage):
                     data: bytes = body.read()
                 else:
                     if resp.get("ContentLength", 0) > max_bytes:
-                        raise StorageError(f"{key} is larger than {max_bytes} bytes")
+                        raise TooLarge(f"{key} is larger than {max_bytes} bytes")
                     data = body.read(max_bytes + 1)
                     if len(data) > max_bytes:
-                        raise StorageError(f"{key} is larger than {max_bytes} bytes")
+                        raise TooLarge(f"{key} is larger than {max_bytes} bytes")
         except OtaError:
             raise
         except Exception as e:
@@ -210,6 +214,7 @@ class S3Storage(Storage):
             raise StorageError(f"bad range [{start}, {end}) for {key}")
         if end == start:
             return b""
+        self._enter()
         s3key = self._key(key)
         try:
             resp = self._client.get_object(
@@ -230,15 +235,105 @@ class S3Storage(Storage):
     ) -> str:
         """Store ``data`` at ``key``; return the new etag (quotes stripped).
 
-        ``if_none_match`` wins over ``if_match`` when both are given, as in FileStorage.
+        ``if_none_match`` wins over ``if_match`` when both are given, as in FileStorage. The
+        first conditional write of this instance probes the store (:meth:`conditional_mode`).
 
         Raises:
             PreconditionFailed: ``if_none_match`` and the key exists, or ``if_match`` and the
                 current etag differs or the key is gone (HTTP 412, 409 or 404).
+            ConfigError: a conditional write on a store that does not honour them, outside
+                single-publisher mode.
             TransientError, ConfigError, StorageError: as :meth:`get`.
         """
+        self._enter()
+        if not if_none_match and if_match is None:
+            return self._raw_put(key, data, False, None)
+        if self.conditional_mode() == "native":
+            return self._raw_put(key, data, if_none_match, if_match)
+        # Emulated: this process holds the host lock (single-publisher mode, see _condwrite).
+        current = self._head_etag(key)
+        if if_none_match and current is not None:
+            raise PreconditionFailed(f"{key} already exists")
+        if not if_none_match and current != _etag(if_match or ""):
+            raise PreconditionFailed(
+                f"{key} vanished" if current is None else f"{key} was changed by another writer"
+            )
+        return self._raw_put(key, data, False, None)
+
+    def put_blob(self, key: str, data: bytes | memoryview) -> bool:
+        """Store a content-addressed blob if absent; return whether it was written.
+
+        The same key always holds the same bytes, so where conditional writes are emulated a
+        HEAD then PUT without the host lock is enough (a racing writer writes the same bytes).
+        """
+        self._enter()
+        if self.conditional_mode() == "native":
+            return super().put_blob(key, data)
+        if self.exists(key):
+            return False
+        self._raw_put(key, bytes(data), False, None)
+        return True
+
+    @property
+    def store_id(self) -> str:
+        """Names this store on this host (the single-publisher lock is per store)."""
+        return f"{self.endpoint}|{self.url}"
+
+    def check_conditional_writes(self) -> str:
+        return self.conditional_mode()
+
+    def conditional_mode(self) -> _condwrite.Mode:
+        """``native`` if the store honours conditional writes (probed once per instance),
+        ``emulated`` if it does not and single-publisher mode was chosen.
+
+        Raises:
+            ConfigError: the store does not honour them, outside single-publisher mode.
+            TransientError, StorageError: the probe itself failed.
+        """
+        with self._mode_lock:
+            if self._mode is None:
+                result = _condwrite.probe(self._raw_put, self._raw_get, self._delete)
+                self.probes.append(result)
+                if not result.honoured and not self.single_publisher:
+                    raise _condwrite.refusal(self.url, self.endpoint, result)
+                if not result.honoured:
+                    _condwrite.HostLock.acquire(self.store_id)
+                    self._locked = True
+                self._mode = "native" if result.honoured else "emulated"
+            return self._mode
+
+    def _enter(self) -> None:
+        """In single-publisher mode, settle the mode (and take the host lock) before the first
+        call of any kind: reads must not race another publisher's in-place rewrites."""
+        if self.single_publisher and self._mode is None:
+            self.conditional_mode()
+
+    def close(self) -> None:
+        """Release the host lock if this storage holds it (single-publisher mode on a store
+        that ignores conditional writes); the next call takes it again."""
+        with self._mode_lock:
+            if self._locked:
+                _condwrite.HostLock.release(self.store_id)
+                self._locked = False
+                self._mode = None
+
+    def _raw_get(self, key: str) -> bytes:
+        return self._get(key, max_bytes=1 << 16)[0]
+
+    def _head_etag(self, key: str) -> str | None:
+        try:
+            resp = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as e:
+            if _code(e) in ("404", "NoSuchKey", "NotFound"):
+                self._check_bucket()
+                return None
+            self._raise(e, key)
+        return _etag(resp["ETag"])
+
+    def _raw_put(self, key: str, data: bytes, if_none_match: bool, if_match: str | None) -> str:
+        """One PutObject with the headers asked for, whatever the store makes of them."""
         s3key = self._key(key)
-        extra: dict[str, str] = {}
+        extra: dict[str, str] = {"CacheControl": cache_control(key)}
         if if_none_match:
             extra["IfNoneMatch"] = "*"
         elif if_match is not None:
@@ -267,6 +362,7 @@ class S3Storage(Storage):
             LocalError: ``path`` cannot be read.
             TransientError, ConfigError, StorageError: as :meth:`get`.
         """
+        self._enter()
         s3key = self._key(key)
         config = TransferConfig(
             multipart_threshold=self.limits.part_size,
@@ -277,7 +373,9 @@ class S3Storage(Storage):
         )
         try:
             with create_transfer_manager(self._client, config) as manager:
-                manager.upload(str(path), self.bucket, s3key).result()
+                manager.upload(
+                    str(path), self.bucket, s3key, extra_args={"CacheControl": cache_control(key)}
+                ).result()
         except (bex.BotoCoreError, bex.ClientError) as e:
             # first: botocore's timeout and SSL errors are also OSErrors
             self._raise(e, key)
@@ -293,6 +391,7 @@ class S3Storage(Storage):
             TransientError, ConfigError, StorageError: as :meth:`get`. A missing bucket is a
                 ConfigError, not ``False``.
         """
+        self._enter()
         s3key = self._key(key)
         try:
             self._client.head_object(Bucket=self.bucket, Key=s3key)
@@ -321,6 +420,7 @@ class S3Storage(Storage):
         Raises:
             TransientError, ConfigError, StorageError: as :meth:`get`, possibly mid-iteration.
         """
+        self._enter()
         root = f"{self.prefix}/" if self.prefix else ""
         paginator = self._client.get_paginator("list_objects_v2")
         try:
@@ -340,6 +440,10 @@ class S3Storage(Storage):
         Raises:
             TransientError, ConfigError, StorageError: as :meth:`get`.
         """
+        self._enter()
+        self._delete(key)
+
+    def _delete(self, key: str) -> None:
         s3key = self._key(key)
         try:
             self._client.delete_object(Bucket=self.bucket, Key=s3key)
@@ -370,70 +474,8 @@ class S3Storage(Storage):
 
     def _raise(self, e: Exception, key: str) -> NoReturn:
         """Map a boto3/botocore exception to the caller-facing family and raise it from ``e``."""
-        where = f"s3://{self.bucket}/{key}" if key == "/" else self._where(key)
-        if isinstance(e, bex.ClientError):
-            code = _code(e)
-            status = _status(e)
-            if code == "NoSuchBucket":
-                raise self._no_bucket() from e
-            if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchUpload"):
-                raise NotFound(key) from e
-            if code in _CREDENTIAL_CODES or status == 403:
-                raise ConfigError(
-                    f"S3 refused access to {where} ({code})",
-                    remedy="check the AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID) and that "
-                    "they allow s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket",
-                ) from e
-            if code == "NotImplemented" or status == 501:
-                raise ConfigError(
-                    f"the S3 endpoint {self.endpoint} does not implement a request on {where}",
-                    remedy="use a store with conditional writes (If-Match, If-None-Match): "
-                    "AWS S3, a recent MinIO, Ceph RGW or Cloudflare R2",
-                ) from e
-            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-                raise TransientError(
-                    f"S3 failed on {where} ({code}, HTTP {status})", remedy="retry later"
-                ) from e
-            raise StorageError(f"S3 error on {where}: {code}: {_message(e)}") from e
-        if isinstance(e, bex.NoCredentialsError | bex.PartialCredentialsError):
-            raise ConfigError(
-                f"no usable AWS credentials for {where}: {e}",
-                remedy="set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                "or run on a machine with an instance role",
-            ) from e
-        if isinstance(e, bex.ParamValidationError):
-            raise ConfigError(f"bad S3 request for {where}: {e}") from e
-        if isinstance(e, bex.ConnectionError | bex.HTTPClientError):
-            raise TransientError(
-                f"S3 endpoint {self.endpoint} unreachable or failed for {where}: {e}",
-                remedy="check the network and AWS_ENDPOINT_URL, then retry",
-            ) from e
-        if isinstance(e, bex.BotoCoreError):
-            raise StorageError(f"S3 client error on {where}: {e}") from e
-        raise e
-
-
-def _bad_endpoint(url: str | None) -> ConfigError:
-    return ConfigError(
-        f"bad S3 endpoint URL {url!r}",
-        remedy="use an http(s) URL such as https://s3.example.com, or unset AWS_ENDPOINT_URL",
-    )
-
-
-def _etag(value: str) -> str:
-    """The etag in the form this backend hands out: S3's ETag without its quotes."""
-    return value.strip().removeprefix("W/").strip('"')
-
-
-def _code(e: Exception) -> str:
-    if isinstance(e, bex.ClientError):
-        return str(e.response.get("Error", {}).get("Code", ""))
-    return ""
-
-
-def _status(e: bex.ClientError) -> int:
-    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _message(e: bex.ClientError) -> str:
-    return str(e.response.get("Error", {}).get("Message", "")) or str(e)
+        # No key validation here: a listing prefix ("blobs/") is not a key, and an error
+        # path must never hide the error it reports.
+        root = f"{self.prefix}/" if self.prefix else ""
+        where = f"s3://{self.bucket}/{root}{key.lstrip('/')}"
+        raise_mapped(e, key, where, self.endpoint, self._no_bucket())

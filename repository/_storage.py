@@ -7,7 +7,15 @@ and deletion. Keys are ``/``-separated and relative to the repository root.
 Conditional writes are how concurrent publishers on different machines are serialised
 (``docs/adr/0003-publish-transaction.md``): ``if_none_match=True`` creates only if absent,
 ``if_match=etag`` replaces only the version the writer read. Both raise :class:`PreconditionFailed`
-when another writer got there first.
+when another writer got there first. Not every S3-compatible store honours them: the S3 backend
+probes the store first (``ota.repository._condwrite``).
+
+Every storage error maps to a documented exit code (README, ``ota.errors``): an unreachable or
+failing endpoint is a :class:`~ota.errors.TransientError` (5); a store that refuses or cannot do
+what was asked (missing bucket, refused credentials, an unexpected 4xx, a missing object the
+metadata names) is a :class:`StorageError`, a configuration problem (9); an object larger than the
+bound for its kind is :class:`TooLarge` (4: the repository holds what it must not); a local disk
+failure is a :class:`~ota.errors.LocalError` (6).
 """
 
 from __future__ import annotations
@@ -24,15 +32,48 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ota import _atomic
-from ota.errors import ConfigError, ConflictError, LocalError, OtaError
+from ota.errors import ConfigError, ConflictError, ExitCode, LocalError, OtaError
 
 
 class StorageError(OtaError):
-    """Base of storage failures."""
+    """The store refused a request or broke its contract: fix the store or its configuration.
+
+    Exit code 9 (configuration), as for a missing bucket or refused credentials.
+    """
+
+    exit_code = ExitCode.CONFIG
+    remedy = "check the storage URL, the endpoint (AWS_ENDPOINT_URL) and the store's logs"
 
 
 class NotFound(StorageError):
-    """The key does not exist."""
+    """The key does not exist (exit 9 if nobody handles it: the storage URL or the repository
+    does not hold what the project expects)."""
+
+
+class TooLarge(StorageError):
+    """An object is larger than the bound for its kind: refused like any oversized input."""
+
+    exit_code = ExitCode.SECURITY
+    remedy = "the repository holds an object it must not; inspect it (ota audit) before retrying"
+
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def cache_control(key: str) -> str:
+    """The ``Cache-Control`` a key is served with (``ota serve`` and nginx-site.conf alike).
+
+    Content-addressed blobs, hash-prefixed targets and versioned metadata (``N.role.json``)
+    never change: a year, immutable. The head (``metadata/timestamp.json``) and the other
+    unversioned metadata change with every publish: ``no-cache`` (revalidate). Everything else
+    (the audit log, the probe marker) is never served to devices: ``private, no-store``.
+    """
+    top, _, rest = key.partition("/")
+    if top in ("blobs", "targets"):
+        return IMMUTABLE
+    if top == "metadata" and "/" not in rest:
+        return IMMUTABLE if rest[:1].isdigit() else "no-cache"
+    return "private, no-store"
 
 
 class PreconditionFailed(ConflictError):
@@ -84,6 +125,19 @@ class Storage(ABC):
         """The folder a local backend stores into (for ``ota serve``), else None."""
         return None
 
+    def check_conditional_writes(self) -> str:
+        """Make sure conditional writes are safe here before anything is written; return how
+        (``native`` or ``emulated``). The file backend implements them itself: ``native``.
+
+        Raises:
+            ConfigError: the store ignores them and single-publisher mode was not chosen.
+            TransientError, StorageError: the store failed.
+        """
+        return "native"
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the storage holds (the S3 backend's single-publisher host lock)."""
+
     def put_blob(self, key: str, data: bytes | memoryview) -> bool:
         """Store a content-addressed blob if absent; return whether it was written.
 
@@ -131,12 +185,12 @@ class FileStorage(Storage):
         try:
             with path.open("rb") as f:
                 if max_bytes is not None and os.fstat(f.fileno()).st_size > max_bytes:
-                    raise StorageError(f"{key} is larger than {max_bytes} bytes")
+                    raise TooLarge(f"{key} is larger than {max_bytes} bytes")
                 data = f.read()
         except FileNotFoundError as e:
             raise NotFound(key) from e
         except OSError as e:
-            raise StorageError(f"cannot read {path}: {e.strerror}") from e
+            raise LocalError(f"cannot read {path}: {e.strerror}") from e
         return data, etag_of(data)
 
     def put(
@@ -180,9 +234,7 @@ class FileStorage(Storage):
     def barrier(self) -> None:
         os.sync()
 
-    def _create_exclusive(
-        self, path: Path, data: bytes | memoryview
-    ) -> None:
+    def _create_exclusive(self, path: Path, data: bytes | memoryview) -> None:
         # Write a complete temp file, then link() it into place: link fails if the name exists,
         # and readers never see a partial object.
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,8 +303,14 @@ def _local_error(e: OSError, path: Path) -> OtaError:
     return StorageError(f"cannot write {path}: {e.strerror or e}")
 
 
-def open_storage(url: str, *, s3_endpoint: str | None = None) -> Storage:
+def open_storage(
+    url: str, *, s3_endpoint: str | None = None, single_publisher: bool = False
+) -> Storage:
     """Open a storage backend by URL: a path, ``file:///path`` or ``s3://bucket/prefix``.
+
+    ``single_publisher`` (``publishers = "single"`` in ``ota.toml``) lets an S3 store that
+    ignores conditional writes be used by one publisher host (``ota.repository._condwrite``);
+    the file backend always honours them and ignores it.
 
     Raises:
         ConfigError: unknown scheme or malformed URL.
@@ -268,5 +326,10 @@ def open_storage(url: str, *, s3_endpoint: str | None = None) -> Storage:
 
         if not parsed.netloc:
             raise ConfigError(f"bad S3 URL {url!r}", remedy="use s3://bucket/prefix")
-        return S3Storage(parsed.netloc, parsed.path.strip("/"), endpoint_url=s3_endpoint)
+        return S3Storage(
+            parsed.netloc,
+            parsed.path.strip("/"),
+            endpoint_url=s3_endpoint,
+            single_publisher=single_publisher,
+        )
     raise ConfigError(f"unsupported storage URL scheme {parsed.scheme!r}")

@@ -19,12 +19,15 @@ from ota.signing._errors import ProvenanceError, SignatureError
 from ota.signing._keyless import sign_keyless
 from ota.signing._keys import (
     KEY_KINDS,
+    ROLE_KEY_KINDS,
     EnvVarSigner,
     KeyKind,
+    NewKey,
     generate_key,
     import_kms_key,
     key_fingerprint,
     load_signer,
+    private_half,
     public_key_pem,
 )
 from ota.signing._light_verify import verify_digests_light
@@ -47,10 +50,12 @@ from ota.signing._provenance import (
 __all__ = [
     "BUILD_TYPE",
     "KEY_KINDS",
+    "ROLE_KEY_KINDS",
     "SLSA_PROVENANCE_V1",
     "STATEMENT_TYPE",
     "EnvVarSigner",
     "KeyKind",
+    "NewKey",
     "ProvenanceError",
     "SignatureError",
     "SignerInfo",
@@ -59,6 +64,7 @@ __all__ = [
     "key_fingerprint",
     "load_signer",
     "make_provenance",
+    "private_half",
     "public_key_pem",
     "sign_bundle",
     "sign_digests",

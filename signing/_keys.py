@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 from abc import ABC
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -95,6 +96,107 @@ def generate_key(
         )
     write_bytes(path, signer.private_bytes, mode=0o600)
     return f"{CryptoSigner.SCHEME}:{path}", signer.public_key
+
+
+# Which algorithm each role's key uses: TUF roles Ed25519; the model-signing ("release") key
+# ECDSA P-256, because model_signing rejects Ed25519.
+ROLE_KEY_KINDS: dict[str, KeyKind] = {
+    "root": "ed25519",
+    "targets": "ed25519",
+    "snapshot": "ed25519",
+    "timestamp": "ed25519",
+    "bins": "ed25519",
+    "team": "ed25519",
+    "release": "ecdsa-p256",
+}
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key pair generated in memory; nothing is on disk until :meth:`write`.
+
+    Rotations generate the key first and write it only once every other check has passed
+    (all-or-nothing, issue 12).
+    """
+
+    kind: KeyKind
+    private_pem: bytes
+    public: SSlibKey
+
+    @classmethod
+    def generate(cls, kind: KeyKind) -> NewKey:
+        """Raises InputError: unknown ``kind``."""
+        if kind == "ed25519":
+            signer = CryptoSigner.generate_ed25519()
+        elif kind == "ecdsa-p256":
+            signer = CryptoSigner.generate_ecdsa()
+        else:
+            raise InputError(
+                f"unknown key kind {kind!r}", remedy=f"use one of {', '.join(KEY_KINDS)}"
+            )
+        assert isinstance(signer.public_key, SSlibKey)
+        return cls(kind, signer.private_bytes, signer.public_key)
+
+    @property
+    def keyid(self) -> str:
+        """The TUF key id (for a model-signing key, see :attr:`fingerprint`)."""
+        return self.public.keyid
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the DER public key: the id ``trust/signers.json`` uses."""
+        pub = serialization.load_pem_public_key(self.public_pem)
+        assert isinstance(pub, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
+        return key_fingerprint(pub)
+
+    @property
+    def public_pem(self) -> bytes:
+        return public_key_pem(self.public)
+
+    def paths(self, path_dir: Path | str, name: str) -> tuple[Path, Path]:
+        """``<dir>/<name>.pem`` (private) and ``<dir>/<name>.pub.pem``; validates ``name``.
+
+        Raises:
+            InputError: bad name, a path that cannot be a ``file2:`` URI, or existing files.
+        """
+        if not isinstance(name, str) or not _KEY_NAME_RE.match(name):
+            raise InputError(
+                f"invalid key name {name!r}",
+                remedy="use 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+            )
+        base = Path(path_dir).absolute()
+        priv, pub = base / f"{name}.pem", base / f"{name}.pub.pem"
+        if "?" in str(base) or "#" in str(base):
+            raise InputError(f"key path {priv} cannot be written as a file2: URI")
+        for p in (priv, pub):
+            if p.exists():
+                raise InputError(
+                    f"key file {p} exists already", remedy="remove it or choose another name"
+                )
+        return priv, pub
+
+    def write(self, path_dir: Path | str, name: str, *, public: bool = True) -> str:
+        """Write the private key (PKCS#8 PEM, mode 0600) and, with ``public``, the public key
+        beside it (``<name>.pub.pem``, 0644). Never overwrites. Returns the ``file2:`` URI.
+
+        Raises:
+            InputError: see :meth:`paths`. LocalError: the files cannot be written.
+        """
+        priv, pub = self.paths(path_dir, name)
+        write_bytes(priv, self.private_pem, mode=0o600)
+        if public:
+            write_bytes(pub, self.public_pem)
+        return f"{CryptoSigner.SCHEME}:{priv}"
+
+
+def private_half(public_path: Path) -> Path | None:
+    """The private key file written beside a ``.pub.pem`` file by :meth:`NewKey.write`
+    (``NAME.pub.pem`` -> ``NAME.pem``), if it exists; None otherwise."""
+    name = public_path.name
+    if not name.endswith(".pub.pem"):
+        return None
+    candidate = public_path.with_name(name[: -len(".pub.pem")] + ".pem")
+    return candidate if candidate.is_file() else None
 
 
 def load_signer(uri: str, public_key: Key) -> Signer:

@@ -40,9 +40,10 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 # What the environment of the tests (and of their child processes) must hold to reach the
 # endpoint with fake credentials and no real AWS configuration.
+# The access key is s3rver's only one (tests/s3rver.py); moto accepts any.
 FAKE_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_ACCESS_KEY_ID": "S3RVER",
+    "AWS_SECRET_ACCESS_KEY": "S3RVER",
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
     "AWS_CONFIG_FILE": os.devnull,

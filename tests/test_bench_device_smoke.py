@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import device_delta, device_poll, device_rss, device_update
+from bench import device_delta, device_large, device_poll, device_rss, device_update
 from bench.device_update import UPDATE_PHASES
 from tests import nginx
 from tests.bench_run import run_json
@@ -21,32 +21,38 @@ def test_device_update_reports_both_ratios(
     doc = run_json(
         capsys,
         device_update.main,
-        ["--json", "--size-mb", "2", "--repeat", "1", "--no-smoke", "--server", "thread",
+        ["--json", "--size-mb", "2", "--repeat", "2", "--no-smoke", "--server", "thread",
          "--workdir", str(tmp_path)],
-    )
+    )  # fmt: skip
     assert doc["benchmark"] == "device_update" and doc["server"] == "thread"
     assert {
-        "raw_s",
-        "ours_s",
-        "stock_s",
-        "ratio_raw",
+        "seconds",
+        "cpu_seconds",
         "ratio_stock",
-        "goal_raw_met",
+        "ratio_curl",
+        "ratio_stock_work",
         "goal_stock_met",
+        "goal_curl_met",
         "ours_phases_s",
-        "ours_served",
-        "stock_steps_s",
-        "raw_writeback_s",
-        "ratio_raw_writeback",
-        "median_ratio_raw",
-        "median_ratio_stock",
+        "rounds",
+        "loadavg_before",
     } <= set(doc)
+    rounds = doc["rounds"]
+    assert isinstance(rounds, list) and len(rounds) == 2
+    for r in rounds:  # every path in every round, each ratio from the same round
+        assert r["ratio_stock"] == round(r["ours_s"] / r["stock_s"], 3)
+        assert r["ratio_curl"] == round(r["ours_s"] / r["curl_s"], 3)
+        assert len(r["loadavg"]) == 3
+        assert r["stock_steps_s"]["download_target"] > 0
+    for key in ("seconds", "cpu_seconds"):
+        spread = doc[key]
+        assert isinstance(spread, dict)
+        assert set(spread) == {"ours", "stock", "curl"}
+        for v in spread.values():
+            assert v["min"] <= v["median"] <= v["max"]
     phases = doc["ours_phases_s"]
     assert isinstance(phases, dict)
     assert set(phases) == {*UPDATE_PHASES, "other"}
-    served = doc["ours_served"]
-    assert isinstance(served, dict)
-    assert served["blob_bytes"] >= doc["model_bytes"]
 
 
 def test_device_delta_reports_downloaded_fraction(
@@ -89,6 +95,29 @@ def test_device_rss_reports_child_peaks(tmp_path: Path, capsys: pytest.CaptureFi
         assert p["child"]["status"] in ("updated", "pending_confirmation")
 
 
+def test_device_large_installs_with_the_real_smoke_and_reports_both_peaks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    doc = run_json(
+        capsys,
+        device_large.main,
+        ["--json", "--sizes-mb", "2", "--server", "thread", "--workdir", str(tmp_path)],
+    )
+    assert doc["benchmark"] == "device_large"
+    points = doc["points"]
+    assert isinstance(points, list) and len(points) == 1
+    p = points[0]
+    assert p["exit_code"] == 0 and p["status"] == "updated", p["failure"]
+    assert 0 < p["updater_peak_mib"] < p["smoke_peak_mib"]  # two processes, measured apart
+    assert p["smoke_mem_limit_mib"] > p["model_bytes"] / 2**20
+    env = doc["environment"]
+    assert isinstance(env, dict) and len(env["loadavg"]) == 3
+    assert isinstance(doc["goal_met"], bool)
+    assert "OTA_BENCH_SERVER" not in os.environ
+
+
 def test_device_poll_counts_at_the_server(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -106,6 +135,12 @@ def test_device_poll_counts_at_the_server(
     assert isinstance(polls, list)
     assert len(polls) == 1
     assert polls[0]["requests"] == len(polls[0]["hits"]) > 0
+    wire = doc["nginx_wire"]
+    if nginx.available():
+        assert isinstance(wire, dict)
+        [last] = wire["polls"]
+        assert last["total"] == wire["request_bytes"] + wire["response_bytes"] > 0
+        assert any(h.startswith("HTTP/1.1 404") for h in wire["response_heads"])
 
 
 @pytest.mark.skipif(not nginx.available(), reason="nginx is not installed")
@@ -120,7 +155,8 @@ def test_device_update_through_nginx_leaves_no_server_setting_behind(
         ["--json", "--size-mb", "2", "--repeat", "1", "--no-smoke", "--workdir", str(tmp_path)],
     )
     assert doc["server"] == "nginx"  # the default where nginx is installed
-    for key in ("raw_s", "ours_s", "stock_s"):
-        value = doc[key]
-        assert isinstance(value, float) and value > 0, key
+    seconds = doc["seconds"]
+    assert isinstance(seconds, dict)
+    for key in ("ours", "stock", "curl"):
+        assert seconds[key]["median"] > 0, key
     assert "OTA_BENCH_SERVER" not in os.environ

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,3 +119,87 @@ def test_tuf_fetcher_maps_errors(server: FaultServer) -> None:
     slow = TufFetcher(make_pool(CFG), CFG, max_seconds=0.1)
     with pytest.raises(tuf_exc.SlowRetrievalError):
         slow.download_bytes(server.url + "/meta.json", 1000)
+
+
+# -- progress of a device download (issue 12 item 18) ----------------------------------------
+
+
+def _device(tmp_path: Path, base: str) -> Path:
+    from ota.client import init_device
+
+    root = (tmp_path / "proj" / "root.json").read_bytes()
+    state = tmp_path / "dev"
+    init_device(state, base, root, "cam-1", ["det"], health_timeout_s=0)
+    return state
+
+
+def _update_cli(state: Path, *args: str, tty: bool) -> tuple[int, str, str]:
+    """``ota device update`` in a child process, its stderr a pseudo-terminal when ``tty``.
+    Returns the exit code, stdout and stderr."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "ota.cli", "device", "update", "--state-dir", str(state), *args]
+    if not tty:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
+        return proc.returncode, proc.stdout, proc.stderr
+    leader, follower = pty.openpty()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=follower, text=True) as child:
+        os.close(follower)
+        err = b""
+        while True:  # read until the child closes its end (EIO on Linux, b"" elsewhere)
+            try:
+                piece = os.read(leader, 65536)
+            except OSError:
+                break
+            if not piece:
+                break
+            err += piece
+        os.close(leader)
+        out = child.stdout.read() if child.stdout else ""
+        code = child.wait(timeout=300)
+    return code, out, err.decode("utf-8", "replace")
+
+
+def test_stage_reports_progress_up_to_the_bundle_size(tmp_path: Path) -> None:
+    from ota.client import update_once
+    from tests.repo_helpers import make_project, publish_mlp, serve_dir
+
+    project = make_project(tmp_path)
+    publish_mlp(project, "det", "1.0.0", ring="ga")
+    seen: list[tuple[str, str, int, int]] = []
+    with serve_dir(tmp_path / "repo") as base:
+        result = update_once(_device(tmp_path, base), progress=lambda *a: seen.append(a))
+    assert result.status == "updated", result.to_dict()
+    assert seen and {(m, v) for m, v, _, _ in seen} == {("det", "1.0.0")}
+    done = [d for _, _, d, _ in seen]
+    assert done == sorted(done)  # never goes backwards
+    total = seen[-1][3]
+    assert done[-1] == total == result.outcomes[0].figures["stage"]["bytes_total"]
+
+
+def test_cli_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    from tests.repo_helpers import make_project, publish_mlp, serve_dir
+
+    project = make_project(tmp_path)
+    publish_mlp(project, "det", "1.0.0", ring="ga")
+    with serve_dir(tmp_path / "repo") as base:
+        state = _device(tmp_path, base)
+        # --json on a terminal: no progress, stdout is the JSON document alone.
+        code, out, err = _update_cli(state, "--json", tty=True)
+        assert code == 0, err
+        assert json.loads(out)["models"][0]["version"] == "1.0.0"
+        assert "MiB (" not in err and "\r" not in err
+        # A terminal: one rewritten line on stderr ending at 100%, then a newline.
+        publish_mlp(project, "det", "1.1.0", seed=1, ring="ga")
+        code, out, err = _update_cli(state, tty=True)
+        assert code == 0, err
+        assert err.startswith("\rdet 1.1.0: ") and "(100%)" in err, err
+        assert "MiB" not in out and "1.1.0" in out  # the report on stdout is unchanged
+        # Not a terminal (a pipe, as under systemd or a script): no progress at all.
+        publish_mlp(project, "det", "1.2.0", seed=2, ring="ga")
+        code, out, err = _update_cli(state, tty=False)
+        assert code == 0, err
+        assert "1.2.0" in out and "MiB (" not in err and "\r" not in err

@@ -104,6 +104,9 @@ def test_concurrent_publishers_on_s3(tmp_path: Path, s3_endpoint: str, s3_url: s
         (f"own{i}", "1.0.0") for i in range(3)
     }
     assert sorted(r.state.counter for r in rows if r.name == "shared") == [1, 2, 3]
+    # moto honours conditional writes: the probe passed (its marker is there, no canary left).
+    probe_keys = set(project.storage.list("_ota/"))
+    assert probe_keys == {"_ota/conditional-writes.json"}
 
 
 @pytest.mark.slow
@@ -136,3 +139,98 @@ def test_killed_publisher_leaves_a_valid_repository(tmp_path: Path) -> None:
     assert p.returncode == 0, err.decode()[-2000:]
     published["m"].add("1.0.0")
     _verify_all(tmp_path / "repo", root, tmp_path / "device-final", published)
+
+
+# -- a store that ignores conditional writes (s3rver) ----------------------------------------
+
+
+def _s3rver_projects(tmp_path: Path, url: str, endpoint: str, publishers: str) -> list[Path]:
+    """One repository on s3rver and two copies of its project (two CI checkouts)."""
+    import shutil
+
+    from ota.repository import init_project
+
+    init_project(tmp_path / "proj0", url, bins=16, s3_endpoint=endpoint, single_publisher=True)
+    config = tmp_path / "proj0" / "ota.toml"
+    text = config.read_text().replace('publishers = "single"', f'publishers = "{publishers}"')
+    config.write_text(text)
+    shutil.copytree(tmp_path / "proj0", tmp_path / "proj1")
+    return [tmp_path / "proj0", tmp_path / "proj1"]
+
+
+def _cli_publish(
+    proj: Path, model: Path, version: str, env: dict[str, str]
+) -> subprocess.Popen[str]:
+    args = ["publish", str(model), "--project", str(proj), "--name", "m", "--version", version]
+    # Racing publishers of one model: whichever commits second may carry the lower version.
+    args.append("--allow-lower-version")
+    return subprocess.Popen(
+        [sys.executable, "-m", "ota.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_concurrent_publishers_on_a_store_without_conditional_writes_are_refused(
+    tmp_path: Path, s3rver_url: str, s3rver_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12 item 1: on s3rver two `ota publish` at once used to exit 0 and lose releases.
+    Now both refuse (exit 9, naming the requirement) and publish nothing."""
+    from ota.repository import Project, releases
+    from tests.onnx_models import write_mlp
+    from tests.s3server import child_env
+
+    monkeypatch.setenv("OTA_LOCK_DIR", str(tmp_path))
+    projects = _s3rver_projects(tmp_path, s3rver_url, s3rver_endpoint, "concurrent")
+    model = write_mlp(tmp_path / "m.onnx")
+    env = child_env(s3rver_endpoint)
+    procs = [_cli_publish(p, model, f"1.0.{i}", env) for i, p in enumerate(projects)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 9, err[-2000:]
+        assert "must honour conditional writes" in err and "Traceback" not in err
+    assert releases(Project.open(projects[0])) == []
+
+
+@pytest.mark.slow
+def test_single_publisher_mode_serialises_publishers_on_one_host(
+    tmp_path: Path, s3rver_url: str, s3rver_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same race in single-publisher mode: the host lock runs them one at a time, so no
+    release, counter or audit-log entry is lost, and each run says what the mode promises."""
+    from ota.repository import Project, releases
+    from tests.onnx_models import write_mlp
+    from tests.s3server import child_env
+
+    monkeypatch.setenv("OTA_LOCK_DIR", str(tmp_path))
+    projects = _s3rver_projects(tmp_path, s3rver_url, s3rver_endpoint, "single")
+    model = write_mlp(tmp_path / "m.onnx")
+    env = child_env(s3rver_endpoint) | {"OTA_LOCK_DIR": str(tmp_path)}
+    versions = []
+    for r in range(2):
+        round_versions = [f"1.{r}.{i}" for i in range(len(projects))]
+        procs = [
+            _cli_publish(p, model, v, env) for p, v in zip(projects, round_versions, strict=True)
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-2000:]
+            assert "no other host may publish" in err
+        versions += round_versions
+    project = Project.open(projects[0])
+    rows = releases(project, "m")
+    project.storage.close()  # this process held the host lock since its first read
+    assert sorted(r.state.version for r in rows) == sorted(versions)
+    assert sorted(r.state.counter for r in rows) == list(range(1, len(versions) + 1))
+    verify = subprocess.run(
+        [sys.executable, "-m", "ota.cli", "log", "verify", "--project", str(projects[1])],
+        check=False,
+        capture_output=True,
+        env=env,
+        text=True,
+        timeout=300,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -235,11 +235,11 @@ def test_a_slow_fleet_service_is_cut_at_the_flush_deadline(world: World, peer: F
     world.committed_at("v1")
     world.init(report_url=peer.url)
     before = _pending(world)
-    peer.replies = [("slow", 5.0)]
+    peer.replies = [("slow", 600.0)]  # never answers within the test
     dev = Device(world.device)
     t0 = time.monotonic()
     out = flush_events(dev, FAST, deadline_s=1.0)
-    assert time.monotonic() - t0 < 4.0
+    assert time.monotonic() - t0 < 120.0  # cut at the deadline (generous: a loaded machine)
     assert out.status == "failed" and out.error, out
     assert _pending(world) == before
 

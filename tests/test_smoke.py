@@ -23,6 +23,7 @@ from ota.client._smoke import (
     SmokeReport,
     _parse_result,
     measure,
+    memory_limit_mb,
     run_smoke,
 )
 from ota.errors import SmokeError
@@ -121,6 +122,73 @@ def test_memory_exhaustion_is_contained(tmp_path: Path) -> None:
     err = _fails(child.MEMORY, model, tmp_path, SmokeSpec(), limits=SmokeLimits(mem_margin_mb=64))
     assert err.report["mem_limit_mb"] < 500
     assert err.report["peak_mem_mb"] < 500
+
+
+def test_memory_limit_is_derived_from_model_size_and_budget() -> None:
+    limits = SmokeLimits(threads=2)
+    reserve = limits.base_mem_mb + limits.mem_margin_mb + 2 * limits.thread_mem_mb
+    mb = 1024 * 1024
+    # No budget: the model file costs model_as_factor x its size (parse slack), external data
+    # once, the smoke files twice.
+    assert memory_limit_mb(100 * mb, 0, 0, limits=limits) == (reserve + 300, "model")
+    assert memory_limit_mb(1024 * mb, 0, 0, limits=limits) == (reserve + 3072, "model")
+    assert memory_limit_mb(mb, 4096 * mb, 5 * mb, limits=limits) == (
+        reserve + 3 + 4096 + 10,
+        "model",
+    )
+    # A tier budget replaces the model's allowance, up or down; the parse slack stays.
+    assert memory_limit_mb(100 * mb, 0, 5 * mb, limits=limits, budget_mb=1000.0) == (
+        reserve + 200 + 1000,
+        "budget",
+    )
+    assert memory_limit_mb(100 * mb, 0, 0, limits=limits, budget_mb=1.0) == (
+        reserve + 200 + 1,
+        "budget",
+    )
+    # An explicit limit overrides everything.
+    fixed = SmokeLimits(mem_limit_mb=777)
+    assert memory_limit_mb(10**10, 10**10, 0, limits=fixed, budget_mb=5.0) == (777, "override")
+
+
+def test_the_child_runs_under_the_derived_limit(bundle: tuple[Path, Path, SmokeSpec]) -> None:
+    root, model, spec = bundle
+    smoke = (root / spec.inputs).stat().st_size + (root / spec.golden).stat().st_size
+    plain = SmokeSpec(inputs=spec.inputs, golden=spec.golden, runs=1)
+    want, _ = memory_limit_mb(model.stat().st_size, 0, smoke)
+    assert run_smoke(model, root, plain, tier="cam-v1").mem_limit_mb == want
+    # A larger model file gets a larger limit: nothing is a constant.
+    (model.parent / "model.onnx.data").write_bytes(b"\0" * (8 * 1024 * 1024))
+    bigger, _ = memory_limit_mb(model.stat().st_size, 8 * 1024 * 1024, smoke)
+    assert bigger == want + 8
+    assert run_smoke(model, root, plain, tier="cam-v1").mem_limit_mb == bigger
+    budgeted = SmokeSpec(
+        inputs=spec.inputs,
+        golden=spec.golden,
+        runs=1,
+        budgets={"cam-v1": Budget(peak_mem_mb=900.0)},
+    )
+    want_b, source = memory_limit_mb(model.stat().st_size, 0, smoke, budget_mb=900.0)
+    assert source == "budget"
+    assert run_smoke(model, root, budgeted, tier="cam-v1").mem_limit_mb == want_b
+
+
+def test_a_tier_budget_can_allow_what_the_model_size_alone_does_not(tmp_path: Path) -> None:
+    """A tiny model that allocates 512 MiB at run time: over the limit derived from its size,
+    within the limit of a tier whose budget allows it; and a budget far too small for it
+    stops it as ``memory_budget``."""
+    model = save(bad_models.huge_alloc(2**27), tmp_path / "model" / "model.onnx")
+    _write(tmp_path, SMOKE_INPUTS_FILE, {"x": np.ones(1, np.float32)})
+    _write(tmp_path, SMOKE_GOLDEN_FILE, {"y": np.array(2.0**27, np.float32)})
+    limits = SmokeLimits(threads=1, mem_margin_mb=64)
+    err = _fails(child.MEMORY, model, tmp_path, SmokeSpec(runs=1), limits=limits)
+    assert err.report["mem_limit_from"] == "model"
+    roomy = SmokeSpec(runs=1, budgets={"cam-v1": Budget(peak_mem_mb=1200.0)})
+    report = run_smoke(model, tmp_path, roomy, tier="cam-v1", limits=limits)
+    assert report.peak_mem_mb > 512
+    tight = SmokeSpec(runs=1, budgets={"cam-v1": Budget(peak_mem_mb=50.0)})
+    err = _fails(child.MEMORY_BUDGET, model, tmp_path, tight, limits=limits)
+    assert err.report["mem_limit_from"] == "budget"
+    assert "cam-v1 budget" in str(err)
 
 
 def test_latency_budget(bundle: tuple[Path, Path, SmokeSpec]) -> None:
@@ -308,3 +376,94 @@ def test_measure_without_inputs_file(bundle: tuple[Path, Path, SmokeSpec]) -> No
     with pytest.raises(SmokeFailed) as info:
         measure(model, root / "absent.npz")
     assert info.value.reason == child.BAD_FILES
+
+
+# -- the model's skeleton (ADR 0008): initializers read in place from the model file ---------
+
+
+def _session(model: Path | bytes, folder: Path | None = None) -> Any:
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if folder is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(folder)
+        )
+    source = model if isinstance(model, bytes) else str(model)
+    return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def test_skeleton_points_at_the_initializers_own_bytes_and_computes_the_same(
+    tmp_path: Path,
+) -> None:
+    import onnx
+
+    model = write_mlp(tmp_path / "model.onnx", in_features=200, hidden=300, out_features=7)
+    skel = child.skeleton(str(model))
+    assert skel is not None and len(skel) < 16384 < model.stat().st_size // 10
+    original = onnx.load(str(model))
+    parsed = onnx.ModelProto.FromString(skel)
+    data = model.read_bytes()
+    big = 0
+    for before, after in zip(original.graph.initializer, parsed.graph.initializer, strict=True):
+        assert before.name == after.name and list(before.dims) == list(after.dims)
+        if len(before.raw_data) < 64 * 1024:
+            assert after.raw_data == before.raw_data  # small ones stay inline
+            continue
+        big += 1
+        ext = {e.key: e.value for e in after.external_data}
+        assert after.data_location == onnx.TensorProto.EXTERNAL and not after.raw_data
+        assert ext["location"] == "model.onnx"
+        start, length = int(ext["offset"]), int(ext["length"])
+        assert data[start : start + length] == before.raw_data
+    assert big >= 2
+    assert list(parsed.graph.node) == list(original.graph.node)
+    x = np.random.default_rng(3).standard_normal((5, 200)).astype(np.float32)
+    want = _session(model).run(None, {"x": x})[0]
+    got = _session(skel, tmp_path).run(None, {"x": x})[0]
+    assert np.array_equal(got, want)
+
+
+def test_skeleton_declines_what_it_cannot_walk(tmp_path: Path) -> None:
+    small = write_mlp(tmp_path / "small" / "model.onnx")  # every initializer under 64 KiB
+    assert child.skeleton(str(small)) is None
+    external = write_mlp(tmp_path / "ext" / "model.onnx", in_features=200, hidden=300,
+                         external_data=True)  # fmt: skip
+    assert child.skeleton(str(external)) is None  # already external: nothing to do
+    big = write_mlp(tmp_path / "big" / "model.onnx", in_features=200, hidden=300)
+    data = big.read_bytes()
+    for name, payload in {
+        "truncated": data[: len(data) // 2],  # a length runs past the end
+        "garbage": b"\xff" * 64,  # a varint that never ends
+        "group": b"\x0b" + data,  # wire type 3 (a group) at the top level
+        "two_graphs": data + data,  # protobuf would merge them: not ours to decide
+        "empty": b"",
+    }.items():
+        path = tmp_path / name / "model.onnx"
+        path.parent.mkdir()
+        path.write_bytes(payload)
+        assert child.skeleton(str(path)) is None, name
+    assert child.skeleton(str(tmp_path / "missing.onnx")) is None
+    # Most of the bytes outside initializers (a large Constant node): no skeleton either.
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(big))
+    const = np.ones((1, 300), np.float32).repeat(2000, axis=0)  # 2.4 MB in the graph's nodes
+    model.graph.node.append(
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(const, "c"))
+    )
+    heavy = save(model, tmp_path / "heavy" / "model.onnx")
+    assert child.skeleton(str(heavy)) is None
+    assert child.skeleton(str(big)) is not None
+
+
+def test_smoke_through_the_skeleton_matches_golden_outputs(tmp_path: Path) -> None:
+    """Golden outputs computed in-process from the file (onnxruntime's defaults); the sandboxed
+    child loads the skeleton and must reproduce them within the default tolerances."""
+    root = tmp_path / "bundle"
+    model = write_mlp(root / "model" / "model.onnx", in_features=200, hidden=300, layers=3)
+    assert child.skeleton(str(model)) is not None
+    spec = make_smoke_files(model, root, batch=2)
+    report = run_smoke(model, root, spec, tier="cam-v1")
+    assert report.runs == spec.runs
+    assert report.max_abs_err == 0.0  # the same bytes, the same kernels: bit-identical

@@ -105,3 +105,36 @@ def test_nginx_serves_like_ota_serve(mirror: tuple[Any, Path, str]) -> None:
     assert code == 206
     assert headers["content-range"].startswith("bytes 3-")
     assert int(headers["content-length"]) == blob.stat().st_size - 3
+
+
+def test_idle_poll_headers_are_lean_and_never_cache_a_missing_root(
+    mirror: tuple[Any, Path, str],
+) -> None:
+    """The next-root probe a device makes every poll: an empty 404 that no cache may keep
+    (a cached 404 would hide a root rotation); the timestamp: revalidated, one validator
+    (Last-Modified), no version in ``Server``, no ranges on metadata."""
+    _, root, url = mirror
+    repo = root / "repo"
+    newest = max(int(p.name.split(".")[0]) for p in (repo / "metadata").glob("[0-9]*.root.json"))
+    missing = f"/metadata/{newest + 1}.root.json"
+    req = urllib.request.Request(url + missing)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    err = info.value
+    assert err.code == 404
+    assert len(err.read()) <= 1
+    assert err.headers["Cache-Control"] == "no-cache"
+    assert "immutable" not in str(err.headers)
+    code, headers = _head(url + "/metadata/timestamp.json")
+    assert code == 200
+    assert headers["cache-control"] == "no-cache"
+    assert "last-modified" in headers and "etag" not in headers
+    assert headers["server"] == "nginx"
+    assert "accept-ranges" not in headers
+    # A validator still works: a cache revalidating an unchanged timestamp gets a 304.
+    since = {"If-Modified-Since": headers["last-modified"]}
+    code, _ = _head(url + "/metadata/timestamp.json", since)
+    assert code == 304
+    # Other missing paths get the same empty 404.
+    code, headers = _head(url + "/trust/secret.json")
+    assert code == 404 and headers["content-length"] in ("0", "1")

@@ -44,7 +44,7 @@ def device() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Trusted root.json (from `ota init`).",
 )
-@click.option("--device-id", required=True)
+@click.option("--device-id", required=True, callback=lambda c, p, v: _device_id(v))
 @click.option("--model", "models", multiple=True, required=True, help="Model(s) to follow.")
 @click.option(
     "--ring", type=click.Choice(["canary", "pilot", "ga"]), default="ga", show_default=True
@@ -121,6 +121,7 @@ def init_cmd(
     }
     if arch:
         options["arch"] = arch
+    _warn_plain_token(report_url, options["report_token_file"])
     cfg = init_device(
         state_dir, repo_url, root_path.read_bytes(), device_id, models, floors=kept, **options
     )
@@ -142,6 +143,36 @@ def init_cmd(
     )
 
 
+def _device_id(value: str) -> str:
+    from ota.bundle import validate_device_id
+    from ota.errors import InputError
+
+    try:
+        return validate_device_id(value)
+    except InputError as e:
+        raise click.BadParameter(e.diagnostics()) from e
+
+
+def _warn_plain_token(report_url: str, token_file: str) -> None:
+    """Warn (stderr) when a bearer token would travel over plain http to a non-loopback host."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    if not token_file or not report_url.startswith("http://"):
+        return
+    host = (urlsplit(report_url).hostname or "").lower()
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        click.echo(
+            f"warning: the fleet bearer token is sent over plain http to {host}: anyone on "
+            "the path can read and replay it; use an https:// --report-url",
+            err=True,
+        )
+
+
 def _detected_runtime() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -157,9 +188,15 @@ def _detected_runtime() -> str:
 @json_option
 def update_cmd(state_dir: Path, model: str | None, as_json: bool) -> None:
     """One update cycle: verify, fetch, stage, smoke-test, commit."""
+    from ota.cli._progress import TtyProgress
     from ota.client import update_once
 
-    result = update_once(state_dir, model=model)
+    progress = None if as_json or not sys.stderr.isatty() else TtyProgress(sys.stderr)
+    try:
+        result = update_once(state_dir, model=model, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
     emit(result.to_dict(), as_json, lambda: _render_update(result.to_dict()))
     sys.exit(int(result.exit_code))
 
@@ -193,8 +230,11 @@ def _render_report(r: dict[str, Any]) -> str:
 def report_cmd(state_dir: Path, as_json: bool) -> None:
     """Forward queued events to the fleet service now (exit 5 if it cannot be reached)."""
     from ota.client import report_events
+    from ota.client._state import StateDir
     from ota.errors import ExitCode
 
+    cfg = StateDir(state_dir).load_config()
+    _warn_plain_token(cfg.report_url, cfg.report_token_file)
     outcome = report_events(state_dir)
     emit(outcome.to_dict(), as_json, lambda: _render_report(outcome.to_dict()))
     if outcome.status in ("failed", "partial"):
@@ -227,20 +267,50 @@ def status_cmd(state_dir: Path, as_json: bool) -> None:
     from ota.client import status
 
     s = status(state_dir).to_dict()
+    emit(s, as_json, lambda: _render_status(s))
 
-    def human() -> str:
-        lines = [f"device {s['device_id']} ({s['arch']}, tier {s['tier']}, ring {s['ring']})"]
-        for name, m in sorted(s["models"].items()):
-            lines.append(f"  {name}: {json.dumps(m, sort_keys=True)}")
-        if s.get("trial"):
-            lines.append(f"  on trial: {json.dumps(s['trial'], sort_keys=True)}")
+
+def _when(value: object) -> str:
+    from datetime import UTC, datetime
+
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds")
+    return str(value)
+
+
+def _render_status(s: dict[str, Any]) -> str:
+    """``ota device status`` for a human: one line per fact, no raw dicts."""
+    lines = [
+        f"device {s.get('device_id')} ({s.get('arch')}, tier {s.get('tier')}, "
+        f"ring {s.get('ring')}) from {s.get('repo_url')}",
+        f"  phase: {s.get('phase')}",
+    ]
+    for name, m in sorted(s.get("models", {}).items()):
+        running = m.get("current_version") or "none installed"
+        facts = [f"slot {m['current_slot']}"] if m.get("current_slot") else []
+        if m.get("committed_version") and m.get("committed_version") != m.get("current_version"):
+            facts.append(f"committed {m['committed_version']}")
+        facts += [f"release #{m.get('committed_counter', 0)}",
+                  f"security floor {m.get('security_floor', 0)}"]  # fmt: skip
+        shown = {"current_version", "current_slot", "committed_version", "committed_counter",
+                 "security_floor", "model_path"}  # fmt: skip
+        facts += [f"{k.replace('_', ' ')} {v}" for k, v in sorted(m.items())
+                  if k not in shown and v not in (None, "", [], {})]  # fmt: skip
+        lines.append(f"  {name}: {running} ({', '.join(facts)})")
+        if m.get("model_path"):
+            lines.append(f"    file: {m['model_path']}")
+    trial = s.get("trial")
+    if trial:
         lines.append(
-            f"  failed releases: {len(s.get('failed', []))}; "
-            f"events queued: {s.get('pending_events', 0)}"
+            f"  on trial: {trial.get('model')} {trial.get('version')} in slot "
+            f"{trial.get('slot')}, confirm before {_when(trial.get('deadline'))}"
         )
-        return "\n".join(lines)
-
-    emit(s, as_json, human)
+    failed = [" ".join(str(x) for x in f) for f in s.get("failed", [])]
+    lines.append(f"  failed releases: {', '.join(failed) if failed else 'none'}")
+    lines.append(
+        f"  events: {s.get('pending_events', 0)} queued, {s.get('dropped_events', 0)} dropped"
+    )
+    return "\n".join(lines)
 
 
 @device.command("confirm")
@@ -282,12 +352,14 @@ def forget_failure_cmd(state_dir: Path, name: str, version: str, as_json: bool) 
 @device.command("current")
 @state_option
 @click.option("--model", default=None)
-def current_cmd(state_dir: Path, model: str | None) -> None:
+@json_option
+def current_cmd(state_dir: Path, model: str | None, as_json: bool) -> None:
     """Print the path of the committed model file (for apps and scripts); for a runtime
     bundle, the folder to put first on sys.path (its wheels unpacked beside the slot)."""
     from ota.client._runtime import current_import_path
 
-    click.echo(str(current_import_path(state_dir, model)))
+    path = current_import_path(state_dir, model)
+    emit({"model": model, "path": str(path)}, as_json, str(path))
 
 
 def register(group: click.Group) -> None:

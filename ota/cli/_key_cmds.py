@@ -27,6 +27,22 @@ def _key(project: Any, spec: str) -> Any:
     return parse_key(spec, Path.cwd())
 
 
+def _key_here(project: Any, spec: str) -> Any:
+    """Like :func:`_key`, but a ``NAME.pub.pem`` whose private half ``NAME.pem`` lies beside
+    it (as ``ota key generate`` writes them) names that private key too: online roles (bins,
+    timestamp, snapshot) must be signed on this machine."""
+    from ota.repository._keyspec import KeySpec, parse_key
+    from ota.signing import private_half
+
+    found = parse_key(spec, Path.cwd())
+    if found.uri is None and (priv := private_half(Path(spec).absolute())) is not None:
+        full = parse_key(f"file2:{priv}", Path.cwd())
+        if full.keyid != found.keyid:
+            raise InputError(f"{priv} is not the private half of {spec}")
+        return KeySpec(found.key, full.uri)
+    return found
+
+
 # -- ota delegate ---------------------------------------------------------------------------
 
 
@@ -126,9 +142,7 @@ def delegate_revoke_key(
 
     project = _project(project_dir)
     repl = _key(project, replacement) if replacement else None
-    t = revoke_team_key(
-        project, team, resolve_keyid(project, keyid), replacement=repl, force=force
-    )
+    t = revoke_team_key(project, team, resolve_keyid(project, keyid), replacement=repl, force=force)
     emit(t.to_dict(), as_json, lambda: _team_line(t))
 
 
@@ -244,8 +258,8 @@ def key_list(project_dir: str, as_json: bool) -> None:
         [r.to_dict() for r in rows],
         as_json,
         lambda: "\n".join(
-            f"{r.keyid[:16]} {r.kind:13} {', '.join(r.roles)}"
-            + (" (signs here)" if r.uri_configured else "")
+            f"{r.keyid[:16]} {r.kind:13} {', '.join(r.roles)} ({r.where})"
+            + (f"\n    {r.problem}" if r.problem else "")
             for r in rows
         ),
     )
@@ -253,6 +267,43 @@ def key_list(project_dir: str, as_json: bool) -> None:
 
 def _change_text(c: Any) -> str:
     return "\n".join(c.actions)
+
+
+@key.command("generate")
+@click.argument(
+    "role",
+    type=click.Choice(["root", "targets", "snapshot", "timestamp", "bins", "team", "release"]),
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Folder for NAME.pem (private, 0600) and NAME.pub.pem.",
+)
+@click.option("--name", default=None, help="File name stem (default: ROLE-<UTC time>).")
+@json_option
+def key_generate(role: str, out_dir: Path, name: str | None, as_json: bool) -> None:
+    """Generate a key pair for ROLE: Ed25519 for TUF roles, ECDSA P-256 for the model-signing
+    ("release") key. Needs no project or network: run it where the key will live."""
+    from datetime import UTC, datetime
+
+    from ota.signing import ROLE_KEY_KINDS, NewKey
+
+    kind = ROLE_KEY_KINDS[role]
+    stem = name or f"{role}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+    new = NewKey.generate(kind)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uri = new.write(out_dir, stem)
+    priv, pub = out_dir.absolute() / f"{stem}.pem", out_dir.absolute() / f"{stem}.pub.pem"
+    keyid = new.fingerprint if role == "release" else new.keyid
+    emit(
+        {"role": role, "algorithm": kind, "keyid": keyid, "private_key": str(priv),
+         "public_key": str(pub), "uri": uri, "public_pem": new.public_pem.decode()},
+        as_json,
+        lambda: f"{role} key ({kind}) {keyid}\nprivate: {priv} (mode 0600)\n"
+        f"public:  {pub}\n{new.public_pem.decode().rstrip()}",
+    )  # fmt: skip
 
 
 @key.command("rotate")
@@ -268,7 +319,7 @@ def key_rotate(
     from ota.repository._keyadmin import rotate
 
     project = _project(project_dir)
-    spec = _key(project, new_key) if new_key else None
+    spec = _key_here(project, new_key) if new_key else None
     c = rotate(project, role, spec, out=out)
     emit(c.to_dict(), as_json, lambda: _change_text(c))
 
@@ -298,7 +349,7 @@ def key_revoke(
     c = revoke(
         project,
         keyid,
-        replacement=_key(project, replacement) if replacement else None,
+        replacement=_key_here(project, replacement) if replacement else None,
         signing_replacement=model_signing_pem(replacement_signing) if replacement_signing else None,
         force=force,
         out=out,

@@ -2,23 +2,79 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
 import click
 
-from ota.errors import ExitCode, OtaError
+from ota.errors import (
+    ConfigError,
+    ConflictError,
+    ExitCode,
+    InputError,
+    LocalError,
+    OtaError,
+    SecurityError,
+    SmokeError,
+    TransientError,
+)
+
+_FAMILIES: tuple[tuple[type[OtaError], str], ...] = (
+    (SecurityError, "security"),
+    (TransientError, "transient"),
+    (InputError, "input"),
+    (ConfigError, "config"),
+    (LocalError, "local"),
+    (SmokeError, "smoke"),
+    (ConflictError, "conflict"),
+)
+
+
+def error_document(e: Exception, exit_code: int) -> dict[str, Any]:
+    """The JSON error object printed on stdout under ``--json`` (stable keys: ``error``,
+    ``class``, ``kind``, ``exit_code``, ``message``, ``remedy``)."""
+    kind = next((k for cls, k in _FAMILIES if isinstance(e, cls)), "internal")
+    if isinstance(e, click.UsageError | click.BadParameter):
+        kind = "usage"
+    message = e.format_message() if isinstance(e, click.ClickException) else str(e)
+    return {
+        "error": True,
+        "class": type(e).__name__,
+        "kind": kind,
+        "exit_code": exit_code,
+        "message": message,
+        "remedy": getattr(e, "remedy", "") or "",
+    }
 
 
 class _Group(click.Group):
-    """A group whose commands turn :class:`OtaError` into a one-line message and its exit code."""
+    """A group whose commands turn :class:`OtaError` into a one-line message and its exit code.
+
+    This is the one place errors are mapped: with ``--json`` the same error is also printed
+    on stdout as one JSON object (:func:`error_document`); the human message stays on stderr.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # seen before the subcommand parses it, so its own usage errors come out as JSON too
+        ctx.meta["ota.json"] = "--json" in args
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
+        as_json = bool(ctx.meta.get("ota.json"))
         try:
             return super().invoke(ctx)
         except OtaError as e:
             click.echo(f"error: {e.diagnostics()}", err=True)
+            if as_json:
+                click.echo(json.dumps(error_document(e, int(e.exit_code)), sort_keys=True))
             ctx.exit(int(e.exit_code))
+        except click.ClickException as e:
+            if not as_json:
+                raise
+            e.show()
+            click.echo(json.dumps(error_document(e, e.exit_code), sort_keys=True))
+            ctx.exit(e.exit_code)
         except ModuleNotFoundError as e:  # a device-only install running a publisher command
             from ota._extras import from_import_error
 
@@ -26,6 +82,9 @@ class _Group(click.Group):
             if missing is None:
                 raise
             click.echo(f"error: {missing.diagnostics()}", err=True)
+            if as_json:
+                doc = error_document(missing, int(missing.exit_code))
+                click.echo(json.dumps(doc, sort_keys=True))
             ctx.exit(int(missing.exit_code))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -39,7 +98,8 @@ def cli() -> None:
 
     Exit codes: 0 ok, 2 usage, 3 bad input, 4 refused for security, 5 network or storage
     unreachable (retry), 6 local fault (disk), 7 smoke test failed (reverted), 8 conflict,
-    9 configuration, 10 up to date.
+    9 configuration, 10 up to date. With --json, an error is also printed on stdout as
+    {"error": true, "class", "kind", "exit_code", "message", "remedy"}.
     """
 
 

@@ -4,6 +4,7 @@ gc, serve. Each parses, calls :mod:`ota.repository`, prints."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -59,6 +60,12 @@ def _budgets(values: tuple[str, ...]):  # type: ignore[no-untyped-def]
     type=click.Path(file_okay=False, path_type=Path),
     help="Reuse key files from this folder (missing ones are created there).",
 )
+@click.option(
+    "--single-publisher",
+    is_flag=True,
+    help="Allow a store that ignores conditional writes, on the promise that ONE publisher "
+    "host ever writes to it (a host-wide lock serialises that host; see the publish runbook).",
+)
 @json_option
 def init(
     storage: str,
@@ -69,6 +76,7 @@ def init(
     root_keys: int,
     root_threshold: int,
     keys_dir: Path | None,
+    single_publisher: bool,
     as_json: bool,
 ) -> None:
     """Create a repository in STORAGE (a folder, file:// or s3://bucket/prefix)."""
@@ -85,13 +93,17 @@ def init(
         root_keys=root_keys,
         root_threshold=root_threshold,
         keys_dir=keys_dir,
+        single_publisher=single_publisher,
     )
+    publishers = "single" if single_publisher else "concurrent"
+    note = " (ONE publisher host only; see the publish runbook)" if single_publisher else ""
     emit(
-        result.to_dict(),
+        result.to_dict() | {"publishers": publishers},
         as_json,
         lambda: "\n".join(
             [
                 f"repository created in {result.storage}",
+                f"  publishers:                        {publishers}{note}",
                 f"  trusted root (install on devices): {result.trusted_root}",
                 f"  devices fetch from:                {result.base_url}",
                 f"  hash bins:                         {result.bins}",
@@ -242,6 +254,13 @@ def publish(
         runtime_version=runtime_version,
     )
     project = _project(project_dir)
+    # Probe the store before any work: a store that ignores conditional writes loses releases.
+    if project.storage.check_conditional_writes() == "emulated":
+        click.echo(
+            "warning: this store ignores conditional writes; single-publisher mode serialises "
+            "publishers on this host only: no other host may publish to it",
+            err=True,
+        )
     size = sum(
         p.stat().st_size for p in ([model] if model.is_file() else model.rglob("*")) if p.is_file()
     )
@@ -269,6 +288,14 @@ def _state_line(name: str, s: object) -> str:
     return f"{name} {s.version} (#{s.counter}): {s.ring} {s.percent:g}% {flags}".rstrip()
 
 
+def _numeric_percent(doc: dict[str, Any]) -> dict[str, Any]:
+    """``percent`` as a JSON number, as ``publish --json`` gives it (the signed index keeps
+    it as a string for canonical JSON; the CLI's JSON is not signed)."""
+    if isinstance(doc.get("percent"), str):
+        doc["percent"] = float(doc["percent"])
+    return doc
+
+
 @click.command()
 @click.argument("name")
 @click.argument("version")
@@ -283,7 +310,7 @@ def promote(
     from ota.repository import promote as do
 
     s = do(_project(project_dir), name, version, ring, percent)
-    emit({"name": name, **s.to_dict()}, as_json, lambda: _state_line(name, s))
+    emit(_numeric_percent({"name": name, **s.to_dict()}), as_json, lambda: _state_line(name, s))
 
 
 def _flag_command(cmd_name: str, helptext: str, field: str, value: bool) -> click.Command:
@@ -297,7 +324,7 @@ def _flag_command(cmd_name: str, helptext: str, field: str, value: bool) -> clic
 
         fn = pause if field == "paused" else yank
         s = fn(_project(project_dir), name, version, value)
-        emit({"name": name, **s.to_dict()}, as_json, lambda: _state_line(name, s))
+        emit(_numeric_percent({"name": name, **s.to_dict()}), as_json, lambda: _state_line(name, s))
 
     return cmd
 
@@ -338,7 +365,7 @@ def releases(name: str | None, project_dir: str, as_json: bool) -> None:
 
     rows = do(_project(project_dir), name)
     emit(
-        [r.to_dict() for r in rows],
+        [_numeric_percent(r.to_dict()) for r in rows],
         as_json,
         lambda: "\n".join(_state_line(r.name, r.state) for r in rows) or "no releases",
     )
@@ -380,17 +407,44 @@ def gc(project_dir: str, grace: float, dry_run: bool, as_json: bool) -> None:
     help="Repository folder to serve (default: the project's local storage).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8765, show_default=True)
-def serve(project_dir: str, root_dir: Path | None, host: str, port: int) -> None:
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Default: the port named in the project's base_url, else 8765.",
+)
+def serve(project_dir: str, root_dir: Path | None, host: str, port: int | None) -> None:
     """Serve a local repository read-only over HTTP (metadata, targets, blobs; Range)."""
+    from ota.errors import ConfigError
     from ota.repository._serve import serve_forever
 
+    project = None
     if root_dir is None:
-        local = _project(project_dir).storage.local_root()
+        project = _project(project_dir)
+        local = project.storage.local_root()
         if local is None:
             raise InputError("the project's storage is not a local folder", remedy="use --root")
         root_dir = local
-    serve_forever(root_dir, host, port)
+    elif port is None:
+        try:
+            project = _project(project_dir)
+        except ConfigError:
+            project = None  # --root without a project: the default port
+    if port is None:
+        port = _base_url_port(project.config.base_url) if project is not None else None
+    serve_forever(root_dir, host, 8765 if port is None else port)
+
+
+def _base_url_port(base_url: str) -> int | None:
+    """The port written in ``base_url`` (``http://127.0.0.1:9000/repo`` -> 9000), or None."""
+    from urllib.parse import urlsplit
+
+    from ota.errors import ConfigError
+
+    try:
+        return urlsplit(base_url).port
+    except ValueError as e:
+        raise ConfigError(f"bad base_url {base_url!r} in ota.toml: {e}") from e
 
 
 def register(group: click.Group) -> None:
