@@ -1,27 +1,37 @@
-"""Publish speed: ``ota publish`` of a large model vs hashing it and uploading it raw.
+"""Publish speed and memory: ``ota publish`` of a large model vs copying and hashing it.
 
-For each storage (a local folder; a moto S3 server on 127.0.0.1, in-process) and each of
-``--repeat`` rounds, the same model file is
+Two measurements per round (``--repeat`` rounds, interleaved, load average recorded):
 
-* baseline, file storage: copied into the storage folder in 1 MiB blocks, sha256 over the same
-  blocks, then ``fsync`` of the file and its folder;
-* baseline, S3: sha256 over the file, then boto3 ``upload_file`` (multipart, its defaults) to the
-  same endpoint;
-* published with :func:`ota.repository.publish` into a fresh repository (``init`` untimed).
+* **cli** (local folder, the issue 13 figure): the baseline is ``cp`` of the model into the
+  storage's file system, ``openssl dgst -sha256`` of it and ``sync``, three commands timed
+  together; the publish is a fresh ``ota publish`` process (``init`` untimed) timed from spawn to
+  exit, imports, checks, golden run and commit included, and its peak RSS is the child's own
+  ``VmHWM``, which it reads at exit (``python -m ota.cli`` under a two-line ``atexit`` hook).
+* **in-process** (each ``--storage``): the publish in a warm process with its phases timed
+  (:func:`bench._common.publish_phases`) and the peak RSS seen during each phase (``VmRSS``
+  sampled every 5 ms), so the golden run is reported apart; baselines as before (file: copy +
+  sha256 + fsync in Python; S3: sha256 + boto3 ``upload_file``).
 
-Dirty pages are flushed (untimed) before each timed step, so no step pays for the last one's
-writes. The figure is best publish / best baseline (goal <= 1.3); the publish phases of the best
-run are reported beside it (see :func:`bench._common.publish_phases`).
+Dirty pages are flushed (untimed) before each timed step. Each figure is the median of the
+per-round ratios with its spread (min-max); nothing is best-of. The RSS goal is
+``1.3 x model + 200 MB``.
 
-Run: ``python -m bench.publish_speed [--json] [--size-mb 256] [--repeat 3] [--storage file,s3]``.
+Run: ``python -m bench.publish_speed [--json] [--size-mb 256] [--repeat 3] [--storage file]
+[--external]``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -49,18 +59,96 @@ from bench._common import (
     warm_up,
 )
 
-GOAL = 1.3
+GOAL = 1.3  # in-process publish / Python copy + hash baseline (issue 2)
+GOAL_CLI = 2.5  # `ota publish` / cp + openssl dgst -sha256 + sync (issue 13)
+RSS_FACTOR, RSS_EXTRA_MB = 1.3, 200.0  # peak RSS goal: 1.3 x model + 200 MB (issue 13)
 _BLOCK = 1 << 20
+_SAMPLE_S = 0.005
 
 
-def build_model(folder: Path, size_mb: int) -> Path:
-    """``tests.onnx_models.big_mlp(size_mb)`` saved once as ``folder/model.onnx``."""
+def build_model(folder: Path, size_mb: int, *, external: bool = False) -> Path:
+    """``tests.onnx_models.big_mlp(size_mb)`` saved once as ``folder/model.onnx``; with
+    ``external``, an MLP of the same shape written layer by layer with its weights in
+    ``model.onnx.data`` beside it (ONNX external data; never whole in memory, so 4 GB works)."""
     from tests.onnx_models import big_mlp, save
 
     path = folder / "model.onnx"
     if not path.exists():
-        save(big_mlp(size_mb), path)
+        if external:
+            build_external_mlp(path, size_mb)
+        else:
+            save(big_mlp(size_mb), path)
     return path
+
+
+def build_external_mlp(path: Path, size_mb: int, *, layers: int = 8, seed: int = 0) -> None:
+    """``layers`` square Gemm + Relu layers of about ``size_mb`` MB of float32 weights in
+    total, weights streamed to ``<path>.data`` in 64 MiB blocks (offsets page-aligned)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    width = int((size_mb * 2**20 // 4 // layers) ** 0.5)
+    rng = np.random.default_rng(seed)
+    data_name = path.name + ".data"
+    inits: list[TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    rows_per_block = max(1, (64 << 20) // (4 * width))
+    with open(path.with_name(data_name), "wb") as out:
+
+        def tensor(name: str, dims: list[int], write: Callable[[], object]) -> None:
+            out.seek((out.tell() + 4095) // 4096 * 4096)
+            offset = out.tell()
+            write()
+            t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims)
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", offset),
+                         ("length", out.tell() - offset)):  # fmt: skip
+                t.external_data.add(key=k, value=str(v))
+            inits.append(t)
+
+        def weights() -> None:
+            for start in range(0, width, rows_per_block):
+                n = min(rows_per_block, width - start)
+                block = rng.standard_normal((n, width), dtype=np.float32) / np.float32(width**0.5)
+                out.write(block.tobytes())
+
+        prev = "x"
+        for i in range(layers):
+            tensor(f"w{i}", [width, width], weights)
+            tensor(f"b{i}", [width], lambda: out.write(np.zeros(width, np.float32).tobytes()))
+            nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"h{i}"]))
+            last = i == layers - 1
+            nodes.append(helper.make_node("Relu", [f"h{i}"], ["y" if last else f"r{i}"]))
+            prev = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path.write_bytes(model.SerializeToString())
+
+
+def model_bytes(model: Path) -> int:
+    """The model file plus its external-data files (``<name>.data`` beside it)."""
+    data = model.with_name(model.name + ".data")
+    return model.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 4) if values else float("nan")
+
+
+def spread(values: list[float]) -> list[float]:
+    return [round(min(values), 4), round(max(values), 4)] if values else []
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def sha256_file(path: Path) -> str:
@@ -87,6 +175,15 @@ def raw_copy(source: Path, dest: Path) -> str:
     finally:
         os.close(fd)
     return h.hexdigest()
+
+
+def raw_copy_model(model: Path, dest: Path) -> str:
+    """:func:`raw_copy` of the model and of its external data (``<name>.data``) if any."""
+    digest = raw_copy(model, dest)
+    data = model.with_name(model.name + ".data")
+    if data.exists():
+        raw_copy(data, dest.with_name(data.name))
+    return digest
 
 
 def raw_upload(client: Any, source: Path, bucket: str) -> str:
@@ -164,13 +261,154 @@ def _empty_bucket(client: Any, bucket: str) -> None:
             client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
 
 
+def cp_openssl_sync(model: Path, dest_dir: Path) -> float:
+    """Baseline of the cli figure: ``cp`` the model (and its external data) into ``dest_dir``,
+    ``openssl dgst -sha256`` the copies, ``sync``; wall seconds of the three together."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    sources = [model, *([d] if (d := model.with_name(model.name + ".data")).exists() else [])]
+    t0 = time.perf_counter()
+    subprocess.run(["cp", *map(str, sources), str(dest_dir)], check=True)
+    subprocess.run(
+        ["openssl", "dgst", "-sha256", *(str(dest_dir / p.name) for p in sources)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(["sync"], check=True)
+    return time.perf_counter() - t0
+
+
+def _ota() -> list[str]:
+    exe = Path(sys.executable).with_name("ota")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "ota.cli"]
+
+
+# `ota` run as `python -m ota.cli`, writing its own VmHWM to $BENCH_VMHWM at exit. The
+# parent's figures cannot be used: ru_maxrss from wait4 starts at the parent's high-water
+# mark when the child is spawned with vfork (exec records the old mm's), so a benchmark
+# process holding 500 MB would make every child look 500 MB large.
+_CLI_WITH_VMHWM = """
+import atexit, os, runpy, sys
+def _report():
+    with open("/proc/self/status") as f:
+        hwm = next((line.split()[1] for line in f if line.startswith("VmHWM:")), "0")
+    with open(os.environ["BENCH_VMHWM"], "w") as out:
+        out.write(hwm)
+atexit.register(_report)
+sys.argv = ["ota", *sys.argv[1:]]
+runpy.run_module("ota.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def cli_publish(model: Path, work: Path, i: int) -> dict[str, Any]:
+    """One fresh ``ota publish`` process into a new local-folder repository (``ota init``
+    untimed). Returns its wall seconds and its own peak RSS (``VmHWM`` read by the child at
+    exit, see ``_CLI_WITH_VMHWM``)."""
+    proj, repo = work / f"cli-proj-{i}", work / f"cli-repo-{i}"
+    subprocess.run(
+        [*_ota(), "init", "--project", str(proj), "--bins", "16", str(repo)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    cmd = [sys.executable, "-c", _CLI_WITH_VMHWM, "publish", "--project", str(proj)]
+    cmd += ["--name", "bench-model", "--version", "1.0.0", "--json", str(model)]
+    hwm_file = work / f"vmhwm-{i}"
+    env = dict(os.environ, BENCH_VMHWM=str(hwm_file))
+    drop_dirty_pages()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=out, stderr=err, env=env, check=False)
+        secs = time.perf_counter() - t0
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"ota publish failed ({proc.returncode}): {err.read()[-2000:]!r}")
+        out.seek(0)
+        result = json.loads(out.read())
+    vmhwm_kib = int(hwm_file.read_text() or 0)
+    hwm_file.unlink()
+    shutil.rmtree(proj, ignore_errors=True)
+    shutil.rmtree(repo, ignore_errors=True)
+    return {
+        "publish_s": round(secs, 4),
+        "vmhwm_mb": round(vmhwm_kib / 1024, 1),
+        "bytes_uploaded": result.get("upload", {}).get("bytes_uploaded"),
+    }
+
+
+@contextlib.contextmanager
+def phase_rss() -> Iterator[dict[str, float]]:
+    """Peak ``VmRSS`` (MiB, sampled every 5 ms) while each publish phase runs, by wrapping the
+    functions ``ota.repository.publish`` calls (phases may overlap: the golden run and the
+    model card run beside the chunking). Yields the dict it fills."""
+    import ota.repository._golden as golden
+    import ota.repository._model_checks as checks
+    import ota.repository._publish as pub
+
+    peaks: dict[str, float] = {}
+    active: set[str] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            rss = _vmrss_mb()
+            with lock:
+                for p in active:
+                    peaks[p] = max(peaks.get(p, 0.0), rss)
+            stop.wait(_SAMPLE_S)
+
+    undo: list[tuple[object, str, Any]] = []
+
+    def wrap(owner: object, attr: str, phase: str) -> None:
+        original = getattr(owner, attr)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                active.add(phase)
+                peaks[phase] = max(peaks.get(phase, 0.0), _vmrss_mb())
+            try:
+                return original(*args, **kwargs)
+            finally:
+                with lock:
+                    peaks[phase] = max(peaks.get(phase, 0.0), _vmrss_mb())
+                    active.discard(phase)
+
+        undo.append((owner, attr, original))
+        setattr(owner, attr, run)
+
+    wrap(checks, "check_model", "checks")
+    wrap(pub, "chunk_file", "chunk_upload")
+    wrap(golden, "make_smoke_files", "smoke_golden")
+    wrap(pub, "_model_card", "model_card")
+    wrap(pub, "_sbom", "sbom")
+    wrap(pub, "_finish", "sign_commit")
+    sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+    sampler.start()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        sampler.join()
+        while undo:
+            owner, attr, original = undo.pop()
+            setattr(owner, attr, original)
+
+
+def _vmrss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def measure_storage(
-    kind: str, model: Path, work: Path, repeat: int, endpoint: str | None
+    kind: str, model: Path, work: Path, repeat: int, endpoint: str | None, cli: bool
 ) -> dict[str, Any]:
-    """Best-of-``repeat`` baseline and publish on one storage kind."""
+    """``repeat`` interleaved rounds on one storage kind: baseline, in-process publish (phases,
+    per-phase RSS) and, for ``file`` with ``cli``, cp + openssl + sync and ``ota publish``."""
     from ota.repository import Project, PublishRequest, init_project, publish
 
-    size = model.stat().st_size
+    size = model_bytes(model)
     client: Any = None
     if kind.startswith("s3"):
         import boto3
@@ -178,11 +416,12 @@ def measure_storage(
         client = boto3.client("s3", endpoint_url=endpoint)
     rounds: list[dict[str, Any]] = []
     for i in range(max(1, repeat)):
+        load_before = loadavg()
         # -- baseline --------------------------------------------------------------------
         drop_dirty_pages()
         if kind == "file":
             dest = work / f"raw-{i}" / "model.onnx"
-            base_fn: Callable[[], str] = partial(raw_copy, model, dest)
+            base_fn: Callable[[], str] = partial(raw_copy_model, model, dest)
         else:
             bucket = f"bench-raw-{uuid.uuid4().hex[:8]}"
             client.create_bucket(Bucket=bucket)
@@ -197,66 +436,120 @@ def measure_storage(
             _empty_bucket(client, bucket)
             client.delete_bucket(Bucket=bucket)
 
-        # -- publish ---------------------------------------------------------------------
+        # -- publish, in this (warm) process ---------------------------------------------
         proj_dir = work / f"proj-{kind}-{i}"
         if kind == "file":
             storage_url = str(work / f"repo-{i}")
-            init_project(proj_dir, storage_url)
+            init_project(proj_dir, storage_url, bins=16)
         else:
             bucket = f"bench-pub-{uuid.uuid4().hex[:8]}"
             client.create_bucket(Bucket=bucket)
-            init_project(proj_dir, f"s3://{bucket}/repo", s3_endpoint=endpoint)
+            init_project(proj_dir, f"s3://{bucket}/repo", s3_endpoint=endpoint, bins=16)
         project = Project.open(proj_dir)
         req = PublishRequest(source=model, name="bench-model", version="1.0.0")
         drop_dirty_pages()
         reset_peak_rss()
-        with publish_phases() as timer:
+        with publish_phases() as timer, phase_rss() as rss:
             pub_s, result = timed(partial(publish, project, req))
         pub_rss = peak_rss_mb()
-        rounds.append(
-            {
-                "baseline_s": round(base_s, 4),
-                "publish_s": round(pub_s, 4),
-                "phases_s": timer.breakdown(pub_s, PUBLISH_PHASES, overlap=True),
-                "upload": result.upload.to_dict(),
-                "baseline_peak_rss_mb": round(base_rss, 1),
-                "publish_peak_rss_mb": round(pub_rss, 1),
-            }
-        )
-        log(f"{kind} round {i + 1}: baseline {base_s:.2f}s publish {pub_s:.2f}s")
+        row: dict[str, Any] = {
+            "baseline_s": round(base_s, 4),
+            "publish_s": round(pub_s, 4),
+            "ratio": ratio(pub_s, base_s),
+            "phases_s": timer.breakdown(pub_s, PUBLISH_PHASES, overlap=True),
+            "phase_peak_rss_mb": {p: round(v, 1) for p, v in rss.items()},
+            "upload": result.upload.to_dict(),
+            "baseline_peak_rss_mb": round(base_rss, 1),
+            "publish_peak_rss_mb": round(pub_rss, 1),
+        }
         if kind == "file":
             shutil.rmtree(work / f"repo-{i}", ignore_errors=True)
         else:
             _empty_bucket(client, bucket)
             client.delete_bucket(Bucket=bucket)
         shutil.rmtree(proj_dir, ignore_errors=True)
-    best_base = min(r["baseline_s"] for r in rounds)
-    best_pub = min(rounds, key=lambda r: r["publish_s"])
-    return {
+
+        # -- cp + openssl + sync vs a fresh `ota publish` process --------------------------
+        if kind == "file" and cli:
+            drop_dirty_pages()
+            cli_base = cp_openssl_sync(model, work / f"cp-{i}")
+            shutil.rmtree(work / f"cp-{i}", ignore_errors=True)
+            pub_cli = cli_publish(model, work, i)
+            row["cli"] = {
+                "baseline_s": round(cli_base, 4),
+                **pub_cli,
+                "ratio": ratio(pub_cli["publish_s"], cli_base),
+                "golden_over_baseline": ratio(row["phases_s"]["smoke_golden"], cli_base),
+            }
+            log(
+                f"cli round {i + 1}: cp+openssl+sync {cli_base:.2f}s, ota publish"
+                f" {pub_cli['publish_s']:.2f}s, VmHWM {pub_cli['vmhwm_mb']} MiB"
+            )
+        row["loadavg"] = [load_before, loadavg()]
+        rounds.append(row)
+        log(f"{kind} round {i + 1}: baseline {base_s:.2f}s publish {pub_s:.2f}s (in-process)")
+    return summarize(kind, size, rounds)
+
+
+def summarize(kind: str, size: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of the per-round figures with their spread (min-max); no best-of."""
+    ratios = [r["ratio"] for r in rounds]
+    phases = list(rounds[0]["phases_s"])
+    rss_goal = round(RSS_FACTOR * size / 2**20 + RSS_EXTRA_MB, 1)
+    doc: dict[str, Any] = {
         "storage": kind,
         "model_bytes": size,
         "rounds": rounds,
-        "baseline_s": best_base,
-        "publish_s": best_pub["publish_s"],
-        "ratio": ratio(best_pub["publish_s"], best_base),
+        "baseline_s": median([r["baseline_s"] for r in rounds]),
+        "publish_s": median([r["publish_s"] for r in rounds]),
+        "ratio": median(ratios),
+        "ratio_spread": spread(ratios),
         "goal": GOAL,
-        "goal_met": ratio(best_pub["publish_s"], best_base) <= GOAL,
-        "baseline_mb_per_s": round(size / best_base / 2**20, 1),
-        "publish_mb_per_s": round(size / best_pub["publish_s"] / 2**20, 1),
-        "phases_s": best_pub["phases_s"],
-        "chunk_upload_ratio": ratio(best_pub["phases_s"]["chunk_upload"], best_base),
-        "upload": best_pub["upload"],
+        "goal_met": median(ratios) <= GOAL,
+        "phases_s": {p: median([r["phases_s"][p] for r in rounds]) for p in phases},
+        "phase_peak_rss_mb": {
+            p: max(r["phase_peak_rss_mb"].get(p, 0.0) for r in rounds)
+            for p in rounds[0]["phase_peak_rss_mb"]
+        },
+        "upload": rounds[-1]["upload"],
         "baseline_peak_rss_mb": max(r["baseline_peak_rss_mb"] for r in rounds),
         "publish_peak_rss_mb": max(r["publish_peak_rss_mb"] for r in rounds),
+        "rss_goal_mb": rss_goal,
+        "loadavg_1min": spread(
+            [x for r in rounds for x in (r["loadavg"][0][0], r["loadavg"][1][0])]
+        ),
     }
+    doc["chunk_upload_ratio"] = ratio(doc["phases_s"]["chunk_upload"], doc["baseline_s"])
+    doc["golden_ratio"] = ratio(doc["phases_s"]["smoke_golden"], doc["baseline_s"])
+    if all("cli" in r for r in rounds):
+        cli = [r["cli"] for r in rounds]
+        cr = [c["ratio"] for c in cli]
+        doc["cli"] = {
+            "baseline_s": median([c["baseline_s"] for c in cli]),
+            "baseline_spread": spread([c["baseline_s"] for c in cli]),
+            "publish_s": median([c["publish_s"] for c in cli]),
+            "publish_spread": spread([c["publish_s"] for c in cli]),
+            "ratio": median(cr),
+            "ratio_spread": spread(cr),
+            "goal": GOAL_CLI,
+            "goal_met": median(cr) <= GOAL_CLI,
+            "golden_over_baseline": median([c["golden_over_baseline"] for c in cli]),
+            "vmhwm_mb": max(c["vmhwm_mb"] for c in cli),
+            "vmhwm_spread": spread([c["vmhwm_mb"] for c in cli]),
+            "rss_goal_mb": rss_goal,
+            "rss_goal_met": max(c["vmhwm_mb"] for c in cli) <= rss_goal,
+        }
+    return doc
 
 
-def run(size_mb: int, repeat: int, storages: list[str], workdir: Path) -> dict[str, Any]:
+def run(
+    size_mb: int, repeat: int, storages: list[str], workdir: Path, *, external: bool, cli: bool
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     model_dir = workdir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
-    log(f"building a {size_mb} MB model")
-    model = build_model(model_dir, size_mb)
+    log(f"building a {size_mb} MB model{' (external data)' if external else ''}")
+    model = build_model(model_dir, size_mb, external=external)
     warm_up(workdir)
     results: list[dict[str, Any]] = []
     for kind in storages:
@@ -264,13 +557,14 @@ def run(size_mb: int, repeat: int, storages: list[str], workdir: Path) -> dict[s
         work.mkdir(exist_ok=True)
         if kind in ("s3", "s3-proc"):
             with s3_endpoint(out_of_process=kind == "s3-proc") as url:
-                results.append(measure_storage(kind, model, work, repeat, url))
+                results.append(measure_storage(kind, model, work, repeat, url, False))
         else:
-            results.append(measure_storage(kind, model, work, repeat, None))
+            results.append(measure_storage(kind, model, work, repeat, None, cli))
     return {
         "benchmark": "publish_speed",
         "size_mb": size_mb,
-        "model_bytes": model.stat().st_size,
+        "external_data": external,
+        "model_bytes": model_bytes(model),
         "repeat": repeat,
         "results": results,
         "cold_import_s": import_cost(),
@@ -280,39 +574,71 @@ def run(size_mb: int, repeat: int, storages: list[str], workdir: Path) -> dict[s
 
 
 def render(doc: dict[str, Any]) -> str:
+    out: list[str] = []
+    size = mb(doc["model_bytes"])
+    ext = " (external data)" if doc["external_data"] else ""
+    for r in doc["results"]:
+        if "cli" not in r:
+            continue
+        c = r["cli"]
+        out.append(
+            table(
+                f"publish_speed cli: {size} MiB model{ext},"
+                f" medians of {doc['repeat']} rounds [min-max], load {r['loadavg_1min']}",
+                ["figure", "median", "spread", "goal", "met"],
+                [
+                    ["cp+openssl+sync s", c["baseline_s"], c["baseline_spread"], "", ""],
+                    ["ota publish s", c["publish_s"], c["publish_spread"], "", ""],
+                    [
+                        "publish / baseline",
+                        c["ratio"],
+                        c["ratio_spread"],
+                        f"<= {GOAL_CLI}",
+                        "yes" if c["goal_met"] else "NO",
+                    ],
+                    ["golden run / baseline", c["golden_over_baseline"], "", "(in the above)", ""],
+                    [
+                        "publish VmHWM MiB",
+                        c["vmhwm_mb"],
+                        c["vmhwm_spread"],
+                        f"<= {c['rss_goal_mb']}",
+                        "yes" if c["rss_goal_met"] else "NO",
+                    ],
+                ],
+            )
+        )
+        out.append("")
     rows = [
         [
             r["storage"],
             r["baseline_s"],
             r["publish_s"],
             r["ratio"],
+            r["ratio_spread"],
             "yes" if r["goal_met"] else "NO",
-            r["baseline_mb_per_s"],
-            r["publish_mb_per_s"],
             mb(r["upload"]["bytes_uploaded"]),
             r["publish_peak_rss_mb"],
         ]
         for r in doc["results"]
     ]
-    out = [
+    out.append(
         table(
-            f"publish_speed: {mb(doc['model_bytes'])} MiB model, best of {doc['repeat']}"
+            f"publish_speed in-process: {size} MiB model, medians of {doc['repeat']} rounds"
             f" (goal publish/baseline <= {GOAL})",
             [
                 "storage",
                 "baseline s",
                 "publish s",
                 "ratio",
+                "spread",
                 "goal",
-                "base MB/s",
-                "pub MB/s",
                 "uploaded MiB",
-                "pub RSS MiB",
+                "peak RSS MiB",
             ],
             rows,
         )
-    ]
-    phases = [*PUBLISH_PHASES, "other", "overlap"]
+    )
+    phases = list(doc["results"][0]["phases_s"]) if doc["results"] else []
     prow = []
     for r in doc["results"]:
         prow.append([r["storage"], *(r["phases_s"][p] for p in phases)])
@@ -327,11 +653,20 @@ def render(doc: dict[str, Any]) -> str:
     out.append("")
     out.append(
         table(
-            "publish phases of the best run (seconds; /base = ratio to baseline)",
+            "publish phases, medians (seconds; /base = ratio to baseline)",
             ["storage", *phases],
             prow,
         )
     )
+    for r in doc["results"]:
+        out.append("")
+        out.append(
+            table(
+                f"{r['storage']}: peak VmRSS MiB while each phase runs (goal {r['rss_goal_mb']})",
+                list(r["phase_peak_rss_mb"]),
+                [list(r["phase_peak_rss_mb"].values())],
+            )
+        )
     return "\n".join(out)
 
 
@@ -368,11 +703,17 @@ def profile_once(size_mb: int, workdir: Path, storage: str, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "publish_speed")
     parser.add_argument("--size-mb", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; best of each is kept")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are reported")
     parser.add_argument(
         "--storage",
-        default="file,s3,s3-proc",
+        default="file",
         help="comma list of file, s3 (moto in this process), s3-proc (moto in its own process)",
+    )
+    parser.add_argument(
+        "--external", action="store_true", help="the model's weights as ONNX external data"
+    )
+    parser.add_argument(
+        "--no-cli", action="store_true", help="skip the fresh `ota publish` process figure"
     )
     parser.add_argument(
         "--profile",
@@ -389,7 +730,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.profile:
             profile_once(args.size_mb, work, storages[0], Path(args.profile))
             return
-        doc = run(args.size_mb, args.repeat, storages, work)
+        doc = run(
+            args.size_mb, args.repeat, storages, work, external=args.external, cli=not args.no_cli
+        )
     emit(doc, render(doc), args.json)
 
 

@@ -6,6 +6,10 @@ byte is read once and hashed twice (file and chunk digests), and what is uploade
 was hashed even if the source file changes underneath. Chunk boundaries depend on content, so an
 edit changes only the chunks it touches: the basis of delta updates
 (``docs/adr/0001-bundle-format.md``).
+
+Memory is bounded whatever the file size: at most ``_IN_FLIGHT`` chunks wait for upload and
+``_HASH_QUEUE`` for the whole-file hash, and mapped pages already chunked are dropped from the
+process every ``_RELEASE`` bytes (the mapping never holds the whole file resident).
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ MIN_CHUNK = 256 * 1024
 AVG_CHUNK = 1024 * 1024
 MAX_CHUNK = 4 * 1024 * 1024
 _IN_FLIGHT = 32  # chunks buffered for upload at most (<= 32 MiB)
+_HASH_QUEUE = 16  # chunks waiting for the whole-file hash at most
+# Mapped pages already chunked are dropped from this process every _RELEASE bytes: the page
+# cache keeps them, but a mapping that grows to the whole file would count the model once more
+# in our RSS (issue 13: peak RSS <= 1.3x the model + 200 MB).
+_RELEASE = 16 * 1024 * 1024
 
 Progress = Callable[[int], None]  # called with a number of bytes done
 
@@ -104,6 +113,17 @@ class Uploader:
         self._pool.shutdown(wait=True)
 
 
+def _release_behind(mm: mmap.mmap, released: int, offset: int) -> int:
+    """Drop the mapped pages before ``offset`` (whole pages, every ``_RELEASE`` bytes) from this
+    process (``MADV_DONTNEED``; a read-only file mapping reads them again from the file if
+    touched). Returns the new released offset."""
+    upto = offset - offset % mmap.PAGESIZE
+    if upto - released < _RELEASE or not hasattr(mmap, "MADV_DONTNEED"):
+        return released
+    mm.madvise(mmap.MADV_DONTNEED, released, upto - released)
+    return upto
+
+
 def chunk_file(
     source: Path,
     bundle_path: str,
@@ -121,7 +141,7 @@ def chunk_file(
     if size == 0:
         return FileEntry(bundle_path, hashlib.sha256(b"").hexdigest(), 0, ())
     whole = hashlib.sha256()
-    feed: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+    feed: queue.Queue[bytes | None] = queue.Queue(maxsize=_HASH_QUEUE)
 
     def hash_whole() -> None:
         while (block := feed.get()) is not None:
@@ -132,8 +152,10 @@ def chunk_file(
     chunks: list[Chunk] = []
     try:
         with source.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            released = 0  # pages before this offset are dropped from our mapping
             for c in fastcdc(mm, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK, fat=False):
                 data = mm[c.offset : c.offset + c.length]
+                released = _release_behind(mm, released, c.offset)
                 feed.put(data)
                 digest = hashlib.sha256(data).hexdigest()
                 chunks.append(Chunk(digest, len(data)))

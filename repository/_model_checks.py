@@ -1,8 +1,10 @@
 """Static checks of an ONNX model before it is published (publisher side, needs ``onnx``).
 
 The checks run on the file as the operator gave it, without executing it and without reading
-weights into memory: the graph protobuf is parsed with ``load_external_data=False`` and
-``onnx.checker`` is called *by path* (so models over 2 GB and external data work). Refusals are
+weights into memory: the graph is read by ``ota.repository._stream.read_skeleton`` (the weights
+stay in the file; issue 13) and ``onnx.checker`` checks a view of it in which every weight is an
+empty tensor of its type and rank, its byte length checked against its shape beforehand (so
+models over 2 GB and external data work). Refusals are
 :class:`ModelRejected` (an :class:`~ota.errors.InputError`): the operator must fix the model.
 
 Invariants of an accepted model (what :func:`check_model` guarantees when it returns):
@@ -25,6 +27,7 @@ import onnx.defs
 from onnx import helper
 
 from ota.errors import InputError
+from ota.repository._stream import SkeletonError, checker_view, read_skeleton
 
 __all__ = [
     "DEFAULT_MAX_OPSET",
@@ -111,8 +114,11 @@ def check_model(
     if model_size > max_bytes:
         raise ModelRejected(f"model {path.name} is {model_size} bytes, over the {max_bytes} budget")
     model = _parse(path)
+    # The skeleton leaves the weights in the file: a view with them as empty tensors (lengths
+    # checked) for the external-data checks and onnx.checker (issue 13: no weight copies).
+    view = _checker_view(model, path.name)
     folder = path.parent.resolve()
-    external = _external_files(model, folder)
+    external = _external_files(view, folder)
     total = model_size + sum(external.values())
     if total > max_bytes:
         raise ModelRejected(
@@ -128,7 +134,7 @@ def check_model(
             f"model {path.name} uses opset {opset}, outside the accepted {min_opset}..{max_opset}"
         )
     try:
-        onnx.checker.check_model(str(path), full_check=False)
+        onnx.checker.check_model(_checker_view(view, None), full_check=False)
     except (onnx.checker.ValidationError, ValueError, OSError) as e:
         raise ModelRejected(f"model {path.name} is invalid: {_one_line(e)}") from e
     initializers = {t.name for t in model.graph.initializer}
@@ -147,7 +153,7 @@ def check_model(
 
 def _parse(path: Path) -> onnx.ModelProto:
     try:
-        model = onnx.load_model(str(path), load_external_data=False)
+        model = read_skeleton(path)  # issue 13: the graph without its weights
     except Exception as e:  # protobuf's DecodeError and friends share no useful base class
         raise ModelRejected(
             f"{path.name} is not an ONNX model (truncated or not a protobuf): {_one_line(e)}"
@@ -155,6 +161,13 @@ def _parse(path: Path) -> onnx.ModelProto:
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise ModelRejected(f"{path.name} is not an ONNX model (no IR version or no graph)")
     return model
+
+
+def _checker_view(model: onnx.ModelProto, location: str | None) -> onnx.ModelProto:
+    try:
+        return checker_view(model, location)
+    except SkeletonError as e:
+        raise ModelRejected(f"model is invalid: {_one_line(e)}") from e
 
 
 def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:

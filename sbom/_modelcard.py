@@ -212,34 +212,36 @@ def model_card(
 ) -> ModelCardFacts:
     """Read the model-card facts of the ONNX model at ``model_path``.
 
-    Only the protobuf is read (at most ``limits.max_model_bytes``); external-data files are
-    neither opened nor required, their tensors are counted from the declared dims.
+    Only the graph is read (a file of at most ``limits.max_model_bytes``), its weights skipped
+    by ``seek`` (``ota.repository._stream.read_skeleton``); external-data files are neither
+    opened nor required; tensors are counted from the declared dims.
 
     Raises:
         SbomError: the file is missing, not a regular file, larger than the limit, not an ONNX
             protobuf, declares negative dims or unknown element types, or nests subgraphs deeper
             than the limit.
     """
-    import onnx
     from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
     if not Path(model_path).is_file():  # before open(): a FIFO would block it
         raise SbomError(f"model {model_path} is not a regular file")
+    from ota.repository._stream import SkeletonError, read_skeleton
+
     try:
-        with open(model_path, "rb") as f:
-            data = f.read(limits.max_model_bytes + 1)
+        size = Path(model_path).stat().st_size
     except OSError as e:
         raise SbomError(f"cannot read model {model_path}: {e.strerror or e}") from e
-    if len(data) > limits.max_model_bytes:
+    if size > limits.max_model_bytes:
         raise SbomError(
             f"model {model_path} exceeds the limit of {limits.max_model_bytes} bytes",
             remedy="store the weights as ONNX external data, or raise the model size limit",
         )
-    try:
-        model = onnx.load_model_from_string(data)
-    except (DecodeError, ValueError, RuntimeError) as e:
+    try:  # issue 13: the graph without its weights (dims and types are all the card needs)
+        model = read_skeleton(Path(model_path))
+    except OSError as e:
+        raise SbomError(f"cannot read model {model_path}: {e.strerror or e}") from e
+    except (SkeletonError, DecodeError, ValueError, RuntimeError) as e:
         raise SbomError(f"{model_path} is not an ONNX model: {e}") from e
-    del data
     try:
         return _facts(model, top_n, limits)
     except ValueError as e:  # protobuf enums: an element type this onnx does not know

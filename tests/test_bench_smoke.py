@@ -20,17 +20,52 @@ def test_publish_speed_reports_ratios_on_every_storage(
     doc = run_json(
         capsys,
         publish_speed.main,
-        ["--json", "--size-mb", "2", "--repeat", "1", "--workdir", str(tmp_path)],
-    )
+        ["--json", "--size-mb", "2", "--repeat", "1", "--storage", "file,s3,s3-proc",
+         "--workdir", str(tmp_path)],
+    )  # fmt: skip
     assert doc["benchmark"] == "publish_speed"
     results = doc["results"]
     assert isinstance(results, list)
     assert [r["storage"] for r in results] == ["file", "s3", "s3-proc"]
     for r in results:
-        assert {"baseline_s", "publish_s", "ratio", "goal_met", "phases_s", "upload"} <= set(r)
+        assert {"baseline_s", "publish_s", "ratio", "ratio_spread", "goal_met"} <= set(r)
         assert set(r["phases_s"]) == {*PUBLISH_PHASES, "other", "overlap"}
         assert r["upload"]["bytes_uploaded"] >= r["model_bytes"]
         assert r["ratio"] > 0
+        # the peak RSS of each phase was sampled while it ran
+        assert {"checks", "chunk_upload", "smoke_golden", "sbom"} <= set(r["phase_peak_rss_mb"])
+        assert all(v > 0 for v in r["phase_peak_rss_mb"].values())
+        assert len(r["rounds"][0]["loadavg"]) == 2
+    # the fresh `ota publish` process against cp + openssl + sync, on the local folder only
+    cli = results[0]["cli"]
+    assert cli["baseline_s"] > 0 and cli["publish_s"] > 0 and cli["ratio"] > 0
+    assert cli["vmhwm_mb"] > 20  # an interpreter with onnxruntime loaded, at the least
+    assert cli["rss_goal_mb"] == pytest.approx(1.3 * results[0]["model_bytes"] / 2**20 + 200, 0.01)
+    assert isinstance(cli["goal_met"], bool) and isinstance(cli["rss_goal_met"], bool)
+    assert all("cli" not in r for r in results[1:])
+
+
+def test_publish_speed_external_data_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = run_json(
+        capsys,
+        publish_speed.main,
+        ["--json", "--size-mb", "2", "--repeat", "1", "--external", "--workdir", str(tmp_path)],
+    )
+    assert doc["external_data"] is True
+    results = doc["results"]
+    assert isinstance(results, list) and len(results) == 1
+    r = results[0]
+    assert isinstance(r, dict)
+    assert (tmp_path / "model" / "model.onnx.data").stat().st_size > (
+        (tmp_path / "model" / "model.onnx").stat().st_size
+    )
+    size = doc["model_bytes"]
+    assert isinstance(size, int) and size > 2 * 2**20 * 0.9
+    assert r["model_bytes"] == size
+    assert r["upload"]["bytes_uploaded"] >= r["model_bytes"]
+    assert r["cli"]["vmhwm_mb"] > 0
 
 
 def test_delta_publish_reports_uploaded_fraction(
