@@ -8,6 +8,9 @@ whatever its environment's temporary folder is.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from ota.repository._condwrite import lock_path
@@ -26,3 +29,20 @@ def test_one_store_spelled_two_ways_is_one_lock(monkeypatch: pytest.MonkeyPatch)
     assert len(paths) == 1, paths
     other = S3Storage("bucket", "other-repo", endpoint_url=spellings[0], single_publisher=True)
     assert lock_path(other.store_id) not in paths  # another repository: another lock
+
+
+def test_the_lock_does_not_follow_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tempfile.gettempdir()`` honours TMPDIR/TEMP/TMP, which differ between a login shell,
+    a CI job and a systemd unit (pam_tmpdir, per-user TMPDIR): two publishers on one host
+    then held two different locks. Only ``$OTA_LOCK_DIR`` chooses the folder."""
+    monkeypatch.delenv("OTA_LOCK_DIR", raising=False)
+    seen = set()
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        monkeypatch.setenv("TMPDIR", str(folder))
+        monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() looks again
+        seen.add(lock_path("some-store"))
+    assert len(seen) == 1, seen
+    monkeypatch.setenv("OTA_LOCK_DIR", str(tmp_path / "a"))
+    assert lock_path("some-store").parent == tmp_path / "a"
