@@ -468,6 +468,10 @@ def memory_limit_mb(
     memory budget when there is one (a model that fits its budget is never cut short, and one
     far over it is stopped early), else the model files plus twice the smoke files (the bytes
     onnxruntime and numpy hold). Measured in ADR 0008: peak RSS 1.1-1.4x the model + 60 MB.
+
+    The allowance never exceeds this machine's physical memory: a budget is a signed claim
+    about a tier, not about this device, and a huge one (any finite number parses) must not
+    lift the limit until the sandbox no longer bounds a runaway model.
     """
     if limits.mem_limit_mb is not None:
         return limits.mem_limit_mb, "override"
@@ -478,7 +482,15 @@ def memory_limit_mb(
         allowance, source = max(budget_mb, 0.0), "budget"
     else:
         allowance, source = (model_file_bytes + other_bytes + 2 * smoke_bytes) / _MB, "model"
-    return math.ceil(reserve + slack + allowance), source
+    return math.ceil(reserve + slack + min(allowance, _machine_mb())), source
+
+
+def _machine_mb() -> float:
+    """This machine's physical memory in MiB (a terabyte if the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / _MB
+    except (OSError, ValueError):
+        return 1024.0 * 1024.0
 
 
 def _model_bytes(model: Path, max_files: int) -> tuple[int, int]:

@@ -356,57 +356,105 @@ def _load_session(ort: Any, args: argparse.Namespace, options: Any) -> Any:
 
 _SKELETON_MIN_BYTES = 64 * 1024  # smaller initializers stay inline
 _SKELETON_MAX_BYTES = 1024 * 1024  # or 1/16 of the model: else the path is as good
+_SKELETON_MAX_FIELDS = 4_000_000  # fields walked in all: a few seconds at most, then the path
+_TENSOR_MAX_FIELDS = 64  # a TensorProto has ~15 kinds of field: more is not one we rewrite
 _LEN, _VARINT, _I64, _I32 = 2, 0, 1, 5
+
+
+class _GiveUp(Exception):
+    """The walk stops: the skeleton would be too large or the model has too many fields."""
 
 
 def skeleton(path: str, min_bytes: int = _SKELETON_MIN_BYTES) -> bytes | None:
     """The ModelProto at ``path`` with every top-level graph initializer of at least
     ``min_bytes`` of ``raw_data`` turned into an external-data reference to its own bytes in
-    ``path``; None when there is none, or the file is not a plain protobuf we can walk."""
+    ``path``; None when there is none, or the file is not a plain protobuf we can walk.
+
+    Bounded whatever the file holds (signed is not well-formed): it reads only inside the
+    file, walks at most :data:`_SKELETON_MAX_FIELDS` fields and never builds more than the
+    skeleton's size cap (it gives up as soon as the output would pass it, before copying);
+    any failure, memory included, is None."""
     import mmap
 
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            skel = _skeleton_model(buf, os.path.basename(path), min_bytes)
             size = len(buf)
-    except (OSError, ValueError):
+            # big tensors elsewhere (Constant nodes...): a skeleton would save little
+            walk = _Walk(
+                buf, os.path.basename(path), min_bytes, max(_SKELETON_MAX_BYTES, size // 16)
+            )
+            return walk.model()
+    except (OSError, ValueError, MemoryError, _GiveUp):
         return None
-    if skel is not None and len(skel) > max(_SKELETON_MAX_BYTES, size // 16):
-        return None  # big tensors elsewhere (Constant nodes...): a skeleton would save little
-    return skel
 
 
-def _skeleton_model(buf: Any, location: str, min_bytes: int) -> bytes | None:
-    out, graphs, changed = bytearray(), 0, False
-    for field, wire, head, start, end in _fields(buf, 0, len(buf)):
-        if field == 7 and wire == _LEN:
-            graphs += 1
-            graph, changed = _skeleton_graph(buf, start, end, location, min_bytes)
-            out += _tag(7, _LEN) + _varint(len(graph)) + graph
-        else:
-            out += buf[head:end]
-    return bytes(out) if graphs == 1 and changed else None
+class _Walk:
+    """One skeleton walk: the file's bytes, and the budgets it spends (fields, output)."""
 
+    def __init__(self, buf: Any, location: str, min_bytes: int, max_out: int) -> None:
+        self.buf, self.location, self.min_bytes = buf, location, min_bytes
+        self.max_out, self.fields_left, self.written = max_out, _SKELETON_MAX_FIELDS, 0
 
-def _skeleton_graph(
-    buf: Any, begin: int, stop: int, location: str, min_bytes: int
-) -> tuple[bytes, bool]:
-    out, changed = bytearray(), False
-    for field, wire, head, start, end in _fields(buf, begin, stop):
-        if field == 5 and wire == _LEN:
-            tensor = _skeleton_tensor(buf, start, end, location, min_bytes)
-            if tensor is not None:
-                out += _tag(5, _LEN) + _varint(len(tensor)) + tensor
-                changed = True
-                continue
-        out += buf[head:end]
-    return bytes(out), changed
+    def fields(self, pos: int, stop: int) -> Any:
+        for f in _fields(self.buf, pos, stop):
+            self.fields_left -= 1
+            if self.fields_left < 0:
+                raise _GiveUp("too many fields")
+            yield f
+
+    def spend(self, size: int) -> None:
+        """Count ``size`` more bytes of skeleton; give up before passing the output cap."""
+        self.written += size
+        if self.written > self.max_out:
+            raise _GiveUp("skeleton too large")
+
+    def copy(self, out: bytearray, head: int, end: int) -> None:
+        self.spend(end - head)
+        out += self.buf[head:end]
+
+    def model(self) -> bytes | None:
+        out, graphs, changed = bytearray(), 0, False
+        for field, wire, head, start, end in self.fields(0, len(self.buf)):
+            if field == 7 and wire == _LEN:
+                graphs += 1
+                if graphs > 1:
+                    return None  # protobuf would merge them: not ours to decide
+                graph, changed = self.graph(start, end)
+                out += _tag(7, _LEN) + _varint(len(graph)) + graph
+            else:
+                self.copy(out, head, end)
+        return bytes(out) if graphs == 1 and changed else None
+
+    def graph(self, begin: int, stop: int) -> tuple[bytes, bool]:
+        out, changed = bytearray(), False
+        for field, wire, head, start, end in self.fields(begin, stop):
+            if field == 5 and wire == _LEN and end - start >= self.min_bytes:
+                tensor = self.tensor(start, end)
+                if tensor is not None:
+                    out += _tag(5, _LEN) + _varint(len(tensor)) + tensor
+                    changed = True
+                    continue
+            self.copy(out, head, end)
+        return bytes(out), changed
+
+    def tensor(self, begin: int, stop: int) -> bytes | None:
+        fields = []
+        for f in self.fields(begin, stop):
+            fields.append(f)
+            if len(fields) > _TENSOR_MAX_FIELDS:
+                return None  # unpacked repeated data...: left as it is
+        kept = sum(end - head for field, _, head, _, end in fields if field != 9)
+        if self.written + kept > self.max_out:  # copied or rewritten, these bytes stay
+            raise _GiveUp("skeleton too large")
+        tensor = _skeleton_tensor(self.buf, fields, self.location, self.min_bytes)
+        if tensor is not None:
+            self.spend(kept)
+        return tensor
 
 
 def _skeleton_tensor(
-    buf: Any, begin: int, stop: int, location: str, min_bytes: int
+    buf: Any, fields: list[tuple[int, int, int, int, int]], location: str, min_bytes: int
 ) -> bytes | None:
-    fields = list(_fields(buf, begin, stop))
     raw = [f for f in fields if f[0] == 9]
     if len(raw) != 1 or raw[0][1] != _LEN or any(f[0] in (13, 14) for f in fields):
         return None  # already external, no raw bytes, or a repeated raw_data: left as it is

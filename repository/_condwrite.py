@@ -25,9 +25,9 @@ whole commands (publish, promote, key rotation...) run one at a time on this hos
 included (such a store may also rewrite objects in place: s3rver does, and a read racing a write
 sees a cut-short object). Under the lock, conditional writes are emulated: a HEAD, compare, then
 an unconditional PUT. That is correct only between processes that share this machine's
-temporary folder (``$OTA_LOCK_DIR`` to choose another); two publisher machines (or containers)
-would race exactly as before. The mode says so; the operator promises that one publisher host
-runs at a time.
+``/tmp`` (never TMPDIR, which differs between sessions; ``$OTA_LOCK_DIR`` to choose another);
+two publisher machines (or containers) would race exactly as before. The mode says so; the
+operator promises that one publisher host runs at a time.
 
 Invariant: :func:`check` returns only after the store refused both wrong conditional writes in
 this process (mode ``native``), or in single-publisher mode (mode ``emulated``).
@@ -152,8 +152,13 @@ def refusal(store_url: str, endpoint: str, result: ProbeResult) -> ConfigError:
 
 
 def lock_path(store_id: str) -> Path:
-    """The host-wide lock file of one store (``$OTA_LOCK_DIR`` or the temp folder)."""
-    folder = os.environ.get("OTA_LOCK_DIR") or tempfile.gettempdir()
+    """The host-wide lock file of one store (``$OTA_LOCK_DIR``, else ``/tmp``).
+
+    Not ``tempfile.gettempdir()``: it follows TMPDIR/TEMP/TMP, which differ between a login
+    shell, a CI job and a service on one host, and two publishers would hold two locks."""
+    folder = os.environ.get("OTA_LOCK_DIR") or (
+        "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()  # noqa: S108 - shared on purpose
+    )
     digest = hashlib.sha256(store_id.encode()).hexdigest()[:24]
     return Path(folder) / f"edge-ota-publish-{digest}.lock"
 

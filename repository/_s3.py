@@ -276,8 +276,11 @@ class S3Storage(Storage):
 
     @property
     def store_id(self) -> str:
-        """Names this store on this host (the single-publisher lock is per store)."""
-        return f"{self.endpoint}|{self.url}"
+        """Names this store on this host (the single-publisher lock is per store): the bucket
+        and prefix only. The endpoint's spelling (``localhost`` or ``127.0.0.1``, a trailing
+        slash, a DNS alias) must not split one store into two locks; two stores that share a
+        bucket name and prefix merely wait for each other."""
+        return self.url
 
     def check_conditional_writes(self) -> str:
         return self.conditional_mode()

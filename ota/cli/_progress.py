@@ -1,7 +1,8 @@
 """Download progress of ``ota device update`` on a terminal (stderr, one rewritten line).
 
 Shown only when stderr is a TTY and the output is not ``--json``: scripts, systemd and pipes
-get no control characters. Progress is display only; it decides nothing.
+get no control characters. Progress is display only; it decides nothing: a terminal that
+fails (EIO once an ssh session drops) stops the drawing, never the download.
 """
 
 from __future__ import annotations
@@ -21,22 +22,26 @@ class TtyProgress:
         self._every = 1.0 / rate_hz
         self._last = 0.0
         self._shown = False
+        self._broken = False
 
     def __call__(self, model: str, version: str, done: int, total: int) -> None:
         now = time.monotonic()
-        if done < total and now - self._last < self._every:
+        if self._broken or (done < total and now - self._last < self._every):
             return
         self._last = now
         pct = 100 * done // total if total else 100
-        self._out.write(
-            f"\r{model} {version}: {done / _MIB:.1f}/{total / _MIB:.1f} MiB ({pct}%)\x1b[K"
-        )
-        self._out.flush()
-        self._shown = True
+        self._write(f"\r{model} {version}: {done / _MIB:.1f}/{total / _MIB:.1f} MiB ({pct}%)\x1b[K")
+        self._shown = not self._broken
 
     def close(self) -> None:
         """End the progress line, if one was drawn."""
         if self._shown:
-            self._out.write("\n")
-            self._out.flush()
+            self._write("\n")
             self._shown = False
+
+    def _write(self, text: str) -> None:
+        try:
+            self._out.write(text)
+            self._out.flush()
+        except (OSError, ValueError):  # the terminal went away (or stderr was closed)
+            self._broken = True
