@@ -219,6 +219,10 @@ def _post(pool: urllib3.PoolManager, endpoint: str, body: bytes, headers: dict[s
         if resp.status in _RETRY and attempt <= cfg.retries:
             time.sleep(min(backoff_delay(cfg, attempt), max(0.0, deadline - time.monotonic())))
             continue
+        if resp.status == 401:  # revoked, or a rotation cut short: never fatal to updates
+            raise _ReportError("the fleet service refused the device's credential (HTTP 401); "
+                               "`ota device rotate-credential` finishes an interrupted "
+                               "rotation, else re-enrol")
         if resp.status not in (200, 202):
             raise _ReportError(f"the fleet service answered HTTP {resp.status}")
         return _ack(reply, carried)
