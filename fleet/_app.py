@@ -98,7 +98,7 @@ class _Ctx:
 
 def create_app(config: FleetConfig, engine: Engine | None = None) -> Flask:
     """A fleet service app on ``config.db_url`` (already migrated: ``ota fleet migrate``)."""
-    app = Flask("ota.fleet")
+    app = Flask("ota.fleet", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.max_report_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     eng = engine or make_engine(config)

@@ -404,6 +404,8 @@ def release_detail(s: Session, model: str, version: str, limit: int) -> dict[str
             )
             .group_by(ReleaseState.state)
         )
+        .tuples()
+        .all()
     )
     failures = [
         {"device_id": d, "state": st, "detail": det, "updated_at": at}
