@@ -167,8 +167,7 @@ def _body(dev: Any, batch: Snapshot) -> tuple[bytes, list[Event]]:
         "id": dev.cfg.device_id, "ring": dev.cfg.ring, "tier": dev.cfg.tier,
         "arch": dev.cfg.arch, "runtime_version": dev.cfg.runtime_version,
         "client_version": _client_version(),
-        "models": {n: {"version": m.version, "counter": m.counter}
-                   for n, m in sorted(state.models.items())},
+        "models": _running(dev, state),
     }
     docs = [e.to_dict() for e in batch.events]
 
@@ -185,6 +184,26 @@ def _body(dev: Any, batch: Snapshot) -> tuple[bytes, list[Event]]:
         docs = [{**docs[0], "data": {"truncated": True}}]
         body = encode(docs)
     return body, batch.events[: len(docs)]
+
+
+def _running(dev: Any, state: Any) -> dict[str, dict[str, Any]]:
+    """What the device runs: each model's current slot (after a revert that is the earlier
+    release, not the highest one committed, which stays the downgrade floor), else what its
+    committed state says."""
+    from . import _slots
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(dev.cfg.models) | set(state.models)):
+        rel = None
+        with contextlib.suppress(OtaError, OSError, ValueError):
+            slot = _slots.current_slot(dev.mdir(name))
+            rel = _slots.read_release(dev.mdir(name), slot) if slot else None
+        if rel is not None:
+            out[name] = {"version": rel.version, "counter": rel.counter}
+        elif name in state.models:
+            m = state.models[name]
+            out[name] = {"version": m.version, "counter": m.counter}
+    return out
 
 
 def _client_version() -> str:

@@ -285,3 +285,24 @@ def test_a_stolen_state_dir_copy_cannot_enrol_as_another_device(
     with pytest.raises(Exception, match="not enrolled"):
         ensure_enrolled(world.device, cfg, peer.url, None)
     assert os.stat(credential_path(world.device)).st_size > 43
+
+
+def test_after_a_yank_revert_the_report_says_what_the_device_runs(
+    world: World, peer: FleetPeer
+) -> None:
+    """The committed state keeps the highest release as the downgrade floor; the fleet must be
+    told the release the device runs (the reverted-to one), or its status would be wrong."""
+    from ota.repository import yank
+    from tests.repo_helpers import publish_mlp
+
+    world.committed_at("v1")
+    publish_mlp(world.project(), "det", "1.2.0", seed=2)
+    assert world.update().status == "updated"
+    yank(world.project(), "det", "1.2.0")
+    world.init(report_url=peer.url)
+    res = world.update()
+    assert res.status == "yank_reverted" and res.report is not None, res.to_dict()
+    assert res.report.status == "sent", res.to_dict()
+    assert current_version(world.device) == "1.0.0"
+    body = json.loads(peer.requests[-1]["body"])
+    assert body["device"]["models"] == {"det": {"version": "1.0.0", "counter": 1}}
