@@ -114,6 +114,9 @@ def create_app(config: FleetConfig, engine: Engine | None = None) -> Flask:
         pass
     else:
         register_metrics(app)
+    from ._mtls import register_mtls  # device certificates via a TLS proxy, when configured
+
+    register_mtls(app)
     return app
 
 
