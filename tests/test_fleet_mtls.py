@@ -108,7 +108,7 @@ def test_a_verified_certificate_acts_for_its_own_device_only(
     r = enrol(client, cfg, "cam-2", via_proxy("cam-1"))
     assert r.status_code == 403 and err(r) == "mtls_identity"
     r = client.post("/v1/devices/cam-1/credential", json={}, headers={**auth, **via_proxy("cam-1")})
-    assert r.status_code == 200 and str(r.json["credential"]) != cred
+    assert r.status_code == 200 and r.get_json()["credential"] != cred
 
 
 def test_operator_routes_are_untouched(client: FlaskClient, cfg: FleetConfig) -> None:
