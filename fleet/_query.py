@@ -18,7 +18,7 @@ import urllib3
 
 from ota.errors import ConfigError, InputError, TransientError
 
-TOKEN_ENV = "OTA_FLEET_TOKEN"
+TOKEN_ENV = "OTA_FLEET_TOKEN"  # noqa: S105 (a variable name, not a secret)
 MAX_REPLY_BYTES = 8 * 1024 * 1024
 SAMPLE = 100  # device ids listed per release (the count is exact)
 
