@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
 import re
 import secrets
 import time
@@ -61,7 +62,7 @@ from ota.errors import (
     TransientError,
 )
 
-from ._fetch import FetchConfig, make_pool
+from ._fetch import FetchConfig
 from ._state import DeviceConfig, StateDir, client_version
 
 MAX_REPLY_BYTES = 8 * 1024
@@ -71,6 +72,44 @@ REQUEST_DEADLINE_S = 30.0
 CREDENTIAL_RE = re.compile(r"[A-Za-z0-9_\-.~+/]{43,512}={0,2}")
 _TOKEN_RE = re.compile(r"[\x21-\x7e]{1,512}")  # MAX_TOKEN_CHARS
 ENROLMENT_FORMAT = "edge-ota.enrolment/1"
+# TLS to the fleet service (docs/serving/fleet-mtls.md): the device's client certificate for a
+# proxy that requires one, and a private CA for the service's own certificate.
+CLIENT_CERT_ENV = "OTA_FLEET_CLIENT_CERT"
+CLIENT_KEY_ENV = "OTA_FLEET_CLIENT_KEY"
+CA_ENV = "OTA_FLEET_CA"
+
+
+def fleet_pool(cfg: FetchConfig) -> urllib3.PoolManager:
+    """A connection pool for the fleet service: bounded like the repository's (no urllib3
+    retries or redirects, the fetch config's timeouts), presenting the device's certificate
+    (``OTA_FLEET_CLIENT_CERT``, ``OTA_FLEET_CLIENT_KEY``) and trusting ``OTA_FLEET_CA`` for
+    the service when those are set (else the system's CAs).
+
+    Raises:
+        ConfigError: a certificate, key or CA file named there does not exist.
+    """
+    tls: dict[str, Any] = {}
+    for env, key in (
+        (CLIENT_CERT_ENV, "cert_file"),
+        (CLIENT_KEY_ENV, "key_file"),
+        (CA_ENV, "ca_certs"),
+    ):
+        path = os.environ.get(env, "").strip()
+        if path:
+            if not Path(path).is_file():
+                raise ConfigError(f"{env} names {path}, which is not a readable file")
+            tls[key] = path
+    if "key_file" in tls and "cert_file" not in tls:
+        raise ConfigError(f"{CLIENT_KEY_ENV} is set without {CLIENT_CERT_ENV}")
+    return urllib3.PoolManager(
+        num_pools=4,
+        maxsize=max(cfg.parallel, 1),
+        block=False,
+        retries=False,
+        timeout=urllib3.Timeout(connect=cfg.connect_timeout, read=cfg.read_timeout),
+        headers={"User-Agent": cfg.user_agent},
+        **tls,
+    )
 
 
 @dataclass(frozen=True)
@@ -426,7 +465,7 @@ def _post(
     if bearer:
         headers["Authorization"] = f"Bearer {bearer}"
     deadline = time.monotonic() + min(REQUEST_DEADLINE_S, cfg.connect_timeout + cfg.read_timeout)
-    pool = make_pool(cfg)
+    pool = fleet_pool(cfg)
     try:
         resp = pool.request(
             "POST",

@@ -50,7 +50,7 @@ import urllib3
 from ota.errors import ConfigError, OtaError
 
 from ._events import Event, Snapshot
-from ._fetch import FetchConfig, backoff_delay, make_pool
+from ._fetch import FetchConfig, backoff_delay
 
 REPORT_FORMAT = "edge-ota.report/1"
 MAX_BATCH = 100
@@ -101,7 +101,10 @@ def flush_events(dev: Any, fcfg: FetchConfig | None = None, *,
     guard = lock or contextlib.nullcontext
     deadline = time.monotonic() + deadline_s
     own_pool = pool is None
-    pool = pool or make_pool(cfg)
+    if pool is None:  # the device's TLS client certificate, when it has one
+        from ._enroll import fleet_pool
+
+        pool = fleet_pool(cfg)
     headers = {"Content-Type": "application/json"}
     token = _token(dev.cfg.report_token_file)
     if token:
