@@ -164,8 +164,9 @@ def child_exit(_server: Any, worker: Any) -> None:
 
 
 def gunicorn_settings(_config: Any) -> dict[str, Any]:
-    """gunicorn settings for multiprocess metrics (``ota fleet serve`` applies them in the
-    master, before any worker forks): an emptied ``PROMETHEUS_MULTIPROC_DIR`` (the one set in
+    """gunicorn settings for observability (``ota fleet serve`` applies them in the master,
+    before any worker forks): JSON log lines (``fleet._logs``), and for multiprocess metrics an
+    emptied ``PROMETHEUS_MULTIPROC_DIR`` (the one set in
     the environment, else a new temporary folder, removed when the master exits) and the hook
     that drops a dead worker's live values."""
     given = os.environ.get(MULTIPROC_ENV) or None
@@ -175,7 +176,9 @@ def gunicorn_settings(_config: Any) -> dict[str, Any]:
         if given is None:
             shutil.rmtree(path, ignore_errors=True)
 
-    return {"child_exit": child_exit, "on_exit": on_exit}
+    from ._logs import gunicorn_logconfig
+
+    return {"child_exit": child_exit, "on_exit": on_exit, "logconfig_dict": gunicorn_logconfig()}
 
 
 def _reason(value: Any) -> str:
@@ -311,6 +314,10 @@ def register_metrics(app: Flask) -> None:
         elif route == "enroll":
             m.enrolments.labels("accepted" if resp.status_code < 300 else "rejected").inc()
         return resp
+
+    from ._logs import register_request_log
+
+    register_request_log(app)  # observability's other half: refusals as JSON log lines
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -70,7 +70,7 @@ def value(
     return sum(v for (n, ls), v in m.items() if n == PREFIX + name and want <= ls)
 
 
-def test_metrics_count_what_was_ingested(fleet_service: FleetService) -> None:  # noqa: F811
+def test_metrics_count_what_was_ingested(fleet_service: FleetService) -> None:
     svc = fleet_service
     creds = {d: svc.enroll(d, ring="canary") for d in ("cam-1", "cam-2", "cam-3")}
     url = f"{svc.url}/v1/devices/{{}}/events"
@@ -130,10 +130,39 @@ def test_metrics_count_what_was_ingested(fleet_service: FleetService) -> None:  
         assert "milliseconds" not in name and "_ms" not in name
 
 
-def test_metrics_need_a_read_token(fleet_service: FleetService) -> None:  # noqa: F811
+def test_metrics_need_a_read_token(fleet_service: FleetService) -> None:
     svc = fleet_service
     assert call("GET", f"{svc.url}/metrics").status == 401
     assert call("GET", f"{svc.url}/metrics", token="otaop_" + "x" * 43).status == 401
     cred = svc.enroll("cam-9")
     assert call("GET", f"{svc.url}/metrics", token=cred).status == 401  # a device's: no
     assert call("GET", f"{svc.url}/metrics", token=svc.operator_token("read")).status == 200
+
+
+def test_logs_are_json_lines_and_refusals_are_logged(fleet_service: FleetService) -> None:
+    import json
+    import time
+
+    svc = fleet_service
+    cred = svc.enroll("cam-7")
+    r = call("POST", f"{svc.url}/v1/devices/cam-8/events", report("cam-8", [1]), token=cred)
+    assert r.status == 401
+
+    def refusals() -> list[dict[str, Any]]:
+        docs = [
+            json.loads(line) for line in svc.log.read_text().splitlines() if line.startswith("{")
+        ]
+        return [d for d in docs if d["logger"] == "ota.fleet.request"]
+
+    deadline = time.monotonic() + 30  # the worker's line reaches the file on its own time
+    while not refusals():
+        assert time.monotonic() < deadline, svc.log_text()
+        time.sleep(0.05)
+    [line] = refusals()
+    assert line["route"] == "events" and line["status"] == 401
+    assert line["reason"] == "unauthorized" and line["level"] == "info"
+    assert line["time"].endswith("Z") and line["duration_ms"] >= 0
+    lines = svc.log.read_text().splitlines()
+    gunicorn = [json.loads(x) for x in lines if x.startswith("{") and '"gunicorn.error"' in x]
+    assert gunicorn, lines[:10]  # gunicorn's own lines are JSON too
+    assert all(not x.startswith("[") for x in lines), lines[:10]  # no plain gunicorn lines
