@@ -18,6 +18,8 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -181,8 +183,17 @@ def check_rate(dev: Device, cfg: FleetConfig, now: float) -> None:
 
 
 def ingest(s: Session, dev: Device, report: Report, now: float) -> tuple[int, int]:
-    """Store ``report`` of the locked ``dev``; return ``(ack, new events stored)``."""
-    q = s.get(Queue, (dev.id, report.queue), with_for_update=True)
+    """Store ``report`` of the locked ``dev``; return ``(ack, new events stored)``.
+
+    Few round trips (the cost of a report is mostly statements): the queue row, one insert
+    of the new events, one upsert per release touched, the device's models only when their
+    digest changed, and the updates of the device and queue rows at commit."""
+    with s.no_autoflush:
+        return _ingest(s, dev, report, now)
+
+
+def _ingest(s: Session, dev: Device, report: Report, now: float) -> tuple[int, int]:
+    q = s.get(Queue, (dev.id, report.queue))  # the device row lock serialises its queues
     if q is None:
         q = Queue(device_pk=dev.id, epoch=report.queue, high_seq=0, dropped=0, first_seen=now)
         s.add(q)
@@ -223,7 +234,10 @@ def _derive(s: Session, dev: Device, report: Report, new: list[Any], now: float)
     dev.last_seen = now
     if report.events:
         dev.last_device_time = report.events[-1].time
-    _sync_models(s, dev, report.models, now)
+    digest = _models_digest(report.models)
+    if digest != dev.models_digest:
+        _sync_models(s, dev, report.models, now)
+        dev.models_digest = digest
     touched: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
     for e in new:
         dev.last_kind = e.kind
@@ -234,20 +248,41 @@ def _derive(s: Session, dev: Device, report: Report, new: list[Any], now: float)
             dev.last_outcome_model, dev.last_outcome_version = e.model, e.version
             dev.last_outcome_at = now
     for (model, version), (state, data) in touched.items():
-        row = s.get(ReleaseState, (dev.id, model, version))
-        if row is None:
-            s.add(
-                ReleaseState(
-                    device_pk=dev.id,
-                    model=model,
-                    version=version,
-                    state=state,
-                    detail=data,
-                    updated_at=now,
-                )
-            )
-        else:
-            row.state, row.detail, row.updated_at = state, data, now
+        _upsert_release(
+            s,
+            {
+                "device_pk": dev.id,
+                "model": model,
+                "version": version,
+                "state": state,
+                "detail": data,
+                "updated_at": now,
+            },
+        )
+
+
+def _upsert_release(s: Session, row: dict[str, Any]) -> None:
+    """Insert or update one ``release_states`` row in one statement (both dialects have
+    ``INSERT … ON CONFLICT DO UPDATE``)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    pg = s.get_bind().dialect.name == "postgresql"
+    stmt: Any = (postgresql.insert if pg else sqlite.insert)(ReleaseState).values(**row)
+    s.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["device_pk", "model", "version"],
+            set_={
+                "state": stmt.excluded.state,
+                "detail": stmt.excluded.detail,
+                "updated_at": stmt.excluded.updated_at,
+            },
+        )
+    )
+
+
+def _models_digest(models: dict[str, tuple[str, int]]) -> str:
+    text = json.dumps(sorted(models.items()), separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _sync_models(s: Session, dev: Device, models: dict[str, tuple[str, int]], now: float) -> None:

@@ -69,6 +69,7 @@ class Device(Base):
     health: Mapped[str] = mapped_column(String(16), default="unknown", index=True)
     claims_changed: Mapped[bool] = mapped_column(Boolean, default=False)
     claims_note: Mapped[str] = mapped_column(String(512), default="")
+    models_digest: Mapped[str] = mapped_column(String(64), default="")  # of the last models
     events_total: Mapped[int] = mapped_column(BigInteger, default=0)
     dropped_total: Mapped[int] = mapped_column(BigInteger, default=0)
     rate_window_start: Mapped[float] = mapped_column(Float, default=0.0)

@@ -65,6 +65,7 @@ def upgrade() -> None:
         sa.Column("health", sa.String(length=16), nullable=False),
         sa.Column("claims_changed", sa.Boolean(), nullable=False),
         sa.Column("claims_note", sa.String(length=512), nullable=False),
+        sa.Column("models_digest", sa.String(length=64), nullable=False),
         sa.Column("events_total", sa.BigInteger(), nullable=False),
         sa.Column("dropped_total", sa.BigInteger(), nullable=False),
         sa.Column("rate_window_start", sa.Float(), nullable=False),
