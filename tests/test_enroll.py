@@ -306,3 +306,27 @@ def test_after_a_yank_revert_the_report_says_what_the_device_runs(
     assert current_version(world.device) == "1.0.0"
     body = json.loads(peer.requests[-1]["body"])
     assert body["device"]["models"] == {"det": {"version": "1.0.0", "counter": 1}}
+
+
+def test_enrolment_and_reporting_import_no_server_dependencies() -> None:
+    """``ota device init --fleet-url`` and the report path run on devices that installed only
+    the client: flask, sqlalchemy, prometheus-client and the fleet service stay out."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import importlib.abc, sys\n"
+        "BLOCKED = ('flask', 'sqlalchemy', 'prometheus_client', 'psycopg', 'gunicorn',"
+        " 'alembic', 'werkzeug')\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED or name.startswith('ota.fleet'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked)')\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import ota.client._enroll, ota.client._report, ota.cli._device_cmds\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
