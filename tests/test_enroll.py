@@ -327,6 +327,7 @@ def test_enrolment_and_reporting_import_no_server_dependencies() -> None:
         "import ota.client._enroll, ota.client._report, ota.cli._device_cmds\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
