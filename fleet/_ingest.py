@@ -9,9 +9,11 @@ Invariants:
 * a device row is locked (``FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` locks the file) before
   its credential is checked, so a report, a rotation and a revocation of one device are
   serialised and a rotated-out credential cannot slip one more report in;
-* an event is a duplicate iff its seq is at most the highest seq already stored for its
-  ``(device, queue epoch)`` (kept in ``queues``, which pruning never touches), and the unique
-  constraint ``(device, epoch, seq)`` backs that up;
+* an event is a duplicate iff a row with its ``(device, queue epoch, seq)`` exists or its seq
+  is at most the highest seq pruned from that queue (``queues.pruned_seq``: pruning does not
+  make old events new); the unique constraint backs that up. Only events above the highest
+  seq stored before (``queues.high_seq``) move derived state, so a late or replayed event
+  never turns a device's state back;
 * the ack is the highest seq of the report: every event up to it is stored when the
   transaction commits (new ones now, the others earlier).
 """
@@ -195,9 +197,32 @@ def ingest(s: Session, dev: Device, report: Report, now: float) -> tuple[int, in
 def _ingest(s: Session, dev: Device, report: Report, now: float) -> tuple[int, int]:
     q = s.get(Queue, (dev.id, report.queue))  # the device row lock serialises its queues
     if q is None:
-        q = Queue(device_pk=dev.id, epoch=report.queue, high_seq=0, dropped=0, first_seen=now)
+        q = Queue(
+            device_pk=dev.id,
+            epoch=report.queue,
+            high_seq=0,
+            pruned_seq=0,
+            dropped=0,
+            first_seen=now,
+        )
         s.add(q)
-    new = [e for e in report.events if e.seq > q.high_seq]
+    # Above the high-water mark nothing can be stored yet (the common case: no lookup).
+    # Below it, an event is stored unless it already is, or was pruned: a late event from a
+    # device that sent out of order is kept, never acked without being stored.
+    fresh = [e for e in report.events if e.seq > q.high_seq]
+    late = [e for e in report.events if (q.pruned_seq or 0) < e.seq <= q.high_seq]
+    if late:
+        have = set(
+            s.scalars(
+                select(Event.seq).where(
+                    Event.device_pk == dev.id,
+                    Event.epoch == report.queue,
+                    Event.seq.in_([e.seq for e in late]),
+                )
+            )
+        )
+        late = [e for e in late if e.seq not in have]
+    new = late + fresh
     if new:
         s.execute(
             insert(Event),
@@ -216,12 +241,13 @@ def _ingest(s: Session, dev: Device, report: Report, now: float) -> tuple[int, i
                 for e in new
             ],
         )
-        q.high_seq = new[-1].seq
         dev.events_total = (dev.events_total or 0) + len(new)
+    if fresh:
+        q.high_seq = fresh[-1].seq
     if report.dropped and (new or not report.events):
         q.dropped = (q.dropped or 0) + report.dropped
         dev.dropped_total = (dev.dropped_total or 0) + report.dropped
-    _derive(s, dev, report, new, now)
+    _derive(s, dev, report, fresh, now)  # late events never move state backwards
     return (report.events[-1].seq if report.events else 0), len(new)
 
 

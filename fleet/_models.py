@@ -79,8 +79,9 @@ class Device(Base):
 
 
 class Queue(Base):
-    """One event-queue epoch of one device: ``high_seq`` is the highest seq stored, so a
-    resent event (seq <= high_seq) is a duplicate even after its row was pruned."""
+    """One event-queue epoch of one device. ``high_seq``: the highest seq stored (events
+    below it arriving late are stored but move no derived state). ``pruned_seq``: the highest
+    seq pruned, so a resend of a pruned event is still known as a duplicate."""
 
     __tablename__ = "queues"
     device_pk: Mapped[int] = mapped_column(
@@ -88,6 +89,7 @@ class Queue(Base):
     )
     epoch: Mapped[str] = mapped_column(String(64), primary_key=True)
     high_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    pruned_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     dropped: Mapped[int] = mapped_column(BigInteger, default=0)
     first_seen: Mapped[float] = mapped_column(Float)
 

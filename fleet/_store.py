@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, exists, func, select
+from sqlalchemy import bindparam, case, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from . import _secrets
@@ -21,6 +21,7 @@ from ._models import (
     EnrollToken,
     Event,
     OperatorToken,
+    Queue,
     ReleaseState,
 )
 from ._validate import Rejected
@@ -451,12 +452,30 @@ def audit_log(s: Session, limit: int) -> list[dict[str, Any]]:
 
 
 def prune_batch(s: Session, before: float, batch: int) -> int:
-    """Delete up to ``batch`` events received before ``before``; one short transaction."""
+    """Delete up to ``batch`` events received before ``before``, oldest first, in one short
+    transaction; raise each touched queue's ``pruned_seq`` so a resend of a pruned event is
+    still a duplicate."""
     ids = list(
         s.scalars(
             select(Event.id).where(Event.received_at < before).order_by(Event.id).limit(batch)
         )
     )
-    if ids:
-        s.execute(delete(Event).where(Event.id.in_(ids)))
+    if not ids:
+        return 0
+    marks = s.execute(
+        select(Event.device_pk, Event.epoch, func.max(Event.seq))
+        .where(Event.id.in_(ids))
+        .group_by(Event.device_pk, Event.epoch)
+    ).all()
+    table: Any = Queue.__table__
+    q = table.c  # Core executemany (not the ORM's bulk update by primary key)
+    s.connection().execute(
+        update(table)
+        .where(q.device_pk == bindparam("pk"), q.epoch == bindparam("ep"))
+        .values(
+            pruned_seq=case((q.pruned_seq < bindparam("m"), bindparam("m")), else_=q.pruned_seq)
+        ),
+        [{"pk": pk, "ep": ep, "m": m} for pk, ep, m in marks],
+    )
+    s.execute(delete(Event).where(Event.id.in_(ids)))
     return len(ids)

@@ -224,3 +224,19 @@ def test_revoked_device_gets_401_and_may_re_enrol_with_a_fresh_token(
     assert any(
         a["action"] == "device.revoke" and a["actor"].startswith("token:admin-") for a in audit
     )
+
+
+def test_late_events_are_stored_but_never_turn_the_state_back(fleet_service: FleetService) -> None:
+    """A device that sends out of order (not ours, but possible) gets every event stored
+    before it is acked; events older than what was seen do not move derived state."""
+    svc = fleet_service
+    cred = svc.enroll("dev-1")
+    assert post_report(svc, "dev-1", cred, report("dev-1", [ev(5, "confirmed")])).doc == {"ack": 5}
+    late = report("dev-1", [ev(3, "committed"), ev(4, "reverted")])
+    assert post_report(svc, "dev-1", cred, late).doc == {"ack": 4}
+    assert post_report(svc, "dev-1", cred, late).doc == {"ack": 4}  # and a resend of them
+    assert [s for _, s, _ in timeline(svc, "dev-1")] == [3, 4, 5]
+    d = call("GET", f"{svc.url}/v1/devices/dev-1", token=svc.admin_token).doc
+    assert d["health"] == "ok" and d["last_outcome"]["kind"] == "confirmed"
+    assert d["events_total"] == 3
+    assert d["releases"][0]["state"] == "confirmed"

@@ -178,6 +178,7 @@ def upgrade() -> None:
         ),
         sa.Column("epoch", sa.String(length=64), nullable=False),
         sa.Column("high_seq", sa.BigInteger(), nullable=False),
+        sa.Column("pruned_seq", sa.BigInteger(), nullable=False),
         sa.Column("dropped", sa.BigInteger(), nullable=False),
         sa.Column("first_seen", sa.Float(), nullable=False),
         sa.ForeignKeyConstraint(
