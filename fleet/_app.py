@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import _ingest, _secrets, _store
 from ._config import FleetConfig
-from ._db import make_engine
+from ._db import make_engine, read_only
 from ._openapi import openapi_document
 from ._report import parse_facts, parse_report
 from ._validate import (
@@ -69,10 +69,17 @@ class _Ctx:
     def __init__(self, config: FleetConfig, engine: Engine) -> None:
         self.config = config
         self.engine = engine
+        self.read_engine = read_only(engine)
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+        """One transaction; GET and HEAD requests get a read transaction (on SQLite a
+        deferred ``BEGIN``: in WAL mode reads never wait for, nor hold up, a writer)."""
+        read = request.method in ("GET", "HEAD")
+        with (
+            Session(self.read_engine if read else self.engine, expire_on_commit=False) as s,
+            s.begin(),
+        ):
             yield s
 
     def body(self, limit: int) -> Any:
@@ -102,7 +109,7 @@ def create_app(config: FleetConfig, engine: Engine | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_report_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     eng = engine or make_engine(config)
-    app.extensions["ota_fleet"] = {"engine": eng, "config": config}
+    app.extensions["ota_fleet"] = {"engine": eng, "read_engine": read_only(eng), "config": config}
     ctx = _Ctx(config, eng)
     _error_handlers(app)
     _device_routes(app, ctx)

@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from ._config import FleetConfig
 
 HEAD = "0001"
+_READ = "ota_fleet_read"
 
 
 def is_sqlite(url: str) -> bool:
@@ -60,7 +61,14 @@ def _sqlite_pragmas(engine: Engine, busy_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        read = conn.get_execution_options().get(_READ, False)
+        conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same engine (same pool) for transactions that only read: on SQLite they begin
+    deferred, so they take no write lock; elsewhere nothing changes."""
+    return engine.execution_options(**{_READ: True})
 
 
 def alembic_config(url: str) -> Any:

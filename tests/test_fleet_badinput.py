@@ -200,8 +200,9 @@ def test_sqlite_locked_past_the_busy_timeout_answers_503_then_recovers(tmp_path:
             r = post_report(svc, "dev-1", cred, report("dev-1", [ev(1)]))
             assert r.status == 503 and r.doc["error"] == "unavailable"
             assert int(r.headers["retry-after"]) > 0
+            # WAL: operators can still read while the writer lock is held elsewhere
             r = call("GET", f"{svc.url}/v1/fleet", token=svc.admin_token)
-            assert r.status == 503
+            assert r.status == 200, r.doc
         finally:
             holder.execute("ROLLBACK")
             holder.close()
