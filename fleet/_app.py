@@ -12,7 +12,8 @@ Invariants:
 
 Hooks for ``ota.fleet._metrics`` (``register_metrics(app)`` is called when that module
 exists): ``flask.g.ota_reject`` is the reason of a refused request, ``flask.g.ota_ingested``
-the number of new events a report stored, ``flask.g.ota_route`` the route's name.
+the number of new events a report stored; ``app.extensions["ota_fleet"]`` holds ``engine``,
+``read_engine`` (use it for queries that only read: no write lock on SQLite) and ``config``.
 """
 
 from __future__ import annotations
