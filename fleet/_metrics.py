@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -142,13 +143,16 @@ def observe_report(outcome: str, seconds: float, events: int) -> None:
 
 
 def prepare_multiprocess(path: str | None = None) -> str:
-    """Give the worker processes one empty folder for their metric files, in the environment
+    """Give the worker processes one folder for their metric files, in the environment
     (``PROMETHEUS_MULTIPROC_DIR``) they inherit. Call in the gunicorn master before forking.
-    A given ``path`` is emptied (stale files of an earlier run would add up); else a new
-    temporary folder is made."""
+    In a given ``path`` only prometheus-client's own files (``*.db``) of an earlier run are
+    removed (they would add up); nothing else in it is touched. Else a new temporary folder."""
     if path:
-        shutil.rmtree(path, ignore_errors=True)
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        folder = Path(path)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            if stale.is_file():
+                stale.unlink()
     else:
         path = tempfile.mkdtemp(prefix="ota-fleet-metrics-")
     os.environ[MULTIPROC_ENV] = path

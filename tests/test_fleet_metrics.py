@@ -5,9 +5,12 @@ carries a device id; the endpoint needs a read token."""
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fleet_fixtures import (  # noqa: F401 - fixtures used by name
@@ -166,3 +169,16 @@ def test_logs_are_json_lines_and_refusals_are_logged(fleet_service: FleetService
     gunicorn = [json.loads(x) for x in lines if x.startswith("{") and '"gunicorn.error"' in x]
     assert gunicorn, lines[:10]  # gunicorn's own lines are JSON too
     assert all(not x.startswith("[") for x in lines), lines[:10]  # no plain gunicorn lines
+
+
+def test_a_chosen_multiprocess_folder_loses_only_stale_metric_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ota.fleet._metrics import MULTIPROC_ENV, prepare_multiprocess
+
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    (tmp_path / "counter_123.db").write_bytes(b"stale")
+    (tmp_path / "notes.txt").write_text("the operator's")
+    assert prepare_multiprocess(str(tmp_path)) == str(tmp_path)
+    assert os.environ[MULTIPROC_ENV] == str(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
