@@ -327,6 +327,7 @@ def measure(
                     f"/v1/devices?health=failing&limit=100&after=dev-{n_devices // 2:07d}",
                 ),
                 ("device_detail", f"/v1/devices/dev-{n_devices // 3:07d}"),
+                ("metrics_scrape", "/metrics"),  # the fleet gauges, from the database
             )
         }
         page = get(FILTERED)
@@ -380,6 +381,7 @@ def render(doc: dict[str, Any]) -> str:
                 q["devices_filtered"]["median_ms"],
                 q["devices_failing_page"]["median_ms"],
                 q["device_detail"]["median_ms"],
+                q["metrics_scrape"]["median_ms"],
                 r["health_baseline"]["median_ms"],
                 r["service_rss_mb"]["after_queries"],
                 r["load_s"],
@@ -396,6 +398,7 @@ def render(doc: dict[str, Any]) -> str:
             "filtered list",
             "failing page",
             "device",
+            "/metrics",
             "health floor",
             "service MiB",
             "load s",

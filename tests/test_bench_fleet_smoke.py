@@ -80,6 +80,7 @@ def test_fleet_query_reports_each_size(tmp_path: Path, capsys: pytest.CaptureFix
             "devices_filtered",
             "devices_failing_page",
             "device_detail",
+            "metrics_scrape",
         }
         for q in r["queries"].values():
             assert q["best_ms"] > 0 and q["median_ms"] >= q["best_ms"]
