@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from . import _secrets
@@ -128,6 +128,13 @@ def enroll(s: Session, token: str, device_id: str, facts: Facts, now: float) -> 
         )
         s.add(dev)
     dev.claims_changed, dev.claims_note = False, ""
+    if dev.id is not None:  # re-enrolment of a revoked device: its rows count again
+        s.execute(
+            update(DeviceModel)
+            .where(DeviceModel.device_pk == dev.id)
+            .values(ring=ring, tier=tier, active=True)
+        )
+        s.execute(update(ReleaseState).where(ReleaseState.device_pk == dev.id).values(active=True))
     dev.credential_hash = _secrets.digest(credential)
     dev.ring, dev.tier, dev.revoked_at = ring, tier, None
     dev.enrolled_at, dev.enrolled_by = now, tok.name
@@ -283,6 +290,7 @@ def _derive(s: Session, dev: Device, report: Report, new: list[Any], now: float)
                 "state": state,
                 "detail": data,
                 "updated_at": now,
+                "active": True,
             },
         )
 
@@ -299,6 +307,7 @@ def _upsert_release(s: Session, row: dict[str, Any]) -> None:
             index_elements=["device_pk", "model", "version"],
             set_={
                 "state": stmt.excluded.state,
+                "active": stmt.excluded.active,
                 "detail": stmt.excluded.detail,
                 "updated_at": stmt.excluded.updated_at,
             },
@@ -320,7 +329,14 @@ def _sync_models(s: Session, dev: Device, models: dict[str, tuple[str, int]], no
         if row is None:
             s.add(
                 DeviceModel(
-                    device_pk=dev.id, model=name, version=version, counter=counter, updated_at=now
+                    device_pk=dev.id,
+                    model=name,
+                    version=version,
+                    counter=counter,
+                    updated_at=now,
+                    ring=dev.ring,
+                    tier=dev.tier,
+                    active=True,
                 )
             )
         elif row.version != version or row.counter != counter:

@@ -116,7 +116,9 @@ class Event(Base):
 
 
 class DeviceModel(Base):
-    """What a device said it runs (its report's ``device.models``)."""
+    """What a device said it runs (its report's ``device.models``). ``ring``, ``tier`` and
+    ``active`` (not revoked) copy the device's, so the fleet summary aggregates this table
+    alone (an index-only scan, no join): kept in step by enrolment and revocation."""
 
     __tablename__ = "device_models"
     device_pk: Mapped[int] = mapped_column(
@@ -126,12 +128,18 @@ class DeviceModel(Base):
     version: Mapped[str] = mapped_column(String(64))
     counter: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[float] = mapped_column(Float)
+    ring: Mapped[str] = mapped_column(String(64), default="")
+    tier: Mapped[str] = mapped_column(String(64), default="")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
 
-    __table_args__ = (Index("ix_device_models_model_version", "model", "version"),)
+    __table_args__ = (
+        Index("ix_device_models_model_version", "model", "version", "ring", "tier", "active"),
+    )
 
 
 class ReleaseState(Base):
-    """Where one release stands on one device: the latest state its events put it in."""
+    """Where one release stands on one device: the latest state its events put it in.
+    ``active`` copies the device's (not revoked), so counts need no join."""
 
     __tablename__ = "release_states"
     device_pk: Mapped[int] = mapped_column(
@@ -142,8 +150,11 @@ class ReleaseState(Base):
     state: Mapped[str] = mapped_column(String(32))
     detail: Mapped[Any] = mapped_column(JSON, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
 
-    __table_args__ = (Index("ix_release_states_model_version_state", "model", "version", "state"),)
+    __table_args__ = (
+        Index("ix_release_states_model_version_state", "model", "version", "state", "active"),
+    )
 
 
 class OperatorToken(Base):

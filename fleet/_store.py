@@ -206,6 +206,9 @@ def revoke_device(s: Session, device_id: str, actor: str, now: float) -> dict[st
         raise _not_found(f"no device {device_id!r}")
     if dev.revoked_at is None:
         dev.revoked_at = now
+        # the derived rows stop counting in the fleet's figures with the device
+        s.execute(update(DeviceModel).where(DeviceModel.device_pk == dev.id).values(active=False))
+        s.execute(update(ReleaseState).where(ReleaseState.device_pk == dev.id).values(active=False))
         _audit(s, actor, "device.revoke", device_id, now)
     return device_dict(dev, _models_of(s, [dev.id]).get(dev.id, {}))
 
@@ -338,9 +341,14 @@ def device_detail(s: Session, device_id: str, n_events: int) -> dict[str, Any]:
 
 
 def summary(s: Session, now: float, silent_after_s: float) -> dict[str, Any]:
+    """One scan of ``devices`` (grouped by health), and one of each derived table without a
+    join (their ``active`` copy of the device's state; index-only where the database can)."""
     active = Device.revoked_at.is_(None)
-    total, revoked, flagged, silent, events = s.execute(
+    health = dict.fromkeys(HEALTH, 0)
+    total = revoked = flagged = silent = events = 0
+    for h, n, r, f, si, ev in s.execute(
         select(
+            Device.health,
             func.count(),
             func.count(Device.revoked_at),
             func.count().filter(Device.claims_changed.is_(True)),
@@ -348,29 +356,31 @@ def summary(s: Session, now: float, silent_after_s: float) -> dict[str, Any]:
                 active, (Device.last_seen < now - silent_after_s) | Device.last_seen.is_(None)
             ),
             func.coalesce(func.sum(Device.events_total), 0),
-        )
-    ).one()
-    health = dict.fromkeys(HEALTH, 0)
-    for h, n in s.execute(
-        select(Device.health, func.count()).where(active).group_by(Device.health)
+        ).group_by(Device.health)
     ):
-        health[h] = n
+        total, revoked, flagged = total + n, revoked + r, flagged + f
+        silent, events = silent + si, events + int(ev)
+        health[h] = health.get(h, 0) + n - r
     releases: dict[tuple[str, str], dict[str, int]] = {}
     for m, v, st, n in s.execute(
         select(ReleaseState.model, ReleaseState.version, ReleaseState.state, func.count())
-        .join(Device, Device.id == ReleaseState.device_pk)
-        .where(active)
+        .where(ReleaseState.active.is_(True))
         .group_by(ReleaseState.model, ReleaseState.version, ReleaseState.state)
     ):
         releases.setdefault((m, v), {})[st] = n
     models = [
         {"model": m, "version": v, "ring": r, "tier": t, "devices": n}
         for m, v, r, t, n in s.execute(
-            select(DeviceModel.model, DeviceModel.version, Device.ring, Device.tier, func.count())
-            .join(Device, Device.id == DeviceModel.device_pk)
-            .where(active)
-            .group_by(DeviceModel.model, DeviceModel.version, Device.ring, Device.tier)
-            .order_by(DeviceModel.model, DeviceModel.version, Device.ring, Device.tier)
+            select(
+                DeviceModel.model,
+                DeviceModel.version,
+                DeviceModel.ring,
+                DeviceModel.tier,
+                func.count(),
+            )
+            .where(DeviceModel.active.is_(True))
+            .group_by(DeviceModel.model, DeviceModel.version, DeviceModel.ring, DeviceModel.tier)
+            .order_by(DeviceModel.model, DeviceModel.version, DeviceModel.ring, DeviceModel.tier)
         )
     ]
     return {
@@ -397,11 +407,10 @@ def release_detail(s: Session, model: str, version: str, limit: int) -> dict[str
     states = dict(
         s.execute(
             select(ReleaseState.state, func.count())
-            .join(Device, Device.id == ReleaseState.device_pk)
             .where(
                 ReleaseState.model == model,
                 ReleaseState.version == version,
-                Device.revoked_at.is_(None),
+                ReleaseState.active.is_(True),
             )
             .group_by(ReleaseState.state)
         )
@@ -429,9 +438,10 @@ def release_detail(s: Session, model: str, version: str, limit: int) -> dict[str
     running = s.scalar(
         select(func.count())
         .select_from(DeviceModel)
-        .join(Device, Device.id == DeviceModel.device_pk)
         .where(
-            DeviceModel.model == model, DeviceModel.version == version, Device.revoked_at.is_(None)
+            DeviceModel.model == model,
+            DeviceModel.version == version,
+            DeviceModel.active.is_(True),
         )
     )
     return {

@@ -148,6 +148,19 @@ def test_device_list_filters_and_pages(fleet_service: FleetService) -> None:
     assert _ids(svc, "revoked=true") == ["e"]
     doc = _fleet(svc)
     assert doc["devices"]["revoked"] == 1 and doc["devices"]["by_health"]["security"] == 0
+    # a revoked device leaves the release and model figures too, and re-enrolment restores it
+    rel = {(r["model"], r["version"]): r["states"] for r in doc["releases"]}[("m", "2.0.0")]
+    assert "security" not in rel
+    ga = {(m["ring"], m["tier"]): m["devices"] for m in doc["models"] if m["version"] == "1.0.0"}
+    assert ga[("ga", "cpu")] == 1
+    svc.enroll("e", ring="ga", tier="cpu")
+    doc = _fleet(svc)
+    rel = {(r["model"], r["version"]): r["states"] for r in doc["releases"]}[("m", "2.0.0")]
+    assert rel["security"] == 1
+    ga = {(m["ring"], m["tier"]): m["devices"] for m in doc["models"] if m["version"] == "1.0.0"}
+    assert ga[("ga", "cpu")] == 2
+    detail = call("GET", f"{svc.url}/v1/releases/m/1.0.0", token=svc.admin_token).doc
+    assert detail["running"] == 3
 
 
 def test_a_device_whose_hardware_claim_changes_is_flagged(fleet_service: FleetService) -> None:

@@ -128,6 +128,9 @@ def upgrade() -> None:
         sa.Column("version", sa.String(length=64), nullable=False),
         sa.Column("counter", sa.BigInteger(), nullable=False),
         sa.Column("updated_at", sa.Float(), nullable=False),
+        sa.Column("ring", sa.String(length=64), nullable=False),
+        sa.Column("tier", sa.String(length=64), nullable=False),
+        sa.Column("active", sa.Boolean(), nullable=False),
         sa.ForeignKeyConstraint(
             ["device_pk"],
             ["devices.id"],
@@ -137,7 +140,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("device_pk", "model", name=op.f("pk_device_models")),
     )
     with op.batch_alter_table("device_models", schema=None) as batch_op:
-        batch_op.create_index("ix_device_models_model_version", ["model", "version"], unique=False)
+        batch_op.create_index(
+            "ix_device_models_model_version",
+            ["model", "version", "ring", "tier", "active"],
+            unique=False,
+        )
 
     op.create_table(
         "events",
@@ -199,6 +206,7 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=32), nullable=False),
         sa.Column("detail", sa.JSON(), nullable=True),
         sa.Column("updated_at", sa.Float(), nullable=False),
+        sa.Column("active", sa.Boolean(), nullable=False),
         sa.ForeignKeyConstraint(
             ["device_pk"],
             ["devices.id"],
@@ -209,7 +217,9 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("release_states", schema=None) as batch_op:
         batch_op.create_index(
-            "ix_release_states_model_version_state", ["model", "version", "state"], unique=False
+            "ix_release_states_model_version_state",
+            ["model", "version", "state", "active"],
+            unique=False,
         )
 
     # ### end Alembic commands ###
