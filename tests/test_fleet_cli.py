@@ -129,6 +129,8 @@ def test_prune_deletes_old_events_in_batches_and_keeps_dedupe(fleet_service: Fle
     finally:
         engine.dispose()
     assert post_report(svc, "d1", cred, report("d1", [ev(8, "confirmed")])).doc == {"ack": 8}
+    code, doc = fleet_cli(svc.db_url, "prune")  # the default retention (90 days) keeps them
+    assert (code, doc) == (0, {"pruned": 0})
     code, doc = fleet_cli(svc.db_url, "prune", "--older-than", "1d", "--batch", "2")
     assert (code, doc) == (0, {"pruned": 7})
     assert timeline(svc, "d1") == [("q1", 8, "confirmed")]

@@ -415,18 +415,22 @@ def token_revoke(name: str, project_dir: str, db: str | None, as_json: bool) -> 
 @db_option
 @click.option(
     "--older-than",
-    default="90d",
-    show_default=True,
-    help="Delete events received before this long ago (derived state is kept).",
+    envvar="OTA_FLEET_RETENTION",
+    help="Delete events received before this long ago (derived state is kept); default "
+    "$OTA_FLEET_RETENTION or the configured retention (90d).",
 )
 @click.option("--batch", type=click.IntRange(1, 100_000), default=5000, show_default=True)
 @json_option
-def prune(project_dir: str, db: str | None, older_than: str, batch: int, as_json: bool) -> None:
+def prune(
+    project_dir: str, db: str | None, older_than: str | None, batch: int, as_json: bool
+) -> None:
     """Delete old events in small transactions (ingestion goes on meanwhile)."""
     from ota.fleet._local import parse_duration
     from ota.fleet._local import prune as do_prune
 
-    n = do_prune(_cfg(project_dir, db), parse_duration(older_than), batch)
+    cfg = _cfg(project_dir, db)
+    keep = parse_duration(older_than) if older_than else cfg.retention_days * 86400
+    n = do_prune(cfg, keep, batch)
     emit({"pruned": n}, as_json, f"pruned {n} events")
 
 
