@@ -104,6 +104,9 @@ def _rows(n_devices: int, events_per_device: int) -> dict[str, Iterator[tuple[An
                         "version": VERSIONS[(i + k) % 3],
                         "counter": 1 + (i + k) % 3,
                         "updated_at": NOW - (i % 86400),
+                        "ring": RINGS[i % len(RINGS)],  # the device's (the summary's columns)
+                        "tier": TIERS[i % len(TIERS)],
+                        "active": True,
                     },
                 )
 
@@ -119,6 +122,7 @@ def _rows(n_devices: int, events_per_device: int) -> dict[str, Iterator[tuple[An
                         "state": "confirmed" if i % 10 else "reverted",
                         "detail": None,
                         "updated_at": NOW - (i % 86400),
+                        "active": True,
                     },
                 )
 

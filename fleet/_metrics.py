@@ -242,13 +242,19 @@ class _FleetCollector:
                 "Unrevoked devices not heard from within the silence threshold",
                 value=float(silent),
             )
+            # device_models carries the device's ring, tier and active flag: no join
             rows = s.execute(
                 select(
-                    DeviceModel.model, DeviceModel.version, Device.ring, Device.tier, func.count()
+                    DeviceModel.model,
+                    DeviceModel.version,
+                    DeviceModel.ring,
+                    DeviceModel.tier,
+                    func.count(),
                 )
-                .join(Device, Device.id == DeviceModel.device_pk)
-                .where(active)
-                .group_by(DeviceModel.model, DeviceModel.version, Device.ring, Device.tier)
+                .where(DeviceModel.active.is_(True))
+                .group_by(
+                    DeviceModel.model, DeviceModel.version, DeviceModel.ring, DeviceModel.tier
+                )
                 .order_by(func.count().desc())
                 .limit(MAX_MODEL_SERIES + 1)
             ).all()
