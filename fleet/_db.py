@@ -11,13 +11,14 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from ._config import FleetConfig
 
 HEAD = "0001"
 _READ = "ota_fleet_read"
+_MIGRATE_LOCK = 0x6F7461_0007  # advisory lock id of fleet migrations ("ota", ADR 0007)
 
 
 def is_sqlite(url: str) -> bool:
@@ -81,13 +82,18 @@ def alembic_config(url: str) -> Any:
 
 
 def migrate(url: str) -> str:
-    """Bring the schema at ``url`` to the newest revision; return it. Idempotent."""
+    """Bring the schema at ``url`` to the newest revision; return it. Idempotent, and safe
+    when several machines start at once: on PostgreSQL the migration holds a transaction-level
+    advisory lock (DDL is transactional there, so a second migrator waits, then finds the
+    schema current); SQLite's ``BEGIN IMMEDIATE`` serialises migrators by itself."""
     from alembic import command
 
     cfg = FleetConfig(db_url=url)
     engine = make_engine(cfg)
     try:
         with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
             acfg = alembic_config(url)
             acfg.attributes["connection"] = conn
             command.upgrade(acfg, "head")

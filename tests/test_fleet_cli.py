@@ -4,9 +4,11 @@ matching the models, and retention pruning in small batches that keeps dedupe in
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
@@ -139,3 +141,23 @@ def test_prune_deletes_old_events_in_batches_and_keeps_dedupe(fleet_service: Fle
     assert timeline(svc, "d1") == [("q1", 8, "confirmed")]
     d = call("GET", f"{svc.url}/v1/devices/d1", token=svc.admin_token).doc
     assert d["health"] == "ok" and d["events_total"] == 8  # derived state is kept
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_migrators_started_at_once_all_succeed(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Several machines starting `ota fleet serve` together migrate one fresh database."""
+    from ota.fleet import migrate
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fresh.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgres").create_db()
+    pool = ThreadPoolExecutor(4)  # not a with-block: a hung migrator must fail the test
+    futures = [pool.submit(migrate, url) for _ in range(4)]
+    revisions = [f.result(timeout=180) for f in futures]
+    pool.shutdown(wait=False)
+    assert revisions == ["0001"] * 4
+    code, doc = fleet_cli(url, "status")
+    assert code == 0 and doc["devices"]["total"] == 0
