@@ -152,10 +152,38 @@ class Postgres:
 _PG: dict[str, Postgres] = {}  # one server per test process
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans(prefix: list[str]) -> None:
+    """Stop and remove servers left by test processes that died without cleaning up
+    (SIGKILL, a timeout): each server's folder names its owner's pid; only servers whose
+    owner is gone are touched."""
+    for owner in Path(tempfile.gettempdir()).glob("ota-pg-*/owner"):
+        try:
+            pid = int(owner.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid <= 0 or _alive(pid):
+            continue
+        work = owner.parent
+        Postgres(work, 0, prefix).stop("immediate")
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _start_postgres() -> Postgres:
     if "pg" not in _PG:
         prefix = _as_pg_user()
+        reap_orphans(prefix)
         work = Path(tempfile.mkdtemp(prefix="ota-pg-"))
+        (work / "owner").write_text(str(os.getpid()))
         (work / "sock").mkdir()
         if prefix:
             shutil.chown(work, PG_USER)
