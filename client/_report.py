@@ -50,7 +50,7 @@ import urllib3
 from ota.errors import ConfigError, OtaError
 
 from ._events import Event, Snapshot
-from ._fetch import FetchConfig, backoff_delay, make_pool
+from ._fetch import FetchConfig, backoff_delay
 
 REPORT_FORMAT = "edge-ota.report/1"
 MAX_BATCH = 100
@@ -101,7 +101,10 @@ def flush_events(dev: Any, fcfg: FetchConfig | None = None, *,
     guard = lock or contextlib.nullcontext
     deadline = time.monotonic() + deadline_s
     own_pool = pool is None
-    pool = pool or make_pool(cfg)
+    if pool is None:  # the device's TLS client certificate, when it has one
+        from ._enroll import fleet_pool
+
+        pool = fleet_pool(cfg)
     headers = {"Content-Type": "application/json"}
     token = _token(dev.cfg.report_token_file)
     if token:
@@ -167,8 +170,7 @@ def _body(dev: Any, batch: Snapshot) -> tuple[bytes, list[Event]]:
         "id": dev.cfg.device_id, "ring": dev.cfg.ring, "tier": dev.cfg.tier,
         "arch": dev.cfg.arch, "runtime_version": dev.cfg.runtime_version,
         "client_version": _client_version(),
-        "models": {n: {"version": m.version, "counter": m.counter}
-                   for n, m in sorted(state.models.items())},
+        "models": _running(dev, state),
     }
     docs = [e.to_dict() for e in batch.events]
 
@@ -185,6 +187,26 @@ def _body(dev: Any, batch: Snapshot) -> tuple[bytes, list[Event]]:
         docs = [{**docs[0], "data": {"truncated": True}}]
         body = encode(docs)
     return body, batch.events[: len(docs)]
+
+
+def _running(dev: Any, state: Any) -> dict[str, dict[str, Any]]:
+    """What the device runs: each model's current slot (after a revert that is the earlier
+    release, not the highest one committed, which stays the downgrade floor), else what its
+    committed state says."""
+    from . import _slots
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(dev.cfg.models) | set(state.models)):
+        rel = None
+        with contextlib.suppress(OtaError, OSError, ValueError):
+            slot = _slots.current_slot(dev.mdir(name))
+            rel = _slots.read_release(dev.mdir(name), slot) if slot else None
+        if rel is not None:
+            out[name] = {"version": rel.version, "counter": rel.counter}
+        elif name in state.models:
+            m = state.models[name]
+            out[name] = {"version": m.version, "counter": m.counter}
+    return out
 
 
 def _client_version() -> str:
@@ -219,6 +241,10 @@ def _post(pool: urllib3.PoolManager, endpoint: str, body: bytes, headers: dict[s
         if resp.status in _RETRY and attempt <= cfg.retries:
             time.sleep(min(backoff_delay(cfg, attempt), max(0.0, deadline - time.monotonic())))
             continue
+        if resp.status == 401:  # revoked, or a rotation cut short: never fatal to updates
+            raise _ReportError("the fleet service refused the device's credential (HTTP 401); "
+                               "`ota device rotate-credential` finishes an interrupted "
+                               "rotation, else re-enrol")
         if resp.status not in (200, 202):
             raise _ReportError(f"the fleet service answered HTTP {resp.status}")
         return _ack(reply, carried)

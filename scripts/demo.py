@@ -1,8 +1,9 @@
 """The end-to-end demo on embedded defaults: every step is a real `ota` command.
 
 init a repository in a local folder -> publish a model it builds itself -> serve it over HTTP ->
-update a simulated device -> publish a fine-tune to the canary ring -> delta update -> audit ->
-yank -> the device reverts by itself -> the audit log.
+start the fleet service (embedded SQLite) -> enrol a simulated device with a token -> update it
+-> publish a fine-tune to the canary ring -> delta update -> audit -> yank -> the device reverts
+by itself -> the audit log -> the fleet status shows the device on the version it committed.
 
 Everything is written under demo-out/ (removed first). Exit status is non-zero if any step
 does something other than expected.
@@ -72,6 +73,8 @@ def main() -> None:
     os.chdir(OUT)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    fleet_port = free_port()
+    fleet = f"http://127.0.0.1:{fleet_port}"
 
     step("build two versions of a model with onnx.helper (v1.1.0 fine-tunes 10% of weights)")
     v1, v2 = build_models()
@@ -87,20 +90,37 @@ def main() -> None:
     step("serve the repository read-only over HTTP (devices could use S3 or a CDN instead)")
     server = subprocess.Popen([*OTA, "serve", "--project", "proj", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step("start the fleet service (gunicorn, embedded SQLite file proj/fleet.sqlite3)")
+    print(f"$ ota fleet serve --project proj --bind 127.0.0.1:{fleet_port} &", flush=True)
+    fleet_log = (OUT / "fleet.log").open("wb")
+    fleet_proc = subprocess.Popen(
+        [*OTA, "fleet", "serve", "--project", "proj", "--bind", f"127.0.0.1:{fleet_port}"],
+        stdout=fleet_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"{base}/healthz")
-        run_device_story(base)
+        wait_http(f"{fleet}/v1/health")
+        run_device_story(base, fleet)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=10)
+        fleet_proc.send_signal(signal.SIGTERM)  # gunicorn's master stops its workers
+        fleet_proc.wait(timeout=30)
+        fleet_log.close()
     step("done: everything is in demo-out/")
 
 
-def run_device_story(base: str) -> None:
-    step("a device (canary ring) joins and installs 1.0.0: verify, fetch, stage, smoke, commit")
+def run_device_story(base: str, fleet: str) -> None:
+    step("an operator creates a one-use enrolment token for the canary ring")
+    token = json.loads(ota("fleet", "enroll-token", "create", "--project", "proj",
+                           "--ring", "canary", "--expires", "1h", "--json"))["token"]
+
+    step("a device (canary ring) enrols, then installs 1.0.0: verify, fetch, stage, smoke, "
+         "commit; its events go to the fleet service")
+    os.environ["OTA_ENROLL_TOKEN"] = token  # not on the command line (visible in ps)
     ota("device", "init", "--state-dir", "device", "--repo-url", base, "--root",
         "proj/root.json", "--device-id", "camera-017", "--model", "detector",
-        "--ring", "canary", "--health-timeout", "0")
+        "--ring", "canary", "--health-timeout", "0", "--fleet-url", fleet)
+    del os.environ["OTA_ENROLL_TOKEN"]
     ota("device", "update", "--state-dir", "device")
     ota("device", "update", "--state-dir", "device", expect=10)  # nothing new: exit 10
 
@@ -132,6 +152,24 @@ def run_device_story(base: str) -> None:
     step("the append-only audit log, and its verification")
     ota("log", "--project", "proj")
     ota("log", "verify", "--project", "proj")
+
+    step("the fleet sees the device on the version it committed")
+    ota("device", "report", "--state-dir", "device")
+    ota("fleet", "status", "--project", "proj")
+    check_fleet_status()
+
+
+def check_fleet_status() -> None:
+    committed = json.loads(ota("device", "status", "--state-dir", "device", "--json"))
+    version = committed["models"]["detector"]["current_version"]
+    status = json.loads(ota("fleet", "status", "--project", "proj", "--json"))
+    seen = [(m["model"], m["version"], m["devices"]) for m in status["models"]]
+    if seen != [("detector", version, 1)]:
+        sys.exit(f"demo: the fleet shows {seen}, the device committed detector {version}")
+    confirmed = {(r["model"], r["version"]): r["confirmed"] for r in status["releases"]}
+    if not confirmed.get(("detector", version)):
+        sys.exit(f"demo: the fleet has no confirmed install of detector {version}")
+    print(f"fleet: camera-017 runs detector {version}, committed and confirmed")
 
 
 if __name__ == "__main__":

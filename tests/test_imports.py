@@ -14,7 +14,8 @@ from ota.errors import ExitCode
 # that never installed them (securesystemslib and tuf import boto3 only if it is installed).
 _PROBE = """
 import importlib.abc, sys
-BLOCKED = ("flask", "boto3", "botocore", "cyclonedx", "onnx", "fastcdc", "sqlalchemy", "moto")
+BLOCKED = ("flask", "boto3", "botocore", "cyclonedx", "onnx", "fastcdc", "sqlalchemy", "moto",
+           "alembic", "psycopg", "gunicorn", "prometheus_client", "werkzeug")
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED and name != "onnxruntime":

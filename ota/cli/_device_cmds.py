@@ -79,6 +79,17 @@ def device() -> None:
     metavar="MODEL=COUNTER",
     help="Provision a security floor (see `ota releases`); kept floors only ever rise.",
 )
+@click.option(
+    "--fleet-url",
+    default="",
+    help="Fleet service to enrol with (instead of --report-url/--report-token-file).",
+)
+@click.option(
+    "--enroll-token",
+    default=None,
+    envvar="OTA_ENROLL_TOKEN",
+    help="Enrolment token from `ota fleet enroll-token create` (or OTA_ENROLL_TOKEN).",
+)
 @json_option
 def init_cmd(
     state_dir: Path,
@@ -96,9 +107,11 @@ def init_cmd(
     report_url: str,
     report_token_file: Path | None,
     floors: tuple[str, ...],
+    fleet_url: str,
+    enroll_token: str | None,
     as_json: bool,
 ) -> None:
-    """Initialise a device's state directory."""
+    """Initialise a device's state directory (and enrol it with --fleet-url)."""
     from ota.client import init_device
     from ota.errors import InputError
 
@@ -122,23 +135,29 @@ def init_cmd(
     if arch:
         options["arch"] = arch
     _warn_plain_token(report_url, options["report_token_file"])
+    enrolment = _fleet_enrol(state_dir, repo_url, device_id, models, options, fleet_url,
+                             enroll_token, bool(report_url or report_token_file))
     cfg = init_device(
         state_dir, repo_url, root_path.read_bytes(), device_id, models, floors=kept, **options
     )
+    doc: dict[str, Any] = {
+        "state_dir": str(state_dir),
+        "device_id": cfg.device_id,
+        "models": list(cfg.models),
+        "ring": cfg.ring,
+        "tier": cfg.tier,
+        "arch": cfg.arch,
+        "runtime_version": cfg.runtime_version,
+    }
+    if enrolment is not None:
+        doc["fleet"] = enrolment
     emit(
-        {
-            "state_dir": str(state_dir),
-            "device_id": cfg.device_id,
-            "models": list(cfg.models),
-            "ring": cfg.ring,
-            "tier": cfg.tier,
-            "arch": cfg.arch,
-            "runtime_version": cfg.runtime_version,
-        },
+        doc,
         as_json,
         lambda: (
             f"device {cfg.device_id} ({cfg.arch}, tier {cfg.tier}, ring {cfg.ring}) "
             f"follows {', '.join(cfg.models)} from {cfg.repo_url}"
+            + (f"\nfleet: {enrolment['status']} at {enrolment['fleet_url']}" if enrolment else "")
         ),
     )
 
@@ -171,6 +190,49 @@ def _warn_plain_token(report_url: str, token_file: str) -> None:
             "the path can read and replay it; use an https:// --report-url",
             err=True,
         )
+
+
+def _fleet_enrol(
+    state_dir: Path,
+    repo_url: str,
+    device_id: str,
+    models: tuple[str, ...],
+    options: dict[str, Any],
+    fleet_url: str,
+    token: str | None,
+    report_given: bool,
+) -> dict[str, Any] | None:
+    """Exchange the enrolment token before the config is written, then point the report
+    path at the fleet URL and the stored credential (``options`` is updated)."""
+    if not fleet_url:
+        if token:
+            raise click.UsageError("--enroll-token needs --fleet-url")
+        return None
+    if report_given:
+        raise click.UsageError("--fleet-url replaces --report-url/--report-token-file")
+    from ota.client import DeviceConfig
+    from ota.client._enroll import credential_path, ensure_enrolled
+
+    preview = DeviceConfig(device_id=device_id, repo_url=repo_url, models=models, **options)
+    enrolment = ensure_enrolled(state_dir, preview.validate(), fleet_url, token)
+    for warning in enrolment.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    options["report_url"] = enrolment.fleet_url
+    options["report_token_file"] = str(credential_path(state_dir).absolute())
+    return enrolment.to_dict()
+
+
+@device.command("rotate-credential")
+@state_option
+@json_option
+def rotate_credential_cmd(state_dir: Path, as_json: bool) -> None:
+    """Replace the device's fleet credential (the old one stops working; crash-safe)."""
+    from ota.client._enroll import rotate_credential
+
+    r = rotate_credential(state_dir)
+    for warning in r.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    emit(r.to_dict(), as_json, f"credential {r.status}: {r.credential_file}")
 
 
 def _detected_runtime() -> str:

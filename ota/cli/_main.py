@@ -104,9 +104,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from ota.cli import _device_cmds, _key_cmds, _repo_cmds, _supply_cmds
+    from ota.cli import _device_cmds, _fleet_cmds, _key_cmds, _repo_cmds, _supply_cmds
 
-    for module in (_repo_cmds, _device_cmds, _supply_cmds, _key_cmds):
+    for module in (_repo_cmds, _device_cmds, _supply_cmds, _key_cmds, _fleet_cmds):
         module.register(cli)
 
 

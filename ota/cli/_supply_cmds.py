@@ -229,8 +229,13 @@ def sbom_diff(name: str, old: str, new: str, project_dir: str, as_json: bool) ->
 @click.option("--osv", "osv_dir", type=click.Path(exists=True, path_type=Path), required=True,
               help="Offline OSV export (folder of OSV JSON records, or all.zip).")  # fmt: skip
 @fail_on_option
+@click.option("--fleet", "fleet_url", envvar="OTA_FLEET_URL",
+              help="Fleet service URL: also list the devices running each affected release.")
+@click.option("--fleet-token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Operator token (scope read) for --fleet; default $OTA_FLEET_TOKEN.")
 @json_option
-def vulns(project_dir: str, osv_dir: Path, fail_on: str, as_json: bool) -> None:
+def vulns(project_dir: str, osv_dir: Path, fail_on: str, fleet_url: str | None,
+          fleet_token_file: Path | None, as_json: bool) -> None:
     """Match every live release's SBOM against an offline OSV export (exit 4 on a match)."""
     require("repository", "`ota vulns`")
     from ota.repository import releases
@@ -243,11 +248,18 @@ def vulns(project_dir: str, osv_dir: Path, fail_on: str, as_json: bool) -> None:
     db = load_osv(osv_dir)
     matches = match_osv(sboms, db)
     bad = [m for m in matches if severity_at_least(m, fail_on)]
+    fleet: dict[str, Any] = {}
+    if fleet_url:  # which devices run an affected release (ota.fleet, the service's answer)
+        from ota.fleet._query import fleet_exposure, read_token
+
+        fleet = fleet_exposure(fleet_url, read_token(fleet_token_file),
+                               sorted({m.release for m in matches}))
     emit(
         {
             "releases": len(rows),
             "matches": [m.to_dict() for m in matches],
             "osv_warnings": list(db.warnings),
+            **({"fleet": fleet} if fleet_url else {}),
         },
         as_json,
         lambda: "\n".join(
@@ -258,6 +270,8 @@ def vulns(project_dir: str, osv_dir: Path, fail_on: str, as_json: bool) -> None:
                 + f" fixed in {', '.join(m.fixed) or '-'}"
                 for m in matches
             ]
+            + [f"  {r} runs on {f['devices']} devices: {' '.join(f['sample'][:10])}"
+               for r, f in fleet.items()]
         ),
     )
     if bad:

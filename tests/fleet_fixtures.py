@@ -1,0 +1,405 @@
+"""Fixtures for the fleet service: a real PostgreSQL server and the real service under gunicorn.
+
+Import what a test module needs (``from tests.fleet_fixtures import fleet_service, postgres
+# noqa: F401``). Nothing here is a stand-in:
+
+* ``postgres`` (session): Debian's PostgreSQL 15 (``initdb``/``pg_ctl`` from
+  ``/usr/lib/postgresql/15/bin``) in a temp folder, on a free loopback port, its unix socket
+  in that folder. The server refuses to run as root, so as root (CI) it runs as the system
+  user ``otapg`` (created with ``useradd`` if missing) through ``runuser``. One server per
+  test process (started on first use, stopped at exit); each service gets a fresh database.
+  Skipped only when the binaries are absent and ``OTA_REQUIRE_POSTGRES`` is unset.
+* ``fleet_service`` (function, parametrised ``sqlite``/``postgresql``): a fresh migrated
+  database, ``ota fleet serve`` (gunicorn, 2 workers) on a free port, waited for until it
+  answers; yields a :class:`FleetService` (base URL, admin token, database URL); killed after.
+* ``start_service(db_url, *args)``: the same as a context manager, for tests that need other
+  serve options (``--max-reports-per-minute``, ``--busy-timeout-ms``) or several services.
+* ``call(method, url, ...)``: one HTTP request (urllib3), returning status, JSON and headers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib3
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_USER = "otapg"
+REQUIRE_ENV = "OTA_REQUIRE_POSTGRES"
+START_DEADLINE_S = 90.0
+_counter = itertools.count(1)
+_pool = urllib3.PoolManager(
+    num_pools=16, maxsize=8, retries=False, timeout=urllib3.Timeout(connect=10, read=60)
+)
+
+
+def pg_available() -> bool:
+    return (PG_BIN / "initdb").exists() and (PG_BIN / "pg_ctl").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _as_pg_user() -> list[str]:
+    """The command prefix that runs a PostgreSQL binary as an unprivileged user."""
+    if os.geteuid() != 0:
+        return []
+    try:
+        pwd.getpwnam(PG_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/bin/false", PG_USER],
+            check=True,
+            capture_output=True,
+        )
+    return ["runuser", "-u", PG_USER, "--"]
+
+
+@dataclass
+class Postgres:
+    """One PostgreSQL server in ``work``; ``port`` on 127.0.0.1, socket in ``work/sock``."""
+
+    work: Path
+    port: int
+    prefix: list[str] = field(default_factory=list)
+
+    @property
+    def data(self) -> Path:
+        return self.work / "data"
+
+    def _ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.prefix, str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def init(self) -> None:
+        out = subprocess.run(
+            [
+                *self.prefix,
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if out.returncode:
+            raise RuntimeError(f"initdb failed: {out.stderr[-2000:]}")
+
+    def start(self) -> None:
+        opts = (
+            f"-p {self.port} -k {self.work / 'sock'} -c listen_addresses=127.0.0.1 "
+            "-c max_connections=200 -c shared_buffers=64MB"
+        )
+        out = self._ctl("-l", str(self.work / "log"), "-o", opts, "-w", "-t", "120", "start")
+        if out.returncode:
+            log = (self.work / "log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"pg_ctl start failed: {out.stderr[-1000:]}\n{log}")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._ctl("-m", mode, "-w", "-t", "60", "stop")
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def create_db(self, name: str = "") -> str:
+        """A fresh empty database; its SQLAlchemy URL."""
+        import psycopg
+
+        name = name or f"fleet_{os.getpid()}_{next(_counter)}"
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+            autocommit=True,
+            connect_timeout=10,
+        ) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')  # name is ours, not input
+        return self.url(name)
+
+
+_PG: dict[str, Postgres] = {}  # one server per test process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans(prefix: list[str]) -> None:
+    """Stop and remove servers left by test processes that died without cleaning up
+    (SIGKILL, a timeout): each server's folder names its owner's pid; only servers whose
+    owner is gone are touched."""
+    for owner in Path(tempfile.gettempdir()).glob("ota-pg-*/owner"):
+        try:
+            pid = int(owner.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid <= 0 or _alive(pid):
+            continue
+        work = owner.parent
+        Postgres(work, 0, prefix).stop("immediate")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _start_postgres() -> Postgres:
+    if "pg" not in _PG:
+        prefix = _as_pg_user()
+        reap_orphans(prefix)
+        work = Path(tempfile.mkdtemp(prefix="ota-pg-"))
+        (work / "owner").write_text(str(os.getpid()))
+        (work / "sock").mkdir()
+        if prefix:
+            shutil.chown(work, PG_USER)
+            shutil.chown(work / "sock", PG_USER)
+        pg = Postgres(work, free_port(), prefix)
+        pg.init()
+        pg.start()
+
+        def _cleanup() -> None:
+            pg.stop("immediate")
+            shutil.rmtree(work, ignore_errors=True)
+
+        atexit.register(_cleanup)
+        _PG["pg"] = pg
+    return _PG["pg"]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Postgres:
+    if not pg_available() and not os.environ.get(REQUIRE_ENV):
+        pytest.skip(f"PostgreSQL binaries not found in {PG_BIN} (set {REQUIRE_ENV} to fail)")
+    return _start_postgres()
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    doc: Any
+    headers: dict[str, str]
+    raw: bytes
+
+
+def call(
+    method: str,
+    url: str,
+    doc: Any = None,
+    *,
+    token: str | None = None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """One request; ``doc`` is sent as JSON, ``body`` as is. Never raises on a status."""
+    h = {"Content-Type": "application/json"} if (doc is not None or body is not None) else {}
+    if token:
+        h["Authorization"] = f"Bearer {token}"
+    h.update(headers or {})
+    data = json.dumps(doc).encode() if doc is not None else body
+    r = _pool.request(method, url, body=data, headers=h, redirect=False)
+    try:
+        parsed = json.loads(r.data) if r.data else None
+    except ValueError:
+        parsed = None
+    return Reply(r.status, parsed, {k.lower(): v for k, v in r.headers.items()}, r.data)
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+@dataclass
+class FleetService:
+    url: str
+    admin_token: str
+    db_url: str
+    backend: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def enroll_token(self, **spec: Any) -> str:
+        r = call("POST", f"{self.url}/v1/enroll-tokens", spec, token=self.admin_token)
+        assert r.status == 201, r.doc
+        return str(r.doc["token"])
+
+    def enroll(
+        self,
+        device_id: str,
+        *,
+        ring: str = "ga",
+        tier: str = "default",
+        arch: str = "x86_64",
+        token: str | None = None,
+    ) -> str:
+        """Enrol ``device_id`` with a fresh one-use token; its credential."""
+        r = call(
+            "POST",
+            f"{self.url}/v1/enroll",
+            {
+                "token": token or self.enroll_token(),
+                "device_id": device_id,
+                "facts": {
+                    "ring": ring,
+                    "tier": tier,
+                    "arch": arch,
+                    "runtime_version": "1.31.1",
+                    "client_version": "0.1.0",
+                },
+            },
+        )
+        assert r.status == 201, r.doc
+        return str(r.doc["credential"])
+
+    def operator_token(self, scope: str, expires_in: int = 3600) -> str:
+        name = f"{scope}-{next(_counter)}"
+        r = call(
+            "POST",
+            f"{self.url}/v1/tokens",
+            {"name": name, "scope": scope, "expires_in": expires_in},
+            token=self.admin_token,
+        )
+        assert r.status == 201, r.doc
+        return str(r.doc["token"])
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
+
+
+def new_db(backend: str, pg: Postgres | None, folder: Path) -> str:
+    """A fresh, migrated database of ``backend``; its URL."""
+    from ota.fleet import migrate
+
+    if backend == "sqlite":
+        url = f"sqlite:///{folder / f'fleet-{next(_counter)}.sqlite3'}"
+    else:
+        assert pg is not None
+        url = pg.create_db()
+    migrate(url)
+    return url
+
+
+@contextlib.contextmanager
+def start_service(
+    db_url: str, *args: str, backend: str = "", workers: int = 2
+) -> Iterator[FleetService]:
+    """``ota fleet serve`` on ``db_url`` (migrated) with an admin token; killed on exit."""
+    from ota.fleet import FleetConfig
+    from ota.fleet._local import create_token
+
+    admin = create_token(FleetConfig(db_url=db_url), f"admin-{next(_counter)}", "admin", 86400)[
+        "token"
+    ]
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="ota-fleet-", suffix=".log")[1])
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ota.cli",
+                "fleet",
+                "serve",
+                "--db",
+                db_url,
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                str(workers),
+                *args,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    svc = FleetService(
+        f"http://127.0.0.1:{port}",
+        admin,
+        db_url,
+        backend or ("sqlite" if db_url.startswith("sqlite") else "postgresql"),
+        proc,
+        log,
+    )
+    try:
+        _wait_ready(svc)
+        yield svc
+    finally:
+        stop_service(proc)
+        log.unlink(missing_ok=True)
+
+
+def stop_service(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Stop the service's whole process group (gunicorn master and workers)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):  # workers left behind by a SIGKILL
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_ready(svc: FleetService) -> None:
+    deadline = time.monotonic() + START_DEADLINE_S
+    while time.monotonic() < deadline:
+        if svc.proc.poll() is not None:
+            raise RuntimeError(f"ota fleet serve exited {svc.proc.returncode}:\n{svc.log_text()}")
+        with contextlib.suppress(urllib3.exceptions.HTTPError):
+            if call("GET", f"{svc.url}/v1/health").status == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"ota fleet serve did not answer in {START_DEADLINE_S} s:\n{svc.log_text()}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fleet_backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh migrated database URL of each backend."""
+    pg = request.getfixturevalue("postgres") if request.param == "postgresql" else None
+    return new_db(request.param, pg, tmp_path)
+
+
+@pytest.fixture
+def fleet_service(fleet_backend: str) -> Iterator[FleetService]:
+    """The real service (gunicorn, 2 workers) on a fresh database of each backend."""
+    with start_service(fleet_backend) as svc:
+        yield svc
