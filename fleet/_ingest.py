@@ -61,7 +61,7 @@ OUTCOMES = {
     "security": "security",
 }
 # A credential the device proposes on rotation (ota.client._enroll.CREDENTIAL_RE).
-PROPOSED_RE = re.compile(r"^[A-Za-z0-9_\-.~+/]{43,512}={0,2}$")
+PROPOSED_RE = re.compile(r"^[A-Za-z0-9_\-.~+/]{43,512}={0,2}\Z")
 
 
 def unauthorized(message: str = "not a valid credential for this device") -> Rejected:

@@ -22,7 +22,7 @@ from ._db import HEAD, current_revision, make_engine
 from ._validate import Rejected
 
 T = TypeVar("T")
-_DURATION = re.compile(r"^(\d{1,9})([smhdw]?)$")
+_DURATION = re.compile(r"^(\d{1,9})([smhdw]?)\Z")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 

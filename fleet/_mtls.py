@@ -36,7 +36,7 @@ SECRET_HEADER = "X-Ota-Proxy-Secret"  # noqa: S105 - a header name
 VERIFY_HEADER = "X-Ota-Client-Verify"
 DN_HEADER = "X-Ota-Client-Dn"
 _SECRET_RE = re.compile(r"[\x21-\x7e]{32,256}")
-_DEVICE_PATH = re.compile(r"^/v1/devices/([^/]+)/(events|credential)$")
+_DEVICE_PATH = re.compile(r"^/v1/devices/([^/]+)/(events|credential)\Z")
 _MAX_DN = 1024
 _MAX_ENROL_BODY = 64 * 1024
 

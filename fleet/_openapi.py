@@ -20,7 +20,7 @@ _DEVICE_ID = {
     "type": "string",
     "minLength": 1,
     "maxLength": 128,
-    "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$",
+    "pattern": r"^[A-Za-z0-9_][A-Za-z0-9._:-]*$",  # ota.bundle.DEVICE_ID_RE (ECMA: $ = end)
 }
 
 

@@ -18,9 +18,9 @@ from ._config import FleetConfig
 from ._validate import NAME_RE, bad, integer, number, obj, only_keys, string
 
 FORMAT = "edge-ota.report/1"
-KIND_RE = re.compile(r"^[a-z][a-z_]{0,31}$")
-EPOCH_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$")
+KIND_RE = re.compile(r"^[a-z][a-z_]{0,31}\Z")
+EPOCH_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}\Z")
 
 
 @dataclass(frozen=True)

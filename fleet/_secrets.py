@@ -17,7 +17,7 @@ DEVICE_PREFIX = "otadev_"
 ENROLL_PREFIX = "otaenr_"
 OPERATOR_PREFIX = "otaop_"
 MAX_SECRET_CHARS = 128
-_SHAPE = re.compile(r"^ota(dev|enr|op)_[A-Za-z0-9_-]{43}$")
+_SHAPE = re.compile(r"^ota(dev|enr|op)_[A-Za-z0-9_-]{43}\Z")
 
 SCOPES = ("read", "rollout", "admin")  # each includes the ones before it
 

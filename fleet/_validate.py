@@ -13,9 +13,12 @@ import math
 import re
 from typing import Any
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}$")
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from ota import bundle as _bundle
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}\Z")
+# exactly the ids a device accepts (ota device init): one rule on both sides
+DEVICE_ID_RE = _bundle.DEVICE_ID_RE
+TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 MAX_SAFE_INT = 2**53  # JSON numbers beyond this are not exact everywhere
 
 

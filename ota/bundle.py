@@ -61,7 +61,7 @@ _HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _PATH_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 # Device ids also admit ':' so that MAC-address ids (b8:27:eb:00:00:01), common on fleets that
 # predate edge-ota, keep working; they are never used as a file name, and URLs quote them.
-_DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}\Z")
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}\Z")  # the fleet service too
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}\Z")
 
 
@@ -110,7 +110,7 @@ def validate_version(version: str) -> str:
 def validate_device_id(device_id: str) -> str:
     """Return ``device_id`` if it is safe as a URL path part and in logs (1-128 of
     A-Z a-z 0-9 ``_ . - :``, not starting with ``.``, ``-`` or ``:``), else raise InputError."""
-    if not isinstance(device_id, str) or not _DEVICE_ID_RE.match(device_id):
+    if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
         raise InputError(
             f"invalid device id {device_id!r:.80}",
             remedy="use 1-128 characters of A-Z, a-z, 0-9, '_', '.', ':' or '-', "
