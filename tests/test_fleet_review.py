@@ -33,3 +33,28 @@ def test_non_ascii_digits_in_an_integer_query_argument_get_400_not_500(
         assert r.status == 400, (url, r.status, r.doc)
         assert r.doc["error"] == "malformed"
     assert "Traceback" not in svc.log_text()
+
+
+def test_rotation_never_accepts_a_credential_the_service_cannot_authenticate(
+    fleet_service: FleetService,
+) -> None:
+    """The rotation route took any 43-512 character proposal, but a bearer header longer than
+    the service reads is treated as absent: the device was answered 200 with its new
+    credential, its old one was dead, and every later report got 401 (locked out until an
+    operator re-enrolled it). A proposal is now refused (400, old credential kept) unless the
+    service can authenticate it, and the longest accepted one works."""
+    from tests.test_fleet_ingest import ev, post_report, report
+
+    svc = fleet_service
+    cred = svc.enroll("review-rot-1")
+    url = f"{svc.url}/v1/devices/review-rot-1/credential"
+    r = call("POST", url, {"credential": "A" * 300}, token=cred)
+    assert r.status == 400, r.doc
+    assert post_report(svc, "review-rot-1", cred, report("review-rot-1", [ev(1)])).status == 200
+    longest = "B" * 128
+    r = call("POST", url, {"credential": longest}, token=cred)
+    assert r.status == 200, r.doc
+    assert r.doc["credential"] == longest
+    assert post_report(svc, "review-rot-1", cred, report("review-rot-1", [ev(2)])).status == 401
+    r = post_report(svc, "review-rot-1", longest, report("review-rot-1", [ev(3)]))
+    assert r.status == 200, r.doc
