@@ -254,10 +254,19 @@ def _ingest(s: Session, dev: Device, report: Report, now: float) -> tuple[int, i
     if fresh:
         q.high_seq = fresh[-1].seq
     if report.dropped and (new or not report.events):
-        q.dropped = (q.dropped or 0) + report.dropped
-        dev.dropped_total = (dev.dropped_total or 0) + report.dropped
+        q.dropped = _saturating(q.dropped, report.dropped)
+        dev.dropped_total = _saturating(dev.dropped_total, report.dropped)
     _derive(s, dev, report, fresh, now)  # late events never move state backwards
     return (report.events[-1].seq if report.events else 0), len(new)
+
+
+MAX_COUNTER = 2**63 - 1  # a BIGINT column, and SQLite's INTEGER
+
+
+def _saturating(total: int | None, add: int) -> int:
+    """``total + add``, capped at what the column holds: a drop count only ever informs, and
+    an overflow would refuse every later report of the device (its events never acked)."""
+    return min((total or 0) + add, MAX_COUNTER)
 
 
 def _derive(s: Session, dev: Device, report: Report, new: list[Any], now: float) -> None:

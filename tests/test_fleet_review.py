@@ -58,3 +58,36 @@ def test_rotation_never_accepts_a_credential_the_service_cannot_authenticate(
     assert post_report(svc, "review-rot-1", cred, report("review-rot-1", [ev(2)])).status == 401
     r = post_report(svc, "review-rot-1", longest, report("review-rot-1", [ev(3)]))
     assert r.status == 200, r.doc
+
+
+def test_drop_counts_saturate_instead_of_overflowing_the_database_column(
+    fleet_service: FleetService,
+) -> None:
+    """``dropped`` may be up to 2**53 per report, summed into BIGINT columns: about a thousand
+    such reports (or one device's long life) overflow them. SQLite's driver then raised
+    OverflowError (a 500), PostgreSQL refused the row (400): either way every later report of
+    that device was refused and its events never acked. The totals now saturate."""
+    from sqlalchemy import create_engine, text
+
+    from tests.test_fleet_ingest import ev, post_report, report
+
+    svc = fleet_service
+    cred = svc.enroll("review-drop-1")
+    r = post_report(svc, "review-drop-1", cred, report("review-drop-1", [ev(1)], dropped=5))
+    assert r.status == 200, r.doc
+    near = 2**63 - 10  # what a long run of large drop counts adds up to
+    engine = create_engine(svc.db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE devices SET dropped_total = :n"), {"n": near})
+            conn.execute(text("UPDATE queues SET dropped = :n"), {"n": near})
+    finally:
+        engine.dispose()
+    doc = report("review-drop-1", [ev(2)], dropped=2**53)
+    r = post_report(svc, "review-drop-1", cred, doc)
+    assert r.status == 200, r.doc
+    assert r.doc == {"ack": 2}
+    r = call("GET", f"{svc.url}/v1/devices/review-drop-1?events=10", token=svc.admin_token)
+    assert r.status == 200, r.doc
+    assert sorted(e["seq"] for e in r.doc["timeline"]) == [1, 2]
+    assert "Traceback" not in svc.log_text()
