@@ -3,6 +3,9 @@ on SQLite and PostgreSQL. Each test reproduces one finding and pins its fix."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from tests.fleet_fixtures import (  # noqa: F401
     FleetService,
     Postgres,
@@ -91,3 +94,34 @@ def test_drop_counts_saturate_instead_of_overflowing_the_database_column(
     assert r.status == 200, r.doc
     assert sorted(e["seq"] for e in r.doc["timeline"]) == [1, 2]
     assert "Traceback" not in svc.log_text()
+
+
+def test_a_number_that_overflows_to_infinity_is_refused_like_nan(
+    fleet_service: FleetService,
+) -> None:
+    """``1e400`` is valid JSON text, but Python reads it as ``inf``: NaN/Infinity literals were
+    refused, the overflowing number was not. SQLite stored it and every operator read of that
+    device (its timeline) or release (its failure figures) then answered ``Infinity``, which is
+    not JSON (browsers' JSON.parse and strict parsers fail); PostgreSQL refused the row. Every
+    body is now refused with 400 when a number is not finite, on both backends alike."""
+    from tests.test_fleet_authz import fingerprint
+    from tests.test_fleet_ingest import ev, report
+
+    svc = fleet_service
+    cred = svc.enroll("review-inf-1")
+    doc = report("review-inf-1", [ev(1, kind="smoke_failed", latency_ms=1.5)])
+    raw = json.dumps(doc).replace("1.5", "1e400").encode()
+    assert b"1e400" in raw
+    before = fingerprint(svc.db_url)
+    r = call("POST", f"{svc.url}/v1/devices/review-inf-1/events", body=raw, token=cred)
+    assert r.status == 400, r.doc
+    assert r.doc["error"] == "malformed"
+    assert fingerprint(svc.db_url) == before
+    for path in ("/v1/devices/review-inf-1?events=10", "/v1/releases/m/1.0.0"):
+        r = call("GET", f"{svc.url}{path}", token=svc.admin_token)
+        assert r.status == 200
+        json.loads(r.raw, parse_constant=_no_constant)  # strict JSON
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
