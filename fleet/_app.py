@@ -366,7 +366,8 @@ def _int_arg(key: str, default: int, lo: int, hi: int) -> int:
     raw = request.args.get(key)
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 12 or not lo <= int(raw) <= hi:
+    # ASCII only: str.isdigit() admits "²", which int() refuses (a 500), and Arabic-Indic digits
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or not lo <= int(raw) <= hi:
         raise bad(f"{key!r} must be an integer between {lo} and {hi}")
     return int(raw)
 

@@ -60,8 +60,10 @@ OUTCOMES = {
     "refused": "failing",
     "security": "security",
 }
-# A credential the device proposes on rotation (ota.client._enroll.CREDENTIAL_RE).
-PROPOSED_RE = re.compile(r"^[A-Za-z0-9_\-.~+/]{43,512}={0,2}\Z")
+# A credential the device proposes on rotation (ota.client._enroll.CREDENTIAL_RE's alphabet),
+# no longer than a bearer the service reads (_secrets.MAX_SECRET_CHARS): a longer one would be
+# taken, the old one killed, and the device locked out by its next report.
+PROPOSED_RE = re.compile(r"^[A-Za-z0-9_\-.~+/]{43,128}={0,2}\Z")
 
 
 def unauthorized(message: str = "not a valid credential for this device") -> Rejected:
@@ -161,11 +163,11 @@ def rotate(s: Session, dev: Device, proposed: str | None, now: float) -> str:
     formed, so a device that lost the reply can retry with it."""
     if proposed is None:
         new = _secrets.new_secret(_secrets.DEVICE_PREFIX)
-    elif PROPOSED_RE.match(proposed):
+    elif len(proposed) <= _secrets.MAX_SECRET_CHARS and PROPOSED_RE.match(proposed):
         new = proposed
     else:
         raise Rejected(
-            400, "malformed", "the proposed credential is not 43-512 characters of base64url"
+            400, "malformed", "the proposed credential is not 43-128 characters of base64url"
         )
     dev.credential_hash = _secrets.digest(new)
     s.add(
@@ -252,10 +254,19 @@ def _ingest(s: Session, dev: Device, report: Report, now: float) -> tuple[int, i
     if fresh:
         q.high_seq = fresh[-1].seq
     if report.dropped and (new or not report.events):
-        q.dropped = (q.dropped or 0) + report.dropped
-        dev.dropped_total = (dev.dropped_total or 0) + report.dropped
+        q.dropped = _saturating(q.dropped, report.dropped)
+        dev.dropped_total = _saturating(dev.dropped_total, report.dropped)
     _derive(s, dev, report, fresh, now)  # late events never move state backwards
     return (report.events[-1].seq if report.events else 0), len(new)
+
+
+MAX_COUNTER = 2**63 - 1  # a BIGINT column, and SQLite's INTEGER
+
+
+def _saturating(total: int | None, add: int) -> int:
+    """``total + add``, capped at what the column holds: a drop count only ever informs, and
+    an overflow would refuse every later report of the device (its events never acked)."""
+    return min((total or 0) + add, MAX_COUNTER)
 
 
 def _derive(s: Session, dev: Device, report: Report, new: list[Any], now: float) -> None:

@@ -284,7 +284,7 @@ def openapi_document() -> dict[str, Any]:
                                 "credential": {
                                     "type": "string",
                                     "minLength": 43,
-                                    "maxLength": 512,
+                                    "maxLength": 128,
                                     "pattern": r"^[A-Za-z0-9_\-.~+/]+={0,2}$",
                                 }
                             },

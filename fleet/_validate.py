@@ -2,8 +2,9 @@
 
 Pure functions: each raises :class:`Rejected` (an HTTP status, a machine reason and a human
 message) and never returns something half-checked. The bound on nesting is checked on the
-parsed value without recursion, and JSON itself is parsed with NaN/Infinity refused and deep
-nesting turned into a rejection (Python's parser recurses).
+parsed value without recursion, and JSON itself is parsed with NaN/Infinity (and numbers
+that overflow to it, such as ``1e400``) refused and deep nesting turned into a rejection
+(Python's parser recurses).
 """
 
 from __future__ import annotations
@@ -43,12 +44,22 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; ``1e400`` would be ``inf``, which no JSON can say back."""
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return v
+
+
 def parse_json(body: bytes, max_bytes: int, max_depth: int) -> Any:
     """The JSON value of ``body`` (UTF-8), at most ``max_bytes`` and ``max_depth`` deep."""
     if len(body) > max_bytes:
         raise Rejected(413, "too_large", f"the body exceeds {max_bytes} bytes")
     try:
-        value = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+        value = json.loads(
+            body.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float
+        )
     except RecursionError as e:
         raise bad(f"JSON nested deeper than {max_depth}", "too_deep") from e
     except ValueError as e:  # UnicodeDecodeError too
