@@ -524,6 +524,9 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+encode_varint = _varint  # public: the publisher's skeleton writer (repository/_stream.py) too
+
+
 def _tag(field: int, wire: int) -> bytes:
     return _varint(field << 3 | wire)
 

@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from ota.client._smoke_child import encode_varint
+
 if TYPE_CHECKING:
     import onnx
 
@@ -178,16 +180,8 @@ def _varint(f: BinaryIO, end: int) -> tuple[int, bytes]:
     raise SkeletonError("varint longer than 10 bytes")
 
 
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+# one protobuf varint encoder for both skeleton writers (the device's smoke child is the other)
+_encode_varint = encode_varint
 
 
 def stripped_tensors(model: onnx.ModelProto, location: str | None) -> Iterator[onnx.TensorProto]:
