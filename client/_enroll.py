@@ -4,8 +4,10 @@ Protocol (the fleet service implements the server side)::
 
     POST <fleet>/v1/enroll
     {"token": <enrolment token>, "device_id": <id>,
+     "credential_proposal": <a new secret proposed by the device>,
      "facts": {"ring", "tier", "arch", "runtime_version", "client_version"}}
     -> 201 {"device_id": <id>, "credential": <secret>, "ring": r, "tier": t}
+       200 the same, for a retry (same id, proposal and token) of an enrolment that committed
        401 token bad, expired or used up · 409 already enrolled · 400 malformed
 
     POST <fleet>/v1/devices/<id>/credential          Authorization: Bearer <current>
@@ -20,8 +22,15 @@ Files, in ``<state dir>/fleet/`` (folder 0700, files 0600, each written atomical
   request, so a lost reply or a crash never loses the working credential: the next
   ``rotate_credential`` tries the pending secret first (the service may already have it),
   then the current one, and keeps whichever the service accepts;
+* ``enrolment.next`` - an enrolment in flight: the secret proposed for (fleet URL, device
+  id), written *before* the request, so a lost reply or a crash is retried with the same
+  proposal and the same token: the service answers the committed enrolment again (200, no
+  token use spent) instead of 409. Removed once the credential is stored;
 * ``enrolment.json`` - where and as what the device enrolled (fleet URL, device id, ring,
   tier), so a re-run of ``ota device init`` does not spend another token.
+
+A rotation left pending (``credential.next``) is finished by the next ``ota device init``
+re-run and the next report flush (:func:`finish_pending_rotation`), without operator action.
 
 Invariants: replies are bounded (``MAX_REPLY_BYTES``, the fetch config's timeouts, one
 deadline per request), redirects are refused, a reply must be a JSON object whose credential
@@ -58,6 +67,7 @@ from ota.errors import (
     ConflictError,
     InputError,
     LocalError,
+    OtaError,
     SecurityError,
     TransientError,
 )
@@ -72,6 +82,8 @@ REQUEST_DEADLINE_S = 30.0
 CREDENTIAL_RE = re.compile(r"[A-Za-z0-9_\-.~+/]{43,512}={0,2}")
 _TOKEN_RE = re.compile(r"[\x21-\x7e]{1,512}")  # MAX_TOKEN_CHARS
 ENROLMENT_FORMAT = "edge-ota.enrolment/1"
+PROPOSAL_FORMAT = "edge-ota.enrolment-proposal/1"
+SECRET_PREFIX = "otadev_"  # noqa: S105 - not a secret: what the service's own device credentials start with
 # TLS to the fleet service (docs/serving/fleet-mtls.md): the device's client certificate for a
 # proxy that requires one, and a private CA for the service's own certificate.
 CLIENT_CERT_ENV = "OTA_FLEET_CLIENT_CERT"
@@ -170,6 +182,14 @@ def _enrolment_path(state_dir: Path | str) -> Path:
     return fleet_dir(state_dir) / "enrolment.json"
 
 
+def _proposal_path(state_dir: Path | str) -> Path:
+    return fleet_dir(state_dir) / "enrolment.next"
+
+
+def _new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)  # 256 bits
+
+
 def transport_warnings(url: str) -> tuple[str, ...]:
     """A warning when credentials would cross a network in clear (plain http:// to a host
     that is not loopback).
@@ -230,6 +250,10 @@ def ensure_enrolled(
             and cred.exists()
         ):
             read_credential(cred)  # still a valid word
+            try:  # a rotation cut short earlier: finish it now, never losing the credential
+                _finish_rotation(state_dir, url, cfg.device_id, fcfg, fresh=False)
+            except OtaError as e:
+                warnings += (f"a pending credential rotation is not finished yet: {e}",)
             return Enrolment(
                 "already",
                 url,
@@ -263,7 +287,15 @@ def ensure_enrolled(
                 "client_version": client_version(),
             },
         }
-        status, doc = _post(f"{url}/v1/enroll", body, None, fcfg)
+        proposal = _enrol_proposal(state_dir, url, cfg.device_id)
+        status, doc = _post(
+            f"{url}/v1/enroll", {**body, "credential_proposal": proposal}, None, fcfg
+        )
+        if status == 400 and "credential_proposal" in str(doc.get("message", "")):
+            # a service older than proposals: the older request shape (not retry-safe)
+            status, doc = _post(f"{url}/v1/enroll", body, None, fcfg)
+        if status == 409 and doc.get("error") == "credential_taken":
+            _unlink(_proposal_path(state_dir))  # never fresh: the next run proposes another
         if status not in (200, 201):
             raise _refusal(status, doc, "enrolment")
         credential = _credential_of(doc)
@@ -289,7 +321,37 @@ def ensure_enrolled(
         write_bytes(
             _enrolment_path(state_dir), json.dumps(record, sort_keys=True).encode(), mode=0o600
         )
+        _unlink(_proposal_path(state_dir))  # last: a crash before it only means a replay
     return Enrolment("enrolled", url, cfg.device_id, ring, tier, str(cred), warnings)
+
+
+def _enrol_proposal(state_dir: Path | str, url: str, device_id: str) -> str:
+    """The secret to propose for enrolling ``device_id`` with ``url``: the one stored by an
+    earlier attempt for the same pair (its reply may have been lost after the service
+    committed it), else a fresh one, stored (0600, atomically) before it is ever sent."""
+    path = _proposal_path(state_dir)
+    try:
+        doc = json.loads(path.read_bytes()[:4096])
+    except (OSError, ValueError, RecursionError):
+        doc = None
+    if (
+        isinstance(doc, dict)
+        and doc.get("format") == PROPOSAL_FORMAT
+        and doc.get("fleet_url") == url
+        and doc.get("device_id") == device_id
+        and isinstance(doc.get("credential"), str)
+        and CREDENTIAL_RE.fullmatch(doc["credential"])
+    ):
+        return str(doc["credential"])
+    proposal = _new_secret()
+    record = {
+        "format": PROPOSAL_FORMAT,
+        "fleet_url": url,
+        "device_id": device_id,
+        "credential": proposal,
+    }
+    write_bytes(path, json.dumps(record, sort_keys=True).encode(), mode=0o600)
+    return proposal
 
 
 def rotate_credential(state_dir: Path | str, fcfg: FetchConfig | None = None) -> Rotation:
@@ -314,28 +376,66 @@ def rotate_credential(state_dir: Path | str, fcfg: FetchConfig | None = None) ->
             remedy="enrol it: `ota device init ... --fleet-url URL --enroll-token T`",
         )
     warnings = transport_warnings(cfg.report_url)
-    endpoint = (
-        f"{cfg.report_url}/v1/devices/{urllib.parse.quote(cfg.device_id, safe='')}/credential"
-    )
     with _fleet_lock(state_dir):
-        current = read_credential(cred)
-        pending_file = _pending_path(state_dir)
-        pending = _read_pending(pending_file)
-        resumed = pending is not None
-        if pending is None:
-            pending = secrets.token_urlsafe(32)  # 256 bits
-            _write_secret(pending_file, pending)
-        bearers = [pending, current] if resumed else [current]
-        for bearer in bearers:
-            status, doc = _post(endpoint, {"credential": pending}, bearer, fcfg)
-            if status == 401:
-                continue
-            if status != 200:
-                raise _refusal(status, doc, "credential rotation")
-            new = _credential_of(doc)
-            _write_secret(cred, new)
-            _unlink(pending_file)
-            return Rotation("resumed" if resumed else "rotated", str(cred), warnings)
+        r = _finish_rotation(state_dir, cfg.report_url, cfg.device_id, fcfg, fresh=True)
+    assert r is not None  # fresh=True always rotates or raises
+    return Rotation(r.status, r.credential_file, warnings)
+
+
+def finish_pending_rotation(
+    state_dir: Path | str,
+    report_url: str,
+    device_id: str,
+    token_file: str,
+    fcfg: FetchConfig | None = None,
+) -> Rotation | None:
+    """Finish a rotation left pending (``credential.next`` present), as the report path
+    does before each flush; ``None`` (and no request) when none is pending or the report
+    path does not use the fleet credential.
+
+    Raises:
+        as :func:`rotate_credential`; the working credential is kept whatever happens.
+    """
+    cred = credential_path(state_dir)
+    if (
+        not report_url
+        or not token_file
+        or not _pending_path(state_dir).exists()
+        or Path(token_file).resolve() != cred.resolve()
+    ):
+        return None
+    with _fleet_lock(state_dir):
+        return _finish_rotation(state_dir, report_url, device_id, fcfg, fresh=False)
+
+
+def _finish_rotation(
+    state_dir: Path | str, url: str, device_id: str, fcfg: FetchConfig | None, *, fresh: bool
+) -> Rotation | None:
+    """Under the fleet lock: finish the pending rotation, or (``fresh``) start one when none
+    is pending; ``None`` when none is pending and not ``fresh``. The credential file is
+    replaced only by a secret the service has accepted (200)."""
+    cred = credential_path(state_dir)
+    endpoint = f"{url}/v1/devices/{urllib.parse.quote(device_id, safe='')}/credential"
+    pending_file = _pending_path(state_dir)
+    pending = _read_pending(pending_file)
+    resumed = pending is not None
+    if pending is None and not fresh:
+        return None
+    current = read_credential(cred)
+    if pending is None:
+        pending = _new_secret()
+        _write_secret(pending_file, pending)
+    bearers = [pending, current] if resumed else [current]
+    for bearer in bearers:
+        status, doc = _post(endpoint, {"credential": pending}, bearer, fcfg)
+        if status == 401:
+            continue
+        if status != 200:
+            raise _refusal(status, doc, "credential rotation")
+        new = _credential_of(doc)
+        _write_secret(cred, new)
+        _unlink(pending_file)
+        return Rotation("resumed" if resumed else "rotated", str(cred))
     raise ConfigError(
         "the fleet service refused the device's credential (HTTP 401): the "
         "device was revoked or its credential replaced",
@@ -433,6 +533,12 @@ def _refusal(status: int, doc: dict[str, Any], what: str) -> Exception:
             f"the fleet service refused the {what} (HTTP {status}){detail}",
             remedy="ask the operator for a new enrolment token, or re-enrol",
         )
+    if status == 409 and doc.get("error") == "credential_taken":
+        return ConflictError(
+            f"the fleet service refused the {what}: the proposed credential is not fresh "
+            f"(HTTP 409){detail}",
+            remedy="retry: the next attempt proposes a new one",
+        )
     if status == 409:
         return ConflictError(
             f"the fleet service refused the {what}: the device id is "
@@ -452,8 +558,8 @@ def _refusal(status: int, doc: dict[str, Any], what: str) -> Exception:
 def _post(
     url: str, body: dict[str, Any], bearer: str | None, fcfg: FetchConfig | None
 ) -> tuple[int, dict[str, Any]]:
-    """One POST, no retry (a retried enrolment whose first reply was lost would meet 409),
-    no redirect. Returns the status and the reply: a JSON object, or ``{}`` for an error
+    """One POST, no retry here (the callers retry with the same proposal on their next
+    run), no redirect. Returns the status and the reply: a JSON object, or ``{}`` for an error
     status whose body is not one.
 
     Raises:

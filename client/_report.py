@@ -30,7 +30,9 @@ Invariants (the fleet service is trusted with diagnostics only, never with the d
   fetch config's timeouts and bounded retries (5xx, 408, 429 and network errors, with jittered
   backoff); other 4xx are not retried;
 * the state-dir lock is held only to read a batch and to ack it, never during a request, so a
-  slow fleet service cannot delay ``ota device confirm`` (and expire a health window).
+  slow fleet service cannot delay ``ota device confirm`` (and expire a health window);
+* a credential rotation left pending is finished before the token is read (best effort,
+  under the fleet lock, never losing the working credential: ``_enroll``).
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def flush_events(dev: Any, fcfg: FetchConfig | None = None, *,
         from ._enroll import fleet_pool
 
         pool = fleet_pool(cfg)
+    _finish_rotation(dev, cfg)
     headers = {"Content-Type": "application/json"}
     token = _token(dev.cfg.report_token_file)
     if token:
@@ -141,6 +144,17 @@ def flush_events(dev: Any, fcfg: FetchConfig | None = None, *,
     left = len(dev.events.pending())
     status = "nothing" if sent == 0 and acked == 0 else ("sent" if left == 0 else "partial")
     return ReportOutcome(status, sent, acked, left)
+
+
+def _finish_rotation(dev: Any, cfg: FetchConfig) -> None:
+    """Finish a credential rotation left pending (``credential.next``) before the token is
+    read, so the report carries the credential the service holds. Best effort: a failure
+    leaves the working credential and the pending proposal in place for the next flush."""
+    from ._enroll import finish_pending_rotation
+
+    with contextlib.suppress(OtaError):
+        finish_pending_rotation(dev.sd.root, dev.cfg.report_url, dev.cfg.device_id,
+                                dev.cfg.report_token_file, cfg)
 
 
 def _stopped(dev: Any, sent: int, acked: int, error: str) -> ReportOutcome:

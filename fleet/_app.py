@@ -182,17 +182,23 @@ def _device_routes(app: Flask, ctx: _Ctx) -> None:
     @app.post("/v1/enroll")
     def enroll() -> tuple[Response, int]:
         doc = obj(body(config.max_request_bytes), "the request")
-        only_keys(doc, {"token", "device_id", "facts"}, "the request")
+        only_keys(doc, {"token", "device_id", "facts", "credential_proposal"}, "the request")
         token = string(doc, "token", max_len=_secrets.MAX_SECRET_CHARS)
         device_id = string(doc, "device_id", max_len=128, pattern=DEVICE_ID_RE)
         if not device_id:
             raise bad("'device_id' is required")
+        proposal = string(
+            doc, "credential_proposal", max_len=514, required=False, pattern=_ingest.PROPOSED_RE
+        )
+        if "credential_proposal" in doc and not proposal:
+            raise bad("'credential_proposal' must be 43-512 characters of base64url")
         facts = parse_facts(doc.get("facts", {}))
         with tx() as s:
-            e = _ingest.enroll(s, token, device_id, facts, time.time())
-        return jsonify(
-            device_id=e.device_id, credential=e.credential, ring=e.ring, tier=e.tier
-        ), 201
+            e = _ingest.enroll(s, token, device_id, facts, time.time(), proposal or None)
+        # 200: a retry of an enrolment already committed (its reply was lost); 201: new
+        status = 200 if e.replayed else 201
+        reply = jsonify(device_id=e.device_id, credential=e.credential, ring=e.ring, tier=e.tier)
+        return reply, status
 
     def device_secret(device_id: str) -> str:
         secret = _secrets.bearer(request.headers.get("Authorization"))

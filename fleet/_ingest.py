@@ -90,17 +90,43 @@ def authenticate(s: Session, device_id: str, secret: str) -> Device:
 
 @dataclass(frozen=True)
 class Enrolled:
+    """An enrolment's answer; ``replayed`` when it repeats one committed earlier (200, no
+    token use spent), else it is new (201)."""
+
     device_id: str
     credential: str
     ring: str
     tier: str
+    replayed: bool = False
 
 
-def enroll(s: Session, token: str, device_id: str, facts: Facts, now: float) -> Enrolled:
+def enroll(
+    s: Session,
+    token: str,
+    device_id: str,
+    facts: Facts,
+    now: float,
+    proposal: str | None = None,
+) -> Enrolled:
     """Spend one use of ``token`` on ``device_id``. A revoked device may enrol again (its
-    history is kept, its old credential stays dead); an enrolled one may not (409)."""
+    history is kept, its old credential stays dead); an enrolled one may not (409).
+
+    ``proposal`` (a fresh secret the device generated and stored before asking) becomes the
+    credential, so an enrolment whose reply was lost can be retried: the retry with the same
+    device id, the same proposal (its digest is the device's current credential hash) and
+    the same token (by row: the device's ``enrolled_by``; not revoked, but its expiry and use
+    count are not checked again, that use was counted when it committed) answers the same
+    credential again, writes nothing and spends no use. Anything else for an enrolled device
+    is 409 (also when that token has since expired or been used up). A proposal that is
+    already the credential of another device id, or the dead credential of this revoked
+    one, is refused (409 ``credential_taken``): a secret identifies one enrolment. Without
+    a proposal the service makes the credential (the older request shape)."""
     if not _secrets.well_formed(token, _secrets.ENROLL_PREFIX):
         raise unauthorized("not a valid enrolment token")
+    if proposal is not None and not PROPOSED_RE.match(proposal):
+        raise Rejected(
+            400, "malformed", "the proposed credential is not 43-512 characters of base64url"
+        )
     tok = s.scalars(
         select(EnrollToken)
         .where(EnrollToken.token_hash == _secrets.digest(token))
@@ -108,16 +134,31 @@ def enroll(s: Session, token: str, device_id: str, facts: Facts, now: float) -> 
     ).one_or_none()
     if tok is None or tok.revoked_at is not None:
         raise unauthorized("not a valid enrolment token")
+    dev = lock_device(s, device_id)
+    if dev is not None and dev.revoked_at is None and dev.enrolled_by == tok.name:
+        if proposal is not None and _secrets.matches(proposal, dev.credential_hash):
+            return Enrolled(device_id, proposal, dev.ring, dev.tier, replayed=True)
+        raise Rejected(409, "already_enrolled", "this device id is already enrolled")
     if tok.expires_at <= now:
         raise unauthorized("this enrolment token has expired")
     if tok.uses >= tok.max_uses:
         raise unauthorized("this enrolment token is used up")
-    ring = tok.ring or facts.ring
-    tier = tok.tier or facts.tier
-    credential = _secrets.new_secret(_secrets.DEVICE_PREFIX)
-    dev = lock_device(s, device_id)
     if dev is not None and dev.revoked_at is None:
         raise Rejected(409, "already_enrolled", "this device id is already enrolled")
+    if proposal is not None:
+        digest = _secrets.digest(proposal)
+        taken = s.scalar(
+            select(Device.id)
+            .where(Device.credential_hash == digest, Device.device_id != device_id)
+            .limit(1)
+        )
+        if taken is not None or (dev is not None and dev.credential_hash == digest):
+            raise Rejected(
+                409, "credential_taken", "the proposed credential is not fresh; propose another"
+            )
+    ring = tok.ring or facts.ring
+    tier = tok.tier or facts.tier
+    credential = proposal or _secrets.new_secret(_secrets.DEVICE_PREFIX)
     if dev is None:
         dev = Device(
             device_id=device_id,

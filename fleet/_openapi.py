@@ -232,6 +232,9 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+_ENROLLED = _obj({"device_id": _STR, "credential": _STR, "ring": _STR, "tier": _STR})
+
+
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     """The whole document (built once per process)."""
@@ -239,8 +242,9 @@ def openapi_document() -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/v1/enroll": {
             "post": _op(
-                "Exchange an enrolment token for a device credential",
-                _obj({"device_id": _STR, "credential": _STR, "ring": _STR, "tier": _STR}),
+                "Exchange an enrolment token for a device credential (idempotent with a "
+                "credential_proposal: a retry of a committed enrolment answers 200)",
+                _ENROLLED,
                 status="201",
                 body={
                     "type": "object",
@@ -250,9 +254,23 @@ def openapi_document() -> dict[str, Any]:
                         "token": {"type": "string", "maxLength": 128},
                         "device_id": _DEVICE_ID,
                         "facts": _ref("Facts"),
+                        "credential_proposal": {
+                            "type": "string",
+                            "maxLength": 514,
+                            "pattern": r"^[A-Za-z0-9_\-.~+/]{43,512}={0,2}$",
+                        },
                     },
                 },
-                extra={"409": _err("device id already enrolled")},
+                extra={
+                    "200": {
+                        "description": "the same enrolment again (same device id, proposal "
+                        "and token): nothing written, no token use spent",
+                        **_json(_ENROLLED),
+                    },
+                    "409": _err(
+                        "device id already enrolled, or the proposed credential is not fresh"
+                    ),
+                },
             )
         },
         "/v1/devices/{device_id}/events": {

@@ -331,3 +331,66 @@ def test_enrolment_and_reporting_import_no_server_dependencies() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_enrol_proposal_is_stored_before_asking_and_reused_by_the_retry(
+    world: World, peer: FleetPeer
+) -> None:
+    """The proposal is on disk (0600) before the request leaves; a failed attempt keeps it
+    and the next run sends the very same one (so a service that committed can answer the
+    enrolment again); success removes it. Another device id or fleet URL gets a fresh one."""
+    world.use("v1")
+    pending = credential_path(world.device).parent / "enrolment.next"
+    seen: list[str] = []
+
+    def on_request() -> None:  # runs while the request is at the service
+        seen.append(json.loads(pending.read_text())["credential"])
+
+    peer.on_request = on_request
+    peer.replies = [(503, b"")]
+    got, out, err = ota(*init_args(world, "--fleet-url", peer.url, "--enroll-token", TOKEN))
+    assert got == ExitCode.TRANSIENT, out + err
+    assert stat.S_IMODE(pending.stat().st_mode) == 0o600
+    first = json.loads(peer.requests[-1]["body"])["credential_proposal"]
+    assert seen == [first] and first.startswith("otadev_") and len(first) == 50
+
+    got, out, err = ota(*init_args(world, "--fleet-url", peer.url, "--enroll-token", TOKEN))
+    assert got == 0, out + err
+    assert json.loads(peer.requests[-1]["body"])["credential_proposal"] == first
+    assert not pending.exists()
+
+    from ota.client._enroll import _enrol_proposal
+
+    again = _enrol_proposal(world.device, peer.url, DEVICE)
+    assert _enrol_proposal(world.device, peer.url, DEVICE) == again  # stored, reused
+    assert _enrol_proposal(world.device, peer.url, "dev-2") != again
+    assert _enrol_proposal(world.device, peer.url + "/x", "dev-2") != again
+
+
+def test_an_older_service_without_proposals_still_enrols(world: World, peer: FleetPeer) -> None:
+    """A service that refuses the unknown field (400 naming it) gets the older request."""
+    world.use("v1")
+    peer.replies = [
+        (
+            400,
+            b'{"error": "malformed", "message": "the request has unknown fields: '
+            b'credential_proposal"}',
+        )
+    ]
+    got, out, err = ota(*init_args(world, "--fleet-url", peer.url, "--enroll-token", TOKEN))
+    assert got == 0, out + err
+    assert "credential_proposal" not in json.loads(peer.requests[-1]["body"])
+    assert cred(world) == peer.credentials[DEVICE]
+
+
+def test_a_credential_taken_refusal_drops_the_proposal(world: World, peer: FleetPeer) -> None:
+    world.use("v1")
+    pending = credential_path(world.device).parent / "enrolment.next"
+    peer.replies = [(409, b'{"error": "credential_taken", "message": "not fresh"}')]
+    got, out, err = ota(*init_args(world, "--fleet-url", peer.url, "--enroll-token", TOKEN))
+    assert got == ExitCode.CONFLICT and "not fresh" in err, out + err
+    first = json.loads(peer.requests[-1]["body"])["credential_proposal"]
+    assert not pending.exists() and not credential_path(world.device).exists()
+    got, out, err = ota(*init_args(world, "--fleet-url", peer.url, "--enroll-token", TOKEN))
+    assert got == 0, out + err
+    assert json.loads(peer.requests[-1]["body"])["credential_proposal"] != first
