@@ -113,3 +113,43 @@ def test_max_age_is_bounded(fleet_service: FleetService) -> None:
     for bad in ("-1", "x", "86401", "1e3"):
         r = call("GET", f"{svc.url}/v1/fleet?max_age={bad}", token=svc.admin_token)
         assert r.status == 400, (bad, r.doc)
+
+
+def _set_lease(svc: FleetService, lease_until: float, as_of: float | None = None) -> None:
+    from sqlalchemy import update
+
+    from ota.fleet._models import FleetSummaryCache
+
+    engine = make_engine(FleetConfig(db_url=svc.db_url))
+    try:
+        with Session(engine) as s, s.begin():
+            values: dict[str, float] = {"lease_until": lease_until}
+            if as_of is not None:
+                values["as_of"] = as_of
+            s.execute(update(FleetSummaryCache).values(**values))
+    finally:
+        engine.dispose()
+
+
+def test_while_one_worker_holds_the_lease_others_serve_the_dated_count_and_a_dead_lease_lapses(
+    fleet_service: FleetService,
+) -> None:
+    svc = fleet_service
+    cred = svc.enroll("dev-a")
+    first = _fleet(svc, 0)
+    assert first["devices"]["by_health"].get("ok", 0) == 0
+    assert post_report(svc, "dev-a", cred, report("dev-a", [ev(1, "confirmed")])).status == 200
+    # Another worker is recounting (its lease runs for a minute) and the count is an hour old:
+    # a reader allowing 1 s serves that count, dated, rather than recounting alongside it.
+    old = first["as_of"] - 3600
+    _set_lease(svc, time.time() + 60, as_of=old)
+    served = _fleet(svc, 1)
+    assert served["as_of"] == old
+    assert served["devices"]["by_health"].get("ok", 0) == 0
+    # The leaseholder died: once its lease has lapsed the next stale read recounts and stores.
+    _set_lease(svc, time.time() - 1)
+    t0 = time.time()
+    fresh = _fleet(svc, 1)
+    assert fresh["as_of"] >= t0
+    assert fresh["devices"]["by_health"]["ok"] == 1
+    assert _fleet(svc, 3600)["as_of"] == fresh["as_of"]  # stored for the others
