@@ -9,6 +9,10 @@ with its derived rows (models run, release states) and ``--events-per-device`` r
 spread over 30 days. Then the schema's own statistics are refreshed (``ANALYZE``) and the API is
 timed: the best and the median of ``--repeat`` calls, client wall time over loopback.
 
+The summary is timed twice: as an operator's dashboard polls it (``max_age=3600``: the
+count cached by the service, ADR 0007) and as a full recount (``max_age=0``, what every call
+cost before the cache, and what each cache refresh costs one worker).
+
 Baseline, same run: ``GET /v1/health`` (routing, one ``SELECT 1``), the floor of one HTTP
 call here; ``server_ms`` is a query's time minus that floor. Goal (issue 8): <= 100 ms at
 100,000 devices and 10 M events; memory flat as the fleet grows.
@@ -285,7 +289,11 @@ def _time(fn: Any, repeat: int) -> dict[str, float]:
         t0 = time.perf_counter()
         fn()
         times.append(1000 * (time.perf_counter() - t0))
-    return {"best_ms": round(min(times), 2), "median_ms": round(statistics.median(times), 2)}
+    return {
+        "best_ms": round(min(times), 2),
+        "median_ms": round(statistics.median(times), 2),
+        "max_ms": round(max(times), 2),
+    }
 
 
 def measure(
@@ -317,14 +325,20 @@ def measure(
                 log(f"{backend} {n_devices}: {errors[-1]}\n{svc.log_text()[-1500:]}")
             return r.doc
 
-        summary = get("/v1/fleet")
+        summary = get("/v1/fleet?max_age=0")  # counted now, and cached
         if summary and summary["devices"]["total"] != n_devices:
             errors.append(f"summary counts {summary['devices']['total']} devices")
+        cached = get("/v1/fleet?max_age=3600")
+        if summary and cached and cached.get("as_of") != summary.get("as_of"):
+            errors.append("the summary was recounted although its cache was fresh")
         health = _time(lambda: call("GET", f"{svc.url}/v1/health"), repeat)
         timings = {
             name: _time(lambda p=path: get(p), repeat)
             for name, path in (
-                ("summary", "/v1/fleet"),
+                # the operator's poll: the cached count (one row) while fresh enough
+                ("summary", "/v1/fleet?max_age=3600"),
+                # a full recount (what every summary cost before the cache; max_age=0)
+                ("summary_recount", "/v1/fleet?max_age=0"),
                 ("devices_filtered", FILTERED),
                 (
                     "devices_failing_page",
@@ -381,7 +395,8 @@ def render(doc: dict[str, Any]) -> str:
                 r["backend"],
                 r["devices"],
                 r["events"],
-                q["summary"]["median_ms"],
+                f"{q['summary']['median_ms']} (max {q['summary']['max_ms']})",
+                q["summary_recount"]["median_ms"],
                 q["devices_filtered"]["median_ms"],
                 q["devices_failing_page"]["median_ms"],
                 q["device_detail"]["median_ms"],
@@ -391,23 +406,27 @@ def render(doc: dict[str, Any]) -> str:
                 r["load_s"],
             ]
         )
-    return table(
-        f"fleet_query: median client ms over loopback (goal <= {doc['goal_ms']:.0f} ms"
-        " at 100k devices / 10 M events)",
-        [
-            "backend",
-            "devices",
-            "events",
-            "summary",
-            "filtered list",
-            "failing page",
-            "device",
-            "/metrics",
-            "health floor",
-            "service MiB",
-            "load s",
-        ],
-        rows,
+    return (
+        table(
+            f"fleet_query: median client ms over loopback (goal <= {doc['goal_ms']:.0f} ms"
+            " at 100k devices / 10 M events)",
+            [
+                "backend",
+                "devices",
+                "events",
+                "summary (cached)",
+                "recount",
+                "filtered list",
+                "failing page",
+                "device",
+                "/metrics",
+                "health floor",
+                "service MiB",
+                "load s",
+            ],
+            rows,
+        )
+        + f"\nload average at the end: {doc['environment'].get('loadavg')}"
     )
 
 

@@ -31,7 +31,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
-from . import _ingest, _secrets, _store
+from . import _ingest, _secrets, _store, _summary
 from ._config import FleetConfig
 from ._db import make_engine, read_only
 from ._openapi import openapi_document
@@ -249,7 +249,13 @@ def _read_routes(app: Flask, ctx: _Ctx) -> None:
 
     @app.get("/v1/fleet")
     def fleet() -> Response:
-        return jsonify(op_read(lambda s: _store.summary(s, time.time(), config.silent_after_s)))
+        age = _int_arg("max_age", int(config.summary_max_age_s), 0, 86400)
+        op_read(lambda s: None)  # the token is checked before anything is counted
+        return jsonify(
+            _summary.cached_summary(
+                ctx.engine, ctx.read_engine, time.time(), config.silent_after_s, age
+            )
+        )
 
     @app.get("/v1/devices")
     def devices() -> Response:

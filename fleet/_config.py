@@ -36,6 +36,9 @@ class FleetConfig:
     retention_days: float = 90.0
     # A device unheard of for this long counts as silent in the summary.
     silent_after_s: float = 24 * 3600.0
+    # ``GET /v1/fleet`` serves a summary counted at most this long ago unless asked otherwise
+    # (``?max_age=``); the reply's ``as_of`` says when it was counted.
+    summary_max_age_s: float = 10.0
     # Timeline length in ``GET /v1/devices/<id>``.
     timeline_events: int = 100
     # Answer 503 instead of hanging when the pool is exhausted or the DB does not answer.

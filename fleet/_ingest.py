@@ -25,9 +25,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Table, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from . import _secrets
@@ -237,68 +237,86 @@ def check_rate(dev: Device, cfg: FleetConfig, now: float) -> None:
 def ingest(s: Session, dev: Device, report: Report, now: float) -> tuple[int, int]:
     """Store ``report`` of the locked ``dev``; return ``(ack, new events stored)``.
 
-    Few round trips (the cost of a report is mostly statements): the queue row, one insert
-    of the new events, one upsert per release touched, the device's models only when their
-    digest changed, and the updates of the device and queue rows at commit."""
+    Few round trips and little Python per report (its cost is mostly per-statement CPU):
+    the queue row (SQLAlchemy Core, no ORM object), one multi-row insert of the new events,
+    one upsert of all the releases touched, the device's models only when their digest
+    changed, and the update of the device row at commit."""
     with s.no_autoflush:
         return _ingest(s, dev, report, now)
 
 
+_QUEUE = cast(Table, Queue.__table__)
+_EVENT = cast(Table, Event.__table__)
+_RELEASE = cast(Table, ReleaseState.__table__)
+
+
 def _ingest(s: Session, dev: Device, report: Report, now: float) -> tuple[int, int]:
-    q = s.get(Queue, (dev.id, report.queue))  # the device row lock serialises its queues
-    if q is None:
-        q = Queue(
-            device_pk=dev.id,
-            epoch=report.queue,
-            high_seq=0,
-            pruned_seq=0,
-            dropped=0,
-            first_seen=now,
-        )
-        s.add(q)
-    # Above the high-water mark nothing can be stored yet (the common case: no lookup).
+    conn = s.connection()
+    where = (_QUEUE.c.device_pk == dev.id) & (_QUEUE.c.epoch == report.queue)
+    # the device row lock serialises its queues
+    q = conn.execute(
+        select(_QUEUE.c.high_seq, _QUEUE.c.pruned_seq, _QUEUE.c.dropped).where(where)
+    ).one_or_none()
+    high, pruned, dropped = (int(q[0] or 0), int(q[1] or 0), int(q[2] or 0)) if q else (0, 0, 0)
+    # Above the high-water mark nothing can be stored yet (the common case: a plain insert).
     # Below it, an event is stored unless it already is, or was pruned: a late event from a
     # device that sent out of order is kept, never acked without being stored.
-    fresh = [e for e in report.events if e.seq > q.high_seq]
-    late = [e for e in report.events if (q.pruned_seq or 0) < e.seq <= q.high_seq]
-    if late:
-        have = set(
-            s.scalars(
-                select(Event.seq).where(
-                    Event.device_pk == dev.id,
-                    Event.epoch == report.queue,
-                    Event.seq.in_([e.seq for e in late]),
-                )
+    fresh = [e for e in report.events if e.seq > high]
+    late = [e for e in report.events if pruned < e.seq <= high]
+    rows = [
+        {
+            "device_pk": dev.id,
+            "epoch": report.queue,
+            "seq": e.seq,
+            "kind": e.kind,
+            "model": e.model,
+            "version": e.version,
+            "device_time": e.time,
+            "received_at": now,
+            "data": e.data,
+        }
+        for e in late + fresh
+    ]
+    if late:  # one round trip: the insert skips the stored ones and says which it stored
+        stored = set(
+            conn.execute(
+                _dialect_insert(s, _EVENT)
+                .on_conflict_do_nothing(index_elements=["device_pk", "epoch", "seq"])
+                .returning(_EVENT.c.seq),
+                rows,
+            ).scalars()
+        )
+        n_new = len(stored)
+    elif rows:
+        conn.execute(insert(_EVENT), rows)
+        n_new = len(rows)
+    else:
+        n_new = 0
+    if n_new:
+        dev.events_total = (dev.events_total or 0) + n_new
+    add_dropped = report.dropped if report.dropped and (n_new or not report.events) else 0
+    if add_dropped:  # saturating: an overflow would refuse every later report of the device
+        dev.dropped_total = _saturating(dev.dropped_total, add_dropped)
+    new_high = fresh[-1].seq if fresh else high
+    if q is None:
+        conn.execute(
+            insert(_QUEUE).values(
+                device_pk=dev.id,
+                epoch=report.queue,
+                high_seq=new_high,
+                pruned_seq=0,
+                dropped=add_dropped,
+                first_seen=now,
             )
         )
-        late = [e for e in late if e.seq not in have]
-    new = late + fresh
-    if new:
-        s.execute(
-            insert(Event),
-            [
-                {
-                    "device_pk": dev.id,
-                    "epoch": report.queue,
-                    "seq": e.seq,
-                    "kind": e.kind,
-                    "model": e.model,
-                    "version": e.version,
-                    "device_time": e.time,
-                    "received_at": now,
-                    "data": e.data,
-                }
-                for e in new
-            ],
+    elif new_high != high or add_dropped:
+        conn.execute(
+            update(_QUEUE)
+            .where(where)
+            .values(high_seq=new_high, dropped=_saturating(dropped, add_dropped))
         )
-        dev.events_total = (dev.events_total or 0) + len(new)
-    if fresh:
-        q.high_seq = fresh[-1].seq
-    if report.dropped and (new or not report.events):
-        q.dropped = _saturating(q.dropped, report.dropped)
-        dev.dropped_total = _saturating(dev.dropped_total, report.dropped)
     _derive(s, dev, report, fresh, now)  # late events never move state backwards
-    return (report.events[-1].seq if report.events else 0), len(new)
+    return (report.events[-1].seq if report.events else 0), n_new
 
 
 MAX_COUNTER = 2**63 - 1  # a BIGINT column, and SQLite's INTEGER
@@ -332,39 +350,52 @@ def _derive(s: Session, dev: Device, report: Report, new: list[Any], now: float)
             dev.last_outcome, dev.health = e.kind, OUTCOMES[e.kind]
             dev.last_outcome_model, dev.last_outcome_version = e.model, e.version
             dev.last_outcome_at = now
-    for (model, version), (state, data) in touched.items():
-        _upsert_release(
-            s,
-            {
-                "device_pk": dev.id,
-                "model": model,
-                "version": version,
-                "state": state,
-                "detail": data,
-                "updated_at": now,
-                "active": True,
-            },
+    if touched:
+        s.connection().execute(
+            _upsert_releases(s),
+            [
+                {
+                    "device_pk": dev.id,
+                    "model": model,
+                    "version": version,
+                    "state": state,
+                    "detail": data,
+                    "updated_at": now,
+                    "active": True,
+                }
+                for (model, version), (state, data) in touched.items()
+            ],
         )
 
 
-def _upsert_release(s: Session, row: dict[str, Any]) -> None:
-    """Insert or update one ``release_states`` row in one statement (both dialects have
-    ``INSERT … ON CONFLICT DO UPDATE``)."""
+def _dialect_insert(s: Session, table: Any) -> Any:
     from sqlalchemy.dialects import postgresql, sqlite
 
     pg = s.get_bind().dialect.name == "postgresql"
-    stmt: Any = (postgresql.insert if pg else sqlite.insert)(ReleaseState).values(**row)
-    s.execute(
-        stmt.on_conflict_do_update(
+    return (postgresql.insert if pg else sqlite.insert)(table)
+
+
+_UPSERTS: dict[str, Any] = {}
+
+
+def _upsert_releases(s: Session) -> Any:
+    """Insert or update ``release_states`` rows in one statement (both dialects have
+    ``INSERT … ON CONFLICT DO UPDATE``), built once per dialect (no per-report statement
+    construction); the rows of one report have distinct keys (one per release touched)."""
+    name = s.get_bind().dialect.name
+    stmt = _UPSERTS.get(name)
+    if stmt is None:
+        ins = _dialect_insert(s, _RELEASE)
+        stmt = _UPSERTS[name] = ins.on_conflict_do_update(
             index_elements=["device_pk", "model", "version"],
             set_={
-                "state": stmt.excluded.state,
-                "active": stmt.excluded.active,
-                "detail": stmt.excluded.detail,
-                "updated_at": stmt.excluded.updated_at,
+                "state": ins.excluded.state,
+                "active": ins.excluded.active,
+                "detail": ins.excluded.detail,
+                "updated_at": ins.excluded.updated_at,
             },
         )
-    )
+    return stmt
 
 
 def _models_digest(models: dict[str, tuple[str, int]]) -> str:

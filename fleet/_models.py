@@ -199,3 +199,16 @@ class AuditRecord(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(128), default="")
     detail: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+class FleetSummaryCache(Base):
+    """The last fleet summary counted (``data``), exact as of ``as_of``, and the lease of
+    the one worker recounting it (``lease_until``): a read serves this row while it is younger
+    than the caller's ``max_age``, so a summary costs one primary-key read whatever the fleet's
+    size, and no report writes here (no hot row on the ingest path). See ADR 0007."""
+
+    __tablename__ = "fleet_summary"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    as_of: Mapped[float] = mapped_column(Float, default=0.0)
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
+    data: Mapped[Any] = mapped_column(JSON, nullable=True)

@@ -319,6 +319,7 @@ def openapi_document() -> dict[str, Any]:
                 _obj(
                     {
                         "generated_at": _NUM,
+                        "as_of": _NUM,
                         "devices": _obj(
                             {
                                 "total": _INT,
@@ -356,6 +357,7 @@ def openapi_document() -> dict[str, Any]:
                     }
                 ),
                 scope="read",
+                params=[_query("max_age", {"type": "integer", "minimum": 0, "maximum": 86400})],
             )
         },
         "/v1/devices": {

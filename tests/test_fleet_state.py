@@ -17,7 +17,7 @@ from tests.test_fleet_ingest import ev, post_report, report
 
 
 def _fleet(svc: FleetService) -> dict[str, Any]:
-    r = call("GET", f"{svc.url}/v1/fleet", token=svc.admin_token)
+    r = call("GET", f"{svc.url}/v1/fleet?max_age=0", token=svc.admin_token)
     assert r.status == 200, r.doc
     return dict(r.doc)
 
