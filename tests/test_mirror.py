@@ -273,3 +273,36 @@ def test_cli_json_and_exit_codes(site: Site) -> None:
                                     "--root", str(site.tmp / "root.json"), "--timeout", "1",
                                     "--json"])  # fmt: skip
     assert gone.exit_code == 5, gone.output
+
+
+def test_s3_mirror_then_s3_as_a_source(site: Site, s3_url: str) -> None:
+    """An S3 bucket as the mirror, then that bucket as the source of a folder a device reads."""
+    from ota.repository._storage import open_storage
+
+    site.use("v1")
+    to_s3 = sync(open_source(site.src_url), open_storage(s3_url), site.root)
+    assert to_s3.copied["blobs"] == len(blobs(site.src))
+    site.use("v2")
+    sync(open_source(site.src_url), open_storage(s3_url), site.root)
+    again = sync(open_source(site.src_url), open_storage(s3_url), site.root)
+    assert again.copied == {"blobs": 0, "targets": 0, "metadata": 0}
+    from_s3 = sync(open_source(s3_url), FileStorage(site.mirror), site.root)
+    assert from_s3.timestamp_version == again.timestamp_version
+    site.init_device()
+    assert site.update().status == "updated"
+    assert current_version(site.dev) == "1.1.0"
+    site.use("v1")
+    with pytest.raises(MirrorRollback):
+        sync(open_source(site.src_url), open_storage(s3_url), site.root)
+
+
+def test_a_mirror_past_a_root_rotation_refuses_a_source_before_it(site: Site) -> None:
+    """The explicit version check, beyond python-tuf's: a mirror that already serves root
+    version 2 never takes a source whose newest root is version 1."""
+    site.use("v1")
+    site.sync()
+    (site.mirror / "metadata" / "2.root.json").write_bytes(site.root)
+    before = tree(site.mirror)
+    with pytest.raises(MirrorRollback, match="root is version 1, older than the mirror's 2"):
+        site.sync()
+    assert tree(site.mirror) == before
