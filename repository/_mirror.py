@@ -263,6 +263,7 @@ def _collect(view: TufView, trusted_root: bytes) -> _State:
         key = f"metadata/{v}.root.json"
         data = root_data if v == root.signed.version else view.fetcher.served[key]
         metadata.append((key, data))
+    metadata.append(("metadata/root.json", root_data))  # the current root, unversioned
     ts_data, ts = verified("timestamp")
     metadata.append(("metadata/timestamp.json", ts_data))
     assert isinstance(ts.signed, Timestamp)

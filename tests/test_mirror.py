@@ -104,6 +104,13 @@ def test_sync_then_device_updates_from_the_mirror_then_a_delta(site: Site) -> No
     assert first.timestamp_version >= 1 and first.copied["blobs"] > 0
     assert first.skipped == {"blobs": 0, "targets": 0, "metadata": 0}
     assert blobs(site.mirror) == blobs(site.src)
+    src = tree(site.src)
+    mirrored = tree(site.mirror)
+    for key in ("metadata/timestamp.json", "metadata/root.json", "metadata/1.root.json"):
+        assert mirrored[key] == src[key]
+    assert all(src.get(k) == h for k, h in mirrored.items()), "bytes the source never served"
+    assert {k for k in src if k.startswith(("targets/", "blobs/"))} <= set(mirrored)
+    assert not any(k.startswith(("audit/", "_ota/")) for k in mirrored)  # publisher-only
     site.init_device()
     res = site.update()
     assert res.status == "updated", res.to_dict()
