@@ -128,8 +128,8 @@ def sync(
         result.root_version = state.root_version
         targets, manifests = _download_targets(view, dest, state.targets, result)
         _copy_blobs(source, dest, manifests, result, on_write)
-        for key, data in targets.items():
-            _write(dest, key, data, "targets", result, on_write)
+        for key, staged in targets.items():
+            _write(dest, key, staged.read_bytes(), "targets", result, on_write)
         dest.barrier()
         for key, data in state.metadata:
             _put_if_changed(dest, key, data, result, on_write)
@@ -290,10 +290,12 @@ def _target_key(info: TargetFile) -> str:
 
 
 def _download_targets(view: TufView, dest: Storage, infos: list[TargetFile],
-                      result: SyncResult) -> tuple[dict[str, bytes], list[Manifest]]:  # fmt: skip
-    """The targets the mirror lacks (verified bytes by storage key, held until their chunks
-    are in) and every release manifest (whose chunks the mirror must hold)."""
-    out: dict[str, bytes] = {}
+                      result: SyncResult) -> tuple[dict[str, Path], list[Manifest]]:  # fmt: skip
+    """The targets the mirror lacks (verified bytes staged in the work folder by storage key,
+    until their chunks are in) and every release manifest (whose chunks the mirror must hold)."""
+    out: dict[str, Path] = {}
+    stage = view.work / "staged"
+    stage.mkdir(exist_ok=True)
     manifests: list[Manifest] = []
     for info in infos:
         if info.length > MAX_TARGET_BYTES:
@@ -308,7 +310,9 @@ def _download_targets(view: TufView, dest: Storage, infos: list[TargetFile],
                 data = view.download(info, MAX_TARGET_BYTES)
             except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
                 raise _refusal(e, view) from e
-            out[key] = data
+            view.fetcher.served.clear()  # the fetcher keeps what it served: not targets
+            out[key] = stage / str(len(out))
+            out[key].write_bytes(data)
         if info.path.startswith("releases/"):
             try:
                 manifests.append(Manifest.from_bytes(data))
