@@ -35,6 +35,7 @@ from tests.fleet_fixtures import (  # noqa: F401 - fixtures used by name
     fleet_service,
     postgres,
 )
+from tests.test_enroll import init_args
 from tests.test_updater import base  # noqa: F401 - the shared published world
 from tests.updater_world import Base, World
 
@@ -153,31 +154,7 @@ def ota(*args: str) -> tuple[int, str, str]:
 
 
 def init(w: World, fleet_url: str, token: str) -> tuple[int, str, str]:
-    root = w.tmp / "root.json"
-    root.write_bytes(w.base.trusted_root)
-    return ota(
-        "device",
-        "init",
-        "--state-dir",
-        str(w.device),
-        "--repo-url",
-        w.fs.url,
-        "--root",
-        str(root),
-        "--device-id",
-        DEVICE,
-        "--model",
-        "det",
-        "--ring",
-        "canary",
-        "--health-timeout",
-        "0",
-        "--fleet-url",
-        fleet_url,
-        "--enroll-token",
-        token,
-        "--json",
-    )
+    return ota(*init_args(w, "--fleet-url", fleet_url, "--enroll-token", token, "--json"))
 
 
 def fleet_file(w: World, name: str) -> Path:

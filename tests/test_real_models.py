@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,7 +30,8 @@ from ota.sbom import model_card
 from tests import http_faults
 from tests.onnx_models import framed, noisy, save
 from tests.real_models import ocr_model, silero_model
-from tests.repo_helpers import make_project, publish_mlp
+from tests.repo_helpers import make_project
+from tests.test_updater import base  # noqa: F401 - the shared published world
 from tests.updater_world import Base, World, current_version
 
 
@@ -278,19 +278,9 @@ def test_degenerate_override_is_recorded_in_the_audit_log(tmp_path: Path) -> Non
 # -- end to end: a device installs a release with two sets and the shapes check ------------
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
-    root = tmp_path_factory.mktemp("world")
-    proj = make_project(root)
-    publish_mlp(proj, "det", "1.0.0", seed=0)
-    shutil.copytree(root / "repo", root / "repo_v1")
-    publish_mlp(proj, "det", "1.1.0", seed=1)
-    shutil.copytree(root / "repo", root / "repo_v2")
-    return Base(root)
-
-
+# the shared published world (1.0.0, 1.1.0) is tests/test_updater.py's; here it is served
 @pytest.fixture
-def world(base: Base, tmp_path: Path) -> Iterator[World]:
+def world(base: Base, tmp_path: Path) -> Iterator[World]:  # noqa: F811
     with http_faults.serve(tmp_path / "repo") as fs:
         yield World(tmp_path, base, fs)
 
@@ -326,16 +316,16 @@ def test_cli_options_several_inputs_shapes_check_and_budget_override(tmp_path: P
         _write_npz(tmp_path / f"{n}.npz", x=rng.standard_normal((n, 8)).astype(np.float32))
         for n in (1, 2)
     )
-    base = ["publish", str(model), "--project", str(project.root_dir), "--name", "noisy",
+    args = ["publish", str(model), "--project", str(project.root_dir), "--name", "noisy",
             "--inputs", str(a), "--inputs", str(b), "--golden-check", "shapes",
             "--budget", "edge:0.001:"]  # fmt: skip
     runner = CliRunner()
-    over = runner.invoke(cli, [*base, "--version", "1.0.0", "--publisher-tier", "edge"])
+    over = runner.invoke(cli, [*args, "--version", "1.0.0", "--publisher-tier", "edge"])
     assert over.exit_code == ExitCode.INPUT and "--allow-over-budget" in over.output
-    ok = runner.invoke(cli, [*base, "--version", "1.0.0", "--publisher-tier", "edge",
+    ok = runner.invoke(cli, [*args, "--version", "1.0.0", "--publisher-tier", "edge",
                              "--allow-over-budget", "--json"])  # fmt: skip
     assert ok.exit_code == 0, ok.output
     facts = [e for e in read_log(project.storage) if e.event == "publish"][-1].details
     assert facts["waived"] == ["smoke-budget"]
-    other_tier = runner.invoke(cli, [*base, "--version", "1.1.0"])  # this machine: "default"
+    other_tier = runner.invoke(cli, [*args, "--version", "1.1.0"])  # this machine: "default"
     assert other_tier.exit_code == 0, other_tier.output
