@@ -149,9 +149,20 @@ def test_cli_refuses_a_bad_plan_with_exit_3_before_touching_anything(tmp_path: P
     db = tmp_path / "fleet.sqlite3"
     r = CliRunner().invoke(
         cli,
-        ["rollout", "start", "m", "1.0.0", "--plan", str(bad), "--project", str(tmp_path),
-         "--db", f"sqlite:///{db}", "--json"],
-    )  # fmt: skip
+        [
+            "rollout",
+            "start",
+            "m",
+            "1.0.0",
+            "--plan",
+            str(bad),
+            "--project",
+            str(tmp_path),
+            "--db",
+            f"sqlite:///{db}",
+            "--json",
+        ],
+    )
     assert r.exit_code == ExitCode.INPUT, r.output
     doc = json.loads(r.stdout)
     assert doc["kind"] == "input" and "rings go canary" in doc["message"]
