@@ -49,6 +49,7 @@ from ota.rollout._plan import Plan, plan_from_toml
 from ota.rollout._verdict import GateResult, GateStatus
 from tests.fleet_fixtures import fleet_backend, new_db, postgres  # noqa: F401
 from tests.repo_helpers import make_project, publish_mlp
+from tests.test_updater import base  # noqa: F401 - the shared published world
 
 PLAN = """
 on_failure = "{on_failure}"
@@ -149,13 +150,13 @@ class Fleet:
 def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with m 1.0.0 (ga), m 2.0.0 (canary 10 %) and a yanked 0.9.0, copied per
     test."""
-    base = tmp_path_factory.mktemp("published")
-    project = make_project(base)
+    root = tmp_path_factory.mktemp("published")
+    project = make_project(root)
     publish_mlp(project, "m", "1.0.0", ring="ga")
     publish_mlp(project, "m", "2.0.0", seed=1, percent=10.0)
     publish_mlp(project, "m", "0.9.0-yanked", seed=2, allow_lower_version=True)
     yank(project, "m", "0.9.0-yanked")
-    return base
+    return root
 
 
 @pytest.fixture
@@ -576,3 +577,85 @@ def test_dry_run_shows_devices_reached_and_timeline(project: Project, sqlite_fle
     at = [s["earliest_at"] for s in doc["stages"]]
     assert at[1] - at[0] == 600 and doc["baseline_version"] == "1.0.0"
     assert _store.status(f.engine, all_=True) == []  # a dry run starts nothing
+
+
+# -- real devices, the real service ---------------------------------------------------------
+
+
+def _device_init(w: Any, svc: Any, state: Path, device_id: str, ring: str) -> None:
+    root = w.tmp / "root.json"
+    root.write_bytes(w.base.trusted_root)
+    _register()
+    r = CliRunner().invoke(
+        cli,
+        [
+            "device",
+            "init",
+            "--state-dir",
+            str(state),
+            "--repo-url",
+            w.fs.url,
+            "--root",
+            str(root),
+            "--device-id",
+            device_id,
+            "--model",
+            "det",
+            "--ring",
+            ring,
+            "--health-timeout",
+            "0",
+            "--fleet-url",
+            svc.url,
+            "--enroll-token",
+            svc.enroll_token(),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+
+
+def test_real_devices_drive_a_rollout_through_the_real_service(
+    base: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Real devices (real update, smoke, reporter) report to the real service (gunicorn); the
+    controller promotes on their confirmed installs, and the next ring's device follows."""
+    from ota.client import update_once
+    from tests import http_faults
+    from tests.fleet_fixtures import start_service
+    from tests.updater_world import FAST, World, current_version
+
+    plan_2 = plan_from_toml(
+        '[[stages]]\nring = "canary"\npercent = 100\nmin_devices = 2\nsoak = 0\n'
+        '[[stages]]\nring = "ga"\npercent = 100\nmin_devices = 1\nsoak = 0\n'
+    )
+    db = new_db("sqlite", None, tmp_path)
+    with http_faults.serve(tmp_path / "repo") as fs, start_service(db) as svc:
+        w = World(tmp_path, base, fs)
+        w.use("v1")
+        project = w.project()
+        publish_mlp(project, "det", "1.2.0", seed=2, percent=10.0)
+        devices = {"dev-a": "canary", "dev-b": "canary", "dev-g": "ga"}
+        for d, ring in devices.items():
+            _device_init(w, svc, tmp_path / d, d, ring)
+        engine = make_engine(FleetConfig(db_url=db))
+        try:
+            ctl = Controller(engine, project, holder="A")
+            rid = _store.start(engine, project, "det", "1.2.0", plan_2, "local:test")
+            assert ctl.tick().actions[0]["signed"]  # canary at 100 %
+            for d in ("dev-a", "dev-b"):
+                res = update_once(tmp_path / d, fetch_config=FAST)
+                assert res.status == "updated", res.to_dict()
+                assert res.report is not None and res.report.status == "sent"
+            res = update_once(tmp_path / "dev-g", fetch_config=FAST)
+            assert res.status != "updated" and current_version(tmp_path / "dev-g") is None
+            rep = ctl.tick()
+            assert rep.actions and rep.actions[0]["stage"] == 1, rep
+            res = update_once(tmp_path / "dev-g", fetch_config=FAST)
+            assert res.status == "updated", res.to_dict()
+            assert current_version(tmp_path / "dev-g") == "1.2.0"
+            ctl.tick()
+            assert row(engine, rid).state == "done"
+        finally:
+            engine.dispose()
