@@ -11,8 +11,9 @@ Invariants (FLEET.md, DESIGN decision 11):
 * a device that started on the release (any state) and has not reached an outcome within the
   plan's ``device_timeout`` of its last step is a failure (``timed_out``): a bricked or stuck
   device never leaves a stage waiting;
-* a ``security`` refusal of the release by any device fails the stage at once, whatever the
-  sample (a signature or downgrade problem is release-wide, not a statistic);
+* a ``security`` refusal of the release fails the stage at once, whatever the rate or soak,
+  once ``security_min_devices`` distinct devices report it (a signature or downgrade problem
+  is release-wide, not a statistic); fewer hold it, so one forged device cannot halt;
 * a tier's failure rate is judged only once that tier has the plan's minimum of executed
   devices (AWS IoT Jobs); fewer is ``HOLD`` if it has failures: so fewer forged reports than
   the minimum can neither halt a stage nor let it promote past a failing tier;
@@ -118,22 +119,27 @@ def install_gates(s: Session, ctx: RolloutContext, plan: Plan, stage: Stage) -> 
     """The install-outcome gates of one stage: security, failures per tier, sample, soak."""
     out = count_outcomes(s, ctx.model, ctx.version, stage.ring, ctx.now - plan.device_timeout_s)
     results: list[GateResult] = []
-    if out.total.security:
+    sec, sec_min = out.total.security, plan.install.security_min_devices
+    if sec:
         results.append(
             GateResult(
                 "install.security",
-                GateStatus.FAIL,
-                f"{out.total.security} device(s) refused {ctx.model} {ctx.version} for a "
-                "security reason: halted at once",
-                value=float(out.total.security),
-                threshold=0.0,
-                evidence={"security": out.total.security},
+                GateStatus.FAIL if sec >= sec_min else GateStatus.HOLD,
+                f"{sec} device(s) refused {ctx.model} {ctx.version} for a security reason: "
+                + ("halted at once" if sec >= sec_min else f"held until {sec_min} agree"),
+                value=float(sec),
+                threshold=float(sec_min),
+                evidence={"security": sec},
             )
         )
     else:
         results.append(
             GateResult(
-                "install.security", GateStatus.PASS, "no security refusal", value=0.0, threshold=0.0
+                "install.security",
+                GateStatus.PASS,
+                "no security refusal",
+                value=0.0,
+                threshold=float(sec_min),
             )
         )
     rate_max = plan.install.max_failure_rate

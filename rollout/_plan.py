@@ -46,7 +46,8 @@ DEFAULT_PLAN_TOML = """\
 # and general availability in growing steps a day or so apart (as Mender and Memfault publish).
 format = "edge-ota.rollout-plan/1"
 on_failure = "pause"          # or "rollback": yank, devices on the release revert by themselves
-device_timeout = "6h"         # offered, no outcome (confirmed or failed) after this: a failure
+device_timeout = "6h"         # started, no outcome after this long since its last step: a
+                              # failure (keep it above the devices' health window)
 stage_deadline = "3d"         # a stage still holding after this pauses and says why
 
 [[stages]]
@@ -89,6 +90,7 @@ soak = "24h"
 [gates.install]
 max_failure_rate = 0.05       # failed + smoke-failed + reverted + timed out, over executed devices
 min_devices = 5               # executed devices of a tier before its failure rate may halt
+security_min_devices = 2      # devices refusing it for a security reason: halt at once
 
 [gates.health]                # passed as it is to the inference-health gates (rollout/_health.py)
 """
@@ -128,8 +130,14 @@ class Stage:
 
 @dataclass(frozen=True)
 class InstallGates:
+    """``max_failure_rate`` over a tier's executed devices, judged from ``min_devices``
+    executed devices on; ``security_min_devices`` distinct devices refusing the release for a
+    security reason halt the stage at once (fewer hold it: one forged or confused device
+    cannot halt every rollout, nor let one promote past its claim)."""
+
     max_failure_rate: float = 0.05
     min_devices: int = 5
+    security_min_devices: int = 2
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,7 @@ class Plan:
                 "install": {
                     "max_failure_rate": self.install.max_failure_rate,
                     "min_devices": self.install.min_devices,
+                    "security_min_devices": self.install.security_min_devices,
                 },
                 "health": dict(self.health),
             },
@@ -303,16 +312,23 @@ def parse_plan(doc: Any) -> Plan:
                 f"({a.percent:g}%)"
             )
     gates = _table(d.get("gates", {}), "gates", {"install", "health"})
-    inst = _table(gates.get("install", {}), "gates.install", {"max_failure_rate", "min_devices"})
+    inst = _table(
+        gates.get("install", {}),
+        "gates.install",
+        {"max_failure_rate", "min_devices", "security_min_devices"},
+    )
     rate = _number(inst.get("max_failure_rate", 0.05), "gates.install.max_failure_rate")
     if not 0.0 <= rate < 1.0:
         raise PlanError(f"gates.install.max_failure_rate: {rate:g} is outside [0, 1)")
     min_dev = _int(inst.get("min_devices", 5), "gates.install.min_devices", 1, MAX_MIN_DEVICES)
+    min_sec = _int(
+        inst.get("security_min_devices", 2), "gates.install.security_min_devices", 1, 1000
+    )
     return Plan(
         stages=stages,
         on_failure=Action(on_failure),
         device_timeout_s=timeout,
-        install=InstallGates(rate, min_dev),
+        install=InstallGates(rate, min_dev, min_sec),
         health=_health(gates.get("health", {})),
     )
 

@@ -4,10 +4,10 @@ device reports that are real ``edge-ota.report/1`` documents through the service
 parser and ingest code (the same calls as ``POST /v1/devices/<id>/events``).
 
 What is proved: gates count distinct devices per tier (only confirmed succeeds, timeouts fail,
-a security refusal halts at once, too little data holds); a rollout goes through its stages
-and ends; silence holds, then pauses at the deadline; failures roll back with a signed yank;
-two controllers → one acts; a controller killed between signing and recording resumes
-without signing twice; bad starts and requests are refused and change nothing.
+a security refusal by enough devices halts at once, too little data holds); a rollout goes
+through its stages and ends; silence holds, then pauses at the deadline; failures roll back
+with a signed yank; two controllers → one acts; a controller killed between signing and
+recording resumes without signing twice; bad starts and requests are refused and change nothing.
 """
 
 from __future__ import annotations
@@ -254,7 +254,12 @@ def test_gates_count_distinct_devices_per_tier(any_fleet: Fleet) -> None:
     f.report("s0", "security", reason="bad signature")
     with Session(f.engine) as s:
         res3 = {(g.gate, g.tier): g for g in install_gates(s, ctx, p, p.stages[0])}
-        assert res3[("install.security", "")].status is GateStatus.FAIL  # one is enough
+        assert res3[("install.security", "")].status is GateStatus.HOLD  # one alone: held
+    f.enroll("s1", "pilot", "gpu")
+    f.report("s1", "downloaded", "security", reason="bad signature")
+    with Session(f.engine) as s:
+        res4 = {(g.gate, g.tier): g for g in install_gates(s, ctx, p, p.stages[0])}
+        assert res4[("install.security", "")].status is GateStatus.FAIL  # two: at once
 
 
 # -- driving a rollout ----------------------------------------------------------------------
@@ -382,8 +387,9 @@ def test_security_refusal_halts_at_once_and_extra_gates_plug_in(
     assert rep.verdicts[0]["action"] == "hold" and not rep.actions
     assert "error.broken" in rep.verdicts[0]["reason"]
     assert calls[-1].baseline_version == "1.0.0" and calls[-1].ring == "canary"
-    f.enroll("s0", "canary")
-    f.report("s0", "security", reason="signature does not verify")
+    for d in ("s0", "s1"):  # two devices agree (security_min_devices): halted at once
+        f.enroll(d, "canary")
+        f.report(d, "security", reason="signature does not verify")
     rep = ctl.tick(t0 + 701)
     assert rep.verdicts[0]["action"] == "pause" and signed(project).paused
     assert "install.security" in rep.verdicts[0]["reason"]

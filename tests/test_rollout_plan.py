@@ -108,6 +108,10 @@ BAD = {
     "deadline before soak": (_replace('deadline = "1d"', 'deadline = "10m"'), "shorter than soak"),
     "approval not bool": (_replace("approval = true", 'approval = "yes"'), "true or false"),
     "rate out of range": (_replace("max_failure_rate = 0.1", "max_failure_rate = 1.0"), "[0, 1)"),
+    "security min zero": (
+        _replace("min_devices = 4", "min_devices = 4\nsecurity_min_devices = 0"),
+        "security_min_devices",
+    ),
     "rate negative": (_replace("max_failure_rate = 0.1", "max_failure_rate = -0.1"), "[0, 1)"),
     "on_failure": (_replace('on_failure = "rollback"', 'on_failure = "ignore"'), "on_failure"),
     "zero timeout": (_replace('device_timeout = "2h"', "device_timeout = 0"), "device_timeout"),

@@ -29,8 +29,8 @@ def _when(t: float | None) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _env(project_dir: str, db: str | None) -> tuple[Any, Any]:
-    """(engine, project) on a migrated database."""
+def _env(project_dir: str, db: str | None, *, project: bool = True) -> tuple[Any, Any]:
+    """(engine, project) on a migrated database (``project`` ``None`` when not needed)."""
     from sqlalchemy.exc import ArgumentError
 
     from ota.errors import ConfigError
@@ -48,7 +48,11 @@ def _env(project_dir: str, db: str | None) -> tuple[Any, Any]:
         raise ConfigError(
             f"the fleet database is at schema {rev or 'none'}, not {HEAD}: run `ota fleet migrate`"
         )
-    return engine, Project.open(Path(project_dir))
+    try:
+        return engine, Project.open(Path(project_dir)) if project else None
+    except BaseException:
+        engine.dispose()
+        raise
 
 
 def _actor() -> str:
@@ -178,7 +182,7 @@ def status(
     """Rollouts with their stage, state and latest verdict."""
     from ota.rollout import _store
 
-    engine, _project = _env(project_dir, db)
+    engine, _ = _env(project_dir, db, project=False)
     try:
         rows = _store.status(engine, name, all_=all_, verdicts=verdicts)
     finally:
