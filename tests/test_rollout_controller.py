@@ -665,3 +665,35 @@ def test_real_devices_drive_a_rollout_through_the_real_service(
             assert row(engine, rid).state == "done"
         finally:
             engine.dispose()
+
+
+def test_the_service_can_run_the_controller(
+    project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ota fleet serve --rollout-controller``: a started rollout is acted on by the
+    service's own controller (no command settles it), and a verdict is recorded."""
+    from tests.fleet_fixtures import start_service
+
+    monkeypatch.setenv("OTA_ROLLOUT_INTERVAL", "0.5")
+    db = new_db("sqlite", None, tmp_path)
+    with start_service(
+        db, "--rollout-controller", "--project", str(project.root_dir), workers=1
+    ) as svc:
+        engine = make_engine(FleetConfig(db_url=db))
+        try:
+            rid = _store.start(engine, project, "m", "2.0.0", plan(), "local:test")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                r = row(engine, rid)
+                with Session(engine) as s:
+                    held = s.execute(
+                        select(RolloutVerdict).where(RolloutVerdict.rollout_id == rid)
+                    ).first()
+                if r.stage == 0 and held is not None:
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError(f"the service's controller did not act:\n{svc.log_text()}")
+            assert signed(project).percent == 100.0 and r.pending is None
+        finally:
+            engine.dispose()

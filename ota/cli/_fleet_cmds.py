@@ -81,6 +81,11 @@ def migrate(project_dir: str, db: str | None, as_json: bool) -> None:
     help="SQLite: wait this long for the lock, then 503.",
 )
 @click.option("--access-log", is_flag=True, help="Log every request to stderr.")
+@click.option(
+    "--rollout-controller",
+    is_flag=True,
+    help="Also run `ota rollout controller` (a child process; needs the project's online key).",
+)
 @json_option
 def serve(
     project_dir: str,
@@ -91,6 +96,7 @@ def serve(
     busy_timeout_ms: int,
     access_log: bool,
     as_json: bool,
+    rollout_controller: bool = False,
 ) -> None:
     """Migrate, then serve the fleet API with gunicorn (WORKERS processes)."""
     from ota.fleet._local import migrate_db
@@ -109,7 +115,21 @@ def serve(
         as_json,
         f"fleet service on http://{bind} ({workers} workers, schema {rev})",
     )
-    run_serve(cfg, bind=bind, workers=workers, access_log=access_log)
+    child = _start_rollout_controller(project_dir, cfg.db_url) if rollout_controller else None
+    try:
+        run_serve(cfg, bind=bind, workers=workers, access_log=access_log)
+    finally:
+        if child is not None:  # issue 9: the controller lives and dies with the service
+            child.terminate()
+            child.wait(timeout=30)
+
+
+def _start_rollout_controller(project_dir: str, db_url: str) -> Any:
+    import subprocess
+    import sys
+
+    args = ["rollout", "controller", "--project", project_dir, "--db", db_url]
+    return subprocess.Popen([sys.executable, "-m", "ota.cli", *args])
 
 
 @fleet.command("status")

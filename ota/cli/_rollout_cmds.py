@@ -300,6 +300,7 @@ def approve(name: str, project_dir: str, db: str | None, as_json: bool) -> None:
     type=click.FloatRange(0.5, 3600),
     default=10.0,
     show_default=True,
+    envvar="OTA_ROLLOUT_INTERVAL",
     help="Seconds between evaluations.",
 )
 @click.option("--once", is_flag=True, help="One evaluation, then exit.")
