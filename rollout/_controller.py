@@ -532,16 +532,16 @@ class Controller:
         target = dict(pending.get("target", {}))
         signed, _ = signed_state(self.project, r.model, r.version)
         signed_now = False
+        if pending.get("verdict") is not None and "audit_seq" not in pending:
+            # the verdict's evidence is logged before its action, once (its seq is kept)
+            pending["audit_seq"] = self._audit_pending(r, pending)
+            self._save_pending(r.id, pending, epoch, now)
         if target and signed is None:
             pending.update(
                 state_after="aborted",
                 reason=f"{r.model} {r.version} is no longer a live release; nothing to sign",
             )
         elif target and signed is not None and not _matches(signed, target):
-            vid = pending.get("verdict")
-            if vid is not None and "audit_seq" not in pending:
-                pending["audit_seq"] = self._audit_pending(r, pending)
-                self._save_pending(r.id, pending, epoch, now)
             with Session(self.engine) as s, s.begin():  # fencing: still the one actor?
                 if not _lease.hold(s, self.holder, epoch, now):
                     raise LostLease()

@@ -301,6 +301,7 @@ def test_a_rollout_goes_through_its_stages_and_ends(project: Project, any_fleet:
     assert all(d["rollout"] == rid for _, d in events)
     verdicts = [e for e in read_log(project.storage) if e.event == "rollout-verdict"]
     assert {e.details["action"] for e in verdicts} >= {"hold", "promote"}
+    assert verdicts[-1].details["reason"] == "every stage passed"  # the end is logged too
     assert any(v["action"] == "promote" and v["acts"] for v in seen)
     with Session(f.engine) as s2:
         acted = s2.execute(select(RolloutVerdict).where(RolloutVerdict.acted)).scalars().all()
