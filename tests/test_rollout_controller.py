@@ -698,3 +698,12 @@ def test_the_service_can_run_the_controller(
             assert signed(project).percent == 100.0 and r.pending is None
         finally:
             engine.dispose()
+
+
+def test_the_rollout_benchmark_runs(tmp_path: Path) -> None:
+    """``bench/rollout_tick.py`` at a small size: it promotes, and its figures are sane."""
+    from bench.rollout_tick import measure
+
+    r = measure(300, 1, tmp_path)
+    assert r["devices"] == 300 and r["goal_met"]
+    assert r["gates_ms"] > 0 and r["summary_ms"] > 0 and r["tick_ms"] > 0
