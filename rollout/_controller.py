@@ -542,9 +542,9 @@ class Controller:
                 reason=f"{r.model} {r.version} is no longer a live release; nothing to sign",
             )
         elif target and signed is not None and not _matches(signed, target):
-            with Session(self.engine) as s, s.begin():  # fencing: still the one actor?
-                if not _lease.hold(s, self.holder, epoch, now):
-                    raise LostLease()
+            # fencing: still the one actor? renewing also gives the signature a whole lease
+            if _lease.acquire(self.engine, self.holder, now, self.lease_ttl) != epoch:
+                raise LostLease()
             self._sign(r, pending)
             signed_now = True
             if self.after_sign is not None:

@@ -42,7 +42,7 @@ from ota.repository._auditlog import read_log
 from ota.repository._ops import model_index
 from ota.rollout import _lease, _store
 from ota.rollout._context import RolloutContext
-from ota.rollout._controller import Controller, settle
+from ota.rollout._controller import Controller, LostLease, settle
 from ota.rollout._gates import count_outcomes, install_gates
 from ota.rollout._metrics import registry
 from ota.rollout._plan import Plan, plan_from_toml
@@ -437,6 +437,23 @@ def test_two_controllers_only_one_acts(project: Project, any_fleet: Fleet) -> No
     # A dies (stops renewing): after its lease lapses, B takes over and acts
     assert not b.tick(t0 + 620).leader
     assert b.tick(t0 + 601 + 5 + 31).leader
+
+
+def test_a_controller_that_lost_its_lease_does_not_sign(
+    project: Project, sqlite_fleet: Fleet
+) -> None:
+    f = sqlite_fleet
+    a = Controller(f.engine, project, holder="A", lease_ttl=30)
+    rid = _store.start(f.engine, project, "m", "2.0.0", plan(), "local:test")
+    t0 = time.time()
+    epoch = _lease.acquire(f.engine, "A", t0, 30)
+    assert epoch is not None
+    # A stalls past its lease; B takes it over before A reaches the signature
+    assert _lease.acquire(f.engine, "B", t0 + 31, 30) == epoch + 1
+    with pytest.raises(LostLease):
+        a._carry_out(row(f.engine, rid), epoch, t0 + 32)
+    assert signed(project).percent == 10.0 and steering(project) == []
+    assert row(f.engine, rid).pending is not None  # left for the leader to carry out
 
 
 KILL_SCRIPT = """
