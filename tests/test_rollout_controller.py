@@ -38,7 +38,7 @@ from ota.fleet._local import create_enroll_token
 from ota.fleet._report import parse_facts, parse_report
 from ota.fleet._rollout_models import Rollout, RolloutVerdict
 from ota.repository import Project, yank
-from ota.repository._auditlog import read_log
+from ota.repository._auditlog import read_log, verify_chain
 from ota.repository._ops import model_index
 from ota.rollout import _lease, _store
 from ota.rollout._context import RolloutContext
@@ -302,6 +302,7 @@ def test_a_rollout_goes_through_its_stages_and_ends(project: Project, any_fleet:
     verdicts = [e for e in read_log(project.storage) if e.event == "rollout-verdict"]
     assert {e.details["action"] for e in verdicts} >= {"hold", "promote"}
     assert verdicts[-1].details["reason"] == "every stage passed"  # the end is logged too
+    assert verify_chain(read_log(project.storage)) == []  # every entry chains
     assert any(v["action"] == "promote" and v["acts"] for v in seen)
     with Session(f.engine) as s2:
         acted = s2.execute(select(RolloutVerdict).where(RolloutVerdict.acted)).scalars().all()
@@ -565,6 +566,8 @@ def test_bad_starts_and_requests_are_refused_and_change_nothing(
     r = doc["rollouts"][0]
     assert (r["stage"], r["state"], r["ring"]) == (1, "running", "pilot")
     assert "hotfix" in r["verdicts"][0]["reason"]
+    text = CliRunner().invoke(cli, ["rollout", "status", "--db", db, "--verdicts", "2"]).output
+    assert "m 2.0.0 running stage 2/6 pilot 10%" in text and "hotfix" in text, text
     code, doc = _cli(project, db, "rollout", "approve", "m")
     assert code == 0 and doc["approved_stage"] == 2
     code, doc = _cli(project, db, "rollout", "abort", "m", "--reason", "enough")

@@ -193,10 +193,18 @@ def status(
             return "no rollout"
         out = []
         for r in rows:
-            out.append(
-                f"#{r['id']} {r['model']} {r['version']} {r['state']} stage "
-                f"{r['stage'] + 1}/{r['stages']} {r['ring']} {r['percent']}%: {r['reason']}"
+            where = (
+                f"stage {r['stage'] + 1}/{r['stages']} {r['ring']} {r['percent']:g}%"
+                if r["ring"]
+                else f"not started ({r['stages']} stages)"
             )
+            out.append(
+                f"#{r['id']} {r['model']} {r['version']} {r['state']} {where}: {r['reason']}"
+            )
+            if r["pending"]:
+                out.append(f"    carrying out: {r['pending'].get('event') or 'end'}")
+            if r["request"]:
+                out.append(f"    queued: {r['request'].get('op')} by {r['request'].get('actor')}")
             for v in r["verdicts"]:
                 out.append(f"    {_when(v['at'])} {v['action']} (x{v['repeats']}): {v['reason']}")
                 for g in v["gates"]:
