@@ -128,18 +128,26 @@ def start(
             rid = int(r.id)
     except IntegrityError as e:
         raise ConflictError(f"{model} has a live rollout already (a concurrent start)") from e
-    _auditlog.append_event(
-        project.storage,
-        "rollout-start",
-        actor=actor,
-        subject=f"{model} {version}",
-        details={
-            "rollout": rid,
-            "baseline": baseline,
-            "plan_sha256": plan.digest(),
-            "stages": [f"{s.ring}@{s.percent:g}" for s in plan.stages],
-        },
-    )
+    try:
+        _auditlog.append_event(
+            project.storage,
+            "rollout-start",
+            actor=actor,
+            subject=f"{model} {version}",
+            details={
+                "rollout": rid,
+                "baseline": baseline,
+                "plan_sha256": plan.digest(),
+                "stages": [f"{s.ring}@{s.percent:g}" for s in plan.stages],
+            },
+        )
+    except BaseException:  # no unaudited rollout: end it before anything was signed
+        with Session(engine) as s, s.begin():
+            gone = s.get(Rollout, rid, with_for_update=True)
+            if gone is not None and gone.stage == -1:
+                gone.state, gone.live_model, gone.pending = "aborted", None, None
+                gone.reason = "its start could not be written to the audit log"
+        raise
     return rid
 
 

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from ota.bundle import RolloutState
 from ota.cli._main import _register, cli
 from ota.client._policy import bucket
-from ota.errors import ConflictError, ExitCode, InputError
+from ota.errors import ConflictError, ExitCode, InputError, OtaError
 from ota.fleet import FleetConfig
 from ota.fleet._db import make_engine
 from ota.fleet._ingest import enroll, ingest, lock_device
@@ -727,3 +727,20 @@ def test_the_rollout_benchmark_runs(tmp_path: Path) -> None:
     r = measure(300, 1, tmp_path)
     assert r["devices"] == 300 and r["goal_met"]
     assert r["gates_ms"] > 0 and r["summary_ms"] > 0 and r["tick_ms"] > 0
+
+
+def test_a_start_that_cannot_be_audited_starts_nothing(
+    project: Project, sqlite_fleet: Fleet
+) -> None:
+    import shutil
+
+    log_dir = project.root_dir.parent / "repo" / "audit" / "log"  # the copy's storage
+    shutil.rmtree(log_dir)
+    log_dir.write_bytes(b"not a folder")  # every append now fails on the storage
+    with pytest.raises(OtaError) as e:
+        _store.start(sqlite_fleet.engine, project, "m", "2.0.0", plan(), "local:test")
+    assert e.value.exit_code == ExitCode.LOCAL, e.value
+    [r] = _store.status(sqlite_fleet.engine, all_=True)
+    assert (r["state"], r["pending"]) == ("aborted", None) and "audit" in r["reason"]
+    assert _store.status(sqlite_fleet.engine) == []  # nothing live: a new start may follow
+    assert signed(project).percent == 10.0
