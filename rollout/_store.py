@@ -202,13 +202,20 @@ def request(
         r.updated_at = now
         rid = int(r.id)
         version = r.version
-    _auditlog.append_event(
-        project.storage,
-        "rollout-operator",
-        actor=actor,
-        subject=f"{model} {version}",
-        details={"rollout": rid, "op": op, "reason": reason},
-    )
+    try:
+        _auditlog.append_event(
+            project.storage,
+            "rollout-operator",
+            actor=actor,
+            subject=f"{model} {version}",
+            details={"rollout": rid, "op": op, "reason": reason},
+        )
+    except BaseException:  # no unaudited request: withdraw it unless already taken up
+        with Session(engine) as s, s.begin():
+            mine = s.get(Rollout, rid, with_for_update=True)
+            if mine is not None and mine.request is not None and mine.request.get("at") == now:
+                mine.request = None
+        raise
     return rid
 
 
@@ -227,6 +234,7 @@ def approve(
         nxt = r.stage + 1
         if nxt >= len(plan.stages):
             raise InputError(f"rollout #{r.id} is at its last stage: nothing to approve")
+        previous = r.approved_stage
         r.approved_stage = nxt
         r.updated_at = now
         out = {
@@ -236,13 +244,20 @@ def approve(
             "percent": plan.stages[nxt].percent,
         }
         version = r.version
-    _auditlog.append_event(
-        project.storage,
-        "rollout-operator",
-        actor=actor,
-        subject=f"{model} {version}",
-        details={**out, "op": "approve"},
-    )
+    try:
+        _auditlog.append_event(
+            project.storage,
+            "rollout-operator",
+            actor=actor,
+            subject=f"{model} {version}",
+            details={**out, "op": "approve"},
+        )
+    except BaseException:  # no unaudited approval
+        with Session(engine) as s, s.begin():
+            mine = s.get(Rollout, out["rollout"], with_for_update=True)
+            if mine is not None and mine.approved_stage == out["approved_stage"]:
+                mine.approved_stage = previous
+        raise
     return out
 
 

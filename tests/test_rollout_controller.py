@@ -744,3 +744,13 @@ def test_a_start_that_cannot_be_audited_starts_nothing(
     assert (r["state"], r["pending"]) == ("aborted", None) and "audit" in r["reason"]
     assert _store.status(sqlite_fleet.engine) == []  # nothing live: a new start may follow
     assert signed(project).percent == 10.0
+    log_dir.unlink()
+    _store.start(sqlite_fleet.engine, project, "m", "2.0.0", plan(), "local:test")
+    log_dir.rename(log_dir.with_name("kept"))
+    log_dir.write_bytes(b"not a folder")
+    with pytest.raises(OtaError):
+        _store.request(sqlite_fleet.engine, project, "m", "pause", "local:test")
+    with pytest.raises(OtaError):
+        _store.approve(sqlite_fleet.engine, project, "m", "local:test")
+    [live] = _store.status(sqlite_fleet.engine)
+    assert (live["request"], live["approved_stage"]) == (None, -1)  # both withdrawn
