@@ -604,6 +604,8 @@ def test_dry_run_shows_devices_reached_and_timeline(project: Project, sqlite_fle
     at = [s["earliest_at"] for s in doc["stages"]]
     assert at[1] - at[0] == 600 and doc["baseline_version"] == "1.0.0"
     assert _store.status(f.engine, all_=True) == []  # a dry run starts nothing
+    code, doc = _cli(project, f.cfg.db_url, "rollout", "controller", "--once")
+    assert code == 0 and doc["leader"] and doc["actions"] == [] and doc["errors"] == []
 
 
 # -- real devices, the real service ---------------------------------------------------------
