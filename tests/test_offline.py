@@ -11,11 +11,13 @@ service under gunicorn. Expiry is tested with ``faketime`` on the real CLI (no s
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from tuf.api.metadata import Metadata, Root
 
 from ota.bundle import Manifest
 from ota.client import init_device, update_once
-from ota.client._medium import update_from_medium
+from ota.client._medium import MediumError, update_from_medium
 from ota.errors import ExitCode, InputError
 from ota.repository import Project, PublishRequest, publish
 from ota.repository._offline import ExportResult, MediumRefused, export
@@ -316,10 +318,21 @@ def test_reports_carried_back_on_a_medium_are_imported_exactly_once(site: Site) 
         assert len(seqs) == len(set(seqs)) == queued
         assert any(r["version"] == "1.0.0" for r in detail["releases"])
 
+        # a forged acknowledgement is not honoured (and is reported)
+        ack = stick / "acks" / "dev-r.json"
+        genuine = ack.read_bytes()
+        doc = json.loads(genuine)
+        doc["mac"] = "0" * 64
+        ack.write_text(json.dumps(doc))
+        r = ota("device", "report", "--state-dir", str(dev), "--to", str(stick), "--json")
+        assert json.loads(r.stdout)["acked"] == 0 and json.loads(r.stdout)["pending"] > queued
+        assert any("acknowledgement" in e["data"]["reason"] for e in site.events(dev, "security"))
+        ack.write_bytes(genuine)
+
         # the acknowledgement goes back to the device on the medium: now dropped from its queue
         r = ota("device", "report", "--state-dir", str(dev), "--to", str(stick), "--json")
         assert json.loads(r.stdout)["acked"] == queued
-        assert json.loads(r.stdout)["pending"] == 0
+        assert json.loads(r.stdout)["pending"] == 1  # the security event about the forged ack
 
         # a report forged or altered on the medium is refused (exit 4) and stores nothing
         forged = next((stick / "reports" / "dev-r").iterdir())
@@ -333,6 +346,79 @@ def test_reports_carried_back_on_a_medium_are_imported_exactly_once(site: Site) 
         r = ota("fleet", "import", str(stick), "--db", db, "--json")
         assert r.returncode == ExitCode.SECURITY, r.stdout + r.stderr
         out = json.loads(r.stdout)
-        assert out["stored"] == 0 and len(out["refused"]) == 2
+        assert len(out["refused"]) == 2 and out["accepted"] == out["files"] - 2
+        assert out["stored"] == 1  # only the genuine new event (the forged-ack warning)
         detail = call("GET", f"{svc.url}/v1/devices/dev-r", token=svc.admin_token).doc
         assert 10_000 not in [e["seq"] for e in detail["timeline"]]
+
+
+# -- hostile media: names, symlinks, archives ----------------------------------------------------
+
+
+def test_a_symlinked_blob_is_never_followed(site: Site) -> None:
+    """A medium whose blob is a symlink to the right bytes elsewhere: not read (404), refused."""
+    site.export("m")
+    p = max(blob_files(site.tmp / "m").values(), key=lambda p: p.stat().st_size)
+    outside = site.tmp / "outside"
+    shutil.copy(p, outside)
+    p.unlink()
+    p.symlink_to(outside)
+    dev = site.device()
+    res = update_from_medium(dev, site.tmp / "m")
+    assert res.status == "security" and "missing" in res.outcomes[0].reason, res.to_dict()
+    assert current_version(dev) is None
+
+
+def _retar(src: Path, dest: Path, extra: list[tuple[tarfile.TarInfo, bytes | None]]) -> None:
+    with tarfile.open(src) as tin, tarfile.open(dest, "w") as tout:
+        for m in tin.getmembers():
+            fh = tin.extractfile(m)
+            tout.addfile(m, fh)
+        for info, data in extra:
+            tout.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+def test_hostile_archives_are_refused_and_nothing_is_extracted(site: Site) -> None:
+    site.export("m.tar")
+    with tarfile.open(site.tmp / "m.tar") as tar:
+        ts = tar.extractfile("metadata/timestamp.json")
+        assert ts is not None
+        data = ts.read()
+    # the same name twice (which copy would be meant?): the archive is unusable
+    dup = tarfile.TarInfo("metadata/timestamp.json")
+    dup.size = len(data)
+    _retar(site.tmp / "m.tar", site.tmp / "dup.tar", [(dup, data)])
+    with pytest.raises(MediumError, match="twice"):
+        update_from_medium(site.device(), site.tmp / "dup.tar")
+    # escaping names and links are ignored: never written anywhere, never read
+    evil = tarfile.TarInfo("../escaped")
+    evil.size = 3
+    link = tarfile.TarInfo("blobs/link")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    _retar(site.tmp / "m.tar", site.tmp / "evil.tar", [(evil, b"bad"), (link, None)])
+    dev = site.device("dev-2")
+    assert update_from_medium(dev, site.tmp / "evil.tar").status == "updated"
+    assert not (site.tmp / "escaped").exists() and not (dev.parent / "escaped").exists()
+    # not a tar at all
+    (site.tmp / "junk.tar").write_bytes(b"\0" * 10 + b"junk")
+    with pytest.raises(InputError):
+        update_from_medium(site.device("dev-3"), site.tmp / "junk.tar")
+
+
+def test_a_plain_repository_copy_on_a_stick_is_a_medium_that_restricts_nothing(
+    site: Site,
+) -> None:
+    shutil.copytree(site.tmp / "repo", site.tmp / "stick")
+    dev = site.device()
+    res = update_from_medium(dev, site.tmp / "stick")
+    assert res.status == "updated" and current_version(dev) == "1.0.0", res.to_dict()
+
+
+def test_export_refuses_when_an_online_role_would_expire_first(site: Site) -> None:
+    """bins live 30 days (ota.toml [expiry]): re-signed by the export's refresh, a 40-day
+    medium would still outlive them; a 20-day one does not."""
+    with pytest.raises(MediumRefused, match=r"role (releases|bins-\S+) expires"):
+        site.export("m", expires_in_days=40)
+    assert not (site.tmp / "m").exists()
+    site.export("m", expires_in_days=20)
+    assert update_from_medium(site.device(), site.tmp / "m").status == "updated"
