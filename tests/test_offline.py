@@ -130,13 +130,13 @@ def test_install_from_a_medium_then_a_delta_from_an_archive(site: Site) -> None:
 
 def test_the_medium_is_read_only_and_holds_exactly_the_chosen_release(site: Site) -> None:
     site.publish_v2()
-    res = site.export("m", "det@1.0.0")
+    exported = site.export("m", "det@1.0.0")
     medium = site.tmp / "m"
     # versions reserved: the repository is now past the medium, which is past what it was
     head = json.loads((site.tmp / "repo" / "metadata" / "timestamp.json").read_bytes())
     mts = json.loads((medium / "metadata" / "timestamp.json").read_bytes())["signed"]
-    assert mts["version"] == res.timestamp_version == head["signed"]["version"] - 1
-    assert head["signed"]["meta"]["snapshot.json"]["version"] == res.snapshot_version + 1
+    assert mts["version"] == exported.timestamp_version == head["signed"]["version"] - 1
+    assert head["signed"]["meta"]["snapshot.json"]["version"] == exported.snapshot_version + 1
     assert mts["x-ota-medium"]["releases"] == {"det": "1.0.0"}
     before = {p: p.stat().st_mtime_ns for p in medium.rglob("*")}
     manifests = list((medium / "targets" / "releases" / "det").iterdir())
