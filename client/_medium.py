@@ -62,8 +62,12 @@ MEDIUM_FIELD = "x-ota-medium"
 MEDIUM_FORMAT = "edge-ota.medium/1"
 REPORT_FORMAT = "edge-ota.medium-report/1"
 ACK_FORMAT = "edge-ota.medium-ack/1"
-MAX_MEMBERS = 1_000_000
+# A medium holds at most the chunks of its releases (2 x a manifest's bound is far beyond any
+# stick) plus metadata: bounds the member table (~200 bytes a member) of an archive.
+MAX_MEMBERS = 2 * DEFAULT_LIMITS.max_chunks + 65_536
+MAX_HEADER_BYTES = 1024 * 1024  # what tarfile may read to parse one member's headers
 MAX_ACK_BYTES = 64 * 1024
+MAX_ACK_RANGES = 1024
 MAX_REPORT_FILES = 64  # per ``report --to`` (64 x 100 events: the queue holds at most 512)
 _COMPONENT = re.compile(r"^[A-Za-z0-9@+_~-][A-Za-z0-9@+_.~%=-]{0,254}\Z")
 _MEDIUM_SEEN = "medium-reports.json"  # per queue epoch: highest seq written to media
@@ -102,62 +106,168 @@ class MediumReader:
         """Release file handles."""
 
 
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOFOLLOW_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_regular(root: Path, parts: list[str]) -> int | None:
+    """A read-only descriptor of the regular file ``root/parts...``, or None. No symlink
+    below ``root`` is followed (each folder is opened with ``O_NOFOLLOW`` relative to the
+    last, so swapping one for a link after a check changes nothing); nothing but a regular
+    file is ever opened (``lstat`` first: opening a device node can act on the device), and
+    the open cannot block (``O_NONBLOCK``: a FIFO swapped in after the ``lstat``); the
+    opened file is checked again with ``fstat``, so what is read is what was checked."""
+    if not parts:
+        return None
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        if not stat.S_ISREG(os.stat(parts[-1], dir_fd=fd, follow_symlinks=False).st_mode):
+            return None
+        ffd = os.open(parts[-1], _NOFOLLOW_FILE, dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(ffd).st_mode):
+        os.close(ffd)
+        return None
+    return ffd
+
+
+def read_regular(path: Path, max_bytes: int) -> bytes | None:
+    """The content of regular file ``path`` (not a symlink, FIFO or device: never blocks), or
+    None if it is not one or holds more than ``max_bytes``. Reads at most ``max_bytes + 1``."""
+    fd = open_regular(path.parent, [path.name])
+    if fd is None:
+        return None
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    return None if len(data) > max_bytes else data
+
+
 class DirReader(MediumReader):
-    """A medium folder. Symlinks anywhere below the root are refused."""
+    """A medium folder. Symlinks anywhere below the root are refused, and so is anything but
+    a regular file (see :func:`open_regular`: no check-then-use race)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.label = str(root)
 
-    def _path(self, key: str) -> Path | None:
+    def _open(self, key: str) -> int | None:
         if safe_key(key) is None:
             return None
-        path = self.root / key
-        try:
-            for p in [path, *path.parents]:
-                if p == self.root:
-                    break
-                if p.is_symlink():
-                    return None
-            st = path.stat()
-        except OSError:
-            return None
-        return path if stat.S_ISREG(st.st_mode) else None
+        return open_regular(self.root, key.split("/"))
 
     def size(self, key: str) -> int | None:
-        path = self._path(key)
-        return None if path is None else path.stat().st_size
+        fd = self._open(key)
+        if fd is None:
+            return None
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def pread(self, key: str, offset: int, n: int) -> bytes:
-        path = self._path(key)
-        if path is None:
+        fd = self._open(key)
+        if fd is None:
             return b""
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             return os.pread(fd, n, offset)
         finally:
             os.close(fd)
 
 
+class _HeaderBudget:
+    """The archive file as tarfile sees it while it parses headers: member data is skipped
+    with ``seek``, so only headers are ever read, and at most ``budget`` bytes of them per
+    member (a pax or GNU long-name header claiming gigabytes, or endless sparse extension
+    blocks, would otherwise be read whole into memory)."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.budget = MAX_HEADER_BYTES
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self.budget:
+            raise _HeaderTooLarge(f"a member header of over {MAX_HEADER_BYTES} bytes")
+        self.budget -= n
+        data: bytes = self._fh.read(n)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        pos: int = self._fh.seek(offset, whence)
+        return pos
+
+    def tell(self) -> int:
+        pos: int = self._fh.tell()
+        return pos
+
+
+class _HeaderTooLarge(Exception):
+    pass
+
+
 class TarReader(MediumReader):
     """An uncompressed tar archive, read in place: members are located once, then read with
     ``pread`` (thread-safe; no extraction, nothing written). Only regular members with safe
-    names count; a name that appears twice makes the archive unusable (which copy is meant?)."""
+    names count; a name that appears twice makes the archive unusable (which copy is meant?).
+
+    Bounded: at most :data:`MAX_MEMBERS` members and :data:`MAX_HEADER_BYTES` of headers per
+    member are parsed, and only the safe regular members are kept (tarfile's own member list
+    is emptied as it goes); a member whose data runs past the end of the file (a truncated
+    copy) makes the archive unusable."""
 
     def __init__(self, path: Path) -> None:
         self.label = str(path)
         self._members: dict[str, tuple[int, int]] = {}
+        real = path.resolve()  # the operator's own path may be a link; nothing in it may
+        fd = open_regular(real.parent, [real.name])
+        if fd is None:
+            raise InputError(f"{path} is not a regular file", remedy="give the folder or "
+                             "archive file written by `ota offline export`")  # fmt: skip
+        self._fd = fd
         try:
-            self._fd = os.open(path, os.O_RDONLY)
-            with tarfile.open(path, "r:") as tar:
-                for i, info in enumerate(tar):
-                    if i >= MAX_MEMBERS:
-                        raise InputError(f"{path} has more than {MAX_MEMBERS} members")
-                    if not info.isreg() or info.sparse or safe_key(info.name) is None:
-                        continue
-                    if info.name in self._members:
-                        raise MediumError(f"{path} holds {info.name} twice")
-                    self._members[info.name] = (info.offset_data, info.size)
+            self._index(path)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _index(self, path: Path) -> None:
+        end = os.fstat(self._fd).st_size
+        try:
+            with os.fdopen(os.dup(self._fd), "rb") as fh:
+                budget = _HeaderBudget(fh)
+                with tarfile.open(fileobj=budget, mode="r:") as tar:  # type: ignore[call-overload]
+                    for i in range(MAX_MEMBERS + 1):
+                        budget.budget = MAX_HEADER_BYTES
+                        info = tar.next()
+                        tar.members.clear()
+                        if info is None:
+                            return
+                        if i >= MAX_MEMBERS:
+                            raise InputError(f"{path} has more than {MAX_MEMBERS} members")
+                        if not info.isreg() or info.sparse or safe_key(info.name) is None:
+                            continue
+                        if info.offset_data + info.size > end:
+                            raise InputError(
+                                f"{path} is truncated: {info.name} runs past its end",
+                                remedy="copy the medium again",
+                            )
+                        if info.name in self._members:
+                            raise MediumError(f"{path} holds {info.name} twice")
+                        self._members[info.name] = (info.offset_data, info.size)
+        except _HeaderTooLarge as e:
+            raise InputError(f"cannot read the medium archive {path}: {e}") from None
         except (OSError, tarfile.TarError) as e:
             raise InputError(f"cannot read the medium archive {path}: {e}") from e
 
