@@ -580,7 +580,7 @@ def report_to_medium(state_dir: Path | str, dest: Path | str) -> MediumReport:
     root = Path(dest)
     if not root.is_dir():
         raise InputError(f"{root} is not a folder", remedy="give the medium's folder")
-    folder = root / "reports" / device_folder(dev.cfg.device_id)
+    folder = _own_folder(root, "reports", device_folder(dev.cfg.device_id))
     seen_path = dev.sd.root / _MEDIUM_SEEN
     with dev.locked(timeout=_updater._REPORT_LOCK_WAIT_S):
         seen = _load_seen(seen_path)
@@ -589,7 +589,6 @@ def report_to_medium(state_dir: Path | str, dest: Path | str) -> MediumReport:
         snap = dev.events.snapshot(0)
         written = files = 0
         try:
-            folder.mkdir(parents=True, exist_ok=True)
             first = True
             i = 0
             while i < len(events) and files < MAX_REPORT_FILES:
@@ -624,30 +623,69 @@ def _load_seen(path: Path) -> dict[str, dict[str, int]]:
         return {}  # nothing written to media yet (or lost): no acknowledgement is honoured
 
 
+def _own_folder(root: Path, *parts: str) -> Path:
+    """``root/parts...``, created if absent; each part must be a real folder, not a symlink
+    (a hostile medium would otherwise have the device write wherever the link points).
+
+    Raises:
+        InputError: a part is a symlink or not a folder, or cannot be created."""
+    path = root
+    for part in parts:
+        path = path / part
+        try:
+            path.mkdir(exist_ok=True)
+            st = path.lstat()
+        except OSError as e:
+            raise InputError(f"cannot write reports to {root}: {e}") from e
+        if not stat.S_ISDIR(st.st_mode):
+            raise MediumError(f"{path} on the medium is a link or not a folder: refused",
+                              remedy="use a medium folder written by edge-ota")  # fmt: skip
+    return path
+
+
 def _apply_ack(dev: Device, root: Path, key: bytes, seen: dict[str, dict[str, int]]) -> int:
-    """Forget the events an authenticated acknowledgement on the medium covers, never beyond
-    what this device wrote to media for that queue epoch."""
-    path = root / "acks" / f"{device_folder(dev.cfg.device_id)}.json"
+    """Forget the events an authenticated acknowledgement on the medium covers: the oldest
+    pending events up to the first one that lies in no range the fleet says it stored (a
+    report file lost, deleted or refused on the way leaves a gap, and nothing from the gap
+    on is forgotten), never beyond what this device wrote to media for that queue epoch."""
+    stored = _read_ack(dev, root, key)
+    epoch = dev.events.snapshot(0).epoch
+    mine = seen.get(epoch)
+    if stored is None or epoch not in stored or mine is None:
+        return 0
+    up_to = 0
+    for e in dev.events.pending():  # oldest first: stop at the first one not stored
+        if e.seq > mine["high"] or not any(lo <= e.seq <= hi for lo, hi in stored[epoch]):
+            break
+        up_to = e.seq
+    dropped = mine["dropped"] if up_to >= mine["high"] else 0
+    return dev.events.ack(up_to, dropped_reported=dropped, epoch=epoch)
+
+
+def _read_ack(dev: Device, root: Path, key: bytes) -> dict[str, list[tuple[int, int]]] | None:
+    """Queue epoch -> seq ranges the fleet stored, from this device's authenticated ack on
+    the medium; None if there is none usable. The file is read bounded and never blocks (a
+    FIFO or a device node is no ack); a forged one is logged as a security event."""
+    acks = root / "acks"
     try:
-        if path.is_symlink() or path.stat().st_size > MAX_ACK_BYTES:
-            return 0
-        doc = json.loads(path.read_bytes())
+        if not stat.S_ISDIR(acks.lstat().st_mode):
+            return None
+    except OSError:
+        return None
+    raw = read_regular(acks / f"{device_folder(dev.cfg.device_id)}.json", MAX_ACK_BYTES)
+    try:
+        doc = json.loads(raw if raw is not None else b"")
         body = doc["body"].encode()
         if not hmac.compare_digest(mac(key, body), str(doc["mac"])):
             dev.events.append(
                 "security", "", "", reason="an acknowledgement on the medium is not the fleet's"
             )
-            return 0
+            return None
         ack = json.loads(body)
         if ack["format"] != ACK_FORMAT or ack["device"] != dev.cfg.device_id:
-            return 0
-        queues = {str(q["queue"]): int(q["ack"]) for q in ack["queues"]}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return 0
-    epoch = dev.events.snapshot(0).epoch
-    mine = seen.get(epoch)
-    if epoch not in queues or mine is None:
-        return 0
-    up_to = min(queues[epoch], mine["high"])
-    dropped = mine["dropped"] if queues[epoch] >= mine["high"] else 0
-    return dev.events.ack(up_to, dropped_reported=dropped, epoch=epoch)
+            return None
+        stored = {str(q["queue"]): [(int(lo), int(hi)) for lo, hi in q["stored"]]
+                  for q in ack["queues"]}  # fmt: skip
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
+    return stored if all(len(r) <= MAX_ACK_RANGES for r in stored.values()) else None

@@ -8,25 +8,35 @@ Also: a medium carrying two models, both updated from it.
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import stat
 import subprocess
 import sys
 import tarfile
 import threading
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ota.client import init_device, status
+from ota.client._device import Device
 from ota.client._medium import (
     DirReader,
+    MediumError,
     TarReader,
+    report_to_medium,
     update_from_medium,
 )
 from ota.errors import ExitCode, InputError
+from ota.fleet import FleetConfig
+from ota.fleet._import import import_reports
 from ota.repository import PublishRequest, publish
+from tests.fleet_fixtures import FleetService, new_db, start_service
 from tests.onnx_models import big_mlp, fine_tune, save
 from tests.repo_helpers import make_project
 from tests.test_offline import NOWHERE, Site
@@ -57,6 +67,27 @@ def ota(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=CLI_DEADLINE_S)  # fmt: skip
 
 
+def reporting_device(site: Site, name: str, credential: str, url: str = "") -> Path:
+    token = site.tmp / f"{name}.credential"
+    token.write_text(credential + "\n")
+    opts: dict[str, Any] = {"report_token_file": str(token)}
+    if url:
+        opts["report_url"] = url
+    return site.device(name, **opts)
+
+
+def queue(dev: Path, n: int) -> None:
+    events = Device(dev).events
+    for i in range(n):
+        events.append("checked", "det", "1.0.0", n=i)
+
+
+@pytest.fixture
+def fleet(site: Site) -> Iterator[FleetService]:
+    with start_service(new_db("sqlite", None, site.tmp)) as svc:
+        yield svc
+
+
 # -- a medium carrying two models ----------------------------------------------------------------
 
 
@@ -75,6 +106,139 @@ def test_a_medium_carrying_two_models_updates_both(site: Site) -> None:
         "cls": "1.0.0",
     }
     assert update_from_medium(dev, site.tmp / "m").status == "up_to_date"
+
+
+# -- acknowledgements never cover what the fleet did not store ---------------------------------
+
+
+def test_an_ack_never_makes_the_device_forget_a_report_file_lost_on_the_way(
+    site: Site, fleet: FleetService
+) -> None:
+    """Attack (before the fix): the carrier deletes the first report file from the stick (or
+    the import refuses it); the fleet stores the later files and acknowledged their highest
+    seq, and the device, honouring it, forgot the events of the deleted file, stored nowhere.
+    Now the ack lists the seq ranges stored and the device forgets only up to a gap."""
+    dev = reporting_device(site, "dev-r", fleet.enroll("dev-r", ring="canary"), fleet.url)
+    queue(dev, 250)
+    stick = site.tmp / "stick"
+    stick.mkdir()
+    wrote = report_to_medium(dev, stick)
+    assert wrote.written == 250 and wrote.files == 3
+    files = sorted((stick / "reports" / "dev-r").iterdir())
+    files[0].unlink()  # the events with seq 1..100 never reach the fleet
+    cfg = FleetConfig(db_url=fleet.db_url)
+    first = import_reports(cfg, stick)
+    assert first.accepted == 2 and first.stored == 150, first.to_dict()
+
+    back = report_to_medium(dev, stick)  # the ack comes back: the gap is at the oldest event
+    assert back.acked == 0 and back.pending == 250, back.to_dict()
+
+    second = import_reports(cfg, stick)  # the file is on the stick again (written above)
+    assert second.stored == 100, second.to_dict()
+    done = report_to_medium(dev, stick)
+    assert done.acked == 250 and done.pending == 0, done.to_dict()
+    assert import_reports(cfg, stick).stored == 0  # each event stored exactly once
+
+
+def test_reports_in_another_devices_folder_or_from_a_revoked_device_are_refused(
+    site: Site, fleet: FleetService
+) -> None:
+    """A malicious device (its own credential) files a report as another device: its MAC is
+    keyed by its own credential, so in the victim's folder (even claiming the victim's id)
+    it is refused, nothing stored, no ack written; a revoked device's genuine reports are
+    refused. (Confirms the threat model's claims; no fix was needed.)"""
+    evil = reporting_device(site, "evil", fleet.enroll("evil", ring="canary"), fleet.url)
+    reporting_device(site, "victim", fleet.enroll("victim", ring="canary"), fleet.url)
+    queue(evil, 3)
+    stick = site.tmp / "stick"
+    stick.mkdir()
+    report_to_medium(evil, stick)
+    (report,) = (stick / "reports" / "evil").iterdir()
+    doc = json.loads(report.read_bytes())
+    (stick / "reports" / "victim").mkdir()
+    (stick / "reports" / "victim" / report.name).write_bytes(report.read_bytes())
+    doc["device"] = "victim"
+    (stick / "reports" / "victim" / "claims-victim.json").write_text(json.dumps(doc))
+    report.unlink()
+    cfg = FleetConfig(db_url=fleet.db_url)
+    out = import_reports(cfg, stick)
+    assert out.accepted == 0 and out.stored == 0 and len(out.refused) == 2, out.to_dict()
+    assert not (stick / "acks").exists()
+
+    report_to_medium(evil, stick)
+    r = ota("fleet", "device", "revoke", "evil", "--db", fleet.db_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = import_reports(cfg, stick)
+    assert any(x["reason"] == "the device is revoked" for x in out.refused), out.to_dict()
+    assert out.stored == 0
+
+
+# -- a hostile stick against ``ota device report --to`` ----------------------------------------
+
+
+def test_a_fifo_or_a_deeply_nested_ack_neither_hangs_nor_crashes_the_device(site: Site) -> None:
+    """Attack (before the fix): ``acks/<device>.json`` is a FIFO: its size reads 0, and the
+    device blocked for ever opening it, holding its state lock (every update cycle then
+    failed with a conflict); ``[[[[…`` 50 000 deep raised RecursionError: a traceback."""
+    dev = reporting_device(site, "dev-f", secrets.token_urlsafe(32))
+    queue(dev, 2)
+    stick = site.tmp / "stick"
+    (stick / "acks").mkdir(parents=True)
+    ack = stick / "acks" / "dev-f.json"
+    os.mkfifo(ack)
+    args = ("device", "report", "--state-dir", str(dev), "--to", str(stick), "--json")
+    r = ota(*args)  # raises TimeoutExpired if the device blocks on the FIFO
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["written"] == 2
+    ack.unlink()
+    ack.write_bytes(b"[" * 50_000)
+    r = ota(*args)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert json.loads(r.stdout)["pending"] == 2
+
+
+@pytest.mark.parametrize("link", ["reports", "reports/dev-s"])
+def test_a_symlinked_reports_folder_on_the_stick_is_refused(site: Site, link: str) -> None:
+    """Attack (before the fix): ``reports`` (or ``reports/<device>``) on the stick is a
+    symlink, and the device wrote its report files wherever it pointed (any folder the
+    updater can write: its own state dir, a system folder)."""
+    dev = reporting_device(site, "dev-s", secrets.token_urlsafe(32))
+    queue(dev, 2)
+    stick, elsewhere = site.tmp / "stick", site.tmp / "elsewhere"
+    elsewhere.mkdir()
+    (stick / link).parent.mkdir(parents=True, exist_ok=True)
+    (stick / link).symlink_to(elsewhere)
+    with pytest.raises(MediumError, match="link"):
+        report_to_medium(dev, stick)
+    assert list(elsewhere.iterdir()) == []
+    assert len(Device(dev).events.pending()) == 2
+
+
+@pytest.mark.parametrize("kind", ["symlink", "file"])
+def test_import_refuses_a_hostile_acks_entry_before_storing_anything(
+    site: Site, fleet: FleetService, kind: str
+) -> None:
+    """Attack (before the fix): ``acks`` on the stick is a symlink, and ``ota fleet import``
+    (run by an operator on the fleet host) wrote acknowledgement files wherever it pointed;
+    a plain file there crashed the import with a traceback after the reports were stored."""
+    dev = reporting_device(site, "dev-a", fleet.enroll("dev-a", ring="canary"), fleet.url)
+    queue(dev, 2)
+    stick, elsewhere = site.tmp / "stick", site.tmp / "elsewhere"
+    elsewhere.mkdir()
+    stick.mkdir()
+    report_to_medium(dev, stick)
+    if kind == "symlink":
+        (stick / "acks").symlink_to(elsewhere)
+    else:
+        (stick / "acks").write_bytes(b"not a folder")
+    r = ota("fleet", "import", str(stick), "--db", fleet.db_url, "--json")
+    assert r.returncode == ExitCode.SECURITY and "Traceback" not in r.stderr, r.stderr
+    assert json.loads(r.stdout)["error"] is True
+    assert list(elsewhere.iterdir()) == []
+    (stick / "acks").unlink()
+    out = import_reports(FleetConfig(db_url=fleet.db_url), stick)
+    assert out.stored == 2 and (stick / "acks" / "dev-a.json").is_file()  # nothing was stored
+    assert list(elsewhere.iterdir()) == []
 
 
 # -- a hostile archive or folder against ``ota device update --from`` ----------------------------
