@@ -48,7 +48,7 @@ from tuf.api.metadata import Metadata, Timestamp
 
 from ota._atomic import write_bytes
 from ota.bundle import DEFAULT_LIMITS, Limits, ModelIndex
-from ota.errors import ConfigError, InputError, OtaError, SecurityError
+from ota.errors import ConfigError, InputError, OtaError, SecurityError, TransientError
 
 from . import _updater
 from ._device import Device
@@ -504,14 +504,32 @@ def _cycle(dev: Device, names: tuple[str, ...], pool: MediumPool,
             outcomes.append(_updater.ModelOutcome(name, "up_to_date", None,
                                                   "not carried by this medium"))  # fmt: skip
             continue
-        outcomes.append(_updater._one(dev, session, name, pool, ctx))
+        outcomes.append(_never_transient(dev, _updater._one(dev, session, name, pool, ctx)))
         if outcomes[-1].status == "pending_confirmation":
             break  # one release on trial at a time
     return outcomes
 
 
+_INCOMPLETE = "the medium is incomplete or altered (a file missing or cut short)"
+_INCOMPLETE_REMEDY = "copy the medium again from the export, or export a new one"
+
+
+def _never_transient(dev: Device, o: _updater.ModelOutcome) -> _updater.ModelOutcome:
+    """A local medium is never "unreachable, retry later": what the fetchers report as
+    transient (a missing file, a body cut short) is a medium that lacks what its verified
+    metadata names, refused (and logged) like altered bytes."""
+    if o.status != "transient":
+        return o
+    reason = f"{_INCOMPLETE}: {o.reason}"
+    dev.events.append("security", o.model if o.model != "*" else "", o.version or "",
+                      reason=reason, error="MediumError")  # fmt: skip
+    return replace(o, status="security", reason=reason, remedy=_INCOMPLETE_REMEDY)
+
+
 def _explained(e: OtaError) -> OtaError:
-    """Name the two refusals an operator with a stick meets most, in their words."""
+    """Name the refusals an operator with a stick meets most, in their words."""
+    if isinstance(e, TransientError):
+        return MediumError(f"{_INCOMPLETE}: {e}", remedy=_INCOMPLETE_REMEDY)
     cause = e.__cause__
     if isinstance(cause, tuf_exc.BadVersionNumberError):
         return MediumError(f"this medium is older than metadata the device has already "

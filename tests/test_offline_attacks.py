@@ -358,3 +358,24 @@ def test_a_fifo_named_as_the_medium_is_a_clear_error(site: Site) -> None:
     r = ota("device", "update", "--state-dir", str(dev), "--from", str(fifo), "--json")
     assert r.returncode == ExitCode.INPUT, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("cut", ["blob", "timestamp"])
+def test_an_incomplete_medium_is_refused_not_retried(site: Site, cut: str) -> None:
+    """Before the fix a blob cut short on the medium, or a missing timestamp, was a
+    "transient" outcome (exit 5: "network unreachable, retry"), which a local medium never
+    is, and no security event was recorded. Now it is refused as an altered medium (exit 4)."""
+    site.export("m")
+    medium = site.tmp / "m"
+    if cut == "blob":
+        blob = max((p for p in (medium / "blobs").rglob("*") if p.is_file()),
+                   key=lambda p: p.stat().st_size)  # fmt: skip
+        os.truncate(blob, blob.stat().st_size - 1)
+    else:
+        (medium / "metadata" / "timestamp.json").unlink()
+    dev = site.device()
+    res = update_from_medium(dev, medium)
+    assert res.status == "security" and res.exit_code == ExitCode.SECURITY, res.to_dict()
+    assert "incomplete" in res.outcomes[0].reason, res.to_dict()
+    assert site.events(dev, "security")
+    assert status(dev).models["det"]["committed_version"] is None
