@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from ota.client import init_device, status
+from ota.client import init_device, status, update_once
 from ota.client._device import Device
 from ota.client._medium import (
     DirReader,
@@ -38,8 +38,9 @@ from ota.fleet._import import import_reports
 from ota.repository import PublishRequest, publish
 from tests.fleet_fixtures import FleetService, new_db, start_service
 from tests.onnx_models import big_mlp, fine_tune, save
-from tests.repo_helpers import make_project
+from tests.repo_helpers import make_project, serve_dir
 from tests.test_offline import NOWHERE, Site
+from tests.updater_world import FAST
 
 CLI_DEADLINE_S = 120.0  # a CLI run takes seconds; one that blocks is killed at this deadline
 
@@ -379,3 +380,23 @@ def test_an_incomplete_medium_is_refused_not_retried(site: Site, cut: str) -> No
     assert "incomplete" in res.outcomes[0].reason, res.to_dict()
     assert site.events(dev, "security")
     assert status(dev).models["det"]["committed_version"] is None
+
+
+def test_a_mediums_metadata_replayed_over_the_network_is_refused(site: Site) -> None:
+    """Attack (before the fix): a man in the middle (or a careless operator serving a stick's
+    folder as a "mirror") serves a medium's metadata to a device updating over the network.
+    The medium's timestamp is online-signed and lives as long as the release manager chose
+    (days or weeks, against the timestamp's usual hours), so this replays the repository's
+    state at export time (a release yanked since still live) for the medium's whole life,
+    and the medium's own restrictions (tier, carried releases), which only ``--from``
+    enforces, are ignored. The repository never serves a medium's timestamp (its versions are
+    reserved: the repository commits past it), so a network cycle now refuses one (exit 4)
+    and installs nothing; the same medium still works as a medium."""
+    site.export("m")
+    with serve_dir(site.tmp / "m") as url:
+        dev = site.device(url=url)
+        res = update_once(dev, fetch_config=FAST, report=False)
+    assert res.status == "security" and "medium" in res.outcomes[0].reason, res.to_dict()
+    assert status(dev).models["det"]["committed_version"] is None
+    assert site.events(dev, "security")
+    assert update_from_medium(dev, site.tmp / "m").status == "updated"
