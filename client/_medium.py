@@ -23,7 +23,9 @@ posts (:func:`._report._body`), each file authenticated with HMAC-SHA256 keyed b
 of the device's fleet credential (the value the fleet service stores; the credential itself
 never touches the medium). Events stay queued until an acknowledgement written by ``ota fleet
 import`` (authenticated the same way) comes back on a medium; an acknowledgement is honoured
-only up to the highest sequence number this device wrote to media for that queue epoch.
+only up to the first pending event outside the seq ranges the import stored (a report file
+lost on the way is never forgotten) and the highest sequence number this device wrote to
+media for that queue epoch. Folders on the medium that are links are refused.
 """
 
 from __future__ import annotations

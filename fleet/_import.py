@@ -13,9 +13,12 @@ Accepted reports go through the ingestion path of ``POST /v1/devices/<id>/events
 they are deduplicated exactly like network reports (by device, queue epoch and sequence
 number): importing a medium twice, or a report that also arrived over the network, stores
 each event once. The per-minute rate limit of the network path does not apply (an operator
-runs the import). For each device, an acknowledgement (the highest sequence number stored per
-queue), authenticated the same way, is written to ``acks/<device>.json`` on the medium for
-``ota device report --to`` to apply.
+runs the import). For each device, an acknowledgement (per queue, the seq ranges of the reports
+stored, and the highest seq), authenticated the same way, is written to ``acks/<device>.json``
+on the medium for ``ota device report --to`` to apply: the device forgets events only up to a
+gap, so a report file deleted from the medium is never lost. Nothing on the medium is followed
+or waited on: linked folders are skipped (``acks/`` linked: refused before storing anything),
+report files are opened without following links or blocking, and read bounded.
 """
 
 from __future__ import annotations
