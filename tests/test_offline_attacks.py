@@ -400,3 +400,44 @@ def test_a_mediums_metadata_replayed_over_the_network_is_refused(site: Site) -> 
     assert status(dev).models["det"]["committed_version"] is None
     assert site.events(dev, "security")
     assert update_from_medium(dev, site.tmp / "m").status == "updated"
+
+
+def test_import_of_malformed_files_refuses_each_with_exit_4_and_no_traceback(
+    site: Site,
+) -> None:
+    """Garbage on the stick (a careless operator or a hostile carrier): every file is listed
+    as refused with a reason, nothing is stored, exit 4, never a traceback; a FIFO is not
+    waited on, a symlink not followed, an oversized file not read whole."""
+    db = new_db("sqlite", None, site.tmp)
+    folder = site.tmp / "stick" / "reports" / "dev-x"
+    folder.mkdir(parents=True)
+    fmt = "edge-ota.medium-report/1"
+    bad: dict[str, bytes] = {
+        "binary.json": b"\xff\xfe\x00garbage",
+        "list.json": b"[]",
+        "deep.json": b"[" * 100_000,
+        "body-not-str.json": json.dumps(
+            {"format": fmt, "device": "dev-x", "body": 5, "mac": "0"}
+        ).encode(),
+        "surrogate.json": b'{"format": "%s", "device": "dev-x", "body": "\\ud800", "mac": ""}'
+        % fmt.encode(),
+        "huge.json": b" " * (8 << 20),
+        "unknown-device.json": json.dumps(
+            {"format": fmt, "device": "dev-x", "body": "{}", "mac": "0" * 64}
+        ).encode(),
+    }
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
+    os.mkfifo(folder / "fifo.json")
+    (folder / "link.json").symlink_to("/etc/passwd")
+    (site.tmp / "stick" / "reports" / "..%2F..").mkdir()
+    (site.tmp / "stick" / "reports" / "..%2F.." / "x.json").write_bytes(b"{}")
+    r = ota("fleet", "import", str(site.tmp / "stick"), "--db", db, "--json")
+    assert r.returncode == ExitCode.SECURITY and "Traceback" not in r.stderr, r.stderr
+    out = json.loads(r.stdout)
+    assert out["accepted"] == 0 and out["stored"] == 0, out
+    assert len(out["refused"]) == len(bad) + 3 == out["files"], out
+    reasons = {Path(x["file"]).name: x["reason"] for x in out["refused"]}
+    assert reasons["fifo.json"] == reasons["link.json"] == "not a regular file", reasons
+    assert reasons["huge.json"] == "too large" and reasons["x.json"] == "not a device id"
+    assert not (site.tmp / "stick" / "acks").exists()
