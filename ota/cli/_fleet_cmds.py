@@ -454,6 +454,28 @@ def prune(
     emit({"pruned": n}, as_json, f"pruned {n} events")
 
 
+@fleet.command("import")
+@click.argument("medium", type=click.Path(exists=True, file_okay=False, path_type=str))
+@project_option
+@db_option
+@json_option
+def import_cmd(medium: str, project_dir: str, db: str | None, as_json: bool) -> None:
+    """Ingest device reports carried back on an offline medium (deduplicated like network
+    reports); writes acknowledgements to it. Exit 4 if any report was refused."""
+    import sys
+    from pathlib import Path
+
+    from ota.errors import ExitCode
+    from ota.fleet._import import import_reports
+
+    r = import_reports(_cfg(project_dir, db), Path(medium))
+    emit(r.to_dict(), as_json, lambda: "\n".join(
+        [f"{r.accepted} of {r.files} reports accepted, {r.stored} new events stored"]
+        + [f"refused {x['file']}: {x['reason']}" for x in r.refused]))  # fmt: skip
+    if r.refused:
+        sys.exit(int(ExitCode.SECURITY))
+
+
 def _checked(value: str, what: str) -> str:
     from ota.errors import InputError
     from ota.fleet._validate import NAME_RE

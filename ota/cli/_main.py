@@ -110,6 +110,7 @@ def _register() -> None:
         module.register(cli)
     __import__("ota.cli._mirror_cmds", fromlist=["register"]).register(cli)
     __import__("ota.cli._rollout_cmds", fromlist=["register"]).register(cli)  # issue 9
+    __import__("ota.cli._offline_cmds", fromlist=["register"]).register(cli)
 
 
 def main() -> None:
