@@ -16,6 +16,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import click
 from click.testing import CliRunner
 from tuf.api.metadata import TargetFile
 
@@ -233,7 +234,7 @@ def test_a_migration_killed_midway_changes_nothing_and_reruns(tmp_path: Path) ->
     _stock_verifies_all(project, tmp_path / "stock-after", before)
 
 
-def _cli():  # type: ignore[no-untyped-def]
+def _cli() -> click.Group:
     from ota.cli._main import _register, cli
 
     _register()
