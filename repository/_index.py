@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import TargetFile, Targets
 
 from ota.bundle import (
     Manifest,
@@ -32,9 +32,16 @@ from ota.repository._layout import (
     archive_delegations,
     insert_model,
     model_delegation,
+    path_hash,
     split_segment,
 )
-from ota.repository._meta import ARCHIVE_ROLE, ARCHIVE_SEGMENT_CAP, RELEASES_ROLE, model_role
+from ota.repository._meta import (
+    ARCHIVE_ROLE,
+    ARCHIVE_SEGMENT_CAP,
+    ARCHIVE_SEGMENT_PREFIX,
+    RELEASES_ROLE,
+    model_role,
+)
 from ota.repository._project import put_target_file, target_storage_key
 from ota.repository._storage import Storage
 from ota.repository._trust import check_publisher
@@ -73,6 +80,20 @@ def ensure_model_role(txn: Transaction, name: str) -> None:
     insert_model(txn.edit(RELEASES_ROLE), model_delegation(name, keyids))
 
 
+def _segment_of(archive: Targets, path: str) -> str:
+    """The segment python-tuf consults for ``path``: the segments' prefixes partition the hash
+    space (a trie), so it is the one named by the longest delegated prefix of the path's hash
+    (O(depth), not one sha256 per segment as ``get_roles_for_target`` computes)."""
+    assert archive.delegations is not None
+    roles = archive.delegations.roles or {}
+    digest = path_hash(path)
+    for n in range(len(digest) + 1):
+        name = f"{ARCHIVE_SEGMENT_PREFIX}{digest[:n]}"
+        if name in roles:
+            return name
+    raise SecurityError(f"no archive segment delegates {path}")
+
+
 def archive_put(
     txn: Transaction, path: str, info: TargetFile, cap: int = ARCHIVE_SEGMENT_CAP
 ) -> None:
@@ -88,7 +109,7 @@ def archive_put(
         txn.edit(ARCHIVE_ROLE).delegations = archive_delegations(keys)
         archive = txn.targets(ARCHIVE_ROLE).signed
     assert archive.delegations is not None
-    segment = next(iter(archive.delegations.get_roles_for_target(path)))[0]
+    segment = _segment_of(archive, path)
     content = txn.edit(segment).targets
     content[path] = info
     if len(content) <= cap:

@@ -233,9 +233,10 @@ class Transaction:
     def bin_for(self, path: str) -> str:
         """The role that holds ``path``, or where a TUF client would look for it first: the
         first role on python-tuf's walk that delegates it no further (a team role, a model
-        role, the audit role, a hash bin of a repository not migrated yet). A release or index
-        path of a model without a model role places in ``releases``: callers create the model
-        role first (:func:`ota.repository._index.ensure_model_role`)."""
+        role, the audit role, a hash bin of a repository not migrated yet). A release path of
+        a model without a model role places in the archive, an index path in ``releases``:
+        callers create the model role first (:func:`ota.repository._index.ensure_model_role`).
+        """
         found, place = self._walk(path)
         return found or place
 
