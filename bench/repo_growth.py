@@ -74,7 +74,7 @@ from ota.bundle import (
     manifest_target_path,
 )
 from ota.errors import ConfigError
-from ota.repository._index import archive_dropped, ensure_model_role
+from ota.repository._index import archive_dropped, ensure_model_role, read_index
 from ota.repository._project import Project, put_target_file
 from ota.repository._txn import SignerSet, Transaction, run
 
@@ -314,18 +314,26 @@ def _stock_lookup(url: str, trusted: bytes, work: Path, name: str, version: str)
     return fetcher.bytes
 
 
-def device_polls(project: Project, model: Path, version: str, other_version: str,
+def device_polls(project: Project, model: Path, other_version: str,
                  workdir: Path) -> dict[str, Any]:
     """Through nginx (``docs/serving/nginx-site.conf``) and a relay counting every byte both
     ways, headers included: a cold refresh for one model, the poll after a real publish of
-    *another* model, and an idle poll; by the device session and by the stock client."""
+    *another* model, and an idle poll; by the device session and by the stock client. The
+    device follows ``fleet-00000`` (a bulk model with a full index window, the largest a
+    model role gets with the default ``max_live_releases``) or, before any bulk history, the
+    measured model."""
     from ota.repository import PublishRequest, publish
     from tests.nginx import serve_static
 
     root = project.storage.local_root()
     assert root is not None
     trusted = (project.root_dir / "root.json").read_bytes()
-    out: dict[str, Any] = {}
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    name = _device_model(txn)
+    index = read_index(txn, name)
+    assert index is not None
+    version = max(index.releases, key=lambda r: r.counter).version
+    out: dict[str, Any] = {"device_model": name, "device_model_live": len(index.releases)}
     shutil.rmtree(workdir / "polls", ignore_errors=True)
     with serve_static(root) as upstream, WireCounter(upstream) as wire:
 
@@ -335,9 +343,9 @@ def device_polls(project: Project, model: Path, version: str, other_version: str
                 work = workdir / "polls" / who
                 body = None
                 if who == "device":
-                    _device_lookup(wire.url, trusted, work, MEASURED_MODEL, version)
+                    _device_lookup(wire.url, trusted, work, name, version)
                 else:
-                    body = _stock_lookup(wire.url, trusted, work, MEASURED_MODEL, version)
+                    body = _stock_lookup(wire.url, trusted, work, name, version)
                 out[f"{who}_{label}_wire"] = wire.sent + wire.received
                 if body is not None:
                     out[f"{who}_{label}_body"] = body
@@ -350,6 +358,10 @@ def device_polls(project: Project, model: Path, version: str, other_version: str
 
 
 # -- one size ----------------------------------------------------------------------------------
+
+
+def _device_model(txn: Transaction) -> str:
+    return "fleet-00000" if read_index(txn, "fleet-00000") is not None else MEASURED_MODEL
 
 
 def _metadata_sizes(project: Project) -> dict[str, int]:
@@ -368,7 +380,7 @@ def _metadata_sizes(project: Project) -> dict[str, int]:
         "snapshot_bytes": (root / f"metadata/{snap_version}.snapshot.json").stat().st_size,
         "snapshot_roles": len(meta),
         "releases_role_bytes": size("releases"),
-        "model_role_bytes": size(txn.bin_for(index_target_path(MEASURED_MODEL))),
+        "model_role_bytes": size(txn.bin_for(index_target_path(_device_model(txn)))),
     }
 
 
@@ -404,7 +416,7 @@ def measure(project: Project, model: Path, first_version: int, repeat: int,
         **_metadata_sizes(project),
     }
     if nginx:
-        point |= device_polls(project, model, version, f"1.0.{first_version}", workdir)
+        point |= device_polls(project, model, f"1.0.{first_version}", workdir)
     return point
 
 
@@ -485,7 +497,8 @@ def render(doc: dict[str, Any]) -> str:
         rows = [
             [p["releases"], p["publish_s"], p["publish_ratio"], p["commit_s"],
              p["snapshot_roles"], p["snapshot_bytes"], p["releases_role_bytes"],
-             p["model_role_bytes"], p["refresh_bytes"], p["refresh_requests"],
+             p["model_role_bytes"], p.get("stock_cold_body", p["refresh_bytes"]),
+             p["refresh_requests"],
              p.get("device_cold_wire", "-"), p.get("device_after_other_wire", "-"),
              p.get("device_idle_wire", "-"), p.get("stock_after_other_wire", "-"), p["bulk_s"]]
             for p in s["points"]
