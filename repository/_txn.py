@@ -194,6 +194,13 @@ class Transaction:
                 queue.append(name)
         return out
 
+    def all_targets_roles(self) -> list[str]:
+        """Every targets role a client can reach, in delegation order: ``targets``, the team
+        roles, ``releases`` and everything below it (for tools that copy or re-sign the whole
+        tree, e.g. offline media). Retired roles (listed in the snapshot, delegated by nobody:
+        ADR 0010) are not among them."""
+        return [Targets.type, *self.team_roles(), *self.online_roles()]
+
     def release_roles(self) -> list[str]:
         """Every role that may hold release targets: the team roles, then the online roles
         below ``releases`` (model roles, archive segments; or the hash bins)."""

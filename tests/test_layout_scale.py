@@ -8,6 +8,7 @@ metadata of the old layout must keep updating.
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -17,11 +18,15 @@ from functools import partial
 from pathlib import Path
 
 import click
+import pytest
 from click.testing import CliRunner
 from tuf.api.metadata import TargetFile
 
 from ota.bundle import manifest_target_path
 from ota.client import init_device, update_once
+from ota.client._fetch import FetchConfig, make_pool
+from ota.client._tuf import TufSession
+from ota.errors import SecurityError
 from ota.repository import Project
 from ota.repository._index import archive_put, ensure_model_role
 from ota.repository._meta import ARCHIVE_SEGMENT_PREFIX, model_role
@@ -82,6 +87,9 @@ def test_stock_client_verifies_every_target_of_the_per_model_layout(tmp_path: Pa
     old = txn.find(manifest_target_path("alpha", "1.0.0"))
     assert old is not None
     assert old.startswith(ARCHIVE_SEGMENT_PREFIX)
+    # every role a client can reach is in the snapshot (python-tuf refuses one that is not)
+    assert txn.all_targets_roles()[:2] == ["targets", "releases"]
+    assert all(f"{r}.json" in txn.snapshot.signed.meta for r in txn.all_targets_roles())
     paths = _every_target(project)
     assert len([p for p in paths if p.startswith("releases/")]) == 5
     _stock_verifies_all(project, tmp_path / "stock", paths)
@@ -159,6 +167,7 @@ def test_migration_keeps_old_devices_updating(tmp_path: Path) -> None:
             len({m.version for n, m in txn.snapshot.signed.meta.items() if n.startswith("bins-")})
             == 1
         )
+        assert all(f"{r}.json" in txn.snapshot.signed.meta for r in txn.all_targets_roles())
         after = _every_target(project)
         assert set(after) == set(before)
         assert not any(r.startswith("bins-") for r in after.values())
@@ -239,3 +248,94 @@ def _cli() -> click.Group:
 
     _register()
     return cli
+
+
+class _GzipServer:
+    """A static server over a repository folder (real HTTP on 127.0.0.1) that records each
+    request's ``Accept-Encoding`` and answers snapshot requests with ``Content-Encoding: gzip``:
+    honestly (the file, compressed, even to a client that did not ask) or as a bomb (64 MiB of
+    spaces compressed to ~64 KB)."""
+
+    def __init__(self, root: Path, bomb: bool) -> None:
+        import http.server
+        import threading
+
+        self.seen: list[tuple[str, str]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                outer.seen.append((path, self.headers.get("Accept-Encoding", "")))
+                file = root / path.lstrip("/")
+                if ".." in path or not file.is_file():
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = file.read_bytes()
+                gz = path.endswith(".snapshot.json")
+                if gz:
+                    body = gzip.compress(b" " * (64 << 20) if bomb else body, 6)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                if gz:
+                    self.send_header("Content-Encoding", "gzip")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _GzipServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _session(project: Project, url: str, work: Path) -> TufSession:
+    cfg = FetchConfig(retries=0)
+    return TufSession(work / "metadata", work / "cache", url,
+                      (project.root_dir / "root.json").read_bytes(), pool=make_pool(cfg),
+                      fetch_cfg=cfg)  # fmt: skip
+
+
+def test_gzip_is_asked_for_growing_metadata_only_and_verified_decoded(tmp_path: Path) -> None:
+    project = make_project(tmp_path)
+    publish_mlp(project, "alpha", "1.0.0")
+    root = project.storage.local_root()
+    assert root is not None
+    with _GzipServer(root, bomb=False) as srv:
+        session = _session(project, srv.url, tmp_path / "dev")
+        session.refresh()
+        assert session.index("alpha") is not None
+        asked = {p.rsplit("/", 1)[-1]: enc for p, enc in srv.seen}
+        assert asked["timestamp.json"] == "identity"  # the idle poll's requests: unchanged
+        assert asked["2.root.json"] == "identity"
+        assert all(enc == "gzip" for n, enc in asked.items() if n[0].isdigit() and
+                   not n.endswith(".root.json")), asked  # fmt: skip
+        # the stock client asks for nothing, is sent gzip anyway, and verifies the decoded bytes
+        stock = stock_updater(srv.url, (project.root_dir / "root.json").read_bytes(),
+                              tmp_path / "stock")  # fmt: skip
+        stock.refresh()
+        assert stock.get_targetinfo(manifest_target_path("alpha", "1.0.0")) is not None
+
+
+def test_a_gzip_bomb_in_place_of_the_snapshot_is_cut_at_its_signed_length(
+    tmp_path: Path,
+) -> None:
+    project = make_project(tmp_path)
+    publish_mlp(project, "alpha", "1.0.0")
+    root = project.storage.local_root()
+    assert root is not None
+    with _GzipServer(root, bomb=True) as srv:
+        session = _session(project, srv.url, tmp_path / "dev")
+        with pytest.raises(SecurityError, match=r"endless data|length"):
+            session.refresh()
