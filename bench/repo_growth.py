@@ -460,6 +460,7 @@ def grow(layout: str, sizes: list[int], workdir: Path, repeat: int, batch: int,
     for p in points:
         p["publish_ratio"] = ratio(p["publish_s"], first["publish_s"])
         p["commit_ratio"] = ratio(p["commit_s"], first["commit_s"])
+        p["refresh_s_ratio"] = ratio(p["refresh_s"], first["refresh_s"])
         p["refresh_bytes_ratio"] = ratio(p["refresh_bytes"], first["refresh_bytes"])
     last = points[-1]
     goal_met = nginx and (last["device_cold_wire"] <= GOAL_COLD
