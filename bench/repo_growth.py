@@ -1,28 +1,33 @@
-"""Repository growth: publish time and a cold client refresh at 100, 10,000 and 100,000 releases.
+"""Repository growth: what a device pays for metadata at 100 and 100,000 releases, per layout.
 
-One repository per bin count grows through the sizes in ``--releases``: at each size the older
-releases are generated in bulk (:func:`bulk_add`), then the benchmark measures
+One repository per layout (``--layouts``: ``models``, the per-model roles of ADR 0010, and
+``bins-N``, the hash bins of ADR 0002 with N bins, built as ``ota init`` built them before)
+grows through the sizes in ``--releases``: at each size the older releases are generated in
+bulk (:func:`bulk_add`), then the benchmark measures
 
 * **publish**: best of ``--repeat`` real :func:`ota.repository.publish` calls of a small MLP as
-  the next version of a model that has a real history (its phases beside it, ``commit`` being the
-  metadata transaction, the only part that can grow with the repository);
-* **cold refresh**: best of ``--repeat`` runs of the stock python-tuf ``ngclient.Updater`` over
-  real HTTP (``tests.repo_helpers.serve_dir``) from an empty metadata folder: ``refresh()`` then
-  ``get_targetinfo`` of the newest release's manifest and of the model's index; bytes and
-  requests counted by a fetcher around urllib3 (:class:`CountingFetcher`).
+  the next version of a model that has a real history (``commit`` being the metadata
+  transaction, the part that can grow with the repository);
+* **stock cold refresh**: the stock python-tuf ``ngclient.Updater`` over real HTTP from an empty
+  metadata folder: ``refresh()``, the release's and the index's target info; body bytes;
+* **device figures, on the wire** (where nginx is installed): the repository served by nginx
+  with ``docs/serving/nginx-site.conf`` behind a relay that counts every byte both ways,
+  headers included (:class:`bench._common.WireCounter`). The device session
+  (:class:`ota.client._tuf.TufSession`, which asks for gzip on snapshot and roles) and the
+  stock client each do a **cold refresh** for one model (``fleet-00000``: 100 releases, a full
+  index window), then, after a real publish of **another** model, a **poll** (refresh, index,
+  release), then an **idle poll**. Goals at the largest size for the device: cold <= 64 KiB,
+  after another model's publish <= 16 KiB, idle <= 1 KiB.
 
-Figures are ratios against the smallest size of the same bin count. Goal: at the largest size
-(100,000) within 1.5x of the smallest (100). Run with ``--bins 4096`` (about 25 releases per bin
-at 100,000) and, for comparison, the ``init`` default of 256 bins at ``--default-bins-releases``.
-
-Bulk generation (setup, untimed in the figures) writes what a publish would write to the bins:
-one ``TargetFile`` per release with realistic :class:`~ota.bundle.TargetFacts` custom data and
-one index target per model, through the project's transaction (``_txn.run``) and signers, one
+Bulk generation (setup, untimed) goes through the publisher's own role code (see
+:func:`bulk_add`): N releases over N/100 models, each a ``TargetFile`` with realistic
+:class:`~ota.bundle.TargetFacts` custom data, one index per model (32 live releases), one
 transaction per ``--batch`` releases. The manifests those targets name are not written (nothing
 in the measured paths reads them). Signing uses the project's keys with a faster canonical-JSON
 encoder, checked byte-for-byte against python-tuf's on the first role of every batch.
 
-Run: ``python -m bench.repo_growth [--json] [--releases 100,10000,100000] [--bins 4096]``.
+Run: ``python -m bench.repo_growth [--json] [--releases 100,100000]
+[--layouts models,bins-256,bins-4096] [--repeat 3] [--batch 50000]``.
 """
 
 from __future__ import annotations
