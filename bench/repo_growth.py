@@ -323,7 +323,8 @@ def device_polls(project: Project, model: Path, other_version: str,
                  workdir: Path) -> dict[str, Any]:
     """Through nginx (``docs/serving/nginx-site.conf``) and a relay counting every byte both
     ways, headers included: a cold refresh for one model, the poll after a real publish of
-    *another* model, and an idle poll; by the device session and by the stock client. The
+    *another* model, an idle poll, and the poll after the first publish of a *new* model; by
+    the device session and by the stock client. The
     device follows ``fleet-00000`` (a bulk model with a full index window, the largest a
     model role gets with the default ``max_live_releases``) or, before any bulk history, the
     measured model."""
@@ -359,6 +360,10 @@ def device_polls(project: Project, model: Path, other_version: str,
         publish(project, PublishRequest(model, OTHER_MODEL, other_version))
         step("after_other")
         step("idle")
+        # the first publish of a model nobody had: in the per-model layout it also changes
+        # the delegation list in ``releases``, which every device then downloads once
+        publish(project, PublishRequest(model, f"new-{other_version.replace('.', '-')}", "1.0.0"))
+        step("after_new")
     return out
 
 
@@ -506,7 +511,8 @@ def render(doc: dict[str, Any]) -> str:
              p["model_role_bytes"], p.get("stock_cold_body", p["refresh_bytes"]),
              p["refresh_requests"],
              p.get("device_cold_wire", "-"), p.get("device_after_other_wire", "-"),
-             p.get("device_idle_wire", "-"), p.get("stock_after_other_wire", "-"), p["bulk_s"]]
+             p.get("device_idle_wire", "-"), p.get("device_after_new_wire", "-"),
+             p.get("stock_after_other_wire", "-"), p["bulk_s"]]
             for p in s["points"]
         ]
         goal = "met" if s["goal_met"] else "NOT met"
@@ -517,7 +523,7 @@ def render(doc: dict[str, Any]) -> str:
             f"{GOAL_IDLE} B: {goal})",
             ["releases", "publish s", "x", "commit s", "roles", "snapshot B", "releases B",
              "model role B", "stock cold B", "req", "device cold", "after other", "idle",
-             "stock after other", "bulk s"],
+             "after new", "stock after other", "bulk s"],
             rows,
         ))
         out.append("")
