@@ -433,15 +433,16 @@ def measure(project: Project, model: Path, first_version: int, repeat: int,
 def grow(layout: str, sizes: list[int], workdir: Path, repeat: int, batch: int,
          nginx: bool) -> dict[str, Any]:
     """One repository in ``layout`` (``models``: ADR 0010; ``bins-N``: the old layout with N
-    hash bins), grown through ``sizes`` releases; measured at each."""
+    hash bins; ``migrated-bins-N``: the old layout, migrated by ``ota migrate-layout`` at the
+    first size that finds it unmigrated), grown through ``sizes`` releases; measured at each."""
     from ota.repository import PublishRequest, init_project, publish
     from tests.onnx_models import write_mlp
 
     base = workdir / layout
     shutil.rmtree(base, ignore_errors=True)
     t0 = time.perf_counter()
-    legacy = layout.startswith("bins-")
-    bins = int(layout.split("-")[1]) if legacy else 256
+    legacy = layout.startswith(("bins-", "migrated-bins-"))
+    bins = int(layout.rsplit("-", 1)[1]) if legacy else 256
     init_project(base / "proj", str(base / "repo"), bins=bins, legacy_bins=legacy)
     project = Project.open(base / "proj")
     init_s = time.perf_counter() - t0
@@ -463,6 +464,14 @@ def grow(layout: str, sizes: list[int], workdir: Path, repeat: int, batch: int,
         bulk_s = time.perf_counter() - t1
         log(f"{layout}: {bulk_done + real + 1} releases (bulk {bulk_s:.1f}s), measuring")
         point = {"releases": bulk_done + real + 1, "bulk_s": round(bulk_s, 1)}
+        if layout.startswith("migrated-"):  # `ota migrate-layout` of the grown repository
+            from ota.repository._migrate import migrate_layout
+
+            t2 = time.perf_counter()
+            moved = migrate_layout(project)
+            point["migrate_s"] = round(time.perf_counter() - t2, 1)
+            point["migrated"] = moved.to_dict()
+            log(f"{layout}: migrated in {point['migrate_s']} s: {moved.to_dict()}")
         point |= measure(project, model, real, repeat, base, nginx)
         real += max(1, repeat) + (1 if nginx else 0)
         points.append(point)
@@ -538,7 +547,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "repo_growth")
     parser.add_argument("--releases", default="100,100000")
     parser.add_argument("--layouts", default="models,bins-256,bins-4096",
-                        help="models (ADR 0010) and/or bins-N (the old layout, N hash bins)")
+                        help="models (ADR 0010), bins-N (the old layout, N hash bins), "
+                             "migrated-bins-N (the old layout grown, then migrated)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=50_000, help="bulk releases per transaction")
     args = parser.parse_args(argv)
