@@ -463,7 +463,7 @@ def grow(layout: str, sizes: list[int], workdir: Path, repeat: int, batch: int,
             bulk_done = want_bulk
         bulk_s = time.perf_counter() - t1
         log(f"{layout}: {bulk_done + real + 1} releases (bulk {bulk_s:.1f}s), measuring")
-        point = {"releases": bulk_done + real + 1, "bulk_s": round(bulk_s, 1)}
+        point: dict[str, Any] = {"releases": bulk_done + real + 1, "bulk_s": round(bulk_s, 1)}
         if layout.startswith("migrated-"):  # `ota migrate-layout` of the grown repository
             from ota.repository._migrate import migrate_layout
 
