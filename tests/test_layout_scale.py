@@ -29,10 +29,13 @@ from ota.client._tuf import TufSession
 from ota.errors import SecurityError
 from ota.repository import Project
 from ota.repository._index import archive_put, ensure_model_role
+from ota.repository._keyadmin import list_keys, revoke
+from ota.repository._keyspec import KeySpec
 from ota.repository._meta import ARCHIVE_SEGMENT_PREFIX, model_role
 from ota.repository._migrate import migrate_layout
 from ota.repository._project import put_target_file
 from ota.repository._txn import Transaction, run
+from ota.signing import generate_key
 from tests.repo_helpers import make_project, publish_mlp, serve_dir, stock_updater
 from tests.updater_world import FAST
 
@@ -339,3 +342,23 @@ def test_a_gzip_bomb_in_place_of_the_snapshot_is_cut_at_its_signed_length(
         session = _session(project, srv.url, tmp_path / "dev")
         with pytest.raises(SecurityError, match=r"endless data|length"):
             session.refresh()
+
+
+def test_rotating_the_online_key_resigns_model_roles_and_archive(tmp_path: Path) -> None:
+    project = _max_live(make_project(tmp_path), 1)
+    publish_mlp(project, "alpha", "1.0.0")
+    publish_mlp(project, "alpha", "1.1.0", seed=1)  # 1.0.0 moves to the archive
+    bins_id = next(k.keyid for k in list_keys(project) if k.roles == ("bins",))
+    uri, new_bins = generate_key(tmp_path / "k", "bins-new")
+    revoke(project, bins_id, replacement=KeySpec(new_bins, uri))
+    project = Project.open(project.root_dir)
+    publish_mlp(project, "alpha", "1.2.0", seed=2)
+    txn = _txn(project)
+    root = project.storage.local_root()
+    assert root is not None
+    for role in txn.online_roles():  # every online role is signed by the new key alone
+        meta = txn.snapshot.signed.meta[f"{role}.json"]
+        doc = json.loads((root / "metadata" / f"{meta.version}.{role}.json").read_bytes())
+        assert [s["keyid"] for s in doc["signatures"]] == [new_bins.keyid], role
+    assert any(r.startswith(ARCHIVE_SEGMENT_PREFIX) for r in txn.online_roles())
+    _stock_verifies_all(project, tmp_path / "stock", _every_target(project))
