@@ -349,6 +349,7 @@ class MediumPool:
         self._reader = reader
         self._lock = threading.Lock()
         self.requests = 0
+        self.headers: dict[str, str] = {}  # the pool API's default headers (none on a medium)
 
     def request(self, method: str, url: str, headers: dict[str, str] | None = None,
                 **_: Any) -> _Response:  # fmt: skip
