@@ -35,6 +35,7 @@ from ota.bundle import FileEntry, Manifest
 from ota.errors import LocalError, SecurityError
 
 from ._fetch import BlobFetcher, FetchConfig
+from ._spans import Piece, plan
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _WRITEBACK = 8 * 1024 * 1024
@@ -100,6 +101,10 @@ class ChunkIndex:
                 break
             self._chunks.setdefault(c.sha256, []).append((path, offset))
             offset += c.size
+
+    def has(self, sha256: str) -> bool:
+        """Whether some place may hold the chunk (not verified: :meth:`read_chunk` is)."""
+        return sha256 in self._chunks
 
     def read_chunk(self, sha256: str, size: int) -> bytes | None:
         """Bytes of a chunk from disk if some indexed place holds them intact, else None."""
@@ -173,7 +178,15 @@ def stage(manifest: Manifest, dest: Path, index: ChunkIndex, fetcher: BlobFetche
 
 @dataclass
 class _Assembler:
-    """Fetches or reads chunks with a bounded window of workers, writes them in order."""
+    """Reads or fetches the pieces of each file with a bounded window of workers, writes them
+    in order.
+
+    A piece is a chunk the device may hold (read from disk, re-hashed) or, when the fetcher
+    may use ranges, a span of adjacent missing chunks (one ``Range`` of the file blob; ADR
+    0014). Span bytes are verified once, by the file's sha256 as :class:`_FileWriter` writes
+    them; when the store has no file blob or ignores ``Range``, the span's chunk blobs are
+    fetched instead, each verified on arrival as before.
+    """
 
     dest: Path
     index: ChunkIndex
@@ -183,18 +196,33 @@ class _Assembler:
     on_file: Callable[[str], None] | None
     on_bytes: Callable[[int, int], None] | None = None
 
-    def get(self, sha256: str, size: int) -> tuple[bytes | bytearray, bool]:
-        data = self.index.read_chunk(sha256, size)
-        if data is not None:
-            return data, True
-        return self.fetcher.fetch(sha256, size), False
+    def pieces(self, f: FileEntry) -> list[Piece]:
+        if not self.cfg.spans or len(f.chunks) < 2:
+            # one-chunk files: the chunk blob is the file blob, a range of it gains nothing
+            return plan(f, lambda _: True, 0)  # every chunk alone, as before
+        return plan(f, self.index.has, max(self.cfg.max_span, 1))
+
+    def get(self, f: FileEntry, p: Piece) -> _Got:
+        if p.local:
+            c = p.chunks[0]
+            on_disk = self.index.read_chunk(c.sha256, c.size)
+            if on_disk is not None:
+                return _Got(on_disk, reused=1)
+            return _Got(self.fetcher.fetch(c.sha256, c.size), downloaded=1)
+        span = self.fetcher.fetch_span(f.sha256, f.size, p.offset, p.size)
+        if span is None:  # no file blob, or no ranges: the chunk blobs, each verified
+            span = bytearray()
+            for c in p.chunks:
+                span += self.fetcher.fetch(c.sha256, c.size)
+        return _Got(span, downloaded=len(p.chunks))
 
     def run(self, files: list[FileEntry]) -> None:
         window = max(2 * self.cfg.parallel, 2)
-        jobs = ((f, i) for f in files for i in range(len(f.chunks)))
-        inflight: deque[tuple[FileEntry, int, Future[tuple[bytes | bytearray, bool]]]] = deque()
-        buffered = 0  # bytes of the chunks in flight: bounded so peak memory stays flat
-        pending: tuple[FileEntry, int] | None = None
+        jobs = ((f, p, i == len(ps) - 1) for f in files for ps in [self.pieces(f)]
+                for i, p in enumerate(ps))
+        inflight: deque[tuple[FileEntry, Piece, bool, Future[_Got]]] = deque()
+        buffered = 0  # bytes of the pieces in flight: bounded so peak memory stays flat
+        pending: tuple[FileEntry, Piece, bool] | None = None
         writer: _FileWriter | None = None
         with ThreadPoolExecutor(max_workers=max(self.cfg.parallel, 1)) as pool:
             try:
@@ -203,21 +231,20 @@ class _Assembler:
                         pending = pending or next(jobs, None)
                         if pending is None:
                             break
-                        f, i = pending
-                        c = f.chunks[i]
-                        if inflight and buffered + c.size > self.cfg.max_inflight_bytes:
+                        f, p, last = pending
+                        if inflight and buffered + p.size > self.cfg.max_inflight_bytes:
                             break
-                        inflight.append((f, i, pool.submit(self.get, c.sha256, c.size)))
-                        buffered += c.size
+                        inflight.append((f, p, last, pool.submit(self.get, f, p)))
+                        buffered += p.size
                         pending = None
                     if not inflight:
                         break
-                    f, i, fut = inflight.popleft()
-                    buffered -= f.chunks[i].size
-                    if writer is None or i == 0:
+                    f, p, last, fut = inflight.popleft()
+                    buffered -= p.size
+                    if writer is None or p.offset == 0:
                         writer = _FileWriter(self.dest, f)
-                    self._write(writer, *fut.result())
-                    if i == len(f.chunks) - 1:
+                    self._write(writer, fut.result())
+                    if last:
                         self._finish(writer)
                         writer = None
             except BaseException:
@@ -230,14 +257,14 @@ class _Assembler:
             if not f.chunks:
                 self._finish(_FileWriter(self.dest, f))
 
-    def _write(self, writer: _FileWriter, data: bytes | bytearray, reused: bool) -> None:
-        writer.write(data)
-        if reused:
-            self.stats.bytes_reused += len(data)
-            self.stats.chunks_reused += 1
+    def _write(self, writer: _FileWriter, got: _Got) -> None:
+        writer.write(got.data)
+        if got.reused:
+            self.stats.bytes_reused += len(got.data)
+            self.stats.chunks_reused += got.reused
         else:
-            self.stats.bytes_downloaded += len(data)
-            self.stats.chunks_downloaded += 1
+            self.stats.bytes_downloaded += len(got.data)
+            self.stats.chunks_downloaded += got.downloaded
         if self.on_bytes:
             self.on_bytes(self.stats.bytes_staged, self.stats.bytes_total)
 
@@ -246,6 +273,15 @@ class _Assembler:
         self.stats.files += 1
         if self.on_file:
             self.on_file(writer.entry.path)
+
+
+@dataclass
+class _Got:
+    """A piece's bytes and how many chunks they came as (from disk or from the network)."""
+
+    data: bytes | bytearray
+    reused: int = 0
+    downloaded: int = 0
 
 
 class _FileWriter:
