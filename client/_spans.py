@@ -85,8 +85,14 @@ def parse_content_range(value: str) -> tuple[int, int, int] | None:
     return first, last, total
 
 
-def check_partial(url: str, content_range: str | None, content_length: str | None,
-                  start: int, size: int, total: int) -> None:
+def check_partial(
+    url: str,
+    content_range: str | None,
+    content_length: str | None,
+    start: int,
+    size: int,
+    total: int,
+) -> None:
     """Accept a 206 answer to ``range_header(start, size)`` on a blob of ``total`` bytes.
 
     Raises:
@@ -97,7 +103,9 @@ def check_partial(url: str, content_range: str | None, content_length: str | Non
     got = parse_content_range(content_range or "")
     want = (start, start + size - 1, total)
     if got != want:
-        raise SecurityError(f"{url}: Content-Range {content_range!r} is not the bytes asked "
-                            f"({want[0]}-{want[1]}/{want[2]})")
+        raise SecurityError(
+            f"{url}: Content-Range {content_range!r} is not the bytes asked "
+            f"({want[0]}-{want[1]}/{want[2]})"
+        )
     if content_length is not None and content_length.strip() != str(size):
         raise SecurityError(f"{url}: Content-Length {content_length!r} for a range of {size}")

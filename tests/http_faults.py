@@ -7,7 +7,7 @@ Faults are matched by a substring of the request path and consumed ``times`` tim
 * ``truncate`` - announce the full length, send ``after`` bytes, close cleanly;
 * ``drip`` - send the body ``step`` bytes at a time with ``delay`` seconds between writes;
 * ``endless`` - announce no length and send bytes until the client hangs up;
-* ``norange`` - ignore a Range header and send the whole file with 200;
+* ``norange`` - ignore a Range header and send the whole file (or ``body``) with 200;
 * ``replace`` - serve ``body`` instead of the file (tampering);
 * ``badrange`` - answer a range with ``Content-Range: <content_range>`` (a lying server);
 * ``overlong`` - answer a range with ``after`` bytes more than asked (and announce them).
@@ -92,7 +92,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault and fault.kind == "endless":
             self._endless(path, rng)
             return
-        data = fault.body if fault and fault.kind == "replace" else self._read(path)
+        replaced = fault and (fault.kind == "replace" or (fault.kind == "norange" and fault.body))
+        data = fault.body if fault and replaced else self._read(path)
         if data is None:
             self._simple(404, path, rng)
             return
