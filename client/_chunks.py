@@ -202,19 +202,21 @@ class _Assembler:
             return plan(f, lambda _: True, 0)  # every chunk alone, as before
         return plan(f, self.index.has, max(self.cfg.max_span, 1))
 
-    def get(self, f: FileEntry, p: Piece) -> _Got:
+    def get(self, f: FileEntry, p: Piece, buf: bytearray | None = None) -> _Got:
         if p.local:
             c = p.chunks[0]
             on_disk = self.index.read_chunk(c.sha256, c.size)
             if on_disk is not None:
                 return _Got(on_disk, reused=1)
             return _Got(self.fetcher.fetch(c.sha256, c.size), downloaded=1)
-        span = self.fetcher.fetch_span(f.sha256, f.size, p.offset, p.size)
+        out = memoryview(buf)[: p.size] if buf is not None else None
+        span = self.fetcher.fetch_span(f.sha256, f.size, p.offset, p.size, out)
         if span is None:  # no file blob, or no ranges: the chunk blobs, each verified
-            span = bytearray()
+            joined = bytearray()
             for c in p.chunks:
-                span += self.fetcher.fetch(c.sha256, c.size)
-        return _Got(span, downloaded=len(p.chunks))
+                joined += self.fetcher.fetch(c.sha256, c.size)
+            return _Got(joined, downloaded=len(p.chunks), buf=buf)
+        return _Got(span, downloaded=len(p.chunks), buf=buf)
 
     def run(self, files: list[FileEntry]) -> None:
         window = max(2 * self.cfg.parallel, 2)
@@ -224,7 +226,12 @@ class _Assembler:
         buffered = 0  # bytes of the pieces in flight: bounded so peak memory stays flat
         pending: tuple[FileEntry, Piece, bool] | None = None
         writer: _FileWriter | None = None
-        with ThreadPoolExecutor(max_workers=max(self.cfg.parallel, 1)) as pool:
+        buffers = _Buffers(max(self.cfg.max_span, 1),
+                           max(self.cfg.max_inflight_bytes // max(self.cfg.max_span, 1), 1))
+        with (
+            ThreadPoolExecutor(max_workers=max(self.cfg.parallel, 1)) as pool,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher,
+        ):
             try:
                 while True:
                     while len(inflight) < window:
@@ -234,7 +241,8 @@ class _Assembler:
                         f, p, last = pending
                         if inflight and buffered + p.size > self.cfg.max_inflight_bytes:
                             break
-                        inflight.append((f, p, last, pool.submit(self.get, f, p)))
+                        buf = None if p.local else buffers.take(p.size)
+                        inflight.append((f, p, last, pool.submit(self.get, f, p, buf)))
                         buffered += p.size
                         pending = None
                     if not inflight:
@@ -242,8 +250,10 @@ class _Assembler:
                     f, p, last, fut = inflight.popleft()
                     buffered -= p.size
                     if writer is None or p.offset == 0:
-                        writer = _FileWriter(self.dest, f)
-                    self._write(writer, fut.result())
+                        writer = _FileWriter(self.dest, f, hasher)
+                    got = fut.result()
+                    self._write(writer, got)
+                    buffers.give(got.buf)
                     if last:
                         self._finish(writer)
                         writer = None
@@ -275,13 +285,38 @@ class _Assembler:
             self.on_file(writer.entry.path)
 
 
+class _Buffers:
+    """Reused span buffers, taken and given back by the assembling thread only: at most
+    ``count`` of ``size`` bytes each (peak memory is fixed, and no span faults in fresh pages).
+    A span that fits none gets None (the fetcher allocates it)."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size, self.count = size, count
+        self.spare: list[bytearray] = []
+
+    def take(self, n: int) -> bytearray | None:
+        if n > self.size:
+            return None
+        if self.spare:
+            return self.spare.pop()
+        if self.count > 0:
+            self.count -= 1
+            return bytearray(self.size)
+        return None
+
+    def give(self, buf: bytearray | None) -> None:
+        if buf is not None:
+            self.spare.append(buf)
+
+
 @dataclass
 class _Got:
     """A piece's bytes and how many chunks they came as (from disk or from the network)."""
 
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview
     reused: int = 0
     downloaded: int = 0
+    buf: bytearray | None = None  # the reusable span buffer behind ``data``, if any
 
 
 class _FileWriter:
@@ -292,8 +327,10 @@ class _FileWriter:
     file, and a large bundle never piles up hundreds of MB of dirty pages on a small device.
     """
 
-    def __init__(self, dest: Path, entry: FileEntry) -> None:
+    def __init__(self, dest: Path, entry: FileEntry,
+                 hasher: ThreadPoolExecutor | None = None) -> None:
         self.entry = entry
+        self.hasher = hasher
         self.final = dest / entry.path
         self.tmp = dest / _temp_name(entry.path)
         self.h = hashlib.sha256()
@@ -301,9 +338,16 @@ class _FileWriter:
         self.flushed = 0  # bytes handed to writeback
         self.fh: BinaryIO = self.tmp.open("wb")
 
-    def write(self, data: bytes | bytearray) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        # The hash (on its own thread) and the write run at once: both release the GIL, so a
+        # piece costs the longer of the two, not their sum. The hash is awaited before the
+        # next piece (order) and before the caller may reuse ``data``'s buffer.
+        hashed = self.hasher.submit(self.h.update, data) if self.hasher else None
         self.fh.write(data)
-        self.h.update(data)
+        if hashed is None:
+            self.h.update(data)
+        else:
+            hashed.result()
         self.size += len(data)
         if self.size - self.flushed >= _WRITEBACK:
             _start_writeback(self.fh.fileno(), self.flushed, self.size - self.flushed)

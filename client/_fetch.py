@@ -189,8 +189,8 @@ class BlobFetcher:
         with self._lock:
             self._no_ranges.add(file_sha256)
 
-    def fetch_span(self, file_sha256: str, total: int, start: int,
-                   size: int) -> bytearray | None:
+    def fetch_span(self, file_sha256: str, total: int, start: int, size: int,
+                   out: memoryview | None = None) -> bytearray | memoryview | None:
         """Bytes ``[start, start + size)`` of the file blob of ``file_sha256`` (a file of
         ``total`` bytes), **not verified here**: the caller hashes them as part of the file,
         whose sha256 the verified manifest names, and keeps them under a temp name until it
@@ -199,7 +199,8 @@ class BlobFetcher:
         Returns None, having read no body, when the store has no such blob (404/410) or
         answers a range with the whole blob (200): the caller then fetches the span's chunk
         blobs, each verified. A 200 is kept only when the span *is* the whole file, read
-        to at most ``size`` bytes.
+        to at most ``size`` bytes. ``out`` (exactly ``size`` bytes), if given, receives the
+        bytes and is returned (a reused buffer: no allocation, no page faults per span).
 
         Invariant: returns exactly ``size`` bytes that the server labelled as exactly the
         asked range of a ``total``-byte blob, read in at most ``1 + retries`` attempts, each
@@ -216,7 +217,10 @@ class BlobFetcher:
         if not self.ranges_usable(file_sha256):
             return None
         url = self.url(file_sha256)
-        prog = _Span(size)
+        if out is not None and len(out) != size:
+            raise ValueError(f"buffer of {len(out)} bytes for a span of {size}")
+        buf = out if out is not None else memoryview(bytearray(size))
+        prog = _Span(buf)
         attempt = 0
         while True:
             attempt += 1
@@ -225,7 +229,7 @@ class BlobFetcher:
                 if done is None:
                     return None
                 if done:
-                    return prog.buf
+                    return buf
                 why: TransientError = TransientError(f"truncated range of {url}")
             except TransientError as e:
                 why = e
@@ -260,8 +264,10 @@ class BlobFetcher:
                               resp.headers.get("Content-Length"), first, left, total)
             elif status != 200:
                 raise TransientError(f"HTTP {status} for {url}")
-            view = memoryview(prog.buf)
-            for data in _pieces(resp, max(self._cfg.read_size, 1 << 20)):
+            view = prog.buf
+            # read_size pieces stay below malloc's pinned mmap threshold (ota._lean): reused
+            # heap memory, not a fresh mapping to fault in for every piece
+            for data in _pieces(resp, self._cfg.read_size):
                 end = prog.n + len(data)
                 if end > size:
                     raise SecurityError(f"{url} sent more than the {left} bytes asked")
@@ -387,10 +393,10 @@ class _Progress:
 
 
 class _Span:
-    """One span's buffer, allocated once at its size, and the bytes received so far."""
+    """One span's buffer, exactly its size, and the bytes received so far."""
 
-    def __init__(self, size: int) -> None:
-        self.buf = bytearray(size)
+    def __init__(self, buf: memoryview) -> None:
+        self.buf = buf
         self.n = 0
 
 
