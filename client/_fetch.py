@@ -53,7 +53,7 @@ class FetchConfig:
     backoff: float = 0.25
     backoff_max: float = 8.0
     parallel: int = 4  # concurrent chunk or span fetches
-    max_inflight_bytes: int = 16 * 1024 * 1024  # bytes buffered at once (peak memory)
+    max_inflight_bytes: int = 12 * 1024 * 1024  # bytes buffered at once (peak memory)
     max_span: int = 4 * 1024 * 1024  # adjacent missing chunks merged into one Range up to this
     spans: bool = True  # fetch runs of missing chunks as ranges of the file blob (ADR 0014)
     read_size: int = 256 * 1024
