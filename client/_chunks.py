@@ -4,14 +4,19 @@ A device already holds most chunks of a fine-tuned or rolled-back release: in th
 slot, in the inactive (previous) slot, or in the leftovers of an interrupted attempt. The
 :class:`ChunkIndex` maps chunk digests to places on disk, known from the manifests of those
 slots; :func:`stage` writes every file of a new manifest, taking each chunk from disk when one
-hashes right and from the network otherwise.
+hashes right and from the network otherwise: runs of adjacent missing chunks as one ``Range``
+of the file's blob (ADR 0014), or chunk blobs where the store has no file blob or ignores
+ranges.
 
 Invariants:
 
-* every byte written to a staged file comes from a chunk whose sha256 was verified just before
-  (local reads are re-hashed: disk content is not trusted blindly);
+* every byte read from disk or from a chunk blob comes from a chunk whose sha256 was verified
+  just before it is written (disk content is not trusted blindly); bytes of a span are
+  verified once, by the file's sha256, and until then exist only under the file's dot temp
+  name (which the chunk index re-hashes chunk by chunk before any reuse);
 * every staged file's sha256 and size are verified against the manifest before it gets its
-  final name; files are fsynced, made read-only, and their folders fsynced;
+  final name (each byte hashed once for it, beside its write); files are fsynced, made
+  read-only, and their folders fsynced;
 * nothing outside the staging folder is written (bundle paths are validated by the manifest
   parser, temp names start with a dot, which no bundle path may).
 """
