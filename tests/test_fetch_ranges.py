@@ -368,3 +368,31 @@ def test_s3_serves_the_file_blob_by_range(tmp_path: Path, s3_url: str, s3_endpoi
         check_partial(
             key, got["ContentRange"], str(got["ContentLength"]), 77, 3 * CHUNK, len(data) + 1
         )
+
+
+def test_gc_keeps_the_file_blob_of_a_live_release(tmp_path: Path) -> None:
+    from ota.repository import Project
+    from ota.repository._ops import gc
+
+    model, whole = _publish_big(tmp_path)
+    blob = tmp_path / "repo" / blob_key(whole.sha256)
+    gc(Project.open(tmp_path / "proj"), grace_seconds=0)
+    assert blob.read_bytes() == model.read_bytes()
+
+
+def test_publisher_refuses_a_source_changed_before_its_file_blob(tmp_path: Path) -> None:
+    from ota.repository._fileblob import store_file_blob
+    from ota.repository._storage import FileStorage
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(DATA)
+    store = FileStorage(tmp_path / "store")
+    src.write_bytes(b"\1" + DATA[1:])  # changed after the chunker hashed it
+    with pytest.raises(OSError, match="changed"):
+        store_file_blob(store, src, ENTRY, tmp_path / "scratch")
+    assert not (tmp_path / "store" / blob_key(ENTRY.sha256)).exists()
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]  # no temp left
+    src.write_bytes(DATA)
+    assert store_file_blob(store, src, ENTRY, tmp_path / "scratch")
+    assert (tmp_path / "store" / blob_key(ENTRY.sha256)).read_bytes() == DATA
+    assert not store_file_blob(store, src, ENTRY, tmp_path / "scratch")  # already there
