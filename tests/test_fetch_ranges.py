@@ -396,3 +396,38 @@ def test_publisher_refuses_a_source_changed_before_its_file_blob(tmp_path: Path)
     assert store_file_blob(store, src, ENTRY, tmp_path / "scratch")
     assert (tmp_path / "store" / blob_key(ENTRY.sha256)).read_bytes() == DATA
     assert not store_file_blob(store, src, ENTRY, tmp_path / "scratch")  # already there
+
+
+def test_update_fails_closed_on_a_tampered_file_blob_and_installs_nothing(
+    tmp_path: Path,
+) -> None:
+    """A repository whose file blob was altered (same size): the device refuses the release
+    as a security failure, keeps nothing staged, and commits no slot."""
+    from ota.client import init_device, update_once
+    from tests.repo_helpers import serve_dir
+
+    _, whole = _publish_big(tmp_path)
+    blob = tmp_path / "repo" / blob_key(whole.sha256)
+    evil = bytearray(blob.read_bytes())
+    evil[len(evil) // 2] ^= 0xFF
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(evil))
+    state = tmp_path / "dev"
+    with serve_dir(tmp_path / "repo") as base:
+        root = (tmp_path / "proj" / "root.json").read_bytes()
+        init_device(state, base, root, "cam-1", ["det"], health_timeout_s=0)
+        result = update_once(state)
+    assert result.status == "security", result.to_dict()
+    assert not list(state.rglob("model.onnx"))
+    assert not list(state.rglob("*.part"))
+
+
+def test_release_published_before_file_blobs_still_installs(tmp_path: Path) -> None:
+    """An old repository layout (no file blob): the device probes once, then uses chunks."""
+    from tests.repo_helpers import serve_dir
+
+    model, whole = _publish_big(tmp_path)
+    (tmp_path / "repo" / blob_key(whole.sha256)).unlink()
+    with serve_dir(tmp_path / "repo") as base:
+        stage_figures = _update(tmp_path, base)
+    _check_installed(tmp_path, model, stage_figures)
