@@ -196,8 +196,9 @@ class BlobFetcher:
         whose sha256 the verified manifest names, and keeps them under a temp name until it
         matches (ADR 0014).
 
-        Returns None, having read no body, when the store has no such blob (404/410) or
-        answers a range with the whole blob (200): the caller then fetches the span's chunk
+        Returns None, having read no body, when the store has no usable such blob (404,
+        410, 403 as S3 answers for a missing key, another non-retryable status, or a 200
+        answering a range with the whole blob): the caller then fetches the span's chunk
         blobs, each verified. A 200 is kept only when the span *is* the whole file, read
         to at most ``size`` bytes. ``out`` (exactly ``size`` bytes), if given, receives the
         bytes and is returned (a reused buffer: no allocation, no page faults per span).
@@ -254,16 +255,19 @@ class BlobFetcher:
         self.stats.add(requests=1)
         try:
             status = resp.status
-            if status in (404, 410) or (status == 200 and not (first == 0 and left == total)):
-                self._give_up_ranges(file_sha256)
-                return None  # _release closes the connection: the body is never read
+            if status in _RETRY_STATUS:
+                raise TransientError(f"HTTP {status} for {url}")
             if status == 416:
                 raise SecurityError(f"{url} is shorter than the {total}-byte file it names")
             if status == 206:
                 check_partial(url, resp.headers.get("Content-Range"),
                               resp.headers.get("Content-Length"), first, left, total)
-            elif status != 200:
-                raise TransientError(f"HTTP {status} for {url}")
+            elif status != 200 or not (first == 0 and left == total):
+                # No usable file blob: absent (404/410; 403 from an S3 bucket that does not
+                # let anyone list it), a redirect, a server ignoring Range (200), or refusing
+                # it. The chunk blobs, each verified, are the way; nothing here is trusted.
+                self._give_up_ranges(file_sha256)
+                return None  # _release closes the connection: the body is never read
             view = prog.buf
             # read_size pieces stay below malloc's pinned mmap threshold (ota._lean): reused
             # heap memory, not a fresh mapping to fault in for every piece

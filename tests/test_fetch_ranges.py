@@ -431,3 +431,25 @@ def test_release_published_before_file_blobs_still_installs(tmp_path: Path) -> N
     with serve_dir(tmp_path / "repo") as base:
         stage_figures = _update(tmp_path, base)
     _check_installed(tmp_path, model, stage_figures)
+
+
+@pytest.mark.parametrize("status", [403, 404, 410, 301, 400, 501])
+def test_no_usable_file_blob_falls_back_to_verified_chunks(
+    server: FaultServer, tmp_path: Path, status: int
+) -> None:
+    """403 is what S3 answers for a missing key in a bucket nobody may list: an old release
+    there must install from its chunks, as with a 404."""
+    server.add("status", ENTRY.sha256, status=status, times=100)
+    f = _fetcher(server)
+    _stage(f, tmp_path / "dest")
+    assert (tmp_path / "dest" / ENTRY.path).read_bytes() == DATA
+    assert not f.ranges_usable(ENTRY.sha256)
+    assert 1 <= len(server.requests(ENTRY.sha256)) <= CFG.parallel
+
+
+def test_retryable_status_on_a_span_is_retried(server: FaultServer) -> None:
+    server.add("status", ENTRY.sha256, status=503, times=2)
+    f = _fetcher(server)
+    got = f.fetch_span(ENTRY.sha256, ENTRY.size, 0, CHUNK)
+    assert got is not None and bytes(got) == DATA[:CHUNK]
+    assert [r[2] for r in server.requests(ENTRY.sha256)] == [503, 503, 206]
