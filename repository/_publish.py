@@ -48,6 +48,7 @@ from ota.bundle import (
 from ota.errors import ConfigError, InputError, SecurityError
 from ota.repository import _auditlog, _policy  # issue 4: publish policy and audit log
 from ota.repository._chunker import Progress, Uploader, UploadStats, chunk_file
+from ota.repository._fileblob import store_file_blob
 from ota.repository._index import (
     CounterTaken,
     add_release,
@@ -250,6 +251,8 @@ def publish(
             card_job = side.submit(_model_card, model_path)
             for bundle_path, src in payload.items():
                 entries[bundle_path] = chunk_file(src, bundle_path, up, progress)
+                # ADR 0014: devices fetch adjacent missing chunks as ranges of this blob
+                store_file_blob(store, src, entries[bundle_path], staging)
             smoke, overrides = smoke_job.result()
             card = card_job.result()
         if smoke is not None:
