@@ -53,3 +53,31 @@ def test_a_model_the_checks_reject_publishes_nothing(tmp_path: Path) -> None:
         publish(project, PublishRequest(source=bad, name="m", version="1.0.0"))
     assert "bad.onnx" in str(err.value)  # the check's own error, not the stopped chunking
     assert not list((tmp_path / "repo").rglob("releases/m/*"))
+
+
+_CLI_REPORTS_MODULES = """
+import atexit, runpy, sys
+atexit.register(lambda: print("BOTO3", "boto3" in sys.modules, file=sys.stderr))
+sys.argv = ["ota", *sys.argv[1:]]
+runpy.run_module("ota.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_file_storage_publish_keeps_the_aws_sdk_out(tmp_path: Path) -> None:
+    """A fresh ``ota publish`` into a local folder with key-file signers never imports boto3
+    (securesystemslib's KMS signer would), and still publishes."""
+    import subprocess
+    import sys
+
+    from tests.onnx_models import write_mlp
+
+    make_project(tmp_path)
+    model = write_mlp(tmp_path / "m.onnx")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLI_REPORTS_MODULES, "publish", "--project",
+         str(tmp_path / "proj"), "--name", "m", "--version", "1.0.0", "--json", str(model)],
+        capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "BOTO3 False" in proc.stderr
+    assert list((tmp_path / "repo").rglob("releases/m/*1.0.0.json"))
