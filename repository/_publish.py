@@ -5,6 +5,11 @@ Order (``docs/adr/0003-publish-transaction.md``): static checks; chunk and uploa
 then the release facts, the bundle signature and the manifest; last the metadata transaction
 (bins, index, snapshot, timestamp). Nothing is visible to devices until the timestamp commit, and
 a publish that dies before it leaves only unreferenced blobs.
+
+Overlap (issue 13): the model file's chunks stream out while the static checks run (a failed
+check stops them and fails the publish; the blobs already written are unreferenced, as above),
+and the golden run, the model card and the imports of the signing and SBOM steps run while the
+payload is chunked. Every check still gates the commit; none is skipped or reordered after it.
 """
 
 from __future__ import annotations
