@@ -296,6 +296,47 @@ def cp_openssl_sync(model: Path, dest_dir: Path) -> float:
 _last_baseline_cpu_s = 0.0
 
 
+# What a publish imports, in a fresh interpreter: bench._common.import_cost's set plus
+# model_signing.signing (imported by the bundle signature step).
+_PUBLISH_IMPORTS = (
+    "import ota.repository, ota.repository._golden, ota.repository._model_checks, "
+    "ota.signing, ota.sbom._mlbom, onnxruntime, model_signing.signing; "
+    "from ota.sbom._schema import _strict_validator; _strict_validator()"
+)
+
+
+def cold_imports(pythons: dict[str, str], rounds: int = 7) -> dict[str, Any]:
+    """Wall and CPU seconds of :data:`_PUBLISH_IMPORTS` in a fresh interpreter, minus those of
+    ``python -c pass``, for each named interpreter (checkouts), rounds alternating in rotated
+    order; medians with spread and the load average."""
+
+    def child(py: str, code: str) -> tuple[float, float]:
+        cpu0 = children_cpu_s()
+        t0 = time.perf_counter()
+        subprocess.run([py, "-c", code], check=True)
+        return time.perf_counter() - t0, children_cpu_s() - cpu0
+
+    got: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in pythons}
+    loads: list[float] = []
+    for i in range(rounds):
+        loads.append(loadavg()[0])
+        names = list(pythons) if i % 2 == 0 else list(pythons)[::-1]
+        for name in names:
+            wall, cpu = child(pythons[name], _PUBLISH_IMPORTS)
+            wall0, cpu0 = child(pythons[name], "pass")
+            got[name]["wall"].append(wall - wall0)
+            got[name]["cpu"].append(cpu - cpu0)
+    out: dict[str, Any] = {"rounds": rounds, "loadavg_1min": spread(loads)}
+    for name, v in got.items():
+        out[name] = {
+            "wall_s": median(v["wall"]),
+            "wall_spread": spread(v["wall"]),
+            "cpu_s": median(v["cpu"]),
+            "cpu_spread": spread(v["cpu"]),
+        }
+    return out
+
+
 def _ota() -> list[str]:
     exe = Path(sys.executable).with_name("ota")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "ota.cli"]
@@ -639,6 +680,10 @@ def run(
         "repeat": repeat,
         "results": results,
         "cold_import_s": import_cost(),
+        # this checkout's and the compared one's, alternating (only with --compare-python)
+        "cold_imports": cold_imports({"this": sys.executable, "compare": compare})
+        if compare
+        else None,
         "environment": environment(),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
@@ -738,6 +783,14 @@ def render(doc: dict[str, Any]) -> str:
         f"(warm process; a fresh `ota publish` process also pays"
         f" {doc['cold_import_s']:.2f} s of imports)"
     )
+    ci = doc["cold_imports"] or {}
+    for name in [k for k in ci if k not in ("rounds", "loadavg_1min")]:
+        c = ci[name]
+        out.append(
+            f"cold imports of a publish ({name}, {ci['rounds']} rounds, load"
+            f" {ci['loadavg_1min']}): wall {c['wall_s']} s {c['wall_spread']},"
+            f" CPU {c['cpu_s']} s {c['cpu_spread']}"
+        )
     out.append("")
     out.append(
         table(
