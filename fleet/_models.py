@@ -212,3 +212,6 @@ class FleetSummaryCache(Base):
     as_of: Mapped[float] = mapped_column(Float, default=0.0)
     lease_until: Mapped[float] = mapped_column(Float, default=0.0)
     data: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+from . import _rollout_models  # noqa: E402, F401  (issue 9: the rollout tables, same metadata)

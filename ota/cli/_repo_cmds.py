@@ -97,7 +97,7 @@ _lean_option = click.option(
     default=None,
     help="S3-compatible endpoint (MinIO, Ceph RGW, R2); default: AWS.",
 )
-@click.option("--bins", default=256, show_default=True, help="Number of hash bins (power of 2).")
+@click.option("--bins", default=256, show_default=True, help="Ignored (ADR 0010: self-sizing).")
 @click.option("--root-keys", default=1, show_default=True, help="Number of root keys.")
 @click.option("--root-threshold", default=1, show_default=True, help="Root signature threshold.")
 @click.option(
@@ -151,7 +151,7 @@ def init(
                 f"  publishers:                        {publishers}{note}",
                 f"  trusted root (install on devices): {result.trusted_root}",
                 f"  devices fetch from:                {result.base_url}",
-                f"  hash bins:                         {result.bins}",
+                "  metadata layout:                   per-model roles (ADR 0010)",
                 "  offline keys (move them off this machine): "
                 + ", ".join(result.keys["root"] + result.keys["targets"]),
             ]
@@ -452,6 +452,26 @@ def gc(project_dir: str, grace: float, dry_run: bool, as_json: bool) -> None:
     )
 
 
+@click.command("migrate-layout")
+@project_option
+@json_option
+def migrate_layout(project_dir: str, as_json: bool) -> None:
+    """Move the metadata from fixed hash bins to per-model roles (ADR 0010); idempotent."""
+    from ota.repository._migrate import migrate_layout as do
+
+    r = do(_project(project_dir))
+    emit(
+        r.to_dict(),
+        as_json,
+        lambda: (
+            f"migrated: {r.models} model roles, {r.live_releases} live releases, "
+            f"{r.archived_releases} archived, {r.retired_bins} hash bins retired"
+            if r.migrated
+            else "already in the per-model layout (ADR 0010): nothing to do"
+        ),
+    )
+
+
 @click.command()
 @project_option
 @click.option(
@@ -502,7 +522,7 @@ def _base_url_port(base_url: str) -> int | None:
 
 
 def register(group: click.Group) -> None:
-    for cmd in (init, publish, promote, rollback, releases, gc, serve):
+    for cmd in (init, publish, promote, rollback, releases, gc, migrate_layout, serve):
         group.add_command(cmd)
     group.add_command(_flag_command("pause", "Stop new installs of a release.", "paused", True))
     group.add_command(_flag_command("resume", "Resume a paused release.", "paused", False))
