@@ -3,6 +3,7 @@ gc, serve. Each parses, calls :mod:`ota.repository`, prints."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,50 @@ def _budgets(values: tuple[str, ...]):  # type: ignore[no-untyped-def]
         except ValueError as e:
             raise InputError(f"bad --budget {v!r}: {e}") from e
     return out
+
+
+# Cloud SDKs that securesystemslib.signer imports when installed (its KMS signers).
+_CLOUD_SDKS = ("boto3", "botocore")
+
+
+def _lean_publish(ctx: click.Context, _param: click.Parameter, _value: object) -> None:
+    """Keep boto3 out of an ``ota publish`` that needs none (issue 13: about 0.2 s of a fresh
+    publish's imports on an idle machine, more under load): securesystemslib's signer package
+    imports the AWS SDK for its KMS signer when it is installed. When the project's storage is
+    not S3 and every signer is a key file (``file:``/``file2:``), the package is imported here,
+    before anything else imports it, with the SDK hidden; then unhidden, so any later code may
+    import it. Anything unexpected (no readable ota.toml, another signer scheme, S3, the package
+    already imported) changes nothing. Runs as the last parameter's callback, so before the
+    command (and the policy wrapper around it) imports python-tuf."""
+    if "securesystemslib.signer" in sys.modules or any(m in sys.modules for m in _CLOUD_SDKS):
+        return
+    try:
+        import tomllib
+
+        conf = tomllib.loads((Path(str(ctx.params.get("project_dir"))) / "ota.toml").read_text())
+        storage = str(conf["repository"]["storage"])
+        uris = [str(u) for u in dict(conf.get("signers", {})).values()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if storage.startswith("s3:") or not all(u.startswith(("file:", "file2:")) for u in uris):
+        return
+    for name in _CLOUD_SDKS:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        import securesystemslib.signer  # noqa: F401 - evaluated now, without the SDK
+    finally:
+        for name in _CLOUD_SDKS:
+            if sys.modules.get(name, False) is None:
+                del sys.modules[name]
+
+
+_lean_option = click.option(
+    "--lean-imports",
+    hidden=True,
+    is_flag=True,
+    expose_value=False,
+    callback=_lean_publish,
+)
 
 
 @click.command()
@@ -192,6 +237,7 @@ def init(
 @click.option("--license", "licenses", multiple=True, help="SPDX licence id (SBOM).")
 @click.option("--lineage", multiple=True, help="Base model reference (provenance).")
 @json_option
+@_lean_option  # last: its callback runs after --project is known, before the command
 def publish(
     model: Path,
     project_dir: str,
