@@ -3,6 +3,13 @@
 Each worker builds its own app (and connection pool) after the fork, so no database
 connection is shared between processes. The schema is migrated once, by the caller, before
 the workers start.
+
+Workers are gunicorn's ``gthread`` class: each runs ``threads`` request threads (each with
+its own pooled database connection while it serves a request) and keeps idle HTTP/1.1
+connections open for ``KEEPALIVE_S`` (a device's batches, a dashboard's polls and a
+Prometheus scrape reuse one connection; sync workers close every connection, so each request
+paid a TCP handshake and an accept). A thread waiting on the database gives the GIL to
+another, so a worker overlaps one report's round trips with another's Python.
 """
 
 from __future__ import annotations
@@ -11,11 +18,19 @@ from typing import Any
 
 from ._config import FleetConfig
 
+KEEPALIVE_S = 15  # longer than a device's pause between two batches of one flush
+
 
 def serve(
-    config: FleetConfig, *, bind: str, workers: int, timeout_s: int = 30, access_log: bool = False
+    config: FleetConfig,
+    *,
+    bind: str,
+    workers: int,
+    threads: int = 4,
+    timeout_s: int = 30,
+    access_log: bool = False,
 ) -> None:
-    """Block serving ``config`` on ``bind`` with ``workers`` sync workers."""
+    """Block serving ``config`` on ``bind`` with ``workers`` processes of ``threads`` threads."""
     from gunicorn.app.base import BaseApplication
 
     class _App(BaseApplication):  # type: ignore[misc]
@@ -23,10 +38,11 @@ def serve(
             settings: dict[str, Any] = {
                 "bind": [bind],
                 "workers": workers,
-                "worker_class": "sync",
+                "worker_class": "gthread",
+                "threads": threads,
                 "timeout": timeout_s,
                 "graceful_timeout": 10,
-                "keepalive": 5,
+                "keepalive": KEEPALIVE_S,
                 # bounded request line and headers (gunicorn's own limits, made explicit)
                 "limit_request_line": 8190,
                 "limit_request_fields": 64,

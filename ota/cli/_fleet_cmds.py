@@ -67,6 +67,13 @@ def migrate(project_dir: str, db: str | None, as_json: bool) -> None:
 @click.option("--bind", default="127.0.0.1:8400", show_default=True, help="HOST:PORT.")
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option(
+    "--threads",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Request threads per worker (keep-alive connections are served by them).",
+)
+@click.option(
     "--max-reports-per-minute",
     type=click.IntRange(1, 100_000),
     default=120,
@@ -87,6 +94,7 @@ def serve(
     db: str | None,
     bind: str,
     workers: int,
+    threads: int,
     max_reports_per_minute: int,
     busy_timeout_ms: int,
     access_log: bool,
@@ -109,7 +117,7 @@ def serve(
         as_json,
         f"fleet service on http://{bind} ({workers} workers, schema {rev})",
     )
-    run_serve(cfg, bind=bind, workers=workers, access_log=access_log)
+    run_serve(cfg, bind=bind, workers=workers, threads=threads, access_log=access_log)
 
 
 @fleet.command("status")
