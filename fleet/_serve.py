@@ -14,9 +14,12 @@ another, so a worker overlaps one report's round trips with another's Python.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._config import FleetConfig
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 KEEPALIVE_S = 15  # longer than a device's pause between two batches of one flush
 
@@ -67,6 +70,29 @@ def serve(
         def load(self) -> Any:
             from ._app import create_app
 
-            return create_app(config)
+            return close_after_errors(create_app(config))
 
     _App().run()
+
+
+def close_after_errors(app: WsgiApp) -> WsgiApp:
+    """``app``, whose error replies (4xx/5xx) close the connection (``Connection: close``).
+
+    A refusal is often answered without reading the body (401 before the report is parsed,
+    413 by its ``Content-Length``, 415); gunicorn then drains at most 64 KiB of what is left
+    before it keeps the connection, and otherwise closes it silently *after* a keep-alive
+    reply, so the client's next request on it fails. Saying so in the reply lets every client
+    reconnect instead. Uses gunicorn's response object (``start_response.__self__``); with
+    any other server it changes nothing."""
+
+    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def start(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
+            if status[:1] in ("4", "5"):
+                force = getattr(getattr(start_response, "__self__", None), "force_close", None)
+                if callable(force):
+                    force()
+            return start_response(status, headers, *exc)
+
+        return app(environ, start)
+
+    return wrapped
