@@ -67,6 +67,13 @@ def migrate(project_dir: str, db: str | None, as_json: bool) -> None:
 @click.option("--bind", default="127.0.0.1:8400", show_default=True, help="HOST:PORT.")
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option(
+    "--threads",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Request threads per worker (keep-alive connections are served by them).",
+)
+@click.option(
     "--max-reports-per-minute",
     type=click.IntRange(1, 100_000),
     default=120,
@@ -92,6 +99,7 @@ def serve(
     db: str | None,
     bind: str,
     workers: int,
+    threads: int,
     max_reports_per_minute: int,
     busy_timeout_ms: int,
     access_log: bool,
@@ -117,7 +125,7 @@ def serve(
     )
     child = _start_rollout_controller(project_dir, cfg.db_url) if rollout_controller else None
     try:
-        run_serve(cfg, bind=bind, workers=workers, access_log=access_log)
+        run_serve(cfg, bind=bind, workers=workers, threads=threads, access_log=access_log)
     finally:
         if child is not None:  # issue 9: the controller lives and dies with the service
             child.terminate()
