@@ -231,7 +231,8 @@ def _one(engine: Any, cfg: FleetConfig, device_id: str, path: Path, now: float |
             report = parse_report(report_doc, device_id, cfg)
         except Rejected as e:
             return f"rejected: {e.message}"
-        ack, stored = _ingest.ingest(s, dev, report, time.time() if now is None else now)
+        rep = _ingest.reporter_of(s, dev)
+        ack, stored = _ingest.ingest(s, rep, report, time.time() if now is None else now)
     keys[device_id] = key
     result.accepted += 1
     result.stored += stored

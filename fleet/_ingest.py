@@ -271,6 +271,9 @@ _AUTH = (
     .where(_D.device_id == bindparam("device_id"), _D.credential_hash == bindparam("digest"))
     .with_for_update()
 )
+_REPORTER = (
+    select(*_AUTH.selected_columns).where(_D.id == bindparam("pk")).with_for_update()
+)
 # Read after the device row is locked (its own statement, so on PostgreSQL it sees what a
 # report of the same device that held the lock before committed; a join in the locking
 # statement would return the queue row as of before the wait).
@@ -311,6 +314,18 @@ def authenticate_report(s: Session, device_id: str, secret: str) -> Reporter:
         raise unauthorized()
     if row.revoked_at is not None:
         raise unauthorized("this device is revoked")
+    return _reporter(row, device_id)
+
+
+def reporter_of(s: Session, dev: Device) -> Reporter:
+    """The :class:`Reporter` view of ``dev``, a device row the caller has already locked and
+    authenticated by other means (``ota fleet import`` checks a medium report's HMAC against
+    the credential digest; tests drive ingestion directly)."""
+    row = s.connection().execute(_REPORTER, {"pk": dev.id}).one()
+    return _reporter(row, dev.device_id)
+
+
+def _reporter(row: Any, device_id: str) -> Reporter:
     return Reporter(
         pk=int(row.id),
         device_id=device_id,

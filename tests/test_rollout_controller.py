@@ -33,7 +33,7 @@ from ota.client._policy import bucket
 from ota.errors import ConflictError, ExitCode, InputError, OtaError
 from ota.fleet import FleetConfig
 from ota.fleet._db import make_engine
-from ota.fleet._ingest import enroll, ingest, lock_device
+from ota.fleet._ingest import enroll, ingest, lock_device, reporter_of
 from ota.fleet._local import create_enroll_token
 from ota.fleet._report import parse_facts, parse_report
 from ota.fleet._rollout_models import Rollout, RolloutVerdict
@@ -138,7 +138,7 @@ class Fleet:
         with Session(self.engine) as s, s.begin():
             dev = lock_device(s, device)
             assert dev is not None
-            ingest(s, dev, rep, time.time())
+            ingest(s, reporter_of(s, dev), rep, time.time())
 
     def take(self, device: str, ring: str, tier: str = "cpu") -> None:
         """Enrol, then install and confirm 2.0.0 (the whole happy path, one report)."""
