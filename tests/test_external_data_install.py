@@ -91,14 +91,21 @@ def test_external_data_model_installs_with_real_smoke(tmp_path: Path) -> None:
 
 
 def test_tampered_external_data_is_refused(tmp_path: Path) -> None:
-    """One chunk of the weights file altered on the server (same length): the device refuses
-    the update as a security failure and installs nothing."""
+    """The weights file altered on the server (same length) in both forms a device can fetch
+    it in (one of its chunk blobs, and its whole-file blob that ranges are read from, ADR
+    0014): the device refuses the update as a security failure and installs nothing."""
     proj, _, _ = _publish(tmp_path)
     entry = _manifest(tmp_path / "repo").file("model/model.onnx.data")
-    blob = tmp_path / "repo" / blob_key(entry.chunks[len(entry.chunks) // 2].sha256)
-    raw = bytearray(blob.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    blob.write_bytes(bytes(raw))
+    k = len(entry.chunks) // 2
+    mid = entry.chunks[k]
+    offset = sum(c.size for c in entry.chunks[:k])
+    chunk = tmp_path / "repo" / blob_key(mid.sha256)
+    whole = tmp_path / "repo" / blob_key(entry.sha256)
+    assert whole.is_file(), "the publisher stores a multi-chunk file's range blob"
+    for blob, at in ((chunk, mid.size // 2), (whole, offset + mid.size // 2)):
+        raw = bytearray(blob.read_bytes())
+        raw[at] ^= 0x01
+        blob.write_bytes(bytes(raw))
 
     dev = tmp_path / "dev"
     with serve_dir(tmp_path / "repo") as base:
