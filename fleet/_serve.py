@@ -14,6 +14,7 @@ another, so a worker overlaps one report's round trips with another's Python.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,6 +23,25 @@ from ._config import FleetConfig
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 KEEPALIVE_S = 15  # longer than a device's pause between two batches of one flush
+
+
+def json_protocol_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's reply to a request it refuses before the app sees it (a malformed request
+    line or header, e.g. ``Content-Length: nU}]``), as the service's JSON error object instead
+    of gunicorn's HTML page, so every 4xx of the API has the documented shape (OpenAPI).
+    gunicorn offers no hook for this body: its ``util.write_error`` is replaced in each worker
+    (same signature; the connection is closed as gunicorn does)."""
+    from gunicorn import util
+
+    code = {400: "malformed_http", 403: "forbidden", 414: "uri_too_long",
+            417: "expectation_failed", 431: "headers_too_large",
+            501: "not_implemented"}.get(status_int, "malformed_http")  # fmt: skip
+    body = json.dumps({"error": code, "message": f"{reason}: {mesg}"[:500]}).encode()
+    head = (
+        f"HTTP/1.1 {int(status_int)} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 def serve(
@@ -68,7 +88,11 @@ def serve(
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
+            from gunicorn import util
+
             from ._app import create_app
+
+            util.write_error = json_protocol_error
 
             return close_after_errors(create_app(config))
 

@@ -5,6 +5,8 @@ oversized, deeply nested, wrongly typed bodies and odd paths get a 4xx JSON erro
 
 from __future__ import annotations
 
+import json
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -229,3 +231,30 @@ def test_postgresql_down_answers_503_then_recovers(postgres: Postgres, tmp_path:
         assert (r.status, r.doc) == (200, {"ack": 2})
         d = call("GET", f"{svc.url}/v1/devices/dev-1?events=10", token=svc.admin_token).doc
         assert sorted(e["seq"] for e in d["timeline"]) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: nU}]\r\n\r\n",
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nBad Header Name: 1\r\n\r\n",
+        b"GET /v1/health HTTP/9.9\r\nHost: x\r\n\r\n",
+    ],
+    ids=["content-length", "header-name", "http-version"],
+)
+def test_a_request_gunicorn_refuses_gets_the_json_error_shape(
+    fleet_service: FleetService, head: bytes
+) -> None:
+    """Refused before the app sees it (by gunicorn's parser), still a JSON 4xx, not HTML."""
+    host, port = fleet_service.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head)
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    status_line, _, rest = raw.partition(b"\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert status_line.split()[1].startswith(b"4"), raw
+    assert b"content-type: application/json" in headers.lower(), raw
+    doc = json.loads(body)
+    assert set(doc) == {"error", "message"} and doc["error"] == "malformed_http", doc
