@@ -42,7 +42,7 @@ def fleet_cli(db: str, *args: str) -> tuple[int, Any]:
 
 def test_migrated_schema_matches_the_models_and_migrate_is_idempotent(fleet_backend: str) -> None:
     code, doc = fleet_cli(fleet_backend, "migrate")
-    assert (code, doc) == (0, {"revision": "0002"})
+    assert (code, doc) == (0, {"revision": "0004"})
     engine = create_engine(fleet_backend)
     try:
         with engine.connect() as conn:
