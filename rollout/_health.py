@@ -10,9 +10,10 @@ overall (``tier == ""``):
 
 * ``health.latency_p95``: per-device p95 read from the latency buckets; value the ratio of the
   cohorts' median p95s; test Mann-Whitney U (one-sided) on the per-device p95s;
-* ``health.error_rate`` and ``health.crash_rate``: pooled rates with every device's weight
-  capped (``device_weight_cap`` inferences); test Fisher's exact (one-sided) on the pooled
-  2x2 table; a pass's confidence from a one-sided binomial test against the allowed rate;
+* ``health.error_rate``: the pooled error rate with every device's weight capped
+  (``device_weight_cap`` inferences); ``health.crash_rate``: the fraction of devices that
+  crashed at least once; test Fisher's exact (one-sided) on the 2x2 table; a pass's
+  confidence from a one-sided binomial test against the allowed rate;
 * ``health.drift``: per output, the Jensen-Shannon distance (or PSI) between the cohorts'
   mixtures of per-device distributions (each device weighs the same); test Mann-Whitney U on
   each device's distance to the baseline mixture (a baseline device's own distance, leave one
@@ -29,8 +30,9 @@ Invariants (what makes a verdict hard to forge):
   (``min_inferences``) is ``HOLD`` with the reason, never ``PASS``;
 * ``FAIL`` needs the effect beyond its threshold, the test's confidence at least
   ``confidence``, **and** at least ``min_devices`` new devices individually beyond the
-  threshold; ``PASS`` needs the effect within the threshold **and** at least ``min_devices``
-  new devices individually within it. So fewer than ``min_devices`` forged devices can
+  threshold; ``PASS`` needs the effect within the threshold (pooled figures: without the
+  ``min_devices - 1`` most extreme new devices) **and** at least ``min_devices`` new devices
+  individually within it. So fewer than ``min_devices`` forged devices can
   neither fail nor pass a gate by themselves; the statistics (medians, ranks, capped
   weights, equal-weight mixtures) bound how far a minority moves the figures;
 * the gates only read; every figure in a result is finite and JSON.
@@ -81,11 +83,12 @@ class HealthThresholds:
     fails or passes (the forged-device bound). ``min_inferences``: inferences each cohort needs.
     ``min_device_inferences``/``min_device_values``: what makes a device count in a sample.
     ``confidence``: how sure a test must be before a failure (Kayenta's 98 %).
-    ``max_p95_ratio``: new/baseline median p95. ``max_error_rate_increase`` and
-    ``max_crash_rate_increase``: absolute increase of the pooled rates (crash rate = crashes /
-    (inferences + crashes)). ``drift_metric``: ``js`` (Jensen-Shannon distance, base 2) or
-    ``psi``. ``max_drift``: vs the baseline; ``max_reference_drift``: vs the release's
-    reference (looser: a golden run is a small sample). ``device_weight_cap``: inferences of
+    ``max_p95_ratio``: new/baseline median p95. ``max_error_rate_increase``: absolute
+    increase of the pooled error rate. ``max_crashed_devices_increase``: absolute increase of
+    the fraction of devices that crashed at least once in the window (Android vitals'
+    measure). ``drift_metric``: ``js`` (Jensen-Shannon distance, base 2) or ``psi``.
+    ``max_drift``: vs the baseline; ``max_reference_drift``: vs the release's reference
+    (looser: a golden run is a small sample). ``device_weight_cap``: inferences of
     one device counted in pooled rates.
     """
 
@@ -96,7 +99,7 @@ class HealthThresholds:
     confidence: float = 0.98
     max_p95_ratio: float = 1.2
     max_error_rate_increase: float = 0.01
-    max_crash_rate_increase: float = 0.002
+    max_crashed_devices_increase: float = 0.05
     drift_metric: str = "js"
     max_drift: float = 0.1
     max_reference_drift: float = 0.3
@@ -123,7 +126,7 @@ class HealthThresholds:
             ("confidence", 0.5, 0.9999),
             ("max_p95_ratio", 1.0, 100.0),
             ("max_error_rate_increase", 0.0, 1.0),
-            ("max_crash_rate_increase", 0.0, 1.0),
+            ("max_crashed_devices_increase", 0.0, 1.0),
             ("max_drift", 0.0, 10.0),
             ("max_reference_drift", 0.0, 10.0),
         ):
@@ -311,9 +314,9 @@ def _decide(
     what: str,
 ) -> GateResult:
     """The common rule: FAIL = effect beyond the threshold + the test's confidence + at least
-    ``min_devices`` devices beyond; PASS = the effect without the ``min_devices - 1`` most
-    extreme new devices (``trimmed``) within the threshold + at least ``min_devices`` devices
-    within; else HOLD."""
+    ``min_devices`` devices beyond; PASS = ``trimmed`` (the effect without the ``min_devices -
+    1`` most extreme new devices, for pooled figures; the effect itself for medians) within
+    the threshold + at least ``min_devices`` devices within; else HOLD."""
     ev = {
         **evidence,
         "value_without_most_extreme": _fin(trimmed),
@@ -413,7 +416,7 @@ def _latency(
         threshold=th.max_p95_ratio,
         baseline=1.0,
         worse=ratio > th.max_p95_ratio,
-        trimmed=float(np.median(np.sort(pn)[: len(pn) - _trim(th, len(pn))])) / mb,
+        trimmed=ratio,  # a median needs no trimming: k devices move it by at most k ranks
         p_fail=p_fail,
         p_pass=p_pass,
         bad=int(np.sum(pn > limit)),
@@ -440,12 +443,14 @@ def _rate_gate(
     qualifies: Callable[[DeviceTelemetry], bool],
     delta: float,
     what: str,
+    volume: Callable[[DeviceTelemetry], int] | None = None,
 ) -> GateResult:
     from scipy.stats import binomtest, fisher_exact
 
     n = [d for d in new if qualifies(d)]
     b = [d for d in base if qualifies(d)]
-    hold = _sample(gate, tier, th, n, b, sum(trials(d) for d in n), sum(trials(d) for d in b))
+    vol = volume or trials
+    hold = _sample(gate, tier, th, n, b, sum(vol(d) for d in n), sum(vol(d) for d in b))
     if hold:
         return hold
 
@@ -522,18 +527,20 @@ def _errors(
 def _crashes(
     new: list[DeviceTelemetry], base: list[DeviceTelemetry], tier: str, th: HealthThresholds
 ) -> GateResult:
-    # a device that crashed counts even with few inferences: a crashing model runs little
+    # per distinct device: did it crash at all in the window (each device one trial). A device
+    # that crashed counts even with few inferences: a crashing model runs little.
     return _rate_gate(
         "health.crash_rate",
         new,
         base,
         tier,
         th,
-        lambda d: d.crashes,
-        lambda d: d.inferences + d.crashes,
+        lambda d: int(d.crashes > 0),
+        lambda d: 1,
         lambda d: d.crashes > 0 or d.inferences >= th.min_device_inferences,
-        th.max_crash_rate_increase,
-        "crash rate",
+        th.max_crashed_devices_increase,
+        "crashed-device fraction",
+        volume=lambda d: d.inferences + d.crashes,
     )
 
 

@@ -205,7 +205,7 @@ def test_output_drift_is_detected_against_baseline_and_reference(fleet: Fleet) -
 
 def test_crashes_after_commit_fail_the_crash_gate(fleet: Fleet) -> None:
     fleet.cohort("a", OLD, 8)
-    fleet.cohort("a", NEW, 7, crashes=3, inferences=150)
+    fleet.cohort("a", NEW, 7, crashes=3, inferences=150)  # seven of eight crash
     fleet.cohort("a", NEW, 1)
     results = fleet.evaluate()
     c = by(results, "health.crash_rate", "a")
