@@ -158,6 +158,6 @@ def test_migrators_started_at_once_all_succeed(
     futures = [pool.submit(migrate, url) for _ in range(4)]
     revisions = [f.result(timeout=180) for f in futures]
     pool.shutdown(wait=False)
-    assert revisions == ["0002"] * 4
+    assert revisions == ["0004"] * 4
     code, doc = fleet_cli(url, "status")
     assert code == 0 and doc["devices"]["total"] == 0
