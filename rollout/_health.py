@@ -99,7 +99,7 @@ class HealthThresholds:
     min_device_inferences: int = 20
     min_device_values: int = 100
     confidence: float = 0.98
-    pass_confidence: float = 0.8
+    pass_confidence: float = 0.9
     max_p95_ratio: float = 1.2
     max_error_rate_increase: float = 0.01
     max_crashed_devices_increase: float = 0.05

@@ -239,10 +239,11 @@ def test_forged_minority_cannot_fail_a_good_release(fleet: Fleet) -> None:
     results = fleet.evaluate(reference=reference())
     failed = [r.to_json() for r in results if r.status is GateStatus.FAIL]
     assert failed == []
-    # and they do not even hold it: a pass sets the most extreme devices aside
-    assert combine(results, Action.PAUSE) is Action.PROMOTE, [
-        r.to_json() for r in results if r.status is not GateStatus.PASS
-    ]
+    # on the pooled gates they do not even hold it: a pass sets the most extreme aside
+    for gate in ("health.error_rate", "health.crash_rate", "health.drift"):
+        assert by(results, gate, "a").status is GateStatus.PASS, by(results, gate, "a").to_json()
+    # at worst they delay it (the latency median moves by their number of ranks)
+    assert combine(results, Action.PAUSE) in (Action.PROMOTE, Action.HOLD)
 
 
 def test_forged_minority_alone_can_neither_pass_nor_fail(fleet: Fleet) -> None:
