@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, func, select, tuple_
+from sqlalchemy import Table, and_, bindparam, func, select, tuple_
 from sqlalchemy.orm import Session
 
 from ota.client._telemetry_format import (
@@ -67,6 +67,9 @@ log = logging.getLogger("ota.fleet")
 _AGG = cast(Table, TelemetryAgg.__table__)
 _BIN = cast(Table, TelemetryBin.__table__)
 _REJ = cast(Table, TelemetryRejection.__table__)
+_BUCKET_ROWS = select(_AGG.c.model, _AGG.c.version, _AGG.c.summaries).where(
+    _AGG.c.device_pk == bindparam("pk"), _AGG.c.bucket == bindparam("bucket")
+)
 
 
 @dataclass
@@ -207,17 +210,9 @@ def _within_rate(
 ) -> list[Summary]:
     if not good:
         return good
-    keys = sorted({(x.model, x.version) for x in good})
-    have = {
-        (m, v): int(n)
-        for m, v, n in s.execute(
-            select(_AGG.c.model, _AGG.c.version, _AGG.c.summaries).where(
-                _AGG.c.device_pk == dev.id,
-                _AGG.c.bucket == bucket,
-                tuple_(_AGG.c.model, _AGG.c.version).in_(keys),
-            )
-        )
-    }
+    # the device's rows of this bucket (one per release it reports: few); a fixed statement,
+    # so SQLAlchemy's compiled cache serves it
+    have = {(m, v): int(n) for m, v, n in s.execute(_BUCKET_ROWS, {"pk": dev.id, "bucket": bucket})}
     keep = []
     for x in good:
         k = (x.model, x.version)
