@@ -23,8 +23,9 @@ Invariants:
 * a notification is never lost: a failed attempt is retried with exponential backoff
   (``backoff_s * 2**(attempts-1)``, at most ``max_backoff_s``) up to ``max_attempts``; then it
   is ``dead``, kept, and :func:`requeue_dead` puts it back;
-* a receiver that is down or hangs costs at most ``timeout_s`` per attempt and blocks neither
-  the verdict (enqueued, not sent, in its transaction) nor other notifications;
+* a receiver that is down or hangs costs one ``timeout_s`` per :func:`deliver_due` call (the
+  rest of the batch is retried later without being sent) and blocks neither the verdict
+  (enqueued, not sent, in its transaction) nor other notifications;
 * a claimed row carries a lease (``next_at`` pushed past the attempt's timeout), so a
   deliverer that dies mid-attempt leaves the row to be retried, never stuck.
 """
@@ -288,8 +289,14 @@ def deliver_due(
     now = time.time() if now is None else now
     pool = pool or urllib3.PoolManager(num_pools=4, maxsize=2)
     out = Delivered()
+    unreachable = ""
     for rid, event, body, attempts in _claim(engine, cfg, now):
-        err = _post(pool, cfg, rid, event, body, now)
+        # a receiver that did not answer (refused, timed out) is not tried again in this call:
+        # the rest of the batch is retried later with the same error, so a call costs at
+        # most one timeout however many notifications wait
+        err = unreachable or _post(pool, cfg, rid, event, body, now)
+        if err and not err.startswith("HTTP "):
+            unreachable = err
         with Session(engine) as s, s.begin():
             if not err:
                 s.execute(
