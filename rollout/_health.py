@@ -53,7 +53,7 @@ from ota.fleet._telemetry import DeviceTelemetry, per_device, spec_key, spec_of,
 
 from ._verdict import GateResult, GateStatus
 
-__all__ = ["HealthContext", "HealthThresholds", "evaluate_health", "p95"]
+__all__ = ["HealthContext", "HealthThresholds", "evaluate_health", "p95", "reference_of"]
 
 MIX_WEIGHT = 100_000  # pseudo-counts per device in an equal-weight mixture
 
@@ -157,6 +157,19 @@ class HealthThresholds:
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def reference_of(telemetry: Mapping[str, Any] | None) -> tuple[OutputSummary, ...]:
+    """The ``reference`` argument of :func:`evaluate_health` from a release's signed
+    ``telemetry`` fact (``Release.telemetry``; ``()`` for a release without one).
+
+    Raises:
+        TelemetryError: a malformed reference (fail closed: the release is not judged
+            against a reference it does not validly carry).
+    """
+    from ota.client._telemetry_format import validate_reference
+
+    return validate_reference(telemetry) if telemetry else ()
 
 
 def p95(counts: Sequence[int]) -> float:

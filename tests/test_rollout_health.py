@@ -30,7 +30,7 @@ from ota.errors import InputError
 from ota.fleet._models import Device, DeviceModel, ReleaseState
 from ota.fleet._report import ReportEvent
 from ota.fleet._telemetry import absorb
-from ota.rollout._health import HealthThresholds, evaluate_health, p95
+from ota.rollout._health import HealthThresholds, evaluate_health, p95, reference_of
 from ota.rollout._verdict import Action, GateResult, GateStatus, combine
 from tests.fleet_fixtures import fleet_backend, postgres  # noqa: F401
 
@@ -312,3 +312,12 @@ def test_p95_reads_the_fixed_buckets() -> None:
     assert p95(counts) > LATENCY_EDGES[19]
     with pytest.raises(ValueError, match="empty"):
         p95([0] * LATENCY_BUCKETS)
+
+
+def test_the_reference_comes_from_the_releases_signed_fact() -> None:
+    [ref] = reference()
+    doc = {"format": TELEMETRY_FORMAT, "outputs": [ref.to_dict()]}
+    assert reference_of(doc) == (ref,)
+    assert reference_of(None) == ()
+    with pytest.raises(InputError):
+        reference_of({"format": TELEMETRY_FORMAT, "outputs": []})
