@@ -53,7 +53,15 @@ from ota.fleet._telemetry import DeviceTelemetry, per_device, spec_key, spec_of,
 
 from ._verdict import GateResult, GateStatus
 
-__all__ = ["HealthContext", "HealthThresholds", "evaluate_health", "p95", "reference_of"]
+__all__ = [
+    "GATES",
+    "HealthContext",
+    "HealthThresholds",
+    "evaluate_health",
+    "health_gate",
+    "p95",
+    "reference_of",
+]
 
 MIX_WEIGHT = 100_000  # pseudo-counts per device in an equal-weight mixture
 
@@ -150,6 +158,11 @@ class HealthThresholds:
         value out of range."""
         d = dict(d or {})
         known = {f.name for f in fields(cls)}
+        ints = {f.name for f in fields(cls) if f.type in ("int", int)}
+        for k in ints & set(d):  # a plan's table holds floats: 5.0 is 5, 5.5 is refused
+            v = d[k]
+            if isinstance(v, float) and v.is_integer():
+                d[k] = int(v)
         extra = sorted(set(d) - known)
         if extra:
             raise InputError(f"gates.health: unknown keys {extra[:8]}; known: {sorted(known)}")
@@ -750,3 +763,20 @@ def _drift_reference(
         },
         what=f"output {ref.spec.name!r} drift from the reference",
     )
+
+
+def health_gate(session: Any, ctx: HealthContext) -> list[GateResult]:
+    """The controller's plug-in (``GATES``): :func:`evaluate_health` with the thresholds of
+    ``ctx.health`` (the plan's ``[gates.health]``) and, when the context carries one,
+    ``ctx.reference`` (the release's validated reference outputs, :func:`reference_of`).
+
+    Raises:
+        InputError: the plan's thresholds are out of range (the controller holds, naming it).
+    """
+    thresholds = getattr(ctx, "health", None) or {}
+    reference = getattr(ctx, "reference", None)
+    return evaluate_health(session, ctx, thresholds, reference=reference)
+
+
+GATES = (health_gate,)
+"""What ``ota.rollout._plugins.extra_gates`` loads: ``(session, ctx) -> list[GateResult]``."""
