@@ -87,7 +87,9 @@ class HealthContext(Protocol):
 class HealthThresholds:
     """The ``[gates.health]`` table of a rollout plan; every key optional (defaults here).
 
-    ``min_devices``: devices each cohort needs, and new devices that must agree before a gate
+    ``enabled``: 0 turns the health gates off for a plan whose devices send no telemetry (an
+    explicit choice: otherwise silence holds every stage). ``min_devices``: devices each
+    cohort needs, and new devices that must agree before a gate
     fails or passes (the forged-device bound). ``min_inferences``: inferences each cohort needs.
     ``min_device_inferences``/``min_device_values``: what makes a device count in a sample.
     ``confidence``: how sure a test must be before a failure (Kayenta's 98 %);
@@ -102,6 +104,7 @@ class HealthThresholds:
     one device counted in pooled rates.
     """
 
+    enabled: int = 1
     min_devices: int = 5
     min_inferences: int = 1000
     min_device_inferences: int = 20
@@ -121,6 +124,7 @@ class HealthThresholds:
             if not ok:
                 raise InputError(f"gates.health: {what}")
 
+        need(self.enabled in (0, 1), "enabled must be 0 or 1")
         for name in (
             "min_devices",
             "min_inferences",
@@ -773,9 +777,11 @@ def health_gate(session: Any, ctx: HealthContext) -> list[GateResult]:
     Raises:
         InputError: the plan's thresholds are out of range (the controller holds, naming it).
     """
-    thresholds = getattr(ctx, "health", None) or {}
+    th = HealthThresholds.from_mapping(getattr(ctx, "health", None) or {})
+    if not th.enabled:
+        return []
     reference = getattr(ctx, "reference", None)
-    return evaluate_health(session, ctx, thresholds, reference=reference)
+    return evaluate_health(session, ctx, th, reference=reference)
 
 
 GATES = (health_gate,)
