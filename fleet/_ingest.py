@@ -36,7 +36,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from . import _secrets
+from . import _secrets, _telemetry
 from ._config import FleetConfig
 from ._models import AuditRecord, Device, DeviceModel, EnrollToken, Event, Queue, ReleaseState
 from ._report import KIND_RE, Facts, Report, ReportEvent
@@ -433,7 +433,8 @@ def ingest(s: Session, dev: Reporter, report: Report, now: float) -> tuple[int, 
                 "q_dropped": _saturating(dropped, add_dropped),
             },
         )
-    _derive(s, dev, report, fresh, now, values)
+    _derive(s, dev, report, fresh, now, values)  # late events never move state backwards
+    _telemetry.absorb(s, dev, report.models, fresh, now)  # issue 9: fold telemetry summaries
     if stored and _HOOKS:
         _run_hooks(s, dev, stored)
     values["rate_window_start"], values["rate_count"] = dev.rate_window_start, dev.rate_count
