@@ -211,3 +211,52 @@ def release_devices(
     more = len(rows) > limit
     rows = rows[:limit]
     return [device_brief(d) for d in rows], (rows[-1].device_id if more else None)
+
+
+FAILED_STATES = ("smoke_failed", "reverted", "security", "failed", "refused")
+
+
+def release_fleet(s: Session, model: str, version: str, limit: int = 20) -> dict[str, Any]:
+    """Devices by latest state of one release (one aggregate), how many run it, and the
+    newest failures."""
+    states = {
+        str(st): int(n)
+        for st, n in s.execute(
+            select(ReleaseState.state, func.count())
+            .where(
+                ReleaseState.model == model,
+                ReleaseState.version == version,
+                ReleaseState.active.is_(True),
+            )
+            .group_by(ReleaseState.state)
+        ).all()
+    }
+    running = s.scalar(
+        select(func.count())
+        .select_from(DeviceModel)
+        .where(
+            DeviceModel.model == model,
+            DeviceModel.version == version,
+            DeviceModel.active.is_(True),
+        )
+    )
+    failures = [
+        {"device_id": d, "state": st, "updated_at": at}
+        for d, st, at in s.execute(
+            select(Device.device_id, ReleaseState.state, ReleaseState.updated_at)
+            .join(Device, Device.id == ReleaseState.device_pk)
+            .where(
+                ReleaseState.model == model,
+                ReleaseState.version == version,
+                ReleaseState.state.in_(FAILED_STATES),
+            )
+            .order_by(ReleaseState.updated_at.desc())
+            .limit(limit)
+        ).all()
+    ]
+    return {
+        "states": states,
+        "confirmed": states.get("confirmed", 0),
+        "running": int(running or 0),
+        "failures": failures,
+    }

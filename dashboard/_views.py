@@ -166,7 +166,7 @@ def _http_error(e: HTTPException) -> Any:
 
 @bp.errorhandler(Rejected)
 def _rejected(e: Rejected) -> Any:
-    return _error(e.status, e.message)
+    return _error(e.status, e.message, e.headers)
 
 
 @bp.errorhandler(sa_exc.OperationalError)
@@ -232,14 +232,16 @@ def login_post() -> Any:
     token = request.form.get("token", "").strip()
     now = time.time()
     with _write() as s:
-        if not _security.login_allowed(s, client, now):
+        allowed = _security.login_allowed(s, client, now)
+        if not allowed:
             _security.record(s, "dashboard", "dashboard.login_limited", client)
-            raise Rejected(
-                429,
-                "rate_limited",
-                "too many failed logins; wait and retry",
-                {"Retry-After": str(int(_security.LOGIN_WINDOW_S))},
-            )
+    if not allowed:
+        raise Rejected(
+            429,
+            "rate_limited",
+            "too many failed logins; wait and retry",
+            {"Retry-After": str(int(_security.LOGIN_WINDOW_S))},
+        )
     failure = ""
     with _write() as s:
         try:
@@ -561,7 +563,7 @@ def release(model: str, version: str) -> Any:
     if after and (len(after) > 128 or not DEVICE_ID_RE.match(after)):
         abort(400, "'after' is not a device id")
     with _read() as s:
-        fleet_side = _store.release_detail(s, model, version, 20)
+        fleet_side = _queries.release_fleet(s, model, version)
         running, nxt = _queries.release_devices(s, model, version, after)
     project, why = _supply.project()
     supply = _supply.release(project, model, version) if project else {"errors": [why]}
