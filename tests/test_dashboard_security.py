@@ -52,7 +52,7 @@ def dash_env(project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 class World:
     """A fleet database with devices, a running rollout and tokens of each scope."""
 
-    def __init__(self, proj: Project, folder: Path) -> None:
+    def __init__(self, proj: Project, folder: Path, failing_pilot: bool = True) -> None:
         self.project = proj
         self.fleet = Fleet(new_db("sqlite", None, folder))
         self.cfg = self.fleet.cfg
@@ -63,7 +63,9 @@ class World:
         for i in range(2):
             self.fleet.take(f"can-{i}", "canary")
         self.fleet.enroll("pil-0", "pilot")
-        self.fleet.report("pil-0", "downloaded", "staged", "smoke_failed")
+        self.fleet.report(
+            "pil-0", "downloaded", "staged", *(["smoke_failed"] if failing_pilot else [])
+        )
         self.rid = _store.start(self.fleet.engine, proj, "m", "2.0.0", plan(), "local:test")
         ctl = Controller(self.fleet.engine, proj, holder="T")
         ctl.tick()
