@@ -9,6 +9,7 @@ per-device scans (adoption over time of one model, counts by ring and tier) are 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import Integer, cast, func, select
@@ -29,11 +30,10 @@ def _bucket(s: Session, col: Any, width: float) -> ColumnElement[Any]:
     return cast(col / width, Integer)
 
 
-def adoption(
-    s: Session, model: str, now: float, points: int = 24
-) -> dict[str, list[tuple[float, int]]]:
+def adoption(s: Session, model: str, points: int = 24) -> dict[str, list[tuple[float, int]]]:
     """Devices now running each version of ``model``, cumulated by the time each moved to it
     (``device_models.updated_at``), in at most ``points`` buckets; the 6 largest versions."""
+    now = time.time()
     lo = s.scalar(
         select(func.min(DeviceModel.updated_at)).where(
             DeviceModel.model == model, DeviceModel.active.is_(True)

@@ -53,9 +53,26 @@ HEADERS = {
 }
 
 
+_DB_DIR: list[Path] = []  # the folder of the service's SQLite file, set by register()
+
+
 def project_dir() -> Path:
-    """The repository project the dashboard reads (``$OTA_PROJECT``, as the CLI; else ``.``)."""
-    return Path(os.environ.get("OTA_PROJECT", ".") or ".")
+    """The repository project the dashboard reads: ``$OTA_PROJECT`` (as the CLI); else the
+    folder of the fleet's SQLite file when it holds ``ota.toml`` (the default layout,
+    ``<project>/fleet.sqlite3``); else the working folder."""
+    env = os.environ.get("OTA_PROJECT", "")
+    if env:
+        return Path(env)
+    if _DB_DIR and (_DB_DIR[0] / "ota.toml").is_file():
+        return _DB_DIR[0]
+    return Path(".")
+
+
+def note_db_url(url: str) -> None:
+    """Remember where a SQLite fleet database lives (see :func:`project_dir`)."""
+    _DB_DIR.clear()
+    if url.startswith("sqlite:///"):
+        _DB_DIR.append(Path(url[len("sqlite:///") :].split("?", 1)[0]).parent)
 
 
 def load_key(path: Path | None = None) -> bytes:

@@ -34,7 +34,7 @@ from ota.errors import ConflictError, InputError, OtaError
 from ota.fleet import _store
 from ota.fleet._validate import DEVICE_ID_RE, NAME_RE, Rejected
 
-from . import _queries, _security, _supply, _svg
+from . import _cache, _queries, _security, _supply, _svg
 
 log = logging.getLogger("ota.dashboard")
 ACTIONS = {
@@ -99,6 +99,19 @@ def _write() -> Iterator[Session]:
         yield s
 
 
+def _agg(name: str, *args: Any) -> tuple[Any, float]:
+    """A fleet-wide aggregate of :mod:`._queries`, counted at most ``summary_max_age_s`` ago
+    (:mod:`._cache`), and when it was counted."""
+    env = _env()
+    fn = getattr(_queries, name)
+
+    def count() -> Any:
+        with _read() as s:
+            return fn(s, *args)
+
+    return _cache.cached((env.config.db_url, name, *args), env.config.summary_max_age_s, count)
+
+
 def _session_doc() -> dict[str, Any] | None:
     return _env().sessions.read(request.cookies.get(_security.COOKIE))
 
@@ -145,7 +158,8 @@ def _page(template: str, **kw: Any) -> str:
 
 def register(app: Flask) -> None:
     """Mount the dashboard on the fleet app (``/dashboard``)."""
-    app.extensions["ota_dashboard"] = _Env(app)
+    app.extensions["ota_dashboard"] = env = _Env(app)
+    _security.note_db_url(env.config.db_url)
     app.register_blueprint(bp, url_prefix="/dashboard")
 
 
@@ -304,11 +318,11 @@ def fleet() -> Any:
         by_version[(m["model"], m["version"])] = (
             by_version.get((m["model"], m["version"]), 0) + m["devices"]
         )
+    chart_data, as_of = _agg("adoption", model) if model else ({}, now)
+    rings, _ = _agg("by_ring_tier")
+    problems, _ = _agg("problems")
     with _read() as s:
-        chart_data = _queries.adoption(s, model, now) if model else {}
-        rings = _queries.by_ring_tier(s)
         silent = _queries.silent(s, now - env.config.silent_after_s)
-        problems = _queries.problems(s)
     for ring, _tier, n in rings:
         by_ring[ring] = by_ring.get(ring, 0) + n
     return _page(
@@ -326,6 +340,7 @@ def fleet() -> Any:
         silent=silent,
         problems=problems,
         silent_after_h=env.config.silent_after_s / 3600,
+        as_of=as_of,
     )
 
 
@@ -444,10 +459,9 @@ def rollout(rid: int) -> Any:
             }
             for v in verdicts
         ]
-        outcomes = _queries.outcomes_by_ring(s, r.model, r.version)
-        baseline = (
-            _queries.outcomes_by_ring(s, r.model, r.baseline_version) if r.baseline_version else {}
-        )
+        model, version, base = r.model, r.version, r.baseline_version
+    outcomes, as_of = _agg("outcomes_by_ring", model, version)
+    baseline = _agg("outcomes_by_ring", model, base)[0] if base else {}
     states = sorted({st for ring in outcomes.values() for st in ring})
     latest = vs[0]["gates"] if vs and _arg_int("before") is None else []
     return _page(
@@ -461,6 +475,7 @@ def rollout(rid: int) -> Any:
         states=states,
         actions=ACTIONS,
         can_act=op.allows("rollout"),
+        as_of=as_of,
         stage_chart=_svg.bar_chart(
             "Confirmed devices by ring",
             [(ring, o.get("confirmed", 0)) for ring, o in sorted(outcomes.items())],
@@ -562,8 +577,8 @@ def release(model: str, version: str) -> Any:
     after = request.args.get("after", "")
     if after and (len(after) > 128 or not DEVICE_ID_RE.match(after)):
         abort(400, "'after' is not a device id")
+    fleet_side, as_of = _agg("release_fleet", model, version)
     with _read() as s:
-        fleet_side = _queries.release_fleet(s, model, version)
         running, nxt = _queries.release_devices(s, model, version, after)
     project, why = _supply.project()
     supply = _supply.release(project, model, version) if project else {"errors": [why]}
@@ -572,6 +587,7 @@ def release(model: str, version: str) -> Any:
         model=model,
         version=version,
         f=fleet_side,
+        as_of=as_of,
         running=running,
         next=nxt,
         x=supply,
