@@ -156,8 +156,10 @@ def test_a_rollout_progresses_halts_and_is_resumed_and_paused_in_the_browser(
     # open a release (its audit passes) and a device
     page.get_by_role("link", name="m 2.0.0").first.click()
     assert "PASS" in page.locator("#audit-result").inner_text()
-    page.get_by_role("link", name="Fleet").click()
-    page.get_by_role("link", name="pil-1").first.click()
+    page.get_by_role("link", name="Devices").click()  # (the Fleet page's lists are cached 10 s)
+    page.get_by_label("Health").select_option("failing")
+    page.get_by_role("button", name="Filter").click()
+    page.get_by_role("link", name="pil-1").click()
     assert page.get_by_role("heading", name="Device pil-1").is_visible()
     assert "reverted" in page.locator("main").inner_text()
 
