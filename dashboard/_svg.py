@@ -92,3 +92,43 @@ def bar_chart(title: str, bars: Sequence[tuple[str, int]]) -> Markup:
         )
     out.append("</svg>")
     return Markup("".join(out))  # noqa: S704 (every text above is escaped; numbers are ours)
+
+
+def versus_chart(title: str, rows: Sequence[tuple[str, float, float, float | None]]) -> Markup:
+    """Per gate: the release's value beside the baseline's (two bars) and the threshold (a
+    tick), each row scaled to its own largest figure (gates have different units)."""
+    if not rows:
+        return Markup("")
+    row, label_w, bw = 40, 200, 320
+    h = row * len(rows) + 30
+    out = [
+        f'<svg class="chart" role="img" viewBox="0 0 {label_w + bw + 120} {h}" '
+        f'width="{label_w + bw + 120}" xmlns="http://www.w3.org/2000/svg">'
+        f"<title>{escape(title)}</title>",
+        f'<rect x="{label_w}" y="4" width="12" height="10" fill="{PALETTE[0]}"/>'
+        f'<text x="{label_w + 16}" y="13" font-size="11" fill="#222">this release</text>'
+        f'<rect x="{label_w + 110}" y="4" width="12" height="10" fill="{PALETTE[1]}"/>'
+        f'<text x="{label_w + 126}" y="13" font-size="11" fill="#222">baseline</text>',
+    ]
+    for i, (label, value, base, threshold) in enumerate(rows):
+        top = max(abs(value), abs(base), abs(threshold or 0.0)) or 1.0
+        yy = 22 + i * row
+        out.append(
+            f'<text x="{label_w - 6}" y="{yy + 20}" text-anchor="end" font-size="12" '
+            f'fill="#222">{escape(label[:32])}</text>'
+        )
+        for j, (v, colour) in enumerate(((value, PALETTE[0]), (base, PALETTE[1]))):
+            w = abs(v) / top * bw
+            out.append(
+                f'<rect x="{label_w}" y="{yy + 4 + 16 * j}" width="{w:.1f}" height="13" '
+                f'fill="{colour}"/><text x="{label_w + w + 6:.1f}" y="{yy + 15 + 16 * j}" '
+                f'font-size="11" fill="#222">{v:.4g}</text>'
+            )
+        if threshold is not None:
+            tx = label_w + abs(threshold) / top * bw
+            out.append(
+                f'<line x1="{tx:.1f}" y1="{yy + 1}" x2="{tx:.1f}" y2="{yy + 36}" '
+                f'stroke="#a4161a" stroke-width="2"><title>threshold {threshold:.4g}</title></line>'
+            )
+    out.append("</svg>")
+    return Markup("".join(out))  # noqa: S704 (every text above is escaped; numbers are ours)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -150,6 +151,15 @@ def _name(v: str, what: str) -> str:
     if not v or len(v) > 128 or not NAME_RE.match(v):
         abort(400, f"{what} has characters that are not allowed")
     return v
+
+
+def _float_or_none(v: Any) -> float | None:
+    """A gate's figure (stored as text or number) as a float, or ``None``."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _page(template: str, **kw: Any) -> str:
@@ -445,7 +455,7 @@ def rollout(rid: int) -> Any:
             abort(404, f"no rollout #{rid}")
         row = _rollout_row(r)
         verdicts, nxt = _queries.verdicts_page(s, rid, _arg_int("before"))
-        vs = [
+        vs: list[dict[str, Any]] = [
             {
                 "id": int(v.id),
                 "at": v.at,
@@ -463,7 +473,8 @@ def rollout(rid: int) -> Any:
     outcomes, as_of = _agg("outcomes_by_ring", model, version)
     baseline = _agg("outcomes_by_ring", model, base)[0] if base else {}
     states = sorted({st for ring in outcomes.values() for st in ring})
-    latest = vs[0]["gates"] if vs and _arg_int("before") is None else []
+    latest: list[Any] = vs[0]["gates"] if vs and _arg_int("before") is None else []
+    latest = [gt for gt in latest if isinstance(gt, dict)]
     return _page(
         "rollout.html",
         r=row,
@@ -476,6 +487,20 @@ def rollout(rid: int) -> Any:
         actions=ACTIONS,
         can_act=op.allows("rollout"),
         as_of=as_of,
+        versus=_svg.versus_chart(
+            "Gate values: this release against the baseline",
+            [
+                (
+                    f"{gt.get('gate', '')} {gt.get('tier') or ''}".strip(),
+                    _float_or_none(gt.get("value")) or 0.0,
+                    _float_or_none(gt.get("baseline")) or 0.0,
+                    _float_or_none(gt.get("threshold")),
+                )
+                for gt in latest
+                if _float_or_none(gt.get("value")) is not None
+                and _float_or_none(gt.get("baseline")) is not None
+            ][:20],
+        ),
         stage_chart=_svg.bar_chart(
             "Confirmed devices by ring",
             [(ring, o.get("confirmed", 0)) for ring, o in sorted(outcomes.items())],

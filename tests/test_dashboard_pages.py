@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ota.repository import Project
 from ota.repository._auditlog import LOG_PREFIX, read_log
+from ota.rollout import _lease
+from ota.rollout._controller import Controller
 from tests.test_dashboard_security import World, csrf_of, dash_env, world  # noqa: F401
 from tests.test_rollout_controller import project, published  # noqa: F401
 
@@ -100,3 +102,35 @@ def test_the_audit_log_page_shows_a_tampered_log(world: World, dash_env: Path) -
     p.storage.put(key, data.replace(b'"actor":"', b'"actor":"mallory-', 1))
     bad = admin.get("/dashboard/audit").text
     assert "NOT VERIFIED" in bad and "Chain intact" not in bad
+
+
+def test_a_gate_with_a_baseline_is_charted_beside_it(world: World) -> None:  # noqa: F811
+    """A health-style gate plugged into the real controller (as ``rollout/_health.py`` plugs
+    in): its value, baseline and threshold reach the page as a chart and a table row, and its
+    name is escaped in both."""
+    from sqlalchemy.orm import Session as DbSession
+
+    from ota.rollout._context import RolloutContext
+    from ota.rollout._verdict import GateResult, GateStatus
+
+    def latency(_s: DbSession, ctx: RolloutContext) -> list[GateResult]:
+        return [
+            GateResult(
+                "health.latency_p95<b>",
+                GateStatus.HOLD,
+                "p95 of the new release vs the old",
+                value=41.5,
+                threshold=50.0,
+                baseline=38.25,
+                tier="npu",
+            )
+        ]
+
+    ctl = Controller(world.fleet.engine, world.project, holder="G", extra_gates=[latency])
+    ctl.tick(world.rollout().stage_started_at + 5)
+    _lease.release(world.fleet.engine, "G")
+    page = world.client("read").get(f"/dashboard/rollouts/{world.rid}").text
+    assert "Gate values: this release against the baseline" in page
+    assert "health.latency_p95&lt;b&gt; npu" in page and "<b>" not in page
+    row = re.search(r"<td>health\.latency_p95&lt;b&gt;</td>(.*?)</tr>", page)
+    assert row and "<td>41.5</td><td>50</td><td>38.25</td>" in row.group(1)
