@@ -75,7 +75,7 @@ def served(
         with start_service(w.cfg.db_url) as svc:
             yield w, svc
     finally:
-        w.fleet.engine.dispose()
+        w.engine.dispose()
 
 
 def login(page: Any, url: str, token: str) -> None:
@@ -89,9 +89,9 @@ def login(page: Any, url: str, token: str) -> None:
 def tick(w: World, at: float) -> None:
     """One controller evaluation at ``at``, then the lease is let go (as ``--once``), so the
     dashboard's actions are carried out at once."""
-    ctl = Controller(w.fleet.engine, w.project, holder="ctl")
+    ctl = Controller(w.engine, w.project, holder="ctl")
     ctl.tick(at)
-    _lease.release(w.fleet.engine, "ctl")
+    _lease.release(w.engine, "ctl")
 
 
 def signed_paused(w: World) -> bool:
@@ -131,8 +131,8 @@ def test_a_rollout_progresses_halts_and_is_resumed_and_paused_in_the_browser(
 
     # halt: pilot devices revert -> the failure gate fails -> paused, signed
     for i in range(1, 4):
-        w.fleet.enroll(f"pil-{i}", "pilot")
-        w.fleet.report(f"pil-{i}", "downloaded", "staged", "smoke_passed", "committed", "reverted")
+        w.enroll(f"pil-{i}", "pilot")
+        w.report(f"pil-{i}", "downloaded", "staged", "smoke_passed", "committed", "reverted")
     tick(w, t0 + 700)
     page.reload()
     assert page.locator("#rollout-state").inner_text() == "paused"

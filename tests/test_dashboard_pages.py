@@ -60,8 +60,8 @@ def test_rollout_actions_are_the_clis_and_are_audited(world: World) -> None:  # 
 def test_lists_and_timelines_are_paginated(world: World) -> None:  # noqa: F811
     w = world
     for i in range(55):
-        w.fleet.enroll(f"z-{i:03d}", "ga")
-    w.fleet.report("can-0", *(["checked"] * 60))  # 60 more events on one device
+        w.enroll(f"z-{i:03d}", "ga")
+    w.report("can-0", *(["checked"] * 60))  # 60 more events on one device
     c = w.client("read")
     seen: list[str] = []
     url = "/dashboard/devices"
@@ -126,9 +126,9 @@ def test_a_gate_with_a_baseline_is_charted_beside_it(world: World) -> None:  # n
             )
         ]
 
-    ctl = Controller(world.fleet.engine, world.project, holder="G", extra_gates=[latency])
+    ctl = Controller(world.engine, world.project, holder="G", extra_gates=[latency])
     ctl.tick(world.rollout().stage_started_at + 5)
-    _lease.release(world.fleet.engine, "G")
+    _lease.release(world.engine, "G")
     page = world.client("read").get(f"/dashboard/rollouts/{world.rid}").text
     assert "Gate values: this release against the baseline" in page
     assert "health.latency_p95&lt;b&gt; npu" in page and "<b>" not in page

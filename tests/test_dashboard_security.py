@@ -15,6 +15,7 @@ redirect after login.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Iterator
@@ -26,8 +27,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ota.fleet import FleetConfig
 from ota.fleet._app import create_app
-from ota.fleet._local import create_token
+from ota.fleet._db import make_engine
+from ota.fleet._local import create_enroll_token, create_token
 from ota.fleet._models import AuditRecord, OperatorToken
 from ota.fleet._rollout_models import Rollout
 from ota.repository import Project
@@ -35,7 +38,7 @@ from ota.repository._auditlog import read_log
 from ota.rollout import _lease, _store
 from ota.rollout._controller import Controller
 from tests.fleet_fixtures import call, new_db, start_service
-from tests.test_rollout_controller import Fleet, plan, project, published  # noqa: F401
+from tests.test_rollout_controller import plan, project, published  # noqa: F401
 
 PAGES = ("/dashboard/", "/dashboard/devices", "/dashboard/rollouts", "/dashboard/releases")
 
@@ -50,27 +53,62 @@ def dash_env(project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 class World:
-    """A fleet database with devices, a running rollout and tokens of each scope."""
+    """A fleet database with devices, a running rollout and tokens of each scope. Devices
+    enrol and report through the service's own routes (``POST /v1/enroll``,
+    ``POST /v1/devices/<id>/events``: the real parser, credential check and ingest)."""
 
     def __init__(self, proj: Project, folder: Path, failing_pilot: bool = True) -> None:
         self.project = proj
-        self.fleet = Fleet(new_db("sqlite", None, folder))
-        self.cfg = self.fleet.cfg
+        self.cfg = FleetConfig(db_url=new_db("sqlite", None, folder))
+        self.engine = make_engine(self.cfg)
+        self.app = create_app(self.cfg, self.engine)
+        self.api = self.app.test_client()
+        self.enroll_token = create_enroll_token(self.cfg, "t", 100_000, 86_400, "", "")["token"]
+        self.devices: dict[str, tuple[str, str, str, itertools.count[int]]] = {}
         self.tokens = {
             scope: create_token(self.cfg, f"{scope}-op", scope, 3600)["token"]
             for scope in ("read", "rollout", "admin")
         }
         for i in range(2):
-            self.fleet.take(f"can-{i}", "canary")
-        self.fleet.enroll("pil-0", "pilot")
-        self.fleet.report(
-            "pil-0", "downloaded", "staged", *(["smoke_failed"] if failing_pilot else [])
-        )
-        self.rid = _store.start(self.fleet.engine, proj, "m", "2.0.0", plan(), "local:test")
-        ctl = Controller(self.fleet.engine, proj, holder="T")
+            self.take(f"can-{i}", "canary")
+        self.enroll("pil-0", "pilot")
+        self.report("pil-0", "downloaded", "staged", *(["smoke_failed"] if failing_pilot else []))
+        self.rid = _store.start(self.engine, proj, "m", "2.0.0", plan(), "local:test")
+        ctl = Controller(self.engine, proj, holder="T")
         ctl.tick()
-        _lease.release(self.fleet.engine, "T")
-        self.app = create_app(self.cfg, self.fleet.engine)
+        _lease.release(self.engine, "T")
+
+    def enroll(self, device: str, ring: str, tier: str = "cpu") -> None:
+        facts = {"ring": ring, "tier": tier, "arch": "x86_64", "runtime_version": "1.31.1",
+                 "client_version": "0.1.0"}  # fmt: skip
+        r = self.api.post(
+            "/v1/enroll", json={"token": self.enroll_token, "device_id": device, "facts": facts}
+        )
+        assert r.status_code == 201 and r.json is not None, r.text
+        self.devices[device] = (r.json["credential"], ring, tier, itertools.count(1))
+
+    def report(self, device: str, *kinds: str, version: str = "2.0.0", **data: Any) -> None:
+        secret, ring, tier, seq = self.devices[device]
+        running = version if kinds and kinds[-1] == "confirmed" else "1.0.0"
+        doc = {
+            "format": "edge-ota.report/1",
+            "device": {"id": device, "ring": ring, "tier": tier, "arch": "x86_64",
+                       "runtime_version": "1.31.1", "client_version": "0.1.0",
+                       "models": {"m": {"version": running, "counter": 2}}},
+            "queue": "q1",
+            "dropped": 0,
+            "events": [{"seq": next(seq), "time": time.time(), "kind": k, "model": "m",
+                        "version": version, "data": data} for k in kinds],
+        }  # fmt: skip
+        r = self.api.post(
+            f"/v1/devices/{device}/events", json=doc, headers={"Authorization": f"Bearer {secret}"}
+        )
+        assert r.status_code == 200, r.text
+
+    def take(self, device: str, ring: str) -> None:
+        """Enrol, then install and confirm 2.0.0 (the whole happy path, one report)."""
+        self.enroll(device, ring)
+        self.report(device, "downloaded", "staged", "smoke_passed", "committed", "confirmed")
 
     def client(self, scope: str | None = None, addr: str = "127.0.0.1") -> FlaskClient:
         c = self.app.test_client()
@@ -81,7 +119,7 @@ class World:
         return c
 
     def rollout(self) -> Rollout:
-        with Session(self.fleet.engine, expire_on_commit=False) as s:
+        with Session(self.engine, expire_on_commit=False) as s:
             r = s.get(Rollout, self.rid)
             assert r is not None
             return r
@@ -91,7 +129,7 @@ class World:
 def world(project: Project, tmp_path: Path, dash_env: Path) -> Iterator[World]:  # noqa: F811
     w = World(project, tmp_path)
     yield w
-    w.fleet.engine.dispose()
+    w.engine.dispose()
 
 
 def csrf_of(html: str) -> str:
@@ -131,7 +169,7 @@ def test_nothing_without_a_session_and_a_forged_cookie_is_nothing(world: World) 
     # a cookie signed with another key is nothing either
     from ota.dashboard._security import Sessions
 
-    with Session(world.fleet.engine) as s:
+    with Session(world.engine) as s:
         admin = s.scalars(select(OperatorToken).where(OperatorToken.scope == "admin")).one()
         value, _ = Sessions(b"k" * 64).issue(admin)
     evil.set_cookie("ota_dash", value, path="/dashboard")
@@ -145,7 +183,7 @@ def test_login_needs_a_valid_token_and_the_session_dies_with_it(world: World) ->
     c2 = world.client("read")
     assert c2.get("/dashboard/").status_code == 200
     # revoke the token: its sessions end at once
-    with Session(world.fleet.engine) as s, s.begin():
+    with Session(world.engine) as s, s.begin():
         tok = s.scalars(select(OperatorToken).where(OperatorToken.name == "read-op")).one()
         tok.revoked_at = time.time()
     assert c2.get("/dashboard/").status_code == 302
@@ -223,12 +261,12 @@ def test_failed_logins_are_rate_limited_per_client_in_the_database(world: World)
     r = login(attacker, world.tokens["admin"])  # even a good token: the limit comes first
     assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
     # another app on the same database (another worker) sees the same count
-    other_worker = create_app(world.cfg, world.fleet.engine).test_client()
+    other_worker = create_app(world.cfg, world.engine).test_client()
     other_worker.environ_base["REMOTE_ADDR"] = "203.0.113.7"
     assert login(other_worker, world.tokens["admin"]).status_code == 429
     # another client is not locked out
     assert login(world.client(addr="198.51.100.2"), world.tokens["admin"]).status_code == 303
-    with Session(world.fleet.engine) as s:
+    with Session(world.engine) as s:
         n = s.scalar(
             select(AuditRecord.id).where(AuditRecord.action == "dashboard.login_failed").limit(1)
         )
@@ -237,7 +275,7 @@ def test_failed_logins_are_rate_limited_per_client_in_the_database(world: World)
 
 def test_every_value_is_escaped_and_every_reply_has_a_strict_csp(world: World) -> None:
     evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
-    world.fleet.report("pil-0", "failed", note=evil)
+    world.report("pil-0", "failed", note=evil)
     roller = world.client("rollout")
     url = f"/dashboard/rollouts/{world.rid}/abort"
     r = roller.post(url, data={"csrf": csrf_of(roller.get(url).text), "reason": evil})
