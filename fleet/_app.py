@@ -125,6 +125,7 @@ def create_app(config: FleetConfig, engine: Engine | None = None) -> Flask:
     from ._mtls import register_mtls  # device certificates via a TLS proxy, when configured
 
     register_mtls(app)
+    __import__("ota.dashboard").dashboard.register(app)  # issue 10: the operator dashboard
     return app
 
 
