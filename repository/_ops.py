@@ -32,7 +32,10 @@ from ota.bundle import (
 )
 from ota.client._policy import content_counter
 from ota.errors import InputError, OtaError, SecurityError
-from ota.repository import _auditlog  # issue 4: every steering change is logged
+from ota.repository import (
+    _auditlog,  # issue 4: every steering change is logged
+    _deltas,  # issue 13: delta blobs are referenced too
+)
 from ota.repository._chunker import Uploader
 from ota.repository._index import (
     UnknownRelease,
@@ -290,6 +293,7 @@ def gc(project: Project, *, grace_seconds: float = 3600.0, dry_run: bool = False
             from ota.bundle import Manifest
 
             referenced |= {blob_key(d) for d in Manifest.from_bytes(data).chunk_digests()}
+            referenced |= _deltas.referenced_blobs(info.custom)  # issue 13: delta blobs
     deleted = young = freed = 0
     now = time.time()
     for key, size, mtime in store.list_detailed("blobs/"):
