@@ -70,7 +70,7 @@ class DeltaStats:
         }
 
 
-def patch_from(base: bytes, new: bytes, level: int) -> bytes:
+def patch_from(base: bytes | bytearray, new: bytes, level: int) -> bytes:
     """One zstd frame of ``new`` with ``base`` as raw prefix (``zstd --patch-from``): window
     covering both, long-distance matching, single worker (zstd's own CLI uses its worker
     pool; with no worker, level 19 loses the long matches: measured, ADR 0012)."""
@@ -90,16 +90,28 @@ def patch_from(base: bytes, new: bytes, level: int) -> bytes:
     return out
 
 
-def _decodes_to(frame: bytes, base: bytes, want_sha256: str) -> bool:
+def _decodes_to(frame: bytes, base: bytes | bytearray, want_sha256: str) -> bool:
+    """Whether ``frame`` decodes, with ``base`` as prefix, to bytes hashing to
+    ``want_sha256`` (decoded 1 MiB at a time: the new file is not held twice)."""
     zstd = _zstd()
     dctx = zstd.ZstdDecompressor(
         zstd.ZstdDict(base, is_raw=True).as_prefix,
         options={zstd.DecompressionParameter.window_log_max: 31},
     )
-    return hashlib.sha256(dctx.decompress(frame)).hexdigest() == want_sha256
+    h = hashlib.sha256()
+    data = frame
+    while not dctx.eof:
+        piece = dctx.decompress(data, max_length=1 << 20)
+        data = b""
+        if not piece and dctx.needs_input:
+            return False
+        h.update(piece)
+    return h.hexdigest() == want_sha256
 
 
-def best_delta(base: bytes, new: bytes, new_sha256: str, settings: DeltaSettings) -> bytes:
+def best_delta(
+    base: bytes | bytearray, new: bytes, new_sha256: str, settings: DeltaSettings
+) -> bytes:
     """The smaller of the fast and (when worth it, see :class:`DeltaSettings`) slow frames,
     checked to decode to ``new``.
 
@@ -184,7 +196,7 @@ def compute(
     return out
 
 
-def _rebuild(store: Any, f: FileEntry) -> bytes:
+def _rebuild(store: Any, f: FileEntry) -> bytearray:
     """An earlier release's file from its stored chunks, each verified against the manifest.
 
     Raises:
@@ -203,7 +215,7 @@ def _rebuild(store: Any, f: FileEntry) -> bytes:
         pos += c.size
     if pos != f.size or hashlib.sha256(buf).hexdigest() != f.sha256:
         raise ValueError(f"{f.path} rebuilt does not match its manifest")
-    return bytes(buf)
+    return buf
 
 
 def referenced_blobs(custom: object) -> set[str]:
