@@ -40,7 +40,9 @@ class DeltaSettings:
     """How the publisher computes deltas.
 
     ``releases``: how many of the model's most recent releases serve as bases (0: none).
-    ``max_file_bytes``: larger files get no delta. ``fast_level`` is always tried; when its
+    ``max_file_bytes``: larger files get no delta; nor do files under ``min_file_bytes`` (one
+    average chunk: a delta could save at most that, for one more request and a decode).
+    ``fast_level`` is always tried; when its
     delta is between ``slow_band`` of the file (changes spread through the file, where
     zstd's optimal parser finds the short matches between them), ``slow_level`` is tried too
     and the smaller frame kept. Outside the band the slow level gains little (measured in
@@ -49,6 +51,7 @@ class DeltaSettings:
 
     releases: int = DEFAULT_RELEASES
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    min_file_bytes: int = 1024 * 1024
     fast_level: int = 9
     slow_level: int = 19
     slow_band: tuple[float, float] = (0.15, 0.85)
@@ -164,6 +167,8 @@ def compute(
             if prev is None or prev.sha256 == new.sha256 or (path, prev.sha256) in seen:
                 continue
             seen.add((path, prev.sha256))
+            if new.size < settings.min_file_bytes:
+                continue
             if max(prev.size, new.size) > settings.max_file_bytes:
                 stats.skipped.append(f"{rel.version}:{path}: over {settings.max_file_bytes} B")
                 continue

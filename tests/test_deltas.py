@@ -352,3 +352,16 @@ def test_memory_budget_follows_the_tier() -> None:
     rel = Release(name="det", version="1.0.0", counter=1, smoke=spec)
     assert memory_budget(rel, "small") == 100 * 1024 * 1024
     assert memory_budget(rel, "other") > 100 * 1024 * 1024  # half of physical memory
+
+
+def test_small_files_get_no_delta(world: World) -> None:
+    """Under one average chunk a delta saves too little to be worth a request and a decode."""
+    world.use("v1")
+    res = _publish(
+        world.project(),
+        "1.2.0",
+        scattered(big_mlp(2), seed=5),
+        deltas=DeltaSettings(min_file_bytes=64 * 1024 * 1024),
+    )
+    assert res.deltas.computed == 0
+    assert not deltas_from_target(_target(world, "1.2.0").custom)
