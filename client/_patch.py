@@ -293,7 +293,8 @@ def apply_deltas(
                 raise LocalError(f"not enough disk for the patched file ({free} bytes free)")
             out.parent.mkdir(parents=True, exist_ok=True)
             apply_one(d, base, out, fetcher)
-        except (OtaError, OSError, MemoryError, ValueError) as e:
+        except (OtaError, OSError, MemoryError, ValueError, ImportError) as e:
+            # ImportError: a device installed without the zstd binding uses the chunks
             _remove(out)
             rec = {"path": d.path, "base_version": d.base_version, "reason": str(e)[:300]}
             if isinstance(e, SecurityError):
