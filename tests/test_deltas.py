@@ -365,3 +365,31 @@ def test_small_files_get_no_delta(world: World) -> None:
     )
     assert res.deltas.computed == 0
     assert not deltas_from_target(_target(world, "1.2.0").custom)
+
+
+def test_cli_bounds_the_deltas(tmp_path: Path) -> None:
+    """``ota publish --delta-releases N --delta-max-mb M`` reaches the publisher."""
+    from click.testing import CliRunner
+
+    from ota.cli._main import _register, cli
+
+    _register()  # the lazily registered commands, as ``ota`` does
+    proj = make_project(tmp_path)
+    _publish(proj, "1.0.0", big_mlp(2))
+    model = save(scattered(big_mlp(2), seed=6), tmp_path / "cli" / "model.onnx")
+    args = ["publish", str(model), "--project", str(proj.root_dir), "--name", "det", "--json"]
+
+    def deltas(version: str) -> tuple[DeltaEntry, ...]:
+        txn = Transaction.begin(proj.storage, proj.signers, proj.expiry())
+        return deltas_from_target(release_target(txn, "det", version).custom)
+
+    res = CliRunner().invoke(cli, [*args, "--version", "1.2.0", "--delta-max-mb", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert not deltas("1.2.0")
+    save(scattered(big_mlp(2), seed=7), model)  # another file: 1.2.0's would need no delta
+    res = CliRunner().invoke(cli, [*args, "--version", "1.3.0", "--delta-releases", "1"])
+    assert res.exit_code == 0, res.output
+    (d,) = deltas("1.3.0")
+    assert d.base_version == "1.2.0"  # only the most recent release
+    res = CliRunner().invoke(cli, [*args, "--version", "1.4.0", "--delta-releases", "17"])
+    assert res.exit_code == 2  # out of range: a usage error
