@@ -6,6 +6,7 @@ Never a timed assertion: only the shape of each benchmark's JSON document is che
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,7 +65,9 @@ def test_device_delta_reports_bytes_against_binary_diff(
         ["--json", "--size-mb", "2", "--scenarios", "finetune10", "--workdir", str(tmp_path)],
     )
     assert doc["benchmark"] == "device_delta"
-    (row,) = doc["scenarios"]
+    rows = doc["scenarios"]
+    assert isinstance(rows, list) and len(rows) == 1
+    row: dict[str, Any] = rows[0]
     assert row["scenario"] == "finetune10"
     assert {"ours_bytes", "best_baseline_bytes", "ours_over_best", "baselines", "delta",
             "publish_delta", "loadavg"} <= set(row)
