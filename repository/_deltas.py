@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ota.bundle import FileEntry, ModelIndex, blob_key
+from ota.bundle import FileEntry, Manifest, ModelIndex, blob_key
 from ota.client._patch import DeltaEntry, _zstd
 from ota.repository._chunker import Uploader
 
@@ -221,6 +221,21 @@ def _rebuild(store: Any, f: FileEntry) -> bytearray:
     if pos != f.size or hashlib.sha256(buf).hexdigest() != f.sha256:
         raise ValueError(f"{f.path} rebuilt does not match its manifest")
     return buf
+
+
+def as_manifests(custom: object) -> list[Manifest]:
+    """The deltas a target lists, as a manifest whose "chunks" are the delta blobs (for
+    ``ota mirror sync``, which copies every chunk a release names, checked against its sha256
+    and signed size). None when the list is malformed: devices ignore such a list too."""
+    from ota.bundle import Chunk
+    from ota.client._patch import deltas_from_target
+
+    try:
+        found = deltas_from_target(custom)
+    except Exception:
+        return []
+    files = tuple(FileEntry(d.path, d.sha256, d.size, (Chunk(d.sha256, d.size),)) for d in found)
+    return [Manifest("deltas", "0", files)] if files else []
 
 
 def referenced_blobs(custom: object) -> set[str]:

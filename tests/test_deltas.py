@@ -393,3 +393,16 @@ def test_cli_bounds_the_deltas(tmp_path: Path) -> None:
     assert d.base_version == "1.2.0"  # only the most recent release
     res = CliRunner().invoke(cli, [*args, "--version", "1.4.0", "--delta-releases", "17"])
     assert res.exit_code == 2  # out of range: a usage error
+
+
+def test_mirror_sync_copies_delta_blobs(world: World, tmp_path: Path) -> None:
+    """A site mirror serves the deltas too (else its devices would fall back to chunks)."""
+    from ota.repository._mirror import open_source, sync
+    from ota.repository._storage import FileStorage
+
+    world.use("v2")
+    mirror = tmp_path / "mirror"
+    sync(open_source(world.fs.url), FileStorage(mirror), world.base.trusted_root)
+    d = _delta(world)
+    data = (mirror / blob_key(d.sha256)).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == d.sha256
