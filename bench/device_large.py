@@ -1,7 +1,11 @@
 """Large models end to end: ``ota device update`` with the REAL sandboxed smoke test.
 
 For each size in ``--sizes-mb`` (default 64, 256, 1024), ``tests.onnx_models.big_mlp(size)``
-(a single-file float32 model, eight square layers) is published as 1.0.0 of its own model into
+(a single-file float32 model, eight square layers), and for each size in ``--external-sizes-mb``
+(opt-in, default none; 4096 is the issue 13 case: ONNX's protobuf stops at 2 GB, so such a model
+is a small ``model.onnx`` plus its weights in ``model.onnx.data``, built layer by layer by
+``bench.publish_speed.build_external_mlp`` without ever holding them), is published as 1.0.0 of
+its own model into
 a local repository in a temporary folder, served by nginx in its own process when installed
 (``tests/nginx.py``, the documented server block), else by ``ota serve``'s app in this process.
 A fresh device is initialised, then a **child process** (``python -m bench.device_large
@@ -19,7 +23,10 @@ Goals (issue 13): the update installs (exit 0) at every size; the updater peaks 
 timed here: the figures are memory, compared with the model's size. Every file lives in the
 scratch folder (``--workdir`` or a temporary one), removed at the end.
 
-Run: ``python -m bench.device_large [--json] [--sizes-mb 64,256,1024]``.
+The 4 GB case needs about 6 x 4 GB of scratch disk and several minutes (building, publishing,
+installing); it is never part of the test suite.
+
+Run: ``python -m bench.device_large [--json] [--sizes-mb 64,256,1024] [--external-sizes-mb 4096]``.
 """
 
 from __future__ import annotations
@@ -104,12 +111,23 @@ def _smoke_report(result: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def measure_size(size_mb: int, work: Path, server: str) -> dict[str, Any]:
-    name = f"large-{size_mb}"
-    log(f"{size_mb} MB: building and publishing")
-    model = build_model(work / "models" / name / "model.onnx", size_mb)
-    model_bytes = model.stat().st_size
-    repo = Repo.create(work / f"repo-{size_mb}")
+def measure_size(
+    size_mb: int, work: Path, server: str, *, external: bool = False
+) -> dict[str, Any]:
+    name = f"large-{size_mb}" + ("-ext" if external else "")
+    log(f"{name}: building and publishing")
+    if external:
+        from bench.publish_speed import build_external_mlp
+        from bench.publish_speed import model_bytes as files_bytes
+
+        model = work / "models" / name / "model.onnx"
+        model.parent.mkdir(parents=True, exist_ok=True)
+        build_external_mlp(model, size_mb)
+        model_bytes = files_bytes(model)
+    else:
+        model = build_model(work / "models" / name / "model.onnx", size_mb)
+        model_bytes = model.stat().st_size
+    repo = Repo.create(work / f"repo-{name}")
     t0 = time.perf_counter()
     repo.publish(model, "1.0.0", name=name)
     publish_s = time.perf_counter() - t0
@@ -118,8 +136,8 @@ def measure_size(size_mb: int, work: Path, server: str) -> dict[str, Any]:
     os.environ["OTA_BENCH_SERVER"] = server
     try:
         with serve_counting(repo.root_dir) as (url, _):
-            state = init_dev(work / f"dev-{size_mb}", url, repo.trusted_root, name=name)
-            log(f"{size_mb} MB: ota device update (real smoke)")
+            state = init_dev(work / f"dev-{name}", url, repo.trusted_root, name=name)
+            log(f"{name}: ota device update (real smoke)")
             child = run_child(state)
     finally:
         if before is None:
@@ -131,6 +149,7 @@ def measure_size(size_mb: int, work: Path, server: str) -> dict[str, Any]:
     smoke_goal_mib = (1.3 * model_bytes + 150 * MB) / MIB
     point = {
         "size_mb": size_mb,
+        "external_data": external,
         "model_bytes": model_bytes,
         "publish_s": round(publish_s, 2),
         "exit_code": child["exit_code"],
@@ -150,7 +169,7 @@ def measure_size(size_mb: int, work: Path, server: str) -> dict[str, Any]:
         "failure": None if child["exit_code"] == 0 else _failure(child["result"]),
     }
     log(
-        f"{size_mb} MB: exit {point['exit_code']}, updater {point['updater_peak_mib']} MiB, "
+        f"{name}: exit {point['exit_code']}, updater {point['updater_peak_mib']} MiB, "
         f"smoke child {point['smoke_peak_mib']} MiB (goal {point['smoke_goal_mib']})"
     )
     shutil.rmtree(state, ignore_errors=True)
@@ -165,21 +184,25 @@ def _failure(result: dict[str, Any]) -> str:
     return json.dumps(result)[:300]
 
 
-def run(sizes: list[int], work: Path, server: str) -> dict[str, Any]:
+def run(
+    sizes: list[int], work: Path, server: str, external_sizes: list[int] | None = None
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     points, notes = [], []
-    for size in sizes:
+    cases = [(s, False) for s in sizes] + [(s, True) for s in external_sizes or []]
+    for size, external in cases:
         need = 6 * size * MIB + 512 * MIB
         if disk_free(work) < need:
             notes.append(
                 f"skipped {size} MB: {disk_free(work) / 1e9:.1f} GB free, need {need / 1e9:.1f}"
             )
             continue
-        points.append(measure_size(size, work, server))
+        points.append(measure_size(size, work, server, external=external))
     return {
         "benchmark": "device_large",
         "server": server,
         "sizes_mb": sizes,
+        "external_sizes_mb": external_sizes or [],
         "points": points,
         "notes": notes,
         "installed_all": bool(points) and all(p["exit_code"] == 0 for p in points),
@@ -194,7 +217,8 @@ def run(sizes: list[int], work: Path, server: str) -> dict[str, Any]:
 
 def render(doc: dict[str, Any]) -> str:
     rows = [
-        [p["size_mb"], p["exit_code"], p["update_s"], p["updater_peak_mib"],
+        [f"{p['size_mb']}{' ext' if p.get('external_data') else ''}", p["exit_code"],
+         p["update_s"], p["updater_peak_mib"],
          p["smoke_peak_mib"], p["smoke_goal_mib"], p["smoke_peak_per_model"],
          p["smoke_mem_limit_mib"], p["smoke_load_s"], p["smoke_wall_s"],
          "yes" if p["updater_goal_met"] and p["smoke_goal_met"] else "NO"]
@@ -215,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "device_large")
     parser.add_argument("--sizes-mb", default="64,256,1024")
     parser.add_argument(
+        "--external-sizes-mb",
+        default="",
+        help="opt-in: models with external data (model.onnx + model.onnx.data), e.g. 4096",
+    )
+    parser.add_argument(
         "--server",
         choices=("thread", "nginx"),
         default="nginx" if shutil.which("nginx") else "thread",
@@ -226,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     sizes = [int(s) for s in args.sizes_mb.split(",") if s]
     with scratch_dir(args.workdir) as work:
-        doc = run(sizes, work, args.server)
+        external = [int(s) for s in args.external_sizes_mb.split(",") if s]
+        doc = run(sizes, work, args.server, external)
     emit(doc, render(doc), args.json)
 
 

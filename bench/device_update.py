@@ -8,8 +8,9 @@ a rotating order (each path goes first in turn), dirty pages flushed (untimed) b
 
 * **ours**: ``python -m bench.device_update --child ours``: ``ota device``'s preparation, then
   :func:`ota.client.update_once` from a freshly initialised device: TUF refresh, manifest and
-  signer list through TUF, every chunk fetched and verified, files assembled, hashed and
-  fsynced, the model signature verified, the slot installed and switched. The smoke step is a
+  signer list through TUF, runs of missing chunks fetched as ``Range`` requests of the file
+  blob (ADR 0014), files assembled, hashed once and fsynced, the model signature verified, the
+  slot installed and switched; the number of HTTP requests it made is reported. The smoke step is a
   no-op seam (``no_smoke``); the real sandboxed smoke run is timed apart, once (and
   ``bench.device_large`` runs it end to end through the CLI);
 * **stock**: stock python-tuf in a fresh process against a minimal TUF repository holding the

@@ -1,11 +1,12 @@
 """Fleet ingestion rate: device reports of 10 events each through the real service (``ota fleet
-serve``, gunicorn sync workers) on PostgreSQL and SQLite, load generator on the same machine.
+serve``, gunicorn gthread workers) on PostgreSQL and SQLite, load generator on the same machine.
 
 The load generator is ``--clients`` processes, each posting ``edge-ota.report/1`` reports for
 its own share of ``--devices`` enrolled devices (a device's reports are sequential, as on a
-real device), a new connection per request (gunicorn's sync workers close it), for
-``--seconds``. Every report must be acknowledged with its highest seq; anything else is counted
-by status.
+real device) over one kept-alive HTTP/1.1 connection (as the device client's connection pool
+does between the batches of a flush; ``--new-connection`` opens one per request instead), for
+``--seconds``, ``--rounds`` times; figures are the median of the rounds with their range.
+Every report must be acknowledged with its highest seq; anything else is counted by status.
 
 Baseline, same run, same load generator and service: ``GET /v1/health`` (routing, one
 ``SELECT 1``, JSON) - the ceiling of the HTTP stack and the load generator on this machine; the
@@ -71,6 +72,7 @@ def _client(
     start_at: float,
     seconds: float,
     queue: Any,
+    new_connection: bool,
 ) -> None:
     """One load-generator process: reports (or health GETs when ``events`` is 0)."""
     parts = urllib.parse.urlsplit(url)
@@ -84,9 +86,11 @@ def _client(
     cpu0 = os.times()
     end = start_at + seconds
     i = 0
+    conn: http.client.HTTPConnection | None = None
     while time.time() < end:
         t0 = time.perf_counter()
-        conn = http.client.HTTPConnection(host, port, timeout=60)
+        if conn is None:
+            conn = http.client.HTTPConnection(host, port, timeout=60)
         if events:
             device, cred = devices[i % len(devices)]
             i += 1
@@ -102,7 +106,9 @@ def _client(
             conn.request("GET", "/v1/health")
         resp = conn.getresponse()
         data = resp.read()
-        conn.close()
+        if new_connection or resp.will_close:
+            conn.close()
+            conn = None
         lat.append(time.perf_counter() - t0)
         if resp.status == 200:
             if events:
@@ -163,7 +169,13 @@ def group_rss_mb(pgid: int) -> float:
 
 
 def load(
-    url: str, devices: list[tuple[str, str]], clients: int, events: int, seconds: float, pgid: int
+    url: str,
+    devices: list[tuple[str, str]],
+    clients: int,
+    events: int,
+    seconds: float,
+    pgid: int,
+    new_connection: bool = False,
 ) -> dict[str, Any]:
     """Run the load generator; rates, latencies and where the CPU went."""
     ctx = mp.get_context("fork")
@@ -171,7 +183,9 @@ def load(
     start_at = time.time() + 0.5
     shares = [devices[i::clients] for i in range(clients)]
     procs = [
-        ctx.Process(target=_client, args=(url, share, events, start_at, seconds, queue))
+        ctx.Process(
+            target=_client, args=(url, share, events, start_at, seconds, queue, new_connection)
+        )
         for share in shares
     ]
     for p in procs:
@@ -228,6 +242,20 @@ def _per(cpu_s: float, n: int) -> float | None:
     return round(1000 * cpu_s / n, 3) if n else None
 
 
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round whose rate is the median (the lower middle one for an even count)."""
+    ordered = sorted(rounds, key=lambda r: r["per_s"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
 def run(
     backends: list[str],
     seconds: float,
@@ -236,6 +264,10 @@ def run(
     workers: int,
     events: int,
     workdir: Path,
+    *,
+    threads: int = 4,
+    rounds: int = 1,
+    new_connection: bool = False,
 ) -> dict[str, Any]:
     from tests.fleet_fixtures import _start_postgres, new_db, start_service
 
@@ -244,23 +276,47 @@ def run(
     for backend in backends:
         pg = _start_postgres() if backend == "postgresql" else None
         url = new_db(backend, pg, workdir)
-        with start_service(url, "--max-reports-per-minute", "100000", workers=workers) as svc:
+        args = ("--max-reports-per-minute", "100000", "--threads", str(threads))
+        bases, ings, loadavg = [], [], []
+        with start_service(url, *args, workers=workers) as svc:
             log(f"{backend}: enrolling {devices_n} devices")
             devs = [(f"bench-{i:05d}", svc.enroll(f"bench-{i:05d}")) for i in range(devices_n)]
-            log(f"{backend}: baseline GET /v1/health for {seconds} s")
-            base = load(svc.url, devs, clients, 0, seconds, svc.proc.pid)
-            log(f"{backend}: reports of {events} events for {seconds} s")
-            ing = load(svc.url, devs, clients, events, seconds, svc.proc.pid)
+            for k in range(rounds):
+                # interleaved: each round's ratio compares figures taken under the same load
+                log(f"{backend} round {k + 1}/{rounds}: GET /v1/health, then reports, {seconds} s")
+                loadavg.append(os.getloadavg()[0])
+                bases.append(load(svc.url, devs, clients, 0, seconds, svc.proc.pid, new_connection))
+                ings.append(
+                    load(svc.url, devs, clients, events, seconds, svc.proc.pid, new_connection)
+                )
+            loadavg.append(os.getloadavg()[0])
+        ing, base = _median_round(ings), _median_round(bases)
         rows.append(
             {
                 "backend": backend,
                 "workers": workers,
+                "threads": threads,
                 "clients": clients,
                 "devices": devices_n,
                 "events_per_report": events,
+                "connection": "new per request" if new_connection else "kept alive",
+                "rounds": rounds,
                 "reports": ing,
                 "baseline_health": base,
                 "reports_over_baseline": ratio(ing["per_s"], base["per_s"]),
+                "spread": {
+                    "reports_per_s": _spread([r["per_s"] for r in ings]),
+                    "health_per_s": _spread([r["per_s"] for r in bases]),
+                    "ratio": _spread(
+                        [i["per_s"] / b["per_s"] for i, b in zip(ings, bases, strict=True)]
+                    ),
+                    "cpu_ms_per_report": {
+                        part: _spread([r["cpu_ms_per_request"][part] or 0.0 for r in ings])
+                        for part in ("service", "postgres", "load_generator")
+                    },
+                    "ceiling_per_s": _spread([r["ceiling_per_s_all_cores"] for r in ings]),
+                    "load_average_1min": _spread(loadavg),
+                },
                 "goal_met": ing["per_s"] >= GOAL_REPORTS_S if backend == "postgresql" else None,
             }
         )
@@ -278,41 +334,44 @@ def run(
 def render(doc: dict[str, Any]) -> str:
     rows = []
     for r in doc["results"]:
-        ing, base = r["reports"], r["baseline_health"]
-        cpu = ing["cpu_s"]
+        ing, sp = r["reports"], r["spread"]
+        cpu = sp["cpu_ms_per_report"]
+
+        def rng(d: dict[str, float]) -> str:
+            return f"{d['median']:g} ({d['min']:g}-{d['max']:g})"
+
         rows.append(
             [
                 r["backend"],
-                ing["per_s"],
-                ing["events_per_s"],
-                base["per_s"],
-                r["reports_over_baseline"],
-                ing["latency_ms"]["p50"],
-                ing["latency_ms"]["p95"],
-                f"{cpu['service']}/{cpu['postgres']}/{cpu['load_generator']}",
-                f"{cpu['machine']}/{cpu['machine_capacity']}",
-                ing["cpu_ms_per_request"]["service"],
-                ing["ceiling_per_s_all_cores"],
+                rng(sp["reports_per_s"]),
+                rng(sp["health_per_s"]),
+                rng(sp["ratio"]),
+                f"{ing['latency_ms']['p50']}/{ing['latency_ms']['p95']}",
+                f"{cpu['service']['median']:g}/{cpu['postgres']['median']:g}/"
+                f"{cpu['load_generator']['median']:g}",
+                f"{ing['cpu_s']['machine']}/{ing['cpu_s']['machine_capacity']}",
+                rng(sp["ceiling_per_s"]),
+                rng(sp["load_average_1min"]),
                 sum(ing["other_statuses"].values()),
             ]
         )
+    first = doc["results"][0]
     return table(
-        f"fleet_ingest: reports of {doc['results'][0]['events_per_report']} events, "
-        f"gunicorn {doc['results'][0]['workers']} workers, "
-        f"{doc['results'][0]['clients']} load processes, {doc['seconds']} s "
-        f"(goal >= {doc['goal_reports_per_s']:.0f}/s on PostgreSQL)",
+        f"fleet_ingest: reports of {first['events_per_report']} events, gunicorn "
+        f"{first['workers']} workers x {first['threads']} threads, {first['clients']} load "
+        f"processes, connections {first['connection']}, {first['rounds']} rounds of "
+        f"{doc['seconds']} s, median (min-max) (goal >= {doc['goal_reports_per_s']:.0f}/s on "
+        "PostgreSQL)",
         [
             "backend",
             "reports/s",
-            "events/s",
             "health/s",
             "ratio",
-            "p50 ms",
-            "p95 ms",
-            "cpu s svc/pg/load",
+            "p50/p95 ms",
+            "cpu ms/report svc/pg/load",
             "cpu s used/cap",
-            "svc cpu ms/report",
             "ceiling/s",
+            "load avg",
             "non-200",
         ],
         rows,
@@ -325,8 +384,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--events", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--new-connection", action="store_true")
     args = parser.parse_args(argv)
     with scratch_dir(args.workdir) as work:
         doc = run(
@@ -337,6 +399,9 @@ def main(argv: list[str] | None = None) -> None:
             args.workers,
             args.events,
             work,
+            threads=args.threads,
+            rounds=args.rounds,
+            new_connection=args.new_connection,
         )
     emit(doc, render(doc), args.json)
 

@@ -16,8 +16,12 @@ Dirty pages are flushed (untimed) before each timed step. Each figure is the med
 per-round ratios with its spread (min-max); nothing is best-of. The RSS goal is
 ``1.3 x model + 200 MB``.
 
-Run: ``python -m bench.publish_speed [--json] [--size-mb 256] [--repeat 3] [--storage file]
-[--external]``.
+With ``--compare-python PYTHON`` (another checkout's venv interpreter, e.g. main's), each round
+also runs that checkout's fresh ``ota publish`` beside ours, the order rotated per round: a
+before/after figure from the same rounds and the same baseline.
+
+Run: ``python -m bench.publish_speed [--json] [--size-mb 256] [--repeat 5] [--storage file]
+[--external] [--compare-python /work/main/.venv/bin/python]``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -261,11 +266,20 @@ def _empty_bucket(client: Any, bucket: str) -> None:
             client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
 
 
+def children_cpu_s() -> float:
+    """User + system CPU seconds of every waited-for child so far (deltas time one child):
+    under load, wall time is mostly waiting for a core, CPU time is what the work costs."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def cp_openssl_sync(model: Path, dest_dir: Path) -> float:
     """Baseline of the cli figure: ``cp`` the model (and its external data) into ``dest_dir``,
     ``openssl dgst -sha256`` the copies, ``sync``; wall seconds of the three together."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     sources = [model, *([d] if (d := model.with_name(model.name + ".data")).exists() else [])]
+    global _last_baseline_cpu_s  # noqa: PLW0603 - a side figure, read right after the call
+    cpu0 = children_cpu_s()
     t0 = time.perf_counter()
     subprocess.run(["cp", *map(str, sources), str(dest_dir)], check=True)
     subprocess.run(
@@ -274,7 +288,53 @@ def cp_openssl_sync(model: Path, dest_dir: Path) -> float:
         stdout=subprocess.DEVNULL,
     )
     subprocess.run(["sync"], check=True)
-    return time.perf_counter() - t0
+    secs = time.perf_counter() - t0
+    _last_baseline_cpu_s = children_cpu_s() - cpu0
+    return secs
+
+
+_last_baseline_cpu_s = 0.0
+
+
+# What a publish imports, in a fresh interpreter: bench._common.import_cost's set plus
+# model_signing.signing (imported by the bundle signature step).
+_PUBLISH_IMPORTS = (
+    "import ota.repository, ota.repository._golden, ota.repository._model_checks, "
+    "ota.signing, ota.sbom._mlbom, onnxruntime, model_signing.signing; "
+    "from ota.sbom._schema import _strict_validator; _strict_validator()"
+)
+
+
+def cold_imports(pythons: dict[str, str], rounds: int = 7) -> dict[str, Any]:
+    """Wall and CPU seconds of :data:`_PUBLISH_IMPORTS` in a fresh interpreter, minus those of
+    ``python -c pass``, for each named interpreter (checkouts), rounds alternating in rotated
+    order; medians with spread and the load average."""
+
+    def child(py: str, code: str) -> tuple[float, float]:
+        cpu0 = children_cpu_s()
+        t0 = time.perf_counter()
+        subprocess.run([py, "-c", code], check=True)
+        return time.perf_counter() - t0, children_cpu_s() - cpu0
+
+    got: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in pythons}
+    loads: list[float] = []
+    for i in range(rounds):
+        loads.append(loadavg()[0])
+        names = list(pythons) if i % 2 == 0 else list(pythons)[::-1]
+        for name in names:
+            wall, cpu = child(pythons[name], _PUBLISH_IMPORTS)
+            wall0, cpu0 = child(pythons[name], "pass")
+            got[name]["wall"].append(wall - wall0)
+            got[name]["cpu"].append(cpu - cpu0)
+    out: dict[str, Any] = {"rounds": rounds, "loadavg_1min": spread(loads)}
+    for name, v in got.items():
+        out[name] = {
+            "wall_s": median(v["wall"]),
+            "wall_spread": spread(v["wall"]),
+            "cpu_s": median(v["cpu"]),
+            "cpu_spread": spread(v["cpu"]),
+        }
+    return out
 
 
 def _ota() -> list[str]:
@@ -299,25 +359,31 @@ runpy.run_module("ota.cli", run_name="__main__", alter_sys=True)
 """
 
 
-def cli_publish(model: Path, work: Path, i: int) -> dict[str, Any]:
+def cli_publish(model: Path, work: Path, i: int, python: str | None = None) -> dict[str, Any]:
     """One fresh ``ota publish`` process into a new local-folder repository (``ota init``
     untimed). Returns its wall seconds and its own peak RSS (``VmHWM`` read by the child at
-    exit, see ``_CLI_WITH_VMHWM``)."""
-    proj, repo = work / f"cli-proj-{i}", work / f"cli-repo-{i}"
+    exit, see ``_CLI_WITH_VMHWM``). ``python``: another checkout's interpreter (its venv's
+    ``ota``), for a before/after comparison in the same rounds; default this one."""
+    python = python or sys.executable
+    tag = "" if python == sys.executable else "b"
+    proj, repo = work / f"cli-proj-{i}{tag}", work / f"cli-repo-{i}{tag}"
+    init = _ota() if python == sys.executable else [python, "-m", "ota.cli"]
     subprocess.run(
-        [*_ota(), "init", "--project", str(proj), "--bins", "16", str(repo)],
+        [*init, "init", "--project", str(proj), "--bins", "16", str(repo)],
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    cmd = [sys.executable, "-c", _CLI_WITH_VMHWM, "publish", "--project", str(proj)]
+    cmd = [python, "-c", _CLI_WITH_VMHWM, "publish", "--project", str(proj)]
     cmd += ["--name", "bench-model", "--version", "1.0.0", "--json", str(model)]
-    hwm_file = work / f"vmhwm-{i}"
+    hwm_file = work / f"vmhwm-{i}{tag}"
     env = dict(os.environ, BENCH_VMHWM=str(hwm_file))
     drop_dirty_pages()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        cpu0 = children_cpu_s()
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, stdout=out, stderr=err, env=env, check=False)
         secs = time.perf_counter() - t0
+        cpu = children_cpu_s() - cpu0
         if proc.returncode != 0:
             err.seek(0)
             raise RuntimeError(f"ota publish failed ({proc.returncode}): {err.read()[-2000:]!r}")
@@ -329,6 +395,7 @@ def cli_publish(model: Path, work: Path, i: int) -> dict[str, Any]:
     shutil.rmtree(repo, ignore_errors=True)
     return {
         "publish_s": round(secs, 4),
+        "cpu_s": round(cpu, 3),
         "vmhwm_mb": round(vmhwm_kib / 1024, 1),
         "bytes_uploaded": result.get("upload", {}).get("bytes_uploaded"),
     }
@@ -402,7 +469,13 @@ def _vmrss_mb() -> float:
 
 
 def measure_storage(
-    kind: str, model: Path, work: Path, repeat: int, endpoint: str | None, cli: bool
+    kind: str,
+    model: Path,
+    work: Path,
+    repeat: int,
+    endpoint: str | None,
+    cli: bool,
+    compare: str | None = None,
 ) -> dict[str, Any]:
     """``repeat`` interleaved rounds on one storage kind: baseline, in-process publish (phases,
     per-phase RSS) and, for ``file`` with ``cli``, cp + openssl + sync and ``ota publish``."""
@@ -474,13 +547,25 @@ def measure_storage(
             drop_dirty_pages()
             cli_base = cp_openssl_sync(model, work / f"cp-{i}")
             shutil.rmtree(work / f"cp-{i}", ignore_errors=True)
+            before: dict[str, Any] | None = None
+            if compare and i % 2:  # rotate which checkout goes first
+                before = cli_publish(model, work, i, compare)
             pub_cli = cli_publish(model, work, i)
+            if compare and before is None:
+                before = cli_publish(model, work, i, compare)
             row["cli"] = {
                 "baseline_s": round(cli_base, 4),
+                "baseline_cpu_s": round(_last_baseline_cpu_s, 3),
                 **pub_cli,
                 "ratio": ratio(pub_cli["publish_s"], cli_base),
+                "golden_s": row["phases_s"]["smoke_golden"],
                 "golden_over_baseline": ratio(row["phases_s"]["smoke_golden"], cli_base),
             }
+            if before is not None:
+                row["cli"]["before_s"] = before["publish_s"]
+                row["cli"]["before_cpu_s"] = before["cpu_s"]
+                row["cli"]["before_vmhwm_mb"] = before["vmhwm_mb"]
+                row["cli"]["before_ratio"] = ratio(before["publish_s"], cli_base)
             log(
                 f"cli round {i + 1}: cp+openssl+sync {cli_base:.2f}s, ota publish"
                 f" {pub_cli['publish_s']:.2f}s, VmHWM {pub_cli['vmhwm_mb']} MiB"
@@ -533,17 +618,44 @@ def summarize(kind: str, size: int, rounds: list[dict[str, Any]]) -> dict[str, A
             "ratio_spread": spread(cr),
             "goal": GOAL_CLI,
             "goal_met": median(cr) <= GOAL_CLI,
+            "cpu_s": median([c["cpu_s"] for c in cli]),
+            "cpu_spread": spread([c["cpu_s"] for c in cli]),
+            "baseline_cpu_s": median([c["baseline_cpu_s"] for c in cli]),
+            "golden_s": median([c["golden_s"] for c in cli]),
+            "golden_spread": spread([c["golden_s"] for c in cli]),
             "golden_over_baseline": median([c["golden_over_baseline"] for c in cli]),
+            "golden_over_baseline_spread": spread([c["golden_over_baseline"] for c in cli]),
             "vmhwm_mb": max(c["vmhwm_mb"] for c in cli),
             "vmhwm_spread": spread([c["vmhwm_mb"] for c in cli]),
             "rss_goal_mb": rss_goal,
             "rss_goal_met": max(c["vmhwm_mb"] for c in cli) <= rss_goal,
         }
+        if all("before_s" in c for c in cli):
+            br = [c["before_ratio"] for c in cli]
+            doc["cli"]["before"] = {
+                "publish_s": median([c["before_s"] for c in cli]),
+                "publish_spread": spread([c["before_s"] for c in cli]),
+                "ratio": median(br),
+                "ratio_spread": spread(br),
+                "vmhwm_mb": max(c["before_vmhwm_mb"] for c in cli),
+                "cpu_s": median([c["before_cpu_s"] for c in cli]),
+                "cpu_spread": spread([c["before_cpu_s"] for c in cli]),
+                "after_over_before": median(
+                    [c["publish_s"] / c["before_s"] for c in cli if c["before_s"]]
+                ),
+            }
     return doc
 
 
 def run(
-    size_mb: int, repeat: int, storages: list[str], workdir: Path, *, external: bool, cli: bool
+    size_mb: int,
+    repeat: int,
+    storages: list[str],
+    workdir: Path,
+    *,
+    external: bool,
+    cli: bool,
+    compare: str | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     model_dir = workdir / "model"
@@ -559,7 +671,7 @@ def run(
             with s3_endpoint(out_of_process=kind == "s3-proc") as url:
                 results.append(measure_storage(kind, model, work, repeat, url, False))
         else:
-            results.append(measure_storage(kind, model, work, repeat, None, cli))
+            results.append(measure_storage(kind, model, work, repeat, None, cli, compare))
     return {
         "benchmark": "publish_speed",
         "size_mb": size_mb,
@@ -568,6 +680,10 @@ def run(
         "repeat": repeat,
         "results": results,
         "cold_import_s": import_cost(),
+        # this checkout's and the compared one's, alternating (only with --compare-python)
+        "cold_imports": cold_imports({"this": sys.executable, "compare": compare})
+        if compare
+        else None,
         "environment": environment(),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
@@ -589,6 +705,8 @@ def render(doc: dict[str, Any]) -> str:
                 [
                     ["cp+openssl+sync s", c["baseline_s"], c["baseline_spread"], "", ""],
                     ["ota publish s", c["publish_s"], c["publish_spread"], "", ""],
+                    ["ota publish CPU s", c["cpu_s"], c["cpu_spread"], "", ""],
+                    ["cp+openssl+sync CPU s", c["baseline_cpu_s"], "", "", ""],
                     [
                         "publish / baseline",
                         c["ratio"],
@@ -596,7 +714,14 @@ def render(doc: dict[str, Any]) -> str:
                         f"<= {GOAL_CLI}",
                         "yes" if c["goal_met"] else "NO",
                     ],
-                    ["golden run / baseline", c["golden_over_baseline"], "", "(in the above)", ""],
+                    ["golden run s (in-process)", c["golden_s"], c["golden_spread"], "", ""],
+                    [
+                        "golden run / baseline",
+                        c["golden_over_baseline"],
+                        c["golden_over_baseline_spread"],
+                        "(inside the above)",
+                        "",
+                    ],
                     [
                         "publish VmHWM MiB",
                         c["vmhwm_mb"],
@@ -607,6 +732,14 @@ def render(doc: dict[str, Any]) -> str:
                 ],
             )
         )
+        if "before" in c:
+            b = c["before"]
+            out.append(
+                f"before (--compare-python): ota publish {b['publish_s']} s {b['publish_spread']},"
+                f" / baseline {b['ratio']} {b['ratio_spread']}, VmHWM {b['vmhwm_mb']} MiB,"
+                f" CPU {b['cpu_s']} s {b['cpu_spread']};"
+                f" after / before {round(b['after_over_before'], 3)} (median per round)"
+            )
         out.append("")
     rows = [
         [
@@ -650,6 +783,14 @@ def render(doc: dict[str, Any]) -> str:
         f"(warm process; a fresh `ota publish` process also pays"
         f" {doc['cold_import_s']:.2f} s of imports)"
     )
+    ci = doc["cold_imports"] or {}
+    for name in [k for k in ci if k not in ("rounds", "loadavg_1min")]:
+        c = ci[name]
+        out.append(
+            f"cold imports of a publish ({name}, {ci['rounds']} rounds, load"
+            f" {ci['loadavg_1min']}): wall {c['wall_s']} s {c['wall_spread']},"
+            f" CPU {c['cpu_s']} s {c['cpu_spread']}"
+        )
     out.append("")
     out.append(
         table(
@@ -716,6 +857,13 @@ def main(argv: list[str] | None = None) -> None:
         "--no-cli", action="store_true", help="skip the fresh `ota publish` process figure"
     )
     parser.add_argument(
+        "--compare-python",
+        metavar="PYTHON",
+        default=None,
+        help="also run each fresh `ota publish` with another checkout's interpreter (its venv),"
+        " in the same rounds, order rotated: a before/after figure",
+    )
+    parser.add_argument(
         "--profile",
         metavar="OUT",
         default=None,
@@ -731,7 +879,13 @@ def main(argv: list[str] | None = None) -> None:
             profile_once(args.size_mb, work, storages[0], Path(args.profile))
             return
         doc = run(
-            args.size_mb, args.repeat, storages, work, external=args.external, cli=not args.no_cli
+            args.size_mb,
+            args.repeat,
+            storages,
+            work,
+            external=args.external,
+            cli=not args.no_cli,
+            compare=args.compare_python,
         )
     emit(doc, render(doc), args.json)
 

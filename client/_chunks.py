@@ -4,14 +4,19 @@ A device already holds most chunks of a fine-tuned or rolled-back release: in th
 slot, in the inactive (previous) slot, or in the leftovers of an interrupted attempt. The
 :class:`ChunkIndex` maps chunk digests to places on disk, known from the manifests of those
 slots; :func:`stage` writes every file of a new manifest, taking each chunk from disk when one
-hashes right and from the network otherwise.
+hashes right and from the network otherwise: runs of adjacent missing chunks as one ``Range``
+of the file's blob (ADR 0014), or chunk blobs where the store has no file blob or ignores
+ranges.
 
 Invariants:
 
-* every byte written to a staged file comes from a chunk whose sha256 was verified just before
-  (local reads are re-hashed: disk content is not trusted blindly);
+* every byte read from disk or from a chunk blob comes from a chunk whose sha256 was verified
+  just before it is written (disk content is not trusted blindly); bytes of a span are
+  verified once, by the file's sha256, and until then exist only under the file's dot temp
+  name (which the chunk index re-hashes chunk by chunk before any reuse);
 * every staged file's sha256 and size are verified against the manifest before it gets its
-  final name; files are fsynced, made read-only, and their folders fsynced;
+  final name (each byte hashed once for it, beside its write); files are fsynced, made
+  read-only, and their folders fsynced;
 * nothing outside the staging folder is written (bundle paths are validated by the manifest
   parser, temp names start with a dot, which no bundle path may).
 """
@@ -35,6 +40,7 @@ from ota.bundle import FileEntry, Manifest
 from ota.errors import LocalError, SecurityError
 
 from ._fetch import BlobFetcher, FetchConfig
+from ._spans import Piece, plan
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _WRITEBACK = 8 * 1024 * 1024
@@ -100,6 +106,10 @@ class ChunkIndex:
                 break
             self._chunks.setdefault(c.sha256, []).append((path, offset))
             offset += c.size
+
+    def has(self, sha256: str) -> bool:
+        """Whether some place may hold the chunk (not verified: :meth:`read_chunk` is)."""
+        return sha256 in self._chunks
 
     def read_chunk(self, sha256: str, size: int) -> bytes | None:
         """Bytes of a chunk from disk if some indexed place holds them intact, else None."""
@@ -173,7 +183,15 @@ def stage(manifest: Manifest, dest: Path, index: ChunkIndex, fetcher: BlobFetche
 
 @dataclass
 class _Assembler:
-    """Fetches or reads chunks with a bounded window of workers, writes them in order."""
+    """Reads or fetches the pieces of each file with a bounded window of workers, writes them
+    in order.
+
+    A piece is a chunk the device may hold (read from disk, re-hashed) or, when the fetcher
+    may use ranges, a span of adjacent missing chunks (one ``Range`` of the file blob; ADR
+    0014). Span bytes are verified once, by the file's sha256 as :class:`_FileWriter` writes
+    them; when the store has no file blob or ignores ``Range``, the span's chunk blobs are
+    fetched instead, each verified on arrival as before.
+    """
 
     dest: Path
     index: ChunkIndex
@@ -183,41 +201,65 @@ class _Assembler:
     on_file: Callable[[str], None] | None
     on_bytes: Callable[[int, int], None] | None = None
 
-    def get(self, sha256: str, size: int) -> tuple[bytes | bytearray, bool]:
-        data = self.index.read_chunk(sha256, size)
-        if data is not None:
-            return data, True
-        return self.fetcher.fetch(sha256, size), False
+    def pieces(self, f: FileEntry) -> list[Piece]:
+        if not self.cfg.spans or len(f.chunks) < 2:
+            # one-chunk files: the chunk blob is the file blob, a range of it gains nothing
+            return plan(f, lambda _: True, 0)  # every chunk alone, as before
+        return plan(f, self.index.has, max(self.cfg.max_span, 1))
+
+    def get(self, f: FileEntry, p: Piece, buf: bytearray | None = None) -> _Got:
+        if p.local:
+            c = p.chunks[0]
+            on_disk = self.index.read_chunk(c.sha256, c.size)
+            if on_disk is not None:
+                return _Got(on_disk, reused=1)
+            return _Got(self.fetcher.fetch(c.sha256, c.size), downloaded=1)
+        out = memoryview(buf)[: p.size] if buf is not None else None
+        span = self.fetcher.fetch_span(f.sha256, f.size, p.offset, p.size, out)
+        if span is None:  # no file blob, or no ranges: the chunk blobs, each verified
+            joined = bytearray()
+            for c in p.chunks:
+                joined += self.fetcher.fetch(c.sha256, c.size)
+            return _Got(joined, downloaded=len(p.chunks), buf=buf)
+        return _Got(span, downloaded=len(p.chunks), buf=buf)
 
     def run(self, files: list[FileEntry]) -> None:
         window = max(2 * self.cfg.parallel, 2)
-        jobs = ((f, i) for f in files for i in range(len(f.chunks)))
-        inflight: deque[tuple[FileEntry, int, Future[tuple[bytes | bytearray, bool]]]] = deque()
-        buffered = 0  # bytes of the chunks in flight: bounded so peak memory stays flat
-        pending: tuple[FileEntry, int] | None = None
+        jobs = ((f, p, i == len(ps) - 1) for f in files for ps in [self.pieces(f)]
+                for i, p in enumerate(ps))
+        inflight: deque[tuple[FileEntry, Piece, bool, Future[_Got]]] = deque()
+        buffered = 0  # bytes of the pieces in flight: bounded so peak memory stays flat
+        pending: tuple[FileEntry, Piece, bool] | None = None
         writer: _FileWriter | None = None
-        with ThreadPoolExecutor(max_workers=max(self.cfg.parallel, 1)) as pool:
+        buffers = _Buffers(max(self.cfg.max_span, 1),
+                           max(self.cfg.max_inflight_bytes // max(self.cfg.max_span, 1), 1))
+        with (
+            ThreadPoolExecutor(max_workers=max(self.cfg.parallel, 1)) as pool,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher,
+        ):
             try:
                 while True:
                     while len(inflight) < window:
                         pending = pending or next(jobs, None)
                         if pending is None:
                             break
-                        f, i = pending
-                        c = f.chunks[i]
-                        if inflight and buffered + c.size > self.cfg.max_inflight_bytes:
+                        f, p, last = pending
+                        if inflight and buffered + p.size > self.cfg.max_inflight_bytes:
                             break
-                        inflight.append((f, i, pool.submit(self.get, c.sha256, c.size)))
-                        buffered += c.size
+                        buf = None if p.local else buffers.take(p.size)
+                        inflight.append((f, p, last, pool.submit(self.get, f, p, buf)))
+                        buffered += p.size
                         pending = None
                     if not inflight:
                         break
-                    f, i, fut = inflight.popleft()
-                    buffered -= f.chunks[i].size
-                    if writer is None or i == 0:
-                        writer = _FileWriter(self.dest, f)
-                    self._write(writer, *fut.result())
-                    if i == len(f.chunks) - 1:
+                    f, p, last, fut = inflight.popleft()
+                    buffered -= p.size
+                    if writer is None or p.offset == 0:
+                        writer = _FileWriter(self.dest, f, hasher)
+                    got = fut.result()
+                    self._write(writer, got)
+                    buffers.give(got.buf)
+                    if last:
                         self._finish(writer)
                         writer = None
             except BaseException:
@@ -230,14 +272,14 @@ class _Assembler:
             if not f.chunks:
                 self._finish(_FileWriter(self.dest, f))
 
-    def _write(self, writer: _FileWriter, data: bytes | bytearray, reused: bool) -> None:
-        writer.write(data)
-        if reused:
-            self.stats.bytes_reused += len(data)
-            self.stats.chunks_reused += 1
+    def _write(self, writer: _FileWriter, got: _Got) -> None:
+        writer.write(got.data)
+        if got.reused:
+            self.stats.bytes_reused += len(got.data)
+            self.stats.chunks_reused += got.reused
         else:
-            self.stats.bytes_downloaded += len(data)
-            self.stats.chunks_downloaded += 1
+            self.stats.bytes_downloaded += len(got.data)
+            self.stats.chunks_downloaded += got.downloaded
         if self.on_bytes:
             self.on_bytes(self.stats.bytes_staged, self.stats.bytes_total)
 
@@ -248,6 +290,40 @@ class _Assembler:
             self.on_file(writer.entry.path)
 
 
+class _Buffers:
+    """Reused span buffers, taken and given back by the assembling thread only: at most
+    ``count`` of ``size`` bytes each (peak memory is fixed, and no span faults in fresh pages).
+    A span that fits none gets None (the fetcher allocates it)."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size, self.count = size, count
+        self.spare: list[bytearray] = []
+
+    def take(self, n: int) -> bytearray | None:
+        if n > self.size:
+            return None
+        if self.spare:
+            return self.spare.pop()
+        if self.count > 0:
+            self.count -= 1
+            return bytearray(self.size)
+        return None
+
+    def give(self, buf: bytearray | None) -> None:
+        if buf is not None:
+            self.spare.append(buf)
+
+
+@dataclass
+class _Got:
+    """A piece's bytes and how many chunks they came as (from disk or from the network)."""
+
+    data: bytes | bytearray | memoryview
+    reused: int = 0
+    downloaded: int = 0
+    buf: bytearray | None = None  # the reusable span buffer behind ``data``, if any
+
+
 class _FileWriter:
     """Writes one file under a temp name, hashing as it goes; publishes it only if verified.
 
@@ -256,8 +332,10 @@ class _FileWriter:
     file, and a large bundle never piles up hundreds of MB of dirty pages on a small device.
     """
 
-    def __init__(self, dest: Path, entry: FileEntry) -> None:
+    def __init__(self, dest: Path, entry: FileEntry,
+                 hasher: ThreadPoolExecutor | None = None) -> None:
         self.entry = entry
+        self.hasher = hasher
         self.final = dest / entry.path
         self.tmp = dest / _temp_name(entry.path)
         self.h = hashlib.sha256()
@@ -265,9 +343,16 @@ class _FileWriter:
         self.flushed = 0  # bytes handed to writeback
         self.fh: BinaryIO = self.tmp.open("wb")
 
-    def write(self, data: bytes | bytearray) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        # The hash (on its own thread) and the write run at once: both release the GIL, so a
+        # piece costs the longer of the two, not their sum. The hash is awaited before the
+        # next piece (order) and before the caller may reuse ``data``'s buffer.
+        hashed = self.hasher.submit(self.h.update, data) if self.hasher else None
         self.fh.write(data)
-        self.h.update(data)
+        if hashed is None:
+            self.h.update(data)
+        else:
+            hashed.result()
         self.size += len(data)
         if self.size - self.flushed >= _WRITEBACK:
             _start_writeback(self.fh.fileno(), self.flushed, self.size - self.flushed)

@@ -32,6 +32,8 @@ from tuf.ngclient.fetcher import FetcherInterface
 from ota.bundle import blob_key
 from ota.errors import SecurityError, TransientError
 
+from ._spans import check_partial, range_header
+
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -50,8 +52,10 @@ class FetchConfig:
     retries: int = 4  # extra attempts per object after the first
     backoff: float = 0.25
     backoff_max: float = 8.0
-    parallel: int = 4  # concurrent chunk fetches
-    max_inflight_bytes: int = 8 * 1024 * 1024  # chunk bytes buffered at once (peak memory)
+    parallel: int = 4  # concurrent chunk or span fetches
+    max_inflight_bytes: int = 12 * 1024 * 1024  # bytes buffered at once (peak memory)
+    max_span: int = 4 * 1024 * 1024  # adjacent missing chunks merged into one Range up to this
+    spans: bool = True  # fetch runs of missing chunks as ranges of the file blob (ADR 0014)
     read_size: int = 256 * 1024
     user_agent: str = "edge-ota-client"
 
@@ -172,6 +176,117 @@ class BlobFetcher:
         self._base = base_url.rstrip("/") + "/"
         self._cfg = cfg
         self.stats = stats or FetchStats()
+        self._no_ranges: set[str] = set()  # file digests whose blob is absent or not rangeable
+        self._lock = threading.Lock()
+
+    def ranges_usable(self, file_sha256: str) -> bool:
+        """False once the file blob of ``file_sha256`` proved absent or not served by range
+        (an old release, a mirror without file blobs, a server ignoring ``Range``)."""
+        with self._lock:
+            return file_sha256 not in self._no_ranges
+
+    def _give_up_ranges(self, file_sha256: str) -> None:
+        with self._lock:
+            self._no_ranges.add(file_sha256)
+
+    def fetch_span(self, file_sha256: str, total: int, start: int, size: int,
+                   out: memoryview | None = None) -> bytearray | memoryview | None:
+        """Bytes ``[start, start + size)`` of the file blob of ``file_sha256`` (a file of
+        ``total`` bytes), **not verified here**: the caller hashes them as part of the file,
+        whose sha256 the verified manifest names, and keeps them under a temp name until it
+        matches (ADR 0014).
+
+        Returns None, having read no body, when the store has no usable such blob (404,
+        410, 403 as S3 answers for a missing key, another non-retryable status, or a 200
+        answering a range with the whole blob): the caller then fetches the span's chunk
+        blobs, each verified. A 200 is kept only when the span *is* the whole file, read
+        to at most ``size`` bytes. ``out`` (exactly ``size`` bytes), if given, receives the
+        bytes and is returned (a reused buffer: no allocation, no page faults per span).
+
+        Invariant: returns exactly ``size`` bytes that the server labelled as exactly the
+        asked range of a ``total``-byte blob, read in at most ``1 + retries`` attempts, each
+        resuming where the last stopped and reading no more than asked.
+
+        Raises:
+            SecurityError: a ``Content-Range``/``Content-Length`` other than asked, more bytes
+                than asked, or 416 (the blob is shorter than the file it is named after).
+            SlowRetrievalError: every attempt ran below the minimum rate.
+            TransientError: the network failed on every attempt.
+        """
+        if size <= 0 or start < 0 or start + size > total:
+            raise ValueError(f"bad span {start}+{size} of {total}")
+        if not self.ranges_usable(file_sha256):
+            return None
+        url = self.url(file_sha256)
+        if out is not None and len(out) != size:
+            raise ValueError(f"buffer of {len(out)} bytes for a span of {size}")
+        buf = out if out is not None else memoryview(bytearray(size))
+        prog = _Span(buf)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                done = self._span_attempt(url, file_sha256, total, start, prog)
+                if done is None:
+                    return None
+                if done:
+                    return buf
+                why: TransientError = TransientError(f"truncated range of {url}")
+            except TransientError as e:
+                why = e
+            if attempt > self._cfg.retries:
+                raise why
+            self.stats.add(retries=1)
+            time.sleep(backoff_delay(self._cfg, attempt))
+
+    def _span_attempt(self, url: str, file_sha256: str, total: int, start: int,
+                      prog: _Span) -> bool | None:
+        """One ranged GET from ``start + prog.n``. True when complete, False when cut short
+        (resume), None when ranges cannot be used for this file."""
+        size = len(prog.buf)
+        first, left = start + prog.n, size - prog.n
+        headers = {"Range": range_header(first, left)}
+        deadline = time.monotonic() + self._cfg.deadline_for(left)
+        try:
+            resp = self._pool.request("GET", url, headers=headers, preload_content=False,
+                                      redirect=False)
+        except urllib3.exceptions.HTTPError as e:
+            raise TransientError(f"cannot reach {url}: {e}") from e
+        self.stats.add(requests=1)
+        try:
+            status = resp.status
+            if status in _RETRY_STATUS:
+                raise TransientError(f"HTTP {status} for {url}")
+            if status == 416:
+                raise SecurityError(f"{url} is shorter than the {total}-byte file it names")
+            if status == 206:
+                check_partial(url, resp.headers.get("Content-Range"),
+                              resp.headers.get("Content-Length"), first, left, total)
+            elif status != 200 or not (first == 0 and left == total):
+                # No usable file blob: absent (404/410; 403 from an S3 bucket that does not
+                # let anyone list it), a redirect, a server ignoring Range (200), or refusing
+                # it. The chunk blobs, each verified, are the way; nothing here is trusted.
+                self._give_up_ranges(file_sha256)
+                return None  # _release closes the connection: the body is never read
+            view = prog.buf
+            # read_size pieces stay below malloc's pinned mmap threshold (ota._lean): reused
+            # heap memory, not a fresh mapping to fault in for every piece
+            for data in _pieces(resp, self._cfg.read_size):
+                end = prog.n + len(data)
+                if end > size:
+                    raise SecurityError(f"{url} sent more than the {left} bytes asked")
+                view[prog.n:end] = data
+                prog.n = end
+                self.stats.add(nbytes=len(data))
+                if time.monotonic() > deadline and prog.n < size:
+                    raise SlowRetrievalError(f"{url} is slower than {self._cfg.min_rate:g} B/s")
+        except urllib3.exceptions.TimeoutError as e:
+            raise SlowRetrievalError(f"read timeout on {url}") from e
+        except urllib3.exceptions.HTTPError:
+            return False  # reset or truncated: resume from prog.n
+        finally:
+            _release(resp)
+        return prog.n == size
 
     def url(self, sha256: str) -> str:
         return self._base + blob_key(sha256)
@@ -279,6 +394,14 @@ class _Progress:
     def reset(self) -> None:
         self.n = 0
         self.h = hashlib.sha256()
+
+
+class _Span:
+    """One span's buffer, exactly its size, and the bytes received so far."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf = buf
+        self.n = 0
 
 
 def _content_range_start(value: str) -> int | None:

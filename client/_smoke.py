@@ -7,7 +7,9 @@ scrubbed environment, its own session (process group), and rlimits set before ``
   (:func:`memory_limit_mb`, ADR 0008): a fixed reserve (interpreter, numpy, onnxruntime, thread
   stacks, margin) + the address space onnxruntime's loader reserves beyond the model's bytes
   (protobuf grows each initializer's buffer by doubling: up to ``model_as_factor`` x the model
-  file while it parses, untouched pages included) + the memory the run may use: the tier's
+  file while it parses, untouched pages included; external data is mapped, and prepacking
+  copies each weight while its mapping is live: ``external_as_factor`` x the external data) +
+  the memory the run may use: the tier's
   ``peak_mem_mb`` budget when the bundle sets one, else the model files and twice the smoke
   files;
 * ``RLIMIT_CPU``: a backstop if this process dies and cannot kill the child;
@@ -66,6 +68,11 @@ class SmokeLimits:
     thread_mem_mb: int = 10  # per onnxruntime intra-op thread (8 MB stack, measured)
     mem_margin_mb: int = 256
     model_as_factor: float = 3.0  # address space per byte of the .onnx file while it parses
+    # Address space per byte of external data (issue 13, measured at 4 GB): the data is mapped,
+    # and prepacking allocates each weight's packed copy while that weight's mapping is live,
+    # so up to the largest tensor is held twice (4 GB of 512 MB tensors: VmPeak 4.78 GiB, over
+    # a limit that counted the data once). 2.0 covers one tensor as large as all the data.
+    external_as_factor: float = 2.0
     mem_limit_mb: int | None = None  # overrides the derived RLIMIT_AS entirely
     # onnxruntime session options that cost memory (ADR 0008, measured). Prepacking keeps a
     # packed copy of Gemm/MatMul weights beside the originals (+0.6x a 256 MB model), but it
@@ -464,7 +471,9 @@ def memory_limit_mb(
     ``reserve`` (interpreter, numpy, onnxruntime's mappings, thread stacks, margin) + ``slack``
     (address space the loader reserves but does not touch: protobuf grows an initializer's
     buffer by doubling, so parsing a ``.onnx`` file can map up to ``model_as_factor`` times its
-    size, of which one is used; external data is mapped once) + ``allowance``: the tier's
+    size, of which one is used; external data is mapped, and a weight's packed copy is made
+    while its mapping is live: up to ``external_as_factor`` times the data, of which one is
+    counted in the allowance) + ``allowance``: the tier's
     memory budget when there is one (a model that fits its budget is never cut short, and one
     far over it is stopped early), else the model files plus twice the smoke files (the bytes
     onnxruntime and numpy hold). Measured in ADR 0008: peak RSS 1.1-1.4x the model + 60 MB.
@@ -477,7 +486,10 @@ def memory_limit_mb(
         return limits.mem_limit_mb, "override"
     threads = limits.threads or os.cpu_count() or 1
     reserve = limits.base_mem_mb + limits.mem_margin_mb + limits.thread_mem_mb * threads
-    slack = max(limits.model_as_factor - 1.0, 0.0) * model_file_bytes / _MB
+    slack = (
+        max(limits.model_as_factor - 1.0, 0.0) * model_file_bytes
+        + max(limits.external_as_factor - 1.0, 0.0) * other_bytes
+    ) / _MB
     if budget_mb is not None:
         allowance, source = max(budget_mb, 0.0), "budget"
     else:

@@ -13,9 +13,10 @@ signer list, and maps python-tuf's exceptions to ours:
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import urllib3
 from tuf.api import exceptions as tuf_exc
@@ -55,6 +56,28 @@ def updater_config() -> UpdaterConfig:
         targets_max_length=5_000_000,
         prefix_targets_with_hash=True,
     )
+
+
+# Versioned snapshot and delegated targets metadata (``<v>.<role>.json``, not root): what a
+# device downloads after a publish. The timestamp and the next-root probe (every idle poll) go
+# without the header, so an idle poll stays as small as it was (ADR 0010).
+_COMPRESSIBLE = re.compile(r"/metadata/[0-9]+\.(?!root\.json\Z)[^/]+\.json\Z")
+
+
+class MetadataPool:
+    """Our urllib3 pool, asking for ``Content-Encoding: gzip`` on the metadata that grows with
+    the repository (snapshot, model roles). urllib3 decodes the body as it streams (bounded per
+    read since urllib3 2.6); python-tuf then checks the *decoded* bytes against the signed
+    length and signatures, exactly as for an uncompressed body. A server that ignores the
+    header sends the plain file: nothing else changes."""
+
+    def __init__(self, pool: urllib3.PoolManager) -> None:
+        self._pool = pool
+
+    def request(self, method: str, url: str, **kw: Any) -> Any:
+        if _COMPRESSIBLE.search(url.split("?", 1)[0]):
+            kw["headers"] = {**self._pool.headers, "Accept-Encoding": "gzip"}
+        return self._pool.request(method, url, **kw)
 
 
 @contextlib.contextmanager
@@ -103,7 +126,7 @@ class TufSession:
                 f"{base}/metadata/",
                 str(cache_dir),
                 f"{base}/targets/",
-                fetcher=TufFetcher(pool, fetch_cfg, stats),
+                fetcher=TufFetcher(cast(urllib3.PoolManager, MetadataPool(pool)), fetch_cfg, stats),
                 config=updater_config(),
                 bootstrap=root,
             )

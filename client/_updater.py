@@ -9,6 +9,7 @@ state dir, a held lock) raises.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -261,6 +262,7 @@ def _cycle(dev: Device, names: tuple[str, ...], ctx: _Ctx) -> list[ModelOutcome]
                              dev.sd.bootstrap_root(), pool=pool, fetch_cfg=fcfg, stats=stats,
                              limits=limits)
         session.refresh()
+        _refuse_medium_metadata(dev)
     except OtaError as e:
         pool.clear()
         return [_failure(dev, "*", None, e)]
@@ -271,6 +273,30 @@ def _cycle(dev: Device, names: tuple[str, ...], ctx: _Ctx) -> list[ModelOutcome]
             break  # one release on trial at a time
     pool.clear()
     return outcomes
+
+
+_MEDIUM_FIELD = "x-ota-medium"  # ota.client._medium.MEDIUM_FIELD (ADR 0013)
+
+
+def _refuse_medium_metadata(dev: Device) -> None:
+    """After a network refresh: the timestamp python-tuf now trusts must not be an offline
+    medium's. The repository never serves one (an export reserves the medium's versions and
+    commits past them, ADR 0013), so one from the network is a medium's long-lived metadata
+    replayed (or a medium folder served as a mirror, bypassing its tier and release list).
+
+    Raises:
+        SecurityError: it is a medium's (or unreadable right after python-tuf wrote it)."""
+    try:
+        doc = json.loads((dev.sd.metadata_dir / "timestamp.json").read_bytes())
+        medium = _MEDIUM_FIELD in doc["signed"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SecurityError(f"the trusted timestamp cannot be read back: {e}") from e
+    if medium:
+        raise SecurityError(
+            "the network served an offline medium's metadata (a replay: the repository "
+            "never serves it)",
+            remedy="check the repository URL; update from a medium with `--from` only",
+        )
 
 
 def _one(dev: Device, session: TufSession, name: str, pool: Any, ctx: _Ctx) -> ModelOutcome:

@@ -212,7 +212,7 @@ def _device_routes(app: Flask, ctx: _Ctx) -> None:
         report = parse_report(body(config.max_report_bytes), device_id, config)
         now = time.time()
         with tx() as s:
-            dev = _ingest.authenticate(s, device_id, secret)
+            dev = _ingest.authenticate_report(s, device_id, secret)
             _ingest.check_rate(dev, config, now)
             ack, stored = _ingest.ingest(s, dev, report, now)
         g.ota_ingested = stored

@@ -6,8 +6,10 @@ caller commits only when the function returns, so a refused or failed request wr
 
 Invariants:
 
-* a device row is locked (``FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` locks the file) before
-  its credential is checked, so a report, a rotation and a revocation of one device are
+* a device row is locked (``FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` locks the file) by
+  the statement that checks its credential (report path: one Core lookup by device id and
+  credential digest, :func:`authenticate_report`; enrolment and rotation: the ORM row,
+  :func:`authenticate`), so a report, a rotation, a revocation and a prune of one device are
   serialised and a rotated-out credential cannot slip one more report in;
 * an event is a duplicate iff a row with its ``(device, queue epoch, seq)`` exists or its seq
   is at most the highest seq pruned from that queue (``queues.pruned_seq``: pruning does not
@@ -15,7 +17,10 @@ Invariants:
   seq stored before (``queues.high_seq``) move derived state, so a late or replayed event
   never turns a device's state back;
 * the ack is the highest seq of the report: every event up to it is stored when the
-  transaction commits (new ones now, the others earlier).
+  transaction commits (new ones now, the others earlier);
+* components add their own per-report work with :func:`on_new_events` (a hook per event
+  kind, called in the report's transaction with the events it stored), never by editing
+  the ingestion path.
 """
 
 from __future__ import annotations
@@ -24,16 +29,17 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from . import _secrets
 from ._config import FleetConfig
 from ._models import AuditRecord, Device, DeviceModel, EnrollToken, Event, Queue, ReleaseState
-from ._report import Facts, Report
+from ._report import KIND_RE, Facts, Report, ReportEvent
 from ._validate import Rejected
 
 # Kinds that move a release's state on a device, and the device's health they imply.
@@ -170,7 +176,6 @@ def enroll(
             rate_count=0,
         )
         s.add(dev)
-    dev.claims_changed, dev.claims_note = False, ""
     if dev.id is not None:  # re-enrolment of a revoked device: its rows count again
         s.execute(
             update(DeviceModel)
@@ -184,7 +189,8 @@ def enroll(
     dev.claimed_ring, dev.claimed_tier = facts.ring, facts.tier
     dev.arch, dev.runtime_version = facts.arch, facts.runtime_version
     dev.client_version = facts.client_version
-    _flag_claims(dev, facts, now, at_enrolment=True)
+    note = _claims_note(dev.ring, dev.tier, dev.arch, facts, at_enrolment=True)
+    dev.claims_changed, dev.claims_note = bool(note), note
     tok.uses += 1
     s.add(
         AuditRecord(
@@ -222,7 +228,119 @@ def rotate(s: Session, dev: Device, proposed: str | None, now: float) -> str:
     return new
 
 
-def check_rate(dev: Device, cfg: FleetConfig, now: float) -> None:
+@dataclass
+class Reporter:
+    """The locked row of a device sending a report: the columns ingestion reads, loaded by
+    one Core ``SELECT … FOR UPDATE`` (no ORM object) and written back by one ``UPDATE``."""
+
+    pk: int
+    device_id: str
+    ring: str
+    tier: str
+    arch: str
+    models_digest: str
+    events_total: int
+    dropped_total: int
+    rate_window_start: float
+    rate_count: int
+
+
+_DEVICE = cast(Table, Device.__table__)
+_QUEUE = cast(Table, Queue.__table__)
+_EVENT = cast(Table, Event.__table__)
+_RELEASE = cast(Table, ReleaseState.__table__)
+_MODEL = cast(Table, DeviceModel.__table__)
+_D = _DEVICE.c
+# One indexed lookup by the device id *and* the digest of the bearer: a wrong credential
+# matches no row and locks nothing. On PostgreSQL ``FOR UPDATE`` re-checks the WHERE clause
+# on the newest version of a row it waited for, so a report racing a rotation that commits
+# first finds no row (401): a rotated-out credential cannot slip one more report in.
+_AUTH = (
+    select(
+        _D.id,
+        _D.revoked_at,
+        _D.ring,
+        _D.tier,
+        _D.arch,
+        _D.models_digest,
+        _D.events_total,
+        _D.dropped_total,
+        _D.rate_window_start,
+        _D.rate_count,
+    )
+    .where(_D.device_id == bindparam("device_id"), _D.credential_hash == bindparam("digest"))
+    .with_for_update()
+)
+_REPORTER = (
+    select(*_AUTH.selected_columns).where(_D.id == bindparam("pk")).with_for_update()
+)
+# Read after the device row is locked (its own statement, so on PostgreSQL it sees what a
+# report of the same device that held the lock before committed; a join in the locking
+# statement would return the queue row as of before the wait).
+_QUEUE_ROW = select(_QUEUE.c.high_seq, _QUEUE.c.pruned_seq, _QUEUE.c.dropped).where(
+    _QUEUE.c.device_pk == bindparam("pk"), _QUEUE.c.epoch == bindparam("epoch")
+)
+
+
+_QUEUE_NEW = insert(_QUEUE).values(
+    device_pk=bindparam("q_pk"),
+    epoch=bindparam("q_epoch"),
+    high_seq=bindparam("q_high"),
+    pruned_seq=0,
+    dropped=bindparam("q_dropped"),
+    first_seen=bindparam("q_t"),
+)
+_QUEUE_MOVE = (
+    update(_QUEUE)
+    .where(_QUEUE.c.device_pk == bindparam("q_pk"), _QUEUE.c.epoch == bindparam("q_epoch"))
+    .values(high_seq=bindparam("q_high"), dropped=bindparam("q_dropped"))
+)
+
+
+def authenticate_report(s: Session, device_id: str, secret: str) -> Reporter:
+    """The locked, enrolled, unrevoked device whose current credential is ``secret``.
+
+    The digest is compared by the database's index (no constant-time compare in Python): a
+    lookup's timing depends on the SHA-256 of the guess, which tells an attacker nothing
+    about a 256-bit secret."""
+    if not secret or len(secret) > 520:
+        raise unauthorized()
+    row = (
+        s.connection()
+        .execute(_AUTH, {"device_id": device_id, "digest": _secrets.digest(secret)})
+        .one_or_none()
+    )
+    if row is None:
+        raise unauthorized()
+    if row.revoked_at is not None:
+        raise unauthorized("this device is revoked")
+    return _reporter(row, device_id)
+
+
+def reporter_of(s: Session, dev: Device) -> Reporter:
+    """The :class:`Reporter` view of ``dev``, a device row the caller has already locked and
+    authenticated by other means (``ota fleet import`` checks a medium report's HMAC against
+    the credential digest; tests drive ingestion directly)."""
+    row = s.connection().execute(_REPORTER, {"pk": dev.id}).one()
+    return _reporter(row, dev.device_id)
+
+
+def _reporter(row: Any, device_id: str) -> Reporter:
+    return Reporter(
+        pk=int(row.id),
+        device_id=device_id,
+        ring=row.ring or "",
+        tier=row.tier or "",
+        arch=row.arch or "",
+        models_digest=row.models_digest or "",
+        events_total=int(row.events_total or 0),
+        dropped_total=int(row.dropped_total or 0),
+        rate_window_start=float(row.rate_window_start or 0.0),
+        rate_count=int(row.rate_count or 0),
+    )
+
+
+def check_rate(dev: Reporter, cfg: FleetConfig, now: float) -> None:
     """Count this report in the device's window, or refuse it with 429 (nothing counted)."""
     if now - dev.rate_window_start >= cfg.rate_window_s or now < dev.rate_window_start:
         dev.rate_window_start, dev.rate_count = now, 0
@@ -234,88 +352,94 @@ def check_rate(dev: Device, cfg: FleetConfig, now: float) -> None:
     dev.rate_count += 1
 
 
-def ingest(s: Session, dev: Device, report: Report, now: float) -> tuple[int, int]:
+# --- hooks: work that other components add to a report's transaction ------------------------
+
+EventHook = Callable[[Session, Reporter, Sequence[ReportEvent]], None]
+_HOOKS: dict[str, list[EventHook]] = {}
+
+
+def on_new_events(kind: str, hook: EventHook) -> None:
+    """Call ``hook(session, device, events)`` for every report that stores new events of
+    ``kind``: ``events`` are those of this report stored now (each event reaches the hooks
+    exactly once in its life, on the report that stored it; a late one too, so check ``seq``
+    if order matters), in seq order. It runs inside the report's transaction after its events
+    are inserted: what it writes commits with the report, and a :class:`Rejected` (or any
+    error) it raises refuses the whole report (nothing stored, nothing acked). It must not
+    commit, and should cost little (every report pays it)."""
+    if not KIND_RE.match(kind):
+        raise ValueError(f"not an event kind: {kind!r}")
+    _HOOKS.setdefault(kind, []).append(hook)
+
+
+def _run_hooks(s: Session, dev: Reporter, stored: list[ReportEvent]) -> None:
+    by_kind: dict[str, list[ReportEvent]] = {}
+    for e in stored:
+        if e.kind in _HOOKS:
+            by_kind.setdefault(e.kind, []).append(e)
+    for kind, events in by_kind.items():
+        for hook in _HOOKS[kind]:
+            hook(s, dev, events)
+
+
+# --- ingestion -------------------------------------------------------------------------------
+
+
+def ingest(s: Session, dev: Reporter, report: Report, now: float) -> tuple[int, int]:
     """Store ``report`` of the locked ``dev``; return ``(ack, new events stored)``.
 
-    Few round trips and little Python per report (its cost is mostly per-statement CPU):
-    the queue row (SQLAlchemy Core, no ORM object), one multi-row insert of the new events,
-    one upsert of all the releases touched, the device's models only when their digest
-    changed, and the update of the device row at commit."""
-    with s.no_autoflush:
-        return _ingest(s, dev, report, now)
-
-
-_QUEUE = cast(Table, Queue.__table__)
-_EVENT = cast(Table, Event.__table__)
-_RELEASE = cast(Table, ReleaseState.__table__)
-
-
-def _ingest(s: Session, dev: Device, report: Report, now: float) -> tuple[int, int]:
+    Few round trips and little Python per report (its cost is mostly per-statement CPU), all
+    SQLAlchemy Core, no ORM object: the queue row, one multi-row ``INSERT … ON CONFLICT DO
+    NOTHING RETURNING seq`` of the events (the unique key deduplicates, the returned seqs say
+    which were new), one upsert of all the releases touched, the queue row when it moved,
+    the device's models only when their digest changed, and one ``UPDATE`` of the device."""
     conn = s.connection()
-    where = (_QUEUE.c.device_pk == dev.id) & (_QUEUE.c.epoch == report.queue)
-    # the device row lock serialises its queues
-    q = conn.execute(
-        select(_QUEUE.c.high_seq, _QUEUE.c.pruned_seq, _QUEUE.c.dropped).where(where)
-    ).one_or_none()
+    q = conn.execute(_QUEUE_ROW, {"pk": dev.pk, "epoch": report.queue}).one_or_none()
     high, pruned, dropped = (int(q[0] or 0), int(q[1] or 0), int(q[2] or 0)) if q else (0, 0, 0)
-    # Above the high-water mark nothing can be stored yet (the common case: a plain insert).
-    # Below it, an event is stored unless it already is, or was pruned: a late event from a
-    # device that sent out of order is kept, never acked without being stored.
-    fresh = [e for e in report.events if e.seq > high]
-    late = [e for e in report.events if pruned < e.seq <= high]
-    rows = [
-        {
-            "device_pk": dev.id,
-            "epoch": report.queue,
-            "seq": e.seq,
-            "kind": e.kind,
-            "model": e.model,
-            "version": e.version,
-            "device_time": e.time,
-            "received_at": now,
-            "data": e.data,
-        }
-        for e in late + fresh
-    ]
-    if late:  # one round trip: the insert skips the stored ones and says which it stored
-        stored = set(
-            conn.execute(
-                _dialect_insert(s, _EVENT)
-                .on_conflict_do_nothing(index_elements=["device_pk", "epoch", "seq"])
-                .returning(_EVENT.c.seq),
-                rows,
-            ).scalars()
-        )
-        n_new = len(stored)
-    elif rows:
-        conn.execute(insert(_EVENT), rows)
-        n_new = len(rows)
-    else:
-        n_new = 0
+    # Above the high-water mark nothing is stored yet (the common case). Below it, an event is
+    # stored unless it already is, or was pruned: a late event from a device that sent out of
+    # order is kept, never acked without being stored.
+    candidates = [e for e in report.events if e.seq > pruned]
+    stored: list[ReportEvent] = []
+    if candidates:
+        seqs = _insert_events(s, dev.pk, report.queue, now, candidates)
+        stored = [e for e in candidates if e.seq in seqs]
+    n_new = len(stored)
+    fresh = [e for e in stored if e.seq > high]  # late events never move state backwards
+    values: dict[str, Any] = {}
     if n_new:
-        dev.events_total = (dev.events_total or 0) + n_new
+        values["events_total"] = _saturating(dev.events_total, n_new)
     add_dropped = report.dropped if report.dropped and (n_new or not report.events) else 0
     if add_dropped:  # saturating: an overflow would refuse every later report of the device
-        dev.dropped_total = _saturating(dev.dropped_total, add_dropped)
-    new_high = fresh[-1].seq if fresh else high
+        values["dropped_total"] = _saturating(dev.dropped_total, add_dropped)
+    new_high = max(high, fresh[-1].seq) if fresh else high
     if q is None:
         conn.execute(
-            insert(_QUEUE).values(
-                device_pk=dev.id,
-                epoch=report.queue,
-                high_seq=new_high,
-                pruned_seq=0,
-                dropped=add_dropped,
-                first_seen=now,
-            )
+            _QUEUE_NEW,
+            {
+                "q_pk": dev.pk,
+                "q_epoch": report.queue,
+                "q_high": new_high,
+                "q_dropped": add_dropped,
+                "q_t": now,
+            },
         )
     elif new_high != high or add_dropped:
         conn.execute(
-            update(_QUEUE)
-            .where(where)
-            .values(high_seq=new_high, dropped=_saturating(dropped, add_dropped))
+            _QUEUE_MOVE,
+            {
+                "q_pk": dev.pk,
+                "q_epoch": report.queue,
+                "q_high": new_high,
+                "q_dropped": _saturating(dropped, add_dropped),
+            },
         )
-    _derive(s, dev, report, fresh, now)  # late events never move state backwards
+    _derive(s, dev, report, fresh, now, values)
+    if stored and _HOOKS:
+        _run_hooks(s, dev, stored)
+    values["rate_window_start"], values["rate_count"] = dev.rate_window_start, dev.rate_count
+    conn.execute(
+        _update_device(tuple(values)), {f"b_{k}": v for k, v in values.items()} | {"pk_": dev.pk}
+    )
     return (report.events[-1].seq if report.events else 0), n_new
 
 
@@ -328,34 +452,49 @@ def _saturating(total: int | None, add: int) -> int:
     return min((total or 0) + add, MAX_COUNTER)
 
 
-def _derive(s: Session, dev: Device, report: Report, new: list[Any], now: float) -> None:
-    """Update the device's facts, models, health and its releases' states."""
+def _derive(
+    s: Session,
+    dev: Reporter,
+    report: Report,
+    new: list[ReportEvent],
+    now: float,
+    values: dict[str, Any],
+) -> None:
+    """Put the device's new facts, health and last outcome in ``values`` (its row's update),
+    and write its models (when they changed) and its releases' states."""
     f = report.facts
-    _flag_claims(dev, f, now, at_enrolment=False)
-    dev.claimed_ring, dev.claimed_tier = f.ring, f.tier
-    dev.arch, dev.runtime_version, dev.client_version = f.arch, f.runtime_version, f.client_version
-    dev.last_seen = now
+    note = _claims_note(dev.ring, dev.tier, dev.arch, f, at_enrolment=False)
+    if note:
+        values["claims_changed"], values["claims_note"] = True, note
+    values.update(
+        claimed_ring=f.ring,
+        claimed_tier=f.tier,
+        arch=f.arch,
+        runtime_version=f.runtime_version,
+        client_version=f.client_version,
+        last_seen=now,
+    )
     if report.events:
-        dev.last_device_time = report.events[-1].time
+        values["last_device_time"] = report.events[-1].time
     digest = _models_digest(report.models)
     if digest != dev.models_digest:
         _sync_models(s, dev, report.models, now)
-        dev.models_digest = digest
+        values["models_digest"] = digest
     touched: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
     for e in new:
-        dev.last_kind = e.kind
+        values["last_kind"] = e.kind
         if e.kind in STATE_KINDS and e.model:
             touched[(e.model, e.version)] = (e.kind, e.data)
         if e.kind in OUTCOMES:
-            dev.last_outcome, dev.health = e.kind, OUTCOMES[e.kind]
-            dev.last_outcome_model, dev.last_outcome_version = e.model, e.version
-            dev.last_outcome_at = now
+            values["last_outcome"], values["health"] = e.kind, OUTCOMES[e.kind]
+            values["last_outcome_model"], values["last_outcome_version"] = e.model, e.version
+            values["last_outcome_at"] = now
     if touched:
         s.connection().execute(
             _upsert_releases(s),
             [
                 {
-                    "device_pk": dev.id,
+                    "device_pk": dev.pk,
                     "model": model,
                     "version": version,
                     "state": state,
@@ -375,18 +514,97 @@ def _dialect_insert(s: Session, table: Any) -> Any:
     return (postgresql.insert if pg else sqlite.insert)(table)
 
 
-_UPSERTS: dict[str, Any] = {}
+_STATEMENTS: dict[tuple[str, str], Any] = {}
+
+
+def _insert_events(
+    s: Session, pk: int, epoch: str, now: float, events: list[ReportEvent]
+) -> set[int]:
+    """Insert ``events`` of one queue unless stored already (``ON CONFLICT (device_pk, epoch,
+    seq) DO NOTHING``); the seqs it stored (``RETURNING seq``). One statement, one round
+    trip, whose SQL is the same for every report of n events, so it is compiled once and
+    prepared by the database:
+
+    * PostgreSQL: ``INSERT … SELECT … FROM json_to_recordset(:rows)``, the events as one
+      JSON text: four parameters whatever n (psycopg caches the conversion of a query only up
+      to 50 parameters, and a multi-row ``VALUES`` has 6 per event; one array per column
+      costs more to adapt than one string);
+    * SQLite: a multi-row ``VALUES`` written once per n (its driver caches statements by
+      text).
+
+    Text statements, because SQLAlchemy compiles a multi-row ``insert().values([...])``
+    again at every execution (≈ 1 ms for 10 rows). ``data`` is JSON text, as the column's
+    type writes it."""
+    dialect = s.get_bind().dialect.name
+    conn = s.connection()
+    if dialect == "postgresql":
+        rows = [
+            {
+                "seq": e.seq,
+                "kind": e.kind,
+                "model": e.model,
+                "version": e.version,
+                "time": e.time,
+                "data": e.data,
+            }
+            for e in events
+        ]
+        params: dict[str, Any] = {"pk": pk, "epoch": epoch, "now": now, "rows": json.dumps(rows)}
+        return set(conn.execute(_PG_EVENTS, params).scalars())
+    n = len(events)
+    params = {"pk": pk, "epoch": epoch, "now": now}
+    for i, e in enumerate(events):
+        params[f"seq_{i}"], params[f"kind_{i}"] = e.seq, e.kind
+        params[f"model_{i}"], params[f"version_{i}"] = e.model, e.version
+        params[f"dtime_{i}"], params[f"data_{i}"] = e.time, json.dumps(e.data)
+    stmt = _STATEMENTS.get(("events", str(n)))
+    if stmt is None:
+        values = ", ".join(
+            f"(:pk, :epoch, :seq_{i}, :kind_{i}, :model_{i}, :version_{i}, :dtime_{i}, :now, "
+            f":data_{i})"
+            for i in range(n)
+        )
+        sql = (  # placeholders only, never a value
+            "INSERT INTO events (device_pk, epoch, seq, kind, model, version, device_time, "  # noqa: S608
+            f"received_at, data) VALUES {values} "
+            "ON CONFLICT (device_pk, epoch, seq) DO NOTHING RETURNING seq"
+        )
+        stmt = _STATEMENTS["events", str(n)] = text(sql)
+    return set(conn.execute(stmt, params).scalars())
+
+
+_PG_EVENTS = text(
+    "INSERT INTO events (device_pk, epoch, seq, kind, model, version, device_time, "
+    "received_at, data) "
+    "SELECT CAST(:pk AS BIGINT), CAST(:epoch AS VARCHAR), e.seq, e.kind, e.model, e.version, "
+    "e.time, CAST(:now AS FLOAT8), e.data "
+    "FROM json_to_recordset(CAST(:rows AS JSON)) "
+    "AS e(seq BIGINT, kind VARCHAR, model VARCHAR, version VARCHAR, time FLOAT8, data JSON) "
+    "ON CONFLICT (device_pk, epoch, seq) DO NOTHING RETURNING seq"
+)
+
+
+def _update_device(keys: tuple[str, ...]) -> Any:
+    """``UPDATE devices SET <keys> WHERE id = :pk_``, built once per set of columns."""
+    stmt = _STATEMENTS.get(("device", ",".join(keys)))
+    if stmt is None:
+        stmt = _STATEMENTS["device", ",".join(keys)] = (
+            update(_DEVICE)
+            .where(_D.id == bindparam("pk_"))
+            .values({k: bindparam(f"b_{k}", type_=_D[k].type) for k in keys})
+        )
+    return stmt
 
 
 def _upsert_releases(s: Session) -> Any:
     """Insert or update ``release_states`` rows in one statement (both dialects have
     ``INSERT … ON CONFLICT DO UPDATE``), built once per dialect (no per-report statement
     construction); the rows of one report have distinct keys (one per release touched)."""
-    name = s.get_bind().dialect.name
-    stmt = _UPSERTS.get(name)
+    key = ("releases", s.get_bind().dialect.name)
+    stmt = _STATEMENTS.get(key)
     if stmt is None:
         ins = _dialect_insert(s, _RELEASE)
-        stmt = _UPSERTS[name] = ins.on_conflict_do_update(
+        stmt = _STATEMENTS[key] = ins.on_conflict_do_update(
             index_elements=["device_pk", "model", "version"],
             set_={
                 "state": ins.excluded.state,
@@ -403,44 +621,56 @@ def _models_digest(models: dict[str, tuple[str, int]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _sync_models(s: Session, dev: Device, models: dict[str, tuple[str, int]], now: float) -> None:
+def _sync_models(s: Session, dev: Reporter, models: dict[str, tuple[str, int]], now: float) -> None:
+    """Make the device's ``device_models`` rows what it reported (Core statements)."""
+    conn = s.connection()
+    m = _MODEL.c
     have = {
-        m.model: m for m in s.scalars(select(DeviceModel).where(DeviceModel.device_pk == dev.id))
+        r.model: (r.version, r.counter)
+        for r in conn.execute(select(m.model, m.version, m.counter).where(m.device_pk == dev.pk))
     }
-    for name, (version, counter) in models.items():
-        row = have.get(name)
-        if row is None:
-            s.add(
-                DeviceModel(
-                    device_pk=dev.id,
-                    model=name,
-                    version=version,
-                    counter=counter,
-                    updated_at=now,
-                    ring=dev.ring,
-                    tier=dev.tier,
-                    active=True,
-                )
-            )
-        elif row.version != version or row.counter != counter:
-            row.version, row.counter, row.updated_at = version, counter, now
+    new = [
+        {
+            "device_pk": dev.pk,
+            "model": name,
+            "version": version,
+            "counter": counter,
+            "updated_at": now,
+            "ring": dev.ring,
+            "tier": dev.tier,
+            "active": True,
+        }
+        for name, (version, counter) in models.items()
+        if name not in have
+    ]
+    if new:
+        conn.execute(insert(_MODEL), new)
+    changed = [
+        {"pk": dev.pk, "name": name, "v": version, "c": counter, "t": now}
+        for name, (version, counter) in models.items()
+        if name in have and have[name] != (version, counter)
+    ]
+    if changed:
+        conn.execute(
+            update(_MODEL)
+            .where(m.device_pk == bindparam("pk"), m.model == bindparam("name"))
+            .values(version=bindparam("v"), counter=bindparam("c"), updated_at=bindparam("t")),
+            changed,
+        )
     gone = [n for n in have if n not in models]
     if gone:
-        s.execute(
-            delete(DeviceModel).where(DeviceModel.device_pk == dev.id, DeviceModel.model.in_(gone))
-        )
+        conn.execute(delete(_MODEL).where(m.device_pk == dev.pk, m.model.in_(gone)))
 
 
-def _flag_claims(dev: Device, f: Facts, now: float, *, at_enrolment: bool) -> None:
-    """Flag (never refuse) a device whose claims disagree with what enrolment fixed or whose
-    hardware changed: reports are diagnostics, but an operator must see the disagreement."""
+def _claims_note(ring: str, tier: str, arch: str, f: Facts, *, at_enrolment: bool) -> str:
+    """Why a device's claims disagree with what enrolment fixed (``ring``, ``tier``) or its
+    hardware changed (``arch``), or "": flagged, never refused (reports are diagnostics, but
+    an operator must see the disagreement)."""
     notes = []
-    if dev.ring and f.ring and f.ring != dev.ring:
-        notes.append(f"claims ring {f.ring!r}, enrolled as {dev.ring!r}")
-    if dev.tier and f.tier and f.tier != dev.tier:
-        notes.append(f"claims tier {f.tier!r}, enrolled as {dev.tier!r}")
-    if not at_enrolment and dev.arch and f.arch and f.arch != dev.arch:
-        notes.append(f"arch changed from {dev.arch!r} to {f.arch!r}")
-    if notes:
-        dev.claims_changed = True
-        dev.claims_note = "; ".join(notes)[:512]
+    if ring and f.ring and f.ring != ring:
+        notes.append(f"claims ring {f.ring!r}, enrolled as {ring!r}")
+    if tier and f.tier and f.tier != tier:
+        notes.append(f"claims tier {f.tier!r}, enrolled as {tier!r}")
+    if not at_enrolment and arch and f.arch and f.arch != arch:
+        notes.append(f"arch changed from {arch!r} to {f.arch!r}")
+    return "; ".join(notes)[:512]

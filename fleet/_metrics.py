@@ -4,9 +4,10 @@ Under gunicorn every worker is its own process. Counters and histograms are then
 files under ``PROMETHEUS_MULTIPROC_DIR`` (made fresh by :func:`prepare_multiprocess`, which
 ``ota fleet serve`` calls in the master before any worker imports prometheus-client; a dead
 worker's live gauges are dropped by :func:`child_exit`), and ``/metrics`` merges every worker's
-files. The fleet gauges (devices by model, version, ring, tier and by health) are computed
-from the database by whichever worker answers the scrape: one truth, never per process, never
-stale.
+files. The fleet gauges (devices by model, version, ring, tier and by health) come from the
+database's cached fleet summary (``_summary``), the same figures ``GET /v1/fleet`` serves:
+one truth, never per process; at most ``max_age`` seconds old (``summary_max_age_s``, or the
+scrape's ``?max_age=``), as ``edge_ota_fleet_summary_age_seconds`` says.
 
 Naming (Prometheus conventions): one prefix ``edge_ota_fleet_``, base units (seconds),
 ``_total`` on counters. Every label has a bounded set of values: route names, HTTP status
@@ -191,90 +192,69 @@ def _reason(value: Any) -> str:
 
 
 class _FleetCollector:
-    """Fleet gauges read from the database at scrape time (one query per family)."""
+    """Fleet gauges from the cached fleet summary (``_summary.cached_summary``, ADR 0007):
+    a scrape reads one row while the count is younger than ``max_age`` seconds, and at most
+    one worker recounts it when it is older, so a scrape costs the same at 100 devices and at
+    100,000 (a count at every scrape took 0.26-0.30 s there). ``summary_age_seconds`` says how
+    old the figures are; ``max_age=0`` (query parameter) counts now."""
 
-    def __init__(self, engine: Any, silent_after_s: float) -> None:
+    def __init__(self, engine: Any, read_engine: Any, silent_after_s: float, max_age: float):
         self.engine = engine
+        self.read_engine = read_engine
         self.silent_after_s = silent_after_s
+        self.max_age = max_age
 
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import GaugeMetricFamily
-        from sqlalchemy import func, select
-        from sqlalchemy.orm import Session
 
-        from ._models import Device, DeviceModel
+        from ._summary import cached_summary
 
         t0 = time.perf_counter()
         now = time.time()
-        with Session(self.engine) as s:
-            active = Device.revoked_at.is_(None)
-            health = GaugeMetricFamily(
-                f"{PREFIX}devices", "Enrolled, unrevoked devices by health", labels=["health"]
+        doc = cached_summary(self.engine, self.read_engine, now, self.silent_after_s, self.max_age)
+        devices = doc["devices"]
+        health = GaugeMetricFamily(
+            f"{PREFIX}devices", "Enrolled, unrevoked devices by health", labels=["health"]
+        )
+        for h, n in devices["by_health"].items():
+            health.add_metric([str(h)], float(n))
+        yield health
+        yield GaugeMetricFamily(
+            f"{PREFIX}devices_revoked", "Revoked devices", value=float(devices["revoked"])
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}devices_silent",
+            "Unrevoked devices not heard from within the silence threshold",
+            value=float(devices["silent"]),
+        )
+        rows = doc["models"]
+        if len(rows) > MAX_MODEL_SERIES:  # the largest series, as before the cache
+            rows = sorted(rows, key=lambda r: -int(r["devices"]))
+        models = GaugeMetricFamily(
+            f"{PREFIX}model_devices",
+            "Unrevoked devices running a model version, by ring and "
+            "tier (as the devices last reported)",
+            labels=["model", "version", "ring", "tier"],
+        )
+        for r in rows[:MAX_MODEL_SERIES]:
+            models.add_metric(
+                [str(r["model"]), str(r["version"]), str(r["ring"]), str(r["tier"])],
+                float(r["devices"]),
             )
-            for h, n in s.execute(
-                select(Device.health, func.count()).where(active).group_by(Device.health)
-            ).all():
-                health.add_metric([str(h)], float(n))
-            yield health
-            revoked = (
-                s.scalar(
-                    select(func.count()).select_from(Device).where(Device.revoked_at.is_not(None))
-                )
-                or 0
-            )
-            yield GaugeMetricFamily(
-                f"{PREFIX}devices_revoked", "Revoked devices", value=float(revoked)
-            )
-            silent = (
-                s.scalar(
-                    select(func.count())
-                    .select_from(Device)
-                    .where(
-                        active,
-                        (Device.last_seen.is_(None))
-                        | (Device.last_seen < now - self.silent_after_s),
-                    )
-                )
-                or 0
-            )
-            yield GaugeMetricFamily(
-                f"{PREFIX}devices_silent",
-                "Unrevoked devices not heard from within the silence threshold",
-                value=float(silent),
-            )
-            # device_models carries the device's ring, tier and active flag: no join
-            rows = s.execute(
-                select(
-                    DeviceModel.model,
-                    DeviceModel.version,
-                    DeviceModel.ring,
-                    DeviceModel.tier,
-                    func.count(),
-                )
-                .where(DeviceModel.active.is_(True))
-                .group_by(
-                    DeviceModel.model, DeviceModel.version, DeviceModel.ring, DeviceModel.tier
-                )
-                .order_by(func.count().desc())
-                .limit(MAX_MODEL_SERIES + 1)
-            ).all()
-            models = GaugeMetricFamily(
-                f"{PREFIX}model_devices",
-                "Unrevoked devices running a model version, by ring and "
-                "tier (as the devices last reported)",
-                labels=["model", "version", "ring", "tier"],
-            )
-            for m, v, r, t, n in rows[:MAX_MODEL_SERIES]:
-                models.add_metric([str(m), str(v), str(r), str(t)], float(n))
-            yield models
-            yield GaugeMetricFamily(
-                f"{PREFIX}model_series_truncated",
-                f"1 when more than {MAX_MODEL_SERIES} model series exist",
-                value=float(len(rows) > MAX_MODEL_SERIES),
-            )
+        yield models
+        yield GaugeMetricFamily(
+            f"{PREFIX}model_series_truncated",
+            f"1 when more than {MAX_MODEL_SERIES} model series exist",
+            value=float(len(rows) > MAX_MODEL_SERIES),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}summary_age_seconds",
+            "How long before this scrape the fleet gauges were counted",
+            value=max(0.0, now - float(doc["as_of"])),
+        )
         yield GaugeMetricFamily(
             f"{PREFIX}scrape_query_seconds",
-            "Time the fleet gauges' database queries took",
+            "Time the fleet gauges took to read (or recount) the fleet summary",
             value=time.perf_counter() - t0,
         )
 
@@ -297,7 +277,6 @@ def register_metrics(app: Flask) -> None:
     ext = app.extensions["ota_fleet"]
     config = ext["config"]
     m = _m()
-    collector = _FleetCollector(ext["engine"], config.silent_after_s)
 
     @app.before_request
     def _start() -> None:
@@ -340,4 +319,19 @@ def register_metrics(app: Flask) -> None:
             _store.authenticate_operator(
                 s, _secrets.bearer(request.headers.get("Authorization")), "read", time.time()
             )
+        collector = _FleetCollector(
+            ext["engine"], ext["read_engine"], config.silent_after_s, _max_age(config)
+        )
         return Response(generate_latest(_registry(collector)), mimetype=CONTENT_TYPE_LATEST)
+
+
+def _max_age(config: Any) -> float:
+    """``?max_age=`` of a scrape (0-86400 s, ASCII digits), else the summary's default."""
+    from ._validate import bad
+
+    raw = request.args.get("max_age")
+    if raw is None:
+        return float(config.summary_max_age_s)
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 6 or int(raw) > 86400:
+        raise bad("'max_age' must be an integer between 0 and 86400")
+    return float(raw)

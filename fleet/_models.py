@@ -75,7 +75,12 @@ class Device(Base):
     rate_window_start: Mapped[float] = mapped_column(Float, default=0.0)
     rate_count: Mapped[int] = mapped_column(Integer, default=0)
 
-    __table_args__ = (Index("ix_devices_ring_tier", "ring", "tier"),)
+    __table_args__ = (
+        Index("ix_devices_ring_tier", "ring", "tier"),
+        # unique: a secret names one enrolment (two enrolments racing with one proposal: the
+        # second is a 409); and an indexed lookup for enrolment's "already taken" check
+        Index("ix_devices_credential_hash", "credential_hash", unique=True),
+    )
 
 
 class Queue(Base):
@@ -212,3 +217,6 @@ class FleetSummaryCache(Base):
     as_of: Mapped[float] = mapped_column(Float, default=0.0)
     lease_until: Mapped[float] = mapped_column(Float, default=0.0)
     data: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+from . import _rollout_models  # noqa: E402, F401  (issue 9: the rollout tables, same metadata)

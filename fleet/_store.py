@@ -464,28 +464,42 @@ def audit_log(s: Session, limit: int) -> list[dict[str, Any]]:
 def prune_batch(s: Session, before: float, batch: int) -> int:
     """Delete up to ``batch`` events received before ``before``, oldest first, in one short
     transaction; raise each touched queue's ``pruned_seq`` so a resend of a pruned event is
-    still a duplicate."""
-    ids = list(
-        s.scalars(
-            select(Event.id).where(Event.received_at < before).order_by(Event.id).limit(batch)
-        )
-    )
-    if not ids:
+    still a duplicate.
+
+    The devices of those events are locked first (``FOR UPDATE``, in id order, so two
+    prunes cannot deadlock), as a report locks its device before reading the queue: without
+    it a report that read ``pruned_seq`` just before this commits would store a resent event
+    again after its row is gone (stored twice, counted twice). SQLite serialises writers."""
+    found = s.execute(
+        select(Event.id, Event.device_pk)
+        .where(Event.received_at < before)
+        .order_by(Event.id)
+        .limit(batch)
+    ).all()
+    if not found:
         return 0
-    marks = s.execute(
+    ids = [i for i, _ in found]
+    s.execute(
+        select(Device.id)
+        .where(Device.id.in_(sorted({pk for _, pk in found})))
+        .order_by(Device.id)
+        .with_for_update()
+    ).all()
+    marks = s.execute(  # rows a concurrent prune deleted meanwhile are gone from here too
         select(Event.device_pk, Event.epoch, func.max(Event.seq))
         .where(Event.id.in_(ids))
         .group_by(Event.device_pk, Event.epoch)
     ).all()
     table: Any = Queue.__table__
     q = table.c  # Core executemany (not the ORM's bulk update by primary key)
-    s.connection().execute(
-        update(table)
-        .where(q.device_pk == bindparam("pk"), q.epoch == bindparam("ep"))
-        .values(
-            pruned_seq=case((q.pruned_seq < bindparam("m"), bindparam("m")), else_=q.pruned_seq)
-        ),
-        [{"pk": pk, "ep": ep, "m": m} for pk, ep, m in marks],
-    )
+    if marks:
+        s.connection().execute(
+            update(table)
+            .where(q.device_pk == bindparam("pk"), q.epoch == bindparam("ep"))
+            .values(
+                pruned_seq=case((q.pruned_seq < bindparam("m"), bindparam("m")), else_=q.pruned_seq)
+            ),
+            [{"pk": pk, "ep": ep, "m": m} for pk, ep, m in marks],
+        )
     s.execute(delete(Event).where(Event.id.in_(ids)))
     return len(ids)

@@ -48,6 +48,7 @@ EVENTS = frozenset(
         "publish", "promote", "pause", "resume", "yank", "unyank", "rollback",
         "policy-waiver", "aborted", "key-rotate", "key-revoke", "key-add", "root-sign", "delegate",
         "refresh",
+        "rollout-start", "rollout-operator", "rollout-verdict",  # issue 9 (ADR 0011)
     }
 )  # fmt: skip
 _NAME_RE = re.compile(r"^(\d{12})\.json\Z")

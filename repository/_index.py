@@ -1,7 +1,10 @@
 """Release records inside the metadata: the per-model index and the release targets.
 
-Release targets live in the role :meth:`Transaction.bin_for` names (a team role for a team's
-models, else a hash bin); index targets of every model live in the hash bins (online key).
+Release targets live in the role :meth:`Transaction.bin_for` names: a team role for a team's
+models, else the model's own role ``model.<name>`` (ADR 0010), which also holds the index of
+every model, team models included (online key). A release that leaves the index window moves to
+the archive (``archive.h<prefix>`` segments, split in 16 when full), off every device's path.
+In a repository not migrated yet (``ota migrate-layout``) both live in the hash bins.
 
 The index target (``index/<name>.json``) is what devices read to find candidates, because hash
 bins cannot be listed. It keeps the newest ``max_live`` releases with their rollout state and
@@ -13,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import TargetFile, Targets
 
 from ota.bundle import (
     Manifest,
@@ -25,6 +28,20 @@ from ota.bundle import (
     manifest_target_path,
 )
 from ota.errors import ConflictError, InputError, SecurityError
+from ota.repository._layout import (
+    archive_delegations,
+    insert_model,
+    model_delegation,
+    path_hash,
+    split_segment,
+)
+from ota.repository._meta import (
+    ARCHIVE_ROLE,
+    ARCHIVE_SEGMENT_CAP,
+    ARCHIVE_SEGMENT_PREFIX,
+    RELEASES_ROLE,
+    model_role,
+)
 from ota.repository._project import put_target_file, target_storage_key
 from ota.repository._storage import Storage
 from ota.repository._trust import check_publisher
@@ -43,7 +60,81 @@ class UnknownRelease(InputError):
 
 
 def _target(txn: Transaction, path: str) -> TargetFile | None:
-    return txn.targets(txn.bin_for(path)).signed.targets.get(path)
+    role = txn.find(path)
+    return None if role is None else txn.targets(role).signed.targets.get(path)
+
+
+def ensure_model_role(txn: Transaction, name: str) -> None:
+    """Delegate ``model.<name>`` from ``releases`` unless it is (no-op in a repository not
+    migrated yet: there the hash bins hold everything). Signed by the keys of the archive's
+    delegation, i.e. the online key."""
+    if txn.legacy_layout():
+        return
+    releases = txn.targets(RELEASES_ROLE).signed
+    try:
+        releases.get_delegated_role(model_role(name))
+        return
+    except ValueError:
+        pass
+    keyids = list(releases.get_delegated_role(ARCHIVE_ROLE).keyids)
+    insert_model(txn.edit(RELEASES_ROLE), model_delegation(name, keyids))
+
+
+def _segment_of(archive: Targets, path: str) -> str:
+    """The segment python-tuf consults for ``path``: the segments' prefixes partition the hash
+    space (a trie), so it is the one named by the longest delegated prefix of the path's hash
+    (O(depth), not one sha256 per segment as ``get_roles_for_target`` computes)."""
+    assert archive.delegations is not None
+    roles = archive.delegations.roles or {}
+    digest = path_hash(path)
+    for n in range(len(digest) + 1):
+        name = f"{ARCHIVE_SEGMENT_PREFIX}{digest[:n]}"
+        if name in roles:
+            return name
+    raise SecurityError(f"no archive segment delegates {path}")
+
+
+def archive_put(
+    txn: Transaction, path: str, info: TargetFile, cap: int = ARCHIVE_SEGMENT_CAP
+) -> None:
+    """Add a release target to its archive segment; split the segment in 16 when it exceeds
+    ``cap`` targets, :data:`ARCHIVE_SEGMENT_CAP` by default (the old one is retired, empty and
+    still listed)."""
+    archive = txn.targets(ARCHIVE_ROLE).signed
+    if archive.delegations is None:  # the first archived release: one segment for all hashes
+        releases = txn.targets(RELEASES_ROLE).signed
+        assert releases.delegations is not None
+        ids = releases.get_delegated_role(ARCHIVE_ROLE).keyids
+        keys = {k: releases.delegations.keys[k] for k in ids}
+        txn.edit(ARCHIVE_ROLE).delegations = archive_delegations(keys)
+        archive = txn.targets(ARCHIVE_ROLE).signed
+    assert archive.delegations is not None
+    segment = _segment_of(archive, path)
+    content = txn.edit(segment).targets
+    content[path] = info
+    if len(content) <= cap:
+        return
+    moved = dict(content)
+    txn.retire(segment, txn.targets(segment).signed.version + 1)
+    for child, targets in split_segment(txn.edit(ARCHIVE_ROLE), segment, moved).items():
+        txn.edit(child).targets.update(targets)
+
+
+def archive_dropped(txn: Transaction, index: ModelIndex) -> int:
+    """Move the model's release targets its index no longer lists from its model role to the
+    archive. Returns how many moved."""
+    role = model_role(index.name)
+    if txn.legacy_layout() or txn.find(index_target_path(index.name)) != role:
+        return 0
+    live = {manifest_target_path(index.name, r.version) for r in index.releases}
+    targets = txn.targets(role).signed.targets
+    gone = [p for p in targets if p.startswith("releases/") and p not in live]
+    if not gone:
+        return 0
+    edited = txn.edit(role).targets
+    for path in gone:
+        archive_put(txn, path, edited.pop(path))
+    return len(gone)
 
 
 def read_index(txn: Transaction, name: str) -> ModelIndex | None:
@@ -85,6 +176,7 @@ def write_index(project: Project, txn: Transaction, index: ModelIndex) -> None:
     path = index_target_path(index.name)
     info = put_target_file(project.storage, path, index.to_bytes())
     info.unrecognized_fields["custom"] = index.to_custom()
+    ensure_model_role(txn, index.name)
     txn.edit(txn.bin_for(path)).targets[path] = info
 
 
@@ -112,8 +204,10 @@ def add_release(
     entry = RolloutState(release.version, release.counter, ring=ring, percent=percent)
     live = sorted([*index.releases, entry], key=lambda r: r.counter)[-max_live:]
     floor = max(index.security_floor, release.security_floor)
-    write_index(project, txn, replace(index, releases=tuple(live), security_floor=floor))
+    new_index = replace(index, releases=tuple(live), security_floor=floor)
+    write_index(project, txn, new_index)
     txn.edit(txn.bin_for(info.path)).targets[info.path] = info
+    archive_dropped(txn, new_index)
 
 
 def update_rollout(

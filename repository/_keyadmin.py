@@ -289,11 +289,12 @@ def rotate_bins(project: Project, key: KeySpec, only: str | None = None) -> list
         for k in old:
             top.revoke_key(k, RELEASES_ROLE)
         top.add_key(key.key, RELEASES_ROLE)
-        rel = txn.edit(RELEASES_ROLE)
-        for k in old:
-            rel.revoke_key(k)
-        rel.add_key(key.key)
-        bins = list(txn.succinct().get_roles())
+        from ota.repository._layout import replace_online_keys
+
+        delegators = [r for r in txn.online_roles() if r in (RELEASES_ROLE, "archive.dir")]
+        for r in delegators:  # ADR 0010: every delegation below releases (either layout)
+            replace_online_keys(txn.edit(r), old, key.key)
+        bins = txn.online_roles()[1:]
         for b in bins:
             txn.resign(b)
         return [
@@ -589,7 +590,7 @@ def refresh(project: Project, within_days: float | None = None) -> RefreshResult
 
     def change(txn: Transaction) -> RefreshResult:
         resigned: list[str] = []
-        for role in [RELEASES_ROLE, *txn.succinct().get_roles()]:
+        for role in txn.online_roles():  # releases and every role below it (ADR 0010)
             if due(txn, role, txn.targets(role).signed.expires):
                 txn.resign(role)
                 resigned.append(role)

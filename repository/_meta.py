@@ -20,7 +20,14 @@ from ota.repository._storage import NotFound, Storage
 
 HEAD_KEY = "metadata/timestamp.json"
 RELEASES_ROLE = "releases"
-BINS_PREFIX = "bins"
+BINS_PREFIX = "bins"  # the hash bins of the layout before ADR 0010 (kept readable, migrated)
+# ADR 0010: one online role per model, an archive of older releases split by path-hash prefix,
+# and a small role for the audit-log anchor. Every name holds a dot, which no team name can.
+MODEL_ROLE_PREFIX = "model."
+ARCHIVE_ROLE = "archive.dir"
+ARCHIVE_SEGMENT_PREFIX = "archive.h"  # + the hex prefix of sha256(target path) it holds
+AUDIT_ROLE = "audit.log"
+ARCHIVE_SEGMENT_CAP = 1024  # targets (about 1 MB, python-tuf reads 5 MB): split in 16 beyond
 TOP_LEVEL_ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 MAX_METADATA_BYTES = 16 * 1024 * 1024
 
@@ -40,7 +47,8 @@ class Expiry:
     team: float = 365
 
     def for_role(self, role: str) -> timedelta:
-        """Lifetime of a top-level role; any other name gets the online (bins) lifetime."""
+        """Lifetime of a top-level role; any other name gets the online (bins) lifetime (the
+        model roles, the archive and the audit role of ADR 0010 included)."""
         days = {
             Root.type: self.root,
             Targets.type: self.targets,
@@ -48,6 +56,21 @@ class Expiry:
             Timestamp.type: self.timestamp,
         }.get(role, self.bins)
         return timedelta(days=days)
+
+
+def model_role(name: str) -> str:
+    """The online role that holds a model's index and live releases (ADR 0010)."""
+    return f"{MODEL_ROLE_PREFIX}{name}"
+
+
+def is_online_role(role: str) -> bool:
+    """Whether ``role`` is one of the roles the online key signs (the ``releases`` role and
+    everything below it: model roles, archive, audit, and the hash bins of the old layout)."""
+    return (
+        role == RELEASES_ROLE
+        or role.startswith((MODEL_ROLE_PREFIX, "archive.", "audit."))
+        or role.startswith(BINS_PREFIX + "-")
+    )
 
 
 def md_key(role: str, version: int) -> str:
@@ -128,15 +151,22 @@ def parse_metadata(raw: bytes, typ: type[T], what: str) -> Metadata[Any]:
 
 
 __all__ = [
+    "ARCHIVE_ROLE",
+    "ARCHIVE_SEGMENT_CAP",
+    "ARCHIVE_SEGMENT_PREFIX",
+    "AUDIT_ROLE",
     "BINS_PREFIX",
     "HEAD_KEY",
+    "MODEL_ROLE_PREFIX",
     "MAX_METADATA_BYTES",
     "RELEASES_ROLE",
     "SERIALIZER",
     "TOP_LEVEL_ROLES",
     "Expiry",
     "SignerSet",
+    "is_online_role",
     "md_key",
+    "model_role",
     "newest_root",
     "now",
     "parse_metadata",

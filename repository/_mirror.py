@@ -342,6 +342,28 @@ def _copy_blobs(source: Source, dest: Storage, manifests: list[Manifest], result
             raise MirrorRefused(f"the source lacks chunk {sha[:12]} that a release names") from e
         _verify_chunk(sha, size, data)
         _write(dest, key, data, "blobs", result, on_write)
+    _copy_file_blobs(source, dest, manifests, set(chunks), result, on_write)
+
+
+def _copy_file_blobs(source: Source, dest: Storage, manifests: list[Manifest], chunks: set[str],
+                     result: SyncResult, on_write: Progress | None) -> None:  # fmt: skip
+    """Copy the whole-file blobs devices fetch byte ranges of (ADR 0014) where the source has
+    them, each checked against its address and the manifest's size (one file in memory at a
+    time). A release published before them has none: its devices use the chunks."""
+    files = {f.sha256: f.size for m in manifests for f in m.files if len(f.chunks) > 1}
+    for sha, size in sorted(files.items()):
+        key = blob_key(sha)
+        if sha in chunks:
+            continue
+        if dest.exists(key):
+            result.skipped["blobs"] += 1
+            continue
+        try:
+            data = source.read(key, size)
+        except NotFound:
+            continue
+        _verify_chunk(sha, size, data)
+        _write(dest, key, data, "blobs", result, on_write)
 
 
 def _write(dest: Storage, key: str, data: bytes, kind: str, result: SyncResult,

@@ -292,7 +292,9 @@ def gc(project: Project, *, grace_seconds: float = 3600.0, dry_run: bool = False
             data, _ = store.get(target_storage_key(path, info.hashes["sha256"]))
             from ota.bundle import Manifest
 
-            referenced |= {blob_key(d) for d in Manifest.from_bytes(data).chunk_digests()}
+            manifest = Manifest.from_bytes(data)
+            referenced |= {blob_key(d) for d in manifest.chunk_digests()}
+            referenced |= {blob_key(f.sha256) for f in manifest.files}  # ADR 0014 file blobs
             referenced |= _deltas.referenced_blobs(info.custom)  # issue 13: delta blobs
     deleted = young = freed = 0
     now = time.time()

@@ -275,8 +275,13 @@ def init_project(
     keys_dir: Path | None = None,
     expiry: Expiry | None = None,
     single_publisher: bool = False,
+    legacy_bins: bool = False,
 ) -> InitResult:
     """Create keys, ``ota.toml``, and a new, empty TUF repository in ``storage_url``.
+
+    The delegation layout is ADR 0010's (per-model roles, a self-splitting archive): ``bins``
+    is validated and recorded but sizes nothing, unless ``legacy_bins`` builds the ADR 0002
+    layout of ``bins`` hash bins (only to test ``ota migrate-layout``).
 
     Offline keys (root, targets) go to ``keys/offline``, online ones (snapshot, timestamp,
     bins) to ``keys/online``, the model-signing key to ``keys/release``: three folders that a
@@ -311,6 +316,7 @@ def init_project(
             keys_dir,
             expiry,
             single_publisher,
+            legacy_bins,
         )
     finally:
         storage.close()  # single-publisher mode: release the host lock
@@ -328,6 +334,7 @@ def _init_in(
     keys_dir: Path | None,
     expiry: Expiry | None,
     single_publisher: bool,
+    legacy_bins: bool = False,
 ) -> InitResult:
     if storage.exists(HEAD_KEY):
         raise InputError(f"a repository already exists at {storage.url}")
@@ -361,7 +368,9 @@ def _init_in(
     signers = _LazySigners(project_dir, uris)
     now = datetime.now(UTC).replace(microsecond=0)
 
-    root, targets, releases, succinct = top_level(role_keys, root_threshold, bins, expiry, now)
+    root, targets, releases, succinct = top_level(
+        role_keys, root_threshold, bins, expiry, now, legacy_bins=legacy_bins
+    )
     signers_doc = signers_document(
         [SignerEntry(key_fingerprint(release_pub), release_pub.decode(), ("*",))]
     )

@@ -5,15 +5,22 @@ Order (``docs/adr/0003-publish-transaction.md``): static checks; chunk and uploa
 then the release facts, the bundle signature and the manifest; last the metadata transaction
 (bins, index, snapshot, timestamp). Nothing is visible to devices until the timestamp commit, and
 a publish that dies before it leaves only unreferenced blobs.
+
+Overlap (issue 13): the model file's chunks stream out while the static checks run (a failed
+check stops them and fails the publish; the blobs already written are unreferenced, as above),
+and the golden run, the model card and the imports of the signing and SBOM steps run while the
+payload is chunked. Every check still gates the commit; none is skipped or reordered after it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +56,7 @@ from ota.errors import ConfigError, InputError, SecurityError
 from ota.repository import _auditlog, _policy  # issue 4: publish policy and audit log
 from ota.repository._chunker import Progress, Uploader, UploadStats, chunk_file
 from ota.repository._deltas import DeltaSettings, DeltaStats  # issue 13: binary deltas
+from ota.repository._fileblob import store_file_blob
 from ota.repository._index import (
     CounterTaken,
     add_release,
@@ -61,9 +69,11 @@ from ota.repository._project import Project, put_target_file
 from ota.repository._txn import Transaction, run
 
 if TYPE_CHECKING:
+    from ota.repository._storage import Storage
     from ota.sbom import ModelCardFacts
 
 DEFAULT_MAX_MODEL_BYTES = 8 * 1024**3
+MODEL_FILE = "model/model.onnx"
 
 
 class DuplicateVersion(InputError):
@@ -241,21 +251,10 @@ def publish(
     staging_root.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=staging_root) as tmp, Uploader(store, known=known) as up:
         staging = Path(tmp)
-        entries: dict[str, FileEntry] = {}
-        if req.kind == "model":
-            model_path, payload = _model_payload(req)
-        else:
-            model_path, payload = None, _runtime_payload(req.source)
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="publish") as side:
-            # Golden outputs and the model card parse the model while its chunks stream out:
-            # onnxruntime and hashlib release the GIL, so the two cores overlap them.
-            smoke_job = side.submit(_smoke_files, req, model_path, staging, policy.actor)
-            card_job = side.submit(_model_card, model_path)
-            for bundle_path, src in payload.items():
-                entries[bundle_path] = chunk_file(src, bundle_path, up, progress)
-            smoke, overrides = smoke_job.result()
-            card = card_job.result()
-        deltas, delta_stats = _binary_deltas(project, peek, index, req, payload, entries, up)
+        model_path, entries, (smoke, overrides), card = _chunk_payload(
+            req, staging, up, progress, policy.actor, store
+        )
+        deltas, delta_stats = _binary_deltas(project, peek, index, req, entries, up)
         if smoke is not None:
             for rel in smoke.files():
                 entries[rel] = chunk_file(staging / rel, rel, up)
@@ -294,19 +293,74 @@ def publish(
 
 def _binary_deltas(
     project: Project, txn: Transaction, index: ModelIndex | None, req: PublishRequest,
-    payload: Mapping[str, Path], entries: Mapping[str, FileEntry], up: Uploader,
+    entries: Mapping[str, FileEntry], up: Uploader,
 ) -> tuple[list[Any], DeltaStats]:
-    """Issue 13 (ADR 0012): deltas from the model's recent releases to its payload files."""
+    """Issue 13 (ADR 0012): deltas from the model's recent releases to its payload files
+    (the model and its external data, beside it: ``_model_payload``)."""
     from ota.repository import _deltas
 
     stats = DeltaStats()
     if req.kind != "model":
         return [], stats
+    payload = {p: req.source if p == MODEL_FILE else req.source.parent / p.removeprefix("model/")
+               for p in entries if p.startswith("model/")}  # fmt: skip
     found = _deltas.compute(
         project.storage, lambda v: load_manifest(project.storage, txn, req.name, v), index,
         payload, entries, up, req.deltas, stats,
     )  # fmt: skip
     return found, stats
+
+
+def _chunk_payload(
+    req: PublishRequest,
+    staging: Path,
+    up: Uploader,
+    progress: Progress | None,
+    actor: str,
+    store: Storage,
+) -> tuple[
+    Path | None,
+    dict[str, FileEntry],
+    tuple[SmokeSpec | None, list[dict[str, str]]],
+    ModelCardFacts | None,
+]:
+    """Check the source, chunk and upload its payload, and compute the smoke files and model
+    card beside it. Returns (model path or None, payload entries, (smoke spec, overrides),
+    model card).
+
+    Raises:
+        InputError: the checks, the golden run or the budget check fail (see :func:`publish`).
+    """
+    entries: dict[str, FileEntry] = {}
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish") as side:
+        # Overlap (issue 13): hashing and onnxruntime release the GIL, imports do not. The
+        # model file is chunked while the checks import onnx and parse the graph; the golden
+        # run, the model card and the imports of the later steps (model_signing, the SBOM
+        # validator) run while the payload is chunked. Nothing is visible before the
+        # commit: a check that fails leaves only unreferenced blobs, as any failure does.
+        stop = threading.Event()
+        early = _chunk_model_early(side, req, up, progress, stop)
+        try:
+            if req.kind == "model":
+                model_path, payload = _model_payload(req)
+            else:
+                model_path, payload = None, _runtime_payload(req.source)
+        except BaseException:
+            stop.set()  # the early chunking stops at its next chunk
+            raise
+        smoke_job = side.submit(_smoke_files, req, model_path, staging, actor)
+        card_job = side.submit(_model_card, model_path)
+        side.submit(_warm_imports, model_path is not None)
+        if early is not None:
+            entries[MODEL_FILE] = early.result()
+        for bundle_path, src in payload.items():
+            if bundle_path not in entries:
+                entries[bundle_path] = chunk_file(src, bundle_path, up, progress)
+            # ADR 0014: devices fetch adjacent missing chunks as ranges of this blob
+            store_file_blob(store, src, entries[bundle_path], staging)
+        smoke, overrides = smoke_job.result()
+        card = card_job.result()
+    return model_path, entries, (smoke, overrides), card
 
 
 def _version_order(index: ModelIndex | None, req: PublishRequest) -> str | None:
@@ -443,8 +497,14 @@ def _finish(
 
 
 def _commit_release(
-    project: Project, txn: Transaction, info: TargetFile, release: Release, ring: str, pct: float,
-    *, allow_lower: bool = False,
+    project: Project,
+    txn: Transaction,
+    info: TargetFile,
+    release: Release,
+    ring: str,
+    pct: float,
+    *,
+    allow_lower: bool = False,
 ) -> None:
     if read_facts(txn, release.name, release.version) is not None:
         raise DuplicateVersion(f"{release.name} {release.version} is already published")
@@ -481,7 +541,7 @@ def _model_payload(req: PublishRequest) -> tuple[Path, dict[str, Path]]:
     if not req.source.is_file():
         raise InputError(f"{req.source} is not a file", remedy="pass the .onnx model file")
     facts = check_model(req.source, max_bytes=req.max_model_bytes)
-    payload = {"model/model.onnx": req.source}
+    payload = {MODEL_FILE: req.source}
     for rel in facts.external_files:
         bundle_path = f"model/{rel}"
         try:
@@ -490,6 +550,57 @@ def _model_payload(req: PublishRequest) -> tuple[Path, dict[str, Path]]:
             raise InputError(f"external data file name not allowed in a bundle: {rel}") from e
         payload[bundle_path] = req.source.parent / rel
     return req.source, payload
+
+
+class _Stopped(Exception):
+    """The early chunking was told to stop: the checks failed."""
+
+
+def _chunk_model_early(
+    side: ThreadPoolExecutor,
+    req: PublishRequest,
+    up: Uploader,
+    progress: Progress | None,
+    stop: threading.Event,
+) -> Future[FileEntry] | None:
+    """Start chunking the model file on ``side`` while the caller checks it, or None (a runtime,
+    or a source that is not a regular file within ``max_model_bytes``: the checks then say
+    why). Only this job hands chunks to ``up`` until the caller has its result.
+
+    The job stops at its next chunk once ``stop`` is set (the checks failed); its error is then
+    never looked at. A failure of its own surfaces from ``result()`` after the checks passed.
+    """
+    if req.kind != "model":
+        return None
+    try:
+        if not req.source.is_file() or req.source.stat().st_size > req.max_model_bytes:
+            return None
+    except OSError:
+        return None
+
+    def tick(n: int) -> None:
+        if stop.is_set():
+            raise _Stopped("checks failed")
+        if progress is not None:
+            progress(n)
+
+    return side.submit(chunk_file, req.source, MODEL_FILE, up, tick)
+
+
+def _warm_imports(model: bool) -> None:
+    """Import what the steps after the chunking need (model_signing for the bundle signature,
+    the CycloneDX validator for the SBOM, the provenance signer) while the payload is chunked:
+    a fresh ``ota publish`` otherwise pays them one after the other at the end (issue 13).
+    Only a warm-up: a failure here is ignored and raised again, with its context, by the step
+    that needs the module."""
+    with contextlib.suppress(Exception):
+        importlib.import_module("ota.signing")
+        importlib.import_module("model_signing.signing")
+        if model:
+            from ota.sbom._schema import _strict_validator
+
+            _strict_validator()
+            importlib.import_module("ota.repository._reference")
 
 
 def _runtime_payload(folder: Path) -> dict[str, Path]:

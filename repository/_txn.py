@@ -12,11 +12,13 @@ Invariant: a reader who starts from ``timestamp.json`` sees either the state bef
 after a transaction, never a mix; a transaction that dies at any point leaves the published state
 as it was (only unreferenced files behind, which ``ota gc`` removes).
 
-Delegation tree (``docs/adr/0004-keys-and-delegations.md``): top-level ``targets`` (offline key)
-delegates named roles, team roles first (``releases/<glob>/*``, terminating, the team's keys),
-then the catch-all ``releases`` role (``releases/*/*`` and ``index/*``, online key), which
-delegates the succinct hash bins ``bins-*`` (same online key). :meth:`Transaction.bin_for` follows
-this tree exactly as python-tuf's client does (first matching delegation, terminating).
+Delegation tree (ADR 0004, ADR 0010, ``ota.repository._layout``): top-level ``targets``
+(offline key) delegates named roles, team roles first (``releases/<glob>/*``, terminating, the
+team's keys), then the catch-all ``releases`` role (``releases/*/*``, ``index/*``, ``audit/*``,
+online key), which delegates a role per model, the audit role and the archive (or, in a
+repository not migrated yet, the succinct hash bins ``bins-*`` of ADR 0002).
+:meth:`Transaction.find` and :meth:`Transaction.bin_for` walk this tree exactly as python-tuf's
+client does (pre-order, depth first, delegations in order, a terminating match ends the walk).
 
 This module decides nothing about releases; it edits roles on request and commits them. Every
 threshold question is answered by python-tuf (``verify_delegate``), never here.
@@ -45,6 +47,7 @@ from tuf.api.metadata import (
 
 from ota.errors import ConfigError, ConflictError, SecurityError
 from ota.repository._meta import (
+    ARCHIVE_ROLE,
     BINS_PREFIX,
     HEAD_KEY,
     MAX_METADATA_BYTES,
@@ -52,6 +55,7 @@ from ota.repository._meta import (
     TOP_LEVEL_ROLES,
     Expiry,
     SignerSet,
+    is_online_role,
     md_key,
     newest_root,
 )
@@ -95,6 +99,9 @@ class Transaction:
         self._timestamp_due = False
         self._cosign: list[Root] = []
         self._new: set[str] = set()  # delegated roles not yet in the snapshot
+        # roles no delegation reaches any more (ADR 0010): signed with the keys that last
+        # delegated them, listed in the snapshot without a length (no client fetches them)
+        self._retired: dict[str, tuple[dict[str, Key], int]] = {}
 
     @classmethod
     def begin(cls, store: Storage, signers: SignerSet, expiry: Expiry) -> Transaction:
@@ -147,7 +154,7 @@ class Transaction:
         return self._loaded[role]
 
     def succinct(self) -> SuccinctRoles:
-        """The hash-bin delegation of the ``releases`` role.
+        """The hash-bin delegation of the ``releases`` role (the layout before ADR 0010).
 
         Raises:
             SecurityError: the repository has no ``releases`` role with hash bins.
@@ -157,33 +164,88 @@ class Transaction:
             raise SecurityError("the releases role has no succinct hash-bin delegation")
         return delegations.succinct_roles
 
+    def legacy_layout(self) -> bool:
+        """Whether ``releases`` still delegates the hash bins of ADR 0002 (not migrated)."""
+        delegations = self.targets(RELEASES_ROLE).signed.delegations
+        return delegations is not None and delegations.succinct_roles is not None
+
     def team_roles(self) -> list[str]:
         """Names of the team roles, in delegation order (the order devices consult them)."""
         delegations = self.targets().signed.delegations
         roles = delegations.roles if delegations is not None else None
         return [name for name in (roles or {}) if name != RELEASES_ROLE]
 
+    def online_roles(self) -> list[str]:
+        """``releases`` and every role delegated below it, in delegation order (pending
+        delegations of this transaction included): what the online key signs. This is the
+        list of every online targets role of the repository, for re-signing (key rotation,
+        refresh, offline media); team roles and ``targets`` are in :meth:`team_roles`."""
+        out = [RELEASES_ROLE]
+        queue = [RELEASES_ROLE]
+        while queue:
+            delegations = self.targets(queue.pop(0)).signed.delegations
+            if delegations is None:
+                continue
+            if delegations.succinct_roles is not None:
+                out += delegations.succinct_roles.get_roles()
+                continue
+            for name in delegations.roles or {}:
+                out.append(name)
+                queue.append(name)
+        return out
+
+    def all_targets_roles(self) -> list[str]:
+        """Every targets role a client can reach, in delegation order: ``targets``, the team
+        roles, ``releases`` and everything below it (for tools that copy or re-sign the whole
+        tree, e.g. offline media). Retired roles (listed in the snapshot, delegated by nobody:
+        ADR 0010) are not among them."""
+        return [Targets.type, *self.team_roles(), *self.online_roles()]
+
     def release_roles(self) -> list[str]:
-        """Every role that may hold release targets: the team roles, then the hash bins."""
-        return [*self.team_roles(), *self.succinct().get_roles()]
+        """Every role that may hold release targets: the team roles, then the online roles
+        below ``releases`` (model roles, archive segments; or the hash bins)."""
+        return [*self.team_roles(), *self.online_roles()[1:]]
+
+    def _walk(self, path: str) -> tuple[str | None, str]:
+        """python-tuf's pre-order depth-first search for ``path`` (``Updater._preorder_depth_
+        first_walk``): (the role that lists it or None, the first role visited that delegates
+        ``path`` to nobody, where a new target is placed)."""
+        stack = [Targets.type]
+        visited: set[str] = set()
+        place: str | None = None
+        while stack and len(visited) <= 64:
+            role = stack.pop()
+            if role in visited:
+                continue
+            signed = self.targets(role).signed
+            if path in signed.targets:
+                return role, role
+            visited.add(role)
+            children: list[str] = []
+            if signed.delegations is not None:
+                for child, terminating in signed.delegations.get_roles_for_target(path):
+                    children.append(child)
+                    if terminating:
+                        stack.clear()
+                        break
+            if not children and place is None:
+                place = role
+            stack.extend(reversed(children))
+        return None, place or Targets.type
+
+    def find(self, path: str) -> str | None:
+        """The role a TUF client finds ``path`` in, or None (not published)."""
+        return self._walk(path)[0]
 
     def bin_for(self, path: str) -> str:
-        """The role a TUF client consults for ``path``, walking the tree as python-tuf does.
-
-        From ``targets``: a role that lists ``path`` answers; otherwise the first delegation
-        whose paths match is followed (all our delegations are terminating). The last role
-        reached answers (a team role or a hash bin for release paths, a bin for index paths).
+        """The role that holds ``path``, or where a TUF client would look for it first: the
+        first role on python-tuf's walk that delegates it no further (a team role, a model
+        role, the audit role, a hash bin of a repository not migrated yet). A release path of
+        a model without a model role places in the archive, an index path in ``releases``:
+        callers create the model role first (:func:`ota.repository._index.ensure_model_role`).
         """
-        role = Targets.type
-        for _ in range(8):  # our tree is three levels deep; bound the walk anyway
-            signed = self.targets(role).signed
-            if path in signed.targets or signed.delegations is None:
-                return role
-            child = next(iter(signed.delegations.get_roles_for_target(path)), None)
-            if child is None:
-                return role
-            role = child[0]
-        raise SecurityError(f"delegation tree too deep for {path}")
+        found, place = self._walk(path)
+        return found or place
 
     # -- editing ------------------------------------------------------------------------------
 
@@ -201,6 +263,24 @@ class Transaction:
             self._timestamp_due = True
         else:
             self.edit(role)
+
+    def retire(self, role: str, version: int) -> None:
+        """Write ``role`` once more, empty, at ``version`` (or the next free one), signed by the
+        keys that delegate it *now*: call before the delegation is removed. Its snapshot entry
+        then carries no length (python-tuf never fetches an undelegated role, and entries that
+        differ only in their names compress to almost nothing). A role first created in this
+        transaction is simply dropped (no client ever saw it)."""
+        if role in self._new:
+            self._loaded.pop(role, None)
+            self._dirty.discard(role)
+            self._new.discard(role)
+            return
+        self._retired[role] = self.role_keys(role)
+        md = self.targets(role)
+        md.signed.targets = {}
+        md.signed.delegations = None
+        md.signed.version = max(md.signed.version, version - 1)
+        self._dirty.add(role)
 
     def cosign_with(self, root: Root) -> None:
         """Also sign top-level roles with the keys ``root`` lists (a root rotation in flight).
@@ -230,12 +310,14 @@ class Transaction:
         """
         now = _now()
         snap = self.snapshot.signed
+        self._write_new_delegations()
         if self._dirty or self._snapshot_due:
             for role in sorted(self._dirty):
                 md = self._loaded[role]
                 md.signed.expires = now + self.lifetime(role)
                 version, length = self._write_versioned(md, role)
-                snap.meta[f"{role}.json"] = MetaFile(version=version, length=length)
+                retired = role in self._retired
+                snap.meta[f"{role}.json"] = MetaFile(version, None if retired else length)
             snap.expires = now + self.lifetime(Snapshot.type)
             snap_version, written = self._write_versioned(self.snapshot, Snapshot.type)
             snap_length: int | None = written
@@ -259,9 +341,21 @@ class Transaction:
         self._snapshot_due = self._timestamp_due = False
         return snap_version
 
+    def _write_new_delegations(self) -> None:
+        """Every role an edited online delegator (``releases``, the archive) delegates is
+        written at least once: python-tuf refuses a delegated role the snapshot does not list
+        (``RepositoryError``), even while merely walking past it."""
+        for delegator in (RELEASES_ROLE, ARCHIVE_ROLE):
+            if delegator not in self._dirty:
+                continue
+            delegations = self._loaded[delegator].signed.delegations
+            for name in (delegations.roles or {}) if delegations is not None else {}:
+                if f"{name}.json" not in self.snapshot.signed.meta and name not in self._dirty:
+                    self.edit(name)
+
     def lifetime(self, role: str) -> timedelta:
         """How long a new version of ``role`` stays valid (team roles: ``Expiry.team``)."""
-        if role in TOP_LEVEL_ROLES or role == RELEASES_ROLE or role.startswith(BINS_PREFIX + "-"):
+        if role in TOP_LEVEL_ROLES or is_online_role(role):
             return self._expiry.for_role(role)
         return timedelta(days=self._expiry.team)
 
@@ -273,16 +367,26 @@ class Transaction:
             return False
 
     def _delegator(self, role: str) -> Targets | None:
-        """The (pending) targets role that delegates ``role``, or None."""
+        """The (pending) targets role that delegates ``role``, or None: ``targets``,
+        ``releases`` or the archive (the only roles that delegate)."""
         top = self.targets().signed
         with contextlib.suppress(ValueError):
             top.get_delegated_role(role)
             return top
-        if role != RELEASES_ROLE and role.startswith(BINS_PREFIX + "-"):
-            releases = self.targets(RELEASES_ROLE).signed
-            with contextlib.suppress(ValueError):
-                releases.get_delegated_role(role)
-                return releases
+        if role == RELEASES_ROLE or not is_online_role(role):
+            return None
+        releases = self.targets(RELEASES_ROLE).signed
+        with contextlib.suppress(ValueError):
+            releases.get_delegated_role(role)
+            return releases
+        try:
+            releases.get_delegated_role(ARCHIVE_ROLE)
+        except ValueError:
+            return None
+        archive = self.targets(ARCHIVE_ROLE).signed
+        with contextlib.suppress(ValueError):
+            archive.get_delegated_role(role)
+            return archive
         return None
 
     def role_keys(self, role: str) -> tuple[dict[str, Key], int]:
@@ -307,7 +411,7 @@ class Transaction:
     _role_keys = role_keys
 
     def _sign(self, md: Metadata[Any], role: str) -> None:
-        keys, threshold = self.role_keys(role)
+        keys, threshold = self._retired.get(role) or self.role_keys(role)
         self._signers.sign(md, keys, threshold, role)
         if role not in TOP_LEVEL_ROLES:
             return

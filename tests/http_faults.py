@@ -7,8 +7,12 @@ Faults are matched by a substring of the request path and consumed ``times`` tim
 * ``truncate`` - announce the full length, send ``after`` bytes, close cleanly;
 * ``drip`` - send the body ``step`` bytes at a time with ``delay`` seconds between writes;
 * ``endless`` - announce no length and send bytes until the client hangs up;
-* ``norange`` - ignore a Range header and send the whole file with 200;
-* ``replace`` - serve ``body`` instead of the file (tampering).
+* ``norange`` - ignore a Range header and send the whole file (or ``body``) with 200;
+* ``replace`` - serve ``body`` instead of the file (tampering);
+* ``badrange`` - answer a range with ``Content-Range: <content_range>`` (a lying server);
+* ``overlong`` - answer a range with ``after`` bytes more than asked (and announce them).
+
+Ranges are ``bytes=<start>-`` or ``bytes=<start>-<end>`` (one range; the end is clamped).
 
 Every request is logged as (path, range header, status) so tests can assert on resumes.
 """
@@ -36,6 +40,7 @@ class Fault:
     step: int = 1
     delay: float = 0.0
     body: bytes = b""
+    content_range: str = ""
 
 
 @dataclass
@@ -87,30 +92,38 @@ class _Handler(BaseHTTPRequestHandler):
         if fault and fault.kind == "endless":
             self._endless(path, rng)
             return
-        data = fault.body if fault and fault.kind == "replace" else self._read(path)
+        replaced = fault and (fault.kind == "replace" or (fault.kind == "norange" and fault.body))
+        data = fault.body if fault and replaced else self._read(path)
         if data is None:
             self._simple(404, path, rng)
             return
-        status, start = 200, 0
+        status, start, last = 200, 0, len(data) - 1
         if rng and not (fault and fault.kind == "norange") and rng.startswith("bytes="):
-            start = int(rng[6:].split("-", 1)[0])
-            if start >= len(data):
+            first, _, end = rng[6:].partition("-")
+            start = int(first)
+            last = min(int(end), len(data) - 1) if end else len(data) - 1
+            if start >= len(data) or last < start:
                 self._simple(416, path, rng)
                 return
             status = 206
-        body = data[start:]
+        body = data[start : last + 1]
+        if fault and fault.kind == "overlong":
+            body += b"\xee" * fault.after
         fs.record(path, rng, status)
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            content_range = f"bytes {start}-{last}/{len(data)}"
+            if fault and fault.kind == "badrange":
+                content_range = fault.content_range
+            self.send_header("Content-Range", content_range)
         self.end_headers()
         self._body(body, fault)
 
     def _body(self, body: bytes, fault: Fault | None) -> None:
         try:
-            if fault is None or fault.kind in ("replace", "norange"):
+            if fault is None or fault.kind in ("replace", "norange", "badrange", "overlong"):
                 self.wfile.write(body)
             elif fault.kind == "reset":
                 self.wfile.write(body[: fault.after])

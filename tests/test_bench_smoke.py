@@ -12,6 +12,7 @@ import pytest
 from bench import delta_publish, publish_speed, repo_growth
 from bench._common import PUBLISH_PHASES
 from tests.bench_run import run_json
+from tests.nginx import binary as nginx_binary
 
 
 def test_publish_speed_reports_ratios_on_every_storage(
@@ -96,10 +97,8 @@ def test_repo_growth_reports_each_size(tmp_path: Path, capsys: pytest.CaptureFix
             "--json",
             "--releases",
             "10,20",
-            "--bins",
-            "16",
-            "--default-bins-releases",
-            "",
+            "--layouts",
+            "models,bins-16",
             "--repeat",
             "1",
             "--batch",
@@ -111,9 +110,9 @@ def test_repo_growth_reports_each_size(tmp_path: Path, capsys: pytest.CaptureFix
     assert doc["benchmark"] == "repo_growth"
     series = doc["series"]
     assert isinstance(series, list)
-    assert len(series) == 1
-    points = series[0]["points"]
-    assert [p["releases"] for p in points] == [10, 20]
+    assert [s["layout"] for s in series] == ["models", "bins-16"]
+    points = [p for s in series for p in s["points"]]
+    assert [p["releases"] for p in points] == [10, 20, 10, 20]
     for p in points:
         assert {
             "publish_s",
@@ -125,3 +124,6 @@ def test_repo_growth_reports_each_size(tmp_path: Path, capsys: pytest.CaptureFix
             "refresh_s_ratio",
         } <= set(p)
         assert p["refresh_bytes"] > 0
+        if nginx_binary() is not None:  # device figures on the wire: gzip, idle poll unchanged
+            assert 0 < p["device_after_other_wire"] < p["stock_after_other_wire"]
+            assert 0 < p["device_idle_wire"] <= 1024

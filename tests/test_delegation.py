@@ -69,8 +69,8 @@ def test_team_release_lives_in_team_role_and_index_in_bins(tmp_path: Path) -> No
     publish_mlp(vision, "cam-det", "1.0.0")
     txn = Transaction.begin(project.storage, project.signers, project.expiry())
     assert txn.bin_for(manifest_target_path("cam-det", "1.0.0")) == "vision"
-    assert txn.bin_for(index_target_path("cam-det")).startswith("bins-")
-    assert txn.bin_for(manifest_target_path("other", "1.0.0")).startswith("bins-")
+    assert txn.bin_for(index_target_path("cam-det")) == "model.cam-det"  # online (ADR 0010)
+    assert txn.bin_for(manifest_target_path("other", "1.0.0")) == "archive.dir"  # online
     assert manifest_target_path("cam-det", "1.0.0") in txn.targets("vision").signed.targets
     assert txn.team_roles() == ["vision"] and "vision" in txn.release_roles()
     [info] = list_teams(project)
@@ -116,7 +116,7 @@ def test_team_cannot_publish_outside_its_globs(tmp_path: Path) -> None:
 
     def craft(txn: Transaction) -> None:
         txn.edit("vision").targets[outside] = _copy(genuine, outside)
-        online_bin = txn.succinct().get_role_for_target(inside)
+        online_bin = txn.bin_for(index_target_path("cam-det"))  # model.cam-det, online key
         txn.edit(online_bin).targets[inside] = _copy(genuine, inside)
 
     run(vision.storage, vision.signers, vision.expiry(), craft)

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 from ota.errors import ExitCode
+from ota.fleet._db import HEAD
 from ota.fleet._models import Base
 from tests.fleet_fixtures import (  # noqa: F401
     FleetService,
@@ -42,7 +43,7 @@ def fleet_cli(db: str, *args: str) -> tuple[int, Any]:
 
 def test_migrated_schema_matches_the_models_and_migrate_is_idempotent(fleet_backend: str) -> None:
     code, doc = fleet_cli(fleet_backend, "migrate")
-    assert (code, doc) == (0, {"revision": "0002"})
+    assert (code, doc) == (0, {"revision": HEAD})
     engine = create_engine(fleet_backend)
     try:
         with engine.connect() as conn:
@@ -158,6 +159,6 @@ def test_migrators_started_at_once_all_succeed(
     futures = [pool.submit(migrate, url) for _ in range(4)]
     revisions = [f.result(timeout=180) for f in futures]
     pool.shutdown(wait=False)
-    assert revisions == ["0002"] * 4
+    assert revisions == [HEAD] * 4
     code, doc = fleet_cli(url, "status")
     assert code == 0 and doc["devices"]["total"] == 0

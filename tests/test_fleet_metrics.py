@@ -54,8 +54,11 @@ def report(
     }
 
 
-def scrape(svc: FleetService, token: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    r = call("GET", f"{svc.url}/metrics", token=token)
+def scrape(
+    svc: FleetService, token: str, max_age: int = 0
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The scrape's samples; the fleet gauges counted now (``max_age=0``) unless told."""
+    r = call("GET", f"{svc.url}/metrics?max_age={max_age}", token=token)
     assert r.status == 200, r.raw[:500]
     assert r.headers["content-type"].startswith("text/plain")
     out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
@@ -131,6 +134,31 @@ def test_metrics_count_what_was_ingested(fleet_service: FleetService) -> None:
         if name.endswith("_total"):
             assert not re.search(r"_seconds_total$", name)
         assert "milliseconds" not in name and "_ms" not in name
+
+
+def test_fleet_gauges_come_from_the_cached_summary(fleet_service: FleetService) -> None:
+    """A scrape does not count the fleet while the cached summary is young enough: a change
+    made after the last count shows only when a scrape (or ``GET /v1/fleet``) recounts, and
+    the age of the figures is exported. A bad ``max_age`` is a 400, not a count."""
+    svc = fleet_service
+    read = svc.operator_token("read")
+    svc.enroll("cam-1")
+    svc.enroll("cam-2")
+    counted = scrape(svc, read, max_age=0)  # counts now, and stores the count
+    assert value(counted, "devices") == 2 and value(counted, "devices_revoked") == 0
+    assert value(counted, "summary_age_seconds") < 60
+    r = call("POST", f"{svc.url}/v1/devices/cam-2/revoke", {}, token=svc.admin_token)
+    assert r.status == 200, r.doc
+    cached = scrape(svc, read, max_age=3600)  # every worker reads the same stored count
+    assert value(cached, "devices") == 2 and value(cached, "devices_revoked") == 0
+    assert value(cached, "summary_age_seconds") >= 0
+    fresh = scrape(svc, read, max_age=0)
+    assert value(fresh, "devices") == 1 and value(fresh, "devices_revoked") == 1
+    again = scrape(svc, read, max_age=3600)  # the recount was stored for the next scrapes
+    assert value(again, "devices_revoked") == 1
+    for bad in ("-1", "abc", "86401", "²"):
+        r = call("GET", f"{svc.url}/metrics?max_age={bad}", token=read)
+        assert r.status == 400 and r.doc["error"] == "malformed", (bad, r.raw[:200])
 
 
 def test_metrics_need_a_read_token(fleet_service: FleetService) -> None:

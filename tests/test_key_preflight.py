@@ -240,7 +240,7 @@ def test_commands_without_bins_key_write_nothing(
     before = _tree(tmp_path / "repo", proj.root_dir)
     res = _ota(*args)
     assert res.exit_code == ExitCode.CONFIG, res.output
-    assert "bins-" in res.output and "not found" in res.output, res.output
+    assert "model.m" in res.output and "not found" in res.output, res.output
     assert _tree(tmp_path / "repo", proj.root_dir) == before  # no chunk, no audit entry
 
 

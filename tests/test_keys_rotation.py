@@ -202,7 +202,7 @@ def test_revoke_online_and_root_listed_keys(tmp_path: Path, served: tuple[Projec
 
 def _expiries(project: Project) -> dict[str, datetime]:
     txn = Transaction.begin(project.storage, project.signers, project.expiry())
-    out = {r: txn.targets(r).signed.expires for r in ["releases", *txn.succinct().get_roles()]}
+    out = {r: txn.targets(r).signed.expires for r in txn.online_roles()}
     return out | {"snapshot": txn.snapshot.signed.expires,
                   "timestamp": txn.timestamp.signed.expires}
 
@@ -222,7 +222,7 @@ def test_refresh_moves_expiries_and_is_idempotent(tmp_path: Path) -> None:
     assert set(result.resigned) == set(before)
     moved = _expiries(project)
     assert all(moved[r] > before[r] for r in before), (before, moved)
-    assert moved["bins-0"] > datetime.now(UTC).replace(microsecond=0) + Expiry().for_role("x") / 2
+    assert moved["model.m"] > datetime.now(UTC).replace(microsecond=0) + Expiry().for_role("x") / 2
     with serve_dir(tmp_path / "repo") as base:
         updater = stock_updater(base, (project.root_dir / "root.json").read_bytes(), tmp_path / "d")
         updater.refresh()
@@ -242,5 +242,5 @@ def test_refresh_cli_from_cron(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, [*args, "--within-days", "400", "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
-    assert "timestamp" in doc["resigned"] and "bins-3" in doc["resigned"]
+    assert "timestamp" in doc["resigned"] and "archive.dir" in doc["resigned"]
     assert any(w.startswith("targets expires") for w in doc["warnings"])

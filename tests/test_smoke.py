@@ -129,11 +129,11 @@ def test_memory_limit_is_derived_from_model_size_and_budget() -> None:
     reserve = limits.base_mem_mb + limits.mem_margin_mb + 2 * limits.thread_mem_mb
     mb = 1024 * 1024
     # No budget: the model file costs model_as_factor x its size (parse slack), external data
-    # once, the smoke files twice.
+    # external_as_factor x (mapped + a weight's packed copy, issue 13), the smoke files twice.
     assert memory_limit_mb(100 * mb, 0, 0, limits=limits) == (reserve + 300, "model")
     assert memory_limit_mb(1024 * mb, 0, 0, limits=limits) == (reserve + 3072, "model")
     assert memory_limit_mb(mb, 4096 * mb, 5 * mb, limits=limits) == (
-        reserve + 3 + 4096 + 10,
+        reserve + 3 + 2 * 4096 + 10,
         "model",
     )
     # A tier budget replaces the model's allowance, up or down; the parse slack stays.
@@ -159,7 +159,7 @@ def test_the_child_runs_under_the_derived_limit(bundle: tuple[Path, Path, SmokeS
     # A larger model file gets a larger limit: nothing is a constant.
     (model.parent / "model.onnx.data").write_bytes(b"\0" * (8 * 1024 * 1024))
     bigger, _ = memory_limit_mb(model.stat().st_size, 8 * 1024 * 1024, smoke)
-    assert bigger == want + 8
+    assert bigger == want + 2 * 8  # mapped, and a weight's packed copy beside its mapping
     assert run_smoke(model, root, plain, tier="cam-v1").mem_limit_mb == bigger
     budgeted = SmokeSpec(
         inputs=spec.inputs,
@@ -167,7 +167,9 @@ def test_the_child_runs_under_the_derived_limit(bundle: tuple[Path, Path, SmokeS
         runs=1,
         budgets={"cam-v1": Budget(peak_mem_mb=900.0)},
     )
-    want_b, source = memory_limit_mb(model.stat().st_size, 0, smoke, budget_mb=900.0)
+    want_b, source = memory_limit_mb(  # the external data's slack stays under a budget
+        model.stat().st_size, 8 * 1024 * 1024, smoke, budget_mb=900.0
+    )
     assert source == "budget"
     assert run_smoke(model, root, budgeted, tier="cam-v1").mem_limit_mb == want_b
 

@@ -135,8 +135,16 @@ def init_cmd(
     if arch:
         options["arch"] = arch
     _warn_plain_token(report_url, options["report_token_file"])
-    enrolment = _fleet_enrol(state_dir, repo_url, device_id, models, options, fleet_url,
-                             enroll_token, bool(report_url or report_token_file))
+    enrolment = _fleet_enrol(
+        state_dir,
+        repo_url,
+        device_id,
+        models,
+        options,
+        fleet_url,
+        enroll_token,
+        bool(report_url or report_token_file),
+    )
     cfg = init_device(
         state_dir, repo_url, root_path.read_bytes(), device_id, models, floors=kept, **options
     )
@@ -247,15 +255,27 @@ def _detected_runtime() -> str:
 @device.command("update")
 @state_option
 @click.option("--model", default=None, help="Only this model.")
+@click.option(
+    "--from",
+    "medium",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Update from an offline medium (folder or .tar) instead of the network.",
+)
 @json_option
-def update_cmd(state_dir: Path, model: str | None, as_json: bool) -> None:
+def update_cmd(state_dir: Path, model: str | None, medium: Path | None, as_json: bool) -> None:
     """One update cycle: verify, fetch, stage, smoke-test, commit."""
     from ota.cli._progress import TtyProgress
     from ota.client import update_once
 
     progress = None if as_json or not sys.stderr.isatty() else TtyProgress(sys.stderr)
     try:
-        result = update_once(state_dir, model=model, progress=progress)
+        if medium is not None:
+            from ota.client._medium import update_from_medium
+
+            result = update_from_medium(state_dir, medium, model=model, progress=progress)
+        else:
+            result = update_once(state_dir, model=model, progress=progress)
     finally:
         if progress is not None:
             progress.close()
@@ -288,13 +308,28 @@ def _render_report(r: dict[str, Any]) -> str:
 
 @device.command("report")
 @state_option
+@click.option(
+    "--to",
+    "medium",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write the queued events to an offline medium (for `ota fleet import`).",
+)
 @json_option
-def report_cmd(state_dir: Path, as_json: bool) -> None:
+def report_cmd(state_dir: Path, medium: Path | None, as_json: bool) -> None:
     """Forward queued events to the fleet service now (exit 5 if it cannot be reached)."""
     from ota.client import report_events
     from ota.client._state import StateDir
     from ota.errors import ExitCode
 
+    if medium is not None:
+        from ota.client._medium import report_to_medium
+
+        r = report_to_medium(state_dir, medium)
+        emit(r.to_dict(), as_json, lambda: (
+            f"{r.written} events written to {medium} ({r.files} files); {r.acked} acknowledged"
+            f" by an earlier import; {r.pending} queued until acknowledged"))  # fmt: skip
+        return
     cfg = StateDir(state_dir).load_config()
     _warn_plain_token(cfg.report_url, cfg.report_token_file)
     outcome = report_events(state_dir)

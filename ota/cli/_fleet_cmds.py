@@ -67,6 +67,13 @@ def migrate(project_dir: str, db: str | None, as_json: bool) -> None:
 @click.option("--bind", default="127.0.0.1:8400", show_default=True, help="HOST:PORT.")
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option(
+    "--threads",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Request threads per worker (keep-alive connections are served by them).",
+)
+@click.option(
     "--max-reports-per-minute",
     type=click.IntRange(1, 100_000),
     default=120,
@@ -81,16 +88,23 @@ def migrate(project_dir: str, db: str | None, as_json: bool) -> None:
     help="SQLite: wait this long for the lock, then 503.",
 )
 @click.option("--access-log", is_flag=True, help="Log every request to stderr.")
+@click.option(
+    "--rollout-controller",
+    is_flag=True,
+    help="Also run `ota rollout controller` (a child process; needs the project's online key).",
+)
 @json_option
 def serve(
     project_dir: str,
     db: str | None,
     bind: str,
     workers: int,
+    threads: int,
     max_reports_per_minute: int,
     busy_timeout_ms: int,
     access_log: bool,
     as_json: bool,
+    rollout_controller: bool = False,
 ) -> None:
     """Migrate, then serve the fleet API with gunicorn (WORKERS processes)."""
     from ota.fleet._local import migrate_db
@@ -109,7 +123,21 @@ def serve(
         as_json,
         f"fleet service on http://{bind} ({workers} workers, schema {rev})",
     )
-    run_serve(cfg, bind=bind, workers=workers, access_log=access_log)
+    child = _start_rollout_controller(project_dir, cfg.db_url) if rollout_controller else None
+    try:
+        run_serve(cfg, bind=bind, workers=workers, threads=threads, access_log=access_log)
+    finally:
+        if child is not None:  # issue 9: the controller lives and dies with the service
+            child.terminate()
+            child.wait(timeout=30)
+
+
+def _start_rollout_controller(project_dir: str, db_url: str) -> Any:
+    import subprocess
+    import sys
+
+    args = ["rollout", "controller", "--project", project_dir, "--db", db_url]
+    return subprocess.Popen([sys.executable, "-m", "ota.cli", *args])
 
 
 @fleet.command("status")
@@ -432,6 +460,28 @@ def prune(
     keep = parse_duration(older_than) if older_than else cfg.retention_days * 86400
     n = do_prune(cfg, keep, batch)
     emit({"pruned": n}, as_json, f"pruned {n} events")
+
+
+@fleet.command("import")
+@click.argument("medium", type=click.Path(exists=True, file_okay=False, path_type=str))
+@project_option
+@db_option
+@json_option
+def import_cmd(medium: str, project_dir: str, db: str | None, as_json: bool) -> None:
+    """Ingest device reports carried back on an offline medium (deduplicated like network
+    reports); writes acknowledgements to it. Exit 4 if any report was refused."""
+    import sys
+    from pathlib import Path
+
+    from ota.errors import ExitCode
+    from ota.fleet._import import import_reports
+
+    r = import_reports(_cfg(project_dir, db), Path(medium))
+    emit(r.to_dict(), as_json, lambda: "\n".join(
+        [f"{r.accepted} of {r.files} reports accepted, {r.stored} new events stored"]
+        + [f"refused {x['file']}: {x['reason']}" for x in r.refused]))  # fmt: skip
+    if r.refused:
+        sys.exit(int(ExitCode.SECURITY))
 
 
 def _checked(value: str, what: str) -> str:

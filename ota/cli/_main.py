@@ -109,6 +109,8 @@ def _register() -> None:
     for module in (_repo_cmds, _device_cmds, _supply_cmds, _key_cmds, _fleet_cmds):
         module.register(cli)
     __import__("ota.cli._mirror_cmds", fromlist=["register"]).register(cli)
+    __import__("ota.cli._rollout_cmds", fromlist=["register"]).register(cli)  # issue 9
+    __import__("ota.cli._offline_cmds", fromlist=["register"]).register(cli)
 
 
 def main() -> None:

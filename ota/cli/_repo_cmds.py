@@ -3,6 +3,7 @@ gc, serve. Each parses, calls :mod:`ota.repository`, prints."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,50 @@ def _budgets(values: tuple[str, ...]):  # type: ignore[no-untyped-def]
     return out
 
 
+# Cloud SDKs that securesystemslib.signer imports when installed (its KMS signers).
+_CLOUD_SDKS = ("boto3", "botocore")
+
+
+def _lean_publish(ctx: click.Context, _param: click.Parameter, _value: object) -> None:
+    """Keep boto3 out of an ``ota publish`` that needs none (issue 13: about 0.2 s of a fresh
+    publish's imports on an idle machine, more under load): securesystemslib's signer package
+    imports the AWS SDK for its KMS signer when it is installed. When the project's storage is
+    not S3 and every signer is a key file (``file:``/``file2:``), the package is imported here,
+    before anything else imports it, with the SDK hidden; then unhidden, so any later code may
+    import it. Anything unexpected (no readable ota.toml, another signer scheme, S3, the package
+    already imported) changes nothing. Runs as the last parameter's callback, so before the
+    command (and the policy wrapper around it) imports python-tuf."""
+    if "securesystemslib.signer" in sys.modules or any(m in sys.modules for m in _CLOUD_SDKS):
+        return
+    try:
+        import tomllib
+
+        conf = tomllib.loads((Path(str(ctx.params.get("project_dir"))) / "ota.toml").read_text())
+        storage = str(conf["repository"]["storage"])
+        uris = [str(u) for u in dict(conf.get("signers", {})).values()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if storage.startswith("s3:") or not all(u.startswith(("file:", "file2:")) for u in uris):
+        return
+    for name in _CLOUD_SDKS:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        import securesystemslib.signer  # noqa: F401 - evaluated now, without the SDK
+    finally:
+        for name in _CLOUD_SDKS:
+            if sys.modules.get(name, False) is None:
+                del sys.modules[name]
+
+
+_lean_option = click.option(
+    "--lean-imports",
+    hidden=True,
+    is_flag=True,
+    expose_value=False,
+    callback=_lean_publish,
+)
+
+
 @click.command()
 @click.argument("storage", default="repo")
 @project_option
@@ -52,7 +97,7 @@ def _budgets(values: tuple[str, ...]):  # type: ignore[no-untyped-def]
     default=None,
     help="S3-compatible endpoint (MinIO, Ceph RGW, R2); default: AWS.",
 )
-@click.option("--bins", default=256, show_default=True, help="Number of hash bins (power of 2).")
+@click.option("--bins", default=256, show_default=True, help="Ignored (ADR 0010: self-sizing).")
 @click.option("--root-keys", default=1, show_default=True, help="Number of root keys.")
 @click.option("--root-threshold", default=1, show_default=True, help="Root signature threshold.")
 @click.option(
@@ -106,7 +151,7 @@ def init(
                 f"  publishers:                        {publishers}{note}",
                 f"  trusted root (install on devices): {result.trusted_root}",
                 f"  devices fetch from:                {result.base_url}",
-                f"  hash bins:                         {result.bins}",
+                "  metadata layout:                   per-model roles (ADR 0010)",
                 "  offline keys (move them off this machine): "
                 + ", ".join(result.keys["root"] + result.keys["targets"]),
             ]
@@ -196,6 +241,7 @@ def init(
 @click.option("--delta-max-mb", type=click.FloatRange(0), default=512, show_default=True,
               help="No binary delta for files larger than this.")
 @json_option
+@_lean_option  # last: its callback runs after --project is known, before the command
 def publish(
     model: Path,
     project_dir: str,
@@ -415,6 +461,26 @@ def gc(project_dir: str, grace: float, dry_run: bool, as_json: bool) -> None:
     )
 
 
+@click.command("migrate-layout")
+@project_option
+@json_option
+def migrate_layout(project_dir: str, as_json: bool) -> None:
+    """Move the metadata from fixed hash bins to per-model roles (ADR 0010); idempotent."""
+    from ota.repository._migrate import migrate_layout as do
+
+    r = do(_project(project_dir))
+    emit(
+        r.to_dict(),
+        as_json,
+        lambda: (
+            f"migrated: {r.models} model roles, {r.live_releases} live releases, "
+            f"{r.archived_releases} archived, {r.retired_bins} hash bins retired"
+            if r.migrated
+            else "already in the per-model layout (ADR 0010): nothing to do"
+        ),
+    )
+
+
 @click.command()
 @project_option
 @click.option(
@@ -465,7 +531,7 @@ def _base_url_port(base_url: str) -> int | None:
 
 
 def register(group: click.Group) -> None:
-    for cmd in (init, publish, promote, rollback, releases, gc, serve):
+    for cmd in (init, publish, promote, rollback, releases, gc, migrate_layout, serve):
         group.add_command(cmd)
     group.add_command(_flag_command("pause", "Stop new installs of a release.", "paused", True))
     group.add_command(_flag_command("resume", "Resume a paused release.", "paused", False))

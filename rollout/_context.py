@@ -1,0 +1,43 @@
+"""What a gate is told about the stage it judges (the contract with the extra gates).
+
+An extra gate (the inference-health gates of ``rollout/_health.py``) is a function
+``gate(session, ctx) -> list[GateResult]`` called by the controller at each evaluation inside a
+read transaction on the fleet database; it must only read, be bounded in time and memory, and
+say ``HOLD`` (never ``PASS``) when it has too little data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session
+
+from ._verdict import GateResult
+
+
+@dataclass(frozen=True)
+class RolloutContext:
+    """One stage of one rollout at one evaluation.
+
+    ``baseline_version`` is the release the devices ran before (the newest live, not yanked
+    release of the model below this one when the rollout started; ``""`` when none): the
+    concurrent baseline is the devices of the same ring and tier still on it. ``ring`` and
+    ``percent`` are the stage's (earlier rings are at 100 %). ``stage_started_at`` and ``now``
+    are UNIX seconds of the service's clock. ``health`` is the plan's ``[gates.health]`` table
+    (finite numbers; keys defined and validated by the health gates).
+    """
+
+    rollout_id: int
+    model: str
+    version: str
+    baseline_version: str
+    stage_index: int
+    ring: str
+    percent: float
+    stage_started_at: float
+    now: float
+    health: Mapping[str, float] = field(default_factory=dict)
+
+
+GateFn = Callable[[Session, RolloutContext], list[GateResult]]

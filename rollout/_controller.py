@@ -1,0 +1,668 @@
+"""The rollout controller: judge each live rollout every tick, record the verdict, act.
+
+One tick, for the controller that holds the lease (:mod:`ota.rollout._lease`), per live
+rollout, at most one action:
+
+1. an intent left ``pending`` (by a start, an earlier tick, or a controller killed mid-action)
+   is carried out first (:meth:`Controller._carry_out`);
+2. else an operator's queued request (pause, resume, abort, promote now) becomes the intent;
+3. else, for a running rollout, the gates are judged (install outcomes, then every extra gate
+   such as the inference-health gates) and :func:`~ota.rollout._verdict.combine` gives the
+   action: promote to the next stage (or finish after the last), hold (pause once past the
+   stage's deadline, saying why), pause, or roll back (yank).
+
+Invariants:
+
+* **intent before signature.** An action is first recorded in the rollout row (``pending``:
+  the signed state it must reach, the stage and state after it) in a transaction that also
+  checks the lease; then its verdict is appended to the audit log; then the rollout metadata
+  is signed through the normal publish transaction (online key, audit entry anchored by the
+  commit); then the row is updated and ``pending`` cleared. A controller killed anywhere in
+  between resumes from ``pending``: it compares the *signed* state with the target and signs
+  only if they differ, so no action is signed twice, and the metadata is always valid (each
+  publish transaction is atomic);
+* **one actor.** Every signature is preceded by a fencing check that the lease (holder and
+  epoch) is still held; operator commands never sign, they queue a request;
+* **evidence.** Each new verdict (action, reason, every gate's figures, thresholds and
+  confidence) is stored in ``rollout_verdicts`` and the repository's audit log; a verdict equal
+  to the previous one only bumps its ``repeats`` (the log grows with changes, not ticks);
+* **silence never promotes**: no gates, or any gate holding, is a hold; a stage holding past
+  its deadline pauses with the holding gates' reasons;
+* a hook (``on_verdict``) or an extra gate that raises never stops the controller: a failing
+  gate is a ``HOLD`` naming the error (fail closed: it cannot promote), a failing hook is logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from ota.bundle import RolloutState, index_target_path
+from ota.fleet._rollout_models import LIVE_STATES, Rollout, RolloutVerdict
+from ota.repository import _auditlog
+from ota.repository._project import Project
+
+from . import _lease
+from ._context import GateFn, RolloutContext
+from ._gates import install_gates
+from ._plan import Plan, plan_from_dict
+from ._store import enter_intent, signed_state
+from ._verdict import Action, GateResult, GateStatus, combine
+
+log = logging.getLogger("ota.rollout")
+VERDICT_FORMAT = "edge-ota.rollout-verdict/1"
+MAX_AUDIT_GATES = 64  # an audit entry is at most 64 KiB: more gates are summarised
+VerdictHook = Callable[[dict[str, Any]], None]
+
+
+class LostLease(Exception):
+    """The lease was lost between deciding and signing: another controller acts now."""
+
+
+@dataclass
+class TickReport:
+    """What one tick did: whether it led, and the verdicts and actions it recorded."""
+
+    leader: bool
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _default_holder() -> str:
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _matches(signed: RolloutState, target: dict[str, Any]) -> bool:
+    for k, want in target.items():
+        have = getattr(signed, k)
+        if k == "percent":
+            if abs(float(have) - float(want)) > 1e-9:
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+def _digest(action: str, reason: str, gates: Sequence[GateResult]) -> str:
+    key = [action, [(g.gate, g.tier, g.status.value) for g in gates]]
+    if action != Action.HOLD.value:
+        key.append(reason)
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+class Controller:
+    """Judges and steers every live rollout of one fleet database and one repository.
+
+    ``extra_gates``: functions ``(session, ctx) -> list[GateResult]`` judged after the install
+    gates (the inference-health gates plug in here). ``on_verdict``: called with each new
+    verdict's JSON (the webhook sender plugs in here). ``after_sign``: called right after a
+    signature, before the row is updated (tests kill the process there).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        project: Project,
+        *,
+        holder: str | None = None,
+        extra_gates: Sequence[GateFn] = (),
+        on_verdict: Sequence[VerdictHook] = (),
+        lease_ttl: float = _lease.DEFAULT_TTL_S,
+        after_sign: Callable[[], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.project = project
+        self.holder = holder or _default_holder()
+        self.extra_gates = list(extra_gates)
+        self.on_verdict = list(on_verdict)
+        self.lease_ttl = lease_ttl
+        self.after_sign = after_sign
+        self.actor = f"controller:{self.holder}"[:128]
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, interval: float, stop: threading.Event) -> None:
+        """Tick every ``interval`` seconds until ``stop`` is set; give the lease up then."""
+        try:
+            while not stop.is_set():
+                try:
+                    self.tick()
+                except Exception:  # a database or storage outage: log, try again next tick
+                    log.exception("rollout controller tick failed")
+                stop.wait(interval)
+        finally:
+            try:
+                _lease.release(self.engine, self.holder)
+            except Exception:
+                log.exception("could not release the controller lease")
+
+    def tick(self, now: float | None = None) -> TickReport:
+        """One evaluation of every live rollout, if this controller holds the lease."""
+        now = time.time() if now is None else now
+        epoch = _lease.acquire(self.engine, self.holder, now, self.lease_ttl)
+        report = TickReport(leader=epoch is not None)
+        if epoch is None:
+            return report
+        with Session(self.engine) as s, s.begin():
+            ids = (
+                s.execute(
+                    select(Rollout.id).where(Rollout.state.in_(LIVE_STATES)).order_by(Rollout.id)
+                )
+                .scalars()
+                .all()
+            )
+        for rid in ids:
+            try:
+                self._one(int(rid), epoch, now, report)
+            except LostLease:
+                report.errors.append("lost the lease")
+                break
+            except Exception as e:  # one rollout's trouble does not stop the others
+                log.exception("rollout #%s", rid)
+                report.errors.append(f"rollout #{rid}: {type(e).__name__}: {str(e)[:200]}")
+        return report
+
+    # -- one rollout ------------------------------------------------------------------------
+
+    def _load(self, rid: int) -> Rollout:
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            r = s.get(Rollout, rid)
+            assert r is not None
+            return r
+
+    def _one(self, rid: int, epoch: int, now: float, report: TickReport) -> None:
+        r = self._load(rid)
+        if r.pending is not None:
+            report.actions.append(self._carry_out(r, epoch, now))
+            return
+        plan = plan_from_dict(r.plan)
+        if r.request is not None:
+            self._from_request(r, plan, epoch, now, report)
+            return
+        if r.state != "running":
+            return
+        signed, _ = signed_state(self.project, r.model, r.version)
+        if signed is None or signed.yanked or signed.paused:
+            why = (
+                "no longer a live release"
+                if signed is None
+                else "yanked"
+                if signed.yanked
+                else "paused"
+            )
+            self._end_outside(r, now, why)
+            return
+        stage = plan.stages[r.stage]
+        ctx = RolloutContext(
+            rollout_id=rid,
+            model=r.model,
+            version=r.version,
+            baseline_version=r.baseline_version,
+            stage_index=r.stage,
+            ring=stage.ring,
+            percent=stage.percent,
+            stage_started_at=r.stage_started_at,
+            now=now,
+            health=dict(plan.health),
+        )
+        gates = self._judge(ctx, plan)
+        action = combine(gates, plan.on_failure)
+        reason = self._reason(action, gates)
+        intent: dict[str, Any] | None = None
+        last = r.stage + 1 >= len(plan.stages)
+        if action in (Action.PAUSE, Action.ROLLBACK):
+            intent = self._halt_intent(action, r.stage, reason)
+        elif action == Action.PROMOTE and last:
+            intent = {
+                "event": "",
+                "target": {},
+                "stage_after": r.stage,
+                "state_after": "done",
+                "restart_clock": False,
+                "reason": "every stage passed",
+            }
+        elif action == Action.PROMOTE:
+            nxt = plan.stages[r.stage + 1]
+            if nxt.approval and r.approved_stage < r.stage + 1:
+                action, reason = (
+                    Action.HOLD,
+                    (
+                        f"gates passed; entering stage {r.stage + 1} ({nxt.ring} {nxt.percent:g}%) "
+                        "awaits `ota rollout approve`"
+                    ),
+                )
+            else:
+                intent = enter_intent(plan, r.stage + 1, reason)
+        elif now - r.stage_started_at > stage.deadline_s:
+            reason = f"held past the stage deadline ({stage.deadline_s:.0f} s): {reason}"
+            action = Action.PAUSE
+            intent = self._halt_intent(Action.PAUSE, r.stage, reason)
+        verdict = self._record(r, plan, action, reason, gates, intent, epoch, now)
+        if verdict is not None:
+            report.verdicts.append(verdict)
+        self._carry_out_if_pending(rid, epoch, now, report)
+
+    def _carry_out_if_pending(self, rid: int, epoch: int, now: float, report: TickReport) -> None:
+        r = self._load(rid)
+        if r.pending is not None:
+            report.actions.append(self._carry_out(r, epoch, now))
+
+    def _judge(self, ctx: RolloutContext, plan: Plan) -> list[GateResult]:
+        from ota.fleet._db import read_only
+
+        stage = plan.stages[ctx.stage_index]
+        results: list[GateResult] = []
+        with Session(read_only(self.engine)) as s, s.begin():
+            results += install_gates(s, ctx, plan, stage)
+            for gate in self.extra_gates:
+                name = getattr(gate, "__name__", "gate")
+                try:
+                    got = list(gate(s, ctx))
+                    if not all(isinstance(g, GateResult) for g in got):
+                        raise TypeError("a gate must return GateResult objects")
+                    results += got
+                except Exception as e:  # fail closed: a broken gate can only hold
+                    log.exception("gate %s failed", name)
+                    results.append(
+                        GateResult(
+                            f"error.{name}"[:64],
+                            GateStatus.HOLD,
+                            f"gate raised {type(e).__name__}: {str(e)[:200]}",
+                        )
+                    )
+        return results
+
+    @staticmethod
+    def _reason(action: Action, gates: Sequence[GateResult]) -> str:
+        if action in (Action.PAUSE, Action.ROLLBACK):
+            picked = [g for g in gates if g.status == GateStatus.FAIL]
+        elif action == Action.HOLD:
+            picked = [g for g in gates if g.status == GateStatus.HOLD]
+        else:
+            return "every gate passed"
+        if not picked:
+            return "no gate gave a result"
+        text = "; ".join(
+            f"{g.gate}{'[' + g.tier + ']' if g.tier else ''}: {g.reason}" for g in picked
+        )
+        return text[:1000]
+
+    @staticmethod
+    def _halt_intent(action: Action, stage: int, reason: str) -> dict[str, Any]:
+        if action == Action.ROLLBACK:
+            return {
+                "event": "yank",
+                "target": {"yanked": True},
+                "stage_after": stage,
+                "state_after": "rolled_back",
+                "restart_clock": False,
+                "reason": reason,
+            }
+        return {
+            "event": "pause",
+            "target": {"paused": True},
+            "stage_after": stage,
+            "state_after": "paused",
+            "restart_clock": False,
+            "reason": reason,
+        }
+
+    def _from_request(
+        self, r: Rollout, plan: Plan, epoch: int, now: float, report: TickReport
+    ) -> None:
+        req = dict(r.request or {})
+        op, who, why = str(req.get("op")), str(req.get("actor", "")), str(req.get("reason", ""))
+        by = f"{op} by {who}" + (f": {why}" if why else "")
+        intent: dict[str, Any] | None
+        if op == "pause":
+            intent = {
+                "event": "pause",
+                "target": {"paused": True},
+                "stage_after": r.stage,
+                "state_after": "paused",
+                "restart_clock": False,
+                "reason": by,
+            }
+        elif op == "resume" and r.state == "paused":
+            intent = {
+                "event": "resume",
+                "target": {"paused": False},
+                "stage_after": r.stage,
+                "state_after": "running",
+                "restart_clock": True,
+                "reason": by,
+            }
+        elif op == "abort":
+            intent = {
+                "event": "pause",
+                "target": {"paused": True},
+                "stage_after": r.stage,
+                "state_after": "aborted",
+                "restart_clock": False,
+                "reason": by,
+            }
+        elif op == "promote" and r.state == "running":
+            if r.stage + 1 >= len(plan.stages):
+                intent = {
+                    "event": "",
+                    "target": {},
+                    "stage_after": r.stage,
+                    "state_after": "done",
+                    "restart_clock": False,
+                    "reason": by,
+                }
+            else:
+                intent = enter_intent(plan, r.stage + 1, by)
+        else:
+            intent = None  # no longer applies (e.g. resume of a rollout a verdict ended)
+        action = {
+            "pause": Action.PAUSE,
+            "abort": Action.PAUSE,
+            "resume": Action.PROMOTE,
+            "promote": Action.PROMOTE,
+        }.get(op, Action.HOLD)
+        gate = GateResult(
+            "operator",
+            GateStatus.PASS if intent else GateStatus.HOLD,
+            by[:500],
+            evidence={"op": op, "actor": who},
+        )
+        verdict = self._record(
+            r, plan, action, by, [gate], intent, epoch, now, clear_request=True, force=True
+        )
+        if verdict is not None:
+            report.verdicts.append(verdict)
+        self._carry_out_if_pending(r.id, epoch, now, report)
+
+    def _end_outside(self, r: Rollout, now: float, why: str) -> None:
+        """Someone steered the release by hand (``ota pause``/``yank``): follow, never fight."""
+        with Session(self.engine) as s, s.begin():
+            row = s.get(Rollout, r.id, with_for_update=True)
+            if row is None or row.state != "running" or row.pending is not None:
+                return
+            row.state = "rolled_back" if why == "yanked" else "paused"
+            if why == "no longer a live release":
+                row.state = "aborted"
+            row.live_model = row.model if row.state in LIVE_STATES else None
+            row.reason = f"the release was {why} outside the controller"
+            row.updated_at = now
+
+    # -- verdicts and actions ---------------------------------------------------------------
+
+    def _record(
+        self,
+        r: Rollout,
+        plan: Plan,
+        action: Action,
+        reason: str,
+        gates: Sequence[GateResult],
+        intent: dict[str, Any] | None,
+        epoch: int,
+        now: float,
+        *,
+        clear_request: bool = False,
+        force: bool = False,
+    ) -> dict[str, Any] | None:
+        """Store the verdict (and the intent, under the lease) in one transaction; then the
+        audit entry and the hooks for a new verdict. Returns the new verdict's JSON, or
+        ``None`` when it repeats the previous one."""
+        digest = _digest(action.value, reason, gates)
+        gates_json = [g.to_json() for g in gates]
+        stage = plan.stages[r.stage] if 0 <= r.stage < len(plan.stages) else None
+        with Session(self.engine) as s, s.begin():
+            if not _lease.hold(s, self.holder, epoch, now):
+                raise LostLease()
+            row = s.get(Rollout, r.id, with_for_update=True)
+            if row is None or row.pending is not None or row.state not in LIVE_STATES:
+                return None
+            prev = s.execute(
+                select(RolloutVerdict)
+                .where(RolloutVerdict.rollout_id == r.id)
+                .order_by(RolloutVerdict.id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+            if (
+                not force
+                and intent is None
+                and prev is not None
+                and prev.digest == digest
+                and prev.stage == r.stage
+            ):
+                prev.repeats += 1
+                prev.last_at = now
+                prev.gates = gates_json  # the newest figures, same statuses
+                row.reason = reason
+                return None
+            v = RolloutVerdict(
+                rollout_id=r.id,
+                at=now,
+                last_at=now,
+                repeats=1,
+                stage=r.stage,
+                action=action.value,
+                reason=reason[:1024],
+                acted=False,
+                digest=digest,
+                gates=gates_json,
+            )
+            s.add(v)
+            s.flush()
+            vid = int(v.id)
+            if intent is not None:
+                row.pending = {**intent, "verdict": vid, "epoch": epoch}
+            if clear_request:
+                row.request = None
+            row.reason = reason[:1024]
+            row.updated_at = now
+        doc = {
+            "format": VERDICT_FORMAT,
+            "verdict": vid,
+            "rollout": int(r.id),
+            "model": r.model,
+            "version": r.version,
+            "baseline_version": r.baseline_version,
+            "stage": r.stage,
+            "ring": stage.ring if stage else None,
+            "percent": stage.percent if stage else None,
+            "action": action.value,
+            "reason": reason,
+            "at": now,
+            "acts": intent is not None,
+            "gates": gates_json,
+        }
+        if intent is None:  # a hold: logged now (anchored by the next signed entry)
+            self._audit_verdict(doc)
+        self._notify(doc)
+        return doc
+
+    def _audit_verdict(self, doc: dict[str, Any]) -> int:
+        details = dict(doc)
+        details.pop("format", None)
+        gates = details["gates"]
+        if len(gates) > MAX_AUDIT_GATES:
+            details["gates"] = gates[:MAX_AUDIT_GATES]
+            details["gates_omitted"] = len(gates) - MAX_AUDIT_GATES
+        # floats (and any non-finite value) as text: the log's canonical JSON has no floats
+        details = json.loads(json.dumps(details, default=str), parse_float=str, parse_constant=str)
+        try:
+            entry = _auditlog.append_event(
+                self.project.storage,
+                "rollout-verdict",
+                actor=self.actor,
+                subject=f"{doc['model']} {doc['version']}",
+                details=details,
+            )
+        except ValueError:  # too large even so: keep the statuses, drop the evidence
+            details["gates"] = [
+                {k: g[k] for k in ("gate", "tier", "status")} for g in details["gates"]
+            ]
+            entry = _auditlog.append_event(
+                self.project.storage,
+                "rollout-verdict",
+                actor=self.actor,
+                subject=f"{doc['model']} {doc['version']}",
+                details=details,
+            )
+        return entry.seq
+
+    def _notify(self, doc: dict[str, Any]) -> None:
+        for hook in self.on_verdict:
+            try:
+                hook(doc)
+            except Exception:
+                log.exception("on_verdict hook %r failed", hook)
+
+    def _carry_out(self, r: Rollout, epoch: int, now: float) -> dict[str, Any]:
+        """Bring the signed state to the pending intent's target (unless it is there already),
+        then record the step as done. Safe to repeat after a crash at any point."""
+        pending = dict(r.pending or {})
+        target = dict(pending.get("target", {}))
+        signed, _ = signed_state(self.project, r.model, r.version)
+        signed_now = False
+        if pending.get("verdict") is not None and "audit_seq" not in pending:
+            # the verdict's evidence is logged before its action, once (its seq is kept)
+            pending["audit_seq"] = self._audit_pending(r, pending)
+            self._save_pending(r.id, pending, epoch, now)
+        if target and signed is None:
+            pending.update(
+                state_after="aborted",
+                reason=f"{r.model} {r.version} is no longer a live release; nothing to sign",
+            )
+        elif target and signed is not None and not _matches(signed, target):
+            # fencing: still the one actor? renewing also gives the signature a whole lease
+            if _lease.acquire(self.engine, self.holder, now, self.lease_ttl) != epoch:
+                raise LostLease()
+            self._sign(r, pending)
+            signed_now = True
+            if self.after_sign is not None:
+                self.after_sign()
+        state_after = str(pending["state_after"])
+        with Session(self.engine) as s, s.begin():
+            row = s.get(Rollout, r.id, with_for_update=True)
+            if row is None or row.pending is None:
+                return {"rollout": r.id, "event": pending.get("event"), "signed": signed_now}
+            row.stage = int(pending["stage_after"])
+            if pending.get("restart_clock"):
+                row.stage_started_at = now
+            row.state = state_after
+            row.live_model = row.model if state_after in LIVE_STATES else None
+            row.reason = str(pending.get("reason", ""))[:1024]
+            row.pending = None
+            row.updated_at = now
+            vid = pending.get("verdict")
+            if vid is not None:
+                v = s.get(RolloutVerdict, int(vid))
+                if v is not None:
+                    v.acted = True
+        return {
+            "rollout": r.id,
+            "event": pending.get("event"),
+            "signed": signed_now,
+            "stage": int(pending["stage_after"]),
+            "state": state_after,
+        }
+
+    def _audit_pending(self, r: Rollout, pending: dict[str, Any]) -> int:
+        with Session(self.engine) as s, s.begin():
+            v = s.get(RolloutVerdict, int(pending["verdict"]))
+            gates = list(v.gates) if v is not None else []
+            action = v.action if v is not None else ""
+            at = v.at if v is not None else 0.0
+        doc = {
+            "format": VERDICT_FORMAT,
+            "verdict": pending["verdict"],
+            "rollout": int(r.id),
+            "model": r.model,
+            "version": r.version,
+            "baseline_version": r.baseline_version,
+            "stage": r.stage,
+            "action": action,
+            "reason": pending.get("reason", ""),
+            "at": at,
+            "acts": True,
+            "target": pending.get("target"),
+            "gates": gates,
+        }
+        return self._audit_verdict(doc)
+
+    def _save_pending(self, rid: int, pending: dict[str, Any], epoch: int, now: float) -> None:
+        with Session(self.engine) as s, s.begin():
+            if not _lease.hold(s, self.holder, epoch, now):
+                raise LostLease()
+            row = s.get(Rollout, rid, with_for_update=True)
+            if row is not None and row.pending is not None:
+                row.pending = pending
+
+    def _sign(self, r: Rollout, pending: dict[str, Any]) -> None:
+        """The normal steering transaction (online bins key), its audit entry anchored by the
+        commit and naming the rollout, the verdict and the verdict's audit entry."""
+        from ota.repository._index import update_rollout
+        from ota.repository._preflight import require_keys
+
+        event = str(pending["event"])
+        changes = dict(pending["target"])
+        require_keys(self.project, event, targets=[index_target_path(r.model)])
+        details: dict[str, Any] = {
+            k: repr(float(v)) if k == "percent" else v for k, v in changes.items()
+        }
+        details.update(
+            rollout=int(r.id),
+            verdict=pending.get("verdict"),
+            verdict_seq=pending.get("audit_seq"),
+            reason=str(pending.get("reason", ""))[:500],
+        )
+        _auditlog.run_logged(
+            self.project,
+            event,
+            lambda txn: update_rollout(self.project, txn, r.model, r.version, **changes),
+            subject=f"{r.model} {r.version}",
+            details=details,
+            actor=self.actor,
+        )
+
+
+def build(
+    engine: Engine,
+    project: Project,
+    *,
+    extra_gates: Iterable[GateFn] = (),
+    on_verdict: Iterable[VerdictHook] = (),
+    **kw: Any,
+) -> Controller:
+    """A controller with the given plug-ins (a convenience for the CLI and the service)."""
+    return Controller(
+        engine, project, extra_gates=list(extra_gates), on_verdict=list(on_verdict), **kw
+    )
+
+
+def settle(controller: Controller, rid: int, now: float | None = None) -> list[dict[str, Any]]:
+    """Carry out the pending intent or queued request of one rollout now, if no other
+    controller holds the lease (the CLI's way to act at once); judges no gates (only a
+    controller with every gate plugged in does). Returns the actions taken."""
+    now = time.time() if now is None else now
+    epoch = _lease.acquire(controller.engine, controller.holder, now, controller.lease_ttl)
+    if epoch is None:
+        return []
+    report = TickReport(leader=True)
+    try:
+        r = controller._load(rid)
+        if r.pending is not None:
+            report.actions.append(controller._carry_out(r, epoch, now))
+        elif r.request is not None and r.state in LIVE_STATES:
+            controller._from_request(r, plan_from_dict(r.plan), epoch, now, report)
+    finally:
+        _lease.release(controller.engine, controller.holder)
+    return report.actions
