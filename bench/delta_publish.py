@@ -5,7 +5,8 @@ repository on a local folder. Then, for each fraction in ``--fractions`` (the he
 then 1% and 30% for context), ``tests.onnx_models.fine_tune(model, fraction)`` of that same base
 is published as the next version of the same model. Each figure is ``PublishResult.upload``
 bytes uploaded / the full model size (goal <= 15% for 10%), next to the publish time relative to
-the first (full) publish.
+the first (full) publish and, within it, the seconds spent computing binary deltas from the
+model's recent releases (ADR 0012; the uploaded bytes include the delta blobs).
 
 Each fine-tune perturbs the last ``fraction`` of the weight bytes with its own random values,
 so its changed chunks are new to the storage whatever was published before it.
@@ -83,6 +84,8 @@ def run(size_mb: int, fractions: list[float], workdir: Path) -> dict[str, Any]:
                 "publish_s": round(pub_s, 4),
                 "time_over_full_publish": ratio(pub_s, full_s),
                 "phases_s": timer.breakdown(pub_s, PUBLISH_PHASES),
+                # issue 13 (ADR 0012): computing the binary deltas from recent releases
+                "binary_deltas": result.deltas.to_dict() if result.deltas else None,
             }
         )
         log(f"fine-tune {fraction:.0%}: {mb(up.bytes_uploaded)} MiB uploaded in {pub_s:.2f}s")
@@ -108,23 +111,25 @@ def run(size_mb: int, fractions: list[float], workdir: Path) -> dict[str, Any]:
 def render(doc: dict[str, Any]) -> str:
     rows: list[list[object]] = [
         ["full 1.0.0", mb(doc["full_upload"]["bytes_uploaded"]), 1.0, "",
-         doc["full_upload"]["chunks_uploaded"], doc["full_publish_s"], 1.0, ""]
+         doc["full_upload"]["chunks_uploaded"], doc["full_publish_s"], 1.0, "-", "-", ""]
     ]
     for d in doc["deltas"]:
         goal = ""
         if d["fraction"] == doc["headline_fraction"]:
             goal = "yes" if d["uploaded_over_full"] <= doc["goal"] else "NO"
+        bd = d.get("binary_deltas") or {}
         rows.append(
             [f"fine-tune {d['fraction']:.0%}", mb(d["bytes_uploaded"]), d["uploaded_over_full"],
              d["uploaded_over_changed"], f"{d['chunks_uploaded']}/{d['chunks_total']}",
-             d["publish_s"], d["time_over_full_publish"], goal]
+             d["publish_s"], d["time_over_full_publish"], bd.get("computed", "-"),
+             bd.get("seconds", "-"), goal]
         )
     return table(
         f"delta_publish: {mb(doc['model_bytes'])} MiB model on a local folder "
         f"(goal: uploaded/full <= {doc['goal']:.0%} for a "
         f"{doc['headline_fraction']:.0%} fine-tune)",
         ["release", "uploaded MiB", "/full size", "/changed bytes", "chunks up", "publish s",
-         "time/full", "goal"],
+         "time/full", "deltas", "delta s", "goal"],
         rows,
     )
 

@@ -1,189 +1,272 @@
-"""Device delta update: bytes downloaded when the next version is a fine-tune of the installed one.
+"""Device delta update: bytes fetched by the device, through the real update path, against
+``zstd --patch-from`` and ``xdelta3`` on the same pair of files (issue 13, ADR 0012).
 
-A model of ``--size-mb`` (``tests.onnx_models.big_mlp``) is published as 1.0.0 and installed
-on a fresh device with :func:`ota.client.update_once` over loopback HTTP (``ota serve``'s app
-with a WSGI wrapper counting requests and body bytes at the server). The device's state folder
-is then kept as a pristine copy. For each fraction in ``--fractions`` (the headline 10 % first,
-then 1 % and 30 % for context), ``tests.onnx_models.fine_tune(model, fraction)`` of that base is
-published as the next version, the pristine device is copied afresh (so every delta is 1.0.0 ->
-fine-tune, nothing else on the device), and updated once more. Smoke is the no-op seam (it
-downloads nothing; see ``bench.device_update``).
+A model of ``--size-mb`` (``tests.onnx_models.big_mlp``, eight square float32 layers) is the
+base. For each scenario a fresh repository publishes the base as 1.0.0, a fresh device installs
+it over loopback HTTP (``ota serve``'s app with a WSGI wrapper counting every response body at
+the server), then the scenario's model is published as 1.1.0 (the publisher computes its binary
+deltas: timed) and the device updates once. Smoke is the no-op seam (it downloads nothing).
 
-Figures: bytes served for the delta update (all requests: metadata, manifest, signer list,
-blobs) / model size (goal <= 15 % for 10 %), blob bytes alone, requests, the client's own
-stage figures (chunks downloaded vs reused from the installed slot) and the update time
-relative to the full install.
+Scenarios (each from the same base):
 
-Run: ``python -m bench.device_delta [--json] [--size-mb 256] [--fractions 0.1,0.01,0.3]``.
+* ``finetune10``: the last 10 % of the weight bytes perturbed (a head fine-tune);
+* ``layer``: one of the eight layers replaced by fresh random weights (12.5 %);
+* ``scattered10``: 10 % of every tensor's floats nudged, at random positions;
+* ``fp16``: every initializer re-exported as float16 (Cast nodes in front), half the size.
+
+Baselines, same pair of ``.onnx`` files: ``zstd -19 --long=W --patch-from=OLD NEW`` (Debian's
+zstd) and ``xdelta3 -9 -e -s OLD NEW``. Figures per scenario (one round each, with the load
+average when it ran): every byte the server sent for the update (metadata, manifest, signer
+list, blobs) / the best baseline (goal <= 1.05), and / the new file's size (never above 1 plus
+metadata); the blob bytes alone; the client's delta figures; the publisher's delta seconds vs
+the baselines' seconds.
+
+Run: ``python -m bench.device_delta [--json] [--size-mb 64] [--scenarios a,b]``.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._common import (
-    base_parser,
-    drop_dirty_pages,
-    emit,
-    environment,
-    log,
-    mb,
-    ratio,
-    scratch_dir,
-    table,
-    timed,
-)
-from bench.device_update import Repo, init_dev, serve_counting, update, warm_up_device
+from bench._common import base_parser, emit, environment, log, mb, ratio, scratch_dir, table
+from bench.device_update import MODEL, Repo, init_dev, serve_counting, update, warm_up_device
 
-GOAL = 0.15
-HEADLINE = 0.1
+GOAL = 1.05
+SCENARIOS = ("finetune10", "layer", "scattered10", "fp16")
 
 
-def run(size_mb: int, fractions: list[float], workdir: Path) -> dict[str, Any]:
-    from tests.onnx_models import big_mlp, fine_tune, save
+def _copy(model: Any) -> Any:
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def replace_layer(model: Any, layer: int = 3, seed: int = 2) -> Any:
+    import numpy as np
+    from onnx import numpy_helper
+
+    out = _copy(model)
+    rng = np.random.default_rng(seed)
+    for t in out.graph.initializer:
+        if t.name == f"w{layer}":
+            shape = numpy_helper.to_array(t).shape
+            fresh = (rng.standard_normal(shape) * 0.5).astype(np.float32)
+            t.CopyFrom(numpy_helper.from_array(fresh, t.name))
+    return out
+
+
+def scattered(model: Any, fraction: float = 0.1, seed: int = 3) -> Any:
+    import numpy as np
+    from onnx import numpy_helper
+
+    out = _copy(model)
+    rng = np.random.default_rng(seed)
+    for t in out.graph.initializer:
+        arr = numpy_helper.to_array(t).copy()
+        flat = arr.reshape(-1)
+        idx = rng.choice(flat.size, int(flat.size * fraction), replace=False)
+        flat[idx] += rng.standard_normal(idx.size).astype(np.float32) * 0.01
+        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    return out
+
+
+def to_fp16(model: Any) -> Any:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = _copy(model)
+    inits = list(out.graph.initializer)
+    del out.graph.initializer[:]
+    casts = []
+    for t in inits:
+        half = numpy_helper.to_array(t).astype(np.float16)
+        out.graph.initializer.append(numpy_helper.from_array(half, t.name + "_fp16"))
+        casts.append(helper.make_node("Cast", [t.name + "_fp16"], [t.name], to=TensorProto.FLOAT))
+    nodes = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(casts + nodes)
+    return out
+
+
+def builders() -> dict[str, Callable[[Any], Any]]:
+    from tests.onnx_models import fine_tune
+
+    return {
+        "finetune10": lambda m: fine_tune(m, 0.1),
+        "layer": replace_layer,
+        "scattered10": scattered,
+        "fp16": to_fp16,
+    }
+
+
+def baselines(old: Path, new: Path, work: Path) -> dict[str, Any]:
+    """Bytes and seconds of ``zstd --patch-from`` and ``xdelta3`` on the pair."""
+    window = max(old.stat().st_size, new.stat().st_size).bit_length()
+    out: dict[str, Any] = {}
+    runs = {
+        "zstd": [
+            "zstd",
+            "-q",
+            "-f",
+            "-19",
+            f"--long={window}",
+            f"--patch-from={old}",
+            str(new),
+            "-o",
+            str(work / "d.zst"),
+        ],
+        "xdelta3": ["xdelta3", "-f", "-9", "-e", "-s", str(old), str(new), str(work / "d.xd3")],
+    }
+    for name, argv in runs.items():
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True)
+        secs = time.perf_counter() - t0
+        path = Path(argv[-1])
+        out[name] = {"bytes": path.stat().st_size, "seconds": round(secs, 2)}
+        path.unlink()
+    return out
+
+
+def one(name: str, base_path: Path, new_path: Path, work: Path) -> dict[str, Any]:
+    from ota.repository import PublishRequest, publish
+
+    load = [round(x, 2) for x in os.getloadavg()]
+    repo = Repo.create(work / f"repo-{name}")
+    repo.publish(base_path, "1.0.0")
+    dev = work / f"dev-{name}"
+    with serve_counting(repo.root_dir) as (url, hits):
+        init_dev(dev, url, repo.trusted_root)
+        update(dev)
+        t0 = time.perf_counter()
+        pub = publish(repo.project, PublishRequest(new_path, MODEL, "1.1.0", ring="ga"))
+        publish_s = time.perf_counter() - t0
+        hits.reset()
+        t0 = time.perf_counter()
+        result = update(dev)
+        update_s = time.perf_counter() - t0
+        served = hits.summary()
+    outcome = result.outcomes[0]
+    if outcome.version != "1.1.0":
+        raise RuntimeError(f"installed {outcome.version}, expected 1.1.0")
+    base = baselines(base_path, new_path, work)
+    best = min(b["bytes"] for b in base.values())
+    new_size = new_path.stat().st_size
+    shutil.rmtree(dev, ignore_errors=True)
+    shutil.rmtree(repo.work, ignore_errors=True)
+    row = {
+        "scenario": name,
+        "new_bytes": new_size,
+        "served": served,
+        "ours_bytes": served["body_bytes"],
+        "ours_blob_bytes": served["blob_bytes"],
+        "baselines": base,
+        "best_baseline_bytes": best,
+        "ours_over_best": ratio(served["body_bytes"], best),
+        "ours_over_new_size": round(served["body_bytes"] / new_size, 4),
+        "baseline_over_new_size": {k: round(v["bytes"] / new_size, 4) for k, v in base.items()},
+        "goal_met": served["body_bytes"] <= GOAL * best,
+        "delta": outcome.figures.get("delta", {}),
+        "stage": outcome.figures.get("stage", {}),
+        "publish_s": round(publish_s, 2),
+        "publish_delta": pub.deltas.to_dict() if pub.deltas else None,
+        "update_s": round(update_s, 2),
+        "loadavg": load,
+    }
+    log(
+        f"{name}: ours {mb(row['ours_bytes'])} MiB, zstd {mb(base['zstd']['bytes'])}, xdelta3 "
+        f"{mb(base['xdelta3']['bytes'])}: {row['ours_over_best']}x best"
+    )
+    return row
+
+
+def run(size_mb: int, scenarios: list[str], workdir: Path) -> dict[str, Any]:
+    from tests.onnx_models import big_mlp, save
 
     t0 = time.perf_counter()
     log(f"building a {size_mb} MB model")
     base = big_mlp(size_mb)
     base_path = save(base, workdir / "models" / "base" / "model.onnx")
-    size = base_path.stat().st_size
     warm_up_device(workdir)
-    repo = Repo.create(workdir / "ours")
-    repo.publish(base_path, "1.0.0")
-    pristine = workdir / "dev-1.0.0"
-    dev = workdir / "dev"
-    deltas: list[dict[str, Any]] = []
-    with serve_counting(repo.root_dir) as (url, hits):
-        init_dev(pristine, url, repo.trusted_root)
-        drop_dirty_pages()
-        hits.reset()
-        full_s, full = timed(lambda: update(pristine))
-        full_served = hits.summary()
-        log(f"full install {full_s:.2f}s, {mb(full_served['body_bytes'])} MiB served")
-        for i, fraction in enumerate(fractions):
-            path = save(fine_tune(base, fraction), workdir / "models" / f"ft-{i}" / "model.onnx")
-            version = f"1.{i + 1}.0"
-            repo.publish(path, version)
-            shutil.rmtree(dev, ignore_errors=True)
-            shutil.copytree(pristine, dev, symlinks=True)
-            drop_dirty_pages()
-            hits.reset()
-            secs, result = timed(lambda: update(dev))
-            served = hits.summary()
-            outcome = result.outcomes[0]
-            if outcome.version != version:
-                raise RuntimeError(f"installed {outcome.version}, expected {version}")
-            stage = outcome.figures.get("stage", {})
-            deltas.append(
-                {
-                    "fraction": fraction,
-                    "version": version,
-                    "served": served,
-                    "requests": served["requests"],
-                    "bytes_downloaded": served["body_bytes"],
-                    "downloaded_over_full": round(served["body_bytes"] / size, 4),
-                    "blob_bytes_over_full": round(served["blob_bytes"] / size, 4),
-                    "downloaded_over_changed": ratio(served["blob_bytes"], size * fraction),
-                    "client_requests": result.requests,
-                    "client_bytes": result.bytes,
-                    "stage": stage,
-                    "update_s": round(secs, 4),
-                    "time_over_full_install": ratio(secs, full_s),
-                }
-            )
-            log(
-                f"fine-tune {fraction:.0%}: {mb(served['body_bytes'])} MiB in"
-                f" {served['requests']} requests, {secs:.2f}s"
-            )
-    shutil.rmtree(dev, ignore_errors=True)
-    head = next((d for d in deltas if d["fraction"] == HEADLINE), deltas[0] if deltas else None)
+    make = builders()
+    rows = []
+    for name in scenarios:
+        new_path = save(make[name](base), workdir / "models" / name / "model.onnx")
+        rows.append(one(name, base_path, new_path, workdir))
+        shutil.rmtree(new_path.parent, ignore_errors=True)
     return {
         "benchmark": "device_delta",
         "size_mb": size_mb,
-        "model_bytes": size,
-        "full": {
-            "served": full_served,
-            "update_s": round(full_s, 4),
-            "stage": full.outcomes[0].figures.get("stage", {}),
-        },
-        "deltas": deltas,
-        "headline_fraction": head["fraction"] if head else None,
+        "model_bytes": base_path.stat().st_size,
+        "scenarios": rows,
         "goal": GOAL,
-        "goal_met": bool(head and head["downloaded_over_full"] <= GOAL),
+        "goal_met": all(r["goal_met"] for r in rows),
         "environment": environment(),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
 
 
 def render(doc: dict[str, Any]) -> str:
-    full = doc["full"]
-    rows: list[list[object]] = [
-        [
-            "full 1.0.0",
-            mb(full["served"]["body_bytes"]),
-            round(full["served"]["body_bytes"] / doc["model_bytes"], 4),
-            "-",
-            full["served"]["requests"],
-            full["stage"].get("chunks_downloaded", "?"),
-            full["update_s"],
-            1.0,
-        ]
-    ]
-    for d in doc["deltas"]:
-        st = d["stage"]
+    rows: list[list[object]] = []
+    for r in doc["scenarios"]:
+        b = r["baselines"]
+        applied = r["delta"].get("applied", [])
+        pd = r["publish_delta"] or {}
         rows.append(
             [
-                f"fine-tune {d['fraction']:.0%}",
-                mb(d["bytes_downloaded"]),
-                d["downloaded_over_full"],
-                d["downloaded_over_changed"],
-                d["requests"],
-                f"{st.get('chunks_downloaded', '?')}/"
-                f"{st.get('chunks_downloaded', 0) + st.get('chunks_reused', 0)}",
-                d["update_s"],
-                d["time_over_full_install"],
+                r["scenario"],
+                mb(r["new_bytes"]),
+                mb(r["ours_bytes"]),
+                mb(b["zstd"]["bytes"]),
+                mb(b["xdelta3"]["bytes"]),
+                r["ours_over_best"],
+                r["ours_over_new_size"],
+                "delta" if applied else "chunks",
+                pd.get("seconds", "-"),
+                b["zstd"]["seconds"],
+                b["xdelta3"]["seconds"],
+                " ".join(str(x) for x in r["loadavg"]),
             ]
         )
     goal = "met" if doc["goal_met"] else "NOT met"
-    return "\n".join(
+    return table(
+        f"device_delta: {mb(doc['model_bytes'])} MiB base, update 1.0.0 -> 1.1.0 "
+        f"(goal ours <= {GOAL} x best baseline: {goal})",
         [
-            table(
-                f"device_delta: {mb(doc['model_bytes'])} MiB model, update from 1.0.0"
-                f" (goal downloaded/full <= {GOAL} for {doc['headline_fraction']}: {goal})",
-                [
-                    "release",
-                    "downloaded MiB",
-                    "/ full",
-                    "blobs / changed",
-                    "requests",
-                    "chunks fetched",
-                    "update s",
-                    "time / full",
-                ],
-                rows,
-            ),
-            "",
-            "(downloaded = every response body the server sent for the update: metadata, manifest,"
-            " signer list, blobs)",
-        ]
+            "scenario",
+            "new MiB",
+            "ours MiB",
+            "zstd -19 MiB",
+            "xdelta3 -9 MiB",
+            "/ best",
+            "/ new size",
+            "path",
+            "publish delta s",
+            "zstd s",
+            "xdelta3 s",
+            "load 1/5/15",
+        ],
+        rows,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "device_delta")
-    parser.add_argument("--size-mb", type=int, default=256)
-    parser.add_argument(
-        "--fractions",
-        default="0.1,0.01,0.3",
-        help="fine-tune fractions, comma separated (headline 0.1)",
-    )
+    parser.add_argument("--size-mb", type=int, default=64)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     args = parser.parse_args(argv)
-    fractions = [float(f) for f in args.fractions.split(",") if f]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    if any(s not in SCENARIOS for s in scenarios):
+        parser.error(f"scenarios are {', '.join(SCENARIOS)}")
     with scratch_dir(args.workdir) as work:
-        doc = run(args.size_mb, fractions, work)
+        doc = run(args.size_mb, scenarios, work)
     emit(doc, render(doc), args.json)
 
 

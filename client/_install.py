@@ -30,7 +30,7 @@ from ota.bundle import (
 )
 from ota.errors import LocalError, OtaError, SecurityError, SmokeError
 
-from . import _slots
+from . import _patch, _slots
 from ._chunks import ChunkIndex, StageStats, stage
 from ._device import Device
 from ._fetch import BlobFetcher, FetchConfig
@@ -297,7 +297,7 @@ def verify_signature(dev: Device, session: TufSession, name: str, bundle: Path,
     raise SecurityError(f"bundle signature not by a key trusted for {name}: {last}")
 
 
-def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
+def install(dev: Device, session: TufSession, name: str, choice: Choice, *,  # noqa: PLR0915
             blob_base: str, pool: Any, fetch_cfg: FetchConfig, limits: Limits,
             verifier: Verifier, smoke: SmokeRunner, stats: Any,
             progress: Progress | None = None) -> dict[str, Any]:
@@ -326,6 +326,8 @@ def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
     if _slots.staging_path(mdir).exists():
         _slots.staging_path(mdir).rename(old_stage)
         index.add_partial(old_stage, manifest)
+    patch = _patch.try_deltas(dev, name, rel, choice.info.custom, manifest,  # issue 13
+                              BlobFetcher(pool, blob_base, fetch_cfg, stats), index)
     check_disk(mdir, manifest, index)
     txn = Txn(rel.name, rel.version, rel.counter, slot, cur, started=dev.clock())
     dev.journal.advance(Phase.STAGING, txn)
@@ -335,8 +337,9 @@ def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
         fetcher = BlobFetcher(pool, blob_base, fetch_cfg, stats)
         st: StageStats = stage(manifest, staging, index, fetcher, fetch_cfg,
                                on_bytes=_bytes_hook(progress, name, rel.version))
+        _slots.remove_tree(mdir / _patch.SCRATCH)  # its files are linked into staging
         dev.events.append("downloaded", name, rel.version, **st.to_dict(),
-                          seconds=round(time.monotonic() - t0, 3))
+                          seconds=round(time.monotonic() - t0, 3), delta=patch.to_dict())
         if (staging / RELEASE_FILE).read_bytes() != rel.to_bytes():
             raise SecurityError("release.json in the bundle differs from the signed facts")
         keyid = verify_signature(dev, session, name, staging, manifest, verifier)
@@ -352,7 +355,7 @@ def install(dev: Device, session: TufSession, name: str, choice: Choice, *,
         if isinstance(e, OSError):
             raise LocalError(f"staging failed: {e}") from e
         raise
-    figures: dict[str, Any] = {"stage": st.to_dict(), "signer": keyid}
+    figures: dict[str, Any] = {"stage": st.to_dict(), "signer": keyid, "delta": patch.to_dict()}
     try:
         report = run_smoke(dev, name, rel, slot=slot, smoke=smoke)
     except SmokeError as e:

@@ -44,6 +44,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile, Targets, Timestamp
 
 from ota.bundle import Manifest, blob_key
 from ota.errors import OtaError, SecurityError, TransientError
+from ota.repository import _deltas  # issue 13: delta blobs are mirrored too
 from ota.repository._storage import NotFound, Storage, open_storage
 from ota.repository._tufview import HttpSource, Source, StorageSource, TufView
 
@@ -316,6 +317,7 @@ def _download_targets(view: TufView, dest: Storage, infos: list[TargetFile],
         if info.path.startswith("releases/"):
             try:
                 manifests.append(Manifest.from_bytes(data))
+                manifests += _deltas.as_manifests(info.custom)  # issue 13: delta blobs too
             except OtaError as e:
                 raise MirrorRefused(f"target {info.path} is not a valid manifest: {e}") from e
     return out, manifests

@@ -32,7 +32,10 @@ from ota.bundle import (
 )
 from ota.client._policy import content_counter
 from ota.errors import InputError, OtaError, SecurityError
-from ota.repository import _auditlog  # issue 4: every steering change is logged
+from ota.repository import (
+    _auditlog,  # issue 4: every steering change is logged
+    _deltas,  # issue 13: delta blobs are referenced too
+)
 from ota.repository._chunker import Uploader
 from ota.repository._index import (
     UnknownRelease,
@@ -292,6 +295,7 @@ def gc(project: Project, *, grace_seconds: float = 3600.0, dry_run: bool = False
             manifest = Manifest.from_bytes(data)
             referenced |= {blob_key(d) for d in manifest.chunk_digests()}
             referenced |= {blob_key(f.sha256) for f in manifest.files}  # ADR 0014 file blobs
+            referenced |= _deltas.referenced_blobs(info.custom)  # issue 13: delta blobs
     deleted = young = freed = 0
     now = time.time()
     for key, size, mtime in store.list_detailed("blobs/"):

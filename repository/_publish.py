@@ -55,6 +55,7 @@ from ota.bundle import (
 from ota.errors import ConfigError, InputError, SecurityError
 from ota.repository import _auditlog, _policy  # issue 4: publish policy and audit log
 from ota.repository._chunker import Progress, Uploader, UploadStats, chunk_file
+from ota.repository._deltas import DeltaSettings, DeltaStats  # issue 13: binary deltas
 from ota.repository._fileblob import store_file_blob
 from ota.repository._index import (
     CounterTaken,
@@ -173,6 +174,7 @@ class PublishRequest:
     policy: _policy.PolicyContext | None = None  # issue 4; None: the CLI's, else ota.toml
     allow_lower_version: bool = False  # issue 12: recorded in the audit log when it is used
     reference_data: Path | None = None  # issue 9: npz of outputs; default: the golden outputs
+    deltas: DeltaSettings = field(default_factory=DeltaSettings)  # issue 13 (ADR 0012)
 
 
 @dataclass
@@ -188,6 +190,7 @@ class PublishResult:
     ring: str
     percent: float
     rollback_of: str | None = None
+    deltas: DeltaStats | None = None  # issue 13: what computing binary deltas cost
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -251,6 +254,7 @@ def publish(
         model_path, entries, (smoke, overrides), card = _chunk_payload(
             req, staging, up, progress, policy.actor, store
         )
+        deltas, delta_stats = _binary_deltas(project, peek, index, req, entries, up)
         if smoke is not None:
             for rel in smoke.files():
                 entries[rel] = chunk_file(staging / rel, rel, up)
@@ -281,9 +285,30 @@ def publish(
             )
 
         extra = {"allow_lower_version": lower_than} if lower_than else {}
-        return _finish(project, staging, entries, up, release_for, req.ring, req.percent,
-                       actor=policy.actor, waived=waived,
-                       allow_lower=req.allow_lower_version, audit_extra=extra)  # fmt: skip
+        result = _finish(project, staging, entries, up, release_for, req.ring, req.percent,
+                         actor=policy.actor, waived=waived, allow_lower=req.allow_lower_version,
+                         audit_extra=extra, deltas=deltas)  # fmt: skip
+        return replace(result, deltas=delta_stats)
+
+
+def _binary_deltas(
+    project: Project, txn: Transaction, index: ModelIndex | None, req: PublishRequest,
+    entries: Mapping[str, FileEntry], up: Uploader,
+) -> tuple[list[Any], DeltaStats]:
+    """Issue 13 (ADR 0012): deltas from the model's recent releases to its payload files
+    (the model and its external data, beside it: ``_model_payload``)."""
+    from ota.repository import _deltas
+
+    stats = DeltaStats()
+    if req.kind != "model":
+        return [], stats
+    payload = {p: req.source if p == MODEL_FILE else req.source.parent / p.removeprefix("model/")
+               for p in entries if p.startswith("model/")}  # fmt: skip
+    found = _deltas.compute(
+        project.storage, lambda v: load_manifest(project.storage, txn, req.name, v), index,
+        payload, entries, up, req.deltas, stats,
+    )  # fmt: skip
+    return found, stats
 
 
 def _chunk_payload(
@@ -387,6 +412,7 @@ def _finish(
     waived: Sequence[Mapping[str, str]] = (),  # issue 4: policy waivers, recorded
     allow_lower: bool = False,  # issue 12: --allow-lower-version
     audit_extra: Mapping[str, Any] | None = None,  # issue 12: overrides, recorded
+    deltas: Sequence[Any] = (),  # issue 13: DeltaEntry list, signed into the target
 ) -> PublishResult:
     """Sign, upload the manifest, and commit; re-sign with the next counter if one was taken.
 
@@ -435,6 +461,10 @@ def _finish(
         )
         info = put_target_file(store, target_path, manifest_bytes)
         info.unrecognized_fields["custom"] = facts.to_custom()
+        if deltas:  # issue 13: beside the facts, which devices without deltas read alone
+            from ota.client._patch import DELTAS_KEY, deltas_to_custom
+
+            info.unrecognized_fields["custom"][DELTAS_KEY] = deltas_to_custom(deltas)
 
         def commit(txn: Transaction, i: TargetFile = info, r: Release = release) -> None:
             _commit_release(project, txn, i, r, ring, percent, allow_lower=allow_lower)

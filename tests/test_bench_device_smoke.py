@@ -6,6 +6,7 @@ Never a timed assertion: only the shape of each benchmark's JSON document is che
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,27 +56,23 @@ def test_device_update_reports_both_ratios(
     assert set(phases) == {*UPDATE_PHASES, "other"}
 
 
-def test_device_delta_reports_downloaded_fraction(
+def test_device_delta_reports_bytes_against_binary_diff(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     doc = run_json(
         capsys,
         device_delta.main,
-        ["--json", "--size-mb", "4", "--fractions", "0.1", "--workdir", str(tmp_path)],
+        ["--json", "--size-mb", "2", "--scenarios", "finetune10", "--workdir", str(tmp_path)],
     )
     assert doc["benchmark"] == "device_delta"
-    deltas = doc["deltas"]
-    assert isinstance(deltas, list)
-    assert [d["fraction"] for d in deltas] == [0.1]
-    for d in deltas:
-        assert {
-            "requests",
-            "bytes_downloaded",
-            "downloaded_over_full",
-            "stage",
-            "time_over_full_install",
-        } <= set(d)
-        assert 0 < d["downloaded_over_full"] < 1  # a fine-tune never refetches everything
+    rows = doc["scenarios"]
+    assert isinstance(rows, list) and len(rows) == 1
+    row: dict[str, Any] = rows[0]
+    assert row["scenario"] == "finetune10"
+    assert {"ours_bytes", "best_baseline_bytes", "ours_over_best", "baselines", "delta",
+            "publish_delta", "loadavg"} <= set(row)
+    assert set(row["baselines"]) == {"zstd", "xdelta3"}
+    assert 0 < row["ours_over_new_size"] < 1  # a fine-tune never refetches everything
     assert isinstance(doc["goal_met"], bool)
 
 

@@ -236,6 +236,10 @@ def init(
 @click.option("--dataset", "datasets", multiple=True, help="Training dataset reference (SBOM).")
 @click.option("--license", "licenses", multiple=True, help="SPDX licence id (SBOM).")
 @click.option("--lineage", multiple=True, help="Base model reference (provenance).")
+@click.option("--delta-releases", type=click.IntRange(0, 16), default=2, show_default=True,
+              help="Binary deltas from this many recent releases (0: none; ADR 0012).")
+@click.option("--delta-max-mb", type=click.FloatRange(0), default=512, show_default=True,
+              help="No binary delta for files larger than this.")
 @json_option
 @_lean_option  # last: its callback runs after --project is known, before the command
 def publish(
@@ -267,12 +271,15 @@ def publish(
     datasets: tuple[str, ...],
     licenses: tuple[str, ...],
     lineage: tuple[str, ...],
+    delta_releases: int,
+    delta_max_mb: float,
     as_json: bool,
 ) -> None:
     """Publish MODEL (an .onnx file, or a runtime folder with --kind runtime)."""
     from ota.bundle import Compat, validate_version
     from ota.repository import PublishRequest
     from ota.repository import publish as do_publish
+    from ota.repository._deltas import DeltaSettings
 
     validate_version(min_client)
     req = PublishRequest(
@@ -306,6 +313,8 @@ def publish(
         training_data=datasets,
         lineage=lineage,
         runtime_version=runtime_version,
+        deltas=DeltaSettings(releases=delta_releases,
+                             max_file_bytes=int(delta_max_mb * 1024 * 1024)),
     )
     project = _project(project_dir)
     # Probe the store before any work: a store that ignores conditional writes loses releases.
