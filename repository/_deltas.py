@@ -45,8 +45,10 @@ class DeltaSettings:
     ``fast_level`` is always tried; when its
     delta is between ``slow_band`` of the file (changes spread through the file, where
     zstd's optimal parser finds the short matches between them), ``slow_level`` is tried too
-    and the smaller frame kept. Outside the band the slow level gains little (measured in
-    ``bench/README.md``) at 20-50x the time.
+    (when above ``fast_level``) and the smaller frame kept. Outside the band the slow level
+    gains little (measured in ``bench/README.md``) at 20-50x the time. ``ota publish`` tries
+    it only with ``--delta-effort max``: inside the band it takes minutes per file (271 s at
+    64 MiB), too long for a default publish.
     """
 
     releases: int = DEFAULT_RELEASES

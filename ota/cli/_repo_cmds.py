@@ -240,6 +240,10 @@ def init(
               help="Binary deltas from this many recent releases (0: none; ADR 0012).")
 @click.option("--delta-max-mb", type=click.FloatRange(0), default=512, show_default=True,
               help="No binary delta for files larger than this.")
+@click.option("--delta-effort", type=click.Choice(["fast", "max"]), default="fast",
+              show_default=True,
+              help="max: also try zstd level 19 when changes are scattered (smaller deltas, "
+                   "but minutes per file: 271 s at 64 MiB; ADR 0012).")
 @json_option
 @_lean_option  # last: its callback runs after --project is known, before the command
 def publish(
@@ -273,6 +277,7 @@ def publish(
     lineage: tuple[str, ...],
     delta_releases: int,
     delta_max_mb: float,
+    delta_effort: str,
     as_json: bool,
 ) -> None:
     """Publish MODEL (an .onnx file, or a runtime folder with --kind runtime)."""
@@ -314,7 +319,8 @@ def publish(
         lineage=lineage,
         runtime_version=runtime_version,
         deltas=DeltaSettings(releases=delta_releases,
-                             max_file_bytes=int(delta_max_mb * 1024 * 1024)),
+                             max_file_bytes=int(delta_max_mb * 1024 * 1024),
+                             slow_level=19 if delta_effort == "max" else 9),
     )
     project = _project(project_dir)
     # Probe the store before any work: a store that ignores conditional writes loses releases.
