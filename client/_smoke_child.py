@@ -270,7 +270,20 @@ def _max_abs_err(got: NDArray[Any], want: NDArray[Any]) -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports ``ru_maxrss`` in KiB)."""
+    """Peak resident set size of this process in MiB.
+
+    On Linux, ``VmHWM`` of ``/proc/self/status``: the high-water mark of this program's own
+    address space. Not ``ru_maxrss``: Linux carries the forking parent's high-water mark across
+    ``exec`` into it, so a child forked from a 500 MiB process reported >= 500 MiB whatever
+    the model used (the updater's own RSS, or a test runner's, counted as the model's)."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmHWM:"):
+                        return int(line.split()[1]) / 1024  # kB
+        except (OSError, ValueError, IndexError):
+            pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 

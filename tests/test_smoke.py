@@ -79,6 +79,26 @@ def test_pass_reports_figures(bundle: tuple[Path, Path, SmokeSpec]) -> None:
     assert json.dumps(report.to_dict())
 
 
+def test_peak_memory_is_the_childs_own_not_its_parents(
+    bundle: tuple[Path, Path, SmokeSpec],
+) -> None:
+    """Linux carries a forking parent's RSS high-water mark across exec into ``ru_maxrss``:
+    a smoke child forked from a big process (an updater, a test runner) reported the parent's
+    peak as the model's, and could fail a tier budget for memory the model never used."""
+    root, model, spec = bundle
+    small = run_smoke(model, root, spec, tier="default")
+    assert isinstance(small, SmokeReport)
+    ballast = bytearray((int(small.peak_mem_mb) + 600) * 1024 * 1024)
+    for i in range(0, len(ballast), 4096):  # touch every page: resident in this process
+        ballast[i] = 1
+    try:
+        report = run_smoke(model, root, spec, tier="default")
+    finally:
+        del ballast
+    assert isinstance(report, SmokeReport)
+    assert report.peak_mem_mb < small.peak_mem_mb + 300, (small.peak_mem_mb, report.peak_mem_mb)
+
+
 def test_golden_mismatch(bundle: tuple[Path, Path, SmokeSpec]) -> None:
     root, model, spec = bundle
     golden = _golden(root)
