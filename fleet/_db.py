@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 
 from ._config import FleetConfig
 
-HEAD = "0003"
+HEAD = "0004"
 _READ = "ota_fleet_read"
 _MIGRATE_LOCK = 0x6F7461_0007  # advisory lock id of fleet migrations ("ota", ADR 0007)
 

@@ -30,7 +30,7 @@ from typing import Any, cast
 from sqlalchemy import Table, delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from . import _secrets
+from . import _secrets, _telemetry
 from ._config import FleetConfig
 from ._models import AuditRecord, Device, DeviceModel, EnrollToken, Event, Queue, ReleaseState
 from ._report import Facts, Report
@@ -316,6 +316,7 @@ def _ingest(s: Session, dev: Device, report: Report, now: float) -> tuple[int, i
             .values(high_seq=new_high, dropped=_saturating(dropped, add_dropped))
         )
     _derive(s, dev, report, fresh, now)  # late events never move state backwards
+    _telemetry.absorb(s, dev, report.models, fresh, now)  # issue 9: fold telemetry summaries
     return (report.events[-1].seq if report.events else 0), n_new
 
 

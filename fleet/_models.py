@@ -214,4 +214,119 @@ class FleetSummaryCache(Base):
     data: Mapped[Any] = mapped_column(JSON, nullable=True)
 
 
+# -- issue 9: inference telemetry folded at ingest, and the rollout webhook outbox ----------
+
+LATENCY_COLUMNS = tuple(f"lat_{i:02d}" for i in range(30))  # edge-ota.telemetry/1 buckets
+
+
+class TelemetryAgg(Base):
+    """The telemetry summaries of one device for one release, added up per time bucket (by
+    the service's receipt time, ``bucket`` = its start, UNIX seconds): counts only, so rows are
+    folded with ``col = col + excluded.col`` and the rollout gates sum them per device over a
+    window with SQL. ``lat_00`` … ``lat_29`` are the fixed latency buckets (ADR 0009)."""
+
+    __tablename__ = "telemetry_agg"
+    device_pk: Mapped[int] = mapped_column(
+        BigId, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket: Mapped[float] = mapped_column(Float, primary_key=True)
+    summaries: Mapped[int] = mapped_column(Integer, default=0)
+    inferences: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    crashes: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_sum_s: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[float] = mapped_column(Float)
+    lat_00: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_01: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_02: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_03: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_04: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_05: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_06: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_07: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_08: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_09: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_10: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_11: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_12: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_13: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_14: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_15: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_16: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_17: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_18: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_19: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_20: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_21: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_22: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_23: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_24: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_25: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_26: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_27: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_28: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_29: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (Index("ix_telemetry_agg_model_version_bucket", "model", "version", "bucket"),)
+
+
+class TelemetryBin(Base):
+    """One output bin of one device's summaries for one release and time bucket. ``spec`` is
+    the output's binning (``hist:<lo>:<hi>:<bins>`` or ``classes``), part of the key so that
+    counts made with different bins are never added up. ``bin``: a histogram bin index, -1
+    under, -2 over, -3 NaN; or a class id, -1 other."""
+
+    __tablename__ = "telemetry_bins"
+    device_pk: Mapped[int] = mapped_column(
+        BigId, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket: Mapped[float] = mapped_column(Float, primary_key=True)
+    output: Mapped[str] = mapped_column(String(128), primary_key=True)
+    spec: Mapped[str] = mapped_column(String(120), primary_key=True)
+    bin: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (
+        Index("ix_telemetry_bins_model_version_bucket", "model", "version", "bucket"),
+    )
+
+
+class TelemetryRejection(Base):
+    """Telemetry summaries refused from one device, by reason (``malformed``, ``wrong_version``,
+    ``future``, ``too_many``, ``mismatch``): counted, the last message kept."""
+
+    __tablename__ = "telemetry_rejections"
+    device_pk: Mapped[int] = mapped_column(
+        BigId, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    reason: Mapped[str] = mapped_column(String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_at: Mapped[float] = mapped_column(Float)
+    last_message: Mapped[str] = mapped_column(String(300), default="")
+
+
+class WebhookOutbox(Base):
+    """One rollout notification waiting for delivery (``ota.rollout._webhook``): enqueued in
+    the transaction that records the verdict, delivered at least once with bounded retries.
+    ``state``: ``pending`` (due at ``next_at``), ``delivered``, or ``dead`` (retries spent;
+    kept, an operator may requeue it)."""
+
+    __tablename__ = "webhook_outbox"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    event: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(String(65536))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[float] = mapped_column(Float)
+    delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_error: Mapped[str] = mapped_column(String(300), default="")
+
+    __table_args__ = (Index("ix_webhook_outbox_state_next_at", "state", "next_at"),)
+
+
 from . import _rollout_models  # noqa: E402, F401  (issue 9: the rollout tables, same metadata)

@@ -42,7 +42,7 @@ def fleet_cli(db: str, *args: str) -> tuple[int, Any]:
 
 def test_migrated_schema_matches_the_models_and_migrate_is_idempotent(fleet_backend: str) -> None:
     code, doc = fleet_cli(fleet_backend, "migrate")
-    assert (code, doc) == (0, {"revision": "0003"})
+    assert (code, doc) == (0, {"revision": "0004"})
     engine = create_engine(fleet_backend)
     try:
         with engine.connect() as conn:
@@ -158,6 +158,6 @@ def test_migrators_started_at_once_all_succeed(
     futures = [pool.submit(migrate, url) for _ in range(4)]
     revisions = [f.result(timeout=180) for f in futures]
     pool.shutdown(wait=False)
-    assert revisions == ["0003"] * 4
+    assert revisions == ["0004"] * 4
     code, doc = fleet_cli(url, "status")
     assert code == 0 and doc["devices"]["total"] == 0

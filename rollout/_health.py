@@ -1,0 +1,752 @@
+"""Inference-health gates (issue 9, ADR 0015): the new release's on-device telemetry against a
+concurrent baseline, per hardware tier and over the whole stage.
+
+For one stage (``ctx``: model, version, baseline version, ring, stage start, now) two cohorts
+are read from ``telemetry_agg``/``telemetry_bins`` (:func:`ota.fleet._telemetry.per_device`)
+over the same window ``[stage start, now]``: the *new* cohort (devices of the ring that sent
+telemetry of the new version) and the *baseline* (devices of the ring that still run the
+baseline version, their telemetry of it). Each gate compares them per tier (``tier`` set) and
+overall (``tier == ""``):
+
+* ``health.latency_p95``: per-device p95 read from the latency buckets; value the ratio of the
+  cohorts' median p95s; test Mann-Whitney U (one-sided) on the per-device p95s;
+* ``health.error_rate``: the pooled error rate with every device's weight capped
+  (``device_weight_cap`` inferences); ``health.crash_rate``: the fraction of devices that
+  crashed at least once; test Fisher's exact (one-sided) on the 2x2 table; a pass's
+  confidence from a one-sided binomial test against the allowed rate;
+* ``health.drift``: per output, the Jensen-Shannon distance (or PSI) between the cohorts'
+  mixtures of per-device distributions (each device weighs the same); test Mann-Whitney U on
+  each device's distance to the baseline mixture (a baseline device's own distance, leave one
+  out, is the noise level); only when both cohorts use the same bins;
+* ``health.drift_reference``: per output, the distance of the new cohort's mixture to the
+  release's signed reference distribution; test a one-sided one-sample t-test of the
+  per-device distances against the threshold.
+
+Invariants (what makes a verdict hard to forge):
+
+* counting is per distinct device: a device is in a sample once, whatever it reports, and
+  only when it reported at least ``min_device_inferences`` (``min_device_values`` output
+  values for drift); too few devices (``min_devices``, each cohort) or inferences
+  (``min_inferences``) is ``HOLD`` with the reason, never ``PASS``;
+* ``FAIL`` needs the effect beyond its threshold, the test's confidence at least
+  ``confidence``, **and** at least ``min_devices`` new devices individually beyond the
+  threshold; ``PASS`` needs the effect within the threshold (pooled figures: without the
+  ``min_devices - 1`` most extreme new devices) **and** at least ``min_devices`` new devices
+  individually within it. So fewer than ``min_devices`` forged devices can
+  neither fail nor pass a gate by themselves; the statistics (medians, ranks, capped
+  weights, equal-weight mixtures) bound how far a minority moves the figures;
+* the gates only read; every figure in a result is finite and JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import numpy as np
+
+from ota.client._telemetry_format import LATENCY_EDGES, OutputSpec, OutputSummary
+from ota.errors import InputError
+from ota.fleet._telemetry import DeviceTelemetry, per_device, spec_key, spec_of, summary_from_bins
+
+from ._verdict import GateResult, GateStatus
+
+__all__ = ["HealthContext", "HealthThresholds", "evaluate_health", "p95", "reference_of"]
+
+MIX_WEIGHT = 100_000  # pseudo-counts per device in an equal-weight mixture
+
+
+class HealthContext(Protocol):
+    """What the health gates need of the controller's ``RolloutContext``."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def baseline_version(self) -> str | None: ...
+    @property
+    def ring(self) -> str: ...
+    @property
+    def stage_started_at(self) -> float: ...
+    @property
+    def now(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class HealthThresholds:
+    """The ``[gates.health]`` table of a rollout plan; every key optional (defaults here).
+
+    ``min_devices``: devices each cohort needs, and new devices that must agree before a gate
+    fails or passes (the forged-device bound). ``min_inferences``: inferences each cohort needs.
+    ``min_device_inferences``/``min_device_values``: what makes a device count in a sample.
+    ``confidence``: how sure a test must be before a failure (Kayenta's 98 %);
+    ``pass_confidence``: how sure the one-sided test "within the threshold" must be before a
+    pass (0 turns it off).
+    ``max_p95_ratio``: new/baseline median p95. ``max_error_rate_increase``: absolute
+    increase of the pooled error rate. ``max_crashed_devices_increase``: absolute increase of
+    the fraction of devices that crashed at least once in the window (Android vitals'
+    measure). ``drift_metric``: ``js`` (Jensen-Shannon distance, base 2) or ``psi``.
+    ``max_drift``: vs the baseline; ``max_reference_drift``: vs the release's reference
+    (looser: a golden run is a small sample). ``device_weight_cap``: inferences of
+    one device counted in pooled rates.
+    """
+
+    min_devices: int = 5
+    min_inferences: int = 1000
+    min_device_inferences: int = 20
+    min_device_values: int = 100
+    confidence: float = 0.98
+    pass_confidence: float = 0.9
+    max_p95_ratio: float = 1.2
+    max_error_rate_increase: float = 0.01
+    max_crashed_devices_increase: float = 0.05
+    drift_metric: str = "js"
+    max_drift: float = 0.1
+    max_reference_drift: float = 0.3
+    device_weight_cap: int = 10_000
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise InputError(f"gates.health: {what}")
+
+        for name in (
+            "min_devices",
+            "min_inferences",
+            "min_device_inferences",
+            "min_device_values",
+            "device_weight_cap",
+        ):
+            v = getattr(self, name)
+            need(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10**9,
+                f"{name} must be an integer in [1, 1e9]",
+            )
+        for name, lo, hi in (
+            ("confidence", 0.5, 0.9999),
+            ("pass_confidence", 0.0, 0.9999),
+            ("max_p95_ratio", 1.0, 100.0),
+            ("max_error_rate_increase", 0.0, 1.0),
+            ("max_crashed_devices_increase", 0.0, 1.0),
+            ("max_drift", 0.0, 10.0),
+            ("max_reference_drift", 0.0, 10.0),
+        ):
+            v = getattr(self, name)
+            need(
+                isinstance(v, int | float)
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and lo <= v <= hi,
+                f"{name} must be within [{lo}, {hi}]",
+            )
+        need(self.drift_metric in ("js", "psi"), "drift_metric must be js or psi")
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any] | None) -> HealthThresholds:
+        """From a plan's ``[gates.health]`` table. Raises InputError on an unknown key or a
+        value out of range."""
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(d) - known)
+        if extra:
+            raise InputError(f"gates.health: unknown keys {extra[:8]}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def reference_of(telemetry: Mapping[str, Any] | None) -> tuple[OutputSummary, ...]:
+    """The ``reference`` argument of :func:`evaluate_health` from a release's signed
+    ``telemetry`` fact (``Release.telemetry``; ``()`` for a release without one).
+
+    Raises:
+        TelemetryError: a malformed reference (fail closed: the release is not judged
+            against a reference it does not validly carry).
+    """
+    from ota.client._telemetry_format import validate_reference
+
+    return validate_reference(telemetry) if telemetry else ()
+
+
+def p95(counts: Sequence[int]) -> float:
+    """The 95th percentile of a latency histogram over :data:`LATENCY_EDGES` (seconds).
+
+    The buckets are a factor 1.78 wide, so reading the quantile inside one bucket by
+    interpolation hides a 30 % shift. Instead the empirical CDF at the bucket edges is put on a
+    probit scale (``norm.ppf``) against log latency, where a log-normal tail is a straight line,
+    and a least-squares line through the edges with CDF in (1 %, 99 %) gives the quantile
+    (grouped-data probit fit); the result is kept within the bucket that holds the 95th
+    percentile. With fewer than two such edges (all mass in one or two buckets), the quantile
+    is interpolated geometrically within its bucket."""
+    from scipy.stats import norm  # type: ignore[import-untyped]
+
+    c = np.asarray(counts, dtype=np.float64)
+    total = float(c.sum())
+    if total <= 0:
+        raise ValueError("an empty histogram has no p95")
+    ratio = LATENCY_EDGES[1] / LATENCY_EDGES[0]
+    edges = np.array([LATENCY_EDGES[0] / ratio, *LATENCY_EDGES, LATENCY_EDGES[-1] * ratio])
+    cum = np.cumsum(c)
+    i = int(np.searchsorted(cum, 0.95 * total))  # the bucket holding the 95th percentile
+    lo, hi = float(edges[i]), float(edges[i + 1])
+    before = float(cum[i - 1]) if i else 0.0
+    frac = (0.95 * total - before) / float(c[i])
+    interpolated = lo * (hi / lo) ** frac
+    f = cum[:-1] / total  # CDF at LATENCY_EDGES
+    use = (f > 0.01) & (f < 0.99)
+    if len(np.unique(f[use])) < 2:
+        return float(interpolated)
+    z = norm.ppf(f[use])
+    x = np.log(np.asarray(LATENCY_EDGES)[use])
+    slope, intercept = np.polyfit(z, x, 1)
+    fitted = math.exp(float(intercept + slope * norm.ppf(0.95)))
+    return float(min(max(fitted, lo), hi))
+
+
+# -- the gates ------------------------------------------------------------------------------------
+
+
+def evaluate_health(
+    session: Any,
+    ctx: HealthContext,
+    thresholds: HealthThresholds | Mapping[str, Any] | None = None,
+    *,
+    reference: Sequence[OutputSummary] | None = None,
+) -> list[GateResult]:
+    """Every health gate for the stage ``ctx`` describes, per tier of the new cohort and over
+    the whole stage (tier ``""``). ``reference``: the release's reference outputs
+    (``validate_reference(release.telemetry)``), for ``health.drift_reference``.
+
+    Without a baseline version (a first release) the comparing gates hold ("no baseline"):
+    only the reference drift can pass. Raises InputError on bad thresholds."""
+    th = (
+        thresholds
+        if isinstance(thresholds, HealthThresholds)
+        else (HealthThresholds.from_mapping(thresholds))
+    )
+    since, until = float(ctx.stage_started_at), float(ctx.now)
+    new = per_device(session, ctx.model, ctx.version, ctx.ring, since, until)
+    base: dict[int, DeviceTelemetry] = {}
+    if ctx.baseline_version and ctx.baseline_version != ctx.version:
+        base = per_device(
+            session,
+            ctx.model,
+            ctx.baseline_version,
+            ctx.ring,
+            since,
+            until,
+            on_version=ctx.baseline_version,
+        )
+    tiers = sorted({d.tier for d in new.values()})
+    out: list[GateResult] = []
+    for tier in ["", *tiers]:
+        n = [d for d in new.values() if not tier or d.tier == tier]
+        b = [d for d in base.values() if not tier or d.tier == tier]
+        out += _tier_gates(n, b, tier, th, reference, bool(ctx.baseline_version))
+    return out
+
+
+def _tier_gates(
+    new: list[DeviceTelemetry],
+    base: list[DeviceTelemetry],
+    tier: str,
+    th: HealthThresholds,
+    reference: Sequence[OutputSummary] | None,
+    has_baseline: bool,
+) -> list[GateResult]:
+    out = []
+    for gate, fn in (
+        ("health.latency_p95", _latency),
+        ("health.error_rate", _errors),
+        ("health.crash_rate", _crashes),
+    ):
+        if not has_baseline:
+            out.append(
+                GateResult(gate, GateStatus.HOLD, "no baseline release to compare with", tier=tier)
+            )
+            continue
+        out.append(fn(new, base, tier, th))
+    if has_baseline:
+        out += _drift(new, base, tier, th)
+    if reference:
+        out += [_drift_reference(new, r, tier, th) for r in reference]
+    return out
+
+
+def _sample(
+    gate: str,
+    tier: str,
+    th: HealthThresholds,
+    new: Sequence[Any],
+    base: Sequence[Any] | None,
+    n_inf: int,
+    b_inf: int,
+    what: str = "inferences",
+) -> GateResult | None:
+    """HOLD when a cohort is too small, else None."""
+    lacks = []
+    if len(new) < th.min_devices:
+        lacks.append(f"{len(new)} new devices with enough {what}, need {th.min_devices}")
+    if base is not None and len(base) < th.min_devices:
+        lacks.append(f"{len(base)} baseline devices with enough {what}, need {th.min_devices}")
+    if n_inf < th.min_inferences:
+        lacks.append(f"{n_inf} new {what}, need {th.min_inferences}")
+    if base is not None and b_inf < th.min_inferences:
+        lacks.append(f"{b_inf} baseline {what}, need {th.min_inferences}")
+    if not lacks:
+        return None
+    return GateResult(
+        gate,
+        GateStatus.HOLD,
+        "too little data: " + "; ".join(lacks),
+        tier=tier,
+        evidence={
+            "new_devices": len(new),
+            "baseline_devices": len(base) if base is not None else None,
+            "new_count": n_inf,
+            "baseline_count": b_inf,
+        },
+    )
+
+
+def _decide(
+    gate: str,
+    tier: str,
+    th: HealthThresholds,
+    *,
+    value: float,
+    threshold: float,
+    baseline: float | None,
+    worse: bool,
+    trimmed: float,
+    p_fail: float,
+    p_pass: float,
+    bad: int,
+    ok: int,
+    evidence: dict[str, Any],
+    what: str,
+    sure_to_pass: bool = True,
+) -> GateResult:
+    """The common rule: FAIL = effect beyond the threshold + the test's confidence + at least
+    ``min_devices`` devices beyond; PASS = ``trimmed`` (the effect without the ``min_devices -
+    1`` most extreme new devices, for pooled figures; the effect itself for medians) within
+    the threshold + at least ``min_devices`` devices within; else HOLD."""
+    ev = {
+        **evidence,
+        "value_without_most_extreme": _fin(trimmed),
+        "devices_beyond": bad,
+        "devices_within": ok,
+        "p_value_regression": _fin(p_fail),
+        "p_value_within": _fin(p_pass),
+    }
+    conf_fail, conf_pass = _conf(p_fail), _conf(p_pass)
+    if worse and conf_fail >= th.confidence and bad >= th.min_devices:
+        return GateResult(
+            gate,
+            GateStatus.FAIL,
+            f"{what} {value:.4g} beyond {threshold:.4g} on {bad} devices "
+            f"(confidence {conf_fail:.3f})",
+            _fin(value),
+            _fin(threshold),
+            _fin(baseline),
+            conf_fail,
+            tier,
+            ev,
+        )
+    sure = conf_pass >= th.pass_confidence or not sure_to_pass
+    if not trimmed > threshold and ok >= th.min_devices and sure:
+        aside = "" if not worse else f" without its {_trim(th, ok + bad)} most extreme devices"
+        return GateResult(
+            gate,
+            GateStatus.PASS,
+            f"{what} {trimmed if worse else value:.4g} within {threshold:.4g}{aside}",
+            _fin(value),
+            _fin(threshold),
+            _fin(baseline),
+            conf_pass,
+            tier,
+            ev,
+        )
+    if worse:
+        why = (
+            f"{what} {value:.4g} beyond {threshold:.4g} but not yet sure (confidence "
+            f"{conf_fail:.3f} < {th.confidence}, {bad} devices beyond, need "
+            f"{th.min_devices})"
+        )
+    elif ok < th.min_devices:
+        why = f"{what} within threshold on {ok} devices, need {th.min_devices} to agree"
+    else:
+        why = (
+            f"{what} {trimmed:.4g} within {threshold:.4g} but not yet sure (confidence "
+            f"{conf_pass:.3f} < {th.pass_confidence})"
+        )
+    return GateResult(
+        gate,
+        GateStatus.HOLD,
+        why,
+        _fin(value),
+        _fin(threshold),
+        _fin(baseline),
+        conf_fail,
+        tier,
+        ev,
+    )
+
+
+def _fin(x: float | None) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _trim(th: HealthThresholds, n: int) -> int:
+    """How many of the most extreme new devices a pass sets aside: ``min_devices - 1`` (so
+    that fewer than ``min_devices`` devices cannot hold a healthy release), as long as
+    ``min_devices`` remain."""
+    return max(0, min(th.min_devices - 1, n - th.min_devices))
+
+
+def _conf(p: float) -> float:
+    return 0.0 if not math.isfinite(p) else float(min(1.0, max(0.0, 1.0 - p)))
+
+
+def _latency(
+    new: list[DeviceTelemetry], base: list[DeviceTelemetry], tier: str, th: HealthThresholds
+) -> GateResult:
+    from scipy.stats import mannwhitneyu
+
+    gate = "health.latency_p95"
+    n = [d for d in new if d.inferences >= th.min_device_inferences]
+    b = [d for d in base if d.inferences >= th.min_device_inferences]
+    hold = _sample(gate, tier, th, n, b, sum(d.inferences for d in n), sum(d.inferences for d in b))
+    if hold:
+        return hold
+    pn = np.array([p95(d.latency) for d in n])
+    pb = np.array([p95(d.latency) for d in b])
+    mb = float(np.median(pb))
+    ratio = float(np.median(pn)) / mb
+    limit = th.max_p95_ratio * mb
+    p_fail = float(mannwhitneyu(pn, pb, alternative="greater").pvalue)
+    p_pass = float(mannwhitneyu(pn, pb * th.max_p95_ratio, alternative="less").pvalue)
+    return _decide(
+        gate,
+        tier,
+        th,
+        value=ratio,
+        threshold=th.max_p95_ratio,
+        baseline=1.0,
+        worse=ratio > th.max_p95_ratio,
+        trimmed=ratio,  # a median needs no trimming: k devices move it by at most k ranks
+        p_fail=p_fail,
+        p_pass=p_pass,
+        bad=int(np.sum(pn > limit)),
+        ok=int(np.sum(pn <= limit)),
+        evidence={
+            "new_median_p95_s": float(np.median(pn)),
+            "baseline_median_p95_s": mb,
+            "new_devices": len(n),
+            "baseline_devices": len(b),
+            "test": "mann-whitney-u",
+        },
+        what="p95 ratio",
+    )
+
+
+def _rate_gate(
+    gate: str,
+    new: list[DeviceTelemetry],
+    base: list[DeviceTelemetry],
+    tier: str,
+    th: HealthThresholds,
+    hits: Callable[[DeviceTelemetry], int],
+    trials: Callable[[DeviceTelemetry], int],
+    qualifies: Callable[[DeviceTelemetry], bool],
+    delta: float,
+    what: str,
+    volume: Callable[[DeviceTelemetry], int] | None = None,
+    sure_to_pass: bool = True,
+) -> GateResult:
+    from scipy.stats import binomtest, fisher_exact
+
+    n = [d for d in new if qualifies(d)]
+    b = [d for d in base if qualifies(d)]
+    vol = volume or trials
+    hold = _sample(gate, tier, th, n, b, sum(vol(d) for d in n), sum(vol(d) for d in b))
+    if hold:
+        return hold
+
+    def pooled(ds: list[DeviceTelemetry]) -> tuple[int, int]:
+        hit = tot = 0
+        for d in ds:
+            t = trials(d)
+            w = min(t, th.device_weight_cap)
+            hit += round(hits(d) * w / t) if t else 0
+            tot += w
+        return hit, tot
+
+    hn, tn = pooled(n)
+    hb, tb = pooled(b)
+    rn, rb = hn / tn, hb / tb
+    allowed = rb + delta
+
+    def rate(d: DeviceTelemetry) -> float:
+        return hits(d) / trials(d) if trials(d) else 0.0
+
+    kept = sorted(n, key=rate)
+    p_fail = float(fisher_exact([[hn, tn - hn], [hb, tb - hb]], alternative="greater").pvalue)
+    ht, tt = pooled(kept[: len(kept) - _trim(th, len(kept))])
+    p_pass = float(binomtest(ht, tt, allowed, alternative="less").pvalue) if allowed < 1 else 0.0
+    rates = [rate(d) for d in n]
+    return _decide(
+        gate,
+        tier,
+        th,
+        value=rn,
+        threshold=allowed,
+        baseline=rb,
+        worse=rn > allowed,
+        trimmed=ht / tt,
+        p_fail=p_fail,
+        p_pass=p_pass,
+        bad=sum(r > allowed for r in rates),
+        ok=sum(r <= allowed for r in rates),
+        evidence={
+            "new_devices": len(n),
+            "baseline_devices": len(b),
+            "new_hits": hn,
+            "new_trials": tn,
+            "baseline_hits": hb,
+            "baseline_trials": tb,
+            "max_increase": delta,
+            "test": "fisher-exact",
+        },
+        what=what,
+        sure_to_pass=sure_to_pass,
+    )
+
+
+def _errors(
+    new: list[DeviceTelemetry], base: list[DeviceTelemetry], tier: str, th: HealthThresholds
+) -> GateResult:
+    return _rate_gate(
+        "health.error_rate",
+        new,
+        base,
+        tier,
+        th,
+        lambda d: d.errors,
+        lambda d: d.inferences,
+        lambda d: d.inferences >= th.min_device_inferences,
+        th.max_error_rate_increase,
+        "error rate",
+    )
+
+
+def _crashes(
+    new: list[DeviceTelemetry], base: list[DeviceTelemetry], tier: str, th: HealthThresholds
+) -> GateResult:
+    # per distinct device: did it crash at all in the window (each device one trial). A device
+    # that crashed counts even with few inferences: a crashing model runs little.
+    return _rate_gate(
+        "health.crash_rate",
+        new,
+        base,
+        tier,
+        th,
+        lambda d: int(d.crashes > 0),
+        lambda d: 1,
+        lambda d: d.crashes > 0 or d.inferences >= th.min_device_inferences,
+        th.max_crashed_devices_increase,
+        "crashed-device fraction",
+        volume=lambda d: d.inferences + d.crashes,
+        # "fewer than 5 % of devices crash" cannot be shown with tens of devices (0 of 16 is
+        # 56 % sure): the pass rests on min_devices devices that did not crash
+        sure_to_pass=False,
+    )
+
+
+# -- drift ----------------------------------------------------------------------------------------
+
+
+def _distance(th: HealthThresholds) -> Callable[[OutputSummary, OutputSummary], float]:
+    from ota.repository._drift import jensen_shannon, psi
+
+    return jensen_shannon if th.drift_metric == "js" else psi
+
+
+def _norm(spec: OutputSpec, bins: Mapping[int, int]) -> dict[int, float]:
+    tot = sum(bins.values())
+    return {k: v / tot for k, v in bins.items()} if tot else {}
+
+
+def _dense(groups: Sequence[Sequence[Mapping[int, float]]]) -> tuple[list[int], Any, Any]:
+    """The distributions of two groups as rows over one list of bin keys."""
+    keys = sorted({k for g in groups for p in g for k in p})
+    idx = {k: i for i, k in enumerate(keys)}
+    mats = []
+    for g in groups:
+        m = np.zeros((len(g), len(keys)))
+        for r, p in enumerate(g):
+            for k, v in p.items():
+                m[r, idx[k]] = v
+        mats.append(m)
+    return keys, mats[0], mats[1]
+
+
+def _summ(spec: OutputSpec, keys: Sequence[int], row: Any) -> OutputSummary:
+    """A (sum of) distribution row(s) as integer pseudo-counts, each device weighing
+    ``MIX_WEIGHT``: an equal-weight mixture."""
+    return summary_from_bins(
+        spec, {k: round(float(v) * MIX_WEIGHT) for k, v in zip(keys, row, strict=True)}
+    )
+
+
+def _by_output(
+    ds: Sequence[DeviceTelemetry], th: HealthThresholds
+) -> dict[tuple[str, str], list[dict[int, float]]]:
+    out: dict[tuple[str, str], list[dict[int, float]]] = {}
+    for d in ds:
+        for key, bins in d.outputs.items():
+            if sum(bins.values()) >= th.min_device_values:
+                out.setdefault(key, []).append(_norm(spec_of(key[1], key[0]), bins))
+    return out
+
+
+def _drift(
+    new: list[DeviceTelemetry], base: list[DeviceTelemetry], tier: str, th: HealthThresholds
+) -> list[GateResult]:
+    """Per output whose bins both cohorts share; outputs with different bins are not
+    comparable (the reference gate judges them)."""
+    from scipy.stats import mannwhitneyu
+
+    gate = "health.drift"
+    dist = _distance(th)
+    nb, bb = _by_output(new, th), _by_output(base, th)
+    results = []
+    for key in sorted(set(nb) & set(bb)):
+        spec = spec_of(key[1], key[0])
+        n, b = nb[key], bb[key]
+        hold = _sample(gate, tier, th, n, b, th.min_inferences, th.min_inferences, "output values")
+        if hold is not None:
+            results.append(_named(hold, key[0]))
+            continue
+        keys, vn, vb = _dense([n, b])
+        sb = vb.sum(axis=0)
+        mix_b = _summ(spec, keys, sb)
+        value = dist(mix_b, _summ(spec, keys, vn.sum(axis=0)))
+        dn = np.array([dist(mix_b, _summ(spec, keys, row)) for row in vn])
+        db = np.array([dist(_summ(spec, keys, sb - row), _summ(spec, keys, row)) for row in vb])
+        noise = float(np.median(db))
+        limit = noise + th.max_drift
+        p_fail = float(mannwhitneyu(dn, db, alternative="greater").pvalue)
+        calm = np.sort(dn)[: len(dn) - _trim(th, len(dn))]
+        p_pass = float(mannwhitneyu(calm, db + th.max_drift, alternative="less").pvalue)
+        results.append(
+            _decide(
+                gate,
+                tier,
+                th,
+                value=value,
+                threshold=th.max_drift,
+                baseline=noise,
+                worse=value > th.max_drift,
+                trimmed=dist(mix_b, _summ(spec, keys, _kept(vn, dn, th).sum(axis=0))),
+                p_fail=p_fail,
+                p_pass=p_pass,
+                bad=int(np.sum(dn > limit)),
+                ok=int(np.sum(dn <= limit)),
+                evidence={
+                    "output": key[0],
+                    "metric": th.drift_metric,
+                    "new_devices": len(n),
+                    "baseline_devices": len(b),
+                    "device_noise": noise,
+                    "test": "mann-whitney-u",
+                },
+                what=f"output {key[0]!r} drift",
+            )
+        )
+    return results
+
+
+def _kept(rows: Any, score: Any, th: HealthThresholds) -> Any:
+    """``rows`` without the ``_trim`` ones of highest ``score``."""
+    order = np.argsort(score, kind="stable")
+    return rows[order[: len(order) - _trim(th, len(order))]]
+
+
+def _named(r: GateResult, output: str) -> GateResult:
+    return GateResult(
+        r.gate,
+        r.status,
+        f"output {output!r}: {r.reason}",
+        r.value,
+        r.threshold,
+        r.baseline,
+        r.confidence,
+        r.tier,
+        {**r.evidence, "output": output},
+    )
+
+
+def _drift_reference(
+    new: list[DeviceTelemetry], ref: OutputSummary, tier: str, th: HealthThresholds
+) -> GateResult:
+    from scipy.stats import ttest_1samp
+
+    gate = "health.drift_reference"
+    key = (ref.spec.name, spec_key(ref.spec))
+    ps = [
+        _norm(ref.spec, d.outputs[key])
+        for d in new
+        if sum(d.outputs.get(key, {}).values()) >= th.min_device_values
+    ]
+    other_bins = sum(1 for d in new for k in d.outputs if k[0] == ref.spec.name and k != key)
+    hold = _sample(gate, tier, th, ps, None, th.min_inferences, 0, "output values")
+    if hold is not None:
+        return _named(
+            GateResult(
+                gate,
+                GateStatus.HOLD,
+                hold.reason,
+                tier=tier,
+                evidence={"devices_with_other_bins": other_bins},
+            ),
+            ref.spec.name,
+        )
+    dist = _distance(th)
+    keys, vn, _ = _dense([ps, []])
+    value = dist(ref, _summ(ref.spec, keys, vn.sum(axis=0)))
+    d = np.array([dist(ref, _summ(ref.spec, keys, row)) for row in vn]) - th.max_reference_drift
+    if np.all(d == 0):
+        p_fail = p_pass = 1.0
+    else:
+        p_fail = float(ttest_1samp(d, 0.0, alternative="greater").pvalue)
+        calm = np.sort(d)[: len(d) - _trim(th, len(d))]
+        p_pass = float(ttest_1samp(calm, 0.0, alternative="less").pvalue)
+    return _decide(
+        gate,
+        tier,
+        th,
+        value=value,
+        threshold=th.max_reference_drift,
+        baseline=None,
+        worse=value > th.max_reference_drift,
+        trimmed=dist(ref, _summ(ref.spec, keys, _kept(vn, d, th).sum(axis=0))),
+        p_fail=p_fail,
+        p_pass=p_pass,
+        bad=int(np.sum(d > 0)),
+        ok=int(np.sum(d <= 0)),
+        evidence={
+            "output": ref.spec.name,
+            "metric": th.drift_metric,
+            "new_devices": len(ps),
+            "devices_with_other_bins": other_bins,
+            "test": "one-sample-t",
+        },
+        what=f"output {ref.spec.name!r} drift from the reference",
+    )

@@ -1,0 +1,323 @@
+"""Inference-health gates (issue 9, ADR 0015) on real database rows, SQLite and PostgreSQL.
+
+Simulated devices make ``edge-ota.telemetry/1`` summaries with the client's own counters
+(latency buckets, :class:`OutputCounter`) and :func:`validate_summary`; the fleet's
+:func:`ota.fleet._telemetry.absorb` folds them into ``telemetry_agg``/``telemetry_bins`` as
+at ingest; the gates read those rows. Scenarios: a good release, p95 +30 % on one tier, output
+drift, crashes after commit, too few devices, and a handful of forged devices."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+
+from ota.client._telemetry_format import (
+    LATENCY_BUCKETS,
+    LATENCY_EDGES,
+    TELEMETRY_FORMAT,
+    OutputCounter,
+    OutputSpec,
+    OutputSummary,
+    validate_summary,
+)
+from ota.errors import InputError
+from ota.fleet._models import Device, DeviceModel, ReleaseState
+from ota.fleet._report import ReportEvent
+from ota.fleet._telemetry import absorb
+from ota.rollout._health import HealthThresholds, evaluate_health, p95, reference_of
+from ota.rollout._verdict import Action, GateResult, GateStatus, combine
+from tests.fleet_fixtures import fleet_backend, postgres  # noqa: F401
+
+MODEL, NEW, OLD, RING = "det", "1.1.0", "1.0.0", "canary"
+SPEC = OutputSpec("y", "hist", -4.0, 4.0, 32)
+T0 = 1_800_000_000.0
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """The attributes of the controller's RolloutContext the health gates read."""
+
+    model: str = MODEL
+    version: str = NEW
+    baseline_version: str | None = OLD
+    ring: str = RING
+    stage_started_at: float = T0 - 3600
+    now: float = T0 + 60
+
+
+@dataclass
+class Behaviour:
+    """How one simulated device's model behaves over one interval."""
+
+    latency_s: float = 0.02  # median
+    spread: float = 0.25  # lognormal sigma
+    error_p: float = 0.002
+    crashes: int = 0
+    out_mean: float = 0.0
+    out_sd: float = 1.0
+    inferences: int = 400
+
+
+def make_summary(rng: np.random.Generator, version: str, b: Behaviour) -> dict[str, Any]:
+    """One summary as a device's recorder makes it (same buckets, same output counter)."""
+    lat = np.exp(rng.normal(np.log(b.latency_s), b.spread, b.inferences))
+    hist = [0] * LATENCY_BUCKETS
+    for x in lat.tolist():
+        hist[bisect.bisect_right(LATENCY_EDGES, x)] += 1
+    errors = int(rng.binomial(b.inferences, b.error_p))
+    out = OutputCounter(SPEC)
+    for row in rng.normal(b.out_mean, b.out_sd, (b.inferences - errors, 4)):
+        out.add(row)
+    doc = {
+        "format": TELEMETRY_FORMAT, "model": MODEL, "version": version,
+        "start": T0 - 300, "end": T0, "inferences": b.inferences, "errors": errors,
+        "crashes": b.crashes, "latency": {"counts": hist, "sum_s": float(lat.sum())},
+        "outputs": [out.summary().to_dict()],
+    }  # fmt: skip
+    validate_summary(doc)
+    return doc
+
+
+@dataclass
+class Fleet:
+    """Devices in one database, each reporting through the fleet's own fold."""
+
+    url: str
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(7))
+    n: int = 0
+
+    def device(self, tier: str, version: str, b: Behaviour, *, summaries: int = 1) -> None:
+        engine = create_engine(self.url)
+        try:
+            with Session(engine) as s, s.begin():
+                self.n += 1
+                dev = Device(
+                    device_id=f"d{self.n}", credential_hash=f"{self.n:064d}", ring=RING,
+                    tier=tier, enrolled_at=T0 - 86400, health="ok", events_total=0,
+                    dropped_total=0, rate_window_start=0.0, rate_count=0,
+                )  # fmt: skip
+                s.add(dev)
+                s.flush()
+                s.add(DeviceModel(device_pk=dev.id, model=MODEL, version=version, counter=1,
+                                  updated_at=T0, ring=RING, tier=tier, active=True))  # fmt: skip
+                s.add(ReleaseState(device_pk=dev.id, model=MODEL, version=version,
+                                   state="confirmed", updated_at=T0, active=True))  # fmt: skip
+                s.flush()
+                events = [
+                    ReportEvent(i + 1, T0, "telemetry", MODEL, version,
+                                {"summary": make_summary(self.rng, version, b)})
+                    for i in range(summaries)
+                ]  # fmt: skip
+                got = absorb(s, dev, {MODEL: (version, 1)}, events, T0)
+                assert (got.folded, got.rejected) == (summaries, {})
+        finally:
+            engine.dispose()
+
+    def cohort(self, tier: str, version: str, count: int, **kw: Any) -> None:
+        for _ in range(count):
+            self.device(tier, version, Behaviour(**kw))
+
+    def evaluate(self, ctx: Ctx | None = None, reference: Any = None, **th: Any
+                 ) -> list[GateResult]:  # fmt: skip
+        engine = create_engine(self.url)
+        try:
+            with Session(engine) as s:
+                return evaluate_health(s, ctx or Ctx(), th, reference=reference)
+        finally:
+            engine.dispose()
+
+
+@pytest.fixture
+def fleet(fleet_backend: str) -> Fleet:  # noqa: F811
+    return Fleet(fleet_backend)
+
+
+def reference(mean: float = 0.0) -> list[OutputSummary]:
+    rng = np.random.default_rng(1)
+    c = OutputCounter(SPEC)
+    for row in rng.normal(mean, 1.0, (2000, 4)):
+        c.add(row)
+    return [c.summary()]
+
+
+def by(results: list[GateResult], gate: str, tier: str = "") -> GateResult:
+    [r] = [r for r in results if r.gate == gate and r.tier == tier]
+    return r
+
+
+def healthy(fleet: Fleet, per_tier: int = 8, tiers: tuple[str, ...] = ("a", "b")) -> None:
+    for tier in tiers:
+        fleet.cohort(tier, OLD, per_tier)
+        fleet.cohort(tier, NEW, per_tier)
+
+
+# -- scenarios ---------------------------------------------------------------------------------
+
+
+def test_a_good_release_passes_every_gate_on_every_tier(fleet: Fleet) -> None:
+    healthy(fleet)
+    results = fleet.evaluate(reference=reference())
+    assert {r.tier for r in results} == {"", "a", "b"}
+    gates = {r.gate for r in results}
+    assert gates == {"health.latency_p95", "health.error_rate", "health.crash_rate",
+                     "health.drift", "health.drift_reference"}  # fmt: skip
+    bad = [r.to_json() for r in results if r.status is not GateStatus.PASS]
+    assert bad == []
+    assert combine(results, Action.PAUSE) is Action.PROMOTE
+    lat = by(results, "health.latency_p95")
+    assert lat.value is not None and 0.8 < lat.value < 1.2
+    assert lat.evidence["new_devices"] == 16 and lat.evidence["baseline_devices"] == 16
+
+
+def test_p95_30_percent_slower_on_one_tier_fails_that_tier_with_confidence(fleet: Fleet) -> None:
+    fleet.cohort("a", OLD, 8)
+    fleet.cohort("a", NEW, 8)
+    fleet.cohort("b", OLD, 8, latency_s=0.05)
+    fleet.cohort("b", NEW, 8, latency_s=0.065)
+    results = fleet.evaluate()
+    b = by(results, "health.latency_p95", "b")
+    assert b.status is GateStatus.FAIL, b.to_json()
+    assert b.confidence is not None and b.confidence >= 0.98
+    assert b.value is not None and 1.2 < b.value < 1.45
+    assert by(results, "health.latency_p95", "a").status is GateStatus.PASS
+    assert combine(results, Action.ROLLBACK) is Action.ROLLBACK
+
+
+def test_output_drift_is_detected_against_baseline_and_reference(fleet: Fleet) -> None:
+    for tier in ("a", "b"):
+        fleet.cohort(tier, OLD, 8)
+        fleet.cohort(tier, NEW, 8, out_mean=1.0)
+    results = fleet.evaluate(reference=reference())
+    for tier in ("", "a", "b"):
+        d = by(results, "health.drift", tier)
+        assert d.status is GateStatus.FAIL, d.to_json()
+        assert d.confidence is not None and d.confidence >= 0.98
+        assert by(results, "health.drift_reference", tier).status is GateStatus.FAIL
+    # latency and errors are unaffected by the drift
+    assert by(results, "health.latency_p95").status is GateStatus.PASS
+
+
+def test_crashes_after_commit_fail_the_crash_gate(fleet: Fleet) -> None:
+    fleet.cohort("a", OLD, 8)
+    fleet.cohort("a", NEW, 7, crashes=3, inferences=150)  # seven of eight crash
+    fleet.cohort("a", NEW, 1)
+    results = fleet.evaluate()
+    c = by(results, "health.crash_rate", "a")
+    assert c.status is GateStatus.FAIL, c.to_json()
+    assert c.confidence is not None and c.confidence >= 0.98
+    assert c.evidence["devices_beyond"] == 7
+    assert by(results, "health.error_rate", "a").status is not GateStatus.FAIL
+
+
+def test_too_few_devices_hold_and_say_why(fleet: Fleet) -> None:
+    fleet.cohort("a", OLD, 8)
+    fleet.cohort("a", NEW, 3, latency_s=1.0, error_p=0.5, crashes=9)
+    results = fleet.evaluate(reference=reference())
+    assert results and all(r.status is GateStatus.HOLD for r in results), [
+        r.to_json() for r in results if r.status is not GateStatus.HOLD
+    ]
+    assert "3 new devices" in by(results, "health.latency_p95", "a").reason
+    assert combine(results, Action.PAUSE) is Action.HOLD
+
+
+def test_no_telemetry_at_all_holds(fleet: Fleet) -> None:
+    fleet.cohort("a", OLD, 8)
+    assert fleet.evaluate() == [] or all(r.status is GateStatus.HOLD for r in fleet.evaluate())
+    assert combine(fleet.evaluate(), Action.PAUSE) is Action.HOLD
+
+
+def test_forged_minority_cannot_fail_a_good_release(fleet: Fleet) -> None:
+    healthy(fleet)
+    # four forged devices (min_devices is 5) report everything as terrible
+    fleet.cohort("a", NEW, 4, latency_s=5.0, error_p=0.9, crashes=50, out_mean=3.5)
+    results = fleet.evaluate(reference=reference())
+    failed = [r.to_json() for r in results if r.status is GateStatus.FAIL]
+    assert failed == []
+    # on the pooled gates they do not even hold it: a pass sets the most extreme aside
+    for gate in ("health.error_rate", "health.crash_rate", "health.drift"):
+        assert by(results, gate, "a").status is GateStatus.PASS, by(results, gate, "a").to_json()
+    # at worst they delay it (the latency median moves by their number of ranks)
+    assert combine(results, Action.PAUSE) in (Action.PROMOTE, Action.HOLD)
+
+
+def test_forged_minority_alone_can_neither_pass_nor_fail(fleet: Fleet) -> None:
+    fleet.cohort("a", OLD, 8)
+    fleet.cohort("a", NEW, 4)  # perfect-looking reports from four devices only
+    results = fleet.evaluate(reference=reference())
+    assert results and all(r.status is GateStatus.HOLD for r in results)
+    fleet.cohort("a", NEW, 4, latency_s=5.0, error_p=0.9, crashes=50)
+    results = fleet.evaluate(reference=reference())
+    assert not any(r.status is GateStatus.FAIL for r in results)
+
+
+def test_forged_minority_cannot_pass_a_bad_release(fleet: Fleet) -> None:
+    fleet.cohort("a", OLD, 8)
+    fleet.cohort("a", NEW, 8, latency_s=0.03)  # +50 % on every honest device
+    fleet.cohort("a", NEW, 4, latency_s=0.005)  # four forged, much faster
+    results = fleet.evaluate()
+    r = by(results, "health.latency_p95", "a")
+    # the forged devices may delay the failure (a hold, which pauses at the stage's
+    # deadline), never turn it into a pass
+    assert r.status is not GateStatus.PASS, r.to_json()
+    assert combine(results, Action.PAUSE) is not Action.PROMOTE
+    # with as many honest devices again the failure is certain despite them
+    fleet.cohort("a", NEW, 8, latency_s=0.03)
+    r = by(fleet.evaluate(), "health.latency_p95", "a")
+    assert r.status is GateStatus.FAIL, r.to_json()
+
+
+def test_the_window_and_baseline_rules(fleet: Fleet) -> None:
+    healthy(fleet, per_tier=6, tiers=("a",))
+    # a stage that starts after every summary was received sees nothing
+    later = Ctx(stage_started_at=T0 + 7200, now=T0 + 9000)
+    assert all(r.status is GateStatus.HOLD for r in fleet.evaluate(later))
+    # a first release (no baseline) cannot pass the comparing gates
+    first = fleet.evaluate(Ctx(baseline_version=None), reference=reference())
+    assert by(first, "health.latency_p95").status is GateStatus.HOLD
+    assert by(first, "health.drift_reference").status is GateStatus.PASS
+    # another ring is not this stage's baseline nor its cohort
+    other = fleet.evaluate(Ctx(ring="ga"))
+    assert other and all(r.status is GateStatus.HOLD for r in other)
+    assert "0 new devices" in by(other, "health.latency_p95").reason
+
+
+def test_thresholds_are_checked() -> None:
+    assert HealthThresholds.from_mapping({}) == HealthThresholds()
+    assert HealthThresholds.from_mapping({"max_p95_ratio": 1.5}).max_p95_ratio == 1.5
+    for bad in (
+        {"nope": 1},
+        {"min_devices": 0},
+        {"confidence": 1.5},
+        {"max_p95_ratio": 0.5},
+        {"drift_metric": "kl"},
+        {"min_devices": True},
+        {"max_drift": float("nan")},
+    ):
+        with pytest.raises(InputError):
+            HealthThresholds.from_mapping(bad)
+
+
+def test_p95_reads_the_fixed_buckets() -> None:
+    counts = [0] * LATENCY_BUCKETS
+    counts[9] = 100  # [LATENCY_EDGES[8], LATENCY_EDGES[9]) = [1 ms, 1.778 ms)
+    v = p95(counts)
+    assert LATENCY_EDGES[8] <= v < LATENCY_EDGES[9]
+    counts[20] = 100
+    assert p95(counts) > LATENCY_EDGES[19]
+    with pytest.raises(ValueError, match="empty"):
+        p95([0] * LATENCY_BUCKETS)
+
+
+def test_the_reference_comes_from_the_releases_signed_fact() -> None:
+    [ref] = reference()
+    doc = {"format": TELEMETRY_FORMAT, "outputs": [ref.to_dict()]}
+    assert reference_of(doc) == (ref,)
+    assert reference_of(None) == ()
+    with pytest.raises(InputError):
+        reference_of({"format": TELEMETRY_FORMAT, "outputs": []})
