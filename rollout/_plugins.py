@@ -19,7 +19,8 @@ import importlib
 import importlib.util
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import fields
 from typing import Any
 
 from sqlalchemy import Engine
@@ -45,7 +46,25 @@ def health_gate(session: Session, ctx: RolloutContext) -> list[GateResult]:
     controller's gate contract carries no release); the baseline comparison still runs."""
     from ._health import evaluate_health
 
-    return evaluate_health(session, ctx, dict(ctx.health))
+    return evaluate_health(session, ctx, health_thresholds(ctx.health))
+
+
+def health_thresholds(table: Mapping[str, float]) -> Any:
+    """The plan's ``[gates.health]`` as the health gates' thresholds. The plan parser keeps
+    every value as a float (``min_devices = 5`` is ``5.0``); the integer thresholds take it
+    back as an integer when it is integral (a fraction stays a float and is refused there).
+
+    Raises:
+        InputError: an unknown key or a value out of range (the gate then holds, never passes).
+    """
+    from ._health import HealthThresholds
+
+    ints = {f.name for f in fields(HealthThresholds) if isinstance(f.default, int)}
+    doc = {
+        k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v
+        for k, v in table.items()
+    }
+    return HealthThresholds.from_mapping(doc)
 
 
 def extra_gates() -> list[GateFn]:

@@ -1,0 +1,103 @@
+"""The fleet simulation, short (issue 9's proof; ``bench/fleet_sim.py`` runs it at 2,000+
+devices): simulated devices enrolled through the real service (gunicorn, SQLite), deciding with
+the client's own policy on the repository's signed rollout state, reporting with the client's
+own reporter; the real controller with the inference-health gates plugged in as
+``ota rollout controller`` plugs them (``rollout/_plugins.py``), on the real clock.
+
+What is proved: a good release with two devices forging smoke failures (fewer than the gates'
+minimum sample) reaches general availability and finishes (this also needs a baseline at
+stages of 100 % of a ring, which the simulation found missing); a release whose smoke fails on
+one tier, with two devices forging success, halts in the first stage and is never signed
+beyond it. And the wiring: the plan's ``[gates.health]`` reaches the gates as thresholds
+(integers stay integers), a configured webhook queues every verdict, a webhook URL without a
+secret is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from bench.fleet_sim import SCENARIOS, Scenario, plan_toml, run_scenario
+from ota.errors import ConfigError, InputError
+from ota.fleet import FleetConfig, migrate
+from ota.fleet._db import make_engine
+from ota.fleet._models import WebhookOutbox
+from ota.rollout import _plugins
+from ota.rollout._context import RolloutContext
+from ota.rollout._plan import plan_from_toml
+from ota.rollout._verdict import GateStatus
+
+DEVICES = 160  # 24 canary, 40 pilot, 96 ga; two tiers
+SOAK_S = 6
+
+
+def test_plan_health_table_reaches_the_gates_as_thresholds(tmp_path: Path) -> None:
+    plan = plan_from_toml(plan_toml(SOAK_S, 5, 5))
+    th = _plugins.health_thresholds(plan.health)
+    assert th.min_devices == 5 and isinstance(th.min_devices, int)
+    with pytest.raises(InputError, match="min_devices"):
+        _plugins.health_thresholds({"min_devices": 2.5})
+    with pytest.raises(InputError, match="unknown"):
+        _plugins.health_thresholds({"min_device": 5.0})
+    assert _plugins.extra_gates() == [_plugins.health_gate]
+    url = f"sqlite:///{tmp_path / 'f.sqlite3'}"
+    migrate(url)
+    engine = make_engine(FleetConfig(db_url=url))
+    ctx = RolloutContext(1, "m", "2.0.0", "1.0.0", 0, "canary", 50.0, 0.0, 10.0, plan.health)
+    with Session(engine) as s:
+        got = _plugins.health_gate(s, ctx)
+    engine.dispose()
+    assert got and all(g.status == GateStatus.HOLD for g in got)  # silence holds
+    assert all(not g.gate.startswith("error.") for g in got)
+
+
+def test_a_configured_webhook_queues_every_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'f.sqlite3'}"
+    migrate(url)
+    engine = make_engine(FleetConfig(db_url=url))
+    assert _plugins.verdict_hooks(engine) == []
+    monkeypatch.setenv("OTA_WEBHOOK_URL", "http://127.0.0.1:9/hook")  # nobody listens
+    monkeypatch.setenv("OTA_WEBHOOK_SECRET", "s" * 40)
+    with pytest.raises(ConfigError):
+        _plugins.verdict_hooks()  # configured, but no database to queue in
+    hooks = _plugins.verdict_hooks(engine)
+    hooks[0]({"model": "m", "version": "2.0.0", "action": "hold", "gates": []})
+    with Session(engine) as s:
+        rows = list(s.scalars(select(WebhookOutbox)))
+    engine.dispose()
+    assert len(rows) == 1 and rows[0].state == "pending" and rows[0].attempts == 1
+    assert '"action":"hold"' in rows[0].body and rows[0].last_error
+    monkeypatch.setenv("OTA_WEBHOOK_SECRET", "short")
+    with pytest.raises(ConfigError, match="secret"):
+        _plugins.verdict_hooks(engine)
+
+
+def test_good_release_with_forged_failures_reaches_ga(tmp_path: Path) -> None:
+    sc = Scenario("good_forged", forgers=2, forge="failure")
+    r = run_scenario(
+        sc, devices=DEVICES, work=tmp_path, soak_s=SOAK_S, tick_s=1.0, report_s=2.0,
+        health_min=5, deadline_s=240,
+    )  # fmt: skip
+    assert r["controller_error"] == ""
+    assert not r["halted"], r["halt_reason"]
+    assert r["max_stage"] == 3 and r["ga_s"] is not None, r
+    assert r["state"] == "done", r
+
+
+def test_bad_release_with_forged_successes_halts_in_the_first_stage(tmp_path: Path) -> None:
+    sc = SCENARIOS["forge_success"]
+    r = run_scenario(
+        sc, devices=DEVICES, work=tmp_path, soak_s=SOAK_S, tick_s=1.0, report_s=2.0,
+        health_min=5, deadline_s=240,
+    )  # fmt: skip
+    assert r["controller_error"] == ""
+    assert r["halted"] and r["max_stage"] == 0, r
+    assert "install" in r["halt_reason"], r["halt_reason"]
+    # only canary devices of the healthy tier in the first stage's bucket ever ran it
+    assert 0 < r["ran_release"] <= 24, r
