@@ -250,8 +250,11 @@ def run_scenario(
     health_min: int = 5,
     seed: int = 1,
     deadline_s: float = 0.0,
+    real: int = 0,
 ) -> dict[str, Any]:
-    """One scenario end to end; returns its figures (see the module docstring)."""
+    """One scenario end to end; returns its figures (see the module docstring). ``real``:
+    real devices (``ota device init``, then the real update with its TUF client, smoke test
+    and reporter at each report interval) taking part in the same run, tier ``a``."""
     from ota.client._policy import Committed, DeviceFacts, rank
     from ota.client._report import flush_events
     from ota.fleet import FleetConfig
@@ -270,7 +273,7 @@ def run_scenario(
     publish_mlp(project, MODEL, NEW, seed=2, ring="canary", percent=0.0)
     plan = plan_from_toml(plan_toml(soak_s, health_min, health_min))
     out: dict[str, Any] = {"scenario": sc.name, "bad": sc.bad, "devices": devices}
-    with _service(backend, work) as svc:
+    with _service(backend, work) as svc, _served(work / "repo", real) as repo_url:
         engine = make_engine(FleetConfig(db_url=svc.db_url))
         token = svc.enroll_token(uses=devices)
         fleet: list[SimDevice] = []
@@ -301,6 +304,7 @@ def run_scenario(
             d.late = rng.random() < sc.late
             d.next_report = time.time() + rng.uniform(0, report_s)
             fleet.append(d)
+        reals = [_real_device(work, repo_url, svc, i) for i in range(real)]
         canary = [d for d in fleet if d.ring == "canary" and not d.silent]
         for d in canary[: sc.forgers]:
             d.forger = True
@@ -357,6 +361,10 @@ def run_scenario(
                         if rng.random() >= sc.loss:
                             due.append(d)
                 list(executor.map(send, due))
+                for rd in reals:
+                    if now >= rd.next_report:
+                        rd.next_report = now + report_s
+                        _real_update(rd)
                 if st.paused or st.yanked or _done(engine):
                     ended = ended or now
                     if now - ended > 2 * report_s:  # devices act on the last signed state
@@ -369,8 +377,61 @@ def run_scenario(
             out["state"] = _state(engine)
             executor.shutdown()
             engine.dispose()
+        out["real_devices"] = {f"{rd.ring}:{rd.id}": rd.running for rd in reals}
         out.update(_figures(sc, plan, fleet, cw, signed_log, t_start, soak_s, tick_s, acks))
     return out
+
+
+@contextlib.contextmanager
+def _served(root: Path, real: int) -> Iterator[str]:
+    """The repository over HTTP (``ota serve``'s app) when real devices take part."""
+    if not real:
+        yield ""
+        return
+    import logging
+
+    from tests.repo_helpers import serve_dir
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    with serve_dir(root) as url:
+        yield url
+
+
+def _real_device(work: Path, repo_url: str, svc: Any, i: int) -> SimDevice:
+    """A real device: ``ota device init`` against the served repository, enrolled with the
+    fleet service, tier ``a``; ``folder`` is its state directory."""
+    from click.testing import CliRunner
+
+    from ota.cli._main import _register, cli
+
+    ring = ("canary", "pilot", "ga")[i % 3]
+    d = SimDevice(f"real-{i}", ring, "a", work / "real" / str(i))
+    root = work / "repo" / "metadata" / "1.root.json"
+    _register()
+    r = CliRunner().invoke(
+        cli,
+        ["device", "init", "--state-dir", str(d.folder), "--repo-url", repo_url,
+         "--root", str(root), "--device-id", d.id, "--model", MODEL, "--ring", ring,
+         "--hardware", "a", "--health-timeout", "0", "--fleet-url", svc.url,
+         "--enroll-token", svc.enroll_token(), "--json"],
+    )  # fmt: skip
+    if r.exit_code != 0:
+        raise RuntimeError(f"ota device init failed: {r.output[-2000:]}")
+    d.running = ""
+    _real_update(d)
+    return d
+
+
+def _real_update(d: SimDevice) -> None:
+    """``ota device update`` once (real TUF client, download, smoke test, commit, report)."""
+    from ota.client import update_once
+    from tests.updater_world import FAST
+
+    res = update_once(d.folder, fetch_config=FAST)
+    version = next((o.version for o in res.outcomes if o.status == "updated"), None)
+    if version:
+        d.running = version
+        d.ever_ran_new = d.ever_ran_new or version == NEW
 
 
 def _emit_summary(d: SimDevice, doc: dict[str, Any]) -> None:
@@ -496,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--soak", type=int, default=20)
     parser.add_argument("--tick", type=float, default=2.0)
     parser.add_argument("--report", type=float, default=10.0)
+    parser.add_argument("--real", type=int, default=3, help="real devices in each run")
     args = parser.parse_args(argv)
     results = []
     with scratch_dir(args.workdir) as work:
@@ -509,6 +571,7 @@ def main(argv: list[str] | None = None) -> None:
                     soak_s=args.soak,
                     tick_s=args.tick,
                     report_s=args.report,
+                    real=args.real,
                 )
             )
             print(json.dumps(results[-1]), flush=True)

@@ -5,8 +5,9 @@ own reporter; the real controller with the inference-health gates plugged in as
 ``ota rollout controller`` plugs them (``rollout/_plugins.py``), on the real clock.
 
 What is proved: a good release with two devices forging smoke failures (fewer than the gates'
-minimum sample) reaches general availability and finishes (this also needs a baseline at
-stages of 100 % of a ring, which the simulation found missing); a release whose smoke fails on
+minimum sample) reaches general availability and finishes, two real devices (``ota device
+init``, the real update with its smoke test) taking it along the simulated ones (this also
+needs a baseline at stages of 100 % of a ring, which the simulation found missing); a release whose smoke fails on
 one tier, with two devices forging success, halts in the first stage and is never signed
 beyond it. And the wiring: the plan's ``[gates.health]`` reaches the gates as thresholds
 (integers stay integers), a configured webhook queues every verdict, a webhook URL without a
@@ -82,12 +83,14 @@ def test_good_release_with_forged_failures_reaches_ga(tmp_path: Path) -> None:
     sc = Scenario("good_forged", forgers=2, forge="failure")
     r = run_scenario(
         sc, devices=DEVICES, work=tmp_path, soak_s=SOAK_S, tick_s=1.0, report_s=2.0,
-        health_min=5, deadline_s=240,
+        health_min=5, deadline_s=240, real=2,
     )  # fmt: skip
     assert r["controller_error"] == ""
     assert not r["halted"], r["halt_reason"]
     assert r["max_stage"] == 3 and r["ga_s"] is not None, r
     assert r["state"] == "done", r
+    # the real devices (canary, pilot: real update, TUF client, smoke test) took it too
+    assert r["real_devices"] == {"canary:real-0": "2.0.0", "pilot:real-1": "2.0.0"}, r
 
 
 def test_bad_release_with_forged_successes_halts_in_the_first_stage(tmp_path: Path) -> None:
