@@ -8,8 +8,8 @@ What is proved: a good release with two devices forging smoke failures (fewer th
 minimum sample) reaches general availability and finishes, two real devices (``ota device
 init``, the real update with its smoke test) taking it along the simulated ones (this also
 needs a baseline at stages of 100 % of a ring, which the simulation found missing); a release
-whose smoke fails on one tier, with two devices forging success, halts in the first stage and is never signed
-beyond it. And the wiring: the plan's ``[gates.health]`` reaches the gates as thresholds
+whose smoke fails on one tier, with two devices forging success, halts in the first stage
+and is never signed beyond it. And the wiring: the plan's ``[gates.health]`` reaches the gates as thresholds
 (integers stay integers), a configured webhook queues every verdict, a webhook URL without a
 secret is refused.
 """
