@@ -4,14 +4,14 @@ the client's own policy on the repository's signed rollout state, reporting with
 own reporter; the real controller with the inference-health gates plugged in as
 ``ota rollout controller`` plugs them (``rollout/_plugins.py``), on the real clock.
 
-What is proved: a good release with two devices forging smoke failures (fewer than the gates'
-minimum sample) reaches general availability and finishes, two real devices (``ota device
-init``, the real update with its smoke test) taking it along the simulated ones (this also
-needs a baseline at stages of 100 % of a ring, which the simulation found missing); a release
-whose smoke fails on one tier, with two devices forging success, halts in the first stage
-and is never signed beyond it. And the wiring: the plan's ``[gates.health]`` reaches the gates as thresholds
-(integers stay integers), a configured webhook queues every verdict, a webhook URL without a
-secret is refused.
+What is proved: a good release with two devices forging smoke failures (fewer than the
+gates' minimum sample) reaches general availability and finishes, two real devices (``ota
+device init``, the real update with its smoke test) taking it along the simulated ones (this
+also needs a baseline at stages of 100 % of a ring, which the simulation found missing); a
+release whose smoke fails on one tier, with two devices forging success, halts in the first
+stage and is never signed beyond it. And the wiring: the plan's ``[gates.health]`` reaches the
+gates as thresholds (integers stay integers), a configured webhook queues every verdict, a
+webhook URL without a secret is refused.
 """
 
 from __future__ import annotations
