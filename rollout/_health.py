@@ -54,7 +54,15 @@ from ota.fleet._telemetry import DeviceTelemetry, per_device, spec_key, spec_of,
 
 from ._verdict import GateResult, GateStatus
 
-__all__ = ["HealthContext", "HealthThresholds", "evaluate_health", "p95", "reference_of"]
+__all__ = [
+    "GATES",
+    "HealthContext",
+    "HealthThresholds",
+    "evaluate_health",
+    "health_gate",
+    "p95",
+    "reference_of",
+]
 
 MIX_WEIGHT = 100_000  # pseudo-counts per device in an equal-weight mixture
 
@@ -80,7 +88,9 @@ class HealthContext(Protocol):
 class HealthThresholds:
     """The ``[gates.health]`` table of a rollout plan; every key optional (defaults here).
 
-    ``min_devices``: devices each cohort needs, and new devices that must agree before a gate
+    ``enabled``: 0 turns the health gates off for a plan whose devices send no telemetry (an
+    explicit choice: otherwise silence holds every stage). ``min_devices``: devices each
+    cohort needs, and new devices that must agree before a gate
     fails or passes (the forged-device bound). ``min_inferences``: inferences each cohort needs.
     ``min_device_inferences``/``min_device_values``: what makes a device count in a sample.
     ``confidence``: how sure a test must be before a failure (Kayenta's 98 %);
@@ -95,6 +105,7 @@ class HealthThresholds:
     one device counted in pooled rates.
     """
 
+    enabled: int = 1
     min_devices: int = 5
     min_inferences: int = 1000
     min_device_inferences: int = 20
@@ -114,6 +125,7 @@ class HealthThresholds:
             if not ok:
                 raise InputError(f"gates.health: {what}")
 
+        need(self.enabled in (0, 1), "enabled must be 0 or 1")
         for name in (
             "min_devices",
             "min_inferences",
@@ -151,6 +163,11 @@ class HealthThresholds:
         value out of range."""
         d = dict(d or {})
         known = {f.name for f in fields(cls)}
+        ints = {f.name for f in fields(cls) if f.type in ("int", int)}
+        for k in ints & set(d):  # a plan's table holds floats: 5.0 is 5, 5.5 is refused
+            v = d[k]
+            if isinstance(v, float) and v.is_integer():
+                d[k] = int(v)
         extra = sorted(set(d) - known)
         if extra:
             raise InputError(f"gates.health: unknown keys {extra[:8]}; known: {sorted(known)}")
@@ -756,3 +773,22 @@ def _drift_reference(
         },
         what=f"output {ref.spec.name!r} drift from the reference",
     )
+
+
+def health_gate(session: Any, ctx: HealthContext) -> list[GateResult]:
+    """The controller's plug-in (``GATES``): :func:`evaluate_health` with the thresholds of
+    ``ctx.health`` (the plan's ``[gates.health]``) and, when the context carries one,
+    ``ctx.reference`` (the release's validated reference outputs, :func:`reference_of`).
+
+    Raises:
+        InputError: the plan's thresholds are out of range (the controller holds, naming it).
+    """
+    th = HealthThresholds.from_mapping(getattr(ctx, "health", None) or {})
+    if not th.enabled:
+        return []
+    reference = getattr(ctx, "reference", None)
+    return evaluate_health(session, ctx, th, reference=reference)
+
+
+GATES = (health_gate,)
+"""What ``ota.rollout._plugins.extra_gates`` loads: ``(session, ctx) -> list[GateResult]``."""

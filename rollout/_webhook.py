@@ -38,7 +38,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -217,6 +217,41 @@ def notify_verdict(
         },
         now,
     )
+
+
+def enqueue_verdict_doc(session: Session, doc: Mapping[str, Any], now: float | None = None) -> int:
+    """Enqueue the controller's verdict JSON (``rollout.verdict``) as it is, in the caller's
+    transaction: call it inside the transaction that stores the verdict."""
+    return enqueue(session, "rollout.verdict", {"event": "rollout.verdict", **doc}, now)
+
+
+def hooks_from_env(
+    env: Mapping[str, str] | None = None, engine: Engine | None = None
+) -> list[Callable[[dict[str, Any]], None]]:
+    """What ``ota.rollout._plugins.verdict_hooks`` loads: with ``OTA_WEBHOOK_URL`` set, one
+    hook ``hook(verdict_json)`` that enqueues the verdict in the fleet database (``engine``,
+    else one on ``OTA_FLEET_DB``, kept for the process) and then delivers what is due (one
+    bounded attempt); none without a URL. A URL without a valid secret raises
+    :class:`ConfigError` here, at start-up (never send unsigned).
+
+    The hook runs after the verdict's own transaction: a crash between the two loses that
+    notification. :func:`enqueue_verdict_doc` inside the verdict's transaction closes it."""
+    cfg = WebhookConfig.from_env(env)
+    if cfg is None:
+        return []
+    if engine is None:
+        from ota.fleet._config import FleetConfig, default_db_url
+        from ota.fleet._db import make_engine
+
+        engine = make_engine(FleetConfig(db_url=default_db_url()))
+    bound = engine
+
+    def hook(doc: dict[str, Any]) -> None:
+        with Session(bound) as s, s.begin():
+            enqueue_verdict_doc(s, doc)
+        deliver_due(bound, cfg)
+
+    return [hook]
 
 
 @dataclass

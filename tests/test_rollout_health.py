@@ -321,3 +321,43 @@ def test_the_reference_comes_from_the_releases_signed_fact() -> None:
     assert reference_of(None) == ()
     with pytest.raises(InputError):
         reference_of({"format": TELEMETRY_FORMAT, "outputs": []})
+
+
+@dataclass(frozen=True)
+class ControllerCtx:
+    """The fields of the controller's RolloutContext (rollout/_context.py on main)."""
+
+    rollout_id: int
+    model: str
+    version: str
+    baseline_version: str
+    stage_index: int
+    ring: str
+    percent: float
+    stage_started_at: float
+    now: float
+    health: dict[str, float] = field(default_factory=dict)
+
+
+def test_the_controller_plugin_takes_the_plans_float_table(fleet: Fleet) -> None:
+    from ota.rollout._health import GATES
+
+    healthy(fleet, tiers=("a",))
+    ctx = ControllerCtx(1, MODEL, NEW, OLD, 0, RING, 10.0, T0 - 3600, T0 + 60,
+                        {"min_devices": 5.0, "max_p95_ratio": 1.25})  # fmt: skip
+    engine = create_engine(fleet.url)
+    try:
+        with Session(engine) as s:
+            [gate] = GATES
+            results = gate(s, ctx)
+            assert by(results, "health.latency_p95", "a").threshold == 1.25
+            assert combine(results, Action.PAUSE) is Action.PROMOTE
+            first = ControllerCtx(1, MODEL, NEW, "", 0, RING, 10.0, T0 - 3600, T0 + 60)
+            assert by(gate(s, first), "health.latency_p95").status is GateStatus.HOLD
+            with pytest.raises(InputError):
+                gate(
+                    s,
+                    ControllerCtx(1, MODEL, NEW, OLD, 0, RING, 10.0, T0, T0, {"min_devices": 5.5}),
+                )
+    finally:
+        engine.dispose()

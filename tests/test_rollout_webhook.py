@@ -273,3 +273,20 @@ def test_the_secret_is_required_and_never_shown() -> None:
     )
     assert cfg is not None and cfg.secret == SECRET
     assert SECRET not in repr(cfg) and SECRET not in str(cfg)
+
+
+def test_the_controller_hook_enqueues_and_delivers(db: str) -> None:
+    from ota.rollout._webhook import hooks_from_env
+
+    assert hooks_from_env({}) == []
+    engine = create_engine(db)
+    try:
+        with receiver() as rec:
+            env = {"OTA_WEBHOOK_URL": rec.url, "OTA_WEBHOOK_SECRET": SECRET}
+            [hook] = hooks_from_env(env, engine)
+            hook({"model": "det", "version": "1.1.0", "action": "promote", "gates": []})
+            [(_, body, ok)] = rec.got
+            assert ok and json.loads(body)["action"] == "promote"
+    finally:
+        engine.dispose()
+    assert [r.state for r in outbox(db)] == ["delivered"]
