@@ -269,7 +269,7 @@ def run_scenario(
     rng = np.random.default_rng(seed)
     work.mkdir(parents=True, exist_ok=True)
     project = make_project(work)
-    publish_mlp(project, MODEL, OLD, seed=1)
+    publish_mlp(project, MODEL, OLD, seed=1, ring="ga", percent=100.0)  # everyone has it
     publish_mlp(project, MODEL, NEW, seed=2, ring="canary", percent=0.0)
     plan = plan_from_toml(plan_toml(soak_s, health_min, health_min))
     out: dict[str, Any] = {"scenario": sc.name, "bad": sc.bad, "devices": devices}
