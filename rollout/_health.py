@@ -6,8 +6,8 @@ are read from ``telemetry_agg``/``telemetry_bins`` (:func:`ota.fleet._telemetry.
 over the same window ``[stage start, now]``: the *new* cohort (devices of the ring that sent
 telemetry of the new version) and the *baseline* (devices of the ring that still run the
 baseline version, their telemetry of it; at a stage of 100 % of its ring, where none is left
-on it, the ring's devices' own telemetry of the baseline version in the window). Each gate compares them per tier (``tier`` set) and
-overall (``tier == ""``):
+on it, the ring's devices' own telemetry of the baseline version in the window). Each gate
+compares them per tier (``tier`` set) and overall (``tier == ""``):
 
 * ``health.latency_p95``: per-device p95 read from the latency buckets; value the ratio of the
   cohorts' median p95s; test Mann-Whitney U (one-sided) on the per-device p95s;
