@@ -29,6 +29,7 @@ from ota.fleet._db import make_engine
 from ota.fleet._models import WebhookOutbox
 from ota.rollout import _plugins
 from ota.rollout._context import RolloutContext
+from ota.rollout._gates import install_gates
 from ota.rollout._plan import plan_from_toml
 from ota.rollout._verdict import GateStatus
 
@@ -103,3 +104,36 @@ def test_bad_release_with_forged_successes_halts_in_the_first_stage(tmp_path: Pa
     assert "install" in r["halt_reason"], r["halt_reason"]
     # only canary devices of the healthy tier in the first stage's bucket ever ran it
     assert 0 < r["ran_release"] <= 24, r
+
+
+def test_fewer_forged_failures_than_the_minimum_hold_a_tier_never_fail_it(tmp_path: Path) -> None:
+    """The install gate's forged-device bound (found by the simulation): 2 failed among 20
+    executed of a tier (10 % > the plan's 5 %) hold; 5 failed (the minimum sample) fail."""
+    from tests.fleet_fixtures import new_db
+    from tests.test_rollout_controller import Fleet
+
+    f = Fleet(new_db("sqlite", None, tmp_path))
+    plan = plan_from_toml(
+        '[[stages]]\nring = "canary"\npercent = 100\nmin_devices = 1\nsoak = 0\n'
+        "[gates.install]\nmax_failure_rate = 0.05\nmin_devices = 5\n"
+    )
+    ctx = RolloutContext(1, "m", "2.0.0", "1.0.0", 0, "canary", 100.0, 0.0, 1e10, {})
+
+    def failures() -> GateStatus:
+        with Session(f.engine) as s:
+            got = install_gates(s, ctx, plan, plan.stages[0])
+        return next(g.status for g in got if g.gate == "install.failures")
+
+    try:
+        for i in range(18):
+            f.take(f"ok{i}", "canary")
+        for i in range(2):
+            f.enroll(f"forger{i}", "canary")
+            f.report(f"forger{i}", "smoke_failed", reason="forged")
+        assert failures() == GateStatus.HOLD
+        for i in range(3):
+            f.enroll(f"bad{i}", "canary")
+            f.report(f"bad{i}", "smoke_failed", reason="smoke test failed")
+        assert failures() == GateStatus.FAIL
+    finally:
+        f.engine.dispose()
