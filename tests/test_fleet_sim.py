@@ -32,6 +32,7 @@ from ota.rollout._context import RolloutContext
 from ota.rollout._gates import install_gates
 from ota.rollout._plan import plan_from_toml
 from ota.rollout._verdict import GateStatus
+from tests.fleet_fixtures import postgres  # noqa: F401
 
 DEVICES = 160  # 24 canary, 40 pilot, 96 ga; two tiers
 SOAK_S = 6
@@ -93,11 +94,16 @@ def test_good_release_with_forged_failures_reaches_ga(tmp_path: Path) -> None:
     assert r["real_devices"] == {"canary:real-0": "2.0.0", "pilot:real-1": "2.0.0"}, r
 
 
-def test_bad_release_with_forged_successes_halts_in_the_first_stage(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_bad_release_with_forged_successes_halts_in_the_first_stage(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    if backend == "postgresql":
+        request.getfixturevalue("postgres")  # skipped without PostgreSQL binaries
     sc = SCENARIOS["forge_success"]
     r = run_scenario(
         sc, devices=DEVICES, work=tmp_path, soak_s=SOAK_S, tick_s=1.0, report_s=2.0,
-        health_min=5, deadline_s=240,
+        health_min=5, deadline_s=240, backend=backend,
     )  # fmt: skip
     assert r["controller_error"] == ""
     assert r["halted"] and r["max_stage"] == 0, r
