@@ -1,5 +1,5 @@
 """The fleet simulation, short (issue 9's proof; ``bench/fleet_sim.py`` runs it at 2,000+
-devices): simulated devices enrolled through the real service (gunicorn, SQLite), deciding with
+devices): simulated devices enrolled through the real service (gunicorn, SQLite/PG), deciding with
 the client's own policy on the repository's signed rollout state, reporting with the client's
 own reporter; the real controller with the inference-health gates plugged in as
 ``ota rollout controller`` plugs them (``rollout/_plugins.py``), on the real clock.
