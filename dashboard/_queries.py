@@ -262,3 +262,35 @@ def release_fleet(s: Session, model: str, version: str, limit: int = 20) -> dict
         "running": int(running or 0),
         "failures": failures,
     }
+
+
+def stage_latency(
+    s: Session, model: str, version: str, baseline: str | None, ring: str, since: float,
+    until: float,
+) -> dict[str, list[int]]:  # fmt: skip
+    """The summed latency buckets (``lat_00`` … ``lat_29``) of ``version`` and of ``baseline``
+    reported by the unrevoked devices of ``ring`` over the buckets that overlap ``[since,
+    until]`` (the stage's window, as the health gates read it): one ``GROUP BY version`` over
+    ``ix_telemetry_agg_model_version_bucket`` joined to ``devices`` by primary key — its cost
+    is bounded by the window's rows of two releases, not by the event log. A release with no
+    telemetry is absent from the result."""
+    from ota.fleet._models import LATENCY_COLUMNS, TelemetryAgg
+    from ota.fleet._telemetry import bucket_of
+
+    versions = [version, *([baseline] if baseline and baseline != version else [])]
+    a = TelemetryAgg.__table__.c
+    rows = s.execute(
+        select(a.version, *(func.sum(a[c]) for c in LATENCY_COLUMNS))
+        .select_from(TelemetryAgg.__table__.join(Device.__table__, Device.id == a.device_pk))
+        .where(
+            a.model == model,
+            a.version.in_(versions),
+            a.bucket >= bucket_of(since),
+            a.bucket <= until,
+            Device.ring == ring,
+            Device.revoked_at.is_(None),
+        )
+        .group_by(a.version)
+    ).all()
+    out = {str(v): [int(c or 0) for c in counts] for v, *counts in rows}
+    return {v: c for v, c in out.items() if sum(c)}
