@@ -273,7 +273,9 @@ def stage_latency(
     until]`` (the stage's window, as the health gates read it): one ``GROUP BY version`` over
     ``ix_telemetry_agg_model_version_bucket`` joined to ``devices`` by primary key — its cost
     is bounded by the window's rows of two releases, not by the event log. A release with no
-    telemetry is absent from the result."""
+    telemetry is absent from the result. Unlike ``health.latency_p95`` (which keeps, for the
+    baseline, only devices that still run it), every report of the baseline in the window
+    counts: the chart shows the distributions, the gate's table its decision."""
     from ota.fleet._models import LATENCY_COLUMNS, TelemetryAgg
     from ota.fleet._telemetry import bucket_of
 
