@@ -470,8 +470,8 @@ def rollout(rid: int) -> Any:
             for v in verdicts
         ]
         model, version, base = r.model, r.version, r.baseline_version
-        latency = _stage_latency(s, row)
     outcomes, as_of = _agg("outcomes_by_ring", model, version)
+    latency = _stage_latency(row)
     baseline = _agg("outcomes_by_ring", model, base)[0] if base else {}
     states = sorted({st for ring in outcomes.values() for st in ring})
     latest: list[Any] = vs[0]["gates"] if vs and _arg_int("before") is None else []
@@ -510,19 +510,18 @@ def rollout(rid: int) -> Any:
     )
 
 
-def _stage_latency(s: Session, row: dict[str, Any]) -> dict[str, Any] | None:
+def _stage_latency(row: dict[str, Any]) -> dict[str, Any] | None:
     """The current stage's latency distributions of the release and its baseline: the chart,
-    and the same numbers for the table beside it (``None`` before the first stage)."""
+    and the same numbers for the table beside it (``None`` before the first stage). Summed
+    over the ring's devices: a fleet-wide aggregate, cached as the others (:func:`_agg`)."""
     from ota.client._telemetry_format import LATENCY_EDGES
     from ota.rollout._health import p95
 
     if row["stage"] < 0 or row["stage"] >= len(row["stages"]):
         return None
     ring = row["stages"][row["stage"]]["ring"]
-    since, until = float(row["stage_started_at"]), time.time()
-    got = _queries.stage_latency(
-        s, row["model"], row["version"], row["baseline"], ring, since, until
-    )
+    since = float(row["stage_started_at"])
+    got, as_of = _agg("stage_latency", row["model"], row["version"], row["baseline"], ring, since)
     names = [v for v in (row["version"], row["baseline"]) if v in got]
     series = {f"{v} ({'new' if v == row['version'] else 'baseline'})": got[v] for v in names}
     p95s = {k: p95(c) for k, c in series.items()}
@@ -551,6 +550,7 @@ def _stage_latency(s: Session, row: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "ring": ring,
         "since": since,
+        "as_of": as_of,
         "names": list(series),
         "totals": totals,
         "p95": {k: f"{v * 1000:.4g}" for k, v in p95s.items()},

@@ -14,6 +14,7 @@ import re
 import time
 from pathlib import Path
 
+from ota.dashboard import _cache
 from ota.dashboard._svg import latency_bucket_label as latency_label
 from ota.repository import Project
 from ota.repository._auditlog import LOG_PREFIX, read_log
@@ -173,6 +174,8 @@ def test_the_stage_latency_chart_shows_the_rows(world: World) -> None:  # noqa: 
     )
     world.enroll("ga-b", "ga")
     world.report("ga-b", "telemetry", version="1.0.0", summary=_telemetry("1.0.0", {25: 999}))
+    assert 'id="latency-empty"' in c.get(f"/dashboard/rollouts/{world.rid}").text  # cached
+    _cache.clear()  # as when summary_max_age_s has passed
     page = c.get(f"/dashboard/rollouts/{world.rid}").text
     assert 'id="latency-empty"' not in page
     table = re.search(r'<table id="latency">(.*?)</table>', page, re.S)
