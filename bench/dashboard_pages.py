@@ -4,8 +4,8 @@ and up to 10 million events, SQLite (the default backend; ``--backends postgresq
 Synthetic rows are bulk-loaded into the service's schema with ``bench.fleet_query``'s loaders
 (untimed): devices over 3 rings, 3 tiers and 3 models of 3 versions, their derived rows, and
 ``--events-per-device`` raw events each; plus one rollout of ``seg 1.2.0`` with 30 verdicts
-at its pilot stage and 4 h of telemetry aggregates from each pilot device running ``seg``
-(the Rollout page's latency chart sums the stage's window of them).
+at its pilot stage and 4 h of telemetry aggregates from each device running ``seg`` (the
+Rollout page's latency chart sums the pilot ring's rows of the stage's window).
 Then each page is rendered by the real fleet app (with the dashboard blueprint) through
 Flask's test client with a logged-in admin session: server time only (routing, session and
 scope check, queries, template), no network. Median (best - max) of ``--repeat``.
@@ -94,8 +94,9 @@ _LAT = {12: 100, 13: 200, 14: 80, 15: 20}  # the baseline's buckets; 1.2.0 one b
 
 
 def _telemetry(url: str) -> int:
-    """Telemetry aggregates of ``seg`` for every pilot device (the rollout's current ring),
-    ``TELEMETRY_BUCKETS`` buckets each, ending at NOW, of whichever version it runs, as
+    """Telemetry aggregates of ``seg`` from every device running it (every ring: the chart
+    must not read the other rings' rows), ``TELEMETRY_BUCKETS`` buckets each, ending at NOW,
+    of whichever version it runs, as
     ``ota.fleet._telemetry`` folds them (one row per device, release and bucket): the Rollout
     page's latency chart sums the window's rows. One ``INSERT … SELECT`` on both backends."""
     from sqlalchemy import text
@@ -117,7 +118,7 @@ def _telemetry(url: str) -> int:
         f"SELECT dm.device_pk, 'seg', dm.version, {bucket_of(NOW)} - 900 * b.k, 3, {total}, 0, "
         f"0, 4.0, {NOW}, {', '.join(lat(j) for j in range(len(LATENCY_COLUMNS)))} "
         f"FROM device_models dm CROSS JOIN ({ks}) b "
-        "WHERE dm.model = 'seg' AND dm.ring = 'pilot'"
+        "WHERE dm.model = 'seg'"
     )
     engine = make_engine(FleetConfig(db_url=url))
     try:
