@@ -3,7 +3,9 @@ and up to 10 million events, SQLite (the default backend; ``--backends postgresq
 
 Synthetic rows are bulk-loaded into the service's schema with ``bench.fleet_query``'s loaders
 (untimed): devices over 3 rings, 3 tiers and 3 models of 3 versions, their derived rows, and
-``--events-per-device`` raw events each; plus one rollout of ``seg 1.2.0`` with 30 verdicts.
+``--events-per-device`` raw events each; plus one rollout of ``seg 1.2.0`` with 30 verdicts
+at its pilot stage and 4 h of telemetry aggregates from each device running ``seg`` (the
+Rollout page's latency chart sums the pilot ring's rows of the stage's window).
 Then each page is rendered by the real fleet app (with the dashboard blueprint) through
 Flask's test client with a logged-in admin session: server time only (routing, session and
 scope check, queries, template), no network. Median (best - max) of ``--repeat``.
@@ -87,6 +89,47 @@ def _rollout(url: str) -> int:
     return rid
 
 
+TELEMETRY_BUCKETS = 16  # 4 h of 900 s buckets per device: the rollout's window holds ~5
+_LAT = {12: 100, 13: 200, 14: 80, 15: 20}  # the baseline's buckets; 1.2.0 one bucket slower
+
+
+def _telemetry(url: str) -> int:
+    """Telemetry aggregates of ``seg`` from every device running it (every ring: the chart
+    must not read the other rings' rows), ``TELEMETRY_BUCKETS`` buckets each, ending at NOW,
+    of whichever version it runs, as
+    ``ota.fleet._telemetry`` folds them (one row per device, release and bucket): the Rollout
+    page's latency chart sums the window's rows. One ``INSERT … SELECT`` on both backends."""
+    from sqlalchemy import text
+
+    from ota.fleet._config import FleetConfig
+    from ota.fleet._db import make_engine
+    from ota.fleet._models import LATENCY_COLUMNS
+    from ota.fleet._telemetry import bucket_of
+
+    def lat(j: int) -> str:
+        new, base = _LAT.get(j - 1, 0), _LAT.get(j, 0)
+        return f"CASE WHEN dm.version = '1.2.0' THEN {new} ELSE {base} END + (dm.device_pk % 7)"
+
+    ks = " UNION ALL ".join(f"SELECT {k} AS k" for k in range(TELEMETRY_BUCKETS))
+    total = f"{sum(_LAT.values())} + 30 * (dm.device_pk % 7)"
+    sql = (
+        "INSERT INTO telemetry_agg (device_pk, model, version, bucket, summaries, inferences, "
+        f"errors, crashes, latency_sum_s, updated_at, {', '.join(LATENCY_COLUMNS)}) "
+        f"SELECT dm.device_pk, 'seg', dm.version, {bucket_of(NOW)} - 900 * b.k, 3, {total}, 0, "
+        f"0, 4.0, {NOW}, {', '.join(lat(j) for j in range(len(LATENCY_COLUMNS)))} "
+        f"FROM device_models dm CROSS JOIN ({ks}) b "
+        "WHERE dm.model = 'seg'"
+    )
+    engine = make_engine(FleetConfig(db_url=url))
+    try:
+        with engine.begin() as conn:
+            n = conn.execute(text(sql)).rowcount
+            conn.execute(text("ANALYZE telemetry_agg"))
+    finally:
+        engine.dispose()
+    return int(n)
+
+
 def _time(fn: Any, repeat: int) -> dict[str, float]:
     times = []
     for _ in range(repeat):
@@ -119,8 +162,11 @@ def measure(
         url = f"sqlite:///{path}"
         migrate(url)
         load_s = load_sqlite(str(path), n, events_per_device)
+    t0 = time.perf_counter()
     rid = _rollout(url)
-    log(f"{backend} {n} devices: loaded in {load_s:.1f} s")
+    tel_rows = _telemetry(url)
+    load_s += time.perf_counter() - t0
+    log(f"{backend} {n} devices: loaded in {load_s:.1f} s ({tel_rows} telemetry rows)")
     os.environ["OTA_DASHBOARD_KEY_FILE"] = str(workdir / "dash.key")
     os.environ["OTA_PROJECT"] = str(workdir / "no-project")
     cfg = FleetConfig(db_url=url)
@@ -139,6 +185,8 @@ def measure(
         resp = c.get(path)
         if resp.status_code != 200:
             errors.append(f"{path}: {resp.status_code} {resp.text[:200]}")
+        elif path.startswith("/dashboard/rollouts/") and 'id="latency"' not in resp.text:
+            errors.append(f"{path}: no latency chart")
 
     get("/dashboard/")  # counts the summary once (then served from its cache, ADR 0007)
     health = _time(lambda: c.get("/v1/health"), repeat)
@@ -170,7 +218,9 @@ def measure(
         "backend": backend,
         "devices": n,
         "events": n * events_per_device,
+        "telemetry_rows": tel_rows,
         "load_s": round(load_s, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "health_baseline": health,
         "pages": timings,
         "errors": sorted(set(errors))[:10],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Integer, cast, func, select
+from sqlalchemy import Integer, bindparam, cast, func, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -262,3 +262,44 @@ def release_fleet(s: Session, model: str, version: str, limit: int = 20) -> dict
         "running": int(running or 0),
         "failures": failures,
     }
+
+
+def stage_latency(
+    s: Session, model: str, version: str, baseline: str | None, ring: str, since: float,
+    until: float | None = None,
+) -> dict[str, list[int]]:  # fmt: skip
+    """The summed latency buckets (``lat_00`` … ``lat_29``) of ``version`` and of ``baseline``
+    reported by the unrevoked devices of ``ring`` over the buckets that overlap ``[since,
+    until]`` (the stage's window, as the health gates read it). ``until`` defaults to now. A
+    release with no telemetry is absent from the result.
+
+    One ``GROUP BY version``, driven from the ring's devices (``ix_devices_ring_tier``) into
+    ``telemetry_agg``'s primary key ``(device_pk, model, version, bucket)``: its cost is the
+    ring's devices times the window's buckets, never the event log nor the other rings' rows.
+    ``devices CROSS JOIN telemetry_agg`` fixes that order on SQLite, whose planner otherwise
+    starts from ``ix_telemetry_agg_model_version_bucket`` and reads every ring's rows of both
+    releases (measured at 100,000 devices: canary 121 -> 26 ms, pilot 182 -> 144 ms);
+    PostgreSQL plans a cross join with a join condition as an inner join, freely. Cached by
+    the Rollout page as its other fleet-wide aggregates.
+
+    Unlike ``health.latency_p95`` (which keeps, for the baseline, only devices that still run
+    it), every report of the baseline in the window counts: the chart shows the
+    distributions, the gate's table its decision."""
+    from ota.fleet._models import LATENCY_COLUMNS
+    from ota.fleet._telemetry import bucket_of
+
+    until = time.time() if until is None else until
+    versions = [version, *([baseline] if baseline and baseline != version else [])]
+    sums = ", ".join(f"SUM(a.{c})" for c in LATENCY_COLUMNS)  # fixed names, not input
+    q = text(
+        f"SELECT a.version, {sums} FROM devices d CROSS JOIN telemetry_agg a "  # noqa: S608
+        "WHERE a.device_pk = d.id AND d.ring = :ring AND d.revoked_at IS NULL "
+        "AND a.model = :model AND a.version IN :versions "
+        "AND a.bucket >= :lo AND a.bucket <= :hi GROUP BY a.version"
+    ).bindparams(bindparam("versions", expanding=True))
+    rows = s.execute(
+        q,
+        {"ring": ring, "model": model, "versions": versions, "lo": bucket_of(since), "hi": until},
+    ).all()
+    out = {str(v): [int(c or 0) for c in counts] for v, *counts in rows}
+    return {v: c for v, c in out.items() if sum(c)}

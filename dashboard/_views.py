@@ -471,6 +471,7 @@ def rollout(rid: int) -> Any:
         ]
         model, version, base = r.model, r.version, r.baseline_version
     outcomes, as_of = _agg("outcomes_by_ring", model, version)
+    latency = _stage_latency(row)
     baseline = _agg("outcomes_by_ring", model, base)[0] if base else {}
     states = sorted({st for ring in outcomes.values() for st in ring})
     latest: list[Any] = vs[0]["gates"] if vs and _arg_int("before") is None else []
@@ -501,11 +502,61 @@ def rollout(rid: int) -> Any:
                 and _float_or_none(gt.get("baseline")) is not None
             ][:20],
         ),
+        latency=latency,
         stage_chart=_svg.bar_chart(
             "Confirmed devices by ring",
             [(ring, o.get("confirmed", 0)) for ring, o in sorted(outcomes.items())],
         ),
     )
+
+
+def _stage_latency(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The current stage's latency distributions of the release and its baseline: the chart,
+    and the same numbers for the table beside it (``None`` before the first stage). Summed
+    over the ring's devices: a fleet-wide aggregate, cached as the others (:func:`_agg`)."""
+    from ota.client._telemetry_format import LATENCY_EDGES
+    from ota.rollout._health import p95
+
+    if row["stage"] < 0 or row["stage"] >= len(row["stages"]):
+        return None
+    ring = row["stages"][row["stage"]]["ring"]
+    since = float(row["stage_started_at"])
+    got, as_of = _agg("stage_latency", row["model"], row["version"], row["baseline"], ring, since)
+    names = [v for v in (row["version"], row["baseline"]) if v in got]
+    series = {f"{v} ({'new' if v == row['version'] else 'baseline'})": got[v] for v in names}
+    p95s = {k: p95(c) for k, c in series.items()}
+    used = [i for c in series.values() for i, n in enumerate(c) if n]
+    shown = (
+        range(max(0, min(used) - 1), min(len(LATENCY_EDGES) + 1, max(used) + 2))
+        if used
+        else range(0)
+    )
+    totals = {k: sum(c) for k, c in series.items()}
+    rows = [
+        (
+            _svg.latency_bucket_label(i, LATENCY_EDGES),
+            [(c[i], f"{c[i] / totals[k] * 100:.1f}") for k, c in series.items()],
+        )
+        for i in shown
+        if any(c[i] for c in series.values())
+    ]
+    title = f"Latency of {row['model']} {row['version']} against the baseline, ring {ring}"
+    desc = (
+        "Share of inferences per latency bucket (log scale) since the stage started; "
+        + "; ".join(f"{k}: {totals[k]} inferences, p95 {p95s[k]:.4g} s" for k in series)
+        if series
+        else "No telemetry yet."
+    )
+    return {
+        "ring": ring,
+        "since": since,
+        "as_of": as_of,
+        "names": list(series),
+        "totals": totals,
+        "p95": {k: f"{v * 1000:.4g}" for k, v in p95s.items()},
+        "rows": rows,
+        "chart": _svg.latency_chart(title, desc, series, p95s, LATENCY_EDGES, shown),
+    }
 
 
 @bp.get("/rollouts/<int:rid>/<op_name>")

@@ -15,8 +15,9 @@ Invariants (FLEET.md, DESIGN decision 11):
   once ``security_min_devices`` distinct devices report it (a signature or downgrade problem
   is release-wide, not a statistic); fewer hold it, so one forged device cannot halt;
 * a tier's failure rate is judged only once that tier has the plan's minimum of executed
-  devices (AWS IoT Jobs); fewer is ``HOLD`` if it has failures: so fewer forged reports than
-  the minimum can neither halt a stage nor let it promote past a failing tier;
+  devices (AWS IoT Jobs), and fails only when at least that many of them failed; fewer is
+  ``HOLD`` if it has failures: so fewer forged reports than the minimum can neither halt a
+  stage (even among many honest successes) nor let it promote past a failing tier;
 * the stage's sample is confirmed devices of the stage's ring; fewer than the stage's
   ``min_devices`` is ``HOLD`` (silence never promotes); so is a stage younger than its soak.
 """
@@ -168,6 +169,22 @@ def install_gates(s: Session, ctx: RolloutContext, plan: Plan, stage: Stage) -> 
                     GateStatus.HOLD,
                     f"{c.failures} failure(s) among {c.executed} executed device(s): too few to "
                     f"judge (at least {min_exec})",
+                    value=rate,
+                    threshold=rate_max,
+                    tier=tier,
+                    evidence=ev,
+                )
+            )
+        elif rate > rate_max and c.failures < min_exec:
+            # fewer failed devices than the minimum sample may be forged (a device's report is
+            # its own word): they hold the stage, never halt it (the fleet simulation showed
+            # two forged smoke failures halting a good release in a 13-device canary)
+            results.append(
+                GateResult(
+                    "install.failures",
+                    GateStatus.HOLD,
+                    f"failure rate {rate:.1%} above {rate_max:.1%} but only {c.failures} "
+                    f"device(s) failed: held until {min_exec} agree",
                     value=rate,
                     threshold=rate_max,
                     tier=tier,

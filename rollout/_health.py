@@ -5,8 +5,9 @@ For one stage (``ctx``: model, version, baseline version, ring, stage start, now
 are read from ``telemetry_agg``/``telemetry_bins`` (:func:`ota.fleet._telemetry.per_device`)
 over the same window ``[stage start, now]``: the *new* cohort (devices of the ring that sent
 telemetry of the new version) and the *baseline* (devices of the ring that still run the
-baseline version, their telemetry of it). Each gate compares them per tier (``tier`` set) and
-overall (``tier == ""``):
+baseline version, their telemetry of it; at a stage of 100 % of its ring, where none is left
+on it, the ring's devices' own telemetry of the baseline version in the window). Each gate
+compares them per tier (``tier`` set) and overall (``tier == ""``):
 
 * ``health.latency_p95``: per-device p95 read from the latency buckets; value the ratio of the
   cohorts' median p95s; test Mann-Whitney U (one-sided) on the per-device p95s;
@@ -249,6 +250,11 @@ def evaluate_health(
     new = per_device(session, ctx.model, ctx.version, ctx.ring, since, until)
     base: dict[int, DeviceTelemetry] = {}
     if ctx.baseline_version and ctx.baseline_version != ctx.version:
+        # a stage that takes its whole ring leaves no device of the ring on the baseline
+        # (the concurrent cohort empties as devices update, and the stage would hold until
+        # its deadline paused a good release): its baseline is then the ring's own telemetry
+        # of the baseline version over the window, whatever the devices run now
+        whole_ring = float(getattr(ctx, "percent", 0.0)) >= 100.0
         base = per_device(
             session,
             ctx.model,
@@ -256,7 +262,7 @@ def evaluate_health(
             ctx.ring,
             since,
             until,
-            on_version=ctx.baseline_version,
+            on_version=None if whole_ring else ctx.baseline_version,
         )
     tiers = sorted({d.tier for d in new.values()})
     out: list[GateResult] = []

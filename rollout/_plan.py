@@ -89,7 +89,7 @@ soak = "24h"
 
 [gates.install]
 max_failure_rate = 0.05       # failed + smoke-failed + reverted + timed out, over executed devices
-min_devices = 5               # executed devices of a tier before its failure rate may halt
+min_devices = 5               # executed, and failed, devices of a tier before it may halt
 security_min_devices = 2      # devices refusing it for a security reason: halt at once
 
 [gates.health]                # passed as it is to the inference-health gates (rollout/_health.py)

@@ -26,7 +26,9 @@ from ota.repository import Project
 from ota.repository._ops import model_index
 from ota.rollout import _lease
 from ota.rollout._controller import Controller
+from ota.rollout._plan import plan_from_dict
 from tests.fleet_fixtures import FleetService, start_service
+from tests.test_dashboard_pages import _telemetry
 from tests.test_dashboard_security import World
 from tests.test_rollout_controller import project, published  # noqa: F401
 
@@ -214,6 +216,12 @@ _TEXTS = """() => {
 }"""
 
 
+_CHARTS = """() => [...document.querySelectorAll('svg')]
+  .filter(e => e.getAttribute('role') !== 'img' || !e.querySelector(':scope > title')
+               || !e.querySelector(':scope > title').textContent.trim())
+  .map(e => e.outerHTML.slice(0, 80))"""
+
+
 def _luminance(rgb: list[float]) -> float:
     def channel(c: float) -> float:
         c = c / 255
@@ -257,19 +265,32 @@ def check_page(page: Any) -> None:
         if contrast(t["fg"], t["bg"]) < 4.5
     ]
     assert not low, f"{page.url}: text below 4.5:1 contrast: {low[:5]}"
+    untitled = page.evaluate(_CHARTS)
+    assert untitled == [], f"{page.url}: charts without a <title>: {untitled}"
 
 
 def test_every_page_is_labelled_keyboard_reachable_and_readable(
     browser: Any, served: tuple[World, FleetService]
 ) -> None:
     w, svc = served
-    tick(w, w.rollout().stage_started_at + 601)  # a verdict with gates to show
+    # latency telemetry of the baseline from the first stage's ring, received now (the tick
+    # below runs the stages on simulated time, after it): the rollout page charts it
+    ring = plan_from_dict(w.rollout().plan).stages[w.rollout().stage].ring
+    w.enroll("lat-0", ring)
+    w.report("lat-0", "telemetry", version="1.0.0", summary=_telemetry("1.0.0", {11: 3, 12: 1}))
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(DEADLINE_MS)
     page.goto(f"{svc.url}/dashboard/login")
     check_page(page)
     shoot(page, "login")
     login(page, svc.url, w.tokens["admin"])
+    page.goto(f"{svc.url}/dashboard/rollouts/{w.rid}")
+    assert page.locator("#latency").count() == 1  # the chart's table, checked with it
+    chart = page.locator("svg[aria-labelledby='lat-title lat-desc']")
+    assert "4 inferences" in chart.locator("desc").text_content()
+    check_page(page)
+    shoot(page, "rollout-latency")
+    tick(w, w.rollout().stage_started_at + 601)  # a verdict with gates to show
     pages = {
         "fleet": "/dashboard/",
         "devices": "/dashboard/devices",

@@ -11,8 +11,11 @@ shows a tampered log as not verified.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
+from ota.dashboard import _cache
+from ota.dashboard._svg import latency_bucket_label as latency_label
 from ota.repository import Project
 from ota.repository._auditlog import LOG_PREFIX, read_log
 from ota.rollout import _lease
@@ -134,3 +137,93 @@ def test_a_gate_with_a_baseline_is_charted_beside_it(world: World) -> None:  # n
     assert "health.latency_p95&lt;b&gt; npu" in page and "<b>" not in page
     row = re.search(r"<td>health\.latency_p95&lt;b&gt;</td>(.*?)</tr>", page)
     assert row and "<td>41.5</td><td>50</td><td>38.25</td>" in row.group(1)
+
+
+def _telemetry(version: str, hist: dict[int, int]) -> dict[str, object]:
+    """A valid ``edge-ota.telemetry/1`` summary whose latency histogram is ``hist``."""
+    from ota.client._telemetry_format import LATENCY_BUCKETS, TELEMETRY_FORMAT, validate_summary
+
+    counts = [hist.get(i, 0) for i in range(LATENCY_BUCKETS)]
+    now = time.time()
+    doc: dict[str, object] = {
+        "format": TELEMETRY_FORMAT, "model": "m", "version": version, "start": now - 300,
+        "end": now, "inferences": sum(counts), "errors": 0, "crashes": 0,
+        "latency": {"counts": counts, "sum_s": 0.01 * sum(counts)}, "outputs": [],
+    }  # fmt: skip
+    validate_summary(doc)
+    return doc
+
+
+def test_the_stage_latency_chart_shows_the_rows(world: World) -> None:  # noqa: F811
+    """Summaries reported through the real ingest route: the chart and its table show the
+    canary ring's summed buckets of the new release and of the baseline, each normalised,
+    with the pooled p95s; another ring's telemetry is left out; before any, "no telemetry"."""
+    from ota.client._telemetry_format import LATENCY_EDGES
+    from ota.rollout._health import p95
+
+    c = world.client("read")
+    page = c.get(f"/dashboard/rollouts/{world.rid}").text
+    assert 'id="latency-empty"' in page and "No telemetry yet" in page
+    assert 'id="latency"' not in page
+    # the new release on two canaries (which ran it), the baseline on a third, noise elsewhere
+    world.report("can-0", "telemetry", summary=_telemetry("2.0.0", {12: 20, 16: 5}))
+    world.report("can-1", "telemetry", summary=_telemetry("2.0.0", {12: 10, 16: 5}))
+    world.enroll("can-b", "canary")
+    world.report(
+        "can-b", "telemetry", version="1.0.0", summary=_telemetry("1.0.0", {11: 30, 12: 10})
+    )
+    world.enroll("ga-b", "ga")
+    world.report("ga-b", "telemetry", version="1.0.0", summary=_telemetry("1.0.0", {25: 999}))
+    assert 'id="latency-empty"' in c.get(f"/dashboard/rollouts/{world.rid}").text  # cached
+    _cache.clear()  # as when summary_max_age_s has passed
+    page = c.get(f"/dashboard/rollouts/{world.rid}").text
+    assert 'id="latency-empty"' not in page
+    table = re.search(r'<table id="latency">(.*?)</table>', page, re.S)
+    assert table is not None
+    rows = dict(
+        re.findall(
+            r'<tr><th scope="row">([^<]+)</th>((?:<td[^>]*>[^<]*</td>)+)</tr>', table.group(1)
+        )
+    )
+    cells = {k: re.findall(r"<td[^>]*>([^<]*)</td>", v) for k, v in rows.items()}
+    b11, b12, b16 = (latency_label(i, LATENCY_EDGES) for i in (11, 12, 16))
+    # columns: new count, new %, baseline count, baseline %
+    assert cells[b11] == ["0", "0.0", "30", "75.0"]
+    assert cells[b12] == ["30", "75.0", "10", "25.0"]
+    assert cells[b16] == ["10", "25.0", "0", "0.0"]
+    assert cells["Inferences"] == ["40", "100", "40", "100"]  # the ga ring's 999 left out
+    assert len(cells) == 3 + 2  # only the buckets holding data, then the two footer rows
+    new_p95 = p95([20 + 10 if i == 12 else 10 if i == 16 else 0 for i in range(30)])
+    base_p95 = p95([30 if i == 11 else 10 if i == 12 else 0 for i in range(30)])
+    assert cells["p95 (ms)"] == [f"{new_p95 * 1000:.4g}", f"{base_p95 * 1000:.4g}"]
+    assert LATENCY_EDGES[15] <= new_p95 <= LATENCY_EDGES[16]  # the new one is slower
+    # the chart draws the same numbers: one bar per non-empty bucket, a p95 line per release
+    svg = re.search(
+        r'<svg class="chart" role="img" aria-labelledby="lat-title lat-desc".*?</svg>', page, re.S
+    )
+    assert svg is not None
+    bars = re.findall(r"<rect [^>]*><title>([^<]+)</title></rect>", svg.group(0))
+    assert sorted(bars) == sorted([
+        f"2.0.0 (new) {b12}: 75.0 % (30)", f"2.0.0 (new) {b16}: 25.0 % (10)",
+        f"1.0.0 (baseline) {b11}: 75.0 % (30)", f"1.0.0 (baseline) {b12}: 25.0 % (10)",
+    ])  # fmt: skip
+    assert '<desc id="lat-desc">' in svg.group(0) and "40 inferences" in svg.group(0)
+    assert svg.group(0).count('stroke-dasharray="5,3"') == 2
+    heights = {
+        t: float(h)
+        for h, t in re.findall(
+            r'height="([\d.]+)" fill="[^"]+"><title>([^<]+)</title>', svg.group(0)
+        )
+    }
+    # each release normalised: 75 % bars equally tall, 25 % bars a third of them
+    assert (
+        heights[f"2.0.0 (new) {b12}: 75.0 % (30)"]
+        == heights[f"1.0.0 (baseline) {b11}: 75.0 % (30)"]
+    )
+    assert (
+        abs(
+            heights[f"2.0.0 (new) {b16}: 25.0 % (10)"] * 3
+            - heights[f"2.0.0 (new) {b12}: 75.0 % (30)"]
+        )
+        < 0.3
+    )

@@ -323,7 +323,10 @@ def controller(
 
     engine, project = _env(project_dir, db)
     ctl = Controller(
-        engine, project, extra_gates=_plugins.extra_gates(), on_verdict=_plugins.verdict_hooks()
+        engine,
+        project,
+        extra_gates=_plugins.extra_gates(),
+        on_verdict=_plugins.verdict_hooks(engine),
     )
     try:
         if once:
