@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import threading
@@ -41,6 +42,20 @@ def best_of(
             best = (elapsed, result)
     assert best is not None
     return best
+
+
+def time_ms(fn: Any, repeat: int) -> dict[str, float]:
+    """Call ``fn`` ``repeat`` times; best, median and max wall time in milliseconds."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    return {
+        "best_ms": round(min(times), 2),
+        "median_ms": round(statistics.median(times), 2),
+        "max_ms": round(max(times), 2),
+    }
 
 
 def timed(fn: Callable[[], T]) -> tuple[float, T]:

@@ -32,12 +32,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import base_parser, emit, environment, log, scratch_dir, table
+from bench._common import base_parser, emit, environment, log, scratch_dir, table, time_ms
 from bench.fleet_query import NOW, load_postgres, load_sqlite
 
 GOAL_MS = 300.0
@@ -130,19 +129,6 @@ def _telemetry(url: str) -> int:
     return int(n)
 
 
-def _time(fn: Any, repeat: int) -> dict[str, float]:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return {
-        "best_ms": round(min(times), 2),
-        "median_ms": round(statistics.median(times), 2),
-        "max_ms": round(max(times), 2),
-    }
-
-
 def measure(
     backend: str, n: int, events_per_device: int, repeat: int, workdir: Path
 ) -> dict[str, Any]:
@@ -189,7 +175,7 @@ def measure(
             errors.append(f"{path}: no latency chart")
 
     get("/dashboard/")  # counts the summary once (then served from its cache, ADR 0007)
-    health = _time(lambda: c.get("/v1/health"), repeat)
+    health = time_ms(lambda: c.get("/v1/health"), repeat)
     pages = {
         "fleet": "/dashboard/?model=seg",
         "devices": "/dashboard/devices",
@@ -201,7 +187,7 @@ def measure(
         "rollout": f"/dashboard/rollouts/{rid}",
         "release_fleet_side": "/dashboard/releases/seg/1.2.0",
     }
-    timings = {name: _time(lambda p=path: get(p), repeat) for name, path in pages.items()}
+    timings = {name: time_ms(lambda p=path: get(p), repeat) for name, path in pages.items()}
     from ota.dashboard import _cache
 
     def recount(path: str) -> None:
@@ -209,7 +195,7 @@ def measure(
         get(path)
 
     for name in ("fleet", "rollout", "release_fleet_side"):
-        timings[f"{name}_recount"] = _time(lambda p=pages[name]: recount(p), repeat)
+        timings[f"{name}_recount"] = time_ms(lambda p=pages[name]: recount(p), repeat)
     for t in timings.values():
         t["server_ms"] = round(max(0.0, t["median_ms"] - health["median_ms"]), 2)
         t["goal_met"] = t["median_ms"] <= GOAL_MS and not errors

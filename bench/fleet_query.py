@@ -24,13 +24,12 @@ Run: ``python -m bench.fleet_query [--json] [--sizes 1000,10000,100000]
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench._common import base_parser, emit, environment, log, scratch_dir, table
+from bench._common import base_parser, emit, environment, log, scratch_dir, table, time_ms
 from bench.fleet_ingest import group_rss_mb
 
 GOAL_MS = 100.0
@@ -283,19 +282,6 @@ def load_sqlite(path: str, n_devices: int, events_per_device: int) -> float:
     return time.perf_counter() - t0
 
 
-def _time(fn: Any, repeat: int) -> dict[str, float]:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    return {
-        "best_ms": round(min(times), 2),
-        "median_ms": round(statistics.median(times), 2),
-        "max_ms": round(max(times), 2),
-    }
-
-
 def measure(
     backend: str, n_devices: int, events_per_device: int, repeat: int, workdir: Path
 ) -> dict[str, Any]:
@@ -331,9 +317,9 @@ def measure(
         cached = get("/v1/fleet?max_age=3600")
         if summary and cached and cached.get("as_of") != summary.get("as_of"):
             errors.append("the summary was recounted although its cache was fresh")
-        health = _time(lambda: call("GET", f"{svc.url}/v1/health"), repeat)
+        health = time_ms(lambda: call("GET", f"{svc.url}/v1/health"), repeat)
         timings = {
-            name: _time(lambda p=path: get(p), repeat)
+            name: time_ms(lambda p=path: get(p), repeat)
             for name, path in (
                 # the operator's poll: the cached count (one row) while fresh enough
                 ("summary", "/v1/fleet?max_age=3600"),
