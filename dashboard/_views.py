@@ -33,7 +33,7 @@ from werkzeug.wrappers import Response as WResponse
 
 from ota.errors import ConflictError, InputError, OtaError
 from ota.fleet import _store
-from ota.fleet._validate import DEVICE_ID_RE, NAME_RE, Rejected
+from ota.fleet._validate import DEVICE_ID_RE, NAME_RE, Rejected, device_filters
 
 from . import _cache, _queries, _security, _supply, _svg
 
@@ -357,18 +357,10 @@ def fleet() -> Any:
 @bp.get("/devices")
 def devices() -> Any:
     _operator("read")
-    args: dict[str, Any] = {}
-    for key, pattern in (
-        ("model", NAME_RE),
-        ("version", NAME_RE),
-        ("ring", NAME_RE),
-        ("tier", NAME_RE),
-        ("after", DEVICE_ID_RE),
-    ):
-        v = request.args.get(key, "")
-        if v and (len(v) > 128 or not pattern.match(v)):
-            abort(400, f"{key!r} has characters that are not allowed")
-        args[key] = v
+    try:
+        args: dict[str, Any] = dict(device_filters(request.args))
+    except Rejected as e:
+        abort(400, e.message)
     h = request.args.get("health", "")
     if h and h not in _store.HEALTH:
         abort(400, "unknown health")
@@ -448,6 +440,7 @@ def _rollout_row(r: Any) -> dict[str, Any]:
 def rollout(rid: int) -> Any:
     op = _operator("read")
     from ota.fleet._rollout_models import Rollout
+    from ota.rollout._store import verdict_json
 
     with _read() as s:
         r = s.get(Rollout, rid)
@@ -456,17 +449,7 @@ def rollout(rid: int) -> Any:
         row = _rollout_row(r)
         verdicts, nxt = _queries.verdicts_page(s, rid, _arg_int("before"))
         vs: list[dict[str, Any]] = [
-            {
-                "id": int(v.id),
-                "at": v.at,
-                "last_at": v.last_at,
-                "repeats": v.repeats,
-                "stage": v.stage,
-                "action": v.action,
-                "reason": v.reason,
-                "acted": v.acted,
-                "gates": v.gates if isinstance(v.gates, list) else [],
-            }
+            verdict_json(v) | {"gates": v.gates if isinstance(v.gates, list) else []}
             for v in verdicts
         ]
         model, version, base = r.model, r.version, r.baseline_version

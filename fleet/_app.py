@@ -42,6 +42,7 @@ from ._validate import (
     TOKEN_NAME_RE,
     Rejected,
     bad,
+    device_filters,
     integer,
     obj,
     only_keys,
@@ -399,18 +400,7 @@ def _float_arg(key: str) -> float | None:
 
 
 def _query_args() -> dict[str, Any]:
-    args: dict[str, Any] = {}
-    for key, pattern in (
-        ("model", NAME_RE),
-        ("version", NAME_RE),
-        ("ring", NAME_RE),
-        ("tier", NAME_RE),
-        ("after", DEVICE_ID_RE),
-    ):
-        v = request.args.get(key, "")
-        if v and (len(v) > 128 or not pattern.match(v)):
-            raise bad(f"{key!r} has characters that are not allowed")
-        args[key] = v
+    args: dict[str, Any] = dict(device_filters(request.args))
     h = request.args.get("health", "")
     if h and h not in _store.HEALTH:
         raise bad(f"'health' must be one of {', '.join(_store.HEALTH)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from ota import bundle as _bundle
@@ -38,6 +39,28 @@ class Rejected(Exception):
 
 def bad(message: str, reason: str = "malformed") -> Rejected:
     return Rejected(400, reason, message)
+
+
+def device_filters(query: Mapping[str, str]) -> dict[str, str]:
+    """The device-list filters of a query string (``model``, ``version``, ``ring``, ``tier``,
+    ``after``), each ``""`` when absent, as the operator API and the dashboard accept them.
+
+    Raises:
+        Rejected: a value over 128 characters or with characters its pattern refuses.
+    """
+    args: dict[str, str] = {}
+    for key, pattern in (
+        ("model", NAME_RE),
+        ("version", NAME_RE),
+        ("ring", NAME_RE),
+        ("tier", NAME_RE),
+        ("after", DEVICE_ID_RE),
+    ):
+        v = query.get(key, "")
+        if v and (len(v) > 128 or not pattern.match(v)):
+            raise bad(f"{key!r} has characters that are not allowed")
+        args[key] = v
+    return args
 
 
 def _no_constant(name: str) -> Any:
