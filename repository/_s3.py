@@ -15,6 +15,14 @@ Same semantics as :class:`~ota.repository._storage.FileStorage`, over boto3:
 * Every upload carries a ``Cache-Control`` header chosen by its key
   (:func:`~ota.repository._storage.cache_control`), the same rules as ``ota serve`` and
   ``docs/serving/nginx-site.conf``, so a bucket served directly or through a CDN caches right.
+* Versioned snapshot and role metadata of at least 1 KiB
+  (:func:`~ota.repository._storage.gzip_eligible`) is stored **gzip-compressed** with
+  ``Content-Encoding: gzip`` (ADR 0010): S3 and CDNs serve it with that header to every client
+  (S3 does not negotiate), and urllib3, requests and python-tuf's fetcher decode it as they
+  stream; python-tuf checks the signed length and hashes on the decoded bytes, and urllib3
+  decodes a bounded amount per read, so a bomb is cut at the signed length. :meth:`get`
+  decodes it again (bounded by ``max_bytes``), so everything above this backend sees the
+  signed bytes; etags are of the stored (compressed) object, in ``get`` and ``put`` alike.
 * Etags are S3's ETag header with the quotes stripped, in ``get``, ``put`` and ``head`` alike, so
   ``get`` then ``put(if_match=etag)`` is a compare-and-swap.
 * Every network call is bounded: a connect timeout, a read timeout and a few retries
@@ -35,7 +43,9 @@ tell the two apart re-reads and compares the content (e.g. a transaction id insi
 from __future__ import annotations
 
 import contextlib
+import gzip
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +64,12 @@ from ota.repository._s3errors import error_code as _code
 from ota.repository._s3errors import etag as _etag
 from ota.repository._s3errors import raise_mapped
 from ota.repository._storage import (
+    GZIP_MIN_BYTES,
     PreconditionFailed,
     Storage,
     StorageError,
     TooLarge,
+    gzip_eligible,
     cache_control,
 )
 
@@ -197,6 +209,8 @@ class S3Storage(Storage):
             raise
         except Exception as e:
             self._raise(e, key)
+        if resp.get("ContentEncoding") == "gzip":
+            data = _gunzip(key, data, _MAX_DECODED if max_bytes is None else max_bytes)
         return data, _etag(resp["ETag"])
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
@@ -337,6 +351,9 @@ class S3Storage(Storage):
         """One PutObject with the headers asked for, whatever the store makes of them."""
         s3key = self._key(key)
         extra: dict[str, str] = {"CacheControl": cache_control(key)}
+        if gzip_eligible(key) and len(data) >= GZIP_MIN_BYTES:
+            data = gzip.compress(data, 6, mtime=0)  # deterministic: a retried put is identical
+            extra |= {"ContentEncoding": "gzip", "ContentType": "application/json"}
         if if_none_match:
             extra["IfNoneMatch"] = "*"
         elif if_match is not None:
@@ -482,3 +499,25 @@ class S3Storage(Storage):
         root = f"{self.prefix}/" if self.prefix else ""
         where = f"s3://{self.bucket}/{root}{key.lstrip('/')}"
         raise_mapped(e, key, where, self.endpoint, self._no_bucket())
+
+
+_MAX_DECODED = 64 << 20  # a gzip-encoded object read without a bound: metadata, never larger
+
+
+def _gunzip(key: str, data: bytes, max_bytes: int) -> bytes:
+    """Decode a ``Content-Encoding: gzip`` object, reading at most ``max_bytes + 1`` decoded.
+
+    Raises:
+        TooLarge: it decodes to more than ``max_bytes`` (a bomb, or simply too large).
+        StorageError: it is not valid gzip, or truncated.
+    """
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, max_bytes + 1)
+    except zlib.error as e:
+        raise StorageError(f"{key} is stored gzip-encoded but does not decode: {e}") from e
+    if len(out) > max_bytes:
+        raise TooLarge(f"{key} decodes to more than {max_bytes} bytes")
+    if not d.eof or d.unused_data:
+        raise StorageError(f"{key} is stored gzip-encoded but is truncated or has trailing data")
+    return out

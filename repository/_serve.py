@@ -2,16 +2,67 @@
 
 A Flask app factory, so the fleet service can mount the same routes later. Paths are joined
 with werkzeug's ``safe_join`` (no traversal) and only three top-level folders are served.
+
+Compression follows ``docs/serving/nginx-site.conf`` (ADR 0010): versioned snapshot and role
+metadata (:func:`~ota.repository._storage.gzip_eligible`) of at least 1 KiB is sent
+``Content-Encoding: gzip`` to a client whose ``Accept-Encoding`` allows gzip, with
+``Vary: Accept-Encoding``; ``timestamp.json``, roots, targets and blobs are always sent as they
+are. The compressed body of an immutable file is kept in a small cache keyed by its path, size
+and mtime, so a fleet polling the same snapshot compresses it once.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
+import os
 import sys
 from pathlib import Path
 
-from flask import Flask, Response, abort, send_from_directory
+from flask import Flask, Response, abort, request, send_from_directory
+from werkzeug.security import safe_join
+
+from ota.repository._storage import GZIP_MIN_BYTES, IMMUTABLE, gzip_eligible
 
 _SERVED = ("metadata", "targets", "blobs")
+_GZIP_MAX_BYTES = 8 << 20  # python-tuf reads at most 5 MB of a role: larger is sent plain
+
+
+@functools.lru_cache(maxsize=64)
+def _gzipped(path: str, size: int, mtime_ns: int) -> bytes | None:
+    """``path`` compressed (level 6, as nginx-site.conf), or None if it changed under us."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            return None
+        data = f.read(size + 1)
+    if len(data) != size:
+        return None
+    return gzip.compress(data, 6, mtime=0)
+
+
+def _maybe_gzip(root: Path, rest: str) -> Response | None:
+    """The gzip response for ``metadata/<rest>`` if it is eligible and the client asked."""
+    vary = gzip_eligible(f"metadata/{rest}")
+    if not vary or request.accept_encodings.quality("gzip") <= 0 or "Range" in request.headers:
+        return None
+    path = safe_join(str(root / "metadata"), rest)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not GZIP_MIN_BYTES <= st.st_size <= _GZIP_MAX_BYTES:
+        return None
+    body = _gzipped(path, st.st_size, st.st_mtime_ns)
+    if body is None:
+        return None
+    response = Response(body, mimetype="application/json")
+    response.headers["Content-Encoding"] = "gzip"
+    response.headers["Vary"] = "Accept-Encoding"
+    response.headers["Cache-Control"] = IMMUTABLE
+    return response
 
 
 def create_app(root: Path) -> Flask:
@@ -25,7 +76,11 @@ def create_app(root: Path) -> Flask:
             abort(404)
         if any(part.startswith(".") for part in rest.split("/")):
             abort(404)  # temp files and locks of the file backend
+        if area == "metadata" and (gz := _maybe_gzip(root, rest)) is not None:
+            return gz
         response = send_from_directory(root / area, rest, conditional=True, max_age=0)
+        if area == "metadata" and gzip_eligible(f"metadata/{rest}"):
+            response.headers["Vary"] = "Accept-Encoding"  # a cache must not mix the two
         # Metadata and the head change; blobs and consistent-snapshot files never do.
         if area == "metadata" and rest == "timestamp.json":
             response.headers["Cache-Control"] = "no-cache"

@@ -76,6 +76,23 @@ def cache_control(key: str) -> str:
     return "private, no-store"
 
 
+GZIP_MIN_BYTES = 1024  # as nginx-site.conf's gzip_min_length: below that, headers cost more
+
+
+def gzip_eligible(key: str) -> bool:
+    """Whether ``key`` may be served ``Content-Encoding: gzip`` (ADR 0010): versioned snapshot
+    and targets-role metadata (``metadata/<v>.<role>.json``), the files that grow with the
+    repository. Never ``timestamp.json`` or the other unversioned head files, never a root
+    (``<v>.root.json``: the device's next-root probe and its idle poll stay byte-for-byte
+    plain), nothing outside ``metadata/``.
+    """
+    top, _, rest = key.partition("/")
+    if top != "metadata" or "/" in rest or not rest[:1].isdigit():
+        return False
+    version, _, role = rest.partition(".")
+    return version.isdigit() and role.endswith(".json") and role != "root.json"
+
+
 class PreconditionFailed(ConflictError):
     """A conditional write lost to a concurrent writer."""
 
