@@ -32,8 +32,10 @@ Run: ``python -m bench.repo_growth [--json] [--releases 100,100000]
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -319,17 +321,85 @@ def _stock_lookup(url: str, trusted: bytes, work: Path, name: str, version: str)
     return fetcher.bytes
 
 
+class _S3Copy:
+    """The folder repository's current metadata copied into a moto bucket through
+    :class:`~ota.repository._s3.S3Storage` (so stored as a publish to S3 stores it: versioned
+    snapshot and roles gzip-encoded), readable over HTTP with the documented bucket policy.
+    :meth:`sync` copies what the current snapshot lists and was not copied yet, the head last."""
+
+    def __init__(self, root: Path, endpoint: str) -> None:
+        import boto3
+
+        from ota.repository._s3 import S3Storage
+
+        self.root = root
+        self.bucket = f"bench-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=self.bucket)
+        policy = (Path(__file__).resolve().parents[1] / "docs" / "serving"
+                  / "s3-bucket-policy.json").read_text(encoding="utf-8")
+        client.put_bucket_policy(Bucket=self.bucket, Policy=policy.replace(
+            "@BUCKET@", self.bucket).replace("@PREFIX@", "repo/"))
+        self.store = S3Storage(self.bucket, "repo", endpoint_url=endpoint)
+        self._copied: set[str] = set()
+
+    def sync(self) -> None:
+        md = self.root / "metadata"
+        head = json.loads((md / "timestamp.json").read_bytes())
+        snap_v = head["signed"]["meta"]["snapshot.json"]["version"]
+        snap = json.loads((md / f"{snap_v}.snapshot.json").read_bytes())
+        names = [f"{m['version']}.{n}" for n, m in snap["signed"]["meta"].items()]
+        names += [p.name for p in md.glob("*.root.json")] + [f"{snap_v}.snapshot.json"]
+        todo = [n for n in names if n not in self._copied and (md / n).is_file()]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: self.store.put(f"metadata/{n}", (md / n).read_bytes()),
+                          todo))
+        self._copied |= set(todo)
+        self.store.put("metadata/root.json", (md / "root.json").read_bytes())
+        self.store.put("metadata/timestamp.json", (md / "timestamp.json").read_bytes())
+
+
+@contextlib.contextmanager
+def _servers(root: Path) -> Iterator[dict[str, tuple[str, str, WireCounter, Any]]]:
+    """nginx (``docs/serving/nginx-site.conf``, gzip where asked), ``ota serve`` (gzip where
+    asked) and S3 (moto's server; versioned metadata stored gzip-encoded), each behind a
+    :class:`WireCounter`: {name: (upstream, base path, counter, S3 copy or None)}."""
+    from tests.nginx import serve_static
+    from tests.repo_helpers import serve_dir
+    from tests.s3server import S3Server, s3_env
+
+    moto = S3Server()
+    moto.start()
+    saved = {k: os.environ.get(k) for k in s3_env(moto.url)}
+    os.environ.update(s3_env(moto.url))
+    try:
+        with serve_static(root) as ngx, serve_dir(root) as ours, \
+                WireCounter(ngx) as w1, WireCounter(ours) as w2, WireCounter(moto.url) as w3:
+            copy = _S3Copy(root, moto.url)
+            copy.sync()
+            yield {"nginx": (ngx, "", w1, None), "serve": (ours, "", w2, None),
+                   "s3": (moto.url, f"/{copy.bucket}/repo", w3, copy)}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        moto.stop()
+
+
 def device_polls(project: Project, model: Path, other_version: str,
                  workdir: Path) -> dict[str, Any]:
-    """Through nginx (``docs/serving/nginx-site.conf``) and a relay counting every byte both
-    ways, headers included: a cold refresh for one model, the poll after a real publish of
-    *another* model, an idle poll, and the poll after the first publish of a *new* model; by
-    the device session and by the stock client. The
+    """Through nginx (``docs/serving/nginx-site.conf``), ``ota serve`` and S3 (moto's server,
+    the metadata stored as ``ota publish`` stores it there), each behind a relay counting every
+    byte both ways, headers included: a cold refresh for one model, the poll after a real
+    publish of *another* model, an idle poll, and the poll after the first publish of a *new*
+    model; by the device session on each server (keys ``device_*`` for nginx,
+    ``serve_device_*``, ``s3_device_*``) and by the stock client through nginx. The
     device follows ``fleet-00000`` (a bulk model with a full index window, the largest a
     model role gets with the default ``max_live_releases``) or, before any bulk history, the
     measured model."""
     from ota.repository import PublishRequest, publish
-    from tests.nginx import serve_static
 
     root = project.storage.local_root()
     assert root is not None
@@ -341,20 +411,24 @@ def device_polls(project: Project, model: Path, other_version: str,
     version = max(index.releases, key=lambda r: r.counter).version
     out: dict[str, Any] = {"device_model": name, "device_model_live": len(index.releases)}
     shutil.rmtree(workdir / "polls", ignore_errors=True)
-    with serve_static(root) as upstream, WireCounter(upstream) as wire:
+    with _servers(root) as servers:
 
         def step(label: str) -> None:
-            for who in ("device", "stock"):
-                wire.reset()
-                work = workdir / "polls" / who
-                body = None
-                if who == "device":
-                    _device_lookup(wire.url, trusted, work, name, version)
-                else:
-                    body = _stock_lookup(wire.url, trusted, work, name, version)
-                out[f"{who}_{label}_wire"] = wire.sent + wire.received
-                if body is not None:
-                    out[f"{who}_{label}_body"] = body
+            for server, (_up, path, wire, copy) in servers.items():
+                if copy is not None:
+                    copy.sync()
+                for who in ("device", "stock") if server == "nginx" else ("device",):
+                    wire.reset()
+                    work = workdir / "polls" / server / who
+                    key = f"{who}_{label}" if server == "nginx" else f"{server}_{who}_{label}"
+                    body = None
+                    if who == "device":
+                        _device_lookup(wire.url + path, trusted, work, name, version)
+                    else:
+                        body = _stock_lookup(wire.url + path, trusted, work, name, version)
+                    out[f"{key}_wire"] = wire.sent + wire.received
+                    if body is not None:
+                        out[f"{key}_body"] = body
 
         step("cold")
         publish(project, PublishRequest(model, OTHER_MODEL, other_version))
@@ -535,6 +609,13 @@ def render(doc: dict[str, Any]) -> str:
              "after new", "stock after other", "bulk s"],
             rows,
         ))
+        for srv, what in (("serve", "ota serve (gzip where asked)"),
+                          ("s3", "S3 (moto; versioned metadata stored gzip-encoded)")):
+            figs = [[p["releases"], *(p.get(f"{srv}_device_{k}_wire", "-") for k in
+                                      ("cold", "after_other", "idle", "after_new"))]
+                    for p in s["points"]]  # fmt: skip
+            out.append(table(f"  device on the wire through {what}",
+                             ["releases", "cold", "after other", "idle", "after new"], figs))
         out.append("")
     return "\n".join(out)
 
