@@ -186,11 +186,12 @@ def _finish_root(
     new_keyid: str,
     *,
     signed_here: bool,
+    bridge: bool = True,
 ) -> KeyChange:
     project.save_config()  # the new keys' URIs must survive a ceremony that takes days
     version = md.signed.version
     if signed_here:
-        published = publish_root(project, md)
+        published = publish_root(project, md, bridge=bridge)
         actions.append(f"published root {version}; re-signed {', '.join(published.resigned)}")
         return KeyChange(actions, version, True, None, new_keyid)
     path = out or project.root_dir / f"root-{version}.unsigned.json"
@@ -203,7 +204,12 @@ def _finish_root(
 
 
 def rotate(
-    project: Project, role: str, new_key: KeySpec | None = None, *, out: Path | None = None
+    project: Project,
+    role: str,
+    new_key: KeySpec | None = None,
+    *,
+    out: Path | None = None,
+    bridge: bool = True,
 ) -> KeyChange:
     """Replace every key of ``role`` with ``new_key`` (generated when None).
 
@@ -222,10 +228,12 @@ def rotate(
     if role not in ROTATABLE:
         raise InputError(f"cannot rotate {role!r}", remedy=f"use one of {', '.join(ROTATABLE)}")
     with _signers_restored_on_error(project):
-        return _rotate(project, role, new_key, out)
+        return _rotate(project, role, new_key, out, bridge)
 
 
-def _rotate(project: Project, role: str, new_key: KeySpec | None, out: Path | None) -> KeyChange:
+def _rotate(
+    project: Project, role: str, new_key: KeySpec | None, out: Path | None, bridge: bool = True
+) -> KeyChange:
     fresh: _FreshKey | None = None
     if new_key is None:
         fresh = _FreshKey.make(project, role)
@@ -263,7 +271,9 @@ def _rotate(project: Project, role: str, new_key: KeySpec | None, out: Path | No
     return _transactionally(
         project,
         fresh,
-        lambda: _finish_root(project, md, out, actions, key.keyid, signed_here=signed_here),
+        lambda: _finish_root(
+            project, md, out, actions, key.keyid, signed_here=signed_here, bridge=bridge
+        ),
         lambda: key.keyid in newest_root(project.storage).signed.roles[role].keyids,
     )
 

@@ -19,6 +19,14 @@ What the commit holds:
 
 Only the online key signs (``releases`` and everything below it): ``targets``, root and team
 roles are untouched, and devices need nothing but their usual refresh.
+
+Optional, with the root keys here: ``--drop-retired`` (:func:`drop_retired`) then rotates the
+snapshot key to a freshly generated one **without a bridge** (root N+1 signed and published
+here). A device's stored snapshot, signed by the old key only, no longer verifies under root
+N+1, so python-tuf discards it instead of comparing the new snapshot with it, and the first
+snapshot signed by the new key omits the retired entries (:mod:`ota.repository._retired`).
+Devices that poll between the root write and that snapshot (one transaction) see one refusal
+and succeed at their next poll.
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ from typing import TYPE_CHECKING, Any
 from tuf.api.metadata import TargetFile
 
 from ota.bundle import ModelIndex, manifest_target_path
-from ota.errors import SecurityError
+from ota.errors import InputError, SecurityError
 from ota.repository._index import archive_put, ensure_model_role
 from ota.repository._layout import new_tree_delegations
 from ota.repository._meta import AUDIT_ROLE, RELEASES_ROLE, model_role
+from ota.repository._retired import lengthless
 from ota.repository._txn import Transaction, run
 
 if TYPE_CHECKING:
@@ -117,3 +126,49 @@ def migrate_layout(project: Project) -> MigrateResult:
         SecurityError: see :func:`migrate`.
     """
     return run(project.storage, project.signers, project.expiry(), migrate)
+
+
+@dataclass(frozen=True)
+class DropResult:
+    """What ``ota migrate-layout --drop-retired`` did."""
+
+    dropped: int
+    root_version: int | None = None
+    new_snapshot_keyid: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dropped_retired": self.dropped,
+            "root_version": self.root_version,
+            "new_snapshot_keyid": self.new_snapshot_keyid,
+        }
+
+
+def drop_retired(project: Project) -> DropResult:
+    """Forget the retired roles' snapshot entries: rotate the snapshot key to a fresh key
+    without a bridge (module docstring). Nothing to do (``dropped`` 0, nothing written) when
+    the snapshot lists no retired role.
+
+    Raises:
+        InputError: the repository is not migrated yet.
+        MissingKeys (ConfigError): the root keys (or the timestamp key) are not usable here;
+            nothing was written.
+        SecurityError / ConflictError: see :func:`~ota.repository._rootceremony.publish_root`.
+    """
+    from ota.repository._keyadmin import rotate
+    from ota.repository._preflight import require_keys
+
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    if txn.legacy_layout():
+        raise InputError("the repository still has hash bins", remedy="run it without the flag")
+    before = len(lengthless(txn.snapshot.signed))
+    if before == 0:
+        return DropResult(0)
+    require_keys(project, "ota migrate-layout --drop-retired", roles=["root"], logged=False)
+    change = rotate(project, "snapshot", None, bridge=False)
+    after = Transaction.begin(project.storage, project.signers, project.expiry())
+    return DropResult(
+        before - len(lengthless(after.snapshot.signed)),
+        change.root_version,
+        change.new_keyid,
+    )

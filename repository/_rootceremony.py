@@ -226,8 +226,13 @@ class PublishedRoot:
         return {"version": self.version, "resigned": list(self.resigned), "bridged": self.bridged}
 
 
-def publish_root(project: Project, new: Metadata[Root]) -> PublishedRoot:
+def publish_root(project: Project, new: Metadata[Root], *, bridge: bool = True) -> PublishedRoot:
     """Verify and publish root N+1 (see the module docstring for the order of writes).
+
+    ``bridge=False`` skips the old+new re-sign before the root write even when the old keys are
+    here: after a snapshot-key rotation to a fresh key, no snapshot the new root accepts then
+    lists the retired roles, so the re-sign after the write drops them
+    (:mod:`ota.repository._retired`); devices polling between the two writes see one refusal.
 
     Raises:
         InputError / SecurityError: see :func:`verify_rotation`.
@@ -243,7 +248,7 @@ def publish_root(project: Project, new: Metadata[Root]) -> PublishedRoot:
             f"the new keys of {', '.join(changed)} are not configured in ota.toml",
             remedy="add their URIs to [signers] (e.g. `ota key rotate` records them)",
         )
-    bridged = bool(changed) and _can_sign(project, current, changed)
+    bridged = bridge and bool(changed) and _can_sign(project, current, changed)
     if bridged:  # metadata valid under root N and N+1 before N+1 appears
         run(store, project.signers, project.expiry(), lambda t: _resign(t, changed, new.signed))
     data = new.to_bytes(_COMPACT)

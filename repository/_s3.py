@@ -69,8 +69,8 @@ from ota.repository._storage import (
     Storage,
     StorageError,
     TooLarge,
-    gzip_eligible,
     cache_control,
+    gzip_eligible,
 )
 
 # boto3-stubs types `boto3.client("s3")` only with mypy-boto3-s3 of the same minor release, which

@@ -101,8 +101,12 @@ def serve_forever(root: Path, host: str, port: int) -> None:
 
     server = make_server(host, port, create_app(root), threaded=True)
     print(f"serving {root} on http://{host}:{server.server_port}", flush=True)
-    print("note: this is the embedded server; for a fleet, serve the folder with nginx, S3 or"
-          " a CDN (docs/serving/)", file=sys.stderr, flush=True)
+    print(
+        "note: this is the embedded server; for a fleet, serve the folder with nginx, S3 or"
+        " a CDN (docs/serving/)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         server.serve_forever()
     finally:

@@ -62,6 +62,7 @@ from ota.repository._meta import (
 from ota.repository._meta import SERIALIZER as _SERIALIZER
 from ota.repository._meta import now as _now
 from ota.repository._meta import parse_metadata as _parse
+from ota.repository._retired import lengthless, may_forget
 from ota.repository._storage import NotFound, PreconditionFailed, Storage
 
 _MAX_VERSION_SKIPS = 64
@@ -102,6 +103,7 @@ class Transaction:
         # roles no delegation reaches any more (ADR 0010): signed with the keys that last
         # delegated them, listed in the snapshot without a length (no client fetches them)
         self._retired: dict[str, tuple[dict[str, Key], int]] = {}
+        self._snapshot_raw: bytes | None = None  # the snapshot as read (its signatures)
 
     @classmethod
     def begin(cls, store: Storage, signers: SignerSet, expiry: Expiry) -> Transaction:
@@ -117,12 +119,11 @@ class Transaction:
             raise ConfigError(f"no repository at {store.url}", remedy="run `ota init` first") from e
         timestamp = _parse(raw, Timestamp, HEAD_KEY)
         snap_version = timestamp.signed.snapshot_meta.version
-        snapshot = _parse(
-            store.get(md_key(Snapshot.type, snap_version), max_bytes=MAX_METADATA_BYTES)[0],
-            Snapshot,
-            "snapshot",
-        )
-        return cls(store, signers, expiry, etag, timestamp, snapshot)
+        snap_raw = store.get(md_key(Snapshot.type, snap_version), max_bytes=MAX_METADATA_BYTES)[0]
+        snapshot = _parse(snap_raw, Snapshot, "snapshot")
+        txn = cls(store, signers, expiry, etag, timestamp, snapshot)
+        txn._snapshot_raw = snap_raw
+        return txn
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -312,6 +313,7 @@ class Transaction:
         snap = self.snapshot.signed
         self._write_new_delegations()
         if self._dirty or self._snapshot_due:
+            self._forget_retired()
             for role in sorted(self._dirty):
                 md = self._loaded[role]
                 md.signed.expires = now + self.lifetime(role)
@@ -340,6 +342,22 @@ class Transaction:
         self._dirty.clear()
         self._snapshot_due = self._timestamp_due = False
         return snap_version
+
+    def _forget_retired(self) -> None:
+        """Drop the snapshot entries of retired roles (no length, delegated by nobody) once no
+        snapshot listing them verifies under the newest root: after a snapshot-key rotation
+        without a bridge (:mod:`ota.repository._retired`). Otherwise they stay: python-tuf
+        refuses a snapshot that drops a role its trusted snapshot lists."""
+        names = [n for n in lengthless(self.snapshot.signed) if n not in self._retired]
+        if not names or self._snapshot_raw is None:
+            return
+        as_read = _parse(self._snapshot_raw, Snapshot, "snapshot")
+        if not may_forget(self._store, self.root(), as_read):
+            return
+        reachable = set(self.all_targets_roles())
+        for name in names:
+            if name not in reachable:
+                del self.snapshot.signed.meta[f"{name}.json"]
 
     def _write_new_delegations(self) -> None:
         """Every role an edited online delegator (``releases``, the archive) delegates is

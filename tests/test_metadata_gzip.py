@@ -99,8 +99,12 @@ def test_ota_serve_gzips_growing_metadata_for_clients_that_ask(tmp_path: Path) -
                 assert "Content-Encoding" not in plain.headers, (name, refused)
                 assert plain.data == data
             if name in big:  # a range is never answered with compressed bytes
-                ranged = http.request("GET", f"{url}/metadata/{name}", decode_content=False,
-                                      headers={"Accept-Encoding": "gzip", "Range": "bytes=0-9"})
+                ranged = http.request(
+                    "GET",
+                    f"{url}/metadata/{name}",
+                    decode_content=False,
+                    headers={"Accept-Encoding": "gzip", "Range": "bytes=0-9"},
+                )
                 assert "Content-Encoding" not in ranged.headers
                 assert ranged.data == data[: len(ranged.data)]
         # the head is never compressed, whatever the client asks

@@ -469,20 +469,34 @@ def gc(project_dir: str, grace: float, dry_run: bool, as_json: bool) -> None:
 
 @click.command("migrate-layout")
 @project_option
+@click.option(
+    "--drop-retired",
+    is_flag=True,
+    help="Then rotate the snapshot key (root keys needed here) so the snapshot can forget the "
+    "retired hash bins (ADR 0010).",
+)
 @json_option
-def migrate_layout(project_dir: str, as_json: bool) -> None:
+def migrate_layout(project_dir: str, drop_retired: bool, as_json: bool) -> None:
     """Move the metadata from fixed hash bins to per-model roles (ADR 0010); idempotent."""
+    from ota.repository._migrate import drop_retired as drop
     from ota.repository._migrate import migrate_layout as do
 
-    r = do(_project(project_dir))
+    project = _project(project_dir)
+    r = do(project)
+    d = drop(project) if drop_retired else None
     emit(
-        r.to_dict(),
+        r.to_dict() | (d.to_dict() if d is not None else {}),
         as_json,
         lambda: (
             f"migrated: {r.models} model roles, {r.live_releases} live releases, "
             f"{r.archived_releases} archived, {r.retired_bins} hash bins retired"
             if r.migrated
             else "already in the per-model layout (ADR 0010): nothing to do"
+        )
+        + (
+            f"\nsnapshot key rotated (root {d.root_version}): {d.dropped} retired entries dropped"
+            if d is not None and d.root_version is not None
+            else ""
         ),
     )
 
