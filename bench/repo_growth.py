@@ -508,14 +508,16 @@ def grow(layout: str, sizes: list[int], workdir: Path, repeat: int, batch: int,
          nginx: bool) -> dict[str, Any]:
     """One repository in ``layout`` (``models``: ADR 0010; ``bins-N``: the old layout with N
     hash bins; ``migrated-bins-N``: the old layout, migrated by ``ota migrate-layout`` at the
-    first size that finds it unmigrated), grown through ``sizes`` releases; measured at each."""
+    first size that finds it unmigrated; ``migrated-dropped-bins-N``: migrated, then
+    ``--drop-retired``, the snapshot-key rotation that lets the snapshot forget the old bins),
+    grown through ``sizes`` releases; measured at each."""
     from ota.repository import PublishRequest, init_project, publish
     from tests.onnx_models import write_mlp
 
     base = workdir / layout
     shutil.rmtree(base, ignore_errors=True)
     t0 = time.perf_counter()
-    legacy = layout.startswith(("bins-", "migrated-bins-"))
+    legacy = layout.startswith(("bins-", "migrated-"))
     bins = int(layout.rsplit("-", 1)[1]) if legacy else 256
     init_project(base / "proj", str(base / "repo"), bins=bins, legacy_bins=legacy)
     project = Project.open(base / "proj")
@@ -546,6 +548,15 @@ def grow(layout: str, sizes: list[int], workdir: Path, repeat: int, batch: int,
             point["migrate_s"] = round(time.perf_counter() - t2, 1)
             point["migrated"] = moved.to_dict()
             log(f"{layout}: migrated in {point['migrate_s']} s: {moved.to_dict()}")
+            if layout.startswith("migrated-dropped-"):  # then --drop-retired (root keys here)
+                from ota.repository._migrate import drop_retired
+
+                t3 = time.perf_counter()
+                dropped = drop_retired(project)
+                point["drop_retired_s"] = round(time.perf_counter() - t3, 1)
+                point["drop_retired"] = dropped.to_dict()
+                log(f"{layout}: --drop-retired in {point['drop_retired_s']} s: "
+                    f"{dropped.to_dict()}")
         point |= measure(project, model, real, repeat, base, nginx)
         real += max(1, repeat) + (1 if nginx else 0)
         points.append(point)
@@ -629,7 +640,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--releases", default="100,100000")
     parser.add_argument("--layouts", default="models,bins-256,bins-4096",
                         help="models (ADR 0010), bins-N (the old layout, N hash bins), "
-                             "migrated-bins-N (the old layout grown, then migrated)")
+                             "migrated-bins-N (the old layout grown, then migrated), "
+                             "migrated-dropped-bins-N (then --drop-retired)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=50_000, help="bulk releases per transaction")
     args = parser.parse_args(argv)
