@@ -127,3 +127,6 @@ def test_repo_growth_reports_each_size(tmp_path: Path, capsys: pytest.CaptureFix
         if nginx_binary() is not None:  # device figures on the wire: gzip, idle poll unchanged
             assert 0 < p["device_after_other_wire"] < p["stock_after_other_wire"]
             assert 0 < p["device_idle_wire"] <= 1024
+            for server in ("serve", "s3"):  # the same polls through ota serve and moto's S3
+                for step in ("cold", "after_other", "idle", "after_new"):
+                    assert p[f"{server}_device_{step}_wire"] > 0
