@@ -138,3 +138,23 @@ def test_a_bridged_snapshot_rotation_keeps_the_retired_entries(tmp_path: Path) -
     assert sorted(lengthless(_txn(project).snapshot.signed)) == listed
     publish_mlp(project, "beta", "1.1.0", seed=4)  # and a later publish keeps them too
     assert sorted(lengthless(_txn(project).snapshot.signed)) == listed
+
+
+def test_drop_retired_without_the_root_keys_refuses_and_writes_nothing(tmp_path: Path) -> None:
+    from ota.cli._main import _register, cli
+
+    project = _legacy(tmp_path)
+    migrate_layout(project)
+    for keyid in _txn(project).root().signed.roles["root"].keyids:
+        project.set_signer(keyid, None)  # the root keys live on an offline machine
+    project.save_config()
+    root = project.storage.local_root()
+    assert root is not None
+    before = sorted(p.name for p in (root / "metadata").iterdir())
+    _register()
+    out = CliRunner().invoke(cli, ["migrate-layout", "--drop-retired",
+                                   "--project", str(project.root_dir)])  # fmt: skip
+    assert out.exit_code == 9, out.output  # configuration: the root keys are not here
+    assert "root" in out.output
+    assert sorted(p.name for p in (root / "metadata").iterdir()) == before
+    assert len(lengthless(_txn(Project.open(project.root_dir)).snapshot.signed)) == 8
