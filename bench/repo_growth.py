@@ -39,12 +39,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from securesystemslib.signer import Signer
 from tuf.api.metadata import Key, Metadata, Signed, TargetFile
@@ -85,6 +85,7 @@ from ota.repository._index import archive_dropped, ensure_model_role, read_index
 from ota.repository._project import Project, put_target_file
 from ota.repository._txn import SignerSet, Transaction, run
 
+T = TypeVar("T")
 GOAL_COLD = 64 * 1024  # bytes on the wire: a cold refresh for one model
 GOAL_AFTER_OTHER = 16 * 1024  # the poll after a publish of another model
 GOAL_IDLE = 1024  # an idle poll
@@ -441,6 +442,30 @@ def device_polls(project: Project, model: Path, other_version: str,
     return out
 
 
+def crossing_poll(project: Project, workdir: Path, change: Callable[[], T]) -> tuple[T, int]:
+    """A device session refreshes through nginx, ``change()`` runs (``--drop-retired``: root
+    N+1 and a snapshot without the retired entries), then the same device polls again: the
+    bytes on the wire of that crossing poll, headers included, and what ``change`` returned."""
+    from tests.nginx import serve_static
+
+    root = project.storage.local_root()
+    assert root is not None
+    trusted = (project.root_dir / "root.json").read_bytes()
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    name = _device_model(txn)
+    index = read_index(txn, name)
+    assert index is not None
+    version = max(index.releases, key=lambda r: r.counter).version
+    work = workdir / "crossing"
+    shutil.rmtree(work, ignore_errors=True)
+    with serve_static(root) as upstream, WireCounter(upstream) as wire:
+        _device_lookup(wire.url, trusted, work, name, version)
+        out = change()
+        wire.reset()
+        _device_lookup(wire.url, trusted, work, name, version)
+        return out, wire.sent + wire.received
+
+
 # -- one size ----------------------------------------------------------------------------------
 
 
@@ -552,7 +577,11 @@ def grow(layout: str, sizes: list[int], workdir: Path, repeat: int, batch: int,
                 from ota.repository._migrate import drop_retired
 
                 t3 = time.perf_counter()
-                dropped = drop_retired(project)
+                if nginx:  # a device holding the migrated metadata, polling across the drop
+                    dropped, point["device_crossing_wire"] = crossing_poll(
+                        project, base, partial(drop_retired, project))
+                else:
+                    dropped = drop_retired(project)
                 point["drop_retired_s"] = round(time.perf_counter() - t3, 1)
                 point["drop_retired"] = dropped.to_dict()
                 log(f"{layout}: --drop-retired in {point['drop_retired_s']} s: "
