@@ -43,8 +43,8 @@ def _gzipped(path: str, size: int, mtime_ns: int) -> bytes | None:
 
 def _maybe_gzip(root: Path, rest: str) -> Response | None:
     """The gzip response for ``metadata/<rest>`` if it is eligible and the client asked."""
-    vary = gzip_eligible(f"metadata/{rest}")
-    if not vary or request.accept_encodings.quality("gzip") <= 0 or "Range" in request.headers:
+    eligible = gzip_eligible(f"metadata/{rest}")
+    if not eligible or request.accept_encodings.quality("gzip") <= 0 or "Range" in request.headers:
         return None
     path = safe_join(str(root / "metadata"), rest)
     if path is None:
