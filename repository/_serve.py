@@ -18,6 +18,7 @@ import gzip
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from flask import Flask, Response, abort, request, send_from_directory
 from werkzeug.security import safe_join
@@ -25,6 +26,18 @@ from werkzeug.security import safe_join
 from ota.repository._storage import GZIP_MIN_BYTES, IMMUTABLE, gzip_eligible
 
 _SERVED = ("metadata", "targets", "blobs")
+# Headers a device never uses, dropped to keep an idle poll under 1 KiB on the wire as through
+# nginx (docs/serving/nginx-site.conf): the file name, a second Date, validators (a poll asks
+# for the whole timestamp; an mtime validator can answer 304 for a file rewritten within the
+# same second) and ranges on metadata, which is never fetched in parts.
+_METADATA_DROP = (
+    "Content-Disposition",
+    "Date",
+    "Expires",
+    "ETag",
+    "Last-Modified",
+    "Accept-Ranges",
+)
 _GZIP_MAX_BYTES = 8 << 20  # python-tuf reads at most 5 MB of a role: larger is sent plain
 
 
@@ -78,7 +91,9 @@ def create_app(root: Path) -> Flask:
             abort(404)  # temp files and locks of the file backend
         if area == "metadata" and (gz := _maybe_gzip(root, rest)) is not None:
             return gz
-        response = send_from_directory(root / area, rest, conditional=True, max_age=0)
+        response = send_from_directory(root / area, rest, conditional=area != "metadata", max_age=0)
+        for name in _METADATA_DROP if area == "metadata" else ("Content-Disposition", "Date"):
+            del response.headers[name]
         if area == "metadata" and gzip_eligible(f"metadata/{rest}"):
             response.headers["Vary"] = "Accept-Encoding"  # a cache must not mix the two
         # Metadata and the head change; blobs and consistent-snapshot files never do.
@@ -88,6 +103,12 @@ def create_app(root: Path) -> Flask:
             response.headers["Cache-Control"] = "public, max-age=31536000, immutable"
         return response
 
+    @app.errorhandler(404)
+    def not_found(_error: Exception) -> Response:
+        response = Response(b"", 404)  # the root probe's usual answer: no page on every poll
+        del response.headers["Content-Type"]
+        return response
+
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -95,11 +116,25 @@ def create_app(root: Path) -> Flask:
     return app
 
 
+def make_server(root: Path, host: str, port: int) -> Any:
+    """A threaded werkzeug server for :func:`create_app` whose ``Server`` header names no
+    versions."""
+    from werkzeug.serving import WSGIRequestHandler
+    from werkzeug.serving import make_server as _make
+
+    class _Handler(WSGIRequestHandler):
+        server_version = "ota"
+        sys_version = ""
+
+        def version_string(self) -> str:
+            return "ota"
+
+    return _make(host, port, create_app(root), threaded=True, request_handler=_Handler)
+
+
 def serve_forever(root: Path, host: str, port: int) -> None:
     """Run a threaded server until interrupted."""
-    from werkzeug.serving import make_server
-
-    server = make_server(host, port, create_app(root), threaded=True)
+    server = make_server(root, host, port)
     print(f"serving {root} on http://{host}:{server.server_port}", flush=True)
     print(
         "note: this is the embedded server; for a fleet, serve the folder with nginx, S3 or"

@@ -39,11 +39,9 @@ def publish_mlp(
 @contextlib.contextmanager
 def serve_dir(root: Path) -> Iterator[str]:
     """Serve a local repository folder with ``ota serve``'s app; yield its base URL."""
-    from werkzeug.serving import make_server
+    from ota.repository._serve import make_server
 
-    from ota.repository._serve import create_app
-
-    server = make_server("127.0.0.1", 0, create_app(root), threaded=True)
+    server = make_server(root, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
