@@ -72,6 +72,7 @@ class Uploader:
         self._slots = threading.BoundedSemaphore(_IN_FLIGHT)
         self._futures: list[Future[int]] = []
         self._lock = threading.Lock()
+        self._synced = False  # a barrier ran and no chunk was handed over since
 
     def __enter__(self) -> Uploader:
         return self
@@ -90,6 +91,7 @@ class Uploader:
                 return
             self.known.add(digest)
         self._slots.acquire()
+        self._synced = False
         self._futures.append(self._pool.submit(self._one, digest, data))
 
     def _one(self, digest: str, data: bytes) -> int:
@@ -100,7 +102,9 @@ class Uploader:
             self._slots.release()
 
     def flush(self) -> None:
-        """Wait for every submitted upload, re-raise the first failure, make blobs durable."""
+        """Wait for every submitted upload, re-raise the first failure, make blobs durable
+        (the storage's barrier: also for blobs written beside the uploader since, such as
+        ADR 0014 file blobs)."""
         futures, self._futures = self._futures, []
         for f in futures:
             n = f.result()
@@ -108,9 +112,14 @@ class Uploader:
                 self.stats.chunks_uploaded += 1
                 self.stats.bytes_uploaded += n
         self.storage.barrier()
+        self._synced = True
 
     def close(self) -> None:
-        self.flush()
+        """:meth:`flush`, unless nothing was handed over since the last one (publish flushes
+        before its commit: a second machine-wide ``os.sync`` would only wait for other
+        processes' writes), then stop the pool."""
+        if not self._synced or self._futures:
+            self.flush()
         self._pool.shutdown(wait=True)
 
 

@@ -287,3 +287,27 @@ def _varint(n: int) -> bytes:
         out.append(b | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+class _CountingStorage(FileStorage):
+    """The real folder storage, counting its barriers (machine-wide ``os.sync``)."""
+
+    barriers = 0
+
+    def barrier(self) -> None:
+        self.barriers += 1
+        super().barrier()
+
+
+def test_uploader_syncs_once_after_its_last_chunk(tmp_path: Path) -> None:
+    store = _CountingStorage(tmp_path / "store")
+    with Uploader(store) as up:
+        up.submit(hashlib.sha256(b"a").hexdigest(), b"a")
+        up.flush()  # what publish does before its commit
+        assert store.barriers == 1
+    assert store.barriers == 1  # close: nothing new to make durable, no second os.sync
+    with Uploader(store) as up:
+        up.flush()
+        up.submit(hashlib.sha256(b"b").hexdigest(), b"b")
+    assert store.barriers == 3  # a chunk after the flush: close makes it durable
+    assert store.get(blob_key(hashlib.sha256(b"b").hexdigest()))[0] == b"b"
