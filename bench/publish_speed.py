@@ -296,11 +296,14 @@ def cp_openssl_sync(model: Path, dest_dir: Path) -> float:
 _last_baseline_cpu_s = 0.0
 
 
-# What a publish imports, in a fresh interpreter: bench._common.import_cost's set plus
-# model_signing.signing (imported by the bundle signature step).
+# What a publish imports, in a fresh interpreter: bench._common.import_cost's set plus the
+# bundle signer: ota.signing._light_sign since issue 13's second pass (no model_signing), or
+# model_signing.signing in a checkout without it (a --compare-python "before").
 _PUBLISH_IMPORTS = (
     "import ota.repository, ota.repository._golden, ota.repository._model_checks, "
-    "ota.signing, ota.sbom._mlbom, onnxruntime, model_signing.signing; "
+    "ota.signing, ota.sbom._mlbom, onnxruntime\n"
+    "try:\n    import ota.signing._light_sign\n"
+    "except ImportError:\n    import model_signing.signing\n"
     "from ota.sbom._schema import _strict_validator; _strict_validator()"
 )
 

@@ -1,11 +1,12 @@
 """Content-defined chunking (FastCDC) and deduplicating upload, in one pass over each file.
 
 Each chunk is copied once out of the ``mmap``; those same bytes are hashed into the chunk digest,
-fed to the whole-file sha256 (on a second thread: hashlib releases the GIL) and uploaded. So every
-byte is read once and hashed twice (file and chunk digests), and what is uploaded is exactly what
-was hashed even if the source file changes underneath. Chunk boundaries depend on content, so an
-edit changes only the chunks it touches: the basis of delta updates
-(``docs/adr/0001-bundle-format.md``).
+fed to the whole-file sha256 (on a second thread: hashlib releases the GIL; the same thread
+writes the file's whole-blob copy when asked, ADR 0014) and uploaded. So every byte is read once
+and hashed twice (file and chunk digests: the two trust anchors of ADR 0008), and what is
+uploaded and copied is exactly what was hashed even if the source file changes underneath. Chunk
+boundaries depend on content, so an edit changes only the chunks it touches: the basis of delta
+updates (``docs/adr/0001-bundle-format.md``).
 
 Memory is bounded whatever the file size: at most ``_IN_FLIGHT`` chunks wait for upload and
 ``_HASH_QUEUE`` for the whole-file hash, and mapped pages already chunked are dropped from the
@@ -71,6 +72,7 @@ class Uploader:
         self._slots = threading.BoundedSemaphore(_IN_FLIGHT)
         self._futures: list[Future[int]] = []
         self._lock = threading.Lock()
+        self._synced = False  # a barrier ran and no chunk was handed over since
 
     def __enter__(self) -> Uploader:
         return self
@@ -89,6 +91,7 @@ class Uploader:
                 return
             self.known.add(digest)
         self._slots.acquire()
+        self._synced = False
         self._futures.append(self._pool.submit(self._one, digest, data))
 
     def _one(self, digest: str, data: bytes) -> int:
@@ -99,7 +102,9 @@ class Uploader:
             self._slots.release()
 
     def flush(self) -> None:
-        """Wait for every submitted upload, re-raise the first failure, make blobs durable."""
+        """Wait for every submitted upload, re-raise the first failure, make blobs durable
+        (the storage's barrier: also for blobs written beside the uploader since, such as
+        ADR 0014 file blobs)."""
         futures, self._futures = self._futures, []
         for f in futures:
             n = f.result()
@@ -107,9 +112,14 @@ class Uploader:
                 self.stats.chunks_uploaded += 1
                 self.stats.bytes_uploaded += n
         self.storage.barrier()
+        self._synced = True
 
     def close(self) -> None:
-        self.flush()
+        """:meth:`flush`, unless nothing was handed over since the last one (publish flushes
+        before its commit: a second machine-wide ``os.sync`` would only wait for other
+        processes' writes), then stop the pool."""
+        if not self._synced or self._futures:
+            self.flush()
         self._pool.shutdown(wait=True)
 
 
@@ -124,48 +134,84 @@ def _release_behind(mm: mmap.mmap, released: int, offset: int) -> int:
     return upto
 
 
+class _WholeFile:
+    """The whole-file sha256 of the blocks put on ``feed`` (``None`` ends them), computed on
+    its own thread (:meth:`run`), and the optional copy of those blocks at ``copy_to``. A
+    failure is kept in ``failed`` and the feed drained, so the producer never blocks."""
+
+    def __init__(self, copy_to: Path | None) -> None:
+        self.copy_to = copy_to
+        self.sha256 = hashlib.sha256()
+        self.feed: queue.Queue[bytes | None] = queue.Queue(maxsize=_HASH_QUEUE)
+        self.failed: list[BaseException] = []
+
+    def run(self) -> None:
+        out = None
+        try:
+            out = self.copy_to.open("wb") if self.copy_to is not None else None
+            while (block := self.feed.get()) is not None:
+                self.sha256.update(block)
+                if out is not None:
+                    out.write(block)
+        except BaseException as e:  # re-raised by chunk_file
+            self.failed.append(e)
+            while self.feed.get() is not None:
+                pass
+        finally:
+            if out is not None:
+                out.close()
+
+
 def chunk_file(
     source: Path,
     bundle_path: str,
     uploader: Uploader | None = None,
     progress: Progress | None = None,
+    copy_to: Path | None = None,
 ) -> FileEntry:
     """Cut ``source`` into content-defined chunks, hash it, and hand each chunk to ``uploader``.
 
+    With ``copy_to`` (a new file's path), the bytes are also written there, in order, by the
+    thread that computes the whole-file sha256, from the same buffers: the copy holds exactly
+    the bytes the returned digest names (``ota.repository._fileblob``, ADR 0014), without a
+    second read and hash of the source. On any failure the copy is removed.
+
     Raises:
-        OSError: the file cannot be read.
+        OSError: the file cannot be read, or the copy cannot be written.
     """
     from fastcdc import fastcdc  # publisher-only: a device (client extra) never chunks
 
     size = source.stat().st_size
     if size == 0:
         return FileEntry(bundle_path, hashlib.sha256(b"").hexdigest(), 0, ())
-    whole = hashlib.sha256()
-    feed: queue.Queue[bytes | None] = queue.Queue(maxsize=_HASH_QUEUE)
-
-    def hash_whole() -> None:
-        while (block := feed.get()) is not None:
-            whole.update(block)
-
-    hasher = threading.Thread(target=hash_whole, name="sha256-file", daemon=True)
+    whole = _WholeFile(copy_to)
+    hasher = threading.Thread(target=whole.run, name="sha256-file", daemon=True)
     hasher.start()
+    feed = whole.feed
     chunks: list[Chunk] = []
     try:
-        with source.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            released = 0  # pages before this offset are dropped from our mapping
-            for c in fastcdc(mm, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK, fat=False):
-                data = mm[c.offset : c.offset + c.length]
-                released = _release_behind(mm, released, c.offset)
-                feed.put(data)
-                digest = hashlib.sha256(data).hexdigest()
-                chunks.append(Chunk(digest, len(data)))
-                if uploader is not None:
-                    uploader.submit(digest, data)
-                if progress:
-                    progress(len(data))
-    finally:
-        feed.put(None)
-        hasher.join()
-    if sum(c.size for c in chunks) != size:
-        raise OSError(f"{source} changed size while publishing")
-    return FileEntry(bundle_path, whole.hexdigest(), size, tuple(chunks))
+        try:
+            with source.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                released = 0  # pages before this offset are dropped from our mapping
+                for c in fastcdc(mm, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK, fat=False):
+                    data = mm[c.offset : c.offset + c.length]
+                    released = _release_behind(mm, released, c.offset)
+                    feed.put(data)
+                    digest = hashlib.sha256(data).hexdigest()
+                    chunks.append(Chunk(digest, len(data)))
+                    if uploader is not None:
+                        uploader.submit(digest, data)
+                    if progress:
+                        progress(len(data))
+        finally:
+            feed.put(None)
+            hasher.join()
+        if whole.failed:
+            raise whole.failed[0]
+        if sum(c.size for c in chunks) != size:
+            raise OSError(f"{source} changed size while publishing")
+    except BaseException:
+        if copy_to is not None:
+            copy_to.unlink(missing_ok=True)
+        raise
+    return FileEntry(bundle_path, whole.sha256.hexdigest(), size, tuple(chunks))

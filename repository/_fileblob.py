@@ -6,9 +6,11 @@ chunks; a one-chunk file needs none (its chunk blob has the file's digest alread
 
 Invariants:
 
-* the blob stored under a file's digest holds exactly the bytes of that digest: the source is
-  copied and hashed in one pass, and the copy is discarded unless the hash is the one
-  :func:`~ota.repository._chunker.chunk_file` found (a source changed in between is an error);
+* the blob stored under a file's digest holds exactly the bytes of that digest: either the copy
+  :func:`~ota.repository._chunker.chunk_file` wrote from the very buffers it hashed into that
+  digest (``copy_to``, made by :func:`blob_copy_path`: the publish path, one read and one
+  whole-file hash per file), or the source copied and hashed again in one pass, the copy
+  discarded unless the hash is the entry's (a source changed in between is an error);
 * readers never see a partial blob: a dot-named temp file is renamed into place (file backend,
   durable at the uploader's ``barrier``) or uploaded whole (S3 completes multipart atomically);
 * an existing blob is left as it is (content-addressed: same key, same bytes).
@@ -23,20 +25,47 @@ import tempfile
 from pathlib import Path
 
 from ota.bundle import FileEntry, blob_key
+from ota.repository._chunker import MIN_CHUNK
 from ota.repository._storage import Storage
 
 _BLOCK = 1 << 20
+_BLOB_ROOT = "blobs/sha256"  # blob_key's folder: temp copies beside the blobs' 2-char folders
 
 
-def store_file_blob(storage: Storage, source: Path, entry: FileEntry, scratch: Path) -> bool:
+def blob_copy_path(storage: Storage, source: Path, scratch: Path) -> Path | None:
+    """A new empty dot-named temp file for :func:`~ota.repository._chunker.chunk_file`'s
+    ``copy_to``, on the repository's file system (so it can be renamed into place) or in
+    ``scratch`` for a remote store; None when ``source`` is too small to need a file blob (one
+    chunk at most). Hand the result to :func:`store_file_blob`, which always removes it."""
+    if source.stat().st_size <= MIN_CHUNK:
+        return None
+    root = storage.local_root()
+    folder = root / _BLOB_ROOT if root is not None else scratch
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".file.", suffix=".new", dir=folder)
+    os.close(fd)
+    return Path(name)
+
+
+def store_file_blob(
+    storage: Storage, source: Path, entry: FileEntry, scratch: Path, copy: Path | None = None
+) -> bool:
     """Store ``source`` (whose entry is ``entry``) as the blob of its digest if it has several
     chunks and the store lacks it. Returns whether it was written. ``scratch`` is a private
-    folder for the temp copy when the store is not local.
+    folder for the temp copy when the store is not local. ``copy``: the copy ``chunk_file``
+    wrote while computing ``entry`` (see :func:`blob_copy_path`), used instead of reading the
+    source again, and removed in every case.
 
     Raises:
-        OSError: the source cannot be read, or no longer hashes to ``entry.sha256``.
+        OSError: the source cannot be read, or no longer hashes to ``entry.sha256``; the copy
+            is not ``entry.size`` bytes.
         StorageError, TransientError, LocalError: the store failed.
     """
+    if copy is not None:
+        try:
+            return _store_copy(storage, entry, copy)
+        finally:
+            copy.unlink(missing_ok=True)
     if len(entry.chunks) < 2:
         return False
     key = blob_key(entry.sha256)
@@ -65,4 +94,24 @@ def store_file_blob(storage: Storage, source: Path, entry: FileEntry, scratch: P
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+    return True
+
+
+def _store_copy(storage: Storage, entry: FileEntry, copy: Path) -> bool:
+    """Put ``copy`` (written by ``chunk_file`` from the bytes it hashed into ``entry``) under
+    the blob key of ``entry.sha256``; the caller removes ``copy`` afterwards."""
+    if len(entry.chunks) < 2:
+        return False
+    key = blob_key(entry.sha256)
+    if storage.exists(key):
+        return False
+    if copy.stat().st_size != entry.size:
+        raise OSError(f"the copy of {entry.path} is not {entry.size} bytes")
+    root = storage.local_root()
+    if root is not None:
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(copy, 0o644)
+        os.replace(copy, root / key)  # durable at the uploader's barrier (os.sync)
+    else:
+        storage.put_file(key, copy)
     return True

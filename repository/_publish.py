@@ -56,7 +56,7 @@ from ota.errors import ConfigError, InputError, SecurityError
 from ota.repository import _auditlog, _policy  # issue 4: publish policy and audit log
 from ota.repository._chunker import Progress, Uploader, UploadStats, chunk_file
 from ota.repository._deltas import DeltaSettings, DeltaStats  # issue 13: binary deltas
-from ota.repository._fileblob import store_file_blob
+from ota.repository._fileblob import blob_copy_path, store_file_blob
 from ota.repository._index import (
     CounterTaken,
     add_release,
@@ -332,34 +332,45 @@ def _chunk_payload(
         InputError: the checks, the golden run or the budget check fail (see :func:`publish`).
     """
     entries: dict[str, FileEntry] = {}
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish") as side:
-        # Overlap (issue 13): hashing and onnxruntime release the GIL, imports do not. The
-        # model file is chunked while the checks import onnx and parse the graph; the golden
-        # run, the model card and the imports of the later steps (model_signing, the SBOM
-        # validator) run while the payload is chunked. Nothing is visible before the
-        # commit: a check that fails leaves only unreferenced blobs, as any failure does.
-        stop = threading.Event()
-        early = _chunk_model_early(side, req, up, progress, stop)
-        try:
-            if req.kind == "model":
-                model_path, payload = _model_payload(req)
-            else:
-                model_path, payload = None, _runtime_payload(req.source)
-        except BaseException:
-            stop.set()  # the early chunking stops at its next chunk
-            raise
-        smoke_job = side.submit(_smoke_files, req, model_path, staging, actor)
-        card_job = side.submit(_model_card, model_path)
-        side.submit(_warm_imports, model_path is not None)
-        if early is not None:
-            entries[MODEL_FILE] = early.result()
-        for bundle_path, src in payload.items():
-            if bundle_path not in entries:
-                entries[bundle_path] = chunk_file(src, bundle_path, up, progress)
-            # ADR 0014: devices fetch adjacent missing chunks as ranges of this blob
-            store_file_blob(store, src, entries[bundle_path], staging)
-        smoke, overrides = smoke_job.result()
-        card = card_job.result()
+    copies: dict[str, Path | None] = {}  # ADR 0014 file blobs, written by the chunking pass
+    try:
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish") as side:
+            # Overlap (issue 13): hashing and onnxruntime release the GIL, imports do not. The
+            # model file is chunked while the checks import onnx and parse the graph; the
+            # golden run, the model card and the imports of the later steps (the signers, the
+            # SBOM validator) run while the payload is chunked. Nothing is visible before the
+            # commit: a check that fails leaves only unreferenced blobs, as any failure does.
+            stop = threading.Event()
+            early = _chunk_model_early(side, req, up, progress, stop, store, staging, copies)
+            try:
+                if req.kind == "model":
+                    model_path, payload = _model_payload(req)
+                else:
+                    model_path, payload = None, _runtime_payload(req.source)
+            except BaseException:
+                stop.set()  # the early chunking stops at its next chunk
+                raise
+            smoke_job = side.submit(_smoke_files, req, model_path, staging, actor)
+            card_job = side.submit(_model_card, model_path)
+            side.submit(_warm_imports, model_path is not None)
+            if early is not None:
+                entries[MODEL_FILE] = early.result()
+            for bundle_path, src in payload.items():
+                if bundle_path not in entries:
+                    copies[bundle_path] = blob_copy_path(store, src, staging)
+                    entries[bundle_path] = chunk_file(
+                        src, bundle_path, up, progress, copies[bundle_path]
+                    )
+                # ADR 0014: devices fetch adjacent missing chunks as ranges of this blob
+                store_file_blob(
+                    store, src, entries[bundle_path], staging, copies.pop(bundle_path, None)
+                )
+            smoke, overrides = smoke_job.result()
+            card = card_job.result()
+    finally:  # a copy not stored (a failed check, say) is removed, never left in the repository
+        for copy in copies.values():
+            if copy is not None:
+                copy.unlink(missing_ok=True)
     return model_path, entries, (smoke, overrides), card
 
 
@@ -562,6 +573,9 @@ def _chunk_model_early(
     up: Uploader,
     progress: Progress | None,
     stop: threading.Event,
+    store: Storage,
+    staging: Path,
+    copies: dict[str, Path | None],
 ) -> Future[FileEntry] | None:
     """Start chunking the model file on ``side`` while the caller checks it, or None (a runtime,
     or a source that is not a regular file within ``max_model_bytes``: the checks then say
@@ -569,6 +583,7 @@ def _chunk_model_early(
 
     The job stops at its next chunk once ``stop`` is set (the checks failed); its error is then
     never looked at. A failure of its own surfaces from ``result()`` after the checks passed.
+    The file-blob copy it writes (``copies[MODEL_FILE]``) is the caller's to store or remove.
     """
     if req.kind != "model":
         return None
@@ -584,23 +599,37 @@ def _chunk_model_early(
         if progress is not None:
             progress(n)
 
-    return side.submit(chunk_file, req.source, MODEL_FILE, up, tick)
+    copies[MODEL_FILE] = copy = blob_copy_path(store, req.source, staging)
+    return side.submit(chunk_file, req.source, MODEL_FILE, up, tick, copy)
+
+
+# What ota.sbom.build_mlbom imports when it is called (after the chunking, on the main thread:
+# 0.2-0.5 s of a fresh publish's wall time before they were warmed here).
+_SBOM_MODULES = (
+    "cyclonedx.contrib.license.factories",
+    "cyclonedx.model.bom",
+    "cyclonedx.model.component",
+    "cyclonedx.model.contact",
+    "cyclonedx.output.json",
+    "packageurl",
+)
 
 
 def _warm_imports(model: bool) -> None:
-    """Import what the steps after the chunking need (model_signing for the bundle signature,
-    the CycloneDX validator for the SBOM, the provenance signer) while the payload is chunked:
+    """Import what the steps after the chunking need (the bundle and provenance signers, the
+    CycloneDX validator for the SBOM) while the payload is chunked:
     a fresh ``ota publish`` otherwise pays them one after the other at the end (issue 13).
     Only a warm-up: a failure here is ignored and raised again, with its context, by the step
     that needs the module."""
     with contextlib.suppress(Exception):
-        importlib.import_module("ota.signing")
-        importlib.import_module("model_signing.signing")
+        importlib.import_module("ota.signing._light_sign")  # not model_signing: issue 13
         if model:
             from ota.sbom._schema import _strict_validator
 
             _strict_validator()
             importlib.import_module("ota.repository._reference")
+            for name in _SBOM_MODULES:
+                importlib.import_module(name)
 
 
 def _runtime_payload(folder: Path) -> dict[str, Path]:

@@ -27,22 +27,33 @@ def test_early_chunking_stops_once_told(tmp_path: Path) -> None:
     stop = threading.Event()
     stop.set()  # the checks failed before the first chunk was cut
     req = PublishRequest(source=source, name="m", version="1.0.0")
+    copies: dict[str, Path | None] = {}
     with ThreadPoolExecutor(max_workers=1) as side, Uploader(store) as up:
-        job = _chunk_model_early(side, req, up, None, stop)
+        job = _chunk_model_early(side, req, up, None, stop, store, tmp_path, copies)
         assert job is not None
         with pytest.raises(_Stopped):
             job.result()
         assert up.stats.chunks_total <= 1  # stopped at its first chunk, not at the end
+    copy = copies["model/model.onnx"]
+    assert copy is not None and copy.parent == tmp_path / "repo" / "blobs" / "sha256"
+    assert not copy.exists()  # the file-blob copy of a stopped chunking is removed
 
 
 def test_no_early_chunking_for_what_the_checks_refuse_by_size(tmp_path: Path) -> None:
     source = tmp_path / "model.onnx"
     source.write_bytes(b"\0" * 4096)
     req = PublishRequest(source=source, name="m", version="1.0.0", max_model_bytes=1024)
-    with ThreadPoolExecutor(max_workers=1) as side, Uploader(FileStorage(tmp_path / "r")) as up:
-        assert _chunk_model_early(side, req, up, None, threading.Event()) is None
+    store = FileStorage(tmp_path / "r")
+    copies: dict[str, Path | None] = {}
+    with ThreadPoolExecutor(max_workers=1) as side, Uploader(store) as up:
+        assert _chunk_model_early(
+            side, req, up, None, threading.Event(), store, tmp_path, copies
+        ) is None  # fmt: skip
         folder = PublishRequest(source=tmp_path, name="m", version="1.0.0")
-        assert _chunk_model_early(side, folder, up, None, threading.Event()) is None
+        assert _chunk_model_early(
+            side, folder, up, None, threading.Event(), store, tmp_path, copies
+        ) is None  # fmt: skip
+    assert copies == {}
 
 
 def test_a_model_the_checks_reject_publishes_nothing(tmp_path: Path) -> None:
@@ -53,6 +64,8 @@ def test_a_model_the_checks_reject_publishes_nothing(tmp_path: Path) -> None:
         publish(project, PublishRequest(source=bad, name="m", version="1.0.0"))
     assert "bad.onnx" in str(err.value)  # the check's own error, not the stopped chunking
     assert not list((tmp_path / "repo").rglob("releases/m/*"))
+    # the file-blob copy the chunking was writing is not left behind, stored or not
+    assert not list((tmp_path / "repo").rglob(".file.*"))
 
 
 _CLI_REPORTS_MODULES = """

@@ -83,6 +83,27 @@ def test_published_manifest_matches_the_chunker_reference(tmp_path: Path) -> Non
     data = model.read_bytes()
     assert entry.sha256 == hashlib.sha256(data).hexdigest()
     assert _entry_chunks(entry) == _reference_chunks(data)
+    # ADR 0014: the whole-file blob, written from the chunking pass, is exactly the model
+    assert len(entry.chunks) > 1
+    assert (tmp_path / "repo" / blob_key(entry.sha256)).read_bytes() == data
+    assert not list((tmp_path / "repo").rglob(".file.*"))  # no temp copy left behind
+
+
+def test_chunker_copy_holds_exactly_the_hashed_bytes(tmp_path: Path) -> None:
+    data = np.random.default_rng(3).bytes(2 * _RELEASE + 777)
+    src, copy = tmp_path / "blob.bin", tmp_path / "copy.new"
+    src.write_bytes(data)
+    copy.touch()
+    entry = chunk_file(src, "model/blob.bin", None, None, copy)
+    assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    assert copy.read_bytes() == data
+
+
+def test_chunker_copy_that_cannot_be_written_fails_the_file(tmp_path: Path) -> None:
+    src = tmp_path / "blob.bin"
+    src.write_bytes(np.random.default_rng(4).bytes(3 * _RELEASE))  # more chunks than the queue
+    with pytest.raises(FileNotFoundError):  # the hashing thread's, and no hang
+        chunk_file(src, "model/blob.bin", None, None, tmp_path / "no-such-dir" / "copy.new")
 
 
 def _model_with_subgraph_and_constant() -> onnx.ModelProto:
@@ -200,6 +221,7 @@ def test_model_with_external_data_publishes(tmp_path: Path) -> None:
     entry = files["model/model.onnx.data"]
     assert entry.sha256 == hashlib.sha256(data).hexdigest()
     assert _entry_chunks(entry) == _reference_chunks(data)
+    assert not list((tmp_path / "repo").rglob(".file.*"))  # no temp copy left behind
     assert "smoke/golden.npz" in files
 
 
@@ -265,3 +287,27 @@ def _varint(n: int) -> bytes:
         out.append(b | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+class _CountingStorage(FileStorage):
+    """The real folder storage, counting its barriers (machine-wide ``os.sync``)."""
+
+    barriers = 0
+
+    def barrier(self) -> None:
+        self.barriers += 1
+        super().barrier()
+
+
+def test_uploader_syncs_once_after_its_last_chunk(tmp_path: Path) -> None:
+    store = _CountingStorage(tmp_path / "store")
+    with Uploader(store) as up:
+        up.submit(hashlib.sha256(b"a").hexdigest(), b"a")
+        up.flush()  # what publish does before its commit
+        assert store.barriers == 1
+    assert store.barriers == 1  # close: nothing new to make durable, no second os.sync
+    with Uploader(store) as up:
+        up.flush()
+        up.submit(hashlib.sha256(b"b").hexdigest(), b"b")
+    assert store.barriers == 3  # a chunk after the flush: close makes it durable
+    assert store.get(blob_key(hashlib.sha256(b"b").hexdigest()))[0] == b"b"
