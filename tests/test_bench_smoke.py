@@ -130,3 +130,4 @@ def test_repo_growth_reports_each_size(tmp_path: Path, capsys: pytest.CaptureFix
             for server in ("serve", "s3"):  # the same polls through ota serve and moto's S3
                 for step in ("cold", "after_other", "idle", "after_new"):
                     assert p[f"{server}_device_{step}_wire"] > 0
+            assert p["serve_device_idle_wire"] <= 1024  # ota serve trims headers as nginx does
