@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
 from ._verdict import GateResult
+
+if TYPE_CHECKING:
+    from ota.client._telemetry_format import OutputSummary
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class RolloutContext:
     stage_started_at: float
     now: float
     health: Mapping[str, float | str] = field(default_factory=dict)
-    reference: tuple[Any, ...] | None = None
+    reference: tuple[OutputSummary, ...] | None = None
     reference_source: str = ""
 
 

@@ -50,6 +50,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from ota.bundle import RolloutState, index_target_path
+from ota.client._telemetry_format import OutputSummary
 from ota.fleet._rollout_models import LIVE_STATES, Rollout, RolloutVerdict
 from ota.repository import _auditlog
 from ota.repository._project import Project
@@ -279,7 +280,7 @@ class Controller:
 
     def _reference(
         self, model: str, version: str
-    ) -> tuple[tuple[Any, ...] | None, str, GateResult | None]:
+    ) -> tuple[tuple[OutputSummary, ...] | None, str, GateResult | None]:
         """The release's own signed reference (kept once read: release facts never change).
         One that cannot be read or validated is a HOLD naming why (fail closed: a release is
         never judged against a reference it does not validly carry, nor promoted without

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
@@ -34,6 +34,9 @@ from ota.repository._index import UnknownRelease
 from ota.repository._project import Project
 
 from ._plan import Plan, plan_from_dict
+
+if TYPE_CHECKING:
+    from ota.client._telemetry_format import OutputSummary
 
 REQUESTS = ("pause", "resume", "abort", "promote")
 MAX_REASON = 500
@@ -65,7 +68,7 @@ class SignedReference:
     facts"``); ``sha256``: of the canonical JSON of the ``telemetry`` fact, so a verdict names
     exactly which reference it was judged against."""
 
-    outputs: tuple[Any, ...]
+    outputs: tuple[OutputSummary, ...]
     source: str
     sha256: str
 
