@@ -143,3 +143,12 @@ def test_a_scrape_is_one_bounded_statement(tmp_path: Path) -> None:
     assert "LIMIT" in selects[0].upper()
     assert text.count(f"{PREFIX}stage{{") == 50  # the live ones only
     assert text.count(f"{PREFIX}gate_status{{") == 50 * 12  # the latest verdict's gates
+
+
+def test_the_scrape_benchmark_runs(tmp_path: Path) -> None:
+    """``bench/rollout_scrape.py`` at a small size: one statement, the live rollouts only."""
+    from bench.rollout_scrape import GATES, measure
+
+    r = measure("sqlite", 3, 2, tmp_path)
+    assert r["statements"] == 1 and r["series"] == 3 * GATES
+    assert r["query_ms"] > 0 and r["rollout_ms"] > 0 and r["fleet_ms"] > 0
