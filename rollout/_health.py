@@ -301,7 +301,8 @@ def _tier_gates(
     if has_baseline:
         out += _drift(new, base, tier, th)
     if reference:
-        out += [_drift_reference(new, r, tier, th, reference_source) for r in reference]
+        judged = (_drift_reference(new, r, tier, th, reference_source) for r in reference)
+        out += [g for g in judged if g is not None]
     return out
 
 
@@ -727,11 +728,19 @@ def _drift_reference(
     tier: str,
     th: HealthThresholds,
     source: str = "",
-) -> GateResult:
+) -> GateResult | None:
+    """``None`` (not judged, as the baseline drift gate with unequal bins) when the
+    application summarises this output over bins of its own: no new device reports it over
+    the reference's bins and at least ``min_devices`` report it over others. So fewer than
+    ``min_devices`` devices (forged or not) cannot take the gate away from the devices that
+    use the reference's bins, and a stage with no telemetry yet still holds."""
     from scipy.stats import ttest_1samp
 
     gate = "health.drift_reference"
     key = (ref.spec.name, spec_key(ref.spec))
+    other_bins = sum(1 for d in new if any(k[0] == ref.spec.name and k != key for k in d.outputs))
+    if other_bins >= th.min_devices and not any(key in d.outputs for d in new):
+        return None
     counted = [
         d.outputs[key] for d in new if sum(d.outputs.get(key, {}).values()) >= th.min_device_values
     ]
@@ -741,7 +750,6 @@ def _drift_reference(
         "reference_values": ref.total(),
         "new_values": sum(sum(b.values()) for b in counted),
     }
-    other_bins = sum(1 for d in new for k in d.outputs if k[0] == ref.spec.name and k != key)
     hold = _sample(gate, tier, th, ps, None, th.min_inferences, 0, "output values")
     if hold is not None:
         return _named(

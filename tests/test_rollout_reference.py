@@ -11,8 +11,9 @@ What is proved: when the new release's outputs drift from its own reference *and
 devices drift the same way* (so drift against the baseline sees nothing), the controller
 pauses the rollout on ``health.drift_reference`` with the evidence (which reference, metric,
 value, threshold, sample sizes); the same release whose outputs match its reference promotes;
-the reference comes from the signed facts, never from a device: devices summarising over bins
-of their own choosing cannot stand in for it (the stage holds).
+the reference comes from the signed facts, never from a device: fewer than ``min_devices``
+devices summarising over bins of their own cannot take the gate away; an application that
+summarises over its own bins is judged against the baseline instead.
 """
 
 from __future__ import annotations
@@ -169,13 +170,22 @@ class Telemetry:
 
 
 def run_canary(
-    project: Project, f: Fleet, out_mean: float, metric: str = "js", new_spec: Any = None
+    project: Project,
+    f: Fleet,
+    out_mean: float,
+    metric: str = "js",
+    *,
+    app_spec: Any = None,
+    base_mean: float | None = None,
+    forgers: int = 0,
 ) -> tuple[int, Any]:
     """Start the rollout, let DEVICES canary devices take 2.0.0 and DEVICES stay on 1.0.0,
-    every one of them producing outputs around ``out_mean`` (the new ones summarised over
-    ``new_spec`` when given, else over the reference's bins); one judging tick."""
-    tel = Telemetry(f, the_reference(project).spec)
-    tel_new = Telemetry(f, new_spec) if new_spec is not None else tel
+    the new ones producing outputs around ``out_mean``, the baseline around ``base_mean``
+    (default: the same); summarised over the reference's bins, or over ``app_spec`` when the
+    application chose its own; ``forgers`` more new devices report healthy outputs (mean 0)
+    over bins of their own. One judging tick."""
+    tel = Telemetry(f, app_spec or the_reference(project).spec)
+    forged = Telemetry(f, OutputSpec("y", "hist", -4.0, 8.0, 3))
     ctl = Controller(f.engine, project, holder="A", extra_gates=_health.GATES)
     rid = _store.start(
         f.engine, project, "m", "2.0.0", plan_from_toml(PLAN.format(metric=metric)), "t"
@@ -184,9 +194,12 @@ def run_canary(
     assert ctl.tick(t0).actions[0]["stage"] == 0  # canary 100 % signed
     for i in range(DEVICES):
         f.take(f"new-{i}", "canary")
-        tel_new.send(f"new-{i}", "2.0.0", out_mean)
+        tel.send(f"new-{i}", "2.0.0", out_mean)
         f.enroll(f"old-{i}", "canary")
-        tel.send(f"old-{i}", "1.0.0", out_mean)  # the baseline behaves the same way
+        tel.send(f"old-{i}", "1.0.0", out_mean if base_mean is None else base_mean)
+    for i in range(forgers):
+        f.take(f"forger-{i}", "canary")
+        forged.send(f"forger-{i}", "2.0.0", 0.0)
     rep = ctl.tick(time.time() + 1)
     _lease.release(f.engine, "A")
     return rid, rep
@@ -238,21 +251,34 @@ def test_outputs_matching_the_reference_promote(project: Project, fleet: Fleet) 
     assert rep.actions[0]["stage"] == 1 and signed(project).ring == "ga"
 
 
-def test_the_reference_is_the_signed_one_whatever_bins_devices_choose(
+def test_a_forged_minority_over_its_own_bins_cannot_take_the_reference_gate_away(
     project: Project, fleet: Fleet
 ) -> None:
-    """Devices cannot substitute a reference: summaries over bins of their own choosing (here,
-    bins that hide a drift) are not compared with the signed reference, and the stage holds
-    (never promotes) for want of devices reporting over the release's bins."""
+    """The reference is the signed one, never a device's: four forged devices (fewer than the
+    plan's five) reporting healthy outputs over bins of their own choosing are not compared
+    with it, and the honest devices' drift from the signed reference still pauses."""
     ref = _store.signed_reference(project, "m", "2.0.0")
     assert ref.source == "m 2.0.0 signed release facts" and len(ref.outputs) == 1
     assert ref.outputs == reference_of(signed_release(project).telemetry)
-    own = OutputSpec("y", "hist", -4.0, 8.0, 3)  # three wide bins: a 1.5 shift barely shows
-    rid, rep = run_canary(project, fleet, out_mean=1.5, new_spec=own)
+    _, rep = run_canary(project, fleet, out_mean=1.5, forgers=4)
     [verdict] = rep.verdicts
-    assert verdict["action"] == "hold", verdict["reason"]
+    assert verdict["action"] == "pause", verdict["reason"]
     [g] = [g for g in gates_of(verdict, "health.drift_reference") if g["tier"] == ""]
-    assert g["status"] == "hold" and "too little data" in g["reason"]
-    assert g["evidence"]["devices_with_other_bins"] == DEVICES
-    assert g["evidence"]["reference"].startswith("m 2.0.0 signed release facts sha256:")
-    assert row(fleet.engine, rid).stage == 0 and not rep.actions
+    assert g["status"] == "fail" and g["evidence"]["devices_with_other_bins"] == 4
+    assert g["evidence"]["new_devices"] == DEVICES  # the forgers are not in the sample
+
+
+def test_an_application_with_its_own_bins_is_judged_against_the_baseline(
+    project: Project, fleet: Fleet
+) -> None:
+    """An application may summarise outputs over bins of its own (``Recorder(specs=…)``):
+    then no device's figures are comparable with the reference, which is not judged (as the
+    baseline drift gate with unequal bins: no re-binning), and drift is judged against the
+    baseline devices that use the same bins."""
+    own = OutputSpec("y", "hist", -4.0, 4.0, 32)
+    _, rep = run_canary(project, fleet, out_mean=1.5, base_mean=0.0, app_spec=own)
+    [verdict] = rep.verdicts
+    assert verdict["action"] == "pause", verdict["reason"]
+    assert gates_of(verdict, "health.drift_reference") == []
+    [g] = [g for g in gates_of(verdict, "health.drift") if g["tier"] == ""]
+    assert g["status"] == "fail"
