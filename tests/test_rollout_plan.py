@@ -221,3 +221,22 @@ def test_cli_refuses_a_bad_plan_with_exit_3_before_touching_anything(tmp_path: P
     good.write_text(GOOD)
     ok = CliRunner().invoke(cli, ["rollout", "plan", str(good), "--json"])
     assert ok.exit_code == 0 and json.loads(ok.stdout)["on_failure"] == "rollback"
+
+
+def test_psi_smooths_empty_bins_as_documented() -> None:
+    """The runbook's PSI: proportions + 1e-4, renormalised, then sum (a - e) ln(a / e) over
+    the bins plus under, over and NaN: an empty bin gives a finite value, this one."""
+    import math
+
+    from ota.client._telemetry_format import OutputSpec, OutputSummary
+    from ota.repository._drift import EPS, jensen_shannon, psi
+
+    spec = OutputSpec("y", "hist", 0.0, 1.0, 2)
+    e, a = OutputSummary(spec, 10, (10, 0)), OutputSummary(spec, 10, (0, 10))
+    assert EPS == 1e-4  # the value the runbook gives
+    k = 5  # two bins + under, over, NaN
+    pe = [(x + EPS) / (1 + k * EPS) for x in (1.0, 0.0, 0.0, 0.0, 0.0)]
+    pa = [(x + EPS) / (1 + k * EPS) for x in (0.0, 1.0, 0.0, 0.0, 0.0)]
+    want = sum((x - y) * math.log(x / y) for x, y in zip(pa, pe, strict=True))
+    assert math.isfinite(psi(e, a)) and abs(psi(e, a) - want) < 1e-9
+    assert abs(jensen_shannon(e, a) - 1.0) < 1e-6  # disjoint: the JS distance's maximum
