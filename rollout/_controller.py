@@ -301,6 +301,8 @@ class Controller:
                         f"{type(e).__name__}: {str(e)[:200]}",
                     ),
                 )
+            if len(self._references) >= 256:  # releases rolled out by one process: bounded
+                self._references.clear()
             self._references[(model, version)] = got
         source = f"{got.source} sha256:{got.sha256}" if got.outputs else ""
         return got.outputs, source, None
