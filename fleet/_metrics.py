@@ -15,6 +15,10 @@ codes, fixed outcome words, refusal reasons (code words, anything else counted a
 and model/version/ring/tier as stored (bounded by what is published, capped at
 ``MAX_MODEL_SERIES`` series); never a device id or a token.
 
+The rollout gauges (``edge_ota_rollout_*``, :mod:`ota.rollout._metrics`: each live rollout's
+stage, percentage, state and latest gate statuses, values and thresholds) are served here
+too, read from the database at each scrape in one bounded statement.
+
 ``/metrics`` needs an operator token of scope ``read`` (fleet composition is not public);
 Prometheus sends it with ``authorization: {credentials_file: ...}``.
 """
@@ -259,7 +263,7 @@ class _FleetCollector:
         )
 
 
-def _registry(collector: _FleetCollector) -> Any:
+def _registry(collector: _FleetCollector, *extra: Any) -> Any:
     from prometheus_client import CollectorRegistry, multiprocess
 
     registry = CollectorRegistry()
@@ -269,6 +273,8 @@ def _registry(collector: _FleetCollector) -> Any:
         for c in _m().all():
             registry.register(c)
     registry.register(collector)
+    for c in extra:
+        registry.register(c)
     return registry
 
 
@@ -319,10 +325,16 @@ def register_metrics(app: Flask) -> None:
             _store.authenticate_operator(
                 s, _secrets.bearer(request.headers.get("Authorization")), "read", time.time()
             )
+        from ota.rollout._metrics import RolloutCollector
+
         collector = _FleetCollector(
             ext["engine"], ext["read_engine"], config.silent_after_s, _max_age(config)
         )
-        return Response(generate_latest(_registry(collector)), mimetype=CONTENT_TYPE_LATEST)
+        # the live rollouts' stage, percentage and gates (ADR 0011): one bounded read
+        rollouts = RolloutCollector(ext["read_engine"])
+        return Response(
+            generate_latest(_registry(collector, rollouts)), mimetype=CONTENT_TYPE_LATEST
+        )
 
 
 def _max_age(config: Any) -> float:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
 from ._verdict import GateResult
+
+if TYPE_CHECKING:
+    from ota.client._telemetry_format import OutputSummary
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,11 @@ class RolloutContext:
     concurrent baseline is the devices of the same ring and tier still on it. ``ring`` and
     ``percent`` are the stage's (earlier rings are at 100 %). ``stage_started_at`` and ``now``
     are UNIX seconds of the service's clock. ``health`` is the plan's ``[gates.health]`` table
-    (finite numbers; keys defined and validated by the health gates).
+    (finite numbers, and the word ``drift_metric``; keys defined and validated by the health
+    gates). ``reference`` is the release's own reference output distribution from its signed
+    release facts (validated :class:`~ota.client._telemetry_format.OutputSummary` items; ``()``
+    for a release published without one; ``None`` when not loaded), and ``reference_source``
+    names it for the evidence (release and sha256 of the signed fact).
     """
 
     rollout_id: int
@@ -37,7 +45,9 @@ class RolloutContext:
     percent: float
     stage_started_at: float
     now: float
-    health: Mapping[str, float] = field(default_factory=dict)
+    health: Mapping[str, float | str] = field(default_factory=dict)
+    reference: tuple[OutputSummary, ...] | None = None
+    reference_source: str = ""
 
 
 GateFn = Callable[[Session, RolloutContext], list[GateResult]]

@@ -44,12 +44,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from ota.bundle import RolloutState, index_target_path
+from ota.client._telemetry_format import OutputSummary
 from ota.fleet._rollout_models import LIVE_STATES, Rollout, RolloutVerdict
 from ota.repository import _auditlog
 from ota.repository._project import Project
@@ -58,13 +59,30 @@ from . import _lease
 from ._context import GateFn, RolloutContext
 from ._gates import install_gates
 from ._plan import Plan, plan_from_dict
-from ._store import enter_intent, signed_state
+from ._store import SignedReference, enter_intent, signed_reference, signed_state
 from ._verdict import Action, GateResult, GateStatus, combine
 
 log = logging.getLogger("ota.rollout")
 VERDICT_FORMAT = "edge-ota.rollout-verdict/1"
 MAX_AUDIT_GATES = 64  # an audit entry is at most 64 KiB: more gates are summarised
 VerdictHook = Callable[[dict[str, Any]], None]
+
+
+@runtime_checkable
+class TransactionalHook(Protocol):
+    """A verdict hook that writes in the verdict's own transaction (the webhook outbox):
+    ``in_transaction(session, verdict_json)`` runs before the verdict row commits (if it
+    raises, neither is stored and the rollout is judged again next tick); ``deliver()`` runs
+    after each new verdict's commit and at the end of each tick (sending what is queued,
+    including what a crashed controller left)."""
+
+    def in_transaction(self, session: Session, doc: dict[str, Any]) -> None: ...
+
+    def deliver(self) -> None: ...
+
+
+def _transactional(hook: object) -> TransactionalHook | None:
+    return hook if isinstance(hook, TransactionalHook) else None
 
 
 class LostLease(Exception):
@@ -131,6 +149,7 @@ class Controller:
         self.lease_ttl = lease_ttl
         self.after_sign = after_sign
         self.actor = f"controller:{self.holder}"[:128]
+        self._references: dict[tuple[str, str], SignedReference] = {}
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -173,6 +192,7 @@ class Controller:
             except Exception as e:  # one rollout's trouble does not stop the others
                 log.exception("rollout #%s", rid)
                 report.errors.append(f"rollout #{rid}: {type(e).__name__}: {str(e)[:200]}")
+        self._deliver()  # what is queued, also what a crashed controller left
         return report
 
     # -- one rollout ------------------------------------------------------------------------
@@ -206,6 +226,7 @@ class Controller:
             self._end_outside(r, now, why)
             return
         stage = plan.stages[r.stage]
+        reference, source, ref_hold = self._reference(r.model, r.version)
         ctx = RolloutContext(
             rollout_id=rid,
             model=r.model,
@@ -217,8 +238,10 @@ class Controller:
             stage_started_at=r.stage_started_at,
             now=now,
             health=dict(plan.health),
+            reference=reference,
+            reference_source=source,
         )
-        gates = self._judge(ctx, plan)
+        gates = self._judge(ctx, plan) + ([ref_hold] if ref_hold is not None else [])
         action = combine(gates, plan.on_failure)
         reason = self._reason(action, gates)
         intent: dict[str, Any] | None = None
@@ -254,6 +277,35 @@ class Controller:
         if verdict is not None:
             report.verdicts.append(verdict)
         self._carry_out_if_pending(rid, epoch, now, report)
+
+    def _reference(
+        self, model: str, version: str
+    ) -> tuple[tuple[OutputSummary, ...] | None, str, GateResult | None]:
+        """The release's own signed reference (kept once read: release facts never change).
+        One that cannot be read or validated is a HOLD naming why (fail closed: a release is
+        never judged against a reference it does not validly carry, nor promoted without
+        it)."""
+        got = self._references.get((model, version))
+        if got is None:
+            try:
+                got = signed_reference(self.project, model, version)
+            except Exception as e:
+                log.exception("reference of %s %s", model, version)
+                return (
+                    None,
+                    "",
+                    GateResult(
+                        "health.reference",
+                        GateStatus.HOLD,
+                        f"the release's signed reference cannot be read: "
+                        f"{type(e).__name__}: {str(e)[:200]}",
+                    ),
+                )
+            if len(self._references) >= 256:  # releases rolled out by one process: bounded
+                self._references.clear()
+            self._references[(model, version)] = got
+        source = f"{got.source} sha256:{got.sha256}" if got.outputs else ""
+        return got.outputs, source, None
 
     def _carry_out_if_pending(self, rid: int, epoch: int, now: float, report: TickReport) -> None:
         r = self._load(rid)
@@ -467,22 +519,26 @@ class Controller:
                 row.request = None
             row.reason = reason[:1024]
             row.updated_at = now
-        doc = {
-            "format": VERDICT_FORMAT,
-            "verdict": vid,
-            "rollout": int(r.id),
-            "model": r.model,
-            "version": r.version,
-            "baseline_version": r.baseline_version,
-            "stage": r.stage,
-            "ring": stage.ring if stage else None,
-            "percent": stage.percent if stage else None,
-            "action": action.value,
-            "reason": reason,
-            "at": now,
-            "acts": intent is not None,
-            "gates": gates_json,
-        }
+            doc = {
+                "format": VERDICT_FORMAT,
+                "verdict": vid,
+                "rollout": int(r.id),
+                "model": r.model,
+                "version": r.version,
+                "baseline_version": r.baseline_version,
+                "stage": r.stage,
+                "ring": stage.ring if stage else None,
+                "percent": stage.percent if stage else None,
+                "action": action.value,
+                "reason": reason,
+                "at": now,
+                "acts": intent is not None,
+                "gates": gates_json,
+            }
+            for hook in self.on_verdict:  # the notification commits with the verdict, or not
+                txn_hook = _transactional(hook)
+                if txn_hook is not None:
+                    txn_hook.in_transaction(s, doc)
         if intent is None:  # a hold: logged now (anchored by the next signed entry)
             self._audit_verdict(doc)
         self._notify(doc)
@@ -521,9 +577,22 @@ class Controller:
     def _notify(self, doc: dict[str, Any]) -> None:
         for hook in self.on_verdict:
             try:
-                hook(doc)
+                txn_hook = _transactional(hook)
+                if txn_hook is not None:
+                    txn_hook.deliver()  # already stored with the verdict
+                else:
+                    hook(doc)
             except Exception:
                 log.exception("on_verdict hook %r failed", hook)
+
+    def _deliver(self) -> None:
+        for hook in self.on_verdict:
+            txn_hook = _transactional(hook)
+            if txn_hook is not None:
+                try:
+                    txn_hook.deliver()
+                except Exception:
+                    log.exception("on_verdict hook %r failed to deliver", hook)
 
     def _carry_out(self, r: Rollout, epoch: int, now: float) -> dict[str, Any]:
         """Bring the signed state to the pending intent's target (unless it is there already),

@@ -52,6 +52,7 @@ from ota.client._telemetry_format import LATENCY_EDGES, OutputSpec, OutputSummar
 from ota.errors import InputError
 from ota.fleet._telemetry import DeviceTelemetry, per_device, spec_key, spec_of, summary_from_bins
 
+from ._plan import DRIFT_METRICS
 from ._verdict import GateResult, GateStatus
 
 __all__ = [
@@ -155,7 +156,7 @@ class HealthThresholds:
                 and lo <= v <= hi,
                 f"{name} must be within [{lo}, {hi}]",
             )
-        need(self.drift_metric in ("js", "psi"), "drift_metric must be js or psi")
+        need(self.drift_metric in DRIFT_METRICS, "drift_metric must be js or psi")
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> HealthThresholds:
@@ -234,10 +235,13 @@ def evaluate_health(
     thresholds: HealthThresholds | Mapping[str, Any] | None = None,
     *,
     reference: Sequence[OutputSummary] | None = None,
+    reference_source: str = "",
 ) -> list[GateResult]:
     """Every health gate for the stage ``ctx`` describes, per tier of the new cohort and over
     the whole stage (tier ``""``). ``reference``: the release's reference outputs
-    (``validate_reference(release.telemetry)``), for ``health.drift_reference``.
+    (``validate_reference(release.telemetry)``), for ``health.drift_reference``;
+    ``reference_source`` names it in that gate's evidence (the controller passes the release
+    and the sha256 of its signed fact).
 
     Without a baseline version (a first release) the comparing gates hold ("no baseline"):
     only the reference drift can pass. Raises InputError on bad thresholds."""
@@ -269,7 +273,7 @@ def evaluate_health(
     for tier in ["", *tiers]:
         n = [d for d in new.values() if not tier or d.tier == tier]
         b = [d for d in base.values() if not tier or d.tier == tier]
-        out += _tier_gates(n, b, tier, th, reference, bool(ctx.baseline_version))
+        out += _tier_gates(n, b, tier, th, reference, bool(ctx.baseline_version), reference_source)
     return out
 
 
@@ -280,6 +284,7 @@ def _tier_gates(
     th: HealthThresholds,
     reference: Sequence[OutputSummary] | None,
     has_baseline: bool,
+    reference_source: str = "",
 ) -> list[GateResult]:
     out = []
     for gate, fn in (
@@ -296,7 +301,8 @@ def _tier_gates(
     if has_baseline:
         out += _drift(new, base, tier, th)
     if reference:
-        out += [_drift_reference(new, r, tier, th) for r in reference]
+        judged = (_drift_reference(new, r, tier, th, reference_source) for r in reference)
+        out += [g for g in judged if g is not None]
     return out
 
 
@@ -717,18 +723,33 @@ def _named(r: GateResult, output: str) -> GateResult:
 
 
 def _drift_reference(
-    new: list[DeviceTelemetry], ref: OutputSummary, tier: str, th: HealthThresholds
-) -> GateResult:
+    new: list[DeviceTelemetry],
+    ref: OutputSummary,
+    tier: str,
+    th: HealthThresholds,
+    source: str = "",
+) -> GateResult | None:
+    """``None`` (not judged, as the baseline drift gate with unequal bins) when the
+    application summarises this output over bins of its own: no new device reports it over
+    the reference's bins and at least ``min_devices`` report it over others. So fewer than
+    ``min_devices`` devices (forged or not) cannot take the gate away from the devices that
+    use the reference's bins, and a stage with no telemetry yet still holds."""
     from scipy.stats import ttest_1samp
 
     gate = "health.drift_reference"
     key = (ref.spec.name, spec_key(ref.spec))
-    ps = [
-        _norm(ref.spec, d.outputs[key])
-        for d in new
-        if sum(d.outputs.get(key, {}).values()) >= th.min_device_values
+    other_bins = sum(1 for d in new if any(k[0] == ref.spec.name and k != key for k in d.outputs))
+    if other_bins >= th.min_devices and not any(key in d.outputs for d in new):
+        return None
+    counted = [
+        d.outputs[key] for d in new if sum(d.outputs.get(key, {}).values()) >= th.min_device_values
     ]
-    other_bins = sum(1 for d in new for k in d.outputs if k[0] == ref.spec.name and k != key)
+    ps = [_norm(ref.spec, bins) for bins in counted]
+    sizes = {
+        "reference": source or "given",
+        "reference_values": ref.total(),
+        "new_values": sum(sum(b.values()) for b in counted),
+    }
     hold = _sample(gate, tier, th, ps, None, th.min_inferences, 0, "output values")
     if hold is not None:
         return _named(
@@ -737,7 +758,12 @@ def _drift_reference(
                 GateStatus.HOLD,
                 hold.reason,
                 tier=tier,
-                evidence={"devices_with_other_bins": other_bins},
+                evidence={
+                    "metric": th.drift_metric,
+                    "new_devices": len(ps),
+                    "devices_with_other_bins": other_bins,
+                    **sizes,
+                },
             ),
             ref.spec.name,
         )
@@ -770,6 +796,7 @@ def _drift_reference(
             "new_devices": len(ps),
             "devices_with_other_bins": other_bins,
             "test": "one-sample-t",
+            **sizes,
         },
         what=f"output {ref.spec.name!r} drift from the reference",
     )
@@ -787,7 +814,8 @@ def health_gate(session: Any, ctx: HealthContext) -> list[GateResult]:
     if not th.enabled:
         return []
     reference = getattr(ctx, "reference", None)
-    return evaluate_health(session, ctx, th, reference=reference)
+    source = str(getattr(ctx, "reference_source", "") or "")
+    return evaluate_health(session, ctx, th, reference=reference, reference_source=source)
 
 
 GATES = (health_gate,)

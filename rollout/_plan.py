@@ -7,7 +7,9 @@ enforced by :func:`parse_plan` before anything is written:
   percentage strictly increases; every percentage is in ``(0, 100]``;
 * every duration is finite, in ``[0, 366 days]``; a stage's deadline is at least its soak;
 * thresholds are in range (a failure rate in ``[0, 1)``); ``[gates.health]`` is a flat table
-  of finite numbers whose keys the health gates define and validate (opaque here);
+  of finite numbers whose keys the health gates define and validate (opaque here), except the
+  one text key ``drift_metric``, which must name a metric the drift gates know
+  (:data:`DRIFT_METRICS`: ``"js"`` or ``"psi"``);
 * unknown keys anywhere are refused (a typo never silently becomes a default).
 
 A malformed plan raises :class:`PlanError` (an :class:`~ota.errors.InputError`: exit 3) naming
@@ -37,6 +39,8 @@ MAX_STAGES = 32
 MAX_DURATION_S = 366 * 86400
 MAX_MIN_DEVICES = 10_000_000
 MAX_HEALTH_KEYS = 64
+DRIFT_METRICS = ("js", "psi")  # Jensen-Shannon distance (base 2), Population Stability Index
+_HEALTH_TEXT = {"drift_metric": DRIFT_METRICS}  # the [gates.health] keys that take a word
 _KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 _DURATION_RE = re.compile(r"^(\d{1,9})\s*(s|m|h|d)?\Z")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -93,6 +97,7 @@ min_devices = 5               # executed, and failed, devices of a tier before i
 security_min_devices = 2      # devices refusing it for a security reason: halt at once
 
 [gates.health]                # passed as it is to the inference-health gates (rollout/_health.py)
+drift_metric = "js"           # output drift as "js" (Jensen-Shannon distance, 0..1) or "psi"
 """
 
 
@@ -146,7 +151,7 @@ class Plan:
     on_failure: Action = Action.PAUSE
     device_timeout_s: float = 6 * 3600.0
     install: InstallGates = InstallGates()
-    health: Mapping[str, float] = field(default_factory=dict)
+    health: Mapping[str, float | str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as stored with a rollout (durations in seconds); parses back identically
@@ -260,15 +265,24 @@ def _stage(doc: Any, i: int, default_deadline: float) -> Stage:
     )
 
 
-def _health(doc: Any) -> dict[str, float]:
+def _health(doc: Any) -> dict[str, float | str]:
     d = _table(doc, "gates.health", set(doc) if isinstance(doc, dict) else set())
     if len(d) > MAX_HEALTH_KEYS:
         raise PlanError(f"gates.health: more than {MAX_HEALTH_KEYS} keys")
-    out: dict[str, float] = {}
+    out: dict[str, float | str] = {}
     for k, v in d.items():
         if not _KEY_RE.match(k):
             raise PlanError(f"gates.health: key {k[:40]!r} is not lower_snake_case")
-        out[k] = _number(v, f"gates.health.{k}")
+        choices = _HEALTH_TEXT.get(k)
+        if choices is None:
+            out[k] = _number(v, f"gates.health.{k}")
+        elif isinstance(v, str) and v in choices:
+            out[k] = v
+        else:
+            raise PlanError(
+                f"gates.health.{k}: {str(v)[:40]!r} is not one of "
+                + ", ".join(repr(c) for c in choices)
+            )
     return out
 
 

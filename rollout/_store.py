@@ -16,9 +16,10 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
@@ -33,6 +34,9 @@ from ota.repository._index import UnknownRelease
 from ota.repository._project import Project
 
 from ._plan import Plan, plan_from_dict
+
+if TYPE_CHECKING:
+    from ota.client._telemetry_format import OutputSummary
 
 REQUESTS = ("pause", "resume", "abort", "promote")
 MAX_REASON = 500
@@ -53,6 +57,49 @@ def signed_state(project: Project, model: str, version: str) -> tuple[RolloutSta
     ]
     baseline = max(below, key=lambda r: r.counter).version if below else ""
     return state, baseline
+
+
+@dataclass(frozen=True)
+class SignedReference:
+    """A release's own reference output distribution, as its signed release facts carry it.
+
+    ``outputs``: validated summaries (``()`` when the release was published without one).
+    ``source``: what it is, for the verdict's evidence (``"<model> <version> signed release
+    facts"``); ``sha256``: of the canonical JSON of the ``telemetry`` fact, so a verdict names
+    exactly which reference it was judged against."""
+
+    outputs: tuple[OutputSummary, ...]
+    source: str
+    sha256: str
+
+
+def signed_reference(project: Project, model: str, version: str) -> SignedReference:
+    """The release's reference from the repository's signed metadata: the ``telemetry`` fact
+    of its TUF target's custom data (signed with the bins key, repeated from the release
+    document the release key signed), read as :func:`signed_state` reads the index, never
+    from a device. Facts are immutable once published (a version is never re-published), so
+    a caller may keep the answer.
+
+    Raises:
+        UnknownRelease: no such published release.
+        FormatError / TelemetryError: the stored facts or reference are malformed (the caller
+            holds: a release is never judged against a reference it does not validly carry).
+    """
+    from ota.bundle import canonical_json
+    from ota.client._telemetry_format import validate_reference
+    from ota.repository._index import read_facts
+    from ota.repository._txn import Transaction
+
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    facts = read_facts(txn, model, version)
+    if facts is None:
+        raise UnknownRelease(f"{model} {version} is not published")
+    fact = facts.release.telemetry
+    return SignedReference(
+        outputs=validate_reference(fact) if fact else (),
+        source=f"{model} {version} signed release facts",
+        sha256=hashlib.sha256(canonical_json(fact)).hexdigest() if fact else "",
+    )
 
 
 def enter_intent(plan: Plan, stage: int, reason: str, event: str = "promote") -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Webhook notifications of rollout verdicts (issue 9): HMAC-SHA256-signed JSON, delivered
 at least once from a database outbox.
 
-The controller calls :func:`notify_verdict` (or :func:`enqueue`) in the transaction that
-records the verdict, so a verdict and its notification commit together or not at all. A
+The controller enqueues each new verdict's notification (:class:`WebhookHook`, through
+:func:`enqueue_verdict_doc`) in the transaction that records the verdict, so a verdict and its
+notification commit together or not at all; :func:`notify_verdict` does the same for other
+callers. A
 deliverer (any service instance, any number at once) calls :func:`deliver_due`: it claims due
 rows in a short transaction (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite serialises
 writers), posts each one with a timeout and no database lock held, then records the outcome.
@@ -225,17 +227,41 @@ def enqueue_verdict_doc(session: Session, doc: Mapping[str, Any], now: float | N
     return enqueue(session, "rollout.verdict", {"event": "rollout.verdict", **doc}, now)
 
 
+class WebhookHook:
+    """The controller's webhook hook: the notification is enqueued in the verdict's own
+    transaction (:meth:`in_transaction`), so the verdict row and its outbox row commit
+    together or not at all, and delivered after the commit (:meth:`deliver`, also called at
+    the end of every controller tick, so what a crashed controller left queued is sent by the
+    next one). Calling it (``hook(doc)``) enqueues in a transaction of its own and delivers:
+    for callers outside a verdict's transaction."""
+
+    def __init__(self, engine: Engine, cfg: WebhookConfig) -> None:
+        self.engine = engine
+        self.cfg = cfg
+
+    def __repr__(self) -> str:
+        return f"WebhookHook({urlsplit(self.cfg.url).hostname!r})"  # never the secret
+
+    def in_transaction(self, session: Session, doc: dict[str, Any]) -> None:
+        enqueue_verdict_doc(session, doc)
+
+    def deliver(self) -> None:
+        deliver_due(self.engine, self.cfg)
+
+    def __call__(self, doc: dict[str, Any]) -> None:
+        with Session(self.engine) as s, s.begin():
+            enqueue_verdict_doc(s, doc)
+        self.deliver()
+
+
 def hooks_from_env(
     env: Mapping[str, str] | None = None, engine: Engine | None = None
 ) -> list[Callable[[dict[str, Any]], None]]:
     """What ``ota.rollout._plugins.verdict_hooks`` loads: with ``OTA_WEBHOOK_URL`` set, one
-    hook ``hook(verdict_json)`` that enqueues the verdict in the fleet database (``engine``,
-    else one on ``OTA_FLEET_DB``, kept for the process) and then delivers what is due (one
-    bounded attempt); none without a URL. A URL without a valid secret raises
-    :class:`ConfigError` here, at start-up (never send unsigned).
-
-    The hook runs after the verdict's own transaction: a crash between the two loses that
-    notification. :func:`enqueue_verdict_doc` inside the verdict's transaction closes it."""
+    :class:`WebhookHook` on the fleet database (``engine``, else one on ``OTA_FLEET_DB``, kept
+    for the process); none without a URL. A URL without a valid secret raises
+    :class:`ConfigError` here, at start-up (never send unsigned). The controller enqueues
+    through it in the verdict's transaction (a crash loses neither or both)."""
     cfg = WebhookConfig.from_env(env)
     if cfg is None:
         return []
@@ -244,14 +270,7 @@ def hooks_from_env(
         from ota.fleet._db import make_engine
 
         engine = make_engine(FleetConfig(db_url=default_db_url()))
-    bound = engine
-
-    def hook(doc: dict[str, Any]) -> None:
-        with Session(bound) as s, s.begin():
-            enqueue_verdict_doc(s, doc)
-        deliver_due(bound, cfg)
-
-    return [hook]
+    return [WebhookHook(engine, cfg)]
 
 
 @dataclass

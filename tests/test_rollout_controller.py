@@ -756,3 +756,91 @@ def test_a_start_that_cannot_be_audited_starts_nothing(
         _store.approve(sqlite_fleet.engine, project, "m", "local:test")
     [live] = _store.status(sqlite_fleet.engine)
     assert (live["request"], live["approved_stage"]) == (None, -1)  # both withdrawn
+
+
+# -- webhooks commit with their verdict ---------------------------------------------------------
+
+WEBHOOK_KILL_SCRIPT = """
+import os, sys
+from ota.fleet import FleetConfig
+from ota.fleet._db import make_engine
+from ota.repository import Project
+from ota.rollout._controller import Controller
+from ota.rollout._webhook import hooks_from_env
+
+class KillInTransaction:  # dies inside the verdict's transaction, after the webhook enqueued
+    def in_transaction(self, session, doc):
+        session.flush()
+        os._exit(137)
+    def deliver(self):
+        pass
+
+def kill_after_commit(doc):  # dies after the commit, before the webhook's delivery
+    os._exit(138)
+
+engine = make_engine(FleetConfig(db_url=sys.argv[1]))
+[webhook] = hooks_from_env(
+    {"OTA_WEBHOOK_URL": "http://127.0.0.1:9/hook", "OTA_WEBHOOK_SECRET": "s" * 40}, engine
+)
+hooks = [webhook, KillInTransaction()] if sys.argv[4] == "in" else [kill_after_commit, webhook]
+ctl = Controller(engine, Project.open(sys.argv[2]), holder="doomed-" + sys.argv[4],
+                 lease_ttl=5, on_verdict=hooks)
+ctl.tick(float(sys.argv[3]))
+os._exit(3)  # not reached when a verdict was recorded
+"""
+
+
+def test_a_verdicts_webhook_commits_with_it_and_is_delivered_after_a_crash(
+    project: Project, any_fleet: Fleet
+) -> None:
+    """A real controller process killed inside the verdict's transaction stores neither the
+    verdict nor its notification; one killed right after the commit, before delivery, stores
+    both; the next controller delivers the notification (signed, once)."""
+    from ota.fleet._models import WebhookOutbox
+    from ota.rollout._webhook import hooks_from_env
+    from tests.test_rollout_webhook import SECRET, receiver
+
+    f = any_fleet
+    rid = _store.start(f.engine, project, "m", "2.0.0", plan(), "local:test")
+    t0 = time.time()
+    assert Controller(f.engine, project, holder="A", lease_ttl=5).tick(t0).actions  # stage 0
+    _lease.release(f.engine, "A")
+
+    def stored() -> tuple[list[RolloutVerdict], list[WebhookOutbox]]:
+        with Session(f.engine) as s:
+            v = list(s.scalars(select(RolloutVerdict).where(RolloutVerdict.rollout_id == rid)))
+            o = list(s.scalars(select(WebhookOutbox).order_by(WebhookOutbox.id)))
+            s.expunge_all()
+            return v, o
+
+    def run(when: str, at: float) -> int:
+        proc = subprocess.run(
+            [sys.executable, "-c", WEBHOOK_KILL_SCRIPT, f.cfg.db_url, str(project.root_dir),
+             str(at), when],
+            check=False, capture_output=True, timeout=300,
+        )  # fmt: skip
+        return proc.returncode
+
+    assert stored() == ([], [])
+    assert run("in", t0 + 1) == 137  # killed between the outbox insert and the commit
+    assert stored() == ([], [])  # neither the verdict nor its notification
+    assert run("after", t0 + 1 + 6) == 138  # the dead one's lease lapsed; killed after commit
+    verdicts, rows = stored()
+    assert [v.action for v in verdicts] == ["hold"]
+    [row_] = rows  # both: the notification was stored with the verdict
+    assert row_.state == "pending" and row_.attempts == 0
+    assert json.loads(row_.body)["verdict"] == verdicts[0].id
+    # the next controller (after the lease lapsed) delivers it; the hold repeats, so the
+    # delivery comes from the tick itself, not from a new verdict
+    with receiver() as rec:
+        env = {"OTA_WEBHOOK_URL": rec.url, "OTA_WEBHOOK_SECRET": SECRET}
+        ctl = Controller(f.engine, project, holder="B", on_verdict=hooks_from_env(env, f.engine))
+        rep = ctl.tick(t0 + 1 + 6 + 6)
+        assert rep.leader and rep.verdicts == [] and rep.errors == []
+        [(_, body, ok)] = rec.got
+        assert ok and json.loads(body)["verdict"] == verdicts[0].id
+        assert json.loads(body)["action"] == "hold"
+        ctl.tick(t0 + 1 + 6 + 7)
+        assert len(rec.got) == 1  # once
+    _, rows = stored()
+    assert [r.state for r in rows] == ["delivered"]

@@ -121,6 +121,22 @@ BAD = {
     "health inf": (_replace("min_inferences = 500", "min_inferences = inf"), "finite"),
     "health bad key": (_replace("min_inferences = 500", '"Min-Inf" = 500'), "lower_snake_case"),
     "wrong format": ('format = "edge-ota.rollout-plan/9"\n' + GOOD, "format"),
+    "drift metric unknown": (
+        _replace("min_inferences = 500", 'min_inferences = 500\ndrift_metric = "kl"'),
+        "gates.health.drift_metric: 'kl' is not one of 'js', 'psi'",
+    ),
+    "drift metric a number": (
+        _replace("min_inferences = 500", "min_inferences = 500\ndrift_metric = 1"),
+        "gates.health.drift_metric",
+    ),
+    "drift metric upper case": (
+        _replace("min_inferences = 500", 'min_inferences = 500\ndrift_metric = "PSI"'),
+        "is not one of",
+    ),
+    "other health key as text": (
+        _replace("min_inferences = 500", 'min_inferences = 500\nmax_drift = "psi"'),
+        "gates.health.max_drift: a number",
+    ),
 }
 
 
@@ -131,6 +147,34 @@ def test_bad_plans_are_refused_with_a_clear_error(case: str) -> None:
         plan_from_toml(text)
     assert words in str(e.value), str(e.value)
     assert e.value.exit_code == ExitCode.INPUT
+
+
+def test_drift_metric_is_chosen_per_plan_and_reaches_the_gates() -> None:
+    from ota.rollout._health import HealthThresholds
+
+    assert default_plan().health["drift_metric"] == "js"  # the default plan says it
+    psi = plan_from_toml(
+        _replace("min_inferences = 500", 'min_inferences = 500\ndrift_metric = "psi"')
+    )
+    assert psi.health["drift_metric"] == "psi"
+    again = plan_from_dict(json.loads(json.dumps(psi.to_dict())))  # as stored with a rollout
+    assert again == psi and again.digest() != plan_from_toml(GOOD).digest()
+    th = HealthThresholds.from_mapping({"drift_metric": again.health["drift_metric"]})
+    assert th.drift_metric == "psi"
+
+
+def test_cli_refuses_an_unknown_drift_metric_with_exit_3(tmp_path: Path) -> None:
+    _register()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(_replace("min_inferences = 500", 'min_inferences = 500\ndrift_metric = "kl"'))
+    db = tmp_path / "fleet.sqlite3"
+    args = ["--project", str(tmp_path), "--db", f"sqlite:///{db}", "--json"]
+    r = CliRunner().invoke(cli, ["rollout", "start", "m", "1.0.0", "--plan", str(bad), *args])
+    assert r.exit_code == ExitCode.INPUT, r.output
+    assert "drift_metric" in json.loads(r.stdout)["message"]
+    assert not db.exists()  # nothing was opened, nothing started
+    r = CliRunner().invoke(cli, ["rollout", "plan", str(bad)])
+    assert r.exit_code == ExitCode.INPUT
 
 
 def test_oversized_or_binary_plans_are_refused(tmp_path: Path) -> None:
@@ -177,3 +221,22 @@ def test_cli_refuses_a_bad_plan_with_exit_3_before_touching_anything(tmp_path: P
     good.write_text(GOOD)
     ok = CliRunner().invoke(cli, ["rollout", "plan", str(good), "--json"])
     assert ok.exit_code == 0 and json.loads(ok.stdout)["on_failure"] == "rollback"
+
+
+def test_psi_smooths_empty_bins_as_documented() -> None:
+    """The runbook's PSI: proportions + 1e-4, renormalised, then sum (a - e) ln(a / e) over
+    the bins plus under, over and NaN: an empty bin gives a finite value, this one."""
+    import math
+
+    from ota.client._telemetry_format import OutputSpec, OutputSummary
+    from ota.repository._drift import EPS, jensen_shannon, psi
+
+    spec = OutputSpec("y", "hist", 0.0, 1.0, 2)
+    e, a = OutputSummary(spec, 10, (10, 0)), OutputSummary(spec, 10, (0, 10))
+    assert EPS == 1e-4  # the value the runbook gives
+    k = 5  # two bins + under, over, NaN
+    pe = [(x + EPS) / (1 + k * EPS) for x in (1.0, 0.0, 0.0, 0.0, 0.0)]
+    pa = [(x + EPS) / (1 + k * EPS) for x in (0.0, 1.0, 0.0, 0.0, 0.0)]
+    want = sum((x - y) * math.log(x / y) for x, y in zip(pa, pe, strict=True))
+    assert math.isfinite(psi(e, a)) and abs(psi(e, a) - want) < 1e-9
+    assert abs(jensen_shannon(e, a) - 1.0) < 1e-6  # disjoint: the JS distance's maximum
