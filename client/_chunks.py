@@ -5,8 +5,9 @@ slot, in the inactive (previous) slot, or in the leftovers of an interrupted att
 :class:`ChunkIndex` maps chunk digests to places on disk, known from the manifests of those
 slots; :func:`stage` writes every file of a new manifest, taking each chunk from disk when one
 hashes right and from the network otherwise: runs of adjacent missing chunks as one ``Range``
-of the file's blob (ADR 0014), or chunk blobs where the store has no file blob or ignores
-ranges.
+of the file's blob (ADR 0014): a short run into a reused buffer, several at once; a run longer
+than ``max_span`` (a whole file, in a full install) streamed straight into the file through a
+small ring of buffers; or chunk blobs where the store has no file blob or ignores ranges.
 
 Invariants:
 
@@ -15,8 +16,11 @@ Invariants:
   verified once, by the file's sha256, and until then exist only under the file's dot temp
   name (which the chunk index re-hashes chunk by chunk before any reuse);
 * every staged file's sha256 and size are verified against the manifest before it gets its
-  final name (each byte hashed once for it, beside its write); files are fsynced, made
-  read-only, and their folders fsynced;
+  final name (each byte hashed once for it, beside its write; every queued hash is awaited
+  before the file is judged); files are fsynced once, at their end, made read-only, and their
+  folders fsynced;
+* memory is bounded whatever the bundle's size: ``max_inflight_bytes`` of pieces in flight
+  plus the stream ring (``stream_buffers`` x ``stream_buffer``);
 * nothing outside the staging folder is written (bundle paths are validated by the manifest
   parser, temp names start with a dot, which no bundle path may).
 """

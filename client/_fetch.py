@@ -7,7 +7,8 @@ Error mapping (who must react):
 
 * network failures (connection refused or reset, 5xx, truncated bodies, timeouts) are retried
   with exponential backoff a bounded number of times, resuming with HTTP ``Range`` where
-  possible, then raise :class:`~ota.errors.TransientError`;
+  possible, then raise :class:`~ota.errors.TransientError` (a streamed span counts only the
+  attempts that moved it on by less than ``max_span`` bytes);
 * a transfer slower than ``FetchConfig.min_rate`` raises :class:`SlowRetrievalError` (a
   TransientError that the updater also reports as a security event: it is the "slow retrieval"
   attack of the TUF spec);
