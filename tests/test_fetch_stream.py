@@ -6,12 +6,14 @@ stops answering ranges mid-span, tampered bytes; and the zero-copy reader it rel
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
-from ota.client._chunks import ChunkIndex, stage
+from ota.client._chunks import ChunkIndex, _FileWriter, _Ring, stage
 from ota.client._fetch import (
     BlobFetcher,
     FetchConfig,
@@ -232,3 +234,47 @@ def test_a_range_with_its_length_is_read_without_copies(server: FaultServer) -> 
     finally:
         resp.close()
         resp.release_conn()
+
+
+class _Deferred(Future[Any]):
+    def __init__(self, ex: DeferredHasher) -> None:
+        super().__init__()
+        self.ex = ex
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.ex.drain()
+        return super().result(timeout)
+
+
+class DeferredHasher:
+    """An executor that runs the queued hashes, in order, only when some result is awaited:
+    the slowest legal hash thread (a real one may lag as far behind)."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[_Deferred, Callable[..., Any], tuple[Any, ...]]] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> _Deferred:
+        fut = _Deferred(self)
+        self.queue.append((fut, fn, args))
+        return fut
+
+    def drain(self) -> None:
+        while self.queue:
+            fut, fn, args = self.queue.pop(0)
+            fut.set_result(fn(*args))
+
+
+def test_a_file_is_judged_only_after_every_queued_hash(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    hasher = DeferredHasher()
+    w = _FileWriter(tmp_path, ENTRY, cast(ThreadPoolExecutor, hasher), _Ring(16 * 1024, 2))
+    done = 0
+    while done < len(DATA):
+        view = w.buffer()
+        n = min(len(view), len(DATA) - done)
+        view[:n] = DATA[done : done + n]
+        w.commit(view[:n])
+        done += n
+    assert hasher.queue  # the last buffers' hashes are still queued
+    w.finish()  # awaits them, then judges the file
+    assert (tmp_path / ENTRY.path).read_bytes() == DATA
