@@ -337,11 +337,12 @@ class BlobFetcher:
         span's chunk blobs, each verified.
 
         Invariant: on True the sink was given exactly ``size`` bytes, each labelled by the
-        server as part of exactly the asked range of a ``total``-byte blob, and no byte past
-        it was read. An attempt that moves the span on by less than ``max_span`` bytes counts
-        against ``retries`` (one that moves it further starts the count again: a long stream
-        survives as many cuts as its ``max_span`` pieces would); every attempt is bounded by
-        the minimum rate.
+        server as part of exactly the asked range of a ``total``-byte blob; a body framed by
+        its length is read to that length only, any other is read one byte past it, and that
+        byte, if any, is a SecurityError. An attempt that moves the span on by less than
+        ``max_span`` bytes counts against ``retries`` (one that moves it further starts the
+        count again: a long stream survives as many cuts as its ``max_span`` pieces would);
+        every attempt is bounded by the minimum rate.
 
         Raises:
             SecurityError, SlowRetrievalError, TransientError: as :meth:`fetch_span`.
