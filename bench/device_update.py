@@ -540,8 +540,11 @@ def child_main(kind: str, args: list[str]) -> None:
         import tuf.ngclient  # noqa: F401 - imports before the clock, as for ours
 
         steps = stock_update(url, Path(root).read_bytes(), Path(work), target)
-        doc = {"work_s": round(steps["total"], 4), "steps": steps,
-               "peak_rss_mb": round(peak_rss_mb(), 1)}
+        doc = {
+            "work_s": round(steps["total"], 4),
+            "steps": steps,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
     print(json.dumps(doc), flush=True)
 
 
@@ -693,8 +696,9 @@ def run(size_mb: int, repeat: int, workdir: Path, with_smoke: bool = True) -> di
         "goal_stock_met": r_stock["median"] <= GOAL_STOCK,
         "goal_curl_met": r_curl["median"] <= GOAL_CURL,
         "ours_requests": rounds[-1]["ours_requests"],
-        "peak_rss_mb": {k: _spread([r[f"{k}_peak_rss_mb"] for r in rounds])
-                        for k in ("ours", "stock")},
+        "peak_rss_mb": {
+            k: _spread([r[f"{k}_peak_rss_mb"] for r in rounds]) for k in ("ours", "stock")
+        },
         "ours_served": rounds[-1]["ours_served"],
         "ours_phases_s": timer.breakdown(phased_s, UPDATE_PHASES),
         "ours_phased_s": round(phased_s, 4),
