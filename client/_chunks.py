@@ -5,8 +5,9 @@ slot, in the inactive (previous) slot, or in the leftovers of an interrupted att
 :class:`ChunkIndex` maps chunk digests to places on disk, known from the manifests of those
 slots; :func:`stage` writes every file of a new manifest, taking each chunk from disk when one
 hashes right and from the network otherwise: runs of adjacent missing chunks as one ``Range``
-of the file's blob (ADR 0014), or chunk blobs where the store has no file blob or ignores
-ranges.
+of the file's blob (ADR 0014): a short run into a reused buffer, several at once; a run longer
+than ``max_span`` (a whole file, in a full install) streamed straight into the file through a
+small ring of buffers; or chunk blobs where the store has no file blob or ignores ranges.
 
 Invariants:
 
@@ -15,8 +16,11 @@ Invariants:
   verified once, by the file's sha256, and until then exist only under the file's dot temp
   name (which the chunk index re-hashes chunk by chunk before any reuse);
 * every staged file's sha256 and size are verified against the manifest before it gets its
-  final name (each byte hashed once for it, beside its write); files are fsynced, made
-  read-only, and their folders fsynced;
+  final name (each byte hashed once for it, beside its write; every queued hash is awaited
+  before the file is judged); files are fsynced once, at their end, made read-only, and their
+  folders fsynced;
+* memory is bounded whatever the bundle's size: ``max_inflight_bytes`` of pieces in flight
+  plus the stream ring (``stream_buffers`` x ``stream_buffer``);
 * nothing outside the staging folder is written (bundle paths are validated by the manifest
   parser, temp names start with a dot, which no bundle path may).
 """
@@ -29,7 +33,7 @@ import hashlib
 import os
 import shutil
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -205,7 +209,12 @@ class _Assembler:
         if not self.cfg.spans or len(f.chunks) < 2:
             # one-chunk files: the chunk blob is the file blob, a range of it gains nothing
             return plan(f, lambda _: True, 0)  # every chunk alone, as before
-        return plan(f, self.index.has, max(self.cfg.max_span, 1))
+        return plan(f, self.index.has, max(self.cfg.max_stream, self.cfg.max_span, 1))
+
+    def streamed(self, p: Piece) -> bool:
+        """A span longer than ``max_span`` is streamed into its file when its turn comes,
+        not buffered: memory stays the ring's, whatever its length."""
+        return not p.local and p.size > self.cfg.max_span
 
     def get(self, f: FileEntry, p: Piece, buf: bytearray | None = None) -> _Got:
         if p.local:
@@ -224,53 +233,70 @@ class _Assembler:
         return _Got(span, downloaded=len(p.chunks), buf=buf)
 
     def run(self, files: list[FileEntry]) -> None:
-        window = max(2 * self.cfg.parallel, 2)
         jobs = ((f, p, i == len(ps) - 1) for f in files for ps in [self.pieces(f)]
                 for i, p in enumerate(ps))
-        inflight: deque[tuple[FileEntry, Piece, bool, Future[_Got]]] = deque()
-        buffered = 0  # bytes of the pieces in flight: bounded so peak memory stays flat
-        pending: tuple[FileEntry, Piece, bool] | None = None
         writer: _FileWriter | None = None
         buffers = _Buffers(max(self.cfg.max_span, 1),
                            max(self.cfg.max_inflight_bytes // max(self.cfg.max_span, 1), 1))
+        ring = _Ring(max(self.cfg.stream_buffer, 1), max(self.cfg.stream_buffers, 2))
         with (
             ThreadPoolExecutor(max_workers=max(self.cfg.parallel, 1)) as pool,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher,
         ):
+            window = _Window(self, pool, jobs, buffers)
             try:
-                while True:
-                    while len(inflight) < window:
-                        pending = pending or next(jobs, None)
-                        if pending is None:
-                            break
-                        f, p, last = pending
-                        if inflight and buffered + p.size > self.cfg.max_inflight_bytes:
-                            break
-                        buf = None if p.local else buffers.take(p.size)
-                        inflight.append((f, p, last, pool.submit(self.get, f, p, buf)))
-                        buffered += p.size
-                        pending = None
-                    if not inflight:
-                        break
-                    f, p, last, fut = inflight.popleft()
-                    buffered -= p.size
+                while (item := window.next()) is not None:
+                    f, p, last, fut = item
                     if writer is None or p.offset == 0:
-                        writer = _FileWriter(self.dest, f, hasher)
-                    got = fut.result()
-                    self._write(writer, got)
-                    buffers.give(got.buf)
+                        writer = _FileWriter(self.dest, f, hasher, ring)
+                    if fut is None:
+                        self._stream(writer, f, p, pool)
+                    else:
+                        got = fut.result()
+                        self._write(writer, got)
+                        buffers.give(got.buf)
                     if last:
                         self._finish(writer)
                         writer = None
             except BaseException:
-                for *_, fut in inflight:
-                    fut.cancel()
+                window.cancel()
                 if writer is not None:
                     writer.abort()
                 raise
         for f in files:  # empty files have no chunks
             if not f.chunks:
                 self._finish(_FileWriter(self.dest, f))
+
+    def _stream(self, writer: _FileWriter, f: FileEntry, p: Piece,
+                pool: ThreadPoolExecutor) -> None:
+        """One long span: streamed straight into the file (one range, hashed beside the
+        write, ADR 0014), or, when the store has no usable file blob, its chunk blobs,
+        several at once, each verified on arrival, written in order."""
+        sink = _Progressing(writer, self._progress)
+        if self.fetcher.stream_span(f.sha256, f.size, p.offset, p.size, sink):
+            self.stats.bytes_downloaded += p.size - sink.reported
+            self.stats.chunks_downloaded += len(p.chunks)
+            self._progress(0)
+            return
+        window: deque[tuple[int, Future[bytearray]]] = deque()
+        chunks = iter(p.chunks)
+        held = 0
+        while True:
+            for c in chunks:
+                window.append((c.size, pool.submit(self.fetcher.fetch, c.sha256, c.size)))
+                held += c.size
+                if len(window) >= self.cfg.parallel or held >= self.cfg.max_inflight_bytes:
+                    break
+            if not window:
+                return
+            size, fut = window.popleft()
+            held -= size
+            self._write(writer, _Got(fut.result(), downloaded=1))
+
+    def _progress(self, nbytes: int) -> None:
+        self.stats.bytes_downloaded += nbytes
+        if self.on_bytes:
+            self.on_bytes(self.stats.bytes_staged, self.stats.bytes_total)
 
     def _write(self, writer: _FileWriter, got: _Got) -> None:
         writer.write(got.data)
@@ -288,6 +314,52 @@ class _Assembler:
         self.stats.files += 1
         if self.on_file:
             self.on_file(writer.entry.path)
+
+
+_Item = tuple[FileEntry, Piece, bool, "Future[_Got] | None"]
+
+
+class _Window:
+    """The pieces in flight, in order: at most ``2 * parallel`` of them and
+    ``max_inflight_bytes`` of buffered bytes (peak memory stays flat). A piece streamed into
+    its file (no future) costs no buffer: it is fetched when its turn comes."""
+
+    def __init__(self, asm: _Assembler, pool: ThreadPoolExecutor,
+                 jobs: Iterator[tuple[FileEntry, Piece, bool]], buffers: _Buffers) -> None:
+        self.asm, self.pool, self.jobs, self.buffers = asm, pool, jobs, buffers
+        self.size = max(2 * asm.cfg.parallel, 2)
+        self.inflight: deque[_Item] = deque()
+        self.buffered = 0
+        self.pending: tuple[FileEntry, Piece, bool] | None = None
+
+    def next(self) -> _Item | None:
+        """The next piece in order (its future, or None to stream it), after topping up."""
+        while len(self.inflight) < self.size:
+            self.pending = self.pending or next(self.jobs, None)
+            if self.pending is None:
+                break
+            f, p, last = self.pending
+            cost = 0 if self.asm.streamed(p) else p.size
+            if self.inflight and self.buffered + cost > self.asm.cfg.max_inflight_bytes:
+                break
+            fut = None
+            if cost:
+                buf = None if p.local else self.buffers.take(p.size)
+                fut = self.pool.submit(self.asm.get, f, p, buf)
+            self.inflight.append((f, p, last, fut))
+            self.buffered += cost
+            self.pending = None
+        if not self.inflight:
+            return None
+        item = self.inflight.popleft()
+        if item[3] is not None:
+            self.buffered -= item[1].size
+        return item
+
+    def cancel(self) -> None:
+        for *_, fut in self.inflight:
+            if fut is not None:
+                fut.cancel()
 
 
 class _Buffers:
@@ -314,6 +386,47 @@ class _Buffers:
             self.spare.append(buf)
 
 
+class _Ring:
+    """``count`` stream buffers of ``size`` bytes, allocated on first use, lent in turn; the
+    hash of the bytes last read into a buffer is awaited before it is lent again."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size, self.count = size, count
+        self.bufs: list[memoryview] = []
+        self.hashed: list[Future[None] | None] = []
+        self.next = 0
+
+    def lend(self) -> tuple[int, memoryview]:
+        if len(self.bufs) < self.count:
+            self.bufs.append(memoryview(bytearray(self.size)))
+            self.hashed.append(None)
+        i = self.next
+        self.next = (i + 1) % self.count
+        if (fut := self.hashed[i]) is not None:
+            fut.result()
+            self.hashed[i] = None
+        return i, self.bufs[i]
+
+
+class _Progressing:
+    """The :class:`SpanSink` of a streamed span: a file writer, plus progress every
+    ``_WRITEBACK`` bytes (``report`` takes the bytes since the last report)."""
+
+    def __init__(self, writer: _FileWriter, report: Callable[[int], None]) -> None:
+        self.writer, self.report = writer, report
+        self.given = self.reported = 0
+
+    def buffer(self) -> memoryview:
+        return self.writer.buffer()
+
+    def commit(self, data: memoryview) -> None:
+        self.writer.commit(data)
+        self.given += len(data)
+        if self.given - self.reported >= _WRITEBACK:
+            self.report(self.given - self.reported)
+            self.reported = self.given
+
+
 @dataclass
 class _Got:
     """A piece's bytes and how many chunks they came as (from disk or from the network)."""
@@ -333,9 +446,12 @@ class _FileWriter:
     """
 
     def __init__(self, dest: Path, entry: FileEntry,
-                 hasher: ThreadPoolExecutor | None = None) -> None:
+                 hasher: ThreadPoolExecutor | None = None, ring: _Ring | None = None) -> None:
         self.entry = entry
         self.hasher = hasher
+        self.ring = ring
+        self.lent = -1  # the ring buffer last lent by buffer()
+        self.hashing: Future[None] | None = None  # the last hash queued by commit()
         self.final = dest / entry.path
         self.tmp = dest / _temp_name(entry.path)
         self.h = hashlib.sha256()
@@ -353,12 +469,38 @@ class _FileWriter:
             self.h.update(data)
         else:
             hashed.result()
-        self.size += len(data)
+        self.hashing = None  # the hasher runs in order: every earlier hash is done too
+        self._written(len(data))
+
+    def buffer(self) -> memoryview:
+        """A ring buffer to read the next streamed bytes into (:class:`SpanSink`)."""
+        if self.ring is None or self.hasher is None:
+            raise RuntimeError("this writer streams nothing")
+        self.lent, view = self.ring.lend()
+        return view
+
+    def commit(self, data: memoryview) -> None:
+        """Write the bytes just read into the lent buffer and queue their hash, without
+        waiting for it: the hash runs beside the next read and write, and the buffer is
+        lent again only once it is done (:class:`_Ring`)."""
+        if self.ring is None or self.hasher is None or self.lent < 0:
+            raise RuntimeError("commit without a lent buffer")
+        fut = self.hasher.submit(self.h.update, data)
+        self.ring.hashed[self.lent] = self.hashing = fut
+        self.lent = -1
+        self.fh.write(data)
+        self._written(len(data))
+
+    def _written(self, n: int) -> None:
+        self.size += n
         if self.size - self.flushed >= _WRITEBACK:
             _start_writeback(self.fh.fileno(), self.flushed, self.size - self.flushed)
             self.flushed = self.size
 
     def finish(self) -> None:
+        if self.hashing is not None:
+            self.hashing.result()
+            self.hashing = None
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()

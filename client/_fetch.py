@@ -7,7 +7,8 @@ Error mapping (who must react):
 
 * network failures (connection refused or reset, 5xx, truncated bodies, timeouts) are retried
   with exponential backoff a bounded number of times, resuming with HTTP ``Range`` where
-  possible, then raise :class:`~ota.errors.TransientError`;
+  possible, then raise :class:`~ota.errors.TransientError` (a streamed span counts only the
+  attempts that moved it on by less than ``max_span`` bytes);
 * a transfer slower than ``FetchConfig.min_rate`` raises :class:`SlowRetrievalError` (a
   TransientError that the updater also reports as a security event: it is the "slow retrieval"
   attack of the TUF spec);
@@ -18,12 +19,14 @@ Error mapping (who must react):
 from __future__ import annotations
 
 import hashlib
+import http.client
+import io
 import random
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import urllib3
 from tuf.api import exceptions as tuf_exc
@@ -54,7 +57,12 @@ class FetchConfig:
     backoff_max: float = 8.0
     parallel: int = 4  # concurrent chunk or span fetches
     max_inflight_bytes: int = 12 * 1024 * 1024  # bytes buffered at once (peak memory)
-    max_span: int = 4 * 1024 * 1024  # adjacent missing chunks merged into one Range up to this
+    max_span: int = 4 * 1024 * 1024  # a run of missing chunks up to this: one buffered Range
+    # A longer run is one Range of up to this many bytes, streamed straight into the staging
+    # file through a ring of ``stream_buffers`` buffers of ``stream_buffer`` bytes (ADR 0014)
+    max_stream: int = 1 << 30
+    stream_buffer: int = 1 << 20
+    stream_buffers: int = 4
     spans: bool = True  # fetch runs of missing chunks as ranges of the file blob (ADR 0014)
     read_size: int = 256 * 1024
     user_agent: str = "edge-ota-client"
@@ -161,6 +169,19 @@ class TufFetcher(FetcherInterface):
             _release(resp)
 
 
+class SpanSink(Protocol):
+    """Where :meth:`BlobFetcher.stream_span` puts a span's bytes, in order, without holding
+    them: it lends the fetcher a buffer to read into, then takes the bytes read."""
+
+    def buffer(self) -> memoryview:
+        """A free buffer (of at least one byte) to read the next bytes into."""
+        ...
+
+    def commit(self, data: memoryview) -> None:
+        """The next bytes of the span (a prefix of the last :meth:`buffer`)."""
+        ...
+
+
 class BlobFetcher:
     """Fetch content-addressed chunks (``<base>/blobs/sha256/<hh>/<hex>``) and verify them while
     they stream.
@@ -254,19 +275,7 @@ class BlobFetcher:
             raise TransientError(f"cannot reach {url}: {e}") from e
         self.stats.add(requests=1)
         try:
-            status = resp.status
-            if status in _RETRY_STATUS:
-                raise TransientError(f"HTTP {status} for {url}")
-            if status == 416:
-                raise SecurityError(f"{url} is shorter than the {total}-byte file it names")
-            if status == 206:
-                check_partial(url, resp.headers.get("Content-Range"),
-                              resp.headers.get("Content-Length"), first, left, total)
-            elif status != 200 or not (first == 0 and left == total):
-                # No usable file blob: absent (404/410; 403 from an S3 bucket that does not
-                # let anyone list it), a redirect, a server ignoring Range (200), or refusing
-                # it. The chunk blobs, each verified, are the way; nothing here is trusted.
-                self._give_up_ranges(file_sha256)
+            if not self._range_answer(resp, url, file_sha256, first, left, total):
                 return None  # _release closes the connection: the body is never read
             view = prog.buf
             # read_size pieces stay below malloc's pinned mmap threshold (ota._lean): reused
@@ -287,6 +296,128 @@ class BlobFetcher:
         finally:
             _release(resp)
         return prog.n == size
+
+    def _range_answer(self, resp: Any, url: str, file_sha256: str, first: int, left: int,
+                      total: int) -> bool:
+        """Judge the status and headers of an answer to ``Range`` ``[first, first + left)``
+        of a ``total``-byte file blob: True to read its body, False (nothing to read) when
+        the store has no usable such blob.
+
+        Raises:
+            TransientError: a retryable status. SecurityError: 416 (a blob shorter than its
+                file), or a 206 labelled other than asked (:func:`check_partial`).
+        """
+        status = resp.status
+        if status in _RETRY_STATUS:
+            raise TransientError(f"HTTP {status} for {url}")
+        if status == 416:
+            raise SecurityError(f"{url} is shorter than the {total}-byte file it names")
+        if status == 206:
+            check_partial(url, resp.headers.get("Content-Range"),
+                          resp.headers.get("Content-Length"), first, left, total)
+            return True
+        if status == 200 and first == 0 and left == total:
+            return True  # the whole file asked: read to at most its size
+        # No usable file blob: absent (404/410; 403 from an S3 bucket that does not let anyone
+        # list it), a redirect, a server ignoring Range (200), or refusing it. The chunk
+        # blobs, each verified, are the way; nothing here is trusted.
+        self._give_up_ranges(file_sha256)
+        return False
+
+    def stream_span(self, file_sha256: str, total: int, start: int, size: int,
+                    sink: SpanSink) -> bool:
+        """Stream bytes ``[start, start + size)`` of the file blob of ``file_sha256`` (a file
+        of ``total`` bytes) into ``sink``, in order, as they arrive: one ranged GET (resumed
+        where it stopped if cut), no buffer of the span's size. **Not verified here**, as for
+        :meth:`fetch_span`: the sink hashes them into the file, which keeps its temp name
+        until its sha256 matches (ADR 0014).
+
+        Returns False, having read no body and given the sink nothing, when the store has no
+        usable such blob (the cases of :meth:`fetch_span`): the caller then fetches the
+        span's chunk blobs, each verified.
+
+        Invariant: on True the sink was given exactly ``size`` bytes, each labelled by the
+        server as part of exactly the asked range of a ``total``-byte blob; a body framed by
+        its length is read to that length only, any other is read one byte past it, and that
+        byte, if any, is a SecurityError. An attempt that moves the span on by less than
+        ``max_span`` bytes counts against ``retries`` (one that moves it further starts the
+        count again: a long stream survives as many cuts as its ``max_span`` pieces would);
+        every attempt is bounded by the minimum rate.
+
+        Raises:
+            SecurityError, SlowRetrievalError, TransientError: as :meth:`fetch_span`.
+        """
+        if size <= 0 or start < 0 or start + size > total:
+            raise ValueError(f"bad span {start}+{size} of {total}")
+        if not self.ranges_usable(file_sha256):
+            return False
+        url = self.url(file_sha256)
+        done = failed = 0
+        while True:
+            got, why = self._stream_attempt(url, file_sha256, total, start + done,
+                                            size - done, sink)
+            if got == 0 and why is None and not self.ranges_usable(file_sha256):
+                if done:  # a blob that served ranges stopped: the next cycle resumes
+                    raise TransientError(f"{url} stopped answering ranges mid-span")
+                return False  # no usable blob: nothing read, nothing given
+            done += got
+            if done == size:
+                return True
+            why = why or TransientError(f"truncated range of {url}")
+            failed = 0 if got >= self._cfg.max_span else failed + 1
+            if failed > self._cfg.retries:
+                raise why
+            self.stats.add(retries=1)
+            time.sleep(backoff_delay(self._cfg, failed))
+
+    def _stream_attempt(self, url: str, file_sha256: str, total: int, first: int, left: int,
+                        sink: SpanSink) -> tuple[int, TransientError | None]:
+        """One ranged GET of ``[first, first + left)`` into ``sink``: the bytes given to the
+        sink (kept whatever happens next: a resume starts after them), and why it stopped
+        short (None with 0 bytes: ranges are unusable for this file, or the body was cut:
+        resume)."""
+        deadline = time.monotonic() + self._cfg.deadline_for(left)
+        try:
+            resp = self._pool.request("GET", url, headers={"Range": range_header(first, left)},
+                                      preload_content=False, redirect=False)
+        except urllib3.exceptions.HTTPError as e:
+            return 0, TransientError(f"cannot reach {url}: {e}")
+        self.stats.add(requests=1)
+        try:
+            try:
+                if not self._range_answer(resp, url, file_sha256, first, left, total):
+                    return 0, None
+            except TransientError as e:  # a retryable status (a SecurityError propagates)
+                return 0, e
+            return self._pump(_Body(resp, left), url, left, sink, deadline)
+        finally:
+            _release(resp)
+
+    def _pump(self, body: _Body, url: str, left: int, sink: SpanSink,
+              deadline: float) -> tuple[int, TransientError | None]:
+        """Move ``left`` body bytes into ``sink``: the bytes given, and why it stopped short
+        (None: the body was cut, resume)."""
+        n = 0
+        while n < left:
+            view = sink.buffer()[: left - n]
+            try:
+                k = body.readinto(view)
+            except (urllib3.exceptions.TimeoutError, TimeoutError):
+                return n, SlowRetrievalError(f"read timeout on {url}")
+            except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError):
+                return n, None  # reset or truncated: resume after the bytes given
+            if k > len(view):
+                raise SecurityError(f"{url} sent more than the {left} bytes asked")
+            if k == 0:
+                return n, None
+            sink.commit(view[:k])
+            n += k
+            self.stats.add(nbytes=k)
+            if time.monotonic() > deadline and n < left:
+                return n, SlowRetrievalError(f"{url} is slower than {self._cfg.min_rate:g} B/s")
+        if body.overlong():
+            raise SecurityError(f"{url} sent more than the {left} bytes asked")
+        return n, None
 
     def url(self, sha256: str) -> str:
         return self._base + blob_key(sha256)
@@ -379,6 +510,53 @@ def _pieces(resp: Any, size: int) -> Iterator[bytes]:
     rather than after a full buffer."""
     while data := resp.read1(size):
         yield data
+
+
+class _Body:
+    """A response body read into the caller's buffers.
+
+    When the body is exactly the ``expected`` bytes framed by their ``Content-Length``
+    (no chunked coding, no content coding: what nginx, S3 and ``ota serve`` send for a
+    range), each read is one ``recv`` straight into the buffer through http.client's
+    buffered socket reader (``readinto1``, under urllib3's response): no copy, no
+    allocation, and, like ``read1``, it returns what has arrived, so deadlines are checked
+    during a slow drip. The connection is then closed after the body (:func:`_release`),
+    never reused, since http.client did not count the bytes. Any other response (the
+    offline medium's, a 200 without a length) goes through urllib3's ``read1`` and a copy;
+    one more byte after the expected ones is then an overlong body.
+    """
+
+    def __init__(self, resp: Any, expected: int) -> None:
+        self._resp = resp
+        self._raw: io.BufferedReader | None = None
+        fp = getattr(resp, "_fp", None)  # urllib3's http.client response
+        coding = str(resp.headers.get("Content-Encoding", "identity")).strip().lower()
+        if (
+            isinstance(fp, http.client.HTTPResponse)
+            and isinstance(fp.fp, io.BufferedReader)
+            and not fp.chunked
+            and fp.length == expected
+            and coding in ("", "identity")
+        ):
+            self._raw = fp.fp
+
+    def readinto(self, view: memoryview) -> int:
+        if self._raw is not None:
+            return self._raw.readinto1(view)
+        data = self._resp.read1(len(view))
+        if len(data) > len(view):
+            return len(data)  # the caller refuses it
+        view[: len(data)] = data
+        return len(data)
+
+    def overlong(self) -> bool:
+        """Whether the server sent more than ``expected`` (bounded by its own framing)."""
+        if self._raw is not None:
+            return False  # framed by its length: nothing more is read
+        try:
+            return bool(self._resp.read1(1))
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError):
+            return False  # a connection ending after the whole body adds nothing
 
 
 class _Progress:

@@ -5,6 +5,7 @@ working on (old releases without file blobs, ``ota serve``, nginx, S3)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import random
@@ -227,9 +228,21 @@ def test_tampered_span_bytes_never_reach_the_final_name(
     assert not (dest / ENTRY.path).exists()
 
 
-def test_full_fetch_is_few_ranges_bounded_by_max_span(server: FaultServer, tmp_path: Path) -> None:
+def test_full_fetch_is_one_streamed_range(server: FaultServer, tmp_path: Path) -> None:
     f = _fetcher(server)
     _stage(f, tmp_path / "dest")
+    assert (tmp_path / "dest" / ENTRY.path).read_bytes() == DATA
+    assert _ranges(server) == [f"bytes=0-{len(DATA) - 1}"]
+    assert f.stats.requests == 1 and f.stats.bytes == len(DATA)
+
+
+@pytest.mark.parametrize("max_span", [CHUNK, 3 * CHUNK])  # streamed / buffered
+def test_full_fetch_is_few_ranges_bounded_by_max_stream(
+    server: FaultServer, tmp_path: Path, max_span: int
+) -> None:
+    cfg = dataclasses.replace(CFG, max_span=max_span, max_stream=3 * CHUNK)
+    f = _fetcher(server, cfg)
+    _stage(f, tmp_path / "dest", cfg=cfg)
     assert (tmp_path / "dest" / ENTRY.path).read_bytes() == DATA
     ranges = sorted(_ranges(server), key=lambda r: int(str(r)[6:].split("-")[0]))
     assert ranges == ["bytes=0-196607", "bytes=196608-393215", "bytes=393216-524287"]
