@@ -7,8 +7,9 @@ Compression follows ``docs/serving/nginx-site.conf`` (ADR 0010): versioned snaps
 metadata (:func:`~ota.repository._storage.gzip_eligible`) of at least 1 KiB is sent
 ``Content-Encoding: gzip`` to a client whose ``Accept-Encoding`` allows gzip, with
 ``Vary: Accept-Encoding``; ``timestamp.json``, roots, targets and blobs are always sent as they
-are. The compressed body of an immutable file is kept in a small cache keyed by its path, size
-and mtime, so a fleet polling the same snapshot compresses it once.
+are. The compressed body of an immutable file is kept in a cache keyed by its path, size, mtime
+and inode and bounded by total bytes (``GZIP_CACHE_BYTES``), so a fleet polling the same
+snapshot compresses it once and no client can pin more memory than that.
 """
 
 from __future__ import annotations
