@@ -15,8 +15,13 @@ Checked conservatively, from what the repository holds:
 
 * the snapshot being replaced (the newest, which lists them) does not verify under the newest
   root: it was signed by keys the newest root no longer lists for ``snapshot``; and
-* none of the newest root's snapshot keys is listed for ``snapshot`` by any earlier root: no
-  older snapshot (all of which list them) can have been signed by one of them.
+* none of the newest root's snapshot keys is listed for ``snapshot`` by any earlier root; and
+* no stored older snapshot verifies under the newest root. The roots alone do not rule that
+  out: a bridged rotation signs snapshots with the new key *before* root N+1 exists, and one
+  whose root write then failed, retried later without the old key (no bridge), publishes a
+  root N+1 whose key no earlier root lists while devices may hold those bridged snapshots.
+  This scan reads the stored snapshots once per such rotation (the first commit after it
+  either drops the entries or signs a snapshot the newest root accepts, ending the checks).
 
 A bridged rotation (old and new keys sign the snapshot before root N+1 appears, ADR 0004) fails
 the first test, so it never drops anything: ``ota migrate-layout --drop-retired`` rotates the
@@ -30,9 +35,10 @@ from __future__ import annotations
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Snapshot
 
+from ota.errors import SecurityError
 from ota.repository._meta import MAX_METADATA_BYTES, md_key
 from ota.repository._meta import parse_metadata as _parse
-from ota.repository._storage import Storage
+from ota.repository._storage import NotFound, Storage
 
 
 def lengthless(snapshot: Snapshot) -> list[str]:
@@ -56,4 +62,33 @@ def may_forget(store: Storage, root: Metadata[Root], snapshot: Metadata[Snapshot
         old = _parse(raw, Root, f"root {version}")
         if current & set(old.signed.roles[Snapshot.type].keyids):
             return False
-    return True
+    return not _older_snapshot_verifies(store, root, current, snapshot.signed.version)
+
+
+def _older_snapshot_verifies(
+    store: Storage, root: Metadata[Root], keyids: set[str], latest: int
+) -> bool:
+    """Whether a stored snapshot older than ``latest`` verifies under ``root`` (a bridge's,
+    signed by a key of ``root`` before ``root`` was published). Only files naming one of
+    ``keyids`` in their bytes are parsed."""
+    needles = [k.encode() for k in keyids]
+    for key in store.list("metadata/"):
+        version, _, rest = key.removeprefix("metadata/").partition(".")
+        if rest != "snapshot.json" or not version.isdigit() or int(version) >= latest:
+            continue
+        try:
+            raw, _ = store.get(key, max_bytes=MAX_METADATA_BYTES)
+        except NotFound:
+            continue
+        if not any(n in raw for n in needles):
+            continue
+        try:
+            old = _parse(raw, Snapshot, f"snapshot {version}")
+        except SecurityError:
+            return True  # cannot rule it out: keep the entries
+        try:
+            root.signed.verify_delegate(Snapshot.type, old.signed_bytes, old.signatures)
+        except UnsignedMetadataError:
+            continue
+        return True
+    return False

@@ -7,16 +7,18 @@ Compression follows ``docs/serving/nginx-site.conf`` (ADR 0010): versioned snaps
 metadata (:func:`~ota.repository._storage.gzip_eligible`) of at least 1 KiB is sent
 ``Content-Encoding: gzip`` to a client whose ``Accept-Encoding`` allows gzip, with
 ``Vary: Accept-Encoding``; ``timestamp.json``, roots, targets and blobs are always sent as they
-are. The compressed body of an immutable file is kept in a small cache keyed by its path, size
-and mtime, so a fleet polling the same snapshot compresses it once.
+are. The compressed body of an immutable file is kept in a cache keyed by its path, size, mtime
+and inode and bounded by total bytes (``GZIP_CACHE_BYTES``), so a fleet polling the same
+snapshot compresses it once and no client can pin more memory than that.
 """
 
 from __future__ import annotations
 
-import functools
+import collections
 import gzip
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +43,44 @@ _METADATA_DROP = (
 _GZIP_MAX_BYTES = 8 << 20  # python-tuf reads at most 5 MB of a role: larger is sent plain
 
 
-@functools.lru_cache(maxsize=64)
+GZIP_CACHE_BYTES = 32 << 20  # compressed bodies kept, in all: a fleet's current files fit
+_cache: collections.OrderedDict[tuple[str, int, int, int], bytes] = collections.OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _gzip_cache_clear() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
 def _gzipped(path: str, size: int, mtime_ns: int) -> bytes | None:
-    """``path`` compressed (level 6, as nginx-site.conf), or None if it changed under us."""
+    """``path`` compressed (level 6, as nginx-site.conf), or None if it changed under us.
+
+    Kept in a least-recently-used cache bounded by the total size of the compressed bodies
+    (``GZIP_CACHE_BYTES``), not their count: a client requesting many old, large versions
+    cannot pin more than that in memory. Keyed by path, size, mtime and inode."""
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
             return None
+        key = (path, size, mtime_ns, st.st_ino)
+        with _cache_lock:
+            body = _cache.get(key)
+            if body is not None:
+                _cache.move_to_end(key)
+                return body
         data = f.read(size + 1)
     if len(data) != size:
         return None
-    return gzip.compress(data, 6, mtime=0)
+    body = gzip.compress(data, 6, mtime=0)
+    if len(body) <= GZIP_CACHE_BYTES // 4:
+        with _cache_lock:
+            _cache[key] = body
+            total = sum(len(b) for b in _cache.values())
+            while total > GZIP_CACHE_BYTES:
+                _, dropped = _cache.popitem(last=False)
+                total -= len(dropped)
+    return body
 
 
 def _maybe_gzip(root: Path, rest: str) -> Response | None:

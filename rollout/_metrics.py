@@ -48,6 +48,17 @@ def _stage_of(plan: Any, stage: int) -> tuple[str, float] | None:
     return ring[:16], float(pct)
 
 
+def _figure(v: Any) -> float | None:
+    """A stored gate figure as a float, or None: not a number, or an integer beyond a float's
+    range (JSON keeps it exact; ``float`` would raise and fail the whole scrape)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    try:
+        return float(v)
+    except OverflowError:
+        return None
+
+
 class RolloutCollector:
     """A prometheus-client collector; register it on a ``CollectorRegistry``.
 
@@ -124,11 +135,10 @@ class RolloutCollector:
                 series += 1
                 lv = [model, version, str(g.get("gate", ""))[:64], str(g.get("tier", ""))[:64]]
                 status.add_metric(lv, _STATUS.get(str(g.get("status")), 1.0))
-                v, t = g.get("value"), g.get("threshold")
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    value.add_metric(lv, float(v))
-                if isinstance(t, int | float) and not isinstance(t, bool):
-                    threshold.add_metric(lv, float(t))
+                if (v := _figure(g.get("value"))) is not None:
+                    value.add_metric(lv, v)
+                if (t := _figure(g.get("threshold"))) is not None:
+                    threshold.add_metric(lv, t)
         yield from (stage, percent, state, status, value, threshold)
         yield GaugeMetricFamily(
             f"{PREFIX}series_truncated",

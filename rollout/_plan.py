@@ -192,7 +192,7 @@ def parse_duration(value: Any, where: str) -> float:
     if isinstance(value, bool):
         raise PlanError(f"{where}: a duration, not a boolean")
     if isinstance(value, int):
-        secs = float(value)
+        secs = _float(value, where)
     elif isinstance(value, float):
         secs = value
     elif isinstance(value, str):
@@ -203,17 +203,26 @@ def parse_duration(value: Any, where: str) -> float:
     else:
         raise PlanError(f"{where}: a duration (seconds or '12h'), not {type(value).__name__}")
     if not math.isfinite(secs) or not 0 <= secs <= MAX_DURATION_S:
-        raise PlanError(f"{where}: {value!r} is outside 0 s .. 366 d")
+        raise PlanError(f"{where}: {secs:g} s is outside 0 s .. 366 d")
     return secs
 
 
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PlanError(f"{where}: a number, not {type(value).__name__}")
-    f = float(value)
+    f = _float(value, where)
     if not math.isfinite(f):
         raise PlanError(f"{where}: must be finite")
     return f
+
+
+def _float(value: int | float, where: str) -> float:
+    """``float(value)``; an integer too large for a float (TOML and JSON integers are unbounded
+    in Python) is a PlanError, not an OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise PlanError(f"{where}: must be finite (an integer too large)") from None
 
 
 def _int(value: Any, where: str, lo: int, hi: int) -> int:

@@ -158,3 +158,50 @@ def test_drop_retired_without_the_root_keys_refuses_and_writes_nothing(tmp_path:
     assert "root" in out.output
     assert sorted(p.name for p in (root / "metadata").iterdir()) == before
     assert len(lengthless(_txn(Project.open(project.root_dir)).snapshot.signed)) == 8
+
+
+def test_a_bridge_left_by_a_failed_rotation_keeps_the_retired_entries(tmp_path: Path) -> None:
+    """review1 (low): a bridged snapshot rotation whose root write failed after the bridge
+    (a crash, a lost connection) leaves snapshots signed by the old key *and* the new one,
+    listing the retired roles, which devices store. Retried later without the old key (no
+    bridge: the usual case when the old key is the reason for the rotation), root N+1 lists
+    that new key: no earlier root does, and the latest snapshot (a publish in between, old key
+    only) does not verify under it, yet a device still holding the bridged snapshot trusts it
+    under root N+1. Dropping the entries then locked that device out of every update."""
+    from ota.repository._keyadmin import _sign_here
+    from ota.repository._keyspec import KeySpec
+    from ota.repository._rootceremony import RootChange, _resign, export_root, publish_root
+    from ota.repository._txn import run
+    from ota.signing import NewKey
+
+    project = _legacy(tmp_path)
+    migrate_layout(project)
+    listed = sorted(lengthless(_txn(project).snapshot.signed))
+    assert len(listed) == 8
+    store = project.storage.local_root()
+    assert store is not None
+    trusted = (project.root_dir / "root.json").read_bytes()
+    new = NewKey.generate("ed25519")
+    x = KeySpec(new.public, new.write(tmp_path / "kms", "snapshot-x", public=False))
+    old = list(_txn(project).root().signed.roles["snapshot"].keyids)
+    change = RootChange(
+        add=[("snapshot", x)], remove=[("snapshot", k) for k in old], thresholds={"snapshot": 1}
+    )
+    md = export_root(project, change)
+    assert _sign_here(project, md)
+    # the first attempt: publish_root's bridge ran, then the write of root 2 failed
+    run(project.storage, project.signers, project.expiry(),
+        lambda t: _resign(t, ["snapshot"], md.signed))  # fmt: skip
+    with serve_dir(store) as url:
+        offline = stock_updater(url, trusted, tmp_path / "offline")
+        offline.refresh()  # stores the bridged snapshot (old + new key), listing the bins
+        publish_mlp(project, "beta", "1.1.0", seed=4)  # snapshots signed by the old key only
+        for keyid in old:  # the retry, on a machine without the old snapshot key
+            project.set_signer(keyid, None)
+        assert not publish_root(project, md).bridged
+        project = Project.open(project.root_dir)
+        assert sorted(lengthless(_txn(project).snapshot.signed)) == listed  # kept
+        publish_mlp(project, "beta", "1.2.0", seed=5)
+        offline = stock_updater(url, trusted, tmp_path / "offline")  # the same folder
+        offline.refresh()  # crosses root 2 with its stored bridged snapshot
+        assert offline.get_targetinfo(manifest_target_path("beta", "1.2.0")) is not None

@@ -177,3 +177,39 @@ def test_a_gzip_bomb_in_the_bucket_is_cut_at_the_signed_length(
     session = _session(project, f"{s3_endpoint}/{bucket}/{prefix}", tmp_path / "device")
     with pytest.raises(SecurityError, match=r"endless data|length"):
         session.refresh()
+
+
+def test_ota_serve_keeps_a_bounded_amount_of_compressed_metadata(tmp_path: Path) -> None:
+    """review1 (low): the compressed bodies ``ota serve`` keeps for versioned metadata were
+    bounded by count (64), not size: anyone who can reach the server could request 64 old
+    multi-MiB versions and pin their compressed bodies in memory (up to 64 x 8 MiB). Over real
+    HTTP, many large versions are requested once each; the memory still held afterwards stays
+    under the byte bound, and each answer still decodes to exactly the file."""
+    import os
+    import tracemalloc
+
+    from ota.repository import _serve
+
+    meta = tmp_path / "metadata"
+    meta.mkdir()
+    size = 2 << 20  # random hex: compresses to about half
+    names = [f"{v}.snapshot.json" for v in range(1, 41)]
+    files = {}
+    for name in names:
+        files[name] = os.urandom(size // 2).hex().encode()
+        (meta / name).write_bytes(files[name])
+    _serve._gzip_cache_clear()
+    pool = urllib3.PoolManager()
+    with serve_dir(tmp_path) as url:
+        tracemalloc.start()
+        try:
+            for name in names:
+                r = pool.request("GET", f"{url}/metadata/{name}", decode_content=False,
+                                 headers={"Accept-Encoding": "gzip"})  # fmt: skip
+                assert r.status == 200 and r.headers["Content-Encoding"] == "gzip"
+                assert gzip.decompress(r.data) == files[name]
+                del r
+            held, _peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert held < _serve.GZIP_CACHE_BYTES + (8 << 20), held  # about 40 MiB before the bound

@@ -152,3 +152,31 @@ def test_the_scrape_benchmark_runs(tmp_path: Path) -> None:
     r = measure("sqlite", 3, 2, tmp_path)
     assert r["statements"] == 1 and r["series"] == 3 * GATES
     assert r["query_ms"] > 0 and r["rollout_ms"] > 0 and r["fleet_ms"] > 0
+
+
+def test_a_gate_figure_too_large_for_a_float_does_not_break_the_scrape(tmp_path: Path) -> None:
+    """A stored gate value or threshold that is an integer beyond a float's range (JSON keeps
+    it exact; a gate plugin may report one) is left out of the gauges, never an
+    OverflowError that turns every scrape into a 500 while the rollout lives (review1, low)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    db = new_db("sqlite", None, tmp_path)
+    engine = make_engine(FleetConfig(db_url=db))
+    try:
+        fill(engine, rollouts=2, verdicts=1, gates=2)
+        with Session(engine) as s, s.begin():
+            v = s.query(RolloutVerdict).order_by(RolloutVerdict.id).first()
+            assert v is not None
+            huge = {"status": "hold", "value": 10**400, "threshold": -(10**400)}
+            v.gates = [{"gate": "health.huge", "tier": "t", **huge}, *v.gates]
+        reg = CollectorRegistry()
+        reg.register(RolloutCollector(engine))
+        text = generate_latest(reg).decode()
+    finally:
+        engine.dispose()
+    assert text.count(f"{PREFIX}gate_status{{") == 2 * 2 + 1  # the huge gate's status stays
+    assert 'gate="health.huge"' in text
+    values = [ln for ln in text.splitlines() if ln.startswith(f"{PREFIX}gate_value{{")]
+    thresholds = [ln for ln in text.splitlines() if ln.startswith(f"{PREFIX}gate_threshold{{")]
+    assert not [ln for ln in values + thresholds if "health.huge" in ln]
+    assert text.count(f"{PREFIX}gate_value{{") == 2 * 2  # the others' figures are all there

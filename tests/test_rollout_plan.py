@@ -133,6 +133,17 @@ BAD = {
         _replace("min_inferences = 500", 'min_inferences = 500\ndrift_metric = "PSI"'),
         "is not one of",
     ),
+    # an integer too large for a float (TOML integers are unbounded in Python): a PlanError,
+    # never an OverflowError traceback (review1, low)
+    "health huge integer": (
+        _replace("min_inferences = 500", "min_inferences = 1" + "0" * 400),
+        "gates.health.min_inferences: must be finite",
+    ),
+    "percent huge integer": (
+        _replace("percent = 10\n", "percent = 1" + "0" * 400 + "\n"),
+        "finite",
+    ),
+    "soak huge integer": (_replace('soak = "30m"', "soak = 1" + "0" * 400), "soak: must be finite"),
     "other health key as text": (
         _replace("min_inferences = 500", 'min_inferences = 500\nmax_drift = "psi"'),
         "gates.health.max_drift: a number",
