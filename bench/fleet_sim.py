@@ -28,7 +28,6 @@ Run: ``python -m bench.fleet_sim [--devices 2000] [--scenarios good,smoke_tier,.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import json
 import threading
@@ -136,6 +135,7 @@ class SimDevice:
     late: bool = False
     forger: bool = False
     busy_until: float = 0.0
+    decided: Any = None  # the inputs of the last decision (signed index, running, failed)
     next_report: float = 0.0
     flush_now: bool = False  # an update cycle just ended: report now, as ``update_once`` does
     dev: Any = None
@@ -173,6 +173,29 @@ class SimDevice:
         self.dev.events.append(kind, MODEL, version, **data)
 
 
+def _latency_counts(lat: np.ndarray) -> list[int]:
+    """The recorder's latency buckets of these latencies (``bisect_right`` on its edges)."""
+    from ota.client._telemetry_format import LATENCY_BUCKETS, LATENCY_EDGES
+
+    idx = np.searchsorted(LATENCY_EDGES, lat, side="right")
+    return [int(c) for c in np.bincount(idx, minlength=LATENCY_BUCKETS)]
+
+
+def _outputs(rows: np.ndarray) -> dict[str, Any]:
+    """One output's summary counted by the recorder's ``OutputCounter``, one row per
+    inference: rows added in batches (its bound is ``MAX_SAMPLE`` values a call), then ``n``
+    set to the inferences counted, as one ``add`` per inference would leave it."""
+    from ota.client._telemetry_format import MAX_SAMPLE, OutputCounter, OutputSpec
+
+    out = OutputCounter(OutputSpec("y", "hist", -4.0, 4.0, 32))
+    step = MAX_SAMPLE // max(1, rows.shape[1])
+    for i in range(0, len(rows), step):
+        out.add(rows[i : i + step])
+    out.n = len(rows)
+    d: dict[str, Any] = out.summary().to_dict()
+    return d
+
+
 def summary(
     rng: np.random.Generator, version: str, end: float, latency_s: float, out_mean: float,
     crashes: int, inferences: int = 300,
@@ -180,27 +203,19 @@ def summary(
     """One ``edge-ota.telemetry/1`` summary as the device's recorder makes it (its latency
     buckets, its output counter), validated as the recorder validates it."""
     from ota.client._telemetry_format import (
-        LATENCY_BUCKETS,
-        LATENCY_EDGES,
         TELEMETRY_FORMAT,
-        OutputCounter,
-        OutputSpec,
         validate_summary,
     )
 
     lat = np.exp(rng.normal(np.log(latency_s), 0.25, inferences))
-    hist = [0] * LATENCY_BUCKETS
-    for x in lat.tolist():
-        hist[bisect.bisect_right(LATENCY_EDGES, x)] += 1
+    hist = _latency_counts(lat)
     errors = int(rng.binomial(inferences, 0.002))
-    out = OutputCounter(OutputSpec("y", "hist", -4.0, 4.0, 32))
-    for row in rng.normal(out_mean, 1.0, (inferences - errors, 4)):
-        out.add(row)
+    out = _outputs(rng.normal(out_mean, 1.0, (inferences - errors, 4)))
     doc = {
         "format": TELEMETRY_FORMAT, "model": MODEL, "version": version,
         "start": end - 60, "end": end, "inferences": inferences, "errors": errors,
         "crashes": crashes, "latency": {"counts": hist, "sum_s": float(lat.sum())},
-        "outputs": [out.summary().to_dict()],
+        "outputs": [out],
     }  # fmt: skip
     validate_summary(doc)
     return doc
@@ -555,7 +570,10 @@ def _step_device(
         d.emit("reverted", NEW, reason="yanked")
         d.running, d.counter = OLD, 1
         d.flush_now = True
-    if now >= d.busy_until:
+    sn = index.get(NEW)
+    key = (sn and (sn.ring, sn.percent, sn.paused, sn.yanked), d.running, len(d.failed))
+    if now >= d.busy_until and key != d.decided:  # the same inputs give the same answer
+        d.decided = key
         facts = facts_cls(d.id, "x86_64", d.tier, d.ring, "1.31.1", "0.1.0")
         committed = committed_cls(
             counters={MODEL: d.counter},
@@ -621,6 +639,7 @@ def _figures(
         elif a.get("event") in ("pause", "yank", "rollback") and halted_at is None:
             halted_at = t1a
     gaps = [entered[k + 1] - entered[k] for k in range(last) if k + 1 in entered]
+    data_in = _data_in(cw, entered, last)
     tick_ms = [1000 * (b - a) for a, b in cw.ticks]
     halt_verdict = next(
         (v for _, v in cw.verdicts if v.get("action") in ("pause", "rollback")), None
@@ -637,7 +656,15 @@ def _figures(
         ),
         "stage_overrun_s_max": round(max(g - soak_s for g in gaps), 2) if gaps else None,
         # per stage: stage entry (signed) -> first judgement where only the soak held
-        "data_in_s": _data_in(cw, entered, last),
+        "data_in_s": data_in,
+        "stage_gap_s": [round(g, 1) for g in gaps],
+        # what the controller added per stage past the later of soak end and data in: the
+        # goal (ADR 0011, soak semantics) is at most one tick plus the acting tick
+        "controller_overrun_s_max": (
+            round(max(g - max(soak_s, d or 0.0) for g, d in zip(gaps, data_in, strict=False)), 2)
+            if gaps
+            else None
+        ),
         "ran_release": sum(d.ever_ran_new for d in fleet),
         "devices_saw_paused_or_yanked": any(p or y for _, _, _, p, y in signed),
         "tick_ms_median": round(float(np.median(tick_ms)), 1) if tick_ms else None,
@@ -735,31 +762,19 @@ def noisy_summary(
     added in batches of whole inferences, then ``n`` = the inferences counted) and validated
     as the recorder validates it."""
     from ota.client._telemetry_format import (
-        LATENCY_BUCKETS,
-        LATENCY_EDGES,
-        MAX_SAMPLE,
         TELEMETRY_FORMAT,
-        OutputCounter,
-        OutputSpec,
         validate_summary,
     )
 
     n = max(20, int(rng.poisson(x.inferences)))
     lat = np.exp(rng.normal(np.log(x.latency_s * tier_factor), x.spread, n))
-    hist = np.bincount(np.searchsorted(LATENCY_EDGES, lat, side="right"), minlength=LATENCY_BUCKETS)
     errors = int(rng.binomial(n, x.error_p))
-    out = OutputCounter(OutputSpec("y", "hist", -4.0, 4.0, 32))
-    values = rng.normal(0.0, x.out_sd, (n - errors, 4))
-    step = MAX_SAMPLE // 4
-    for i in range(0, len(values), step):
-        out.add(values[i : i + step])
-    out.n = n - errors
     doc = {
         "format": TELEMETRY_FORMAT, "model": model, "version": x.running,
         "start": end - interval, "end": end, "inferences": n, "errors": errors,
         "crashes": int(rng.random() < x.crash_p),
-        "latency": {"counts": [int(c) for c in hist], "sum_s": float(lat.sum())},
-        "outputs": [out.summary().to_dict()],
+        "latency": {"counts": _latency_counts(lat), "sum_s": float(lat.sum())},
+        "outputs": [_outputs(rng.normal(0.0, x.out_sd, (n - errors, 4)))],
     }  # fmt: skip
     validate_summary(doc)
     return doc
@@ -780,6 +795,7 @@ def run_many(
     late: float = 0.05,
     seed: int = 1,
     deadline_s: float = 0.0,
+    noise: str = "pessimistic",
 ) -> dict[str, Any]:
     """``models`` good releases rolled out at once, each by its own rollout (the same plan as
     the scenarios) to its own ``per_model`` devices, drawn per (ring, tier) cell from
@@ -787,7 +803,12 @@ def run_many(
     1.6x slower), through one service and one controller. Noise: per device and model speed,
     spread, error rate, traffic and output spread; 2 % of intervals crash on either release;
     ``loss`` of report attempts lost; ``late`` devices report 3x less often. Counts the
-    rollouts that halted (false halts: every release is good) and those that reached GA."""
+    rollouts that halted (false halts: every release is good) and those that reached GA.
+
+    ``noise``: ``pessimistic`` is ``bench/health_gates_sim.py``'s device-to-device spread
+    (speed log-normal sigma 0.2 within a tier, latency spread sigma 0.15-0.4: per-device
+    p95s of one tier vary about 25 %); ``moderate`` halves it (speed sigma 0.1, spread
+    0.2-0.3), nearer one hardware tier's devices running one model."""
     from scipy.stats import binomtest  # type: ignore[import-untyped]
 
     from ota.client._policy import Committed, DeviceFacts, rank
@@ -805,6 +826,7 @@ def run_many(
     t_pub = time.perf_counter()
     project = _published(work, names, make_project, publish_mlp)
     plan = plan_from_toml(plan_toml(soak_s, health_min, health_min))
+    speed_sd, spread = {"pessimistic": (0.2, (0.15, 0.4)), "moderate": (0.1, (0.2, 0.3))}[noise]
     rings = [r for r, _ in RING_SHARE]
     cells = [(r, t) for r in rings for t in TIERS]
     if per_model % len(cells) or devices % len(cells) or per_model > devices:
@@ -812,6 +834,7 @@ def run_many(
     out: dict[str, Any] = {
         "mode": "many", "rollouts": models, "devices": devices, "per_model": per_model,
         "soak_s": soak_s, "tick_s": tick_s, "report_s": report_s, "loss": loss, "late": late,
+        "noise": noise,
         "publish_s": round(time.perf_counter() - t_pub, 1), "backend": backend,
     }  # fmt: skip
     with _service(backend, work) as svc, _device_dir(work) as droot:
@@ -827,8 +850,8 @@ def run_many(
                 for j in pick.tolist():
                     by_cell[c][j].slots[m] = Slot(
                         m,
-                        latency_s=0.02 * float(rng.lognormal(0, 0.2)),
-                        spread=float(rng.uniform(0.15, 0.4)),
+                        latency_s=0.02 * float(rng.lognormal(0, speed_sd)),
+                        spread=float(rng.uniform(*spread)),
                         error_p=float(rng.uniform(0, 0.004)),
                         inferences=int(rng.integers(100, 1000)),
                         out_sd=float(rng.uniform(0.9, 1.1)),
@@ -1044,6 +1067,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-model", type=int, default=144, help="--many: devices per model")
     parser.add_argument("--loss", type=float, default=0.1, help="--many: lost report attempts")
     parser.add_argument("--late", type=float, default=0.05, help="--many: late devices")
+    parser.add_argument("--noise", default="pessimistic", choices=("pessimistic", "moderate"))
     args = parser.parse_args(argv)
     if args.many:
         with scratch_dir(args.workdir) as work:
@@ -1051,6 +1075,7 @@ def main(argv: list[str] | None = None) -> None:
                 models=args.many, per_model=args.per_model, devices=args.devices,
                 work=work / "many", backend=args.backend, soak_s=args.soak,
                 tick_s=args.tick, report_s=args.report, loss=args.loss, late=args.late,
+                noise=args.noise,
             )  # fmt: skip
         rows = [[r["rollouts"], r["reached_ga"], r["done"], r["false_halts"],
                  f"{r['false_halt_rate']:.1%}", r["false_halt_ci95"], r["run_s"]]]  # fmt: skip
@@ -1077,12 +1102,13 @@ def main(argv: list[str] | None = None) -> None:
     doc = {"environment": environment(), "results": results}
     rows = [
         [r["scenario"], r["max_stage"], r["halted"], r["ran_release"], r["ga_s"],
-         r["ga_overrun_s"], r["data_in_s"], r["decision_latency_s_max"]]
+         r["ga_overrun_s"], r["data_in_s"], r["controller_overrun_s_max"],
+         r["decision_latency_s_max"]]
         for r in results
     ]  # fmt: skip
-    emit(doc, table("fleet simulation", ["scenario", "stage", "halted", "ran", "GA s",
-                                          "GA - soaks s", "data in s", "latency s"], rows),
-         args.json)  # fmt: skip
+    head = ["scenario", "stage", "halted", "ran", "GA s", "GA - soaks s", "data in s",
+            "ctl overrun s", "latency s"]  # fmt: skip
+    emit(doc, table("fleet simulation", head, rows), args.json)
 
 
 if __name__ == "__main__":
