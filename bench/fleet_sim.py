@@ -17,13 +17,25 @@ queue (:class:`ota.client._events.EventQueue`) and are sent by the client's own 
 latency buckets and :class:`~ota.client._telemetry_format.OutputCounter` and checked with
 :func:`~ota.client._telemetry_format.validate_summary`.
 
-Measured per scenario: the stage the release was halted at (or GA), the number of devices that
-ever ran the release, time to GA against the plan's soaks, decision latency (the last report
-acknowledged before the judging tick -> the signed metadata; the tick's own duration), false
-halts. ``--false-halts N`` also runs the in-process loop of ``bench/health_gates_sim.py`` (same
-gate functions on real rows, no HTTP) over N good stages.
+A device that installs or reverts reports at once (the real client reports at the end of each
+update cycle), otherwise every ``report_s``; reports go out in the background (:class:`Sender`),
+so one device's slow request never delays another's poll.
 
-Run: ``python -m bench.fleet_sim [--devices 2000] [--scenarios good,smoke_tier,...] [--json]``.
+Measured per scenario: the stage the release was halted at (or GA), the number of devices that
+ever ran the release, time to GA against the plan's soaks and, from every judgement's gates
+(:func:`_trace_judge`), per stage when its evidence was in and what the controller added past
+the later of soak end and evidence (ADR 0011's soak semantics), decision latency (the last
+report acknowledged before the judging tick -> the signed metadata; the tick's own duration),
+false halts.
+
+``--many N`` (:func:`run_many`) instead runs N good releases of N models at once, each by its
+own rollout, through one service and one controller, on multi-model devices with
+device-to-device noise, and counts the rollouts that halted (false halts, with a binomial
+confidence interval) against those that reached general availability.
+
+Run: ``python -m bench.fleet_sim [--devices 2000] [--scenarios good,smoke_tier,...] [--json]``;
+``python -m bench.fleet_sim --many 100 --devices 1200 --per-model 144 --soak 40 --report 20
+[--noise moderate] [--workdir DIR]`` (``DIR/many.published`` keeps the published repository).
 """
 
 from __future__ import annotations
@@ -930,9 +942,9 @@ def run_many(
 def _published(work: Path, names: list[str], make_project: Any, publish_mlp: Any) -> Any:
     """The project with both releases of every model, published with the real publisher
     (~2 s a release under load). A copy is kept beside ``work`` (``<work>.published``) and
-    restored into the same path by the next run with the same models: the project names
-    its storage by absolute path, and the copy's signed state is the one before any
-    rollout (expiry permitting: the metadata's online expiry is days)."""
+    restored by the next run with the same models (its signed state is the one before any
+    rollout; expiry permitting: the online metadata's expiry is days); the project's
+    ``ota.toml`` names its storage by absolute path, rewritten when restored elsewhere."""
     import shutil
 
     from ota.repository import Project
@@ -944,6 +956,9 @@ def _published(work: Path, names: list[str], make_project: Any, publish_mlp: Any
         for part in parts:
             shutil.rmtree(work / part, ignore_errors=True)
             shutil.copytree(cache / part, work / part, symlinks=True)
+        conf = work / "proj" / "ota.toml"
+        origin = (cache / "origin").read_text()
+        conf.write_text(conf.read_text().replace(f"{origin}/repo", f"{work}/repo"))
         return Project.open(work / "proj")
     project = make_project(work)
     for m in names:
@@ -953,6 +968,7 @@ def _published(work: Path, names: list[str], make_project: Any, publish_mlp: Any
     for part in parts:
         shutil.copytree(work / part, cache / part, symlinks=True)
     (cache / "names").write_text(stamp)
+    (cache / "origin").write_text(str(work))
     return project
 
 
