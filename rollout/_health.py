@@ -456,6 +456,12 @@ def _latency(
         return hold
     pn = np.array([p95(d.latency) for d in n])
     pb = np.array([p95(d.latency) for d in b])
+    unit = "_s"
+    if not tier:  # the whole stage: each device's p95 relative to its tier's baseline median
+        pn, pb, unit = *_tier_relative(n, pn, b, pb), "_rel"
+        if len(pn) < th.min_devices:
+            why = f"too little data: {len(pn)} new devices of tiers with a baseline"
+            return GateResult(gate, GateStatus.HOLD, f"{why}, need {th.min_devices}", tier=tier)
     mb = float(np.median(pb))
     ratio = float(np.median(pn)) / mb
     limit = th.max_p95_ratio * mb
@@ -475,14 +481,32 @@ def _latency(
         bad=int(np.sum(pn > limit)),
         ok=int(np.sum(pn <= limit)),
         evidence={
-            "new_median_p95_s": float(np.median(pn)),
-            "baseline_median_p95_s": mb,
+            f"new_median_p95{unit}": float(np.median(pn)),
+            f"baseline_median_p95{unit}": mb,
             "new_devices": len(n),
             "baseline_devices": len(b),
             "test": "mann-whitney-u",
         },
         what="p95 ratio",
     )
+
+
+def _tier_relative(
+    n: list[DeviceTelemetry], pn: np.ndarray, b: list[DeviceTelemetry], pb: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The per-device p95s of both cohorts, each divided by the median p95 of its own tier's
+    baseline devices. Tiers are different hardware and differ in speed: pooled raw p95s
+    compare the cohorts' tier mixes (which the percentage buckets draw by chance) rather
+    than the releases, and the fleet simulation saw a good release's stage judged 1.6x slower
+    because its new cohort held more devices of the slow tier. New devices of a tier without
+    baseline devices are left out (that tier's own gate holds)."""
+    med = {
+        t: max(float(np.median(pb[[d.tier == t for d in b]])), 1e-9) for t in {d.tier for d in b}
+    }
+    keep = [i for i, d in enumerate(n) if d.tier in med]
+    rel_n = np.array([pn[i] / med[n[i].tier] for i in keep], dtype=np.float64)
+    rel_b = np.array([p / med[d.tier] for d, p in zip(b, pb, strict=True)], dtype=np.float64)
+    return rel_n, rel_b
 
 
 def _rate_gate(
