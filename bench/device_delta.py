@@ -1,11 +1,13 @@
 """Device delta update: bytes fetched by the device, through the real update path, against
 ``zstd --patch-from`` and ``xdelta3`` on the same pair of files (issue 13, ADR 0012).
 
-A model of ``--size-mb`` (``tests.onnx_models.big_mlp``, eight square float32 layers) is the
-base. For each scenario a fresh repository publishes the base as 1.0.0, a fresh device installs
-it over loopback HTTP (``ota serve``'s app with a WSGI wrapper counting every response body at
-the server), then the scenario's model is published as 1.1.0 (the publisher computes its binary
-deltas: timed) and the device updates once. Smoke is the no-op seam (it downloads nothing).
+For each size in ``--sizes`` (MiB), a model of that size (``tests.onnx_models.big_mlp``, eight
+square float32 layers) is the base. For each scenario a fresh repository publishes the base as
+1.0.0, a fresh device installs it over loopback HTTP (``ota serve``'s app with a WSGI wrapper
+counting every response body at the server), then the scenario's model is published as 1.1.0
+(the publisher computes its binary deltas at ``--effort``: ``fast`` is ``ota publish``'s
+default, ``max`` is ``--delta-effort max``; timed, each candidate codec apart) and the device
+updates once. Smoke is the no-op seam (it downloads nothing).
 
 Scenarios (each from the same base):
 
@@ -18,14 +20,22 @@ Baselines, same pair of ``.onnx`` files: ``zstd -19 --long=W --patch-from=OLD NE
 zstd) and ``xdelta3 -9 -e -s OLD NEW``. Figures per scenario (one round each, with the load
 average when it ran): every byte the server sent for the update (metadata, manifest, signer
 list, blobs) / the best baseline (goal <= 1.05), and / the new file's size (never above 1 plus
-metadata); the blob bytes alone; the client's delta figures; the publisher's delta seconds vs
-the baselines' seconds.
+metadata); the blob bytes alone; the client's delta figures and codec; the publish time, the
+part of it spent on deltas (a publish without deltas takes about the difference) and each
+candidate's bytes and seconds, vs the baselines' own seconds.
 
-Run: ``python -m bench.device_delta [--json] [--size-mb 64] [--scenarios a,b]``.
+``--baseline-cache FILE`` keeps the baselines' figures by the sha256 of the pair (the models are
+deterministic), so a re-run does not pay ``zstd -19`` again (minutes at 256 MiB); cached rows
+say so.
+
+Run: ``python -m bench.device_delta [--json] [--sizes 64,128,256] [--scenarios a,b]
+[--effort fast|max] [--baseline-cache FILE]``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -107,6 +117,28 @@ def builders() -> dict[str, Callable[[Any], Any]]:
     }
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_baselines(old: Path, new: Path, work: Path, cache: Path | None) -> dict[str, Any]:
+    """:func:`baselines`, through ``cache`` (JSON keyed by the pair's sha256) when given."""
+    if cache is None:
+        return baselines(old, new, work)
+    key = f"{_sha256(old)}:{_sha256(new)}"
+    doc = json.loads(cache.read_text()) if cache.exists() else {}
+    if key in doc:
+        return {k: {**v, "cached": True} for k, v in doc[key].items()}
+    out = baselines(old, new, work)
+    doc[key] = out
+    cache.write_text(json.dumps(doc, indent=1))
+    return out
+
+
 def baselines(old: Path, new: Path, work: Path) -> dict[str, Any]:
     """Bytes and seconds of ``zstd --patch-from`` and ``xdelta3`` on the pair."""
     window = max(old.stat().st_size, new.stat().st_size).bit_length()
@@ -135,8 +167,11 @@ def baselines(old: Path, new: Path, work: Path) -> dict[str, Any]:
     return out
 
 
-def one(name: str, base_path: Path, new_path: Path, work: Path) -> dict[str, Any]:
+def one(
+    name: str, base_path: Path, new_path: Path, work: Path, effort: str, cache: Path | None
+) -> dict[str, Any]:
     from ota.repository import PublishRequest, publish
+    from ota.repository._deltas import DeltaSettings
 
     load = [round(x, 2) for x in os.getloadavg()]
     repo = Repo.create(work / f"repo-{name}")
@@ -146,7 +181,9 @@ def one(name: str, base_path: Path, new_path: Path, work: Path) -> dict[str, Any
         init_dev(dev, url, repo.trusted_root)
         update(dev)
         t0 = time.perf_counter()
-        pub = publish(repo.project, PublishRequest(new_path, MODEL, "1.1.0", ring="ga"))
+        settings = DeltaSettings(slow_level=19 if effort == "max" else 9)
+        req = PublishRequest(new_path, MODEL, "1.1.0", ring="ga", deltas=settings)
+        pub = publish(repo.project, req)
         publish_s = time.perf_counter() - t0
         hits.reset()
         t0 = time.perf_counter()
@@ -156,7 +193,7 @@ def one(name: str, base_path: Path, new_path: Path, work: Path) -> dict[str, Any
     outcome = result.outcomes[0]
     if outcome.version != "1.1.0":
         raise RuntimeError(f"installed {outcome.version}, expected 1.1.0")
-    base = baselines(base_path, new_path, work)
+    base = cached_baselines(base_path, new_path, work, cache)
     best = min(b["bytes"] for b in base.values())
     new_size = new_path.stat().st_size
     shutil.rmtree(dev, ignore_errors=True)
@@ -177,6 +214,10 @@ def one(name: str, base_path: Path, new_path: Path, work: Path) -> dict[str, Any
         "stage": outcome.figures.get("stage", {}),
         "publish_s": round(publish_s, 2),
         "publish_delta": pub.deltas.to_dict() if pub.deltas else None,
+        "codec": next(
+            (a.get("codec") for a in outcome.figures.get("delta", {}).get("applied", [])), None
+        ),
+        "best_baseline_s": min(b["seconds"] for b in base.values() if b["bytes"] == best),
         "update_s": round(update_s, 2),
         "loadavg": load,
     }
@@ -187,24 +228,29 @@ def one(name: str, base_path: Path, new_path: Path, work: Path) -> dict[str, Any
     return row
 
 
-def run(size_mb: int, scenarios: list[str], workdir: Path) -> dict[str, Any]:
+def run(
+    sizes: list[int], scenarios: list[str], workdir: Path, effort: str, cache: Path | None
+) -> dict[str, Any]:
     from tests.onnx_models import big_mlp, save
 
     t0 = time.perf_counter()
-    log(f"building a {size_mb} MB model")
-    base = big_mlp(size_mb)
-    base_path = save(base, workdir / "models" / "base" / "model.onnx")
     warm_up_device(workdir)
     make = builders()
     rows = []
-    for name in scenarios:
-        new_path = save(make[name](base), workdir / "models" / name / "model.onnx")
-        rows.append(one(name, base_path, new_path, workdir))
-        shutil.rmtree(new_path.parent, ignore_errors=True)
+    for size_mb in sizes:
+        log(f"building a {size_mb} MB model")
+        base = big_mlp(size_mb)
+        base_path = save(base, workdir / "models" / "base" / "model.onnx")
+        for name in scenarios:
+            new_path = save(make[name](base), workdir / "models" / name / "model.onnx")
+            row = one(name, base_path, new_path, workdir, effort, cache)
+            rows.append({"size_mb": size_mb, "model_bytes": base_path.stat().st_size, **row})
+            shutil.rmtree(new_path.parent, ignore_errors=True)
+        del base
     return {
         "benchmark": "device_delta",
-        "size_mb": size_mb,
-        "model_bytes": base_path.stat().st_size,
+        "sizes_mb": sizes,
+        "effort": effort,
         "scenarios": rows,
         "goal": GOAL,
         "goal_met": all(r["goal_met"] for r in rows),
@@ -221,6 +267,7 @@ def render(doc: dict[str, Any]) -> str:
         pd = r["publish_delta"] or {}
         rows.append(
             [
+                r["size_mb"],
                 r["scenario"],
                 mb(r["new_bytes"]),
                 mb(r["ours_bytes"]),
@@ -228,8 +275,10 @@ def render(doc: dict[str, Any]) -> str:
                 mb(b["xdelta3"]["bytes"]),
                 r["ours_over_best"],
                 r["ours_over_new_size"],
-                "delta" if applied else "chunks",
+                r["codec"] if applied else "chunks",
+                r["publish_s"],
                 pd.get("seconds", "-"),
+                " ".join(f"{c['codec']}:{c['seconds']}" for c in pd.get("candidates", [])),
                 b["zstd"]["seconds"],
                 b["xdelta3"]["seconds"],
                 " ".join(str(x) for x in r["loadavg"]),
@@ -237,9 +286,10 @@ def render(doc: dict[str, Any]) -> str:
         )
     goal = "met" if doc["goal_met"] else "NOT met"
     return table(
-        f"device_delta: {mb(doc['model_bytes'])} MiB base, update 1.0.0 -> 1.1.0 "
+        f"device_delta: update 1.0.0 -> 1.1.0, publish effort {doc['effort']} "
         f"(goal ours <= {GOAL} x best baseline: {goal})",
         [
+            "MiB",
             "scenario",
             "new MiB",
             "ours MiB",
@@ -248,7 +298,9 @@ def render(doc: dict[str, Any]) -> str:
             "/ best",
             "/ new size",
             "path",
-            "publish delta s",
+            "publish s",
+            "of it deltas s",
+            "candidates s",
             "zstd s",
             "xdelta3 s",
             "load 1/5/15",
@@ -259,14 +311,17 @@ def render(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "device_delta")
-    parser.add_argument("--size-mb", type=int, default=64)
+    parser.add_argument("--sizes", default="64", help="comma list of model sizes in MiB")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--effort", choices=("fast", "max"), default="fast")
+    parser.add_argument("--baseline-cache", type=Path, default=None)
     args = parser.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     if any(s not in SCENARIOS for s in scenarios):
         parser.error(f"scenarios are {', '.join(SCENARIOS)}")
+    sizes = [int(x) for x in args.sizes.split(",") if x]
     with scratch_dir(args.workdir) as work:
-        doc = run(args.size_mb, scenarios, work)
+        doc = run(sizes, scenarios, work, args.effort, args.baseline_cache)
     emit(doc, render(doc), args.json)
 
 
