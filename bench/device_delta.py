@@ -253,6 +253,7 @@ def run(
     effort: str,
     cache: Path | None,
     tools: tuple[str, ...] = BASELINES,
+    rows_log: Path | None = None,
 ) -> dict[str, Any]:
     from tests.onnx_models import big_mlp, save
 
@@ -268,6 +269,9 @@ def run(
             new_path = save(make[name](base), workdir / "models" / name / "model.onnx")
             row = one(name, base_path, new_path, workdir, effort, cache, tools)
             rows.append({"size_mb": size_mb, "model_bytes": base_path.stat().st_size, **row})
+            if rows_log is not None:  # each row as it comes: a long run cut short keeps them
+                with rows_log.open("a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
             shutil.rmtree(new_path.parent, ignore_errors=True)
         del base
     return {
@@ -339,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--effort", choices=("fast", "max"), default="fast")
     parser.add_argument("--baseline-cache", type=Path, default=None)
+    parser.add_argument("--rows-log", type=Path, default=None, help="append each row (JSON)")
     parser.add_argument(
         "--baselines",
         default=",".join(BASELINES),
@@ -353,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         tools = tuple(t for t in args.baselines.split(",") if t)
         if not tools or any(t not in BASELINES for t in tools):
             parser.error(f"baselines are {', '.join(BASELINES)}")
-        doc = run(sizes, scenarios, work, args.effort, args.baseline_cache, tools)
+        doc = run(sizes, scenarios, work, args.effort, args.baseline_cache, tools, args.rows_log)
     emit(doc, render(doc), args.json)
 
 
