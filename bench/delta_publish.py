@@ -11,7 +11,11 @@ model's recent releases (ADR 0012; the uploaded bytes include the delta blobs).
 Each fine-tune perturbs the last ``fraction`` of the weight bytes with its own random values,
 so its changed chunks are new to the storage whatever was published before it.
 
-Run: ``python -m bench.delta_publish [--json] [--size-mb 256] [--fractions 0.1,0.01,0.3]``.
+``--effort`` is the publisher's delta effort: ``fast`` (``ota publish``'s default) or ``max``
+(``--delta-effort max``); each candidate codec's bytes and seconds are in ``binary_deltas``.
+
+Run: ``python -m bench.delta_publish [--json] [--size-mb 256] [--fractions 0.1,0.01,0.3]
+[--effort fast|max]``.
 """
 
 from __future__ import annotations
@@ -41,8 +45,11 @@ GOAL = 0.15
 HEADLINE = 0.1
 
 
-def run(size_mb: int, fractions: list[float], workdir: Path) -> dict[str, Any]:
+def run(
+    size_mb: int, fractions: list[float], workdir: Path, effort: str = "fast"
+) -> dict[str, Any]:
     from ota.repository import Project, PublishRequest, init_project, publish
+    from ota.repository._deltas import DeltaSettings
     from tests.onnx_models import big_mlp, fine_tune, save
 
     t0 = time.perf_counter()
@@ -62,6 +69,7 @@ def run(size_mb: int, fractions: list[float], workdir: Path) -> dict[str, Any]:
     full_phases = timer.breakdown(full_s, PUBLISH_PHASES)
     log(f"full publish {full_s:.2f}s, {mb(full.upload.bytes_uploaded)} MiB uploaded")
 
+    settings = DeltaSettings(slow_level=19 if effort == "max" else 9)
     deltas: list[dict[str, Any]] = []
     for i, fraction in enumerate(fractions):
         path = save(fine_tune(base, fraction), workdir / "models" / f"ft-{i}" / "model.onnx")
@@ -69,7 +77,9 @@ def run(size_mb: int, fractions: list[float], workdir: Path) -> dict[str, Any]:
         drop_dirty_pages()
         with publish_phases() as timer:
             pub_s, result = timed(
-                partial(publish, project, PublishRequest(path, "bench-model", version))
+                partial(
+                    publish, project, PublishRequest(path, "bench-model", version, deltas=settings)
+                )
             )
         up = result.upload
         deltas.append(
@@ -96,6 +106,7 @@ def run(size_mb: int, fractions: list[float], workdir: Path) -> dict[str, Any]:
         "size_mb": size_mb,
         "model_bytes": model_bytes,
         "storage": "file",
+        "effort": effort,
         "full_publish_s": round(full_s, 4),
         "full_upload": full.upload.to_dict(),
         "full_phases_s": full_phases,
@@ -139,12 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size-mb", type=int, default=256)
     parser.add_argument("--fractions", default="0.1,0.01,0.3",
                         help="comma list of fine-tune fractions, each from the same base")
+    parser.add_argument("--effort", choices=("fast", "max"), default="fast")
     args = parser.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",") if f]
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         parser.error("fractions must be in (0, 1]")
     with scratch_dir(args.workdir) as work:
-        doc = run(args.size_mb, fractions, work)
+        doc = run(args.size_mb, fractions, work, args.effort)
     emit(doc, render(doc), args.json)
 
 

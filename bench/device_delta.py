@@ -1,11 +1,13 @@
 """Device delta update: bytes fetched by the device, through the real update path, against
 ``zstd --patch-from`` and ``xdelta3`` on the same pair of files (issue 13, ADR 0012).
 
-A model of ``--size-mb`` (``tests.onnx_models.big_mlp``, eight square float32 layers) is the
-base. For each scenario a fresh repository publishes the base as 1.0.0, a fresh device installs
-it over loopback HTTP (``ota serve``'s app with a WSGI wrapper counting every response body at
-the server), then the scenario's model is published as 1.1.0 (the publisher computes its binary
-deltas: timed) and the device updates once. Smoke is the no-op seam (it downloads nothing).
+For each size in ``--sizes`` (MiB), a model of that size (``tests.onnx_models.big_mlp``, eight
+square float32 layers) is the base. For each scenario a fresh repository publishes the base as
+1.0.0, a fresh device installs it over loopback HTTP (``ota serve``'s app with a WSGI wrapper
+counting every response body at the server), then the scenario's model is published as 1.1.0
+(the publisher computes its binary deltas at ``--effort``: ``fast`` is ``ota publish``'s
+default, ``max`` is ``--delta-effort max``; timed, each candidate codec apart) and the device
+updates once. Smoke is the no-op seam (it downloads nothing).
 
 Scenarios (each from the same base):
 
@@ -18,14 +20,22 @@ Baselines, same pair of ``.onnx`` files: ``zstd -19 --long=W --patch-from=OLD NE
 zstd) and ``xdelta3 -9 -e -s OLD NEW``. Figures per scenario (one round each, with the load
 average when it ran): every byte the server sent for the update (metadata, manifest, signer
 list, blobs) / the best baseline (goal <= 1.05), and / the new file's size (never above 1 plus
-metadata); the blob bytes alone; the client's delta figures; the publisher's delta seconds vs
-the baselines' seconds.
+metadata); the blob bytes alone; the client's delta figures and codec; the publish time, the
+part of it spent on deltas (a publish without deltas takes about the difference) and each
+candidate's bytes and seconds, vs the baselines' own seconds.
 
-Run: ``python -m bench.device_delta [--json] [--size-mb 64] [--scenarios a,b]``.
+``--baseline-cache FILE`` keeps the baselines' figures by the sha256 of the pair (the models are
+deterministic), so a re-run does not pay ``zstd -19`` again (minutes at 256 MiB); cached rows
+say so.
+
+Run: ``python -m bench.device_delta [--json] [--sizes 64,128,256] [--scenarios a,b]
+[--effort fast|max] [--baseline-cache FILE]``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -39,6 +49,7 @@ from bench.device_update import MODEL, Repo, init_dev, serve_counting, update, w
 
 GOAL = 1.05
 SCENARIOS = ("finetune10", "layer", "scattered10", "fp16")
+BASELINES = ("zstd", "xdelta3")
 
 
 def _copy(model: Any) -> Any:
@@ -107,8 +118,38 @@ def builders() -> dict[str, Callable[[Any], Any]]:
     }
 
 
-def baselines(old: Path, new: Path, work: Path) -> dict[str, Any]:
-    """Bytes and seconds of ``zstd --patch-from`` and ``xdelta3`` on the pair."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_baselines(
+    old: Path, new: Path, work: Path, cache: Path | None, tools: tuple[str, ...] = BASELINES
+) -> dict[str, Any]:
+    """:func:`baselines`, through ``cache`` (JSON keyed by the pair's sha256) when given."""
+    if cache is None:
+        return baselines(old, new, work, tools)
+    key = f"{_sha256(old)}:{_sha256(new)}"
+    doc = json.loads(cache.read_text()) if cache.exists() else {}
+    have = doc.get(key, {})
+    out = {k: {**v, "cached": True} for k, v in have.items() if k in tools}
+    missing = tuple(t for t in tools if t not in out)
+    if missing:
+        fresh = baselines(old, new, work, missing)
+        out.update(fresh)
+        doc[key] = {**have, **fresh}
+        cache.write_text(json.dumps(doc, indent=1))
+    return out
+
+
+def baselines(
+    old: Path, new: Path, work: Path, tools: tuple[str, ...] = BASELINES
+) -> dict[str, Any]:
+    """Bytes and seconds of ``zstd --patch-from`` and ``xdelta3`` (those in ``tools``) on the
+    pair."""
     window = max(old.stat().st_size, new.stat().st_size).bit_length()
     out: dict[str, Any] = {}
     runs = {
@@ -126,6 +167,8 @@ def baselines(old: Path, new: Path, work: Path) -> dict[str, Any]:
         "xdelta3": ["xdelta3", "-f", "-9", "-e", "-s", str(old), str(new), str(work / "d.xd3")],
     }
     for name, argv in runs.items():
+        if name not in tools:
+            continue
         t0 = time.perf_counter()
         subprocess.run(argv, check=True)
         secs = time.perf_counter() - t0
@@ -135,8 +178,17 @@ def baselines(old: Path, new: Path, work: Path) -> dict[str, Any]:
     return out
 
 
-def one(name: str, base_path: Path, new_path: Path, work: Path) -> dict[str, Any]:
+def one(
+    name: str,
+    base_path: Path,
+    new_path: Path,
+    work: Path,
+    effort: str,
+    cache: Path | None,
+    tools: tuple[str, ...] = BASELINES,
+) -> dict[str, Any]:
     from ota.repository import PublishRequest, publish
+    from ota.repository._deltas import DeltaSettings
 
     load = [round(x, 2) for x in os.getloadavg()]
     repo = Repo.create(work / f"repo-{name}")
@@ -146,7 +198,9 @@ def one(name: str, base_path: Path, new_path: Path, work: Path) -> dict[str, Any
         init_dev(dev, url, repo.trusted_root)
         update(dev)
         t0 = time.perf_counter()
-        pub = publish(repo.project, PublishRequest(new_path, MODEL, "1.1.0", ring="ga"))
+        settings = DeltaSettings(slow_level=19 if effort == "max" else 9)
+        req = PublishRequest(new_path, MODEL, "1.1.0", ring="ga", deltas=settings)
+        pub = publish(repo.project, req)
         publish_s = time.perf_counter() - t0
         hits.reset()
         t0 = time.perf_counter()
@@ -156,7 +210,7 @@ def one(name: str, base_path: Path, new_path: Path, work: Path) -> dict[str, Any
     outcome = result.outcomes[0]
     if outcome.version != "1.1.0":
         raise RuntimeError(f"installed {outcome.version}, expected 1.1.0")
-    base = baselines(base_path, new_path, work)
+    base = cached_baselines(base_path, new_path, work, cache, tools)
     best = min(b["bytes"] for b in base.values())
     new_size = new_path.stat().st_size
     shutil.rmtree(dev, ignore_errors=True)
@@ -177,34 +231,54 @@ def one(name: str, base_path: Path, new_path: Path, work: Path) -> dict[str, Any
         "stage": outcome.figures.get("stage", {}),
         "publish_s": round(publish_s, 2),
         "publish_delta": pub.deltas.to_dict() if pub.deltas else None,
+        "codec": next(
+            (a.get("codec") for a in outcome.figures.get("delta", {}).get("applied", [])), None
+        ),
+        "best_baseline_s": min(b["seconds"] for b in base.values() if b["bytes"] == best),
         "update_s": round(update_s, 2),
         "loadavg": load,
     }
     log(
-        f"{name}: ours {mb(row['ours_bytes'])} MiB, zstd {mb(base['zstd']['bytes'])}, xdelta3 "
-        f"{mb(base['xdelta3']['bytes'])}: {row['ours_over_best']}x best"
+        f"{name}: ours {mb(row['ours_bytes'])} MiB, "
+        + ", ".join(f"{k} {mb(v['bytes'])}" for k, v in base.items())
+        + f": {row['ours_over_best']}x best"
     )
     return row
 
 
-def run(size_mb: int, scenarios: list[str], workdir: Path) -> dict[str, Any]:
+def run(
+    sizes: list[int],
+    scenarios: list[str],
+    workdir: Path,
+    effort: str,
+    cache: Path | None,
+    tools: tuple[str, ...] = BASELINES,
+    rows_log: Path | None = None,
+) -> dict[str, Any]:
     from tests.onnx_models import big_mlp, save
 
     t0 = time.perf_counter()
-    log(f"building a {size_mb} MB model")
-    base = big_mlp(size_mb)
-    base_path = save(base, workdir / "models" / "base" / "model.onnx")
     warm_up_device(workdir)
     make = builders()
     rows = []
-    for name in scenarios:
-        new_path = save(make[name](base), workdir / "models" / name / "model.onnx")
-        rows.append(one(name, base_path, new_path, workdir))
-        shutil.rmtree(new_path.parent, ignore_errors=True)
+    for size_mb in sizes:
+        log(f"building a {size_mb} MB model")
+        base = big_mlp(size_mb)
+        base_path = save(base, workdir / "models" / "base" / "model.onnx")
+        for name in scenarios:
+            new_path = save(make[name](base), workdir / "models" / name / "model.onnx")
+            row = one(name, base_path, new_path, workdir, effort, cache, tools)
+            rows.append({"size_mb": size_mb, "model_bytes": base_path.stat().st_size, **row})
+            if rows_log is not None:  # each row as it comes: a long run cut short keeps them
+                with rows_log.open("a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+            shutil.rmtree(new_path.parent, ignore_errors=True)
+        del base
     return {
         "benchmark": "device_delta",
-        "size_mb": size_mb,
-        "model_bytes": base_path.stat().st_size,
+        "sizes_mb": sizes,
+        "effort": effort,
+        "baselines": list(tools),
         "scenarios": rows,
         "goal": GOAL,
         "goal_met": all(r["goal_met"] for r in rows),
@@ -221,25 +295,29 @@ def render(doc: dict[str, Any]) -> str:
         pd = r["publish_delta"] or {}
         rows.append(
             [
+                r["size_mb"],
                 r["scenario"],
                 mb(r["new_bytes"]),
                 mb(r["ours_bytes"]),
-                mb(b["zstd"]["bytes"]),
-                mb(b["xdelta3"]["bytes"]),
+                mb(b["zstd"]["bytes"]) if "zstd" in b else "not run",
+                mb(b["xdelta3"]["bytes"]) if "xdelta3" in b else "not run",
                 r["ours_over_best"],
                 r["ours_over_new_size"],
-                "delta" if applied else "chunks",
+                r["codec"] if applied else "chunks",
+                r["publish_s"],
                 pd.get("seconds", "-"),
-                b["zstd"]["seconds"],
-                b["xdelta3"]["seconds"],
+                " ".join(f"{c['codec']}:{c['seconds']}" for c in pd.get("candidates", [])),
+                b["zstd"]["seconds"] if "zstd" in b else "-",
+                b["xdelta3"]["seconds"] if "xdelta3" in b else "-",
                 " ".join(str(x) for x in r["loadavg"]),
             ]
         )
     goal = "met" if doc["goal_met"] else "NOT met"
     return table(
-        f"device_delta: {mb(doc['model_bytes'])} MiB base, update 1.0.0 -> 1.1.0 "
+        f"device_delta: update 1.0.0 -> 1.1.0, publish effort {doc['effort']} "
         f"(goal ours <= {GOAL} x best baseline: {goal})",
         [
+            "MiB",
             "scenario",
             "new MiB",
             "ours MiB",
@@ -248,7 +326,9 @@ def render(doc: dict[str, Any]) -> str:
             "/ best",
             "/ new size",
             "path",
-            "publish delta s",
+            "publish s",
+            "of it deltas s",
+            "candidates s",
             "zstd s",
             "xdelta3 s",
             "load 1/5/15",
@@ -259,14 +339,26 @@ def render(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "device_delta")
-    parser.add_argument("--size-mb", type=int, default=64)
+    parser.add_argument("--sizes", default="64", help="comma list of model sizes in MiB")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--effort", choices=("fast", "max"), default="fast")
+    parser.add_argument("--baseline-cache", type=Path, default=None)
+    parser.add_argument("--rows-log", type=Path, default=None, help="append each row (JSON)")
+    parser.add_argument(
+        "--baselines",
+        default=",".join(BASELINES),
+        help="which baselines to run (zstd -19 takes minutes per pair at 256 MiB)",
+    )
     args = parser.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     if any(s not in SCENARIOS for s in scenarios):
         parser.error(f"scenarios are {', '.join(SCENARIOS)}")
+    sizes = [int(x) for x in args.sizes.split(",") if x]
     with scratch_dir(args.workdir) as work:
-        doc = run(args.size_mb, scenarios, work)
+        tools = tuple(t for t in args.baselines.split(",") if t)
+        if not tools or any(t not in BASELINES for t in tools):
+            parser.error(f"baselines are {', '.join(BASELINES)}")
+        doc = run(sizes, scenarios, work, args.effort, args.baseline_cache, tools, args.rows_log)
     emit(doc, render(doc), args.json)
 
 

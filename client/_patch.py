@@ -3,9 +3,18 @@ delta and the missing chunks, and a bounded, verified apply.
 
 A release's TUF target may carry, beside its edge-ota facts, a list of deltas under
 :data:`DELTAS_KEY` (signed by the bins role with the rest of the target): "this bundle file,
-of ``result_size`` bytes hashing to ``result_sha256``, is the zstd frame stored as blob
-``sha256`` (``size`` bytes) decompressed with the file ``base_sha256`` (``base_size`` bytes,
-from release ``base_version``) as its raw prefix" (``zstd --patch-from``).
+of ``result_size`` bytes hashing to ``result_sha256``, is blob ``sha256`` (``size`` bytes)
+applied to the file ``base_sha256`` (``base_size`` bytes, from release ``base_version``) by
+``codec``". Codecs (:data:`CODECS`; an entry with another codec is skipped, never refused, so
+that a publisher may add one without breaking older devices):
+
+* ``zstd-patch-from``: a zstd frame decompressed with the base as its raw prefix
+  (``zstd --patch-from``);
+* ``sub-xz``: an .xz stream (LZMA2) of the new file minus the base, byte by byte modulo 256,
+  over the base's length (the bytes past it as they are): where the layout of the file is
+  unchanged (same length, tensors at the same offsets) unchanged floats give zero bytes, and
+  scattered changes short runs of nonzero bytes that LZMA2 codes near their entropy. Applied
+  streaming, block by block: memory stays flat whatever the file's size.
 
 Invariants:
 
@@ -17,8 +26,8 @@ Invariants:
   before it is decompressed; its frame must announce exactly ``result_size`` bytes;
 * the output is bounded by ``result_size``, hashed while written, fsynced, and kept only if
   it hashes to ``result_sha256``; the stager then re-verifies it like any local file;
-* memory (base + delta + result window) is checked against the budget first; over it, the
-  delta is skipped;
+* memory (per codec, :meth:`DeltaEntry.memory_needed`) is checked against the budget first;
+  over it, the delta is skipped;
 * any failure only skips the delta: the file is then assembled from verified chunks.
 """
 
@@ -30,7 +39,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +51,11 @@ from ._fetch import BlobFetcher
 
 DELTAS_KEY = "edge-ota.deltas/1"
 CODEC = "zstd-patch-from"
+SUB_XZ = "sub-xz"
+CODECS = frozenset({CODEC, SUB_XZ})
+XZ_MEMLIMIT = 64 * 1024 * 1024  # LZMA2 decoder: dictionary + state; publishers use <= 1 MiB
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+_CODEC_NAME = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,39}$")
 MAX_DELTAS = 64  # entries per target: a few files x a few base releases
 MAX_FILE_BYTES = 2**40
 OVERHEAD_BYTES = 64 * 1024 * 1024  # zstd's decoder state, Python, buffers: measured ~20 MiB
@@ -99,8 +113,9 @@ class DeltaEntry:
     def from_dict(cls, doc: object) -> DeltaEntry:
         if not isinstance(doc, dict) or set(doc) != _ENTRY_KEYS:
             raise FormatError("delta entry: not an object with the expected keys")
-        if doc["codec"] != CODEC:
-            raise FormatError(f"delta entry: unknown codec {str(doc['codec'])[:40]!r}")
+        codec = doc["codec"]
+        if not isinstance(codec, str) or not _CODEC_NAME.match(codec):
+            raise FormatError("delta entry: bad codec name")
         version = doc["base_version"]
         if not isinstance(version, str) or not _VERSION.match(version):
             raise FormatError("delta entry: bad base version")
@@ -113,13 +128,18 @@ class DeltaEntry:
             size=_size(doc["size"]),
             result_sha256=_hex(doc["result_sha256"]),
             result_size=_size(doc["result_size"]),
+            codec=codec,  # unknown codecs parse; choose_deltas skips them
         )
 
     def memory_needed(self) -> int:
-        """Bytes the apply holds at its peak: the base twice (read, and zstd's copy of it as
-        the prefix, for an instant), the delta blob, the decoder's window (at most the result:
-        the frame's content size bounds it). Measured at 64 MiB: 207 MiB over the process's
-        start for 197 MiB counted here without the overhead (ADR 0012)."""
+        """Bytes the apply holds at its peak. ``zstd-patch-from``: the base twice (read, and
+        zstd's copy of it as the prefix, for an instant), the delta blob, the decoder's window
+        (at most the result: the frame's content size bounds it); measured at 64 MiB: 207 MiB
+        over the process's start for 197 MiB counted here without the overhead (ADR 0012).
+        ``sub-xz``: the blob, the LZMA2 decoder (bounded by :data:`XZ_MEMLIMIT`) and a few
+        blocks: flat in the file's size."""
+        if self.codec == SUB_XZ:
+            return self.size + XZ_MEMLIMIT + 4 * _OUT_STEP + OVERHEAD_BYTES
         return 2 * self.base_size + self.size + self.result_size + OVERHEAD_BYTES
 
 
@@ -250,6 +270,8 @@ def choose_deltas(
 
 
 def _unusable(d: DeltaEntry, f: FileEntry, chunk_cost: int, budget: int) -> str | None:
+    if d.codec not in CODECS:
+        return f"unknown codec {d.codec!r}"
     if (d.result_sha256, d.result_size) != (f.sha256, f.size):
         return "its result is not the manifest's file"
     if d.size >= f.size:
@@ -308,6 +330,7 @@ def apply_deltas(
             {
                 "path": d.path,
                 "base_version": d.base_version,
+                "codec": d.codec,
                 "delta_bytes": d.size,
                 "chunk_bytes_avoided": avoided,
             }
@@ -320,20 +343,37 @@ def apply_one(d: DeltaEntry, base_path: Path, out: Path, fetcher: BlobFetcher) -
     """Write the file ``d`` describes to ``out``, verified (module invariants).
 
     Raises:
-        DeltaRefused: the base differs from ``d.base_sha256``, the frame announces another
-            size, the output exceeds or differs from the result.
+        DeltaRefused: the base differs from ``d.base_sha256``, the blob is not of its codec or
+            does not decode, announces another size, the output exceeds or differs from the
+            result.
         SecurityError: the delta blob fails verification (from the fetcher).
         TransientError: the network failed.
+        LocalError: a codec this device does not know.
         OSError, MemoryError: local failures.
     """
+    if d.codec == CODEC:
+        pieces = _zstd_pieces(d, base_path, fetcher)
+    elif d.codec == SUB_XZ:
+        pieces = _sub_xz_pieces(d, base_path, fetcher)
+    else:
+        raise LocalError(f"unknown delta codec {d.codec!r}")
+    _write_verified(d, out, pieces)
+
+
+def _base_refused(d: DeltaEntry) -> DeltaRefused:
+    return DeltaRefused(
+        f"the base of the delta for {d.path} differs from {d.base_version}'s file on this device"
+    )
+
+
+def _zstd_pieces(d: DeltaEntry, base_path: Path, fetcher: BlobFetcher) -> Iterator[bytes]:
+    """The decoded output of a ``zstd-patch-from`` delta, 1 MiB at a time (the base is read
+    and checked, and the blob fetched and checked, before the first piece)."""
     zstd = _zstd()
     with base_path.open("rb") as fh:
         base = fh.read(d.base_size + 1)
     if len(base) != d.base_size or hashlib.sha256(base).hexdigest() != d.base_sha256:
-        raise DeltaRefused(
-            f"the base of the delta for {d.path} differs from "
-            f"{d.base_version}'s file on this device"
-        )
+        raise _base_refused(d)
     blob = bytes(fetcher.fetch(d.sha256, d.size))  # length and sha256 verified
     try:
         info = zstd.get_frame_info(blob)
@@ -348,29 +388,101 @@ def apply_one(d: DeltaEntry, base_path: Path, out: Path, fetcher: BlobFetcher) -
     dctx = zstd.ZstdDecompressor(
         prefix.as_prefix, options={zstd.DecompressionParameter.window_log_max: 31}
     )
+    return _zstd_decode(d, dctx, blob)
+
+
+def _zstd_decode(d: DeltaEntry, dctx: Any, blob: bytes) -> Iterator[bytes]:
+    zstd = _zstd()
+    data: bytes = blob
+    while not dctx.eof:
+        try:
+            piece: bytes = dctx.decompress(data, max_length=_OUT_STEP)
+        except zstd.ZstdError as e:
+            raise DeltaRefused(f"the delta for {d.path} does not decode: {e}") from e
+        data = b""
+        if not piece and dctx.needs_input:
+            raise DeltaRefused(f"the delta for {d.path} is truncated")
+        yield piece
+    if dctx.unused_data:
+        raise DeltaRefused(f"the delta for {d.path} has data after its frame")
+
+
+def _sub_xz_pieces(d: DeltaEntry, base_path: Path, fetcher: BlobFetcher) -> Iterator[bytes]:
+    """The decoded output of a ``sub-xz`` delta, block by block: the base is hashed first
+    (streamed, bounded by ``base_size``), the blob fetched and checked, then each decoded
+    block is added to the base's bytes at the same offset (modulo 256)."""
+    h = hashlib.sha256()
+    seen = 0
+    with base_path.open("rb") as fh:
+        while block := fh.read(min(_OUT_STEP, d.base_size + 1 - seen)):
+            seen += len(block)
+            h.update(block)
+            if seen > d.base_size:
+                break
+    if seen != d.base_size or h.hexdigest() != d.base_sha256:
+        raise _base_refused(d)
+    blob = bytes(fetcher.fetch(d.sha256, d.size))  # length and sha256 verified
+    if not blob.startswith(_XZ_MAGIC):
+        raise DeltaRefused(f"the delta for {d.path} is not an xz stream")
+    return _sub_xz_decode(d, base_path, blob)
+
+
+def _sub_xz_decode(d: DeltaEntry, base_path: Path, blob: bytes) -> Iterator[bytes]:
+    import lzma  # the standard library's, when Python was built with it (else: chunks)
+
+    dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+    data = blob
+    with base_path.open("rb") as fh:
+        while not dec.eof:
+            try:
+                piece = dec.decompress(data, max_length=_OUT_STEP)
+            except lzma.LZMAError as e:
+                raise DeltaRefused(f"the delta for {d.path} does not decode: {e}") from e
+            data = b""
+            if not piece and dec.needs_input:
+                raise DeltaRefused(f"the delta for {d.path} is truncated")
+            yield add_block(piece, fh.read(len(piece)))
+    if dec.unused_data:
+        raise DeltaRefused(f"the delta for {d.path} has data after its stream")
+
+
+def sub_block(new: bytes | memoryview, base: bytes | memoryview) -> bytes:
+    """``sub-xz``'s transform of one block: ``new - base`` byte by byte modulo 256 over
+    ``base``'s length (which may be shorter at the base's end), ``new``'s bytes past it."""
+    import numpy as np
+
+    k = min(len(new), len(base))
+    out = np.frombuffer(new, np.uint8).copy()
+    out[:k] -= np.frombuffer(base, np.uint8, count=k)
+    return out.tobytes()
+
+
+def add_block(delta: bytes, base: bytes) -> bytes:
+    """The inverse of :func:`sub_block`: ``delta + base`` modulo 256 over ``base``'s length."""
+    import numpy as np
+
+    k = min(len(delta), len(base))
+    out = np.frombuffer(delta, np.uint8).copy()
+    out[:k] += np.frombuffer(base, np.uint8, count=k)
+    return out.tobytes()
+
+
+def _write_verified(d: DeltaEntry, out: Path, pieces: Iterator[bytes]) -> None:
+    """Write ``pieces`` to ``out`` through a temporary file: bounded by ``d.result_size``,
+    hashed while written, fsynced, and renamed only if size and sha256 are the result's."""
     h = hashlib.sha256()
     written = 0
     tmp = out.with_name(f".{out.name}.part")
     try:
         with tmp.open("wb") as w:
-            data: bytes = blob
-            while not dctx.eof:
-                try:
-                    piece = dctx.decompress(data, max_length=_OUT_STEP)
-                except zstd.ZstdError as e:
-                    raise DeltaRefused(f"the delta for {d.path} does not decode: {e}") from e
-                data = b""
+            for piece in pieces:
                 written += len(piece)
                 if written > d.result_size:
                     raise DeltaRefused(
                         f"the delta for {d.path} decodes to more than {d.result_size} bytes"
                     )
-                if not piece and dctx.needs_input:
-                    raise DeltaRefused(f"the delta for {d.path} is truncated")
                 h.update(piece)
                 w.write(piece)
-            if dctx.unused_data:
-                raise DeltaRefused(f"the delta for {d.path} has data after its frame")
             if written != d.result_size or h.hexdigest() != d.result_sha256:
                 raise DeltaRefused(
                     f"the delta for {d.path} decodes to another file than the manifest's"

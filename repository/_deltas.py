@@ -2,12 +2,19 @@
 
 For every payload file of a new release (the model and its external data), and each of the
 model's ``releases`` most recent earlier releases holding a different file at the same bundle
-path, the publisher rebuilds the old file from its verified chunks and computes a zstd frame of
-the new file with the old one as raw prefix and long-distance matching: what
-``zstd --patch-from`` does, through the pinned zstd binding (``backports.zstd``; the standard
-library's ``compression.zstd`` from Python 3.14). The frame is stored as a content-addressed
-blob and listed in the new release's TUF target (``ota.client._patch.DELTAS_KEY``), signed with
-the rest of the target by the bins role; the device re-checks everything (``client/_patch.py``).
+path, the publisher rebuilds the old file from its verified chunks and computes candidates:
+
+* ``zstd-patch-from``: a zstd frame of the new file with the old one as raw prefix and
+  long-distance matching: what ``zstd --patch-from`` does, through the pinned zstd binding
+  (``backports.zstd``; the standard library's ``compression.zstd`` from Python 3.14);
+* ``sub-xz``, when both files have the same length (the layout, tensor offsets included, is
+  then almost always unchanged): the new file minus the old one byte by byte (modulo 256),
+  compressed as an .xz stream by the standard library's ``lzma`` (liblzma), block by block.
+
+The smallest candidate, checked to decode to the new file, is stored as a content-addressed
+blob and listed with its codec in the new release's TUF target
+(``ota.client._patch.DELTAS_KEY``), signed with the rest of the target by the bins role; the
+device re-checks everything (``client/_patch.py``).
 
 Invariants:
 
@@ -22,13 +29,14 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import lzma
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ota.bundle import FileEntry, Manifest, ModelIndex, blob_key
-from ota.client._patch import DeltaEntry, _zstd
+from ota.client._patch import CODEC, SUB_XZ, DeltaEntry, _zstd, add_block, sub_block
 from ota.repository._chunker import Uploader
 
 DEFAULT_RELEASES = 2
@@ -42,13 +50,14 @@ class DeltaSettings:
     ``releases``: how many of the model's most recent releases serve as bases (0: none).
     ``max_file_bytes``: larger files get no delta; nor do files under ``min_file_bytes`` (one
     average chunk: a delta could save at most that, for one more request and a decode).
-    ``fast_level`` is always tried; when its
-    delta is between ``slow_band`` of the file (changes spread through the file, where
-    zstd's optimal parser finds the short matches between them), ``slow_level`` is tried too
-    (when above ``fast_level``) and the smaller frame kept. Outside the band the slow level
-    gains little (measured in ``bench/README.md``) at 20-50x the time. ``ota publish`` tries
-    it only with ``--delta-effort max``: inside the band it takes minutes per file (271 s at
-    64 MiB), too long for a default publish.
+    ``fast_level`` is always tried, and ``sub-xz`` when the two files have the same length;
+    when the smallest of those is between ``slow_band`` of the file (changes spread through
+    the file, where zstd's optimal parser finds the short matches between them),
+    ``slow_level`` is tried too (when above ``fast_level``) and the smallest frame kept.
+    Outside the band the slow level gains little (measured in ``bench/README.md``) at 20-50x
+    the time. ``ota publish`` tries it only with ``--delta-effort max`` (``max_effort``):
+    inside the band it takes minutes per file (271 s at 64 MiB), too long for a default
+    publish; with ``max_effort`` ``sub-xz`` also searches longer matches (:data:`XZ_MAX`).
     """
 
     releases: int = DEFAULT_RELEASES
@@ -57,6 +66,31 @@ class DeltaSettings:
     fast_level: int = 9
     slow_level: int = 19
     slow_band: tuple[float, float] = (0.15, 0.85)
+    transform: bool = True
+
+    @property
+    def max_effort(self) -> bool:
+        return self.slow_level > self.fast_level
+
+
+# LZMA2 for sub-xz: literal context = the byte's position modulo 4 (lp=2: float lanes), no
+# previous-byte context (lc=0); normal (optimal-parse) mode over a hash chain, which finds the
+# runs of zeros between changes and their repeats. Measured on 10 % scattered floats (64 MiB,
+# bench/README.md): 9.2 % of the file for XZ_DEFAULT, 8.7 % for XZ_MAX at about twice the
+# time, 10.4 % for preset 1 (fast mode). The device's decoder is bounded by XZ_MEMLIMIT.
+_XZ_COMMON: dict[str, Any] = {
+    "id": lzma.FILTER_LZMA2,
+    "preset": 1,
+    "lc": 0,
+    "lp": 2,
+    "pb": 2,
+    "mode": lzma.MODE_NORMAL,
+    "mf": lzma.MF_HC4,
+    "depth": 4,
+}
+XZ_DEFAULT: dict[str, Any] = {**_XZ_COMMON, "nice_len": 64, "dict_size": 1 << 16}
+XZ_MAX: dict[str, Any] = {**_XZ_COMMON, "nice_len": 273, "dict_size": 1 << 20}
+_BLOCK = 1 << 20
 
 
 @dataclass
@@ -65,6 +99,8 @@ class DeltaStats:
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     bytes: int = 0
+    # per candidate tried: codec, level or filter, bytes, seconds (chosen: the smallest)
+    candidates: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +108,7 @@ class DeltaStats:
             "skipped": self.skipped,
             "seconds": round(self.seconds, 3),
             "bytes": self.bytes,
+            "candidates": self.candidates,
         }
 
 
@@ -95,15 +132,41 @@ def patch_from(base: bytes | bytearray, new: bytes, level: int) -> bytes:
     return out
 
 
-def _decodes_to(frame: bytes, base: bytes | bytearray, want_sha256: str) -> bool:
-    """Whether ``frame`` decodes, with ``base`` as prefix, to bytes hashing to
+def sub_xz(base: bytes | bytearray, new: bytes, filters: dict[str, Any]) -> bytes:
+    """The ``sub-xz`` delta of ``new`` from ``base`` (``ota.client._patch``): ``new - base``
+    byte by byte modulo 256, 1 MiB at a time, into one .xz stream (no CRC: the device checks
+    the signed sha256 of the blob and of the result)."""
+    comp = lzma.LZMACompressor(format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, filters=[filters])
+    nv, bv = memoryview(new), memoryview(base)
+    parts = [
+        comp.compress(sub_block(nv[i : i + _BLOCK], bv[i : i + _BLOCK]))
+        for i in range(0, len(new), _BLOCK)
+    ]
+    parts.append(comp.flush())
+    return b"".join(parts)
+
+
+def _decodes_to(codec: str, frame: bytes, base: bytes | bytearray, want_sha256: str) -> bool:
+    """Whether ``frame`` applied to ``base`` by ``codec`` gives bytes hashing to
     ``want_sha256`` (decoded 1 MiB at a time: the new file is not held twice)."""
+    h = hashlib.sha256()
+    if codec == SUB_XZ:
+        dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+        pos = 0
+        data = frame
+        while not dec.eof:
+            piece = dec.decompress(data, max_length=_BLOCK)
+            data = b""
+            if not piece and dec.needs_input:
+                return False
+            h.update(add_block(piece, bytes(base[pos : pos + len(piece)])))
+            pos += len(piece)
+        return not dec.unused_data and h.hexdigest() == want_sha256
     zstd = _zstd()
     dctx = zstd.ZstdDecompressor(
         zstd.ZstdDict(base, is_raw=True).as_prefix,
         options={zstd.DecompressionParameter.window_log_max: 31},
     )
-    h = hashlib.sha256()
     data = frame
     while not dctx.eof:
         piece = dctx.decompress(data, max_length=1 << 20)
@@ -115,22 +178,53 @@ def _decodes_to(frame: bytes, base: bytes | bytearray, want_sha256: str) -> bool
 
 
 def best_delta(
-    base: bytes | bytearray, new: bytes, new_sha256: str, settings: DeltaSettings
-) -> bytes:
-    """The smaller of the fast and (when worth it, see :class:`DeltaSettings`) slow frames,
-    checked to decode to ``new``.
+    base: bytes | bytearray,
+    new: bytes,
+    new_sha256: str,
+    settings: DeltaSettings,
+    stats: DeltaStats | None = None,
+) -> tuple[str, bytes]:
+    """The smallest candidate (codec, frame), checked to decode to ``new``: ``sub-xz`` when
+    the lengths match (and ``settings.transform``), zstd at ``fast_level``, and zstd at
+    ``slow_level`` when the smallest so far is inside ``slow_band`` (see
+    :class:`DeltaSettings`). Each candidate's size and time go to ``stats.candidates``.
 
     Raises:
         ValueError: a frame that does not decode to ``new`` (never expected).
     """
-    frame = patch_from(base, new, settings.fast_level)
+    import time
+
+    found: list[tuple[str, bytes]] = []
+
+    def attempt(codec: str, how: str, make: Any) -> None:
+        t0 = time.monotonic()
+        frame: bytes = make()
+        found.append((codec, frame))
+        if stats is not None:
+            stats.candidates.append(
+                {
+                    "codec": codec,
+                    "how": how,
+                    "bytes": len(frame),
+                    "seconds": round(time.monotonic() - t0, 3),
+                }
+            )
+
+    if settings.transform and len(base) == len(new):
+        xz = XZ_MAX if settings.max_effort else XZ_DEFAULT
+        attempt(SUB_XZ, f"nice_len={xz['nice_len']}", lambda: sub_xz(base, new, xz))
+    attempt(
+        CODEC, f"level {settings.fast_level}", lambda: patch_from(base, new, settings.fast_level)
+    )
     low, high = settings.slow_band
-    if settings.slow_level > settings.fast_level and low < len(frame) / len(new) < high:
-        slow = patch_from(base, new, settings.slow_level)
-        frame = min(frame, slow, key=len)
-    if not _decodes_to(frame, base, new_sha256):
+    smallest = min(len(f) for _, f in found)
+    if settings.max_effort and low < smallest / len(new) < high:
+        level = settings.slow_level
+        attempt(CODEC, f"level {level}", lambda: patch_from(base, new, level))
+    codec, frame = min(found, key=lambda cf: len(cf[1]))
+    if not _decodes_to(codec, frame, base, new_sha256):
         raise ValueError("the delta does not decode to the new file")
-    return frame
+    return codec, frame
 
 
 def compute(
@@ -176,8 +270,8 @@ def compute(
                 continue
             try:
                 base = _rebuild(store, prev)
-                frame = best_delta(base, src.read_bytes(), new.sha256, settings)
-            except (OSError, MemoryError, ValueError) as e:
+                codec, frame = best_delta(base, src.read_bytes(), new.sha256, settings, stats)
+            except (OSError, MemoryError, ValueError, lzma.LZMAError) as e:
                 stats.skipped.append(f"{rel.version}:{path}: {e}"[:200])
                 continue
             if len(frame) >= new.size:
@@ -197,6 +291,7 @@ def compute(
                     size=len(frame),
                     result_sha256=new.sha256,
                     result_size=new.size,
+                    codec=codec,
                 )
             )
     stats.seconds += time.monotonic() - t0

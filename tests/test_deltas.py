@@ -23,7 +23,9 @@ from onnx import numpy_helper
 from ota.bundle import Budget, FileEntry, FormatError, Manifest, SmokeSpec, blob_key
 from ota.client._fetch import BlobFetcher, make_pool
 from ota.client._patch import (
+    CODEC,
     DELTAS_KEY,
+    SUB_XZ,
     DeltaEntry,
     DeltaRefused,
     Local,
@@ -33,10 +35,10 @@ from ota.client._patch import (
     deltas_from_target,
     memory_budget,
 )
-from ota.errors import SecurityError
+from ota.errors import LocalError, SecurityError
 from ota.repository import PublishRequest, gc, publish
 from ota.repository import _deltas as pub_deltas
-from ota.repository._deltas import DeltaSettings, patch_from
+from ota.repository._deltas import XZ_DEFAULT, DeltaSettings, DeltaStats, patch_from, sub_xz
 from ota.repository._index import release_target
 from ota.repository._txn import Transaction
 from tests import http_faults
@@ -242,10 +244,12 @@ def test_delta_whose_output_differs_is_refused(
     size: the device decodes it, finds another hash, and installs the chunks."""
     world.use("v1")
 
-    def wrong(base: bytes, new: bytes, new_sha256: str, settings: DeltaSettings) -> bytes:
+    def wrong(
+        base: bytes, new: bytes, new_sha256: str, settings: DeltaSettings, stats: Any = None
+    ) -> tuple[str, bytes]:
         other = bytearray(new)
         other[len(other) // 3] ^= 0x01
-        return patch_from(base, bytes(other), 3)
+        return SUB_XZ, sub_xz(base, bytes(other), XZ_DEFAULT)
 
     monkeypatch.setattr(pub_deltas, "best_delta", wrong)
     _publish(world.project(), "1.1.0", scattered(big_mlp(2)))
@@ -331,7 +335,8 @@ def test_malformed_delta_lists_are_refused() -> None:
         {**good, "extra": 1},
         {**good, "size": -1},
         {**good, "path": "../x"},
-        {**good, "codec": "bsdiff"},
+        {**good, "codec": "Bad Codec!"},
+        {**good, "codec": 7},
         {**good, "sha256": "A" * 64},
     ):
         with pytest.raises(FormatError):
@@ -406,3 +411,165 @@ def test_mirror_sync_copies_delta_blobs(world: World, tmp_path: Path) -> None:
     d = _delta(world)
     data = (mirror / blob_key(d.sha256)).read_bytes()
     assert hashlib.sha256(data).hexdigest() == d.sha256
+
+
+# -- codecs (sub-xz beside zstd-patch-from) ---------------------------------------------------
+
+
+def test_publisher_keeps_the_smallest_codec(world: World) -> None:
+    """Same length (scattered floats): both codecs are tried and the smaller is signed."""
+    world.use("v2")
+    stats = DeltaStats()
+    base = world.base.root / "models" / "1.0.0" / "model.onnx"
+    new = (world.base.root / "models" / "1.1.0" / "model.onnx").read_bytes()
+    codec, frame = pub_deltas.best_delta(
+        base.read_bytes(), new, hashlib.sha256(new).hexdigest(), DeltaSettings(), stats
+    )
+    tried = {c["codec"]: c["bytes"] for c in stats.candidates}
+    assert set(tried) == {SUB_XZ, CODEC}
+    assert (codec, len(frame)) == min(tried.items(), key=lambda kv: kv[1])
+    assert codec == SUB_XZ  # scattered changes: the transform wins
+    assert _delta(world).codec == SUB_XZ  # what the fixture's publish signed
+    # another length (fp16 re-export, a grown file): only zstd-patch-from
+    stats = DeltaStats()
+    longer = new + b"\0" * 100
+    codec, _ = pub_deltas.best_delta(
+        base.read_bytes(), longer, hashlib.sha256(longer).hexdigest(), DeltaSettings(), stats
+    )
+    assert codec == CODEC and {c["codec"] for c in stats.candidates} == {CODEC}
+
+
+def test_device_applies_a_zstd_delta_when_the_transform_is_off(world: World) -> None:
+    world.committed_at("v1")
+    _publish(world.project(), "1.1.0", scattered(big_mlp(2)), deltas=DeltaSettings(transform=False))
+    assert _delta(world).codec == CODEC
+    res = world.update()
+    assert res.status == "updated", res.to_dict()
+    assert current_version(world.device) == "1.1.0"
+    (applied,) = res.outcomes[0].figures["delta"]["applied"]
+    assert applied["codec"] == CODEC
+
+
+def _serve_blob(w: World, frame: bytes) -> tuple[str, int]:
+    """Put ``frame`` in the served repository as a blob; its (sha256, size)."""
+    digest = hashlib.sha256(frame).hexdigest()
+    path = w.repo / blob_key(digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(frame)
+    return digest, len(frame)
+
+
+def _crafted(w: World, tmp: Path, codec: str, result: bytes, **kw: Any) -> DeltaEntry:
+    """A delta entry for ``result`` from 1.0.0's model, of ``codec``, its blob served."""
+    base = (w.base.root / "models" / "1.0.0" / "model.onnx").read_bytes()
+    frame = sub_xz(base, result, XZ_DEFAULT) if codec == SUB_XZ else patch_from(base, result, 3)
+    digest, size = _serve_blob(w, kw.pop("frame", frame))
+    doc: dict[str, Any] = {
+        "path": MODEL,
+        "base_version": "1.0.0",
+        "base_sha256": hashlib.sha256(base).hexdigest(),
+        "base_size": len(base),
+        "sha256": digest,
+        "size": size,
+        "result_sha256": hashlib.sha256(result).hexdigest(),
+        "result_size": len(result),
+        "codec": codec,
+    }
+    doc.update(kw)
+    return DeltaEntry(**doc)
+
+
+@pytest.mark.parametrize("codec", [SUB_XZ, CODEC])
+def test_each_codec_refuses_wrong_output_oversize_and_truncation(
+    world: World, tmp_path: Path, codec: str
+) -> None:
+    world.use("v2")
+    base = world.base.root / "models" / "1.0.0" / "model.onnx"
+    new = bytearray(base.read_bytes())
+    new[1000:1100] = bytes(range(100))
+    new_b = bytes(new)
+    fetcher = BlobFetcher(make_pool(FAST), world.fs.url, FAST)
+    out = tmp_path / "out"
+    good = _crafted(world, tmp_path, codec, new_b)
+    apply_one(good, base, out, fetcher)
+    assert out.read_bytes() == new_b
+    out.unlink()
+    # signed result hash of other bytes: decoded, hashed, refused, nothing left behind
+    other = _crafted(world, tmp_path, codec, new_b, result_sha256="0" * 64)
+    with pytest.raises(DeltaRefused, match="another file"):
+        apply_one(other, base, out, fetcher)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    # decodes to more than the signed result size: stopped at the bound
+    frame = sub_xz(base.read_bytes(), new_b + b"x" * 3_000_000, XZ_DEFAULT)
+    if codec == CODEC:
+        frame = patch_from(base.read_bytes(), new_b + b"x" * 3_000_000, 3)
+    big = _crafted(world, tmp_path, codec, new_b, frame=frame)
+    with pytest.raises(DeltaRefused, match=r"more than|announces"):
+        apply_one(big, base, out, fetcher)
+    # a truncated blob (signed as such): refused, not a crash
+    full = sub_xz(base.read_bytes(), new_b, XZ_DEFAULT) if codec == SUB_XZ else None
+    full = full if full is not None else patch_from(base.read_bytes(), new_b, 3)
+    cut = _crafted(world, tmp_path, codec, new_b, frame=full[: len(full) // 2])
+    with pytest.raises(DeltaRefused):
+        apply_one(cut, base, out, fetcher)
+    # data after the stream
+    tail = _crafted(world, tmp_path, codec, new_b, frame=full + b"\0junk")
+    with pytest.raises(DeltaRefused, match="after"):
+        apply_one(tail, base, out, fetcher)
+    assert not out.exists()
+
+
+def test_codec_mismatch_is_refused(world: World, tmp_path: Path) -> None:
+    """A blob signed under the other codec's name never reaches the other decoder's output."""
+    world.use("v2")
+    base = world.base.root / "models" / "1.0.0" / "model.onnx"
+    new = base.read_bytes()[:-1] + b"\x01"
+    fetcher = BlobFetcher(make_pool(FAST), world.fs.url, FAST)
+    xz_as_zstd = DeltaEntry(**{**_crafted(world, tmp_path, SUB_XZ, new).to_dict(), "codec": CODEC})
+    with pytest.raises(DeltaRefused, match="not a zstd frame"):
+        apply_one(xz_as_zstd, base, tmp_path / "out", fetcher)
+    zstd_as_xz = DeltaEntry(**{**_crafted(world, tmp_path, CODEC, new).to_dict(), "codec": SUB_XZ})
+    with pytest.raises(DeltaRefused, match="not an xz stream"):
+        apply_one(zstd_as_xz, base, tmp_path / "out", fetcher)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sub_xz_base_mismatch_is_refused_before_fetching(world: World, tmp_path: Path) -> None:
+    world.use("v2")
+    d = _delta(world)
+    assert d.codec == SUB_XZ
+    base = world.base.root / "models" / "1.0.0" / "model.onnx"
+    wrong = tmp_path / "base"
+    data = bytearray(base.read_bytes())
+    data[-1] ^= 1
+    wrong.write_bytes(bytes(data))
+    (world.repo / blob_key(d.sha256)).unlink()  # a fetch would fail differently
+    fetcher = BlobFetcher(make_pool(FAST), world.fs.url, FAST)
+    with pytest.raises(DeltaRefused, match="base"):
+        apply_one(d, wrong, tmp_path / "out", fetcher)
+    longer = tmp_path / "longer"
+    longer.write_bytes(base.read_bytes() + b"\0")
+    with pytest.raises(DeltaRefused, match="base"):
+        apply_one(d, longer, tmp_path / "out", fetcher)
+
+
+def test_unknown_codec_is_skipped_for_the_chunks(world: World, tmp_path: Path) -> None:
+    """A codec this device does not know is parsed, skipped, and the chunks are used: a
+    publisher may add codecs without breaking older devices."""
+    world.use("v2")
+    m = _manifest(world)
+    f = m.file(MODEL)
+    (e,) = deltas_from_target({DELTAS_KEY: [{**_entry(f).to_dict(), "codec": "bsdiff"}]})
+    report = PatchReport()
+    assert choose_deltas(m, [e], [_local(tmp_path, f)], 2**40, report) == []
+    assert "unknown codec" in report.skipped[0]["reason"]
+    fetcher = BlobFetcher(make_pool(FAST), world.fs.url, FAST)
+    with pytest.raises(LocalError, match="unknown delta codec"):
+        apply_one(e, tmp_path / "none", tmp_path / "out", fetcher)
+
+
+def test_sub_xz_memory_is_flat_in_the_file_size() -> None:
+    f = FileEntry(MODEL, "d" * 64, 2**30, ())
+    small = _entry(f, codec=SUB_XZ, size=10 * 2**20)
+    assert small.memory_needed() < 200 * 2**20  # a 1 GiB file: blob + decoder + blocks
+    assert _entry(f, size=10 * 2**20).memory_needed() > 3 * 2**30  # zstd: base twice + result

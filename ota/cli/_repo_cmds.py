@@ -242,8 +242,8 @@ def init(
               help="No binary delta for files larger than this.")
 @click.option("--delta-effort", type=click.Choice(["fast", "max"]), default="fast",
               show_default=True,
-              help="max: also try zstd level 19 when changes are scattered (smaller deltas, "
-                   "but minutes per file: 271 s at 64 MiB; ADR 0012).")
+              help="max: also try zstd level 19 when the best delta is 15-85 % of the file, "
+                   "and a longer LZMA2 search (minutes per file at 64 MiB; ADR 0012).")
 @json_option
 @_lean_option  # last: its callback runs after --project is known, before the command
 def publish(
