@@ -11,7 +11,9 @@ Import what a test module needs (``from tests.fleet_fixtures import fleet_servic
   Skipped only when the binaries are absent and ``OTA_REQUIRE_POSTGRES`` is unset.
 * ``fleet_service`` (function, parametrised ``sqlite``/``postgresql``): a fresh migrated
   database, ``ota fleet serve`` (gunicorn, 2 workers) on a free port, waited for until it
-  answers; yields a :class:`FleetService` (base URL, admin token, database URL); killed after.
+  answers; yields a :class:`FleetService` (base URL, admin token, database URL); killed after
+  (SIGKILL to the whole process group: nothing of a test's service is kept, and a graceful or
+  even gunicorn's quick SIGQUIT shutdown cost 1.5-3.5 s a test in interpreter teardown).
 * ``start_service(db_url, *args)``: the same as a context manager, for tests that need other
   serve options (``--max-reports-per-minute``, ``--busy-timeout-ms``) or several services.
 * ``call(method, url, ...)``: one HTTP request (urllib3), returning status, JSON and headers.
@@ -40,6 +42,7 @@ from typing import Any
 import pytest
 import urllib3
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # ota.fleet._metrics.MULTIPROC_ENV
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_USER = "otapg"
 REQUIRE_ENV = "OTA_REQUIRE_POSTGRES"
@@ -328,6 +331,11 @@ def start_service(
     ]
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="ota-fleet-", suffix=".log")[1])
+    env = dict(os.environ)
+    metrics_dir = None  # the master removes its own temporary one only when it exits cleanly
+    if not env.get(MULTIPROC_ENV):
+        metrics_dir = tempfile.mkdtemp(prefix="ota-fleet-metrics-")
+        env[MULTIPROC_ENV] = metrics_dir
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
@@ -347,6 +355,7 @@ def start_service(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
     svc = FleetService(
         f"http://127.0.0.1:{port}",
@@ -360,9 +369,14 @@ def start_service(
         _wait_ready(svc)
         yield svc
     finally:
-        # quick shutdown: gunicorn's graceful one waits out kept-alive connections (2.7 s a test)
-        stop_service(proc, signal.SIGQUIT)
+        # a test's service and its data are thrown away: no graceful shutdown to wait for (the
+        # graceful one waited out kept-alive connections, 2.7 s a test; gunicorn's quick
+        # SIGQUIT one still spent 1.5-3.5 s in the workers' and master's interpreter teardown).
+        # Committed rows are durable either way (SQLite WAL, PostgreSQL).
+        stop_service(proc, signal.SIGKILL)
         log.unlink(missing_ok=True)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def stop_service(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
@@ -388,7 +402,7 @@ def _wait_ready(svc: FleetService) -> None:
         with contextlib.suppress(urllib3.exceptions.HTTPError):
             if call("GET", f"{svc.url}/v1/health").status == 200:
                 return
-        time.sleep(0.1)
+        time.sleep(0.02)
     raise RuntimeError(f"ota fleet serve did not answer in {START_DEADLINE_S} s:\n{svc.log_text()}")
 
 
