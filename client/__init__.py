@@ -17,79 +17,26 @@ onnxruntime are never imported here; boto3 only if installed, by securesystemsli
 ``ota device`` commands prevent: :mod:`ota._lean`).
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ota.client._daemon import DaemonConfig, run_daemon
-    from ota.client._events import Event, EventQueue
-    from ota.client._fetch import FetchConfig, SlowRetrievalError
-    from ota.client._install import SmokeRunner, Verifier
-    from ota.client._report import ReportOutcome
-    from ota.client._slots import current_model
-    from ota.client._state import DeviceConfig
-    from ota.client._telemetry import Telemetry
-    from ota.client._updater import (
-        DeviceStatus,
-        ModelOutcome,
-        UpdateResult,
-        confirm,
-        forget_failure,
-        init_device,
-        report_events,
-        revert,
-        status,
-        update_once,
-    )
-
-# The public names load on first use (PEP 562): a process that needs only one private module
-# (the fleet service imports ``ota.client._telemetry_format``, which runs this file first) does
-# not pay for the updater, tuf and numpy (about 1 s at every ``ota fleet`` start).
-_LAZY = {
-    "DaemonConfig": "_daemon",
-    "run_daemon": "_daemon",
-    "Event": "_events",
-    "EventQueue": "_events",
-    "FetchConfig": "_fetch",
-    "SlowRetrievalError": "_fetch",
-    "SmokeRunner": "_install",
-    "Verifier": "_install",
-    "ReportOutcome": "_report",
-    "current_model": "_slots",
-    "DeviceConfig": "_state",
-    "Telemetry": "_telemetry",
-    **dict.fromkeys(
-        (
-            "DeviceStatus",
-            "ModelOutcome",
-            "UpdateResult",
-            "confirm",
-            "forget_failure",
-            "init_device",
-            "report_events",
-            "revert",
-            "status",
-            "update_once",
-        ),
-        "_updater",
-    ),
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later look-ups (and monkeypatching) see a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+from ota.client._daemon import DaemonConfig, run_daemon
+from ota.client._events import Event, EventQueue
+from ota.client._fetch import FetchConfig, SlowRetrievalError
+from ota.client._install import SmokeRunner, Verifier
+from ota.client._report import ReportOutcome
+from ota.client._slots import current_model
+from ota.client._state import DeviceConfig
+from ota.client._telemetry import Telemetry
+from ota.client._updater import (
+    DeviceStatus,
+    ModelOutcome,
+    UpdateResult,
+    confirm,
+    forget_failure,
+    init_device,
+    report_events,
+    revert,
+    status,
+    update_once,
+)
 
 __all__ = [
     "DaemonConfig",
