@@ -357,7 +357,13 @@ class WireCounter:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        import socket
+
         self._stop = True
+        # close() alone does not wake a thread blocked in accept() on Linux (its join then
+        # waited out the 10 s timeout); shutdown() of the listening socket does
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         with self._lock:
             socks = list(self._open)

@@ -96,7 +96,15 @@ def serve(
 
             return close_after_errors(create_app(config))
 
-    _App().run()
+    server = _App()  # its config sets PROMETHEUS_MULTIPROC_DIR before anything imports the client
+    # the app's modules load once, here in the master, so the forked workers share them instead
+    # of each importing them (the dashboard pulls in the publisher's and tuf's modules, ~0.5 s
+    # of CPU a worker); each worker still builds its own app and connection pool in load()
+    import ota.dashboard
+    import ota.fleet._app
+    import ota.fleet._mtls  # noqa: F401
+
+    server.run()
 
 
 def close_after_errors(app: WsgiApp) -> WsgiApp:
