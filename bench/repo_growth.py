@@ -360,6 +360,20 @@ class _S3Copy:
         self.store.put("metadata/timestamp.json", (md / "timestamp.json").read_bytes())
 
 
+def _device_target(project: Project) -> tuple[Path, bytes, str, str, int]:
+    """The served folder, the trusted root, the model and newest version a measured device
+    follows (:func:`_device_model`), and how many releases of it are live."""
+    root = project.storage.local_root()
+    assert root is not None
+    trusted = (project.root_dir / "root.json").read_bytes()
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    name = _device_model(txn)
+    index = read_index(txn, name)
+    assert index is not None
+    version = max(index.releases, key=lambda r: r.counter).version
+    return root, trusted, name, version, len(index.releases)
+
+
 @contextlib.contextmanager
 def _servers(root: Path) -> Iterator[dict[str, tuple[str, str, WireCounter, Any]]]:
     """nginx (``docs/serving/nginx-site.conf``, gzip where asked), ``ota serve`` (gzip where
@@ -402,15 +416,8 @@ def device_polls(project: Project, model: Path, other_version: str,
     measured model."""
     from ota.repository import PublishRequest, publish
 
-    root = project.storage.local_root()
-    assert root is not None
-    trusted = (project.root_dir / "root.json").read_bytes()
-    txn = Transaction.begin(project.storage, project.signers, project.expiry())
-    name = _device_model(txn)
-    index = read_index(txn, name)
-    assert index is not None
-    version = max(index.releases, key=lambda r: r.counter).version
-    out: dict[str, Any] = {"device_model": name, "device_model_live": len(index.releases)}
+    root, trusted, name, version, live = _device_target(project)
+    out: dict[str, Any] = {"device_model": name, "device_model_live": live}
     shutil.rmtree(workdir / "polls", ignore_errors=True)
     with _servers(root) as servers:
 
@@ -448,14 +455,7 @@ def crossing_poll(project: Project, workdir: Path, change: Callable[[], T]) -> t
     bytes on the wire of that crossing poll, headers included, and what ``change`` returned."""
     from tests.nginx import serve_static
 
-    root = project.storage.local_root()
-    assert root is not None
-    trusted = (project.root_dir / "root.json").read_bytes()
-    txn = Transaction.begin(project.storage, project.signers, project.expiry())
-    name = _device_model(txn)
-    index = read_index(txn, name)
-    assert index is not None
-    version = max(index.releases, key=lambda r: r.counter).version
+    root, trusted, name, version, _live = _device_target(project)
     work = workdir / "crossing"
     shutil.rmtree(work, ignore_errors=True)
     with serve_static(root) as upstream, WireCounter(upstream) as wire:

@@ -38,7 +38,8 @@ BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
-_CURVE_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+# the hash upstream pairs with each curve; shared with the verifying twin, _light_verify
+CURVE_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "secp256r1": hashes.SHA256,
     "secp384r1": hashes.SHA384,
     "secp521r1": hashes.SHA512,
@@ -94,7 +95,7 @@ def signature_bundle(
     envelope over :func:`statement_payload`, signed with ``private_key`` (P-256/384/521, checked
     by the caller)."""
     payload = statement_payload(digests, signature_name, model_name)
-    algorithm = _CURVE_HASHES[private_key.curve.name]()
+    algorithm = CURVE_HASHES[private_key.curve.name]()
     sig = private_key.sign(pae(payload), ec.ECDSA(algorithm))
     bundle = {
         "mediaType": BUNDLE_MEDIA_TYPE,

@@ -41,13 +41,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from securesystemslib.dsse import Envelope
 
 from ota.bundle import DEFAULT_LIMITS, FormatError, strict_json, validate_bundle_path
 from ota.signing._errors import SignatureError
 from ota.signing._keys import key_fingerprint
+from ota.signing._light_sign import BUNDLE_MEDIA_TYPE as _BUNDLE_MEDIA_TYPE
+from ota.signing._light_sign import CURVE_HASHES as _CURVE_HASHES
+from ota.signing._light_sign import PAYLOAD_TYPE as _PAYLOAD_TYPE
+from ota.signing._light_sign import PREDICATE_TYPE as _PREDICATE_TYPE
+from ota.signing._light_sign import STATEMENT_TYPE as _STATEMENT_TYPE
 from ota.signing._model_sig import (
     MAX_SIGNATURE_BYTES,
     SignerInfo,
@@ -57,15 +62,6 @@ from ota.signing._model_sig import (
     _signature_name,
 )
 
-_BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
-_PAYLOAD_TYPE = "application/vnd.in-toto+json"
-_STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-_PREDICATE_TYPE = "https://model_signing/signature/v1.0"
-_CURVE_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "secp256r1": hashes.SHA256,
-    "secp384r1": hashes.SHA384,
-    "secp521r1": hashes.SHA512,
-}
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")  # always fullmatch: `$` would allow a trailing newline
 _MAX_RESOURCES = DEFAULT_LIMITS.max_files
 # JSON structure characters ({ [ , :) allowed before parsing: our envelope has about 25, a
