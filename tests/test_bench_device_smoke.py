@@ -62,7 +62,7 @@ def test_device_delta_reports_bytes_against_binary_diff(
     doc = run_json(
         capsys,
         device_delta.main,
-        ["--json", "--size-mb", "2", "--scenarios", "finetune10", "--workdir", str(tmp_path)],
+        ["--json", "--sizes", "2", "--scenarios", "finetune10", "--workdir", str(tmp_path)],
     )
     assert doc["benchmark"] == "device_delta"
     rows = doc["scenarios"]
