@@ -499,11 +499,15 @@ def _latency_paired(
     """Each device against itself: ``r = log(p95 on the new release / p95 on the baseline
     release)``. Device-to-device spread (hardware unit, thermal state, the application's input
     mix) cancels; what remains is each p95's sampling error. Value: the median device's ratio
-    ``exp(median r)``. Fail test: one-sided one-sample t-test of the ``r`` against 0 (a
-    regression); pass test: one-sided sign test that more than half of the devices have ``r``
-    within ``log(max_p95_ratio)`` (binomial on device counts: k devices, forged or not, move
-    the count by at most k, whatever they report). ``None`` when too few inferences (the
-    unpaired gate then says so)."""
+    ``exp(median r)``. Fail: one-sided one-sample t-test that the ``r`` exceed 0 (a
+    regression), without the ``_trim`` highest ``r`` (so a few extreme slow reports cannot
+    make it sure). Pass: without the ``_trim`` lowest ``r`` (so a few extreme fast reports
+    can neither pull the median in nor add votes), the median ratio within
+    ``max_p95_ratio`` and a one-sided sign test that more than half of those devices are
+    within ``log(max_p95_ratio)`` (binomial on device counts). So fewer than
+    ``min_devices`` devices, whatever they report, can neither fail nor pass the gate; they
+    can hold it (a delay: a stage holding past its deadline pauses). ``None`` when too few
+    inferences (the unpaired gate then says so)."""
     from scipy.stats import binomtest, ttest_1samp
 
     gate = "health.latency_p95"
@@ -516,11 +520,15 @@ def _latency_paired(
     ratio = math.exp(float(np.median(r)))
     bad = int(np.sum(r > limit))
     ok = len(r) - bad
-    if np.all(r == r[0]):
-        p_fail = 0.0 if r[0] > 0 else 1.0
+    k = _trim(th, len(r))
+    ordered = np.sort(r)
+    low, high = ordered[: len(r) - k], ordered[k:]  # without the highest / the lowest k
+    if np.all(low == low[0]):
+        p_fail = 0.0 if low[0] > 0 else 1.0
     else:
-        p_fail = float(ttest_1samp(r, 0.0, alternative="greater").pvalue)
-    p_pass = float(binomtest(ok, len(r), 0.5, alternative="greater").pvalue)
+        p_fail = float(ttest_1samp(low, 0.0, alternative="greater").pvalue)
+    within = int(np.sum(high <= limit))
+    p_pass = float(binomtest(within, len(high), 0.5, alternative="greater").pvalue)
     return _decide(
         gate,
         tier,
@@ -529,13 +537,14 @@ def _latency_paired(
         threshold=th.max_p95_ratio,
         baseline=1.0,
         worse=ratio > th.max_p95_ratio,
-        trimmed=ratio,  # a median: k devices move it by at most k ranks
+        trimmed=math.exp(float(np.median(high))),
         p_fail=p_fail,
         p_pass=p_pass,
         bad=bad,
         ok=ok,
         evidence={
             "paired_devices": len(pairs),
+            "set_aside": k,
             "new_devices": len(n),
             "new_count": n_inf,
             "before_count": b_inf,

@@ -471,14 +471,15 @@ def test_paired_p95_30_percent_slower_on_one_tier_fails_that_tier(fleet: Fleet) 
     assert combine(results, Action.ROLLBACK) is Action.ROLLBACK
 
 
-def test_forged_minority_cannot_flip_the_paired_test(fleet: Fleet) -> None:
-    # a good release: four forged devices report being 5x slower after the update
+def test_forged_minority_cannot_fail_a_good_release_paired(fleet: Fleet) -> None:
+    # a good release: four forged devices (min_devices is 5) report being 5x slower after
+    # the update; the fail test sets the four highest ratios aside
     paired_stage(fleet, "a", 12)
     for b in pessimistic(fleet.rng, 4):
         fleet.updated("a", b, slower(b, 5.0))
     r = by(fleet.evaluate(), "health.latency_p95", "a")
-    assert r.evidence["paired_devices"] == 16
-    assert r.status is GateStatus.PASS, r.to_json()  # the sign test: 12 of 16 within
+    assert r.evidence["paired_devices"] == 16 and r.evidence["set_aside"] == 4
+    assert r.status is not GateStatus.FAIL, r.to_json()  # at worst a delay
 
 
 def test_forged_minority_cannot_pass_a_paired_regression(fleet: Fleet) -> None:
