@@ -29,7 +29,7 @@ from ota.client._telemetry_format import (
 from ota.errors import InputError
 from ota.fleet._models import Device, DeviceModel, ReleaseState
 from ota.fleet._report import ReportEvent
-from ota.fleet._telemetry import DeviceKey, absorb
+from ota.fleet._telemetry import DeviceKey, DeviceTelemetry, absorb
 from ota.rollout._health import HealthThresholds, evaluate_health, p95, reference_of
 from ota.rollout._verdict import Action, GateResult, GateStatus, combine
 from tests.fleet_fixtures import fleet_backend, postgres  # noqa: F401
@@ -512,3 +512,49 @@ def test_pre_update_telemetry_is_found_within_the_lookback(fleet: Fleet) -> None
     assert by(fleet.evaluate(ctx), "health.latency_p95", "a").evidence["paired_devices"] == 6
     unpaired = by(fleet.evaluate(ctx, paired_lookback_s=1), "health.latency_p95", "a")
     assert unpaired.evidence.get("paired_devices", 0) == 0, unpaired.to_json()
+
+
+def _trial_device(
+    rng: np.random.Generator, pk: int, b: Behaviour, factor: float = 1.0
+) -> DeviceTelemetry:
+    n = max(20, int(rng.poisson(b.inferences)))
+    lat = np.exp(rng.normal(np.log(b.latency_s * factor), b.spread, n))
+    hist = np.bincount(np.searchsorted(LATENCY_EDGES, lat, side="right"), minlength=LATENCY_BUCKETS)
+    return DeviceTelemetry(pk, "a", n, 0, 0, tuple(int(x) for x in hist), float(lat.sum()))
+
+
+def _trials(seed: int, devices: int, factor: float, forged: int = 0, forged_factor: float = 1.0,
+            stages: int = 100) -> tuple[dict[str, int], dict[str, int]]:  # fmt: skip
+    """``stages`` simulated one-tier stages judged paired and unpaired (the same data):
+    ``devices`` updated devices (``factor`` slower) + ``forged`` devices reporting
+    ``forged_factor``, and ``devices`` on the baseline, all with pessimistic spread."""
+    from ota.rollout._health import _latency
+
+    rng = np.random.default_rng(seed)
+    th = HealthThresholds()
+    counts: tuple[dict[str, int], dict[str, int]] = ({}, {})
+    for _ in range(stages):
+        new, before = [], {}
+        for pk, b in enumerate(pessimistic(rng, devices + forged)):
+            before[pk] = _trial_device(rng, pk, b)
+            new.append(_trial_device(rng, pk, b, factor if pk < devices else forged_factor))
+        base = [_trial_device(rng, 1000 + i, b) for i, b in enumerate(pessimistic(rng, devices))]
+        for c, bf in zip(counts, (before, None), strict=True):
+            s = _latency(new, base, "a", th, bf).status.value
+            c[s] = c.get(s, 0) + 1
+    return counts
+
+
+def test_paired_latency_trials_pass_good_fail_regressions_and_resist_forgery() -> None:
+    """100 seeded stages each, 12 devices per cohort, pessimistic spread (per-device p95s
+    vary ~25 %): what the fleet simulation's many good rollouts held on."""
+    paired, unpaired = _trials(1, 12, 1.0)
+    assert paired.get("pass", 0) >= 98 and "fail" not in paired, paired
+    assert unpaired.get("pass", 0) < 90, unpaired  # the spread the paired test removes
+    paired, _ = _trials(2, 12, 1.3)
+    assert paired.get("fail", 0) >= 95 and "pass" not in paired, paired
+    # four forged devices (min_devices 5) among 12 honest ones flip nothing either way
+    paired, _ = _trials(3, 12, 1.0, forged=4, forged_factor=5.0, stages=50)
+    assert "fail" not in paired, paired
+    paired, _ = _trials(4, 12, 1.3, forged=4, forged_factor=0.2, stages=50)
+    assert "pass" not in paired, paired
