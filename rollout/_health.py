@@ -502,13 +502,13 @@ def _latency_paired(
     ``exp(median r)``. Fail: one-sided one-sample t-test that the ``r`` exceed 0 (a
     regression), without the ``_trim`` highest ``r`` (so a few extreme slow reports cannot
     make it sure). Pass: without the ``_trim`` lowest ``r`` (so a few extreme fast reports
-    can neither pull the median in nor add votes), the median ratio within
-    ``max_p95_ratio`` and a one-sided sign test that more than half of those devices are
-    within ``log(max_p95_ratio)`` (binomial on device counts). So fewer than
+    can neither pull the median in nor count), the median ratio within ``max_p95_ratio``
+    and a one-sided Wilcoxon signed-rank test that those ``r`` lie below
+    ``log(max_p95_ratio)`` (ranks: one honest outlier costs one rank, not the test). So fewer than
     ``min_devices`` devices, whatever they report, can neither fail nor pass the gate; they
     can hold it (a delay: a stage holding past its deadline pauses). ``None`` when too few
     inferences (the unpaired gate then says so)."""
-    from scipy.stats import binomtest, ttest_1samp
+    from scipy.stats import ttest_1samp, wilcoxon
 
     gate = "health.latency_p95"
     n_inf = sum(d.inferences for d, _ in pairs)
@@ -527,8 +527,11 @@ def _latency_paired(
         p_fail = 0.0 if low[0] > 0 else 1.0
     else:
         p_fail = float(ttest_1samp(low, 0.0, alternative="greater").pvalue)
-    within = int(np.sum(high <= limit))
-    p_pass = float(binomtest(within, len(high), 0.5, alternative="greater").pvalue)
+    d = high - limit
+    if np.all(d == d[0]):
+        p_pass = 0.0 if d[0] < 0 else 1.0
+    else:
+        p_pass = float(wilcoxon(d, alternative="less").pvalue)
     return _decide(
         gate,
         tier,
@@ -550,7 +553,7 @@ def _latency_paired(
             "before_count": b_inf,
             "median_log_ratio": float(np.median(r)),
             "log_ratio_sd": float(np.std(r, ddof=1)) if len(r) > 1 else 0.0,
-            "test": "paired: t-test on log p95 ratios (regression), sign test (within)",
+            "test": "paired: t-test (regression), wilcoxon signed-rank (within) on log p95 ratios",
         },
         what="p95 ratio (paired, each device vs its own before)",
     )
