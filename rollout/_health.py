@@ -9,8 +9,13 @@ baseline version, their telemetry of it; at a stage of 100 % of its ring, where 
 on it, the ring's devices' own telemetry of the baseline version in the window). Each gate
 compares them per tier (``tier`` set) and overall (``tier == ""``):
 
-* ``health.latency_p95``: per-device p95 read from the latency buckets; value the ratio of the
-  cohorts' median p95s; test Mann-Whitney U (one-sided) on the per-device p95s;
+* ``health.latency_p95``: per-device p95 read from the latency buckets. *Paired* when at
+  least ``min_devices`` new devices also sent telemetry of the baseline version (from
+  ``paired_lookback_s`` before the stage): value the median of each device's p95 ratio
+  new / its own before; fail test a one-sided t-test of the log ratios > 0, pass test a
+  one-sided Wilcoxon signed-rank test of the log ratios < log ``max_p95_ratio``, each
+  without the ``min_devices - 1`` devices most in its favour. Otherwise *unpaired*: value the
+  ratio of the cohorts' median p95s; test Mann-Whitney U (one-sided) on the per-device p95s;
 * ``health.error_rate``: the pooled error rate with every device's weight capped
   (``device_weight_cap`` inferences); ``health.crash_rate``: the fraction of devices that
   crashed at least once; test Fisher's exact (one-sided) on the 2x2 table; a pass's
