@@ -9,8 +9,13 @@ baseline version, their telemetry of it; at a stage of 100 % of its ring, where 
 on it, the ring's devices' own telemetry of the baseline version in the window). Each gate
 compares them per tier (``tier`` set) and overall (``tier == ""``):
 
-* ``health.latency_p95``: per-device p95 read from the latency buckets; value the ratio of the
-  cohorts' median p95s; test Mann-Whitney U (one-sided) on the per-device p95s;
+* ``health.latency_p95``: per-device p95 read from the latency buckets. *Paired* when at
+  least ``min_devices`` new devices also sent telemetry of the baseline version (from
+  ``paired_lookback_s`` before the stage): value the median of each device's p95 ratio
+  new / its own before; fail test a one-sided t-test of the log ratios > 0, pass test a
+  one-sided Wilcoxon signed-rank test of the log ratios < log ``max_p95_ratio``, each
+  without the ``min_devices - 1`` devices most in its favour. Otherwise *unpaired*: value the
+  ratio of the cohorts' median p95s; test Mann-Whitney U (one-sided) on the per-device p95s;
 * ``health.error_rate``: the pooled error rate with every device's weight capped
   (``device_weight_cap`` inferences); ``health.crash_rate``: the fraction of devices that
   crashed at least once; test Fisher's exact (one-sided) on the 2x2 table; a pass's
@@ -103,7 +108,8 @@ class HealthThresholds:
     measure). ``drift_metric``: ``js`` (Jensen-Shannon distance, base 2) or ``psi``.
     ``max_drift``: vs the baseline; ``max_reference_drift``: vs the release's reference
     (looser: a golden run is a small sample). ``device_weight_cap``: inferences of
-    one device counted in pooled rates.
+    one device counted in pooled rates. ``paired_lookback_s``: how far before the stage's start
+    a new device's own telemetry of the baseline version is read for the paired latency test.
     """
 
     enabled: int = 1
@@ -120,6 +126,7 @@ class HealthThresholds:
     max_drift: float = 0.1
     max_reference_drift: float = 0.3
     device_weight_cap: int = 10_000
+    paired_lookback_s: int = 3600
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -133,6 +140,7 @@ class HealthThresholds:
             "min_device_inferences",
             "min_device_values",
             "device_weight_cap",
+            "paired_lookback_s",
         ):
             v = getattr(self, name)
             need(
@@ -268,12 +276,27 @@ def evaluate_health(
             until,
             on_version=None if whole_ring else ctx.baseline_version,
         )
+    before: dict[int, DeviceTelemetry] = {}
+    if new and ctx.baseline_version and ctx.baseline_version != ctx.version:
+        # the new devices' own telemetry of the baseline version (sent before they updated,
+        # up to ``paired_lookback_s`` before the stage): the paired latency test
+        own = per_device(
+            session,
+            ctx.model,
+            str(ctx.baseline_version),
+            ctx.ring,
+            since - th.paired_lookback_s,
+            until,
+        )
+        before = {pk: own[pk] for pk in new.keys() & own.keys()}
     tiers = sorted({d.tier for d in new.values()})
     out: list[GateResult] = []
     for tier in ["", *tiers]:
         n = [d for d in new.values() if not tier or d.tier == tier]
         b = [d for d in base.values() if not tier or d.tier == tier]
-        out += _tier_gates(n, b, tier, th, reference, bool(ctx.baseline_version), reference_source)
+        out += _tier_gates(
+            n, b, tier, th, reference, bool(ctx.baseline_version), reference_source, before
+        )
     return out
 
 
@@ -285,6 +308,7 @@ def _tier_gates(
     reference: Sequence[OutputSummary] | None,
     has_baseline: bool,
     reference_source: str = "",
+    before: Mapping[int, DeviceTelemetry] | None = None,
 ) -> list[GateResult]:
     out = []
     for gate, fn in (
@@ -297,7 +321,10 @@ def _tier_gates(
                 GateResult(gate, GateStatus.HOLD, "no baseline release to compare with", tier=tier)
             )
             continue
-        out.append(fn(new, base, tier, th))
+        if fn is _latency:
+            out.append(_latency(new, base, tier, th, before))
+        else:
+            out.append(fn(new, base, tier, th))
     if has_baseline:
         out += _drift(new, base, tier, th)
     if reference:
@@ -444,6 +471,100 @@ def _conf(p: float) -> float:
 
 
 def _latency(
+    new: list[DeviceTelemetry],
+    base: list[DeviceTelemetry],
+    tier: str,
+    th: HealthThresholds,
+    before: Mapping[int, DeviceTelemetry] | None = None,
+) -> GateResult:
+    """Paired when at least ``min_devices`` new devices also reported the baseline version
+    (``before``: their own telemetry of it, before they updated), else unpaired against the
+    concurrent baseline (:func:`_latency_unpaired`)."""
+    n = [d for d in new if d.inferences >= th.min_device_inferences]
+    pairs = [
+        (d, before[d.device_pk])
+        for d in n
+        if before is not None
+        and d.device_pk in before
+        and before[d.device_pk].inferences >= th.min_device_inferences
+    ]
+    if len(pairs) >= th.min_devices:
+        paired = _latency_paired(pairs, n, tier, th)
+        if paired is not None:
+            return paired
+    return _latency_unpaired(new, base, tier, th)
+
+
+def _latency_paired(
+    pairs: list[tuple[DeviceTelemetry, DeviceTelemetry]],
+    n: list[DeviceTelemetry],
+    tier: str,
+    th: HealthThresholds,
+) -> GateResult | None:
+    """Each device against itself: ``r = log(p95 on the new release / p95 on the baseline
+    release)``. Device-to-device spread (hardware unit, thermal state, the application's input
+    mix) cancels; what remains is each p95's sampling error. Value: the median device's ratio
+    ``exp(median r)``. Fail: one-sided one-sample t-test that the ``r`` exceed 0 (a
+    regression), without the ``_trim`` highest ``r`` (so a few extreme slow reports cannot
+    make it sure). Pass: without the ``_trim`` lowest ``r`` (so a few extreme fast reports
+    can neither pull the median in nor count), the median ratio within ``max_p95_ratio``
+    and a one-sided Wilcoxon signed-rank test that those ``r`` lie below
+    ``log(max_p95_ratio)`` (ranks: one honest outlier costs one rank, not the test). So fewer than
+    ``min_devices`` devices, whatever they report, can neither fail nor pass the gate; they
+    can hold it (a delay: a stage holding past its deadline pauses). ``None`` when too few
+    inferences (the unpaired gate then says so)."""
+    from scipy.stats import ttest_1samp, wilcoxon
+
+    gate = "health.latency_p95"
+    n_inf = sum(d.inferences for d, _ in pairs)
+    b_inf = sum(b.inferences for _, b in pairs)
+    if n_inf < th.min_inferences or b_inf < th.min_inferences:
+        return None
+    r = np.array([math.log(p95(d.latency) / p95(b.latency)) for d, b in pairs])
+    limit = math.log(th.max_p95_ratio)
+    ratio = math.exp(float(np.median(r)))
+    bad = int(np.sum(r > limit))
+    ok = len(r) - bad
+    k = _trim(th, len(r))
+    ordered = np.sort(r)
+    low, high = ordered[: len(r) - k], ordered[k:]  # without the highest / the lowest k
+    if np.all(low == low[0]):
+        p_fail = 0.0 if low[0] > 0 else 1.0
+    else:
+        p_fail = float(ttest_1samp(low, 0.0, alternative="greater").pvalue)
+    d = high - limit
+    if np.all(d == d[0]):
+        p_pass = 0.0 if d[0] < 0 else 1.0
+    else:
+        p_pass = float(wilcoxon(d, alternative="less").pvalue)
+    return _decide(
+        gate,
+        tier,
+        th,
+        value=ratio,
+        threshold=th.max_p95_ratio,
+        baseline=1.0,
+        worse=ratio > th.max_p95_ratio,
+        trimmed=math.exp(float(np.median(high))),
+        p_fail=p_fail,
+        p_pass=p_pass,
+        bad=bad,
+        ok=ok,
+        evidence={
+            "paired_devices": len(pairs),
+            "set_aside": k,
+            "new_devices": len(n),
+            "new_count": n_inf,
+            "before_count": b_inf,
+            "median_log_ratio": float(np.median(r)),
+            "log_ratio_sd": float(np.std(r, ddof=1)) if len(r) > 1 else 0.0,
+            "test": "paired: t-test (regression), wilcoxon signed-rank (within) on log p95 ratios",
+        },
+        what="p95 ratio (paired, each device vs its own before)",
+    )
+
+
+def _latency_unpaired(
     new: list[DeviceTelemetry], base: list[DeviceTelemetry], tier: str, th: HealthThresholds
 ) -> GateResult:
     from scipy.stats import mannwhitneyu
@@ -485,6 +606,7 @@ def _latency(
             f"baseline_median_p95{unit}": mb,
             "new_devices": len(n),
             "baseline_devices": len(b),
+            "paired_devices": 0,
             "test": "mann-whitney-u",
         },
         what="p95 ratio",

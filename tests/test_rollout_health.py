@@ -29,7 +29,7 @@ from ota.client._telemetry_format import (
 from ota.errors import InputError
 from ota.fleet._models import Device, DeviceModel, ReleaseState
 from ota.fleet._report import ReportEvent
-from ota.fleet._telemetry import DeviceKey, absorb
+from ota.fleet._telemetry import DeviceKey, DeviceTelemetry, absorb
 from ota.rollout._health import HealthThresholds, evaluate_health, p95, reference_of
 from ota.rollout._verdict import Action, GateResult, GateStatus, combine
 from tests.fleet_fixtures import fleet_backend, postgres  # noqa: F401
@@ -64,7 +64,9 @@ class Behaviour:
     inferences: int = 400
 
 
-def make_summary(rng: np.random.Generator, version: str, b: Behaviour) -> dict[str, Any]:
+def make_summary(
+    rng: np.random.Generator, version: str, b: Behaviour, end: float = T0
+) -> dict[str, Any]:
     """One summary as a device's recorder makes it (same buckets, same output counter)."""
     lat = np.exp(rng.normal(np.log(b.latency_s), b.spread, b.inferences))
     hist = [0] * LATENCY_BUCKETS
@@ -76,7 +78,7 @@ def make_summary(rng: np.random.Generator, version: str, b: Behaviour) -> dict[s
         out.add(row)
     doc = {
         "format": TELEMETRY_FORMAT, "model": MODEL, "version": version,
-        "start": T0 - 300, "end": T0, "inferences": b.inferences, "errors": errors,
+        "start": end - 300, "end": end, "inferences": b.inferences, "errors": errors,
         "crashes": b.crashes, "latency": {"counts": hist, "sum_s": float(lat.sum())},
         "outputs": [out.summary().to_dict()],
     }  # fmt: skip
@@ -116,6 +118,54 @@ class Fleet:
                 ]  # fmt: skip
                 got = absorb(s, DeviceKey(dev.id, dev.device_id), {MODEL: (version, 1)}, events, T0)
                 assert (got.folded, got.rejected) == (summaries, {})
+        finally:
+            engine.dispose()
+
+    def updated(self, tier: str, before: Behaviour, after: Behaviour) -> None:
+        """A device that reported OLD (received at ``T0 - 1800``, an earlier bucket), then
+        updated and reported NEW (received at ``T0``)."""
+        engine = create_engine(self.url)
+        try:
+            with Session(engine) as s, s.begin():
+                self.n += 1
+                dev = Device(
+                    device_id=f"d{self.n}", credential_hash=f"{self.n:064d}", ring=RING,
+                    tier=tier, enrolled_at=T0 - 86400, health="ok", events_total=0,
+                    dropped_total=0, rate_window_start=0.0, rate_count=0,
+                )  # fmt: skip
+                s.add(dev)
+                s.flush()
+                s.add(DeviceModel(device_pk=dev.id, model=MODEL, version=NEW, counter=2,
+                                  updated_at=T0, ring=RING, tier=tier, active=True))  # fmt: skip
+                s.add(ReleaseState(device_pk=dev.id, model=MODEL, version=NEW,
+                                   state="confirmed", updated_at=T0, active=True))  # fmt: skip
+                s.flush()
+                key = DeviceKey(dev.id, dev.device_id)
+                t_old = T0 - 1800
+                old = [
+                    ReportEvent(
+                        1,
+                        t_old,
+                        "telemetry",
+                        MODEL,
+                        OLD,
+                        {"summary": make_summary(self.rng, OLD, before, t_old)},
+                    )
+                ]
+                got = absorb(s, key, {MODEL: (OLD, 1)}, old, t_old)
+                assert (got.folded, got.rejected) == (1, {})
+                new = [
+                    ReportEvent(
+                        2,
+                        T0,
+                        "telemetry",
+                        MODEL,
+                        NEW,
+                        {"summary": make_summary(self.rng, NEW, after)},
+                    )
+                ]
+                got = absorb(s, key, {MODEL: (NEW, 2)}, new, T0)
+                assert (got.folded, got.rejected) == (1, {})
         finally:
             engine.dispose()
 
@@ -361,3 +411,150 @@ def test_the_controller_plugin_takes_the_plans_float_table(fleet: Fleet) -> None
                 )
     finally:
         engine.dispose()
+
+
+# -- the paired latency test (each updated device against its own p95 before) ------------------
+
+
+def pessimistic(rng: np.random.Generator, count: int, tier_s: float = 0.02) -> list[Behaviour]:
+    """Devices of one tier with the fleet simulation's pessimistic spread: speed log-normal
+    sigma 0.2 (per-device p95s vary ~25 %), latency spread sigma 0.15-0.4, 100-1,000
+    inferences."""
+    return [
+        Behaviour(
+            latency_s=tier_s * float(rng.lognormal(0.0, 0.2)),
+            spread=float(rng.uniform(0.15, 0.4)),
+            inferences=int(rng.integers(100, 1000)),
+        )
+        for _ in range(count)
+    ]
+
+
+def slower(b: Behaviour, factor: float) -> Behaviour:
+    return Behaviour(b.latency_s * factor, b.spread, b.error_p, b.crashes, b.out_mean,
+                     b.out_sd, b.inferences)  # fmt: skip
+
+
+def paired_stage(fleet: Fleet, tier: str, count: int, factor: float = 1.0) -> None:
+    """``count`` devices of ``tier`` that updated (telemetry of OLD, then of NEW ``factor``
+    slower) and ``count`` that still run OLD, all with pessimistic spread."""
+    for b in pessimistic(fleet.rng, count):
+        fleet.updated(tier, b, slower(b, factor))
+    for b in pessimistic(fleet.rng, count):
+        fleet.device(tier, OLD, b)
+
+
+def test_paired_good_release_with_high_spread_passes_where_unpaired_cannot_tell(
+    fleet: Fleet,
+) -> None:
+    for tier in ("a", "b"):
+        paired_stage(fleet, tier, 12)
+    results = fleet.evaluate()
+    for tier in ("", "a", "b"):
+        r = by(results, "health.latency_p95", tier)
+        assert r.status is GateStatus.PASS, r.to_json()
+        assert r.evidence["paired_devices"] == (24 if not tier else 12)
+        assert r.confidence is not None and r.confidence >= 0.9
+        assert r.value is not None and 0.9 < r.value < 1.1
+
+
+def test_paired_p95_30_percent_slower_on_one_tier_fails_that_tier(fleet: Fleet) -> None:
+    paired_stage(fleet, "a", 12)
+    paired_stage(fleet, "b", 12, factor=1.3)
+    results = fleet.evaluate()
+    b = by(results, "health.latency_p95", "b")
+    assert b.status is GateStatus.FAIL, b.to_json()
+    assert b.evidence["paired_devices"] == 12
+    assert b.confidence is not None and b.confidence >= 0.98
+    assert b.value is not None and 1.2 < b.value < 1.4
+    assert by(results, "health.latency_p95", "a").status is GateStatus.PASS
+    assert combine(results, Action.ROLLBACK) is Action.ROLLBACK
+
+
+def test_forged_minority_cannot_fail_a_good_release_paired(fleet: Fleet) -> None:
+    # a good release: four forged devices (min_devices is 5) report being 5x slower after
+    # the update; the fail test sets the four highest ratios aside
+    paired_stage(fleet, "a", 12)
+    for b in pessimistic(fleet.rng, 4):
+        fleet.updated("a", b, slower(b, 5.0))
+    r = by(fleet.evaluate(), "health.latency_p95", "a")
+    assert r.evidence["paired_devices"] == 16 and r.evidence["set_aside"] == 4
+    assert r.status is not GateStatus.FAIL, r.to_json()  # at worst a delay
+
+
+def test_forged_minority_cannot_pass_a_paired_regression(fleet: Fleet) -> None:
+    paired_stage(fleet, "a", 12, factor=1.3)
+    for b in pessimistic(fleet.rng, 4):  # four forged devices: 5x faster after the update
+        fleet.updated("a", b, slower(b, 0.2))
+    r = by(fleet.evaluate(), "health.latency_p95", "a")
+    assert r.evidence["paired_devices"] == 16
+    assert r.status is not GateStatus.PASS, r.to_json()
+    assert r.value is not None and r.value > 1.2
+
+
+def test_forged_minority_alone_cannot_pass_or_fail_paired(fleet: Fleet) -> None:
+    for b in pessimistic(fleet.rng, 8):
+        fleet.device("a", OLD, b)
+    for b in pessimistic(fleet.rng, 4):  # only four updated devices, however they report
+        fleet.updated("a", b, slower(b, 0.5))
+    assert by(fleet.evaluate(), "health.latency_p95", "a").status is GateStatus.HOLD
+    for b in pessimistic(fleet.rng, 4):
+        fleet.updated("a", b, slower(b, 0.5))
+    r = by(fleet.evaluate(), "health.latency_p95", "a")
+    assert r.evidence["paired_devices"] == 8
+
+
+def test_pre_update_telemetry_is_found_within_the_lookback(fleet: Fleet) -> None:
+    # each updated device's telemetry of OLD was received 30 min before its telemetry of NEW
+    # (another 15 min bucket), before the stage started
+    paired_stage(fleet, "a", 6)
+    ctx = Ctx(stage_started_at=T0 + 60, now=T0 + 120)
+    assert by(fleet.evaluate(ctx), "health.latency_p95", "a").evidence["paired_devices"] == 6
+    unpaired = by(fleet.evaluate(ctx, paired_lookback_s=1), "health.latency_p95", "a")
+    assert unpaired.evidence.get("paired_devices", 0) == 0, unpaired.to_json()
+
+
+def _trial_device(
+    rng: np.random.Generator, pk: int, b: Behaviour, factor: float = 1.0
+) -> DeviceTelemetry:
+    n = max(20, int(rng.poisson(b.inferences)))
+    lat = np.exp(rng.normal(np.log(b.latency_s * factor), b.spread, n))
+    hist = np.bincount(np.searchsorted(LATENCY_EDGES, lat, side="right"), minlength=LATENCY_BUCKETS)
+    return DeviceTelemetry(pk, "a", n, 0, 0, tuple(int(x) for x in hist), float(lat.sum()))
+
+
+def _trials(seed: int, devices: int, factor: float, forged: int = 0, forged_factor: float = 1.0,
+            stages: int = 100) -> tuple[dict[str, int], dict[str, int]]:  # fmt: skip
+    """``stages`` simulated one-tier stages judged paired and unpaired (the same data):
+    ``devices`` updated devices (``factor`` slower) + ``forged`` devices reporting
+    ``forged_factor``, and ``devices`` on the baseline, all with pessimistic spread."""
+    from ota.rollout._health import _latency
+
+    rng = np.random.default_rng(seed)
+    th = HealthThresholds()
+    counts: tuple[dict[str, int], dict[str, int]] = ({}, {})
+    for _ in range(stages):
+        new, before = [], {}
+        for pk, b in enumerate(pessimistic(rng, devices + forged)):
+            before[pk] = _trial_device(rng, pk, b)
+            new.append(_trial_device(rng, pk, b, factor if pk < devices else forged_factor))
+        base = [_trial_device(rng, 1000 + i, b) for i, b in enumerate(pessimistic(rng, devices))]
+        for c, bf in zip(counts, (before, None), strict=True):
+            s = _latency(new, base, "a", th, bf).status.value
+            c[s] = c.get(s, 0) + 1
+    return counts
+
+
+def test_paired_latency_trials_pass_good_fail_regressions_and_resist_forgery() -> None:
+    """100 seeded stages each, 12 devices per cohort, pessimistic spread (per-device p95s
+    vary ~25 %): what the fleet simulation's many good rollouts held on."""
+    paired, unpaired = _trials(1, 12, 1.0)
+    assert paired.get("pass", 0) >= 98 and "fail" not in paired, paired
+    assert unpaired.get("pass", 0) < 90, unpaired  # the spread the paired test removes
+    paired, _ = _trials(2, 12, 1.3)
+    assert paired.get("fail", 0) >= 95 and "pass" not in paired, paired
+    # four forged devices (min_devices 5) among 12 honest ones flip nothing either way
+    paired, _ = _trials(3, 12, 1.0, forged=4, forged_factor=5.0, stages=50)
+    assert "fail" not in paired, paired
+    paired, _ = _trials(4, 12, 1.3, forged=4, forged_factor=0.2, stages=50)
+    assert "pass" not in paired, paired
