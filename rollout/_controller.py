@@ -57,15 +57,30 @@ from ota.repository._project import Project
 
 from . import _lease
 from ._context import GateFn, RolloutContext
-from ._gates import install_gates
+from ._gates import (
+    Outcomes,
+    Want,
+    count_outcomes_many,
+    fleet_marks,
+    install_gates,
+    telemetry_marks,
+)
 from ._plan import Plan, plan_from_dict
-from ._store import SignedReference, enter_intent, signed_reference, signed_state
+from ._store import (
+    SignedReference,
+    enter_intent,
+    signed_reference,
+    signed_state,
+    signed_states,
+)
 from ._verdict import Action, GateResult, GateStatus, combine
 
 log = logging.getLogger("ota.rollout")
 VERDICT_FORMAT = "edge-ota.rollout-verdict/1"
 MAX_AUDIT_GATES = 64  # an audit entry is at most 64 KiB: more gates are summarised
 VerdictHook = Callable[[dict[str, Any]], None]
+DEFAULT_REFRESH_S = 60.0  # extra gates judged again at least this often, inputs unchanged
+BUCKET_S = 900.0  # the telemetry buckets' width (``ota.fleet._telemetry.BUCKET_S``)
 
 
 @runtime_checkable
@@ -87,6 +102,28 @@ def _transactional(hook: object) -> TransactionalHook | None:
 
 class LostLease(Exception):
     """The lease was lost between deciding and signing: another controller acts now."""
+
+
+@dataclass
+class TickInputs:
+    """What one tick read for every live rollout at once (one grouped query each), keyed by
+    rollout id: install outcomes, the change marks of the extra gates' inputs, and the
+    signed state of each release. A rollout missing from a map is read on its own."""
+
+    outcomes: dict[int, Outcomes] = field(default_factory=dict)
+    marks: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    signed: dict[tuple[str, str], tuple[RolloutState | None, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """The extra gates' results of a rollout's last judgement, and what they were judged on:
+    ``key`` (release, baseline, stage, its start, plan, reference, the inputs' change marks
+    read *before* the gates ran) and the clock ``at``."""
+
+    key: tuple[Any, ...]
+    gates: tuple[GateResult, ...]
+    at: float
 
 
 @dataclass
@@ -125,9 +162,14 @@ class Controller:
     """Judges and steers every live rollout of one fleet database and one repository.
 
     ``extra_gates``: functions ``(session, ctx) -> list[GateResult]`` judged after the install
-    gates (the inference-health gates plug in here). ``on_verdict``: called with each new
-    verdict's JSON (the webhook sender plugs in here). ``after_sign``: called right after a
-    signature, before the row is updated (tests kill the process there).
+    gates (the inference-health gates plug in here). They are judged again only when their
+    inputs may have changed (:meth:`_extra`): a new telemetry row or summary of the release or
+    its baseline, a change of who runs the model, an enrolment or revocation, a new stage, a
+    telemetry bucket boundary, or ``refresh_s`` since their last run; otherwise their last
+    results are reused (the install gates, the soak and the deadline are judged every tick).
+    ``on_verdict``: called with each new verdict's JSON (the webhook sender plugs in here).
+    ``after_sign``: called right after a signature, before the row is updated (tests kill the
+    process there).
     """
 
     def __init__(
@@ -140,6 +182,7 @@ class Controller:
         on_verdict: Sequence[VerdictHook] = (),
         lease_ttl: float = _lease.DEFAULT_TTL_S,
         after_sign: Callable[[], None] | None = None,
+        refresh_s: float = DEFAULT_REFRESH_S,
     ) -> None:
         self.engine = engine
         self.project = project
@@ -150,6 +193,8 @@ class Controller:
         self.after_sign = after_sign
         self.actor = f"controller:{self.holder}"[:128]
         self._references: dict[tuple[str, str], SignedReference] = {}
+        self.refresh_s = refresh_s
+        self._judged: dict[int, _Judged] = {}
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -183,9 +228,10 @@ class Controller:
                 .scalars()
                 .all()
             )
+        inputs = self._inputs([int(i) for i in ids], now)
         for rid in ids:
             try:
-                self._one(int(rid), epoch, now, report)
+                self._one(int(rid), epoch, now, report, inputs)
             except LostLease:
                 report.errors.append("lost the lease")
                 break
@@ -193,7 +239,50 @@ class Controller:
                 log.exception("rollout #%s", rid)
                 report.errors.append(f"rollout #{rid}: {type(e).__name__}: {str(e)[:200]}")
         self._deliver()  # what is queued, also what a crashed controller left
+        for gone in set(self._judged) - {int(i) for i in ids}:
+            del self._judged[gone]
         return report
+
+    def _inputs(self, ids: Sequence[int], now: float) -> TickInputs:
+        """Every running rollout's install outcomes and change marks in a few grouped
+        queries, and every release's signed state in one read of the repository. On any
+        error, nothing (each rollout is then read on its own, as before)."""
+        from ota.fleet._db import read_only
+
+        got = TickInputs()
+        try:
+            with Session(read_only(self.engine)) as s, s.begin():
+                rows = s.execute(
+                    select(Rollout).where(Rollout.id.in_(ids), Rollout.state == "running")
+                ).scalars()
+                live = [(r, plan_from_dict(r.plan)) for r in rows]
+                live = [(r, p) for r, p in live if 0 <= r.stage < len(p.stages)]
+                wants = [
+                    Want(int(r.id), r.model, r.version, p.stages[r.stage].ring,
+                         now - p.device_timeout_s)
+                    for r, p in live
+                ]  # fmt: skip
+                got.outcomes = count_outcomes_many(s, wants)
+                if self.extra_gates and live:
+                    since = min(r.stage_started_at for r, _ in live) - BUCKET_S
+                    releases = {
+                        (r.model, v) for r, _ in live for v in (r.version, r.baseline_version)
+                    }
+                    tele = telemetry_marks(s, sorted(releases), since)
+                    per_model, devices = fleet_marks(s, [r.model for r, _ in live])
+                    for r, _ in live:
+                        got.marks[int(r.id)] = (
+                            tele.get((r.model, r.version)),
+                            tele.get((r.model, r.baseline_version)),
+                            per_model.get(r.model),
+                            devices,
+                        )
+                pairs = [(r.model, r.version) for r, _ in live]
+            got.signed = signed_states(self.project, pairs)
+        except Exception:  # a failed batch read: each rollout reads its own, as before
+            log.exception("grouped read of the live rollouts failed")
+            return TickInputs()
+        return got
 
     # -- one rollout ------------------------------------------------------------------------
 
@@ -203,7 +292,10 @@ class Controller:
             assert r is not None
             return r
 
-    def _one(self, rid: int, epoch: int, now: float, report: TickReport) -> None:
+    def _one(
+        self, rid: int, epoch: int, now: float, report: TickReport, inputs: TickInputs | None = None
+    ) -> None:
+        inputs = inputs or TickInputs()
         r = self._load(rid)
         if r.pending is not None:
             report.actions.append(self._carry_out(r, epoch, now))
@@ -214,7 +306,8 @@ class Controller:
             return
         if r.state != "running":
             return
-        signed, _ = signed_state(self.project, r.model, r.version)
+        known = inputs.signed.get((r.model, r.version))
+        signed, _ = known if known is not None else signed_state(self.project, r.model, r.version)
         if signed is None or signed.yanked or signed.paused:
             why = (
                 "no longer a live release"
@@ -241,7 +334,9 @@ class Controller:
             reference=reference,
             reference_source=source,
         )
-        gates = self._judge(ctx, plan) + ([ref_hold] if ref_hold is not None else [])
+        gates = self._judge(ctx, plan, r, inputs, ref_hold is None) + (
+            [ref_hold] if ref_hold is not None else []
+        )
         action = combine(gates, plan.on_failure)
         reason = self._reason(action, gates)
         intent: dict[str, Any] | None = None
@@ -312,29 +407,72 @@ class Controller:
         if r.pending is not None:
             report.actions.append(self._carry_out(r, epoch, now))
 
-    def _judge(self, ctx: RolloutContext, plan: Plan) -> list[GateResult]:
+    def _judge(
+        self,
+        ctx: RolloutContext,
+        plan: Plan,
+        r: Rollout | None = None,
+        inputs: TickInputs | None = None,
+        cacheable: bool = False,
+    ) -> list[GateResult]:
+        """Install gates (from the tick's grouped read when there), then the extra gates
+        (their last results when their inputs have not changed), then the soak."""
         from ota.fleet._db import read_only
 
+        inputs = inputs or TickInputs()
         stage = plan.stages[ctx.stage_index]
-        results: list[GateResult] = []
+        outcomes = inputs.outcomes.get(ctx.rollout_id)
+        marks = inputs.marks.get(ctx.rollout_id)
+        key: tuple[Any, ...] | None = None
+        if r is not None and marks is not None and cacheable:
+            key = (
+                r.version,
+                r.baseline_version,
+                r.stage,
+                r.stage_started_at,
+                r.plan_sha256,
+                ctx.reference_source,
+                marks,
+            )
+        cached = self._judged.get(ctx.rollout_id)
+        fresh = (
+            key is not None
+            and cached is not None
+            and cached.key == key
+            and cached.at <= ctx.now < cached.at + self.refresh_s
+            and int(cached.at // BUCKET_S) == int(ctx.now // BUCKET_S)
+        )
+        if fresh and outcomes is not None and cached is not None:  # no query at all
+            return install_gates(None, ctx, plan, stage, outcomes) + list(cached.gates)
         with Session(read_only(self.engine)) as s, s.begin():
-            results += install_gates(s, ctx, plan, stage)
-            for gate in self.extra_gates:
-                name = getattr(gate, "__name__", "gate")
-                try:
-                    got = list(gate(s, ctx))
-                    if not all(isinstance(g, GateResult) for g in got):
-                        raise TypeError("a gate must return GateResult objects")
-                    results += got
-                except Exception as e:  # fail closed: a broken gate can only hold
-                    log.exception("gate %s failed", name)
-                    results.append(
-                        GateResult(
-                            f"error.{name}"[:64],
-                            GateStatus.HOLD,
-                            f"gate raised {type(e).__name__}: {str(e)[:200]}",
-                        )
+            results = install_gates(s, ctx, plan, stage, outcomes)  # the soak: by the clock
+            if fresh and cached is not None:
+                return results + list(cached.gates)
+            extra = self._extra(s, ctx)
+        if key is not None and not any(g.gate.startswith("error.") for g in extra):
+            self._judged[ctx.rollout_id] = _Judged(key, tuple(extra), ctx.now)
+        else:  # a gate that raised is judged again next tick
+            self._judged.pop(ctx.rollout_id, None)
+        return results + extra
+
+    def _extra(self, s: Session, ctx: RolloutContext) -> list[GateResult]:
+        results: list[GateResult] = []
+        for gate in self.extra_gates:
+            name = getattr(gate, "__name__", "gate")
+            try:
+                got = list(gate(s, ctx))
+                if not all(isinstance(g, GateResult) for g in got):
+                    raise TypeError("a gate must return GateResult objects")
+                results += got
+            except Exception as e:  # fail closed: a broken gate can only hold
+                log.exception("gate %s failed", name)
+                results.append(
+                    GateResult(
+                        f"error.{name}"[:64],
+                        GateStatus.HOLD,
+                        f"gate raised {type(e).__name__}: {str(e)[:200]}",
                     )
+                )
         return results
 
     @staticmethod
