@@ -80,6 +80,7 @@ VERDICT_FORMAT = "edge-ota.rollout-verdict/1"
 MAX_AUDIT_GATES = 64  # an audit entry is at most 64 KiB: more gates are summarised
 VerdictHook = Callable[[dict[str, Any]], None]
 DEFAULT_REFRESH_S = 60.0  # extra gates judged again at least this often, inputs unchanged
+DEFAULT_FLUSH_S = 2.0  # an intent waits at most this long for the tick's batch signature
 BUCKET_S = 900.0  # the telemetry buckets' width (``ota.fleet._telemetry.BUCKET_S``)
 
 
@@ -124,6 +125,17 @@ class _Judged:
     key: tuple[Any, ...]
     gates: tuple[GateResult, ...]
     at: float
+
+
+@dataclass
+class _Prepared:
+    """An intent ready to carry out: its (audited) ``pending``, whether the signed state
+    still differs from its target (``sign``), and whether this controller signed it."""
+
+    r: Rollout
+    pending: dict[str, Any]
+    sign: bool
+    signed: bool = False
 
 
 @dataclass
@@ -183,6 +195,7 @@ class Controller:
         lease_ttl: float = _lease.DEFAULT_TTL_S,
         after_sign: Callable[[], None] | None = None,
         refresh_s: float = DEFAULT_REFRESH_S,
+        flush_s: float = DEFAULT_FLUSH_S,
     ) -> None:
         self.engine = engine
         self.project = project
@@ -194,6 +207,8 @@ class Controller:
         self.actor = f"controller:{self.holder}"[:128]
         self._references: dict[tuple[str, str], SignedReference] = {}
         self.refresh_s = refresh_s
+        self.flush_s = flush_s
+        self._batch: list[int] | None = None  # intents deferred to the tick's one signature
         self._judged: dict[int, _Judged] = {}
 
     # -- the loop ---------------------------------------------------------------------------
@@ -229,15 +244,28 @@ class Controller:
                 .all()
             )
         inputs = self._inputs([int(i) for i in ids], now)
-        for rid in ids:
+        self._batch = []
+        flushed = time.monotonic()
+        try:
+            for rid in ids:
+                try:
+                    self._one(int(rid), epoch, now, report, inputs)
+                    if self._batch and time.monotonic() - flushed >= self.flush_s:
+                        self._flush(epoch, now, report)  # bounds what deferring adds
+                        flushed = time.monotonic()
+                except LostLease:
+                    report.errors.append("lost the lease")
+                    self._batch = []
+                    break
+                except Exception as e:  # one rollout's trouble does not stop the others
+                    log.exception("rollout #%s", rid)
+                    report.errors.append(f"rollout #{rid}: {type(e).__name__}: {str(e)[:200]}")
             try:
-                self._one(int(rid), epoch, now, report, inputs)
+                self._flush(epoch, now, report)
             except LostLease:
                 report.errors.append("lost the lease")
-                break
-            except Exception as e:  # one rollout's trouble does not stop the others
-                log.exception("rollout #%s", rid)
-                report.errors.append(f"rollout #{rid}: {type(e).__name__}: {str(e)[:200]}")
+        finally:
+            self._batch = None
         self._deliver()  # what is queued, also what a crashed controller left
         for gone in set(self._judged) - {int(i) for i in ids}:
             del self._judged[gone]
@@ -298,7 +326,7 @@ class Controller:
         inputs = inputs or TickInputs()
         r = self._load(rid)
         if r.pending is not None:
-            report.actions.append(self._carry_out(r, epoch, now))
+            self._carry_out_if_pending(rid, epoch, now, report)
             return
         plan = plan_from_dict(r.plan)
         if r.request is not None:
@@ -403,6 +431,9 @@ class Controller:
         return got.outputs, source, None
 
     def _carry_out_if_pending(self, rid: int, epoch: int, now: float, report: TickReport) -> None:
+        if self._batch is not None:  # in a tick: signed with the others (:meth:`_flush`)
+            self._batch.append(rid)
+            return
         r = self._load(rid)
         if r.pending is not None:
             report.actions.append(self._carry_out(r, epoch, now))
@@ -735,10 +766,30 @@ class Controller:
     def _carry_out(self, r: Rollout, epoch: int, now: float) -> dict[str, Any]:
         """Bring the signed state to the pending intent's target (unless it is there already),
         then record the step as done. Safe to repeat after a crash at any point."""
+        prep = self._prepare(r, epoch, now)
+        if prep.sign:
+            # fencing: still the one actor? renewing also gives the signature a whole lease
+            if _lease.acquire(self.engine, self.holder, now, self.lease_ttl) != epoch:
+                raise LostLease()
+            self._sign(r, prep.pending)
+            prep.signed = True
+            if self.after_sign is not None:
+                self.after_sign()
+        return self._finish(prep, now)
+
+    def _prepare(
+        self,
+        r: Rollout,
+        epoch: int,
+        now: float,
+        known: tuple[RolloutState | None, str] | None = None,
+    ) -> _Prepared:
+        """Log the pending verdict (once) and decide whether the intent still needs signing
+        (the *signed* state, read now or ``known`` from a read made after the intent was
+        recorded, differs from its target)."""
         pending = dict(r.pending or {})
         target = dict(pending.get("target", {}))
-        signed, _ = signed_state(self.project, r.model, r.version)
-        signed_now = False
+        signed, _ = known if known is not None else signed_state(self.project, r.model, r.version)
         if pending.get("verdict") is not None and "audit_seq" not in pending:
             # the verdict's evidence is logged before its action, once (its seq is kept)
             pending["audit_seq"] = self._audit_pending(r, pending)
@@ -748,14 +799,12 @@ class Controller:
                 state_after="aborted",
                 reason=f"{r.model} {r.version} is no longer a live release; nothing to sign",
             )
-        elif target and signed is not None and not _matches(signed, target):
-            # fencing: still the one actor? renewing also gives the signature a whole lease
-            if _lease.acquire(self.engine, self.holder, now, self.lease_ttl) != epoch:
-                raise LostLease()
-            self._sign(r, pending)
-            signed_now = True
-            if self.after_sign is not None:
-                self.after_sign()
+        need = bool(target) and signed is not None and not _matches(signed, target)
+        return _Prepared(r, pending, need)
+
+    def _finish(self, prep: _Prepared, now: float) -> dict[str, Any]:
+        """Record the intent as carried out (the row's stage and state; the verdict acted)."""
+        r, pending, signed_now = prep.r, prep.pending, prep.signed
         state_after = str(pending["state_after"])
         with Session(self.engine) as s, s.begin():
             row = s.get(Rollout, r.id, with_for_update=True)
@@ -781,6 +830,63 @@ class Controller:
             "stage": int(pending["stage_after"]),
             "state": state_after,
         }
+
+    def _flush(self, epoch: int, now: float, report: TickReport) -> None:
+        """Carry out the intents this tick deferred: every signature in **one** steering
+        transaction (one commit, each rollout's own audit entry, the last anchored by it),
+        then each row. A batch that fails is signed rollout by rollout (nothing of it was
+        committed: a transaction is atomic); a rollout that still fails keeps its intent for
+        the next tick."""
+        rids, self._batch = list(dict.fromkeys(self._batch or [])), []
+        rows = [r for r in (self._load(rid) for rid in rids) if r.pending is not None]
+        try:
+            known = signed_states(self.project, [(r.model, r.version) for r in rows])
+        except Exception:  # each reads its own
+            log.exception("reading the signed states failed")
+            known = {}
+        preps: list[_Prepared] = []
+        for r in rows:
+            try:
+                preps.append(self._prepare(r, epoch, now, known.get((r.model, r.version))))
+            except LostLease:
+                raise
+            except Exception as e:
+                log.exception("rollout #%s", r.id)
+                report.errors.append(f"rollout #{r.id}: {type(e).__name__}: {str(e)[:200]}")
+        to_sign = [p for p in preps if p.sign]
+        if to_sign:
+            if _lease.acquire(self.engine, self.holder, now, self.lease_ttl) != epoch:
+                raise LostLease()
+            self._sign_batch(to_sign, preps, report)
+        for p in preps:
+            try:
+                report.actions.append(self._finish(p, now))
+            except Exception as e:
+                log.exception("rollout #%s", p.r.id)
+                report.errors.append(f"rollout #{p.r.id}: {type(e).__name__}: {str(e)[:200]}")
+
+    def _sign_batch(
+        self, to_sign: list[_Prepared], preps: list[_Prepared], report: TickReport
+    ) -> None:
+        try:
+            if len(to_sign) == 1:
+                self._sign(to_sign[0].r, to_sign[0].pending)
+            else:
+                self._sign_many([(p.r, p.pending) for p in to_sign])
+            for p in to_sign:
+                p.signed = True
+        except Exception:
+            log.exception("signing %d rollouts together failed; one by one", len(to_sign))
+            for p in to_sign:
+                try:
+                    self._sign(p.r, p.pending)
+                    p.signed = True
+                except Exception as e:
+                    log.exception("rollout #%s", p.r.id)
+                    report.errors.append(f"rollout #{p.r.id}: {type(e).__name__}: {str(e)[:200]}")
+                    preps.remove(p)  # its intent stays pending: carried out next tick
+        if self.after_sign is not None and any(p.signed for p in preps):
+            self.after_sign()
 
     def _audit_pending(self, r: Rollout, pending: dict[str, Any]) -> int:
         with Session(self.engine) as s, s.begin():
@@ -822,6 +928,69 @@ class Controller:
         event = str(pending["event"])
         changes = dict(pending["target"])
         require_keys(self.project, event, targets=[index_target_path(r.model)])
+        details = self._sign_details(r, pending, changes)
+        _auditlog.run_logged(
+            self.project,
+            event,
+            lambda txn: update_rollout(self.project, txn, r.model, r.version, **changes),
+            subject=f"{r.model} {r.version}",
+            details=details,
+            actor=self.actor,
+        )
+
+    def _sign_many(self, items: Sequence[tuple[Rollout, dict[str, Any]]]) -> None:
+        """Several rollouts' steering in one transaction: each its own audit entry (as
+        :meth:`_sign` writes it), appended before the commit; the commit applies every
+        change and anchors the last entry (the log is a hash chain: the anchored head
+        covers the entries before it), as :func:`~ota.repository._auditlog.run_logged` does
+        for one."""
+        from ota.repository._index import update_rollout
+        from ota.repository._preflight import require_keys
+        from ota.repository._txn import Transaction, run
+
+        changes: list[tuple[Rollout, dict[str, Any]]] = []
+        entries = []
+        for r, pending in items:
+            event = str(pending["event"])
+            change = dict(pending["target"])
+            require_keys(self.project, event, targets=[index_target_path(r.model)])
+            details = self._sign_details(r, pending, change)
+            entries.append(
+                _auditlog.append_event(
+                    self.project.storage,
+                    event,
+                    actor=self.actor,
+                    subject=f"{r.model} {r.version}",
+                    details=details,
+                )
+            )
+            changes.append((r, change))
+
+        def apply(txn: Transaction) -> None:
+            for r, change in changes:
+                update_rollout(self.project, txn, r.model, r.version, **change)
+            _auditlog.anchor_in(self.project, txn, entries[-1])
+
+        try:
+            run(self.project.storage, self.project.signers, self.project.expiry(), apply)
+        except Exception as e:
+            for entry, (r, _) in zip(entries, changes, strict=True):
+                try:
+                    _auditlog.append_event(
+                        self.project.storage,
+                        "aborted",
+                        actor=self.actor,
+                        subject=f"{r.model} {r.version}",
+                        details={"seq": entry.seq, "error": type(e).__name__},
+                    )
+                except Exception:
+                    log.exception("could not log the aborted batch")
+            raise
+
+    @staticmethod
+    def _sign_details(
+        r: Rollout, pending: dict[str, Any], changes: dict[str, Any]
+    ) -> dict[str, Any]:
         details: dict[str, Any] = {
             k: repr(float(v)) if k == "percent" else v for k, v in changes.items()
         }
@@ -831,14 +1000,7 @@ class Controller:
             verdict_seq=pending.get("audit_seq"),
             reason=str(pending.get("reason", ""))[:500],
         )
-        _auditlog.run_logged(
-            self.project,
-            event,
-            lambda txn: update_rollout(self.project, txn, r.model, r.version, **changes),
-            subject=f"{r.model} {r.version}",
-            details=details,
-            actor=self.actor,
-        )
+        return details
 
 
 def build(

@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from sqlalchemy.orm import Session
 
+from ota.bundle import RolloutState
 from ota.fleet._telemetry import BUCKET_S
 from ota.repository import Project
+from ota.repository._auditlog import ANCHOR_CUSTOM_KEY, ANCHOR_TARGET, read_log, verify_chain
+from ota.repository._ops import model_index
+from ota.repository._txn import Transaction
 from ota.rollout import _controller, _store
 from ota.rollout._context import RolloutContext
 from ota.rollout._controller import Controller
@@ -80,6 +85,25 @@ def telemetry(f: Fleet, device: str, version: str = "1.0.0") -> None:
     now = time.time()
     doc.update(model="m", version=version, start=now - 60, end=now, outputs=[])
     f.report(device, "telemetry", version=version, summary=doc)
+
+
+def snapshot_version(proj: Project) -> int:
+    txn = Transaction.begin(proj.storage, proj.signers, proj.expiry())
+    return int(txn.snapshot.signed.version)
+
+
+def anchored_seq(proj: Project) -> int:
+    txn = Transaction.begin(proj.storage, proj.signers, proj.expiry())
+    info = txn.targets(txn.bin_for(ANCHOR_TARGET)).signed.targets[ANCHOR_TARGET]
+    return int(info.custom[ANCHOR_CUSTOM_KEY]["seq"])
+
+
+def signed_of(proj: Project, model: str, version: str = "2.0.0") -> RolloutState:
+    index = model_index(proj, model)
+    assert index is not None
+    state = index.get(version)
+    assert state is not None
+    return state
 
 
 def test_the_bucket_width_is_the_fleets() -> None:
@@ -225,8 +249,18 @@ def test_many_live_rollouts_in_one_tick(tmp_path: Path) -> None:
         p = plan_from_toml(SHORT)
         ids = [_store.start(f.engine, proj, m, "2.0.0", p, "local:test") for m in ("a", "b", "c")]
         t0 = start_of_bucket()
+        v0 = snapshot_version(proj)
         rep = ctl.tick(t0)
         assert sorted(a["rollout"] for a in rep.actions if a["signed"]) == ids
+        # the three stage entries: one steering transaction, each its own audit entry, the
+        # last one anchored by that commit
+        assert snapshot_version(proj) == v0 + 1
+        log = read_log(proj.storage)
+        promotes = [e for e in log if e.event == "promote"]
+        assert sorted(e.details["rollout"] for e in promotes) == ids
+        assert anchored_seq(proj) == max(e.seq for e in promotes)
+        assert verify_chain(log) == []
+        assert all(signed_of(proj, m).ring == "canary" for m in ("a", "b", "c"))
         rep = ctl.tick(t0 + 61)  # soak passed, but no device confirmed any: all hold
         assert [v["action"] for v in rep.verdicts] == ["hold"] * 3 and len(gate.calls) == 3
         assert all("install.sample" in v["reason"] for v in rep.verdicts)
@@ -243,5 +277,32 @@ def test_many_live_rollouts_in_one_tick(tmp_path: Path) -> None:
         assert not rep.errors and len(gate.calls) == 6  # an enrolment: all judged again
         rep = ctl.tick(t0 + 63)
         assert not rep.actions and len(gate.calls) == 7  # only b, at its new stage
+    finally:
+        f.engine.dispose()
+
+
+def test_a_batch_that_cannot_be_signed_together_is_signed_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.repo_helpers import make_project, publish_mlp
+
+    proj = make_project(tmp_path)
+    for m in ("a", "b"):
+        publish_mlp(proj, m, "2.0.0", seed=1, percent=0.0)
+    f = Fleet(new_db("sqlite", None, tmp_path))
+    try:
+        ctl = Controller(f.engine, proj, holder="A")
+
+        def fails(*_a: Any) -> None:
+            raise RuntimeError("injected: the batch transaction fails")
+
+        monkeypatch.setattr(ctl, "_sign_many", fails)
+        p = plan_from_toml(SHORT)
+        ids = [_store.start(f.engine, proj, m, "2.0.0", p, "local:test") for m in ("a", "b")]
+        v0 = snapshot_version(proj)
+        rep = ctl.tick(start_of_bucket())
+        assert sorted(a["rollout"] for a in rep.actions if a["signed"]) == ids
+        assert snapshot_version(proj) == v0 + 2 and not rep.errors
+        assert all(signed_of(proj, m).ring == "canary" for m in ("a", "b"))
     finally:
         f.engine.dispose()
