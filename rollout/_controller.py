@@ -29,7 +29,15 @@ Invariants:
 * **silence never promotes**: no gates, or any gate holding, is a hold; a stage holding past
   its deadline pauses with the holding gates' reasons;
 * a hook (``on_verdict``) or an extra gate that raises never stops the controller: a failing
-  gate is a ``HOLD`` naming the error (fail closed: it cannot promote), a failing hook is logged.
+  gate is a ``HOLD`` naming the error (fail closed: it cannot promote), a failing hook is logged;
+* **one tick, many rollouts** (ADR 0011): the install outcomes of every running rollout are
+  one grouped query, their inputs' change marks two more, and their signed states one read
+  of the repository (:meth:`Controller._inputs`); the extra gates' results are reused while
+  those marks, the stage and the telemetry bucket are unchanged and for at most ``refresh_s``
+  (the install gates, the soak and the deadline are judged every tick from fresh counts and
+  the clock, so a deadline or a failure is acted on at its tick); the intents recorded in one
+  tick are signed together in one steering transaction (:meth:`Controller._flush`), each
+  with its own audit entry, at most ``flush_s`` after they were recorded.
 """
 
 from __future__ import annotations
