@@ -217,6 +217,7 @@ class Controller:
         self.refresh_s = refresh_s
         self.flush_s = flush_s
         self._batch: list[int] | None = None  # intents deferred to the tick's one signature
+        self._tick_inputs: TickInputs | None = None  # the tick's grouped reads
         self._judged: dict[int, _Judged] = {}
 
     # -- the loop ---------------------------------------------------------------------------
@@ -274,6 +275,7 @@ class Controller:
                 report.errors.append("lost the lease")
         finally:
             self._batch = None
+            self._tick_inputs = None
         self._deliver()  # what is queued, also what a crashed controller left
         for gone in set(self._judged) - {int(i) for i in ids}:
             del self._judged[gone]
@@ -370,9 +372,8 @@ class Controller:
             reference=reference,
             reference_source=source,
         )
-        gates = self._judge(ctx, plan, r, inputs, ref_hold is None) + (
-            [ref_hold] if ref_hold is not None else []
-        )
+        self._tick_inputs = inputs
+        gates = self._judge(ctx, plan) + ([ref_hold] if ref_hold is not None else [])
         action = combine(gates, plan.on_failure)
         reason = self._reason(action, gates)
         intent: dict[str, Any] | None = None
@@ -446,30 +447,25 @@ class Controller:
         if r.pending is not None:
             report.actions.append(self._carry_out(r, epoch, now))
 
-    def _judge(
-        self,
-        ctx: RolloutContext,
-        plan: Plan,
-        r: Rollout | None = None,
-        inputs: TickInputs | None = None,
-        cacheable: bool = False,
-    ) -> list[GateResult]:
-        """Install gates (from the tick's grouped read when there), then the extra gates
-        (their last results when their inputs have not changed), then the soak."""
+    def _judge(self, ctx: RolloutContext, plan: Plan) -> list[GateResult]:
+        """Install gates (from the tick's grouped read when there: ``_tick_inputs``), soak,
+        then the extra gates (their last results while their inputs are unchanged)."""
         from ota.fleet._db import read_only
 
-        inputs = inputs or TickInputs()
+        inputs = self._tick_inputs or TickInputs()
         stage = plan.stages[ctx.stage_index]
         outcomes = inputs.outcomes.get(ctx.rollout_id)
         marks = inputs.marks.get(ctx.rollout_id)
         key: tuple[Any, ...] | None = None
-        if r is not None and marks is not None and cacheable:
+        if marks is not None and ctx.reference is not None:  # an unread reference: no reuse
             key = (
-                r.version,
-                r.baseline_version,
-                r.stage,
-                r.stage_started_at,
-                r.plan_sha256,
+                ctx.version,
+                ctx.baseline_version,
+                ctx.stage_index,
+                ctx.stage_started_at,
+                ctx.ring,
+                ctx.percent,
+                plan.digest(),
                 ctx.reference_source,
                 marks,
             )
