@@ -27,7 +27,8 @@ inputs changed) and ``promote_s`` (the tick that passes every soak and signs eve
 promotion); the baseline is the same tick at N = 1 (ratio per rollout).
 
 Run: ``python -m bench.rollout_tick [--json] [--sizes 1000,10000,100000] [--repeat 5]``;
-``python -m bench.rollout_tick --live 1,10,100 [--backends sqlite,postgresql] [--repeat 3]``.
+``python -m bench.rollout_tick --live 1,10,100 [--backends sqlite,postgresql] [--repeat 3]
+[--models 100]`` (``tests/test_rollout_tick.py`` runs it with 2 models).
 """
 
 from __future__ import annotations
@@ -275,14 +276,18 @@ def _published_copy(work: Path, names: list[str], folder: Path) -> Any:
     return Project.open(folder / "proj")
 
 
-def measure_live(backend: str, n: int, repeat: int, work: Path) -> dict[str, Any]:
+def measure_live(
+    backend: str, n: int, repeat: int, work: Path, models: int = LIVE_MODELS
+) -> dict[str, Any]:
     from ota.fleet import FleetConfig, migrate
     from ota.fleet._db import make_engine
     from ota.rollout import _plugins, _store
     from ota.rollout._controller import Controller
     from ota.rollout._plan import plan_from_toml
 
-    names = [f"m{k:03d}" for k in range(LIVE_MODELS)]
+    names = [f"m{k:03d}" for k in range(models)]
+    if n > models:
+        raise ValueError(f"{n} live rollouts need at least {n} models (--models)")
     folder = work / f"{backend}-n{n}"
     project = _published_copy(work, names, folder)
     if backend == "postgresql":
@@ -389,11 +394,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--live", default="", help="instead: ticks over N live rollouts")
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--models", type=int, default=LIVE_MODELS, help="models published")
     args = parser.parse_args(argv)
     if args.live:
         with scratch_dir(args.workdir) as work:
             live = [
-                measure_live(b, int(n), args.repeat, work)
+                measure_live(b, int(n), args.repeat, work, args.models)
                 for b in args.backends.split(",")
                 for n in args.live.split(",")
             ]

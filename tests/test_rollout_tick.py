@@ -306,3 +306,19 @@ def test_a_batch_that_cannot_be_signed_together_is_signed_one_by_one(
         assert all(signed_of(proj, m).ring == "canary" for m in ("a", "b"))
     finally:
         f.engine.dispose()
+
+
+def test_the_live_rollouts_benchmark_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bench/rollout_tick.py --live`` at a tiny size (2 models): every tick it times ran
+    and every rollout was entered and promoted."""
+    import json
+
+    from bench.rollout_tick import main
+
+    main(["--live", "1,2", "--models", "2", "--backends", "sqlite", "--repeat", "1",
+          "--json", "--workdir", str(tmp_path)])  # fmt: skip
+    doc = json.loads(capsys.readouterr().out)
+    assert [(r["live"], r["promoted"]) for r in doc["results"]] == [(1, 1), (2, 2)]
+    assert all(r["steady_s"] > 0 and r["fresh_s"] > 0 for r in doc["results"])
