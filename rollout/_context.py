@@ -4,6 +4,16 @@ An extra gate (the inference-health gates of ``rollout/_health.py``) is a functi
 ``gate(session, ctx) -> list[GateResult]`` called by the controller at each evaluation inside a
 read transaction on the fleet database; it must only read, be bounded in time and memory, and
 say ``HOLD`` (never ``PASS``) when it has too little data.
+
+Its results are **reused** while its inputs are unchanged (``Controller._judge``, ADR 0011):
+a gate is judged again when the release's or its baseline's ``telemetry_agg`` rows change
+(rows, summaries or newest ``updated_at`` from the bucket before the stage's start), when
+``device_models`` of the model change, when a device enrols or is revoked, at a new stage, at
+a telemetry bucket boundary of the clock, after the controller's ``refresh_s`` (60 s by
+default), and always after it raised. So a gate must depend only on those rows and on the
+context's fields other than ``now`` within one telemetry bucket (the health gates do: ``now``
+only closes their window, and rows are stamped with the service's clock). A gate that reads
+anything else is still judged at least every ``refresh_s``.
 """
 
 from __future__ import annotations

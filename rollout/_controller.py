@@ -29,7 +29,15 @@ Invariants:
 * **silence never promotes**: no gates, or any gate holding, is a hold; a stage holding past
   its deadline pauses with the holding gates' reasons;
 * a hook (``on_verdict``) or an extra gate that raises never stops the controller: a failing
-  gate is a ``HOLD`` naming the error (fail closed: it cannot promote), a failing hook is logged.
+  gate is a ``HOLD`` naming the error (fail closed: it cannot promote), a failing hook is logged;
+* **one tick, many rollouts** (ADR 0011): the install outcomes of every running rollout are
+  one grouped query, their inputs' change marks two more, and their signed states one read
+  of the repository (:meth:`Controller._inputs`); the extra gates' results are reused while
+  those marks, the stage and the telemetry bucket are unchanged and for at most ``refresh_s``
+  (the install gates, the soak and the deadline are judged every tick from fresh counts and
+  the clock, so a deadline or a failure is acted on at its tick); the intents recorded in one
+  tick are signed together in one steering transaction (:meth:`Controller._flush`), each
+  with its own audit entry, at most ``flush_s`` after they were recorded.
 """
 
 from __future__ import annotations
@@ -57,15 +65,31 @@ from ota.repository._project import Project
 
 from . import _lease
 from ._context import GateFn, RolloutContext
-from ._gates import install_gates
+from ._gates import (
+    Outcomes,
+    Want,
+    count_outcomes_many,
+    fleet_marks,
+    install_gates,
+    telemetry_marks,
+)
 from ._plan import Plan, plan_from_dict
-from ._store import SignedReference, enter_intent, signed_reference, signed_state
+from ._store import (
+    SignedReference,
+    enter_intent,
+    signed_reference,
+    signed_state,
+    signed_states,
+)
 from ._verdict import Action, GateResult, GateStatus, combine
 
 log = logging.getLogger("ota.rollout")
 VERDICT_FORMAT = "edge-ota.rollout-verdict/1"
 MAX_AUDIT_GATES = 64  # an audit entry is at most 64 KiB: more gates are summarised
 VerdictHook = Callable[[dict[str, Any]], None]
+DEFAULT_REFRESH_S = 60.0  # extra gates judged again at least this often, inputs unchanged
+DEFAULT_FLUSH_S = 2.0  # an intent waits at most this long for the tick's batch signature
+BUCKET_S = 900.0  # the telemetry buckets' width (``ota.fleet._telemetry.BUCKET_S``)
 
 
 @runtime_checkable
@@ -87,6 +111,39 @@ def _transactional(hook: object) -> TransactionalHook | None:
 
 class LostLease(Exception):
     """The lease was lost between deciding and signing: another controller acts now."""
+
+
+@dataclass
+class TickInputs:
+    """What one tick read for every live rollout at once (one grouped query each), keyed by
+    rollout id: install outcomes, the change marks of the extra gates' inputs, and the
+    signed state of each release. A rollout missing from a map is read on its own."""
+
+    outcomes: dict[int, Outcomes] = field(default_factory=dict)
+    marks: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    signed: dict[tuple[str, str], tuple[RolloutState | None, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """The extra gates' results of a rollout's last judgement, and what they were judged on:
+    ``key`` (release, baseline, stage, its start, plan, reference, the inputs' change marks
+    read *before* the gates ran) and the clock ``at``."""
+
+    key: tuple[Any, ...]
+    gates: tuple[GateResult, ...]
+    at: float
+
+
+@dataclass
+class _Prepared:
+    """An intent ready to carry out: its (audited) ``pending``, whether the signed state
+    still differs from its target (``sign``), and whether this controller signed it."""
+
+    r: Rollout
+    pending: dict[str, Any]
+    sign: bool
+    signed: bool = False
 
 
 @dataclass
@@ -125,9 +182,14 @@ class Controller:
     """Judges and steers every live rollout of one fleet database and one repository.
 
     ``extra_gates``: functions ``(session, ctx) -> list[GateResult]`` judged after the install
-    gates (the inference-health gates plug in here). ``on_verdict``: called with each new
-    verdict's JSON (the webhook sender plugs in here). ``after_sign``: called right after a
-    signature, before the row is updated (tests kill the process there).
+    gates (the inference-health gates plug in here). They are judged again only when their
+    inputs may have changed (:meth:`_extra`): a new telemetry row or summary of the release or
+    its baseline, a change of who runs the model, an enrolment or revocation, a new stage, a
+    telemetry bucket boundary, or ``refresh_s`` since their last run; otherwise their last
+    results are reused (the install gates, the soak and the deadline are judged every tick).
+    ``on_verdict``: called with each new verdict's JSON (the webhook sender plugs in here).
+    ``after_sign``: called right after a signature, before the row is updated (tests kill the
+    process there).
     """
 
     def __init__(
@@ -140,6 +202,8 @@ class Controller:
         on_verdict: Sequence[VerdictHook] = (),
         lease_ttl: float = _lease.DEFAULT_TTL_S,
         after_sign: Callable[[], None] | None = None,
+        refresh_s: float = DEFAULT_REFRESH_S,
+        flush_s: float = DEFAULT_FLUSH_S,
     ) -> None:
         self.engine = engine
         self.project = project
@@ -150,6 +214,11 @@ class Controller:
         self.after_sign = after_sign
         self.actor = f"controller:{self.holder}"[:128]
         self._references: dict[tuple[str, str], SignedReference] = {}
+        self.refresh_s = refresh_s
+        self.flush_s = flush_s
+        self._batch: list[int] | None = None  # intents deferred to the tick's one signature
+        self._tick_inputs: TickInputs | None = None  # the tick's grouped reads
+        self._judged: dict[int, _Judged] = {}
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -183,17 +252,75 @@ class Controller:
                 .scalars()
                 .all()
             )
-        for rid in ids:
+        inputs = self._inputs([int(i) for i in ids], now)
+        self._batch = []
+        flushed = time.monotonic()
+        try:
+            for rid in ids:
+                try:
+                    self._one(int(rid), epoch, now, report, inputs)
+                    if self._batch and time.monotonic() - flushed >= self.flush_s:
+                        self._flush(epoch, now, report)  # bounds what deferring adds
+                        flushed = time.monotonic()
+                except LostLease:
+                    report.errors.append("lost the lease")
+                    self._batch = []
+                    break
+                except Exception as e:  # one rollout's trouble does not stop the others
+                    log.exception("rollout #%s", rid)
+                    report.errors.append(f"rollout #{rid}: {type(e).__name__}: {str(e)[:200]}")
             try:
-                self._one(int(rid), epoch, now, report)
+                self._flush(epoch, now, report)
             except LostLease:
                 report.errors.append("lost the lease")
-                break
-            except Exception as e:  # one rollout's trouble does not stop the others
-                log.exception("rollout #%s", rid)
-                report.errors.append(f"rollout #{rid}: {type(e).__name__}: {str(e)[:200]}")
+        finally:
+            self._batch = None
+            self._tick_inputs = None
         self._deliver()  # what is queued, also what a crashed controller left
+        for gone in set(self._judged) - {int(i) for i in ids}:
+            del self._judged[gone]
         return report
+
+    def _inputs(self, ids: Sequence[int], now: float) -> TickInputs:
+        """Every running rollout's install outcomes and change marks in a few grouped
+        queries, and every release's signed state in one read of the repository. On any
+        error, nothing (each rollout is then read on its own, as before)."""
+        from ota.fleet._db import read_only
+
+        got = TickInputs()
+        try:
+            with Session(read_only(self.engine)) as s, s.begin():
+                rows = s.execute(
+                    select(Rollout).where(Rollout.id.in_(ids), Rollout.state == "running")
+                ).scalars()
+                live = [(r, plan_from_dict(r.plan)) for r in rows]
+                live = [(r, p) for r, p in live if 0 <= r.stage < len(p.stages)]
+                wants = [
+                    Want(int(r.id), r.model, r.version, p.stages[r.stage].ring,
+                         now - p.device_timeout_s)
+                    for r, p in live
+                ]  # fmt: skip
+                got.outcomes = count_outcomes_many(s, wants)
+                if self.extra_gates and live:
+                    since = min(r.stage_started_at for r, _ in live) - BUCKET_S
+                    releases = {
+                        (r.model, v) for r, _ in live for v in (r.version, r.baseline_version)
+                    }
+                    tele = telemetry_marks(s, sorted(releases), since)
+                    per_model, devices = fleet_marks(s, [r.model for r, _ in live])
+                    for r, _ in live:
+                        got.marks[int(r.id)] = (
+                            tele.get((r.model, r.version)),
+                            tele.get((r.model, r.baseline_version)),
+                            per_model.get(r.model),
+                            devices,
+                        )
+                pairs = [(r.model, r.version) for r, _ in live]
+            got.signed = signed_states(self.project, pairs)
+        except Exception:  # a failed batch read: each rollout reads its own, as before
+            log.exception("grouped read of the live rollouts failed")
+            return TickInputs()
+        return got
 
     # -- one rollout ------------------------------------------------------------------------
 
@@ -203,10 +330,13 @@ class Controller:
             assert r is not None
             return r
 
-    def _one(self, rid: int, epoch: int, now: float, report: TickReport) -> None:
+    def _one(
+        self, rid: int, epoch: int, now: float, report: TickReport, inputs: TickInputs | None = None
+    ) -> None:
+        inputs = inputs or TickInputs()
         r = self._load(rid)
         if r.pending is not None:
-            report.actions.append(self._carry_out(r, epoch, now))
+            self._carry_out_if_pending(rid, epoch, now, report)
             return
         plan = plan_from_dict(r.plan)
         if r.request is not None:
@@ -214,7 +344,8 @@ class Controller:
             return
         if r.state != "running":
             return
-        signed, _ = signed_state(self.project, r.model, r.version)
+        known = inputs.signed.get((r.model, r.version))
+        signed, _ = known if known is not None else signed_state(self.project, r.model, r.version)
         if signed is None or signed.yanked or signed.paused:
             why = (
                 "no longer a live release"
@@ -241,6 +372,7 @@ class Controller:
             reference=reference,
             reference_source=source,
         )
+        self._tick_inputs = inputs
         gates = self._judge(ctx, plan) + ([ref_hold] if ref_hold is not None else [])
         action = combine(gates, plan.on_failure)
         reason = self._reason(action, gates)
@@ -308,33 +440,74 @@ class Controller:
         return got.outputs, source, None
 
     def _carry_out_if_pending(self, rid: int, epoch: int, now: float, report: TickReport) -> None:
+        if self._batch is not None:  # in a tick: signed with the others (:meth:`_flush`)
+            self._batch.append(rid)
+            return
         r = self._load(rid)
         if r.pending is not None:
             report.actions.append(self._carry_out(r, epoch, now))
 
     def _judge(self, ctx: RolloutContext, plan: Plan) -> list[GateResult]:
+        """Install gates (from the tick's grouped read when there: ``_tick_inputs``), soak,
+        then the extra gates (their last results while their inputs are unchanged)."""
         from ota.fleet._db import read_only
 
+        inputs = self._tick_inputs or TickInputs()
         stage = plan.stages[ctx.stage_index]
-        results: list[GateResult] = []
+        outcomes = inputs.outcomes.get(ctx.rollout_id)
+        marks = inputs.marks.get(ctx.rollout_id)
+        key: tuple[Any, ...] | None = None
+        if marks is not None and ctx.reference is not None:  # an unread reference: no reuse
+            key = (
+                ctx.version,
+                ctx.baseline_version,
+                ctx.stage_index,
+                ctx.stage_started_at,
+                ctx.ring,
+                ctx.percent,
+                plan.digest(),
+                ctx.reference_source,
+                marks,
+            )
+        cached = self._judged.get(ctx.rollout_id)
+        fresh = (
+            key is not None
+            and cached is not None
+            and cached.key == key
+            and cached.at <= ctx.now < cached.at + self.refresh_s
+            and int(cached.at // BUCKET_S) == int(ctx.now // BUCKET_S)
+        )
+        if fresh and outcomes is not None and cached is not None:  # no query at all
+            return install_gates(None, ctx, plan, stage, outcomes) + list(cached.gates)
         with Session(read_only(self.engine)) as s, s.begin():
-            results += install_gates(s, ctx, plan, stage)
-            for gate in self.extra_gates:
-                name = getattr(gate, "__name__", "gate")
-                try:
-                    got = list(gate(s, ctx))
-                    if not all(isinstance(g, GateResult) for g in got):
-                        raise TypeError("a gate must return GateResult objects")
-                    results += got
-                except Exception as e:  # fail closed: a broken gate can only hold
-                    log.exception("gate %s failed", name)
-                    results.append(
-                        GateResult(
-                            f"error.{name}"[:64],
-                            GateStatus.HOLD,
-                            f"gate raised {type(e).__name__}: {str(e)[:200]}",
-                        )
+            results = install_gates(s, ctx, plan, stage, outcomes)  # the soak: by the clock
+            if fresh and cached is not None:
+                return results + list(cached.gates)
+            extra = self._extra(s, ctx)
+        if key is not None and not any(g.gate.startswith("error.") for g in extra):
+            self._judged[ctx.rollout_id] = _Judged(key, tuple(extra), ctx.now)
+        else:  # a gate that raised is judged again next tick
+            self._judged.pop(ctx.rollout_id, None)
+        return results + extra
+
+    def _extra(self, s: Session, ctx: RolloutContext) -> list[GateResult]:
+        results: list[GateResult] = []
+        for gate in self.extra_gates:
+            name = getattr(gate, "__name__", "gate")
+            try:
+                got = list(gate(s, ctx))
+                if not all(isinstance(g, GateResult) for g in got):
+                    raise TypeError("a gate must return GateResult objects")
+                results += got
+            except Exception as e:  # fail closed: a broken gate can only hold
+                log.exception("gate %s failed", name)
+                results.append(
+                    GateResult(
+                        f"error.{name}"[:64],
+                        GateStatus.HOLD,
+                        f"gate raised {type(e).__name__}: {str(e)[:200]}",
                     )
+                )
         return results
 
     @staticmethod
@@ -597,10 +770,30 @@ class Controller:
     def _carry_out(self, r: Rollout, epoch: int, now: float) -> dict[str, Any]:
         """Bring the signed state to the pending intent's target (unless it is there already),
         then record the step as done. Safe to repeat after a crash at any point."""
+        prep = self._prepare(r, epoch, now)
+        if prep.sign:
+            # fencing: still the one actor? renewing also gives the signature a whole lease
+            if _lease.acquire(self.engine, self.holder, now, self.lease_ttl) != epoch:
+                raise LostLease()
+            self._sign(r, prep.pending)
+            prep.signed = True
+            if self.after_sign is not None:
+                self.after_sign()
+        return self._finish(prep, now)
+
+    def _prepare(
+        self,
+        r: Rollout,
+        epoch: int,
+        now: float,
+        known: tuple[RolloutState | None, str] | None = None,
+    ) -> _Prepared:
+        """Log the pending verdict (once) and decide whether the intent still needs signing
+        (the *signed* state, read now or ``known`` from a read made after the intent was
+        recorded, differs from its target)."""
         pending = dict(r.pending or {})
         target = dict(pending.get("target", {}))
-        signed, _ = signed_state(self.project, r.model, r.version)
-        signed_now = False
+        signed, _ = known if known is not None else signed_state(self.project, r.model, r.version)
         if pending.get("verdict") is not None and "audit_seq" not in pending:
             # the verdict's evidence is logged before its action, once (its seq is kept)
             pending["audit_seq"] = self._audit_pending(r, pending)
@@ -610,14 +803,12 @@ class Controller:
                 state_after="aborted",
                 reason=f"{r.model} {r.version} is no longer a live release; nothing to sign",
             )
-        elif target and signed is not None and not _matches(signed, target):
-            # fencing: still the one actor? renewing also gives the signature a whole lease
-            if _lease.acquire(self.engine, self.holder, now, self.lease_ttl) != epoch:
-                raise LostLease()
-            self._sign(r, pending)
-            signed_now = True
-            if self.after_sign is not None:
-                self.after_sign()
+        need = bool(target) and signed is not None and not _matches(signed, target)
+        return _Prepared(r, pending, need)
+
+    def _finish(self, prep: _Prepared, now: float) -> dict[str, Any]:
+        """Record the intent as carried out (the row's stage and state; the verdict acted)."""
+        r, pending, signed_now = prep.r, prep.pending, prep.signed
         state_after = str(pending["state_after"])
         with Session(self.engine) as s, s.begin():
             row = s.get(Rollout, r.id, with_for_update=True)
@@ -643,6 +834,63 @@ class Controller:
             "stage": int(pending["stage_after"]),
             "state": state_after,
         }
+
+    def _flush(self, epoch: int, now: float, report: TickReport) -> None:
+        """Carry out the intents this tick deferred: every signature in **one** steering
+        transaction (one commit, each rollout's own audit entry, the last anchored by it),
+        then each row. A batch that fails is signed rollout by rollout (nothing of it was
+        committed: a transaction is atomic); a rollout that still fails keeps its intent for
+        the next tick."""
+        rids, self._batch = list(dict.fromkeys(self._batch or [])), []
+        rows = [r for r in (self._load(rid) for rid in rids) if r.pending is not None]
+        try:
+            known = signed_states(self.project, [(r.model, r.version) for r in rows])
+        except Exception:  # each reads its own
+            log.exception("reading the signed states failed")
+            known = {}
+        preps: list[_Prepared] = []
+        for r in rows:
+            try:
+                preps.append(self._prepare(r, epoch, now, known.get((r.model, r.version))))
+            except LostLease:
+                raise
+            except Exception as e:
+                log.exception("rollout #%s", r.id)
+                report.errors.append(f"rollout #{r.id}: {type(e).__name__}: {str(e)[:200]}")
+        to_sign = [p for p in preps if p.sign]
+        if to_sign:
+            if _lease.acquire(self.engine, self.holder, now, self.lease_ttl) != epoch:
+                raise LostLease()
+            self._sign_batch(to_sign, preps, report)
+        for p in preps:
+            try:
+                report.actions.append(self._finish(p, now))
+            except Exception as e:
+                log.exception("rollout #%s", p.r.id)
+                report.errors.append(f"rollout #{p.r.id}: {type(e).__name__}: {str(e)[:200]}")
+
+    def _sign_batch(
+        self, to_sign: list[_Prepared], preps: list[_Prepared], report: TickReport
+    ) -> None:
+        try:
+            if len(to_sign) == 1:
+                self._sign(to_sign[0].r, to_sign[0].pending)
+            else:
+                self._sign_many([(p.r, p.pending) for p in to_sign])
+            for p in to_sign:
+                p.signed = True
+        except Exception:
+            log.exception("signing %d rollouts together failed; one by one", len(to_sign))
+            for p in to_sign:
+                try:
+                    self._sign(p.r, p.pending)
+                    p.signed = True
+                except Exception as e:
+                    log.exception("rollout #%s", p.r.id)
+                    report.errors.append(f"rollout #{p.r.id}: {type(e).__name__}: {str(e)[:200]}")
+                    preps.remove(p)  # its intent stays pending: carried out next tick
+        if self.after_sign is not None and any(p.signed for p in preps):
+            self.after_sign()
 
     def _audit_pending(self, r: Rollout, pending: dict[str, Any]) -> int:
         with Session(self.engine) as s, s.begin():
@@ -684,6 +932,69 @@ class Controller:
         event = str(pending["event"])
         changes = dict(pending["target"])
         require_keys(self.project, event, targets=[index_target_path(r.model)])
+        details = self._sign_details(r, pending, changes)
+        _auditlog.run_logged(
+            self.project,
+            event,
+            lambda txn: update_rollout(self.project, txn, r.model, r.version, **changes),
+            subject=f"{r.model} {r.version}",
+            details=details,
+            actor=self.actor,
+        )
+
+    def _sign_many(self, items: Sequence[tuple[Rollout, dict[str, Any]]]) -> None:
+        """Several rollouts' steering in one transaction: each its own audit entry (as
+        :meth:`_sign` writes it), appended before the commit; the commit applies every
+        change and anchors the last entry (the log is a hash chain: the anchored head
+        covers the entries before it), as :func:`~ota.repository._auditlog.run_logged` does
+        for one."""
+        from ota.repository._index import update_rollout
+        from ota.repository._preflight import require_keys
+        from ota.repository._txn import Transaction, run
+
+        changes: list[tuple[Rollout, dict[str, Any]]] = []
+        entries = []
+        for r, pending in items:
+            event = str(pending["event"])
+            change = dict(pending["target"])
+            require_keys(self.project, event, targets=[index_target_path(r.model)])
+            details = self._sign_details(r, pending, change)
+            entries.append(
+                _auditlog.append_event(
+                    self.project.storage,
+                    event,
+                    actor=self.actor,
+                    subject=f"{r.model} {r.version}",
+                    details=details,
+                )
+            )
+            changes.append((r, change))
+
+        def apply(txn: Transaction) -> None:
+            for r, change in changes:
+                update_rollout(self.project, txn, r.model, r.version, **change)
+            _auditlog.anchor_in(self.project, txn, entries[-1])
+
+        try:
+            run(self.project.storage, self.project.signers, self.project.expiry(), apply)
+        except Exception as e:
+            for entry, (r, _) in zip(entries, changes, strict=True):
+                try:
+                    _auditlog.append_event(
+                        self.project.storage,
+                        "aborted",
+                        actor=self.actor,
+                        subject=f"{r.model} {r.version}",
+                        details={"seq": entry.seq, "error": type(e).__name__},
+                    )
+                except Exception:
+                    log.exception("could not log the aborted batch")
+            raise
+
+    @staticmethod
+    def _sign_details(
+        r: Rollout, pending: dict[str, Any], changes: dict[str, Any]
+    ) -> dict[str, Any]:
         details: dict[str, Any] = {
             k: repr(float(v)) if k == "percent" else v for k, v in changes.items()
         }
@@ -693,14 +1004,7 @@ class Controller:
             verdict_seq=pending.get("audit_seq"),
             reason=str(pending.get("reason", ""))[:500],
         )
-        _auditlog.run_logged(
-            self.project,
-            event,
-            lambda txn: update_rollout(self.project, txn, r.model, r.version, **changes),
-            subject=f"{r.model} {r.version}",
-            details=details,
-            actor=self.actor,
-        )
+        return details
 
 
 def build(

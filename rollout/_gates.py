@@ -25,7 +25,9 @@ Invariants (FLEET.md, DESIGN decision 11):
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
@@ -92,13 +94,17 @@ def count_outcomes(s: Session, model: str, version: str, ring: str, cutoff: floa
         .where(rs.model == model, rs.version == version, rs.active.is_(True))
         .group_by(d.tier, d.ring, rs.state)
     ).all()
+    return _fold([(str(t), str(r), str(st), int(n), int(k or 0)) for t, r, st, n, k in rows], ring)
+
+
+def _fold(rows: Sequence[tuple[str, str, str, int, int]], ring: str) -> Outcomes:
+    """Outcomes from rows ``(tier, ring, state, devices, of which stale)``."""
     tiers: dict[str, Counts] = defaultdict(Counts)
     total = Counts()
     ring_confirmed = 0
-    names = sorted({str(r[0]) for r in rows})
+    names = sorted({r[0] for r in rows})
     keep = set(names[:MAX_TIERS])
-    for tier, dev_ring, state, n_raw, stale_raw in rows:
-        n, n_stale = int(n_raw), int(stale_raw or 0)
+    for tier, dev_ring, state, n, n_stale in rows:
         c = tiers[tier if tier in keep else "(other)"]
         for target in (c, total):
             target.by_state[state] = target.by_state.get(state, 0) + n
@@ -116,9 +122,126 @@ def count_outcomes(s: Session, model: str, version: str, ring: str, cutoff: floa
     return Outcomes(dict(tiers), total, ring_confirmed)
 
 
-def install_gates(s: Session, ctx: RolloutContext, plan: Plan, stage: Stage) -> list[GateResult]:
-    """The install-outcome gates of one stage: security, failures per tier, sample, soak."""
-    out = count_outcomes(s, ctx.model, ctx.version, stage.ring, ctx.now - plan.device_timeout_s)
+@dataclass(frozen=True)
+class Want:
+    """One live rollout's install-gate question: ``model version``, the stage's ``ring`` and
+    the timeout ``cutoff`` (``now - device_timeout``)."""
+
+    key: int
+    model: str
+    version: str
+    ring: str
+    cutoff: float
+
+
+MAX_CUTOFFS = 16  # distinct device timeouts answered by one grouped query
+
+
+def count_outcomes_many(s: Session, wants: Sequence[Want]) -> dict[int, Outcomes]:
+    """:func:`count_outcomes` for many rollouts in one grouped query (one stale-count column
+    per distinct cutoff; plans mostly share the default timeout). Rollouts whose cutoff
+    would be past the ``MAX_CUTOFFS``-th distinct one are left out (the caller asks them one
+    by one). Gives exactly what :func:`count_outcomes` gives for each."""
+    cutoffs: list[float] = []
+    for w in wants:
+        if w.cutoff not in cutoffs and len(cutoffs) < MAX_CUTOFFS:
+            cutoffs.append(w.cutoff)
+    wants = [w for w in wants if w.cutoff in cutoffs]
+    if not wants:
+        return {}
+    rs, d = ReleaseState, Device
+    stale = [func.sum(case((rs.updated_at < c, 1), else_=0)) for c in cutoffs]
+    rows = s.execute(
+        select(rs.model, rs.version, d.tier, d.ring, rs.state, func.count(), *stale)
+        .join(d, d.id == rs.device_pk)
+        .where(
+            rs.model.in_(sorted({w.model for w in wants})),
+            rs.version.in_(sorted({w.version for w in wants})),
+            rs.active.is_(True),
+        )
+        .group_by(rs.model, rs.version, d.tier, d.ring, rs.state)
+    ).all()
+    by_release: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for row in rows:
+        by_release[(str(row[0]), str(row[1]))].append(row)
+    out: dict[int, Outcomes] = {}
+    for w in wants:
+        k = 6 + cutoffs.index(w.cutoff)
+        got = [
+            (str(r[2]), str(r[3]), str(r[4]), int(r[5]), int(r[k] or 0))
+            for r in by_release.get((w.model, w.version), [])
+        ]
+        out[w.key] = _fold(got, w.ring)
+    return out
+
+
+def telemetry_marks(
+    s: Session, releases: Sequence[tuple[str, str]], since: float
+) -> dict[tuple[str, str], tuple[int, int, float]]:
+    """A change mark per release ``(model, version)`` of its telemetry rows in buckets from
+    ``since`` on: ``(rows, summaries, newest updated_at)``. Every fold of a summary adds one
+    to ``summaries`` and stamps ``updated_at`` (its bins are written in the same
+    transaction), so a new summary always changes the mark."""
+    from ota.fleet._models import TelemetryAgg as A
+
+    if not releases:
+        return {}
+    rows = s.execute(
+        select(A.model, A.version, func.count(), func.sum(A.summaries), func.max(A.updated_at))
+        .where(
+            A.model.in_(sorted({m for m, _ in releases})),
+            A.version.in_(sorted({v for _, v in releases})),
+            A.bucket >= since,
+        )
+        .group_by(A.model, A.version)
+    ).all()
+    return {(str(m), str(v)): (int(n), int(k or 0), float(t or 0.0)) for m, v, n, k, t in rows}
+
+
+def fleet_marks(
+    s: Session, models: Sequence[str]
+) -> tuple[dict[str, tuple[int, float, int]], tuple[int, float, int, float]]:
+    """Change marks of what the health gates read besides telemetry: per model its
+    ``device_models`` rows ``(rows, newest updated_at, sum of counters)`` (who runs which
+    version: the concurrent baseline), and the devices ``(rows, newest enrolment, revoked,
+    newest revocation)`` (ring, tier and revocation change only at enrolment and
+    revocation, both stamped)."""
+    from ota.fleet._models import DeviceModel as M
+
+    per_model: dict[str, tuple[int, float, int]] = {}
+    if models:
+        for m, n, t, c in s.execute(
+            select(M.model, func.count(), func.max(M.updated_at), func.sum(M.counter))
+            .where(M.model.in_(sorted(set(models))))
+            .group_by(M.model)
+        ).all():
+            per_model[str(m)] = (int(n), float(t or 0.0), int(c or 0))
+    n, enrolled, revoked, last_revoked = s.execute(
+        select(
+            func.count(),
+            func.max(Device.enrolled_at),
+            func.count(Device.revoked_at),
+            func.max(Device.revoked_at),
+        )
+    ).one()
+    return per_model, (int(n), float(enrolled or 0.0), int(revoked), float(last_revoked or 0.0))
+
+
+def install_gates(
+    s: Session | None,
+    ctx: RolloutContext,
+    plan: Plan,
+    stage: Stage,
+    outcomes: Outcomes | None = None,
+) -> list[GateResult]:
+    """The install-outcome gates of one stage: security, failures per tier, sample, soak.
+    ``outcomes``: the stage's counts when already read (:func:`count_outcomes_many`, then
+    ``s`` may be ``None``)."""
+    out = outcomes
+    if out is None:
+        if s is None:
+            raise ValueError("install_gates needs a session or the outcomes")
+        out = count_outcomes(s, ctx.model, ctx.version, stage.ring, ctx.now - plan.device_timeout_s)
     results: list[GateResult] = []
     sec, sec_min = out.total.security, plan.install.security_min_devices
     if sec:
@@ -227,14 +350,17 @@ def install_gates(s: Session, ctx: RolloutContext, plan: Plan, stage: Stage) -> 
             evidence={"ring": stage.ring, "total": out.total.to_json()},
         )
     )
-    age = max(0.0, ctx.now - ctx.stage_started_at)
-    results.append(
-        GateResult(
-            "soak",
-            GateStatus.PASS if age >= stage.soak_s else GateStatus.HOLD,
-            f"stage running {age:.0f} s of a {stage.soak_s:.0f} s soak",
-            value=round(age, 3),
-            threshold=stage.soak_s,
-        )
-    )
+    results.append(soak_gate(ctx, stage))
     return results
+
+
+def soak_gate(ctx: RolloutContext, stage: Stage) -> GateResult:
+    """The stage's age against its soak (a function of the clock alone)."""
+    age = max(0.0, ctx.now - ctx.stage_started_at)
+    return GateResult(
+        "soak",
+        GateStatus.PASS if age >= stage.soak_s else GateStatus.HOLD,
+        f"stage running {age:.0f} s of a {stage.soak_s:.0f} s soak",
+        value=round(age, 3),
+        threshold=stage.soak_s,
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ from ota.repository._project import Project
 from ._plan import Plan, plan_from_dict
 
 if TYPE_CHECKING:
+    from ota.bundle import ModelIndex
     from ota.client._telemetry_format import OutputSummary
 
 REQUESTS = ("pause", "resume", "abort", "promote")
@@ -46,7 +48,25 @@ def signed_state(project: Project, model: str, version: str) -> tuple[RolloutSta
     """The release's signed rollout state (``None`` if not live) and the baseline version."""
     from ota.repository._ops import model_index
 
-    index = model_index(project, model)
+    return _state_in(model_index(project, model), version)
+
+
+def signed_states(
+    project: Project, releases: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[RolloutState | None, str]]:
+    """:func:`signed_state` of many releases from one read of the signed metadata (one
+    transaction's head and snapshot, each model's index read once)."""
+    from ota.repository._index import read_index
+    from ota.repository._txn import Transaction
+
+    if not releases:
+        return {}
+    txn = Transaction.begin(project.storage, project.signers, project.expiry())
+    indexes = {m: read_index(txn, m) for m in sorted({m for m, _ in releases})}
+    return {(m, v): _state_in(indexes[m], v) for m, v in releases}
+
+
+def _state_in(index: ModelIndex | None, version: str) -> tuple[RolloutState | None, str]:
     if index is None:
         return None, ""
     state = index.get(version)
