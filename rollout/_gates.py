@@ -175,6 +175,31 @@ def count_outcomes_many(s: Session, wants: Sequence[Want]) -> dict[int, Outcomes
     return out
 
 
+def tier_population(
+    s: Session, model: str, version: str, ring: str, percent: float, tiers: Sequence[str]
+) -> dict[str, int]:
+    """Per tier (of ``tiers``): the enrolled, unrevoked devices of ``ring`` that a stage at
+    ``percent`` admits to ``model version`` — the client's own bucket rule
+    (:func:`ota.client._policy.bucket`), from the service's enrolment records alone (never a
+    device's report, so no device can shrink it). ``percent >= 100``: the tier's whole
+    population in the ring. Bounded by the ring's size (one sha256 per device; the
+    controller reuses the health gates' results while enrolments are unchanged)."""
+    from ota.client._policy import bucket
+
+    if not tiers:
+        return {}
+    rows = s.execute(
+        select(Device.device_id, Device.tier).where(
+            Device.ring == ring, Device.revoked_at.is_(None), Device.tier.in_(sorted(set(tiers)))
+        )
+    ).all()
+    out = dict.fromkeys(tiers, 0)
+    for device_id, tier in rows:
+        if percent >= 100.0 or bucket(str(device_id), model, version) < percent:
+            out[str(tier)] = out.get(str(tier), 0) + 1
+    return out
+
+
 def telemetry_marks(
     s: Session, releases: Sequence[tuple[str, str]], since: float
 ) -> dict[tuple[str, str], tuple[int, int, float]]:
