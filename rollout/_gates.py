@@ -177,9 +177,10 @@ def count_outcomes_many(s: Session, wants: Sequence[Want]) -> dict[int, Outcomes
 
 def tier_population(
     s: Session, model: str, version: str, ring: str, percent: float, tiers: Sequence[str]
-) -> dict[str, int]:
-    """Per tier (of ``tiers``): the enrolled, unrevoked devices of ``ring`` that a stage at
-    ``percent`` admits to ``model version`` — the client's own bucket rule
+) -> dict[str, tuple[int, int]]:
+    """Per tier (of ``tiers``): ``(admitted, enrolled)``, the enrolled, unrevoked devices of
+    ``ring`` that a stage at ``percent`` admits to ``model version``, and all of them (the
+    others are the tier's concurrent baseline) — the client's own bucket rule
     (:func:`ota.client._policy.bucket`), from the service's enrolment records alone (never a
     device's report, so no device can shrink it). ``percent >= 100``: the tier's whole
     population in the ring. Bounded by the ring's size (one sha256 per device; the
@@ -193,10 +194,11 @@ def tier_population(
             Device.ring == ring, Device.revoked_at.is_(None), Device.tier.in_(sorted(set(tiers)))
         )
     ).all()
-    out = dict.fromkeys(tiers, 0)
+    out = dict.fromkeys(tiers, (0, 0))
     for device_id, tier in rows:
-        if percent >= 100.0 or bucket(str(device_id), model, version) < percent:
-            out[str(tier)] = out.get(str(tier), 0) + 1
+        admitted, enrolled = out.get(str(tier), (0, 0))
+        inside = percent >= 100.0 or bucket(str(device_id), model, version) < percent
+        out[str(tier)] = (admitted + int(inside), enrolled + 1)
     return out
 
 

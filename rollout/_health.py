@@ -296,7 +296,7 @@ def evaluate_health(
         before = {pk: own[pk] for pk in new.keys() & own.keys()}
     tiers = sorted({d.tier for d in new.values()})
     percent = getattr(ctx, "percent", None)
-    population: dict[str, int] = {}
+    population: dict[str, tuple[int, int]] = {}
     if percent is not None and tiers:
         from ._gates import tier_population
 
@@ -308,27 +308,47 @@ def evaluate_health(
         got = _tier_gates(
             n, b, tier, th, reference, bool(ctx.baseline_version), reference_source, before
         )
-        if tier and tier in population and population[tier] < th.min_devices:
-            got = [_deferred(g, population[tier], float(percent or 0.0), th) for g in got]
+        why = _too_small(tier, population.get(tier), float(percent or 0.0), th)
+        if why:
+            got = [_deferred(g, why, population[tier][0]) for g in got]
         out += got
     return out
 
 
-def _deferred(g: GateResult, admitted: int, percent: float, th: HealthThresholds) -> GateResult:
-    """A tier gate's HOLD when the stage admits fewer of the tier's devices than
-    ``min_devices``: the tier cannot reach its sample in this stage (the percentage bucket
-    drew too few of it), so it does not hold the stage; it is judged in the next stage (more
-    devices of it), or, at 100 % of the ring, by the whole-stage gate only (which still needs
-    its own sample: silence never promotes). A failure stays a failure; devices that are
-    admitted but silent are not this case (the tier then has enough admitted devices)."""
+def _too_small(
+    tier: str, population: tuple[int, int] | None, percent: float, th: HealthThresholds
+) -> str:
+    """Why ``tier`` cannot be judged in this stage, or ``""``: the stage admits fewer of its
+    devices than ``min_devices`` (its new cohort can never reach the sample), or, below 100 %,
+    leaves fewer than ``min_devices`` of them outside (its concurrent baseline can never
+    reach it). Counted from enrolment and the bucket rule, never from reports."""
+    if not tier or population is None:
+        return ""
+    admitted, enrolled = population
+    last = percent >= 100.0
+    where = "judged by the whole-stage gate only" if last else "judged in the next stage"
+    if admitted < th.min_devices:
+        return (
+            f"tier {tier}: {admitted} device(s) in this stage < min_devices {th.min_devices}: "
+            f"{where}"
+        )
+    if not last and enrolled - admitted < th.min_devices:
+        return (
+            f"tier {tier}: {enrolled - admitted} device(s) outside this stage (its concurrent "
+            f"baseline) < min_devices {th.min_devices}: {where}"
+        )
+    return ""
+
+
+def _deferred(g: GateResult, why: str, admitted: int) -> GateResult:
+    """A tier gate's HOLD when the tier cannot reach its sample in this stage
+    (:func:`_too_small`: the percentage bucket drew too few of it, or left too few outside):
+    it does not hold the stage; the tier is judged in the next stage, or, at 100 % of the
+    ring, by the whole-stage gate only (which still needs its own sample: silence never
+    promotes). A failure or a pass is kept as it is; devices that are admitted but silent are
+    not this case (the tier then has enough admitted devices, and holds)."""
     if g.status is not GateStatus.HOLD:
         return g
-    where = (
-        "judged by the whole-stage gate only" if percent >= 100.0 else "judged in the next stage"
-    )
-    why = (
-        f"tier {g.tier}: {admitted} device(s) in this stage < min_devices {th.min_devices}: {where}"
-    )
     return GateResult(
         g.gate,
         GateStatus.PASS,

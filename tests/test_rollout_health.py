@@ -632,6 +632,25 @@ def test_at_100_percent_a_tier_smaller_than_the_sample_is_judged_by_the_whole_st
     assert combine(results, Action.PAUSE) is Action.PROMOTE
 
 
+def test_a_tier_whose_concurrent_baseline_the_stage_leaves_too_small_is_deferred(
+    fleet: Fleet,
+) -> None:
+    # a 50 % stage admits 8 of tier b's 11 devices: only 3 stay on the baseline
+    fleet.cohort("a", OLD, 8, ids=ids_in("ao", 8, 50, 100))
+    fleet.cohort("a", NEW, 8, ids=ids_in("an", 8, 0, 50))
+    fleet.cohort("b", OLD, 3, ids=ids_in("bo", 3, 50, 100))
+    fleet.cohort("b", NEW, 8, ids=ids_in("bn", 8, 0, 50))
+    results = fleet.evaluate(Ctx(percent=50.0))
+    b = by(results, "health.error_rate", "b")
+    assert b.status is GateStatus.PASS, b.to_json()
+    assert b.reason == (
+        "tier b: 3 device(s) outside this stage (its concurrent baseline) < min_devices 5: "
+        "judged in the next stage"
+    )
+    assert combine(results, Action.PAUSE) is Action.PROMOTE
+    assert combine(fleet.evaluate(Ctx()), Action.PAUSE) is Action.HOLD
+
+
 # -- crash rate normalised for exposure -------------------------------------------------------
 
 
