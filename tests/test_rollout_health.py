@@ -588,6 +588,20 @@ def test_a_tier_the_stage_admits_too_few_of_is_deferred_then_judged(fleet: Fleet
     fleet.cohort("a", NEW, 8, ids=ids_in("an", 8, 0, 10))
     fleet.cohort("b", OLD, 6, ids=ids_in("bo", 6, 50, 100))
     fleet.cohort("b", NEW, 3, ids=ids_in("bn", 3, 0, 10))
+    # devices of the ring and tier that run another model are not this model's population
+    engine = create_engine(fleet.url)
+    with Session(engine) as s, s.begin():
+        for i, did in enumerate(ids_in("bx", 5, 0, 10)):
+            dev = Device(
+                device_id=did, credential_hash=f"x{i:063d}", ring=RING, tier="b",
+                enrolled_at=T0 - 86400, health="ok", events_total=0, dropped_total=0,
+                rate_window_start=0.0, rate_count=0,
+            )  # fmt: skip
+            s.add(dev)
+            s.flush()
+            s.add(DeviceModel(device_pk=dev.id, model="other", version="1.0.0", counter=1,
+                              updated_at=T0, ring=RING, tier="b", active=True))  # fmt: skip
+    engine.dispose()
     results = fleet.evaluate(Ctx(percent=10.0))
     b = by(results, "health.latency_p95", "b")
     assert b.status is GateStatus.PASS, b.to_json()
