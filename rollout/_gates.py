@@ -175,6 +175,43 @@ def count_outcomes_many(s: Session, wants: Sequence[Want]) -> dict[int, Outcomes
     return out
 
 
+def tier_population(
+    s: Session, model: str, version: str, ring: str, percent: float, tiers: Sequence[str]
+) -> dict[str, tuple[int, int]]:
+    """Per tier (of ``tiers``): ``(admitted, enrolled)``, the enrolled, unrevoked devices of
+    ``ring`` that run ``model`` (any version, ``device_models``: a fleet's devices run
+    different models) and that a stage at ``percent`` admits to ``model version``, and all of
+    them (the others are the tier's concurrent baseline) — the client's own bucket rule
+    (:func:`ota.client._policy.bucket`), from the service's enrolment records alone (never a
+    device's report, so no device can shrink it). ``percent >= 100``: the tier's whole
+    population in the ring. Bounded by the ring's size (one sha256 per device; the
+    controller reuses the health gates' results while enrolments are unchanged)."""
+    from ota.client._policy import bucket
+
+    if not tiers:
+        return {}
+    from ota.fleet._models import DeviceModel
+
+    rows = s.execute(
+        select(Device.device_id, Device.tier)
+        .distinct()
+        .join(DeviceModel, DeviceModel.device_pk == Device.id)
+        .where(
+            DeviceModel.model == model,
+            DeviceModel.active.is_(True),
+            Device.ring == ring,
+            Device.revoked_at.is_(None),
+            Device.tier.in_(sorted(set(tiers))),
+        )
+    ).all()
+    out = dict.fromkeys(tiers, (0, 0))
+    for device_id, tier in rows:
+        admitted, enrolled = out.get(str(tier), (0, 0))
+        inside = percent >= 100.0 or bucket(str(device_id), model, version) < percent
+        out[str(tier)] = (admitted + int(inside), enrolled + 1)
+    return out
+
+
 def telemetry_marks(
     s: Session, releases: Sequence[tuple[str, str]], since: float
 ) -> dict[tuple[str, str], tuple[int, int, float]]:

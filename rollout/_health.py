@@ -17,9 +17,11 @@ compares them per tier (``tier`` set) and overall (``tier == ""``):
   without the ``min_devices - 1`` devices most in its favour. Otherwise *unpaired*: value the
   ratio of the cohorts' median p95s; test Mann-Whitney U (one-sided) on the per-device p95s;
 * ``health.error_rate``: the pooled error rate with every device's weight capped
-  (``device_weight_cap`` inferences); ``health.crash_rate``: the fraction of devices that
-  crashed at least once; test Fisher's exact (one-sided) on the 2x2 table; a pass's
-  confidence from a one-sided binomial test against the allowed rate;
+  (``device_weight_cap`` inferences), test Fisher's exact (one-sided) on the 2x2 table, a
+  pass's confidence from a one-sided binomial test against the allowed rate;
+  ``health.crash_rate``: crashes per inference (normalised for exposure), test an exact
+  conditional binomial comparison of the two cohorts' Poisson rates without the
+  ``min_devices - 1`` new devices of highest rate;
 * ``health.drift``: per output, the Jensen-Shannon distance (or PSI) between the cohorts'
   mixtures of per-device distributions (each device weighs the same); test Mann-Whitney U on
   each device's distance to the baseline mixture (a baseline device's own distance, leave one
@@ -103,9 +105,10 @@ class HealthThresholds:
     ``pass_confidence``: how sure the one-sided test "within the threshold" must be before a
     pass (0 turns it off).
     ``max_p95_ratio``: new/baseline median p95. ``max_error_rate_increase``: absolute
-    increase of the pooled error rate. ``max_crashed_devices_increase``: absolute increase of
-    the fraction of devices that crashed at least once in the window (Android vitals'
-    measure). ``drift_metric``: ``js`` (Jensen-Shannon distance, base 2) or ``psi``.
+    increase of the pooled error rate. ``max_crash_rate_ratio`` and
+    ``max_crash_rate_increase``: the allowed crash rate per inference is the baseline's times
+    the ratio plus the increase (crashes normalised for exposure). ``drift_metric``: ``js``
+    (Jensen-Shannon distance, base 2) or ``psi``.
     ``max_drift``: vs the baseline; ``max_reference_drift``: vs the release's reference
     (looser: a golden run is a small sample). ``device_weight_cap``: inferences of
     one device counted in pooled rates. ``paired_lookback_s``: how far before the stage's start
@@ -121,7 +124,8 @@ class HealthThresholds:
     pass_confidence: float = 0.9
     max_p95_ratio: float = 1.2
     max_error_rate_increase: float = 0.01
-    max_crashed_devices_increase: float = 0.05
+    max_crash_rate_ratio: float = 2.0
+    max_crash_rate_increase: float = 0.0005
     drift_metric: str = "js"
     max_drift: float = 0.1
     max_reference_drift: float = 0.3
@@ -152,7 +156,8 @@ class HealthThresholds:
             ("pass_confidence", 0.0, 0.9999),
             ("max_p95_ratio", 1.0, 100.0),
             ("max_error_rate_increase", 0.0, 1.0),
-            ("max_crashed_devices_increase", 0.0, 1.0),
+            ("max_crash_rate_ratio", 1.0, 1000.0),
+            ("max_crash_rate_increase", 0.0, 1.0),
             ("max_drift", 0.0, 10.0),
             ("max_reference_drift", 0.0, 10.0),
         ):
@@ -266,7 +271,7 @@ def evaluate_health(
         # (the concurrent cohort empties as devices update, and the stage would hold until
         # its deadline paused a good release): its baseline is then the ring's own telemetry
         # of the baseline version over the window, whatever the devices run now
-        whole_ring = float(getattr(ctx, "percent", 0.0)) >= 100.0
+        whole_ring = float(getattr(ctx, "percent", None) or 0.0) >= 100.0
         base = per_device(
             session,
             ctx.model,
@@ -290,14 +295,71 @@ def evaluate_health(
         )
         before = {pk: own[pk] for pk in new.keys() & own.keys()}
     tiers = sorted({d.tier for d in new.values()})
+    percent = getattr(ctx, "percent", None)
+    population: dict[str, tuple[int, int]] = {}
+    if percent is not None and tiers:
+        from ._gates import tier_population
+
+        population = tier_population(session, ctx.model, ctx.version, ctx.ring, percent, tiers)
     out: list[GateResult] = []
     for tier in ["", *tiers]:
         n = [d for d in new.values() if not tier or d.tier == tier]
         b = [d for d in base.values() if not tier or d.tier == tier]
-        out += _tier_gates(
+        got = _tier_gates(
             n, b, tier, th, reference, bool(ctx.baseline_version), reference_source, before
         )
+        why = _too_small(tier, population.get(tier), float(percent or 0.0), th)
+        if why:
+            got = [_deferred(g, why, population[tier][0]) for g in got]
+        out += got
     return out
+
+
+def _too_small(
+    tier: str, population: tuple[int, int] | None, percent: float, th: HealthThresholds
+) -> str:
+    """Why ``tier`` cannot be judged in this stage, or ``""``: the stage admits fewer of its
+    devices than ``min_devices`` (its new cohort can never reach the sample), or, below 100 %,
+    leaves fewer than ``min_devices`` of them outside (its concurrent baseline can never
+    reach it). Counted from enrolment and the bucket rule, never from reports."""
+    if not tier or population is None:
+        return ""
+    admitted, enrolled = population
+    last = percent >= 100.0
+    where = "judged by the whole-stage gate only" if last else "judged in the next stage"
+    if admitted < th.min_devices:
+        return (
+            f"tier {tier}: {admitted} device(s) in this stage < min_devices {th.min_devices}: "
+            f"{where}"
+        )
+    if not last and enrolled - admitted < th.min_devices:
+        return (
+            f"tier {tier}: {enrolled - admitted} device(s) outside this stage (its concurrent "
+            f"baseline) < min_devices {th.min_devices}: {where}"
+        )
+    return ""
+
+
+def _deferred(g: GateResult, why: str, admitted: int) -> GateResult:
+    """A tier gate's HOLD when the tier cannot reach its sample in this stage
+    (:func:`_too_small`: the percentage bucket drew too few of it, or left too few outside):
+    it does not hold the stage; the tier is judged in the next stage, or, at 100 % of the
+    ring, by the whole-stage gate only (which still needs its own sample: silence never
+    promotes). A failure or a pass is kept as it is; devices that are admitted but silent are
+    not this case (the tier then has enough admitted devices, and holds)."""
+    if g.status is not GateStatus.HOLD:
+        return g
+    return GateResult(
+        g.gate,
+        GateStatus.PASS,
+        why,
+        g.value,
+        g.threshold,
+        g.baseline,
+        None,
+        g.tier,
+        {**g.evidence, "deferred": why, "admitted_devices": admitted, "held_because": g.reason},
+    )
 
 
 def _tier_gates(
@@ -724,22 +786,95 @@ def _errors(
 def _crashes(
     new: list[DeviceTelemetry], base: list[DeviceTelemetry], tier: str, th: HealthThresholds
 ) -> GateResult:
-    # per distinct device: did it crash at all in the window (each device one trial). A device
-    # that crashed counts even with few inferences: a crashing model runs little.
-    return _rate_gate(
-        "health.crash_rate",
-        new,
-        base,
+    """Crashes per unit of exposure (inferences + crashes: a crash ends a run that counts too),
+    so a cohort that ran longer or more is not judged worse for it. The crashed-device fraction
+    used before grew with the window and the inference count: at 2 % crashes per interval on
+    both releases, a new cohort with three times the exposure failed or held it.
+
+    Value: the pooled rate of the new cohort (each device's exposure capped at
+    ``device_weight_cap``); allowed: ``max_crash_rate_ratio`` x the baseline's pooled rate +
+    ``max_crash_rate_increase``. A device is beyond when its own rate exceeds the allowed rate.
+    Fail: the rate beyond the allowed one, ``min_devices`` devices beyond, and an exact
+    conditional (binomial) comparison of two Poisson rates, new > baseline, at ``confidence``,
+    computed without the ``min_devices - 1`` new devices of highest rate. Pass: without the
+    ``min_devices - 1`` of highest rate, the pooled rate within the allowed one, and
+    ``min_devices`` devices within (no confidence asked: "rarer than one crash in 2,000
+    inferences" cannot be shown on a small canary's exposure). So fewer than ``min_devices``
+    forged devices can neither fail nor pass it, nor hold it once the cohort has
+    ``2 min_devices - 1`` devices. A device that crashed counts even with few inferences."""
+    from scipy.stats import binomtest, poisson
+
+    gate = "health.crash_rate"
+
+    def qualifies(d: DeviceTelemetry) -> bool:
+        return d.crashes > 0 or d.inferences >= th.min_device_inferences
+
+    n = [d for d in new if qualifies(d)]
+    b = [d for d in base if qualifies(d)]
+    vol = [sum(d.inferences + d.crashes for d in ds) for ds in (n, b)]
+    hold = _sample(gate, tier, th, n, b, vol[0], vol[1])
+    if hold:
+        return hold
+
+    def exposure(d: DeviceTelemetry) -> int:
+        return max(1, d.inferences + d.crashes)
+
+    def rate(d: DeviceTelemetry) -> float:
+        return d.crashes / exposure(d)
+
+    def pooled(ds: Sequence[DeviceTelemetry]) -> tuple[int, int]:
+        hit = tot = 0
+        for d in ds:
+            e = exposure(d)
+            w = min(e, th.device_weight_cap)
+            hit += round(d.crashes * w / e)
+            tot += w
+        return hit, tot
+
+    cn, en = pooled(n)
+    cb, eb = pooled(b)
+    rn, rb = cn / en, cb / eb
+    allowed = min(1.0, rb * th.max_crash_rate_ratio + th.max_crash_rate_increase)
+    kept = sorted(n, key=rate)
+    k = _trim(th, len(kept))
+    ck, ek = pooled(kept[: len(kept) - k])  # without the k highest rates
+    # exact comparison of two Poisson rates: given ck + cb crashes, the new cohort's share
+    # is binomial with p = ek / (ek + eb) when the rates are equal
+    p_fail = (
+        float(binomtest(ck, ck + cb, ek / (ek + eb), alternative="greater").pvalue)
+        if ck + cb
+        else 1.0
+    )
+    # how sure "within the allowed rate" is (reported; a pass does not wait for it)
+    p_pass = float(poisson.cdf(ck, allowed * ek)) if allowed > 0 else 1.0
+    rates = [rate(d) for d in n]
+    return _decide(
+        gate,
         tier,
         th,
-        lambda d: int(d.crashes > 0),
-        lambda d: 1,
-        lambda d: d.crashes > 0 or d.inferences >= th.min_device_inferences,
-        th.max_crashed_devices_increase,
-        "crashed-device fraction",
-        volume=lambda d: d.inferences + d.crashes,
-        # "fewer than 5 % of devices crash" cannot be shown with tens of devices (0 of 16 is
-        # 56 % sure): the pass rests on min_devices devices that did not crash
+        value=rn,
+        threshold=allowed,
+        baseline=rb,
+        worse=rn > allowed,
+        trimmed=ck / ek,
+        p_fail=p_fail,
+        p_pass=p_pass,
+        bad=sum(r > allowed for r in rates),
+        ok=sum(r <= allowed for r in rates),
+        evidence={
+            "new_devices": len(n),
+            "baseline_devices": len(b),
+            "new_crashes": cn,
+            "new_exposure": en,
+            "baseline_crashes": cb,
+            "baseline_exposure": eb,
+            "set_aside": k,
+            "max_ratio": th.max_crash_rate_ratio,
+            "max_increase": th.max_crash_rate_increase,
+            "unit": "crashes per inference (inferences + crashes)",
+            "test": "exact conditional binomial (two Poisson rates), without the highest",
+        },
+        what="crash rate per inference",
         sure_to_pass=False,
     )
 

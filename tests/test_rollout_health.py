@@ -49,6 +49,7 @@ class Ctx:
     ring: str = RING
     stage_started_at: float = T0 - 3600
     now: float = T0 + 60
+    percent: float | None = None  # the stage's; None: no tier is deferred
 
 
 @dataclass
@@ -94,14 +95,16 @@ class Fleet:
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(7))
     n: int = 0
 
-    def device(self, tier: str, version: str, b: Behaviour, *, summaries: int = 1) -> None:
+    def device(
+        self, tier: str, version: str, b: Behaviour, *, summaries: int = 1, device_id: str = ""
+    ) -> None:
         engine = create_engine(self.url)
         try:
             with Session(engine) as s, s.begin():
                 self.n += 1
                 dev = Device(
-                    device_id=f"d{self.n}", credential_hash=f"{self.n:064d}", ring=RING,
-                    tier=tier, enrolled_at=T0 - 86400, health="ok", events_total=0,
+                    device_id=device_id or f"d{self.n}", credential_hash=f"{self.n:064d}",
+                    ring=RING, tier=tier, enrolled_at=T0 - 86400, health="ok", events_total=0,
                     dropped_total=0, rate_window_start=0.0, rate_count=0,
                 )  # fmt: skip
                 s.add(dev)
@@ -169,9 +172,11 @@ class Fleet:
         finally:
             engine.dispose()
 
-    def cohort(self, tier: str, version: str, count: int, **kw: Any) -> None:
-        for _ in range(count):
-            self.device(tier, version, Behaviour(**kw))
+    def cohort(
+        self, tier: str, version: str, count: int, *, ids: list[str] | None = None, **kw: Any
+    ) -> None:
+        for i in range(count):
+            self.device(tier, version, Behaviour(**kw), device_id=ids[i] if ids else "")
 
     def evaluate(self, ctx: Ctx | None = None, reference: Any = None, **th: Any
                  ) -> list[GateResult]:  # fmt: skip
@@ -558,3 +563,151 @@ def test_paired_latency_trials_pass_good_fail_regressions_and_resist_forgery() -
     assert "fail" not in paired, paired
     paired, _ = _trials(4, 12, 1.3, forged=4, forged_factor=0.2, stages=50)
     assert "pass" not in paired, paired
+
+
+# -- tiers too small for a stage (the fleet simulation's 2 of 100 false halts) ----------------
+
+
+def ids_in(prefix: str, count: int, lo: float, hi: float) -> list[str]:
+    """``count`` device ids whose percentage bucket for ``MODEL NEW`` is in ``[lo, hi)``."""
+    from ota.client._policy import bucket
+
+    out: list[str] = []
+    i = 0
+    while len(out) < count:
+        i += 1
+        if lo <= bucket(f"{prefix}{i}", MODEL, NEW) < hi:
+            out.append(f"{prefix}{i}")
+    return out
+
+
+def test_a_tier_the_stage_admits_too_few_of_is_deferred_then_judged(fleet: Fleet) -> None:
+    # a 10 % stage admits 8 devices of tier a and 3 of tier b (whose 6 other devices stay on
+    # the baseline, outside the bucket)
+    fleet.cohort("a", OLD, 8, ids=ids_in("ao", 8, 50, 100))
+    fleet.cohort("a", NEW, 8, ids=ids_in("an", 8, 0, 10))
+    fleet.cohort("b", OLD, 6, ids=ids_in("bo", 6, 50, 100))
+    fleet.cohort("b", NEW, 3, ids=ids_in("bn", 3, 0, 10))
+    # devices of the ring and tier that run another model are not this model's population
+    engine = create_engine(fleet.url)
+    with Session(engine) as s, s.begin():
+        for i, did in enumerate(ids_in("bx", 5, 0, 10)):
+            dev = Device(
+                device_id=did, credential_hash=f"x{i:063d}", ring=RING, tier="b",
+                enrolled_at=T0 - 86400, health="ok", events_total=0, dropped_total=0,
+                rate_window_start=0.0, rate_count=0,
+            )  # fmt: skip
+            s.add(dev)
+            s.flush()
+            s.add(DeviceModel(device_pk=dev.id, model="other", version="1.0.0", counter=1,
+                              updated_at=T0, ring=RING, tier="b", active=True))  # fmt: skip
+    engine.dispose()
+    results = fleet.evaluate(Ctx(percent=10.0))
+    b = by(results, "health.latency_p95", "b")
+    assert b.status is GateStatus.PASS, b.to_json()
+    assert b.reason == "tier b: 3 device(s) in this stage < min_devices 5: judged in the next stage"
+    assert b.evidence["admitted_devices"] == 3 and "3 new devices" in b.evidence["held_because"]
+    # the whole-stage gates still need (and have) their own sample
+    assert by(results, "health.latency_p95").evidence["new_devices"] == 11
+    assert by(results, "health.latency_p95", "a").status is GateStatus.PASS
+    assert combine(results, Action.PAUSE) is Action.PROMOTE, [
+        r.to_json() for r in results if r.status is not GateStatus.PASS
+    ]
+    # without a stage percentage nothing is deferred: the small tier holds, as before
+    assert combine(fleet.evaluate(Ctx()), Action.PAUSE) is Action.HOLD
+    # the next stage (100 % of the ring) admits all 9: 3 reporting is too few, and it holds
+    # (admitted devices that stay silent still count against the stage)
+    held = fleet.evaluate(Ctx(percent=100.0))
+    assert by(held, "health.latency_p95", "b").status is GateStatus.HOLD
+    assert combine(held, Action.PAUSE) is Action.HOLD
+    # ... and once tier b's devices report, a regression there halts
+    fleet.cohort("b", NEW, 10, latency_s=0.04, ids=ids_in("bs", 10, 50, 100))
+    judged = fleet.evaluate(Ctx(percent=100.0))
+    assert by(judged, "health.latency_p95", "b").status is GateStatus.FAIL
+    assert combine(judged, Action.PAUSE) is Action.PAUSE
+
+
+def test_at_100_percent_a_tier_smaller_than_the_sample_is_judged_by_the_whole_stage(
+    fleet: Fleet,
+) -> None:
+    fleet.cohort("a", OLD, 8)
+    fleet.cohort("c", NEW, 3)  # the ring holds only 3 devices of tier c
+    # never promote on silence: the whole-stage gates still need their own sample
+    alone = fleet.evaluate(Ctx(percent=100.0))
+    assert by(alone, "health.error_rate", "c").status is GateStatus.PASS
+    assert by(alone, "health.error_rate").status is GateStatus.HOLD
+    assert combine(alone, Action.PAUSE) is Action.HOLD
+    fleet.cohort("a", NEW, 8)
+    results = fleet.evaluate(Ctx(percent=100.0))
+    c = by(results, "health.error_rate", "c")
+    assert c.status is GateStatus.PASS
+    assert c.reason.endswith("< min_devices 5: judged by the whole-stage gate only")
+    assert by(results, "health.error_rate").evidence["new_devices"] == 11
+    assert combine(results, Action.PAUSE) is Action.PROMOTE
+
+
+def test_a_tier_whose_concurrent_baseline_the_stage_leaves_too_small_is_deferred(
+    fleet: Fleet,
+) -> None:
+    # a 50 % stage admits 8 of tier b's 11 devices: only 3 stay on the baseline
+    fleet.cohort("a", OLD, 8, ids=ids_in("ao", 8, 50, 100))
+    fleet.cohort("a", NEW, 8, ids=ids_in("an", 8, 0, 50))
+    fleet.cohort("b", OLD, 3, ids=ids_in("bo", 3, 50, 100))
+    fleet.cohort("b", NEW, 8, ids=ids_in("bn", 8, 0, 50))
+    results = fleet.evaluate(Ctx(percent=50.0))
+    b = by(results, "health.error_rate", "b")
+    assert b.status is GateStatus.PASS, b.to_json()
+    assert b.reason == (
+        "tier b: 3 device(s) outside this stage (its concurrent baseline) < min_devices 5: "
+        "judged in the next stage"
+    )
+    assert combine(results, Action.PAUSE) is Action.PROMOTE
+    assert combine(fleet.evaluate(Ctx()), Action.PAUSE) is Action.HOLD
+
+
+# -- crash rate normalised for exposure -------------------------------------------------------
+
+
+def crash_cohorts(fleet: Fleet, new_crashes: list[int]) -> None:
+    """Baseline: 40 devices x 4 intervals of 100 inferences (400), 3 crashes (2 % of 160
+    intervals); new: 40 devices x 12 intervals (1,200 inferences: three times the exposure),
+    ``new_crashes`` per device (the rest none)."""
+    for i in range(40):
+        fleet.device("a", OLD, Behaviour(inferences=400, crashes=int(i < 3)))
+    for i in range(40):
+        c = new_crashes[i] if i < len(new_crashes) else 0
+        fleet.device("a", NEW, Behaviour(inferences=1200, crashes=c))
+
+
+def test_crash_rate_is_judged_per_inference_so_more_exposure_passes(fleet: Fleet) -> None:
+    # 2 % of intervals crash on both releases: 10 crashes in 480 intervals on 9 devices. The
+    # crashed-device fraction (9/40 vs 3/40) was 0.15 higher, beyond its 0.05 and held it
+    crash_cohorts(fleet, [2] + [1] * 8)
+    c = by(fleet.evaluate(), "health.crash_rate", "a")
+    assert c.status is GateStatus.PASS, c.to_json()
+    assert c.value is not None and c.baseline is not None and c.value < 1.5 * c.baseline
+    assert (c.evidence["new_crashes"], c.evidence["baseline_crashes"]) == (10, 3)
+
+
+def test_crash_rate_ten_times_higher_fails(fleet: Fleet) -> None:
+    # 20 % of intervals crash on the new release: 100 crashes on 40 devices
+    crash_cohorts(fleet, [3] * 20 + [2] * 20)
+    c = by(fleet.evaluate(), "health.crash_rate", "a")
+    assert c.status is GateStatus.FAIL, c.to_json()
+    assert c.confidence is not None and c.confidence >= 0.98
+
+
+def test_forged_minority_flips_no_crash_verdict(fleet: Fleet) -> None:
+    crash_cohorts(fleet, [2] + [1] * 8)
+    # four forged devices crash-looping on a good release: neither fail nor hold it
+    fleet.cohort("a", NEW, 4, crashes=60, inferences=40)
+    c = by(fleet.evaluate(), "health.crash_rate", "a")
+    assert c.status is GateStatus.PASS, c.to_json()
+
+
+def test_forged_minority_cannot_pass_a_crash_regression(fleet: Fleet) -> None:
+    crash_cohorts(fleet, [3] * 20 + [2] * 20)
+    # four forged devices with the most exposure a device can weigh and no crash
+    fleet.cohort("a", NEW, 4, crashes=0, inferences=10_000)
+    c = by(fleet.evaluate(), "health.crash_rate", "a")
+    assert c.status is GateStatus.FAIL, c.to_json()
