@@ -69,6 +69,7 @@ __all__ = [
     "evaluate_health",
     "health_gate",
     "p95",
+    "p95s",
     "reference_of",
 ]
 
@@ -213,30 +214,64 @@ def p95(counts: Sequence[int]) -> float:
     and a least-squares line through the edges with CDF in (1 %, 99 %) gives the quantile
     (grouped-data probit fit); the result is kept within the bucket that holds the 95th
     percentile. With fewer than two such edges (all mass in one or two buckets), the quantile
-    is interpolated geometrically within its bucket."""
-    from scipy.stats import norm  # type: ignore[import-untyped]
+    is interpolated geometrically within its bucket. One histogram: :func:`p95s`."""
+    return float(p95s([counts])[0])
 
-    c = np.asarray(counts, dtype=np.float64)
-    total = float(c.sum())
-    if total <= 0:
+
+_RATIO = LATENCY_EDGES[1] / LATENCY_EDGES[0]
+_BOUNDS = np.array([LATENCY_EDGES[0] / _RATIO, *LATENCY_EDGES, LATENCY_EDGES[-1] * _RATIO])
+_LOG_EDGES = np.log(np.asarray(LATENCY_EDGES, dtype=np.float64))
+_Z95: list[float] = []  # norm.ppf(0.95), computed once (scipy is imported lazily)
+
+
+def p95s(hists: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+    """:func:`p95` of each row of ``hists`` (histograms over :data:`LATENCY_EDGES`), in one
+    pass over arrays: one ``ndtri`` call for every CDF point of every row, and the
+    least-squares line of each row in closed form (centred sums) instead of ``np.polyfit``
+    per row. Equal to the per-histogram computation it replaced to a few ulps (tested on
+    random histograms: ``test_p95s_equals_the_per_device_computation``). Raises ValueError
+    on an empty histogram or a row of the wrong width."""
+    from scipy.special import ndtri  # type: ignore[import-untyped]  # = norm.ppf (scipy)
+
+    c = np.asarray(hists, dtype=np.float64)
+    if c.ndim != 2 or c.shape[1] != len(LATENCY_EDGES) + 1:
+        raise ValueError(f"latency histograms must have {len(LATENCY_EDGES) + 1} buckets")
+    if c.shape[0] == 0:
+        return np.empty(0, dtype=np.float64)
+    total = c.sum(axis=1)
+    if not np.all(total > 0):
         raise ValueError("an empty histogram has no p95")
-    ratio = LATENCY_EDGES[1] / LATENCY_EDGES[0]
-    edges = np.array([LATENCY_EDGES[0] / ratio, *LATENCY_EDGES, LATENCY_EDGES[-1] * ratio])
-    cum = np.cumsum(c)
-    i = int(np.searchsorted(cum, 0.95 * total))  # the bucket holding the 95th percentile
-    lo, hi = float(edges[i]), float(edges[i + 1])
-    before = float(cum[i - 1]) if i else 0.0
-    frac = (0.95 * total - before) / float(c[i])
-    interpolated = lo * (hi / lo) ** frac
-    f = cum[:-1] / total  # CDF at LATENCY_EDGES
+    if not _Z95:
+        _Z95.append(float(ndtri(0.95)))
+    rows = np.arange(c.shape[0])
+    cum = np.cumsum(c, axis=1)
+    target = 0.95 * total
+    i = np.sum(cum < target[:, None], axis=1)  # searchsorted (left): the 95th's bucket
+    lo, hi = _BOUNDS[i], _BOUNDS[i + 1]
+    before = np.where(i > 0, cum[rows, np.maximum(i - 1, 0)], 0.0)
+    out = lo * (hi / lo) ** ((target - before) / c[rows, i])  # interpolated
+    f = cum[:, :-1] / total[:, None]  # CDF at LATENCY_EDGES
     use = (f > 0.01) & (f < 0.99)
-    if len(np.unique(f[use])) < 2:
-        return float(interpolated)
-    z = norm.ppf(f[use])
-    x = np.log(np.asarray(LATENCY_EDGES)[use])
-    slope, intercept = np.polyfit(z, x, 1)
-    fitted = math.exp(float(intercept + slope * norm.ppf(0.95)))
-    return float(min(max(fitted, lo), hi))
+    fit = np.where(use, f, np.inf).min(axis=1) < np.where(use, f, -np.inf).max(axis=1)
+    if not np.any(fit):
+        return out
+    u = use[fit]
+    z = np.zeros(u.shape)
+    z[u] = ndtri(f[fit][u])
+    x = np.where(u, _LOG_EDGES, 0.0)
+    m = u.sum(axis=1)
+    zm, xm = z.sum(axis=1) / m, x.sum(axis=1) / m
+    dz = np.where(u, z - zm[:, None], 0.0)
+    dx = np.where(u, x - xm[:, None], 0.0)
+    slope = (dz * dx).sum(axis=1) / (dz * dz).sum(axis=1)
+    fitted = np.exp(xm + slope * (_Z95[0] - zm))  # the line at z95, from its centre
+    out[fit] = np.minimum(np.maximum(fitted, lo[fit]), hi[fit])
+    return out
+
+
+def _p95_of(ds: Sequence[DeviceTelemetry]) -> np.ndarray:
+    """Each device's p95 (:func:`p95s`), in one pass."""
+    return p95s([d.latency for d in ds]) if ds else np.empty(0, dtype=np.float64)
 
 
 # -- the gates ------------------------------------------------------------------------------------
@@ -582,7 +617,7 @@ def _latency_paired(
     b_inf = sum(b.inferences for _, b in pairs)
     if n_inf < th.min_inferences or b_inf < th.min_inferences:
         return None
-    r = np.array([math.log(p95(d.latency) / p95(b.latency)) for d, b in pairs])
+    r = np.log(_p95_of([d for d, _ in pairs]) / _p95_of([b for _, b in pairs]))
     limit = math.log(th.max_p95_ratio)
     ratio = math.exp(float(np.median(r)))
     bad = int(np.sum(r > limit))
@@ -637,8 +672,8 @@ def _latency_unpaired(
     hold = _sample(gate, tier, th, n, b, sum(d.inferences for d in n), sum(d.inferences for d in b))
     if hold:
         return hold
-    pn = np.array([p95(d.latency) for d in n])
-    pb = np.array([p95(d.latency) for d in b])
+    pn = _p95_of(n)
+    pb = _p95_of(b)
     unit = "_s"
     if not tier:  # the whole stage: each device's p95 relative to its tier's baseline median
         pn, pb, unit = *_tier_relative(n, pn, b, pb), "_rel"
