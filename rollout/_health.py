@@ -249,7 +249,7 @@ def p95s(hists: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
     i = np.sum(cum < target[:, None], axis=1)  # searchsorted (left): the 95th's bucket
     lo, hi = _BOUNDS[i], _BOUNDS[i + 1]
     before = np.where(i > 0, cum[rows, np.maximum(i - 1, 0)], 0.0)
-    out = lo * (hi / lo) ** ((target - before) / c[rows, i])  # interpolated
+    out: np.ndarray = lo * (hi / lo) ** ((target - before) / c[rows, i])  # interpolated
     f = cum[:, :-1] / total[:, None]  # CDF at LATENCY_EDGES
     use = (f > 0.01) & (f < 0.99)
     fit = np.where(use, f, np.inf).min(axis=1) < np.where(use, f, -np.inf).max(axis=1)
@@ -610,7 +610,7 @@ def _latency_paired(
     ``min_devices`` devices, whatever they report, can neither fail nor pass the gate; they
     can hold it (a delay: a stage holding past its deadline pauses). ``None`` when too few
     inferences (the unpaired gate then says so)."""
-    from scipy.stats import ttest_1samp, wilcoxon
+    from scipy.stats import ttest_1samp, wilcoxon  # type: ignore[import-untyped]
 
     gate = "health.latency_p95"
     n_inf = sum(d.inferences for d, _ in pairs)
