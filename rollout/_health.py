@@ -950,6 +950,79 @@ def _summ(spec: OutputSpec, keys: Sequence[int], row: Any) -> OutputSummary:
     )
 
 
+def _aligned_rows(spec: OutputSpec, keys: Sequence[int], rows: Any) -> np.ndarray:
+    """Histogram rows of mixture values over ``keys`` as the count vectors
+    :func:`ota.repository._drift.aligned` makes of their :func:`_summ` summaries: the
+    pseudo-counts rounded as ``round`` does (half to even), bins ``0..bins-1`` then under,
+    over and NaN; keys outside those are dropped as ``summary_from_bins`` drops them."""
+    from ota.fleet._telemetry import NAN, OVER, UNDER
+
+    m = np.atleast_2d(np.asarray(rows, dtype=np.float64))
+    counts = np.rint(m * MIX_WEIGHT)
+    where = {k: i for i, k in enumerate(keys)}
+    out = np.zeros((m.shape[0], spec.bins + 3))
+    for j, k in enumerate([*range(spec.bins), UNDER, OVER, NAN]):
+        if k in where:
+            out[:, j] = counts[:, where[k]]
+    return out
+
+
+def _row_distances(th: HealthThresholds, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """``dist(a[i], b[i])`` (:func:`_distance`) for aligned count rows, in one pass: the
+    same arithmetic as :func:`ota.repository._drift.jensen_shannon` / ``psi`` row by row
+    (scipy's ``jensenshannon`` along ``axis=1``). ``None`` when a row is empty (the
+    per-pair function then raises its ``DriftError``)."""
+    from ota.repository._drift import EPS
+
+    a, b = np.broadcast_arrays(a, b)
+    sa, sb = a.sum(axis=1, keepdims=True), b.sum(axis=1, keepdims=True)
+    if not (np.all(sa > 0) and np.all(sb > 0)):
+        return None
+    if th.drift_metric == "js":
+        from scipy.spatial.distance import jensenshannon  # type: ignore[import-untyped]
+
+        d = np.asarray(jensenshannon(a / sa, b / sb, base=2, axis=1), dtype=np.float64)
+        return np.where(np.isnan(d), 0.0, d)
+    pe, pa = a / sa + EPS, b / sb + EPS
+    e, x = pe / pe.sum(axis=1, keepdims=True), pa / pa.sum(axis=1, keepdims=True)
+    out: np.ndarray = np.sum((x - e) * np.log(x / e), axis=1)
+    return out
+
+
+def _distances(
+    th: HealthThresholds,
+    spec: OutputSpec,
+    keys: Sequence[int],
+    left: Any,
+    right: Any,
+    ref: OutputSummary | None = None,
+) -> np.ndarray:
+    """``[dist(L_i, _summ(right[i]))]`` where ``L_i`` is ``ref`` when given, else
+    ``_summ(left[i])`` (``left`` may be one row for all): histogram outputs in one pass over
+    arrays (:func:`_row_distances`), class outputs (whose categories are each pair's union)
+    pair by pair."""
+    rows = np.atleast_2d(np.asarray(right, dtype=np.float64))
+    if spec.kind != "classes":
+        b = _aligned_rows(spec, keys, rows)
+        if ref is not None:
+            a = np.array([[*ref.counts, ref.under, ref.over, ref.nan]], dtype=np.float64)
+        else:
+            a = _aligned_rows(spec, keys, left)
+        got = _row_distances(th, a, b)
+        if got is not None:
+            return got
+    dist = _distance(th)
+    lefts = (
+        [ref] * len(rows)
+        if ref is not None
+        else [_summ(spec, keys, r) for r in np.broadcast_to(left, rows.shape)]
+    )
+    return np.array(
+        [dist(x, _summ(spec, keys, r)) for x, r in zip(lefts, rows, strict=True)],
+        dtype=np.float64,
+    )
+
+
 def _by_output(
     ds: Sequence[DeviceTelemetry], th: HealthThresholds
 ) -> dict[tuple[str, str], list[dict[int, float]]]:
@@ -983,8 +1056,8 @@ def _drift(
         sb = vb.sum(axis=0)
         mix_b = _summ(spec, keys, sb)
         value = dist(mix_b, _summ(spec, keys, vn.sum(axis=0)))
-        dn = np.array([dist(mix_b, _summ(spec, keys, row)) for row in vn])
-        db = np.array([dist(_summ(spec, keys, sb - row), _summ(spec, keys, row)) for row in vb])
+        dn = _distances(th, spec, keys, sb, vn)
+        db = _distances(th, spec, keys, sb - vb, vb)
         noise = float(np.median(db))
         limit = noise + th.max_drift
         p_fail = float(mannwhitneyu(dn, db, alternative="greater").pvalue)
@@ -1086,7 +1159,7 @@ def _drift_reference(
     dist = _distance(th)
     keys, vn, _ = _dense([ps, []])
     value = dist(ref, _summ(ref.spec, keys, vn.sum(axis=0)))
-    d = np.array([dist(ref, _summ(ref.spec, keys, row)) for row in vn]) - th.max_reference_drift
+    d = _distances(th, ref.spec, keys, None, vn, ref=ref) - th.max_reference_drift
     if np.all(d == 0):
         p_fail = p_pass = 1.0
     else:

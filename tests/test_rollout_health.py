@@ -442,6 +442,48 @@ def test_p95s_equals_the_per_device_computation() -> None:
     assert p95s(np.zeros((0, LATENCY_BUCKETS))).shape == (0,)
 
 
+def test_drift_distances_in_one_pass_equal_the_per_device_ones() -> None:
+    from ota.rollout._health import _distance, _distances, _summ
+
+    rng = np.random.default_rng(5)
+    ref = reference()[0]
+    for metric in ("js", "psi"):
+        th = HealthThresholds(drift_metric=metric)
+        dist = _distance(th)
+        for trial in range(120):
+            spec = (
+                OutputSpec("c", "classes")
+                if trial % 10 == 0
+                else OutputSpec("y", "hist", -4.0, 4.0, int(rng.integers(2, 40)))
+            )
+            every = list(range(12)) if spec.kind == "classes" else [*range(spec.bins), -1, -2, -3]
+            size = int(rng.integers(1, len(every) + 1))
+            keys = sorted(int(k) for k in rng.choice(every, size=size, replace=False))
+            n = int(rng.integers(2, 30))
+            raw = rng.random((n, len(keys))) * (rng.random((n, len(keys))) < 0.7)
+            raw[:, 0] += 1e-3
+            rows = raw / raw.sum(axis=1, keepdims=True)
+            mix = rows.sum(axis=0)
+            # each new device against the mixture; each baseline device leave-one-out
+            for lefts, got in (
+                ([mix] * n, _distances(th, spec, keys, mix, rows)),
+                (list(mix - rows), _distances(th, spec, keys, mix - rows, rows)),
+            ):
+                old = np.array(
+                    [
+                        dist(_summ(spec, keys, x), _summ(spec, keys, r))
+                        for x, r in zip(lefts, rows, strict=True)
+                    ]
+                )
+                assert np.array_equal(got, old), (metric, spec, np.abs(got - old).max())
+        # against the release's reference (its 32 bins)
+        keys = list(range(SPEC.bins))
+        rows = rng.random((9, SPEC.bins))
+        rows /= rows.sum(axis=1, keepdims=True)
+        old = np.array([dist(ref, _summ(SPEC, keys, r)) for r in rows])
+        assert np.array_equal(_distances(th, SPEC, keys, None, rows, ref=ref), old)
+
+
 def test_the_reference_comes_from_the_releases_signed_fact() -> None:
     [ref] = reference()
     doc = {"format": TELEMETRY_FORMAT, "outputs": [ref.to_dict()]}
