@@ -30,8 +30,8 @@ Invariants (FLEET.md, DESIGN decision 11):
   most in its favour (so fewer forged successes than the minimum cannot dilute honest failures
   into a deferral); such a tier keeps holding the stage (its deadline pauses it) until
   ``min_devices`` failed devices fail it. One failure among a small tier's devices is never
-  conclusive at the defaults (5 %: 95 % sure < 98 %); two failures among at most ``2 +
-  min_devices - 1`` executed devices are;
+  conclusive at the defaults (5 %: 95 % sure < 98 %); two failures among up to 8 executed
+  devices are (2 of 4 once 4 successes are set aside: 98.6 %);
 * the stage's sample is confirmed devices of the stage's ring; fewer than the stage's
   ``min_devices`` is ``HOLD`` (silence never promotes); so is a stage younger than its soak.
 """
