@@ -331,22 +331,24 @@ def evaluate_health(
         before = {pk: own[pk] for pk in new.keys() & own.keys()}
     tiers = sorted({d.tier for d in new.values()})
     percent = getattr(ctx, "percent", None)
-    population: dict[str, tuple[int, int]] = {}
-    if percent is not None and tiers:
-        from ._gates import tier_population
-
-        population = tier_population(session, ctx.model, ctx.version, ctx.ring, percent, tiers)
-    out: list[GateResult] = []
+    judged: dict[str, list[GateResult]] = {}
     for tier in ["", *tiers]:
         n = [d for d in new.values() if not tier or d.tier == tier]
         b = [d for d in base.values() if not tier or d.tier == tier]
-        got = _tier_gates(
+        judged[tier] = _tier_gates(
             n, b, tier, th, reference, bool(ctx.baseline_version), reference_source, before
         )
+    # only a tier's HOLD can be deferred: the population is read when some tier holds
+    holding = [t for t in tiers if any(g.status is GateStatus.HOLD for g in judged[t])]
+    population: dict[str, tuple[int, int]] = {}
+    if percent is not None and holding:
+        from ._gates import tier_population
+
+        population = tier_population(session, ctx.model, ctx.version, ctx.ring, percent, holding)
+    out: list[GateResult] = []
+    for tier, got in judged.items():
         why = _too_small(tier, population.get(tier), float(percent or 0.0), th)
-        if why:
-            got = [_deferred(g, why, population[tier][0]) for g in got]
-        out += got
+        out += [_deferred(g, why, population[tier][0]) for g in got] if why else got
     return out
 
 
