@@ -23,8 +23,9 @@ controller has the inference-health gates plugged in, as ``ota rollout controlle
 N, same database: ``enter_s`` (the tick that signs every stage-0 entry), ``judge_s`` (the
 first judgement of every stage), ``steady_s`` (median of ``--repeat`` ticks in which nothing
 changed), ``fresh_s`` (median of ticks after one new report per rollout: every rollout's
-inputs changed) and ``promote_s`` (the tick that passes every soak and signs every
-promotion); the baseline is the same tick at N = 1 (ratio per rollout).
+inputs changed; with ``--profile FILE`` one more such tick runs under cProfile, untimed, its
+stats dumped to ``FILE-<backend>-<N>``) and ``promote_s`` (the tick that passes every soak
+and signs every promotion); the baseline is the same tick at N = 1 (ratio per rollout).
 
 Run: ``python -m bench.rollout_tick [--json] [--sizes 1000,10000,100000] [--repeat 5]``;
 ``python -m bench.rollout_tick --live 1,10,100 [--backends sqlite,postgresql] [--repeat 3]
@@ -277,7 +278,12 @@ def _published_copy(work: Path, names: list[str], folder: Path) -> Any:
 
 
 def measure_live(
-    backend: str, n: int, repeat: int, work: Path, models: int = LIVE_MODELS
+    backend: str,
+    n: int,
+    repeat: int,
+    work: Path,
+    models: int = LIVE_MODELS,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     from ota.fleet import FleetConfig, migrate
     from ota.fleet._db import make_engine
@@ -326,6 +332,14 @@ def measure_live(
         at = t0 + 120 + 10 * (i + 1)
         _report(engine, live, at - 1)
         fresh.append(timed(at)[0])
+    if profile is not None:  # one more fresh tick, under the profiler (untimed)
+        import cProfile
+
+        at = t0 + 120 + 10 * (repeat + 1)
+        _report(engine, live, at - 1)
+        prof = cProfile.Profile()
+        prof.runcall(ctl.tick, now=at)
+        prof.dump_stats(str(profile.with_name(f"{profile.name}-{backend}-{n}")))
     promote_s, rep = timed(t0 + 60 + LIVE_SOAK_S)
     promoted = len([a for a in rep.actions if a.get("signed")])
     engine.dispose()
@@ -395,11 +409,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--live", default="", help="instead: ticks over N live rollouts")
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--models", type=int, default=LIVE_MODELS, help="models published")
+    parser.add_argument("--profile", default="", help="--live: cProfile a fresh tick into FILE")
     args = parser.parse_args(argv)
     if args.live:
+        profile = Path(args.profile) if args.profile else None
         with scratch_dir(args.workdir) as work:
             live = [
-                measure_live(b, int(n), args.repeat, work, args.models)
+                measure_live(b, int(n), args.repeat, work, args.models, profile)
                 for b in args.backends.split(",")
                 for n in args.live.split(",")
             ]

@@ -71,6 +71,7 @@ from ._gates import (
     count_outcomes_many,
     fleet_marks,
     install_gates,
+    needs_population,
     telemetry_marks,
 )
 from ._plan import Plan, plan_from_dict
@@ -477,7 +478,13 @@ class Controller:
             and cached.at <= ctx.now < cached.at + self.refresh_s
             and int(cached.at // BUCKET_S) == int(ctx.now // BUCKET_S)
         )
-        if fresh and outcomes is not None and cached is not None:  # no query at all
+        # no query at all (unless a tier holds on failures: its population may defer it)
+        if (
+            fresh
+            and outcomes is not None
+            and cached is not None
+            and not needs_population(outcomes, plan)
+        ):
             return install_gates(None, ctx, plan, stage, outcomes) + list(cached.gates)
         with Session(read_only(self.engine)) as s, s.begin():
             results = install_gates(s, ctx, plan, stage, outcomes)  # the soak: by the clock

@@ -18,6 +18,20 @@ Invariants (FLEET.md, DESIGN decision 11):
   devices (AWS IoT Jobs), and fails only when at least that many of them failed; fewer is
   ``HOLD`` if it has failures: so fewer forged reports than the minimum can neither halt a
   stage (even among many honest successes) nor let it promote past a failing tier;
+* a tier the stage cannot judge — it admits fewer than ``gates.install.min_devices`` of the
+  tier's devices that run the model (its ring at its percentage, counted from enrolment and the
+  client's bucket rule by :func:`tier_population`, never from reports) — is *deferred*: a HOLD
+  of ``install.failures`` for it becomes a PASS naming the deferral ("judged in the next
+  stage"; failures count over every ring, so the next stage's count still holds them), the
+  health gates' rule (ADR 0015). Not deferred: a ``FAIL`` (``min_devices`` failed devices
+  agree, whatever the tier's size), the security gate, and *conclusive* failures — the
+  one-sided binomial test that the tier's failure rate exceeds ``max_failure_rate`` is at
+  least :data:`CONCLUSIVE` sure, computed without the ``min_devices - 1`` confirmed devices
+  most in its favour (so fewer forged successes than the minimum cannot dilute honest failures
+  into a deferral); such a tier keeps holding the stage (its deadline pauses it) until
+  ``min_devices`` failed devices fail it. One failure among a small tier's devices is never
+  conclusive at the defaults (5 %: 95 % sure < 98 %); two failures among up to 8 executed
+  devices are (2 of 4 once 4 successes are set aside: 98.6 %);
 * the stage's sample is confirmed devices of the stage's ring; fewer than the stage's
   ``min_devices`` is ``HOLD`` (silence never promotes); so is a stage younger than its soak.
 """
@@ -25,7 +39,7 @@ Invariants (FLEET.md, DESIGN decision 11):
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +56,8 @@ SUCCESS = frozenset({"confirmed"})
 FAILURES = frozenset({"smoke_failed", "reverted", "failed", "refused"})
 SECURITY = "security"
 MAX_TIERS = 64  # tiers judged one by one; more are judged together as "(other)"
+OTHER = "(other)"
+CONCLUSIVE = 0.98  # how sure a too-small tier's failures must be to hold, not defer, a stage
 
 
 @dataclass
@@ -105,7 +121,7 @@ def _fold(rows: Sequence[tuple[str, str, str, int, int]], ring: str) -> Outcomes
     names = sorted({r[0] for r in rows})
     keep = set(names[:MAX_TIERS])
     for tier, dev_ring, state, n, n_stale in rows:
-        c = tiers[tier if tier in keep else "(other)"]
+        c = tiers[tier if tier in keep else OTHER]
         for target in (c, total):
             target.by_state[state] = target.by_state.get(state, 0) + n
             if state in SUCCESS:
@@ -270,10 +286,13 @@ def install_gates(
     plan: Plan,
     stage: Stage,
     outcomes: Outcomes | None = None,
+    population: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[GateResult]:
     """The install-outcome gates of one stage: security, failures per tier, sample, soak.
     ``outcomes``: the stage's counts when already read (:func:`count_outcomes_many`, then
-    ``s`` may be ``None``)."""
+    ``s`` may be ``None``). ``population``: :func:`tier_population` of the stage when already
+    read; else read with ``s`` only when a tier would hold on failures
+    (:func:`needs_population`); without either, nothing is deferred (fail closed: a hold)."""
     out = outcomes
     if out is None:
         if s is None:
@@ -376,6 +395,16 @@ def install_gates(
                     evidence=ev,
                 )
             )
+    held = _held_tiers(out, plan)
+    if held and population is None and s is not None:
+        population = tier_population(s, ctx.model, ctx.version, stage.ring, stage.percent, held)
+    if held and population is not None:
+        results = [
+            _defer_or_hold(g, out.tiers[g.tier], population.get(g.tier), stage.percent, plan)
+            if g.gate == "install.failures" and g.tier in held
+            else g
+            for g in results
+        ]
     n = out.ring_confirmed
     results.append(
         GateResult(
@@ -389,6 +418,92 @@ def install_gates(
     )
     results.append(soak_gate(ctx, stage))
     return results
+
+
+def _holds(c: Counts, plan: Plan) -> bool:
+    """Whether ``install.failures`` holds (neither passes nor fails) a tier with ``c``."""
+    if c.failures == 0:
+        return False
+    if c.executed < plan.install.min_devices:
+        return True
+    rate = c.failures / c.executed
+    return rate > plan.install.max_failure_rate and c.failures < plan.install.min_devices
+
+
+def _held_tiers(out: Outcomes, plan: Plan) -> list[str]:
+    """Tiers whose ``install.failures`` holds: those a deferral may concern (never
+    ``(other)``, many tiers together)."""
+    return sorted(t for t, c in out.tiers.items() if t != OTHER and _holds(c, plan))
+
+
+def needs_population(out: Outcomes, plan: Plan) -> bool:
+    """Whether :func:`install_gates` reads the stage's tier population for ``out`` (some
+    tier holds on failures): the controller then gives it a session."""
+    return bool(_held_tiers(out, plan))
+
+
+def conclusive(c: Counts, plan: Plan) -> float:
+    """How sure the tier's failure rate exceeds ``max_failure_rate``: one minus the one-sided
+    binomial p-value of its failures among its executed devices, without the
+    ``min_devices - 1`` confirmed devices most in its favour (so that fewer forged successes
+    than the minimum cannot dilute honest failures). 1.0 when ``max_failure_rate`` is 0 and
+    the tier has a failure (the plan tolerates none)."""
+    from scipy.stats import binom  # type: ignore[import-untyped]
+
+    aside = min(plan.install.min_devices - 1, c.confirmed)
+    n = c.executed - aside
+    if c.failures <= 0 or n <= 0:
+        return 0.0
+    p = float(binom.sf(c.failures - 1, n, plan.install.max_failure_rate))
+    return float(min(1.0, max(0.0, 1.0 - p)))
+
+
+def _defer_or_hold(
+    g: GateResult, c: Counts, pop: tuple[int, int] | None, percent: float, plan: Plan
+) -> GateResult:
+    """A held tier's ``install.failures``: deferred (PASS naming why) when the stage admits
+    fewer than ``gates.install.min_devices`` of the tier and its failures are not
+    :func:`conclusive`; otherwise kept as the HOLD it is (with the figures)."""
+    min_exec = plan.install.min_devices
+    admitted = pop[0] if pop is not None else 0
+    if pop is None or admitted >= min_exec:
+        return g
+    sure = conclusive(c, plan)
+    ev = {**g.evidence, "admitted_devices": admitted, "confidence_above_rate": round(sure, 6)}
+    if sure >= CONCLUSIVE:
+        return GateResult(
+            g.gate,
+            GateStatus.HOLD,
+            f"{g.reason}; conclusive (confidence {sure:.3f} >= {CONCLUSIVE}) though the stage "
+            f"admits only {admitted} device(s) of tier {g.tier}: not deferred",
+            g.value,
+            g.threshold,
+            g.baseline,
+            sure,
+            g.tier,
+            {**ev, "not_deferred": "conclusive"},
+        )
+    where = (
+        "judged with the tier's devices of the later stages"
+        if percent >= 100.0
+        else "judged in the next stage"
+    )
+    why = (
+        f"tier {g.tier}: {admitted} device(s) in this stage < min_devices {min_exec}: {where} "
+        f"({c.failures} failure(s) among {c.executed} executed, confidence {sure:.3f} < "
+        f"{CONCLUSIVE})"
+    )
+    return GateResult(
+        g.gate,
+        GateStatus.PASS,
+        why,
+        g.value,
+        g.threshold,
+        g.baseline,
+        None,
+        g.tier,
+        {**ev, "deferred": why, "held_because": g.reason},
+    )
 
 
 def soak_gate(ctx: RolloutContext, stage: Stage) -> GateResult:

@@ -30,7 +30,7 @@ from ota.errors import InputError
 from ota.fleet._models import Device, DeviceModel, ReleaseState
 from ota.fleet._report import ReportEvent
 from ota.fleet._telemetry import DeviceKey, DeviceTelemetry, absorb
-from ota.rollout._health import HealthThresholds, evaluate_health, p95, reference_of
+from ota.rollout._health import HealthThresholds, evaluate_health, p95, p95s, reference_of
 from ota.rollout._verdict import Action, GateResult, GateStatus, combine
 from tests.fleet_fixtures import fleet_backend, postgres  # noqa: F401
 
@@ -367,6 +367,121 @@ def test_p95_reads_the_fixed_buckets() -> None:
     assert p95(counts) > LATENCY_EDGES[19]
     with pytest.raises(ValueError, match="empty"):
         p95([0] * LATENCY_BUCKETS)
+
+
+def _p95_per_device(counts: np.ndarray) -> float:
+    """The per-histogram p95 the vectorised :func:`p95s` replaced (scipy ``norm.ppf`` and
+    ``np.polyfit`` per device), kept here as the reference it must equal."""
+    import math
+
+    from scipy.stats import norm  # type: ignore[import-untyped]
+
+    c = np.asarray(counts, dtype=np.float64)
+    total = float(c.sum())
+    ratio = LATENCY_EDGES[1] / LATENCY_EDGES[0]
+    edges = np.array([LATENCY_EDGES[0] / ratio, *LATENCY_EDGES, LATENCY_EDGES[-1] * ratio])
+    cum = np.cumsum(c)
+    i = int(np.searchsorted(cum, 0.95 * total))
+    lo, hi = float(edges[i]), float(edges[i + 1])
+    before = float(cum[i - 1]) if i else 0.0
+    interpolated = lo * (hi / lo) ** ((0.95 * total - before) / float(c[i]))
+    f = cum[:-1] / total
+    use = (f > 0.01) & (f < 0.99)
+    if len(np.unique(f[use])) < 2:
+        return float(interpolated)
+    slope, intercept = np.polyfit(norm.ppf(f[use]), np.log(np.asarray(LATENCY_EDGES)[use]), 1)
+    fitted = math.exp(float(intercept + slope * norm.ppf(0.95)))
+    return float(min(max(fitted, lo), hi))
+
+
+def random_histograms(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Log-normal samples of any median and spread, sparse noise, one or two buckets, and
+    huge counts: every branch of the p95 (fit, interpolation, clamp, first/last bucket)."""
+    out = []
+    for k in range(count):
+        kind = k % 4
+        if kind == 0:
+            med, sd = np.log(rng.uniform(1e-5, 2.0)), rng.uniform(0.01, 1.0)
+            lat = np.exp(rng.normal(med, sd, int(rng.integers(1, 3000))))
+            h = np.bincount(np.searchsorted(LATENCY_EDGES, lat, side="right"),
+                            minlength=LATENCY_BUCKETS)  # fmt: skip
+        elif kind == 1:
+            h = rng.integers(0, 5, LATENCY_BUCKETS) * (rng.random(LATENCY_BUCKETS) < 0.3)
+            if h.sum() == 0:
+                h[rng.integers(0, LATENCY_BUCKETS)] = 1
+        elif kind == 2:
+            h = np.zeros(LATENCY_BUCKETS, dtype=np.int64)
+            j = int(rng.integers(0, LATENCY_BUCKETS - 1))
+            h[j], h[j + 1] = rng.integers(1, 100), rng.integers(0, 100)
+        else:
+            h = rng.integers(0, 10**6, LATENCY_BUCKETS)
+        out.append(h)
+    return np.array(out)
+
+
+def test_p95s_equals_the_per_device_computation() -> None:
+    hists = random_histograms(np.random.default_rng(11), 2000)
+    old = np.array([_p95_per_device(h) for h in hists])
+    new = p95s(hists)
+    assert new.shape == old.shape and np.all(np.isfinite(new))
+    ulps = np.abs(new - old) / np.spacing(old)
+    # the least-squares line in closed form, not by SVD: a few ulps of the log-latency
+    # intercept, ≤ 64 ulps of its exponential (both sit within ~40 ulps of the exact value)
+    assert ulps.max() <= 64, (ulps.max(), hists[int(np.argmax(ulps))].tolist())
+    np.testing.assert_allclose(new, old, rtol=2e-14, atol=0)
+    assert np.median(ulps) <= 2
+    # histograms judged by interpolation (no fit): numpy's power against Python's, 1 ulp
+    cum = np.cumsum(hists, axis=1)[:, :-1] / hists.sum(axis=1)[:, None]
+    few = np.array([len(np.unique(f[(f > 0.01) & (f < 0.99)])) < 2 for f in cum])
+    assert few.sum() > 200 and ulps[few].max() <= 1
+    assert [p95(h) for h in hists[:50]] == new[:50].tolist()
+    with pytest.raises(ValueError, match="empty"):
+        p95s([[1] * LATENCY_BUCKETS, [0] * LATENCY_BUCKETS])
+    with pytest.raises(ValueError, match="buckets"):
+        p95s([[1] * (LATENCY_BUCKETS - 1)])
+    assert p95s(np.zeros((0, LATENCY_BUCKETS))).shape == (0,)
+
+
+def test_drift_distances_in_one_pass_equal_the_per_device_ones() -> None:
+    from ota.rollout._health import _distance, _distances, _summ
+
+    rng = np.random.default_rng(5)
+    ref = reference()[0]
+    for metric in ("js", "psi"):
+        th = HealthThresholds(drift_metric=metric)
+        dist = _distance(th)
+        for trial in range(120):
+            spec = (
+                OutputSpec("c", "classes")
+                if trial % 10 == 0
+                else OutputSpec("y", "hist", -4.0, 4.0, int(rng.integers(2, 40)))
+            )
+            every = list(range(12)) if spec.kind == "classes" else [*range(spec.bins), -1, -2, -3]
+            size = int(rng.integers(1, len(every) + 1))
+            keys = sorted(int(k) for k in rng.choice(every, size=size, replace=False))
+            n = int(rng.integers(2, 30))
+            raw = rng.random((n, len(keys))) * (rng.random((n, len(keys))) < 0.7)
+            raw[:, 0] += 1e-3
+            rows = raw / raw.sum(axis=1, keepdims=True)
+            mix = rows.sum(axis=0)
+            # each new device against the mixture; each baseline device leave-one-out
+            for lefts, got in (
+                ([mix] * n, _distances(th, spec, keys, mix, rows)),
+                (list(mix - rows), _distances(th, spec, keys, mix - rows, rows)),
+            ):
+                old = np.array(
+                    [
+                        dist(_summ(spec, keys, x), _summ(spec, keys, r))
+                        for x, r in zip(lefts, rows, strict=True)
+                    ]
+                )
+                assert np.array_equal(got, old), (metric, spec, np.abs(got - old).max())
+        # against the release's reference (its 32 bins)
+        keys = list(range(SPEC.bins))
+        rows = rng.random((9, SPEC.bins))
+        rows /= rows.sum(axis=1, keepdims=True)
+        old = np.array([dist(ref, _summ(SPEC, keys, r)) for r in rows])
+        assert np.array_equal(_distances(th, SPEC, keys, None, rows, ref=ref), old)
 
 
 def test_the_reference_comes_from_the_releases_signed_fact() -> None:
