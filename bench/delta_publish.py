@@ -86,7 +86,8 @@ def run(
             {
                 "fraction": fraction,
                 "version": version,
-                "bytes_uploaded": up.bytes_uploaded,
+                "bytes_uploaded": up.bytes_uploaded,  # file blobs included (ADR 0017)
+                "file_blob_bytes": up.file_blob_bytes,
                 "chunks_uploaded": up.chunks_uploaded,
                 "chunks_total": up.chunks_total,
                 "uploaded_over_full": round(up.bytes_uploaded / model_bytes, 4),

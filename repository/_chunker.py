@@ -46,8 +46,10 @@ Progress = Callable[[int], None]  # called with a number of bytes done
 
 @dataclass
 class UploadStats:
-    """What a publish stored. ``bytes_uploaded`` counts chunk (and delta) blobs written,
-    ``file_blob_bytes`` the whole-file blobs (ADR 0014/0017): their sum is what was written."""
+    """What a publish stored. ``bytes_uploaded`` is every byte written to the store: chunk
+    and delta blobs, and the whole-file blobs (ADR 0014/0017), which ``file_blobs`` and
+    ``file_blob_bytes`` count apart (a multi-chunk file is stored whole whenever its digest
+    is new: chunk-level dedup saves device downloads, no longer storage)."""
 
     chunks_total: int = 0
     chunks_uploaded: int = 0

@@ -368,6 +368,7 @@ def _chunk_payload(
                 if store_file_blob(store, src, entry, staging, copies.pop(bundle_path, None)):
                     up.stats.file_blobs += 1
                     up.stats.file_blob_bytes += entry.size
+                    up.stats.bytes_uploaded += entry.size
             smoke, overrides = smoke_job.result()
             card = card_job.result()
     finally:  # a copy not stored (a failed check, say) is removed, never left in the repository

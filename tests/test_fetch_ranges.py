@@ -329,9 +329,8 @@ def test_file_blob_alone_installs_without_chunk_blobs(tmp_path: Path) -> None:
 
 def test_file_blob_alone_missing_is_refused_and_nothing_staged(tmp_path: Path) -> None:
     _store(tmp_path / "srv", file_blob=False, chunk_blobs=False)
-    with http_faults.serve(tmp_path / "srv") as fs:
-        with pytest.raises(SecurityError, match="missing"):
-            _stage(_fetcher(fs), tmp_path / "dest")
+    with http_faults.serve(tmp_path / "srv") as fs, pytest.raises(SecurityError, match="missing"):
+        _stage(_fetcher(fs), tmp_path / "dest")
     assert not (tmp_path / "dest" / ENTRY.path).exists()
 
 
