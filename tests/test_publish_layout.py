@@ -294,3 +294,28 @@ def test_file_entry_of_one_chunk_reads_its_chunk_blob(tmp_path: Path) -> None:
 
     f = FileEntry("sbom.cdx.json", sha, len(data), (Chunk(sha, len(data)),))
     assert read_file(f, *storage_readers(storage)) == data
+
+
+def test_s3_store_holds_the_file_blob_alone_and_readers_use_ranges(
+    tmp_path: Path, s3_url: str, s3_endpoint: str
+) -> None:
+    """On S3 (moto, its own process) the file blob is uploaded whole, no chunk blob of it;
+    the offline export, audit and delta readers get the chunks as ranged GETs of it."""
+    make_project(tmp_path, s3_url, s3_endpoint=s3_endpoint)
+    project = Project.open(tmp_path / "proj")
+    _publish(project, tmp_path, "1.0.0")
+    model = _manifest(project, "1.0.0").file(MODEL)
+    store = project.storage
+    assert store.exists(blob_key(model.sha256))
+    assert not any(store.exists(blob_key(c.sha256)) for c in model.chunks)
+    src = (tmp_path / "models" / "1.0.0" / "model.onnx").read_bytes()
+    assert read_file(model, *storage_readers(store)) == src
+    export(project, ["det"], tmp_path / "medium")
+    assert (
+        b"".join((tmp_path / "medium" / blob_key(c.sha256)).read_bytes() for c in model.chunks)
+        == src
+    )
+    dev = _device(tmp_path, "http://127.0.0.1:9")
+    res = update_from_medium(dev, tmp_path / "medium")
+    assert res.status == "updated", res.to_dict()
+    assert current_version(dev) == "1.0.0"
