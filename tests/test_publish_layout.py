@@ -319,3 +319,26 @@ def test_s3_store_holds_the_file_blob_alone_and_readers_use_ranges(
     res = update_from_medium(dev, tmp_path / "medium")
     assert res.status == "updated", res.to_dict()
     assert current_version(dev) == "1.0.0"
+
+
+def test_a_file_that_turns_out_one_chunk_is_stored_as_its_chunk_blob(tmp_path: Path) -> None:
+    """Above MIN_CHUNK a file gets a file-blob copy, but it may still be one chunk: then its
+    chunk blob (the same key) is written by the uploader and the copy is dropped."""
+    import random
+
+    from ota.repository._chunker import Uploader, chunk_file
+    from ota.repository._fileblob import blob_copy_path, store_file_blob
+
+    src = tmp_path / "x.bin"
+    src.write_bytes(random.Random(0).randbytes(400 * 1024))
+    storage = FileStorage(tmp_path / "repo")
+    with Uploader(storage) as up:
+        copy = blob_copy_path(storage, src, tmp_path)
+        assert copy is not None
+        entry = chunk_file(src, "model/x.bin", up, None, copy, chunk_blobs=False)
+        assert len(entry.chunks) == 1 and entry.chunks[0].sha256 == entry.sha256
+        assert store_file_blob(storage, src, entry, tmp_path, copy) is False
+        up.flush()
+    assert not copy.exists()
+    assert (tmp_path / "repo" / blob_key(entry.sha256)).read_bytes() == src.read_bytes()
+    assert up.stats.chunks_uploaded == 1 and up.stats.bytes_uploaded == entry.size
