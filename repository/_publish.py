@@ -252,7 +252,14 @@ def publish(
     with tempfile.TemporaryDirectory(dir=staging_root) as tmp, Uploader(store, known=known) as up:
         staging = Path(tmp)
         model_path, entries, (smoke, overrides), card = _chunk_payload(
-            req, staging, up, progress, policy.actor, store, project.config.chunk_blobs
+            req,
+            staging,
+            up,
+            progress,
+            policy.actor,
+            store,
+            project.config.chunk_blobs,
+            file_blobs=project.config.file_blobs,
         )
         deltas, delta_stats = _binary_deltas(project, peek, index, req, entries, up)
         if smoke is not None:
@@ -319,6 +326,8 @@ def _chunk_payload(
     actor: str,
     store: Storage,
     blobs: bool = False,
+    *,
+    file_blobs: bool = True,
 ) -> tuple[
     Path | None,
     dict[str, FileEntry],
@@ -328,12 +337,19 @@ def _chunk_payload(
     """Check the source, chunk and upload its payload, and compute the smoke files and model
     card beside it. Returns (model path or None, payload entries, (smoke spec, overrides),
     model card). ``blobs``: store multi-chunk files' chunk blobs too (ADR 0017, ``chunk_blobs``).
+    ``file_blobs=False`` (ADR 0017, ``file_blobs``): no whole-file blobs, chunk blobs only (the
+    pre-ADR 0014 layout, whatever ``blobs`` says): a re-publish stores only the chunks the
+    store lacks.
 
     Raises:
         InputError: the checks, the golden run or the budget check fail (see :func:`publish`).
     """
     entries: dict[str, FileEntry] = {}
     copies: dict[str, Path | None] = {}  # ADR 0014 file blobs, written by the chunking pass
+    blobs = blobs or not file_blobs  # some form of every byte is stored
+
+    def copy_path(src: Path) -> Path | None:
+        return blob_copy_path(store, src, staging) if file_blobs else None
     try:
         with ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish") as side:
             # Overlap (issue 13): hashing and onnxruntime release the GIL, imports do not. The
@@ -342,7 +358,7 @@ def _chunk_payload(
             # SBOM validator) run while the payload is chunked. Nothing is visible before the
             # commit: a check that fails leaves only unreferenced blobs, as any failure does.
             stop = threading.Event()
-            early = _chunk_model_early(side, req, up, progress, stop, store, staging, copies, blobs)
+            early = _chunk_model_early(side, req, up, progress, stop, copy_path, copies, blobs)
             try:
                 if req.kind == "model":
                     model_path, payload = _model_payload(req)
@@ -358,13 +374,15 @@ def _chunk_payload(
                 entries[MODEL_FILE] = early.result()
             for bundle_path, src in payload.items():
                 if bundle_path not in entries:
-                    copies[bundle_path] = blob_copy_path(store, src, staging)
+                    copies[bundle_path] = copy_path(src)
                     entries[bundle_path] = chunk_file(
                         src, bundle_path, up, progress, copies[bundle_path], chunk_blobs=blobs
                     )
                 # ADR 0014/0017: devices fetch the chunks they lack as ranges of this blob,
                 # the only stored form of a multi-chunk file unless chunk_blobs is set
                 entry = entries[bundle_path]
+                if not file_blobs:
+                    continue
                 if store_file_blob(store, src, entry, staging, copies.pop(bundle_path, None)):
                     up.stats.file_blobs += 1
                     up.stats.file_blob_bytes += entry.size
@@ -580,8 +598,7 @@ def _chunk_model_early(
     up: Uploader,
     progress: Progress | None,
     stop: threading.Event,
-    store: Storage,
-    staging: Path,
+    copy_path: Callable[[Path], Path | None],
     copies: dict[str, Path | None],
     chunk_blobs: bool = True,
 ) -> Future[FileEntry] | None:
@@ -607,7 +624,7 @@ def _chunk_model_early(
         if progress is not None:
             progress(n)
 
-    copies[MODEL_FILE] = copy = blob_copy_path(store, req.source, staging)
+    copies[MODEL_FILE] = copy = copy_path(req.source)
     return side.submit(chunk_file, req.source, MODEL_FILE, up, tick, copy, chunk_blobs=chunk_blobs)
 
 

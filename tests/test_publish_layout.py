@@ -17,7 +17,7 @@ import pytest
 from ota.bundle import FileEntry, Manifest, blob_key
 from ota.client import init_device, update_once
 from ota.client._medium import update_from_medium
-from ota.errors import SecurityError
+from ota.errors import ConfigError, SecurityError
 from ota.repository import Project, PublishRequest, PublishResult, publish
 from ota.repository._blobread import iter_chunks, read_file, storage_readers
 from ota.repository._deltas import DeltaSettings
@@ -107,6 +107,50 @@ def test_chunk_blobs_option_also_stores_the_chunks(tmp_path: Path) -> None:
     model = _manifest(project, "1.0.0").file(MODEL)
     assert _blob(tmp_path, model.sha256).is_file()
     assert all(_blob(tmp_path, c.sha256).is_file() for c in model.chunks)
+
+
+def test_without_file_blobs_a_republish_uploads_only_new_chunks_and_devices_install(
+    tmp_path: Path,
+) -> None:
+    """``file_blobs = false`` (the pre-ADR 0014 layout, for a slow publisher uplink): chunk blobs
+    only, so a 10 % fine-tune stores about 10 % of the model, and a device with nothing
+    installs the whole release from chunk blobs, then the fine-tune by the chunks it lacks."""
+    project = _project(tmp_path)
+    toml = tmp_path / "proj" / "ota.toml"
+    assert "file_blobs = true" in toml.read_text()  # the default, written by `ota init`
+    toml.write_text(toml.read_text().replace("file_blobs = true", "file_blobs = false"))
+    project = Project.open(tmp_path / "proj")
+    assert project.config.file_blobs is False
+    _publish(project, tmp_path, "1.0.0")
+    first = _manifest(project, "1.0.0").file(MODEL)
+    assert not _blob(tmp_path, first.sha256).exists()  # no whole-file blob
+    assert all(_blob(tmp_path, c.sha256).is_file() for c in first.chunks)
+    with serve_dir(tmp_path / "repo") as base:
+        dev = _device(tmp_path, base)
+        assert update_once(dev).status == "updated"
+        result = _publish(project, tmp_path, "1.1.0", tune=0.1, deltas=False)
+        new = _manifest(project, "1.1.0").file(MODEL)
+        assert not _blob(tmp_path, new.sha256).exists()
+        assert result.upload.file_blobs == 0 and result.upload.file_blob_bytes == 0
+        # only the chunks the store lacked were written, less than the model (the default
+        # layout writes the changed file whole)
+        up = result.upload
+        fresh = {c.sha256: c.size for c in new.chunks}.keys() - {c.sha256 for c in first.chunks}
+        fresh_bytes = sum(c.size for c in new.chunks if c.sha256 in fresh)
+        assert 0 < len(fresh) < len(new.chunks)
+        assert fresh_bytes <= up.bytes_uploaded < new.size, up
+        assert up.chunks_uploaded < up.chunks_total, up
+        assert update_once(dev).status == "updated"
+    assert current_version(dev) == "1.1.0"
+    assert bytes.fromhex(new.sha256) in _installed(dev)
+
+
+def test_a_non_boolean_layout_flag_is_a_config_error(tmp_path: Path) -> None:
+    _project(tmp_path)
+    toml = tmp_path / "proj" / "ota.toml"
+    toml.write_text(toml.read_text().replace("file_blobs = true", 'file_blobs = "no"'))
+    with pytest.raises(ConfigError, match="file_blobs must be true or false"):
+        Project.open(tmp_path / "proj")
 
 
 # -- devices, attacked ------------------------------------------------------------------------
