@@ -46,7 +46,11 @@ HEADLINE = 0.1
 
 
 def run(
-    size_mb: int, fractions: list[float], workdir: Path, effort: str = "fast"
+    size_mb: int,
+    fractions: list[float],
+    workdir: Path,
+    effort: str = "fast",
+    file_blobs: bool = True,
 ) -> dict[str, Any]:
     from ota.repository import Project, PublishRequest, init_project, publish
     from ota.repository._deltas import DeltaSettings
@@ -58,7 +62,11 @@ def run(
     base_path = save(base, workdir / "models" / "base" / "model.onnx")
     model_bytes = base_path.stat().st_size
     init_project(workdir / "proj", str(workdir / "repo"))
+    if not file_blobs:  # ADR 0017 2b: chunk blobs only, the store deduplicates by chunk
+        toml = workdir / "proj" / "ota.toml"
+        toml.write_text(toml.read_text().replace("file_blobs = true", "file_blobs = false"))
     project = Project.open(workdir / "proj")
+    assert project.config.file_blobs is file_blobs
     warm_up(workdir)
 
     drop_dirty_pages()
@@ -86,7 +94,8 @@ def run(
             {
                 "fraction": fraction,
                 "version": version,
-                "bytes_uploaded": up.bytes_uploaded,
+                "bytes_uploaded": up.bytes_uploaded,  # file blobs included (ADR 0017)
+                "file_blob_bytes": up.file_blob_bytes,
                 "chunks_uploaded": up.chunks_uploaded,
                 "chunks_total": up.chunks_total,
                 "uploaded_over_full": round(up.bytes_uploaded / model_bytes, 4),
@@ -106,6 +115,7 @@ def run(
         "size_mb": size_mb,
         "model_bytes": model_bytes,
         "storage": "file",
+        "file_blobs": file_blobs,
         "effort": effort,
         "full_publish_s": round(full_s, 4),
         "full_upload": full.upload.to_dict(),
@@ -151,12 +161,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fractions", default="0.1,0.01,0.3",
                         help="comma list of fine-tune fractions, each from the same base")
     parser.add_argument("--effort", choices=("fast", "max"), default="fast")
+    parser.add_argument(
+        "--no-file-blobs",
+        action="store_true",
+        help="publish with file_blobs = false (ADR 0017 2b: chunk blobs only)",
+    )
     args = parser.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",") if f]
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         parser.error("fractions must be in (0, 1]")
     with scratch_dir(args.workdir) as work:
-        doc = run(args.size_mb, fractions, work, args.effort)
+        doc = run(args.size_mb, fractions, work, args.effort, not args.no_file_blobs)
     emit(doc, render(doc), args.json)
 
 

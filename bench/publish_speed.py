@@ -401,6 +401,8 @@ def cli_publish(model: Path, work: Path, i: int, python: str | None = None) -> d
         "cpu_s": round(cpu, 3),
         "vmhwm_mb": round(vmhwm_kib / 1024, 1),
         "bytes_uploaded": result.get("upload", {}).get("bytes_uploaded"),
+        # ADR 0017: the file blob is counted apart (a checkout before it reports no such key)
+        "file_blob_bytes": result.get("upload", {}).get("file_blob_bytes"),
     }
 
 

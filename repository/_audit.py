@@ -34,7 +34,6 @@ from ota.bundle import (
     ModelIndex,
     SignerEntry,
     TargetFacts,
-    blob_key,
     index_target_path,
     manifest_target_path,
     parse_signers,
@@ -240,15 +239,21 @@ def _stream_file(source: Source, f: FileEntry, sink: BinaryIO | None, keep: bool
     Raises:
         SecurityError: a chunk is missing, altered, or the file's digest differs.
     """
+    from ota.repository._blobread import iter_chunks
+
     buf = bytearray()
     file_hash = hashlib.sha256()
-    for c in f.chunks:
+    chunks = iter_chunks(f, source.read, source.read_range)  # either layout (ADR 0017)
+    while True:
         try:
-            data = source.read(blob_key(c.sha256), c.size)
+            got = next(chunks, None)
+        except SecurityError as e:
+            raise SecurityError(f"{f.path}: {e}") from e
         except OtaError as e:
-            raise SecurityError(f"{f.path}: chunk {c.sha256[:12]} unavailable: {e}") from e
-        if len(data) != c.size or hashlib.sha256(data).hexdigest() != c.sha256:
-            raise SecurityError(f"{f.path}: chunk {c.sha256[:12]} sha256 mismatch")
+            raise SecurityError(f"{f.path}: a chunk is unavailable: {e}") from e
+        if got is None:
+            break
+        _, data = got
         file_hash.update(data)
         if keep:
             buf += data

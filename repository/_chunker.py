@@ -2,9 +2,11 @@
 
 Each chunk is copied once out of the ``mmap``; those same bytes are hashed into the chunk digest,
 fed to the whole-file sha256 (on a second thread: hashlib releases the GIL; the same thread
-writes the file's whole-blob copy when asked, ADR 0014) and uploaded. So every byte is read once
-and hashed twice (file and chunk digests: the two trust anchors of ADR 0008), and what is
-uploaded and copied is exactly what was hashed even if the source file changes underneath. Chunk
+writes the file's whole-blob copy when asked, ADR 0014) and, unless the file blob is its only
+stored form (ADR 0017: ``chunk_blobs=False``), uploaded. So every byte is read once and hashed
+twice (file and chunk digests: the two trust anchors of ADR 0008), and what is uploaded and
+copied is exactly what was hashed even if the source file changes underneath (the copy out of
+the mapping costs ~0.02 s of CPU per 256 MiB: kept for this invariant). Chunk
 boundaries depend on content, so an edit changes only the chunks it touches: the basis of delta
 updates (``docs/adr/0001-bundle-format.md``).
 
@@ -44,10 +46,17 @@ Progress = Callable[[int], None]  # called with a number of bytes done
 
 @dataclass
 class UploadStats:
+    """What a publish stored. ``bytes_uploaded`` is every byte written to the store: chunk
+    and delta blobs, and the whole-file blobs (ADR 0014/0017), which ``file_blobs`` and
+    ``file_blob_bytes`` count apart (a multi-chunk file is stored whole whenever its digest
+    is new: chunk-level dedup saves device downloads, no longer storage)."""
+
     chunks_total: int = 0
     chunks_uploaded: int = 0
     bytes_total: int = 0
     bytes_uploaded: int = 0
+    file_blobs: int = 0
+    file_blob_bytes: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -83,9 +92,15 @@ class Uploader:
         else:
             self.close()
 
-    def submit(self, digest: str, data: bytes) -> None:
+    def count(self, nbytes: int) -> None:
+        """Count a chunk of the payload that is not stored as its own blob (ADR 0017: its
+        file's blob holds it)."""
         self.stats.chunks_total += 1
-        self.stats.bytes_total += len(data)
+        self.stats.bytes_total += nbytes
+
+    def submit(self, digest: str, data: bytes, *, counted: bool = False) -> None:
+        if not counted:
+            self.count(len(data))
         with self._lock:
             if digest in self.known:
                 return
@@ -168,6 +183,8 @@ def chunk_file(
     uploader: Uploader | None = None,
     progress: Progress | None = None,
     copy_to: Path | None = None,
+    *,
+    chunk_blobs: bool = True,
 ) -> FileEntry:
     """Cut ``source`` into content-defined chunks, hash it, and hand each chunk to ``uploader``.
 
@@ -175,6 +192,11 @@ def chunk_file(
     thread that computes the whole-file sha256, from the same buffers: the copy holds exactly
     the bytes the returned digest names (``ota.repository._fileblob``, ADR 0014), without a
     second read and hash of the source. On any failure the copy is removed.
+
+    ``chunk_blobs=False`` with ``copy_to`` (ADR 0017): the copy becomes the file's only stored
+    form, so the chunks of a file of several chunks are hashed (the manifest's chunk index)
+    but not handed to ``uploader``: every byte is written once. A file that turns out to be
+    one chunk is still handed over whole (its chunk blob is its file blob).
 
     Raises:
         OSError: the file cannot be read, or the copy cannot be written.
@@ -189,6 +211,10 @@ def chunk_file(
     hasher.start()
     feed = whole.feed
     chunks: list[Chunk] = []
+    # ADR 0017: no chunk blobs beside the file blob; the first chunk is kept until a second
+    # one shows the file has several (a one-chunk file's only blob is its chunk blob)
+    defer = uploader is not None and copy_to is not None and not chunk_blobs
+    first: bytes | None = None
     try:
         try:
             with source.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -199,7 +225,10 @@ def chunk_file(
                     feed.put(data)
                     digest = hashlib.sha256(data).hexdigest()
                     chunks.append(Chunk(digest, len(data)))
-                    if uploader is not None:
+                    if defer:
+                        uploader.count(len(data))  # type: ignore[union-attr]
+                        first = data if len(chunks) == 1 else None
+                    elif uploader is not None:
                         uploader.submit(digest, data)
                     if progress:
                         progress(len(data))
@@ -210,6 +239,8 @@ def chunk_file(
             raise whole.failed[0]
         if sum(c.size for c in chunks) != size:
             raise OSError(f"{source} changed size while publishing")
+        if first is not None and uploader is not None:
+            uploader.submit(chunks[0].sha256, first, counted=True)  # its blob is the file's
     except BaseException:
         if copy_to is not None:
             copy_to.unlink(missing_ok=True)

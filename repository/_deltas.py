@@ -299,22 +299,22 @@ def compute(
 
 
 def _rebuild(store: Any, f: FileEntry) -> bytearray:
-    """An earlier release's file from its stored chunks, each verified against the manifest.
+    """An earlier release's file from its stored chunks or file blob, each chunk verified
+    against the manifest.
 
     Raises:
         ValueError: a chunk that is missing or does not match.
     """
+    from ota.repository._blobread import iter_chunks, storage_readers
+
     buf = bytearray(f.size)
     pos = 0
-    for c in f.chunks:
-        try:
-            data, _ = store.get(blob_key(c.sha256), max_bytes=c.size)
-        except Exception as e:
-            raise ValueError(f"chunk {c.sha256[:16]} unreadable: {e}") from e
-        if len(data) != c.size or hashlib.sha256(data).hexdigest() != c.sha256:
-            raise ValueError(f"chunk {c.sha256[:16]} does not match its manifest")
-        buf[pos : pos + c.size] = data
-        pos += c.size
+    try:  # chunk blobs, or ranges of the file blob where only it is stored (ADR 0017)
+        for c, data in iter_chunks(f, *storage_readers(store)):
+            buf[pos : pos + c.size] = data
+            pos += c.size
+    except Exception as e:
+        raise ValueError(f"{f.path} unreadable or not matching its manifest: {e}") from e
     if pos != f.size or hashlib.sha256(buf).hexdigest() != f.sha256:
         raise ValueError(f"{f.path} rebuilt does not match its manifest")
     return buf

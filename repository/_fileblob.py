@@ -104,6 +104,7 @@ def _store_copy(storage: Storage, entry: FileEntry, copy: Path) -> bool:
         return False
     key = blob_key(entry.sha256)
     if storage.exists(key):
+        _touch(storage, key)
         return False
     if copy.stat().st_size != entry.size:
         raise OSError(f"the copy of {entry.path} is not {entry.size} bytes")
@@ -115,3 +116,35 @@ def _store_copy(storage: Storage, entry: FileEntry, copy: Path) -> bool:
     else:
         storage.put_file(key, copy)
     return True
+
+
+def _touch(storage: Storage, key: str) -> None:
+    """Make an existing blob young again (file backend) so that ``ota gc``'s grace keeps it
+    while this publish commits a release naming it: it may be the unreferenced blob of a
+    dropped release (ADR 0017: a whole file, not one chunk, is then at stake)."""
+    root = storage.local_root()
+    if root is not None:
+        with contextlib.suppress(OSError):
+            os.utime(root / key)
+
+
+def sweep_temp(storage: Storage, grace_seconds: float, *, dry_run: bool = False) -> int:
+    """Remove the dot-named temp copies (:func:`blob_copy_path`) a killed publisher left in a
+    local repository's blob folder, older than ``grace_seconds`` (a publish in progress
+    keeps its own). Returns how many. No device ever reads them (dot names are not blob keys).
+    """
+    root = storage.local_root()
+    folder = root / _BLOB_ROOT if root is not None else None
+    if folder is None or not folder.is_dir():
+        return 0
+    import time
+
+    n = 0
+    now = time.time()
+    for tmp in folder.glob(".file.*.new"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime >= grace_seconds:
+                if not dry_run:
+                    tmp.unlink()
+                n += 1
+    return n

@@ -42,7 +42,7 @@ from urllib.parse import quote, urlparse
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets, Timestamp
 
-from ota.bundle import Manifest, blob_key
+from ota.bundle import FileEntry, Manifest, blob_key
 from ota.errors import OtaError, SecurityError, TransientError
 from ota.repository import _deltas  # issue 13: delta blobs are mirrored too
 from ota.repository._storage import NotFound, Storage, open_storage
@@ -325,45 +325,61 @@ def _download_targets(view: TufView, dest: Storage, infos: list[TargetFile],
 
 def _copy_blobs(source: Source, dest: Storage, manifests: list[Manifest], result: SyncResult,
                 on_write: Progress | None) -> None:  # fmt: skip
-    """Copy every chunk the mirror lacks, each checked against its address and size."""
+    """Copy every blob the mirror lacks, each checked against its address and size: the
+    whole-file blob of each multi-chunk file where the source has it (ADR 0014), then every
+    chunk blob the source has. A chunk the source lacks is allowed only inside a file whose
+    file blob the mirror now holds (ADR 0017: a release stored without chunk blobs; devices
+    fetch its chunks as ranges of that blob); any other missing blob refuses the sync."""
+    files = {f.sha256: f for m in manifests for f in m.files if len(f.chunks) > 1}
+    covered = _copy_file_blobs(source, dest, files, result, on_write)
     chunks: dict[str, int] = {}
+    owners: dict[str, set[str]] = {}  # chunk -> the files holding it ("" for a one-chunk file)
     for m in manifests:
         for f in m.files:
             for c in f.chunks:
                 chunks[c.sha256] = c.size
+                owners.setdefault(c.sha256, set()).add(f.sha256 if len(f.chunks) > 1 else "")
+    absent: set[str] = set()  # covered files whose chunk blobs proved absent from the source
     for sha, size in sorted(chunks.items()):
         key = blob_key(sha)
         if dest.exists(key):  # written only once verified, atomically
             result.skipped["blobs"] += 1
             continue
+        optional = owners[sha] <= covered  # every file holding it has its file blob here
+        if optional and owners[sha] & absent:
+            continue  # one probe per file, not one request per chunk
         try:
             data = source.read(key, size)
         except NotFound as e:
+            if optional:
+                absent |= owners[sha]
+                continue
             raise MirrorRefused(f"the source lacks chunk {sha[:12]} that a release names") from e
         _verify_chunk(sha, size, data)
         _write(dest, key, data, "blobs", result, on_write)
-    _copy_file_blobs(source, dest, manifests, set(chunks), result, on_write)
 
 
-def _copy_file_blobs(source: Source, dest: Storage, manifests: list[Manifest], chunks: set[str],
-                     result: SyncResult, on_write: Progress | None) -> None:  # fmt: skip
+def _copy_file_blobs(source: Source, dest: Storage, files: dict[str, FileEntry],
+                     result: SyncResult, on_write: Progress | None) -> set[str]:  # fmt: skip
     """Copy the whole-file blobs devices fetch byte ranges of (ADR 0014) where the source has
     them, each checked against its address and the manifest's size (one file in memory at a
-    time). A release published before them has none: its devices use the chunks."""
-    files = {f.sha256: f.size for m in manifests for f in m.files if len(f.chunks) > 1}
-    for sha, size in sorted(files.items()):
+    time). Returns the file digests whose blob the mirror holds. A release published before
+    ADR 0014 has none: its devices use the chunks."""
+    held: set[str] = set()
+    for sha, f in sorted(files.items()):
         key = blob_key(sha)
-        if sha in chunks:
-            continue
         if dest.exists(key):
             result.skipped["blobs"] += 1
+            held.add(sha)
             continue
         try:
-            data = source.read(key, size)
+            data = source.read(key, f.size)
         except NotFound:
             continue
-        _verify_chunk(sha, size, data)
+        _verify_chunk(sha, f.size, data)
         _write(dest, key, data, "blobs", result, on_write)
+        held.add(sha)
+    return held
 
 
 def _write(dest: Storage, key: str, data: bytes, kind: str, result: SyncResult,

@@ -45,8 +45,15 @@ from typing import Any
 
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 
-from ota.bundle import SIGNERS_TARGET, blob_key, index_target_path, manifest_target_path
+from ota.bundle import (
+    SIGNERS_TARGET,
+    FileEntry,
+    blob_key,
+    index_target_path,
+    manifest_target_path,
+)
 from ota.errors import InputError, SecurityError
+from ota.repository._blobread import storage_range
 from ota.repository._index import UnknownRelease, load_manifest, read_facts, read_index
 from ota.repository._meta import MAX_METADATA_BYTES, SERIALIZER, md_key
 from ota.repository._meta import now as _now
@@ -117,6 +124,9 @@ class _Plan:
     timestamp_version: int
     snapshot_version: int
     target_paths: list[str]
+    # chunk sha256 -> (its file, its offset there): where a chunk is read when the repository
+    # stores only its file's blob (ADR 0017); the medium always gets chunk blobs
+    where: dict[str, tuple[FileEntry, int]] = field(default_factory=dict)
 
 
 def export(project: Project, wanted: Iterable[str], dest: Path, *, expires_in_days: float = 14.0,
@@ -198,7 +208,7 @@ def _plan(project: Project, txn: Transaction, refs: list[ReleaseRef], bases: lis
     for ref in refs:
         releases[ref.name] = _pick(txn, ref, device_class)
         paths += [index_target_path(ref.name), manifest_target_path(ref.name, releases[ref.name])]
-    chunks, omitted, delta_from = _chunks(project, txn, releases, bases)
+    chunks, omitted, delta_from, where = _chunks(project, txn, releases, bases)
     files = _carry_targets(project, txn, paths, expires)
     snap = txn.snapshot.signed
     for name, meta in snap.meta.items():  # every targets role the repository lists
@@ -228,18 +238,26 @@ def _plan(project: Project, txn: Transaction, refs: list[ReleaseRef], bases: lis
     txn.timestamp.signed.version += 1
     txn.resign(Snapshot.type)
     return _Plan(files, chunks, omitted, releases, delta_from, ts.signed.version,
-                 medium_snap.signed.version, paths)  # fmt: skip
+                 medium_snap.signed.version, paths, where)  # fmt: skip
 
 
-def _chunks(project: Project, txn: Transaction, releases: dict[str, str],
-            bases: list[ReleaseRef]) -> tuple[dict[str, int], int, dict[str, str]]:  # fmt: skip
+def _chunks(
+    project: Project,
+    txn: Transaction,
+    releases: dict[str, str],
+    bases: list[ReleaseRef],
+) -> tuple[dict[str, int], int, dict[str, str], dict[str, tuple[FileEntry, int]]]:
     """Chunks the releases need (sha256 -> size) less those of the ``bases``; how many were
-    left out; the bases by model."""
+    left out; the bases by model; where each chunk is in its file (ADR 0017)."""
     chunks: dict[str, int] = {}
+    where: dict[str, tuple[FileEntry, int]] = {}
     for name, version in releases.items():
         for f in load_manifest(project.storage, txn, name, version).files:
+            offset = 0
             for c in f.chunks:
                 chunks[c.sha256] = c.size
+                where.setdefault(c.sha256, (f, offset))
+                offset += c.size
     delta_from: dict[str, str] = {}
     omitted = 0
     for b in bases:
@@ -249,7 +267,7 @@ def _chunks(project: Project, txn: Transaction, releases: dict[str, str],
             for c in f.chunks:
                 if chunks.pop(c.sha256, None) is not None:
                     omitted += 1
-    return chunks, omitted, delta_from
+    return chunks, omitted, delta_from, where
 
 
 def _carry_targets(project: Project, txn: Transaction, paths: list[str],
@@ -339,7 +357,7 @@ def _write_stage(project: Project, stage: Path, plan: _Plan) -> int:
         total += len(data)
     for sha, size in sorted(plan.chunks.items()):
         try:
-            data = project.storage.get(blob_key(sha), max_bytes=size)[0]
+            data = _read_chunk(project, sha, size, plan.where.get(sha))
         except NotFound as e:
             raise SecurityError(f"the repository lacks chunk {sha[:12]} a release names") from e
         if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
@@ -347,6 +365,23 @@ def _write_stage(project: Project, stage: Path, plan: _Plan) -> int:
         _put(stage, blob_key(sha), data)
         total += size
     return total
+
+
+def _read_chunk(project: Project, sha: str, size: int, where: tuple[FileEntry, int] | None,
+                ) -> bytes:  # fmt: skip
+    """A chunk's stored bytes (unverified: the caller checks them): its chunk blob, or its
+    range of its file's blob when the repository stores only that (ADR 0017).
+
+    Raises:
+        NotFound: in neither.
+    """
+    try:
+        return project.storage.get(blob_key(sha), max_bytes=size)[0]
+    except NotFound:
+        if where is None or len(where[0].chunks) < 2:
+            raise
+        f, offset = where
+        return storage_range(project.storage, blob_key(f.sha256), offset, offset + size)
 
 
 def _put(stage: Path, key: str, data: bytes) -> None:

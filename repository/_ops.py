@@ -7,7 +7,6 @@ needs the release manager's signature, see ``docs/threat-model.md``).
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -204,14 +203,17 @@ def _check_signed_facts(project: Project, txn: Transaction, facts: TargetFacts,
         entry = manifest.file(path)
         if entry.size > limit:
             raise SecurityError(f"{path} of {name} {facts.release.version} is too large")
-        data = b"".join(project.storage.get(blob_key(c.sha256), max_bytes=c.size)[0]
-                        for c in entry.chunks)
-        if hashlib.sha256(data).hexdigest() != entry.sha256 or len(data) != entry.size:
-            raise SecurityError(f"stored {path} of {name} does not match its manifest")
-        return data
+        from ota.repository._blobread import read_file, storage_readers
 
-    if (facts.digests.get(RELEASE_FILE) != manifest.file(RELEASE_FILE).sha256
-            or read(RELEASE_FILE, 1024 * 1024) != facts.release.to_bytes()):
+        try:  # either layout (ADR 0017); every chunk and the file digest checked
+            return read_file(entry, *storage_readers(project.storage))
+        except SecurityError as e:
+            raise SecurityError(f"stored {path} of {name} does not match its manifest") from e
+
+    if (
+        facts.digests.get(RELEASE_FILE) != manifest.file(RELEASE_FILE).sha256
+        or read(RELEASE_FILE, 1024 * 1024) != facts.release.to_bytes()
+    ):
         raise SecurityError(
             f"the facts of {name} {facts.release.version} differ from its signed release.json: "
             "the online-signed metadata was altered; nothing was published",
@@ -296,6 +298,9 @@ def gc(project: Project, *, grace_seconds: float = 3600.0, dry_run: bool = False
             referenced |= {blob_key(d) for d in manifest.chunk_digests()}
             referenced |= {blob_key(f.sha256) for f in manifest.files}  # ADR 0014 file blobs
             referenced |= _deltas.referenced_blobs(info.custom)  # issue 13: delta blobs
+    from ota.repository._fileblob import sweep_temp
+
+    sweep_temp(store, grace_seconds, dry_run=dry_run)  # ADR 0017: killed publishers' copies
     deleted = young = freed = 0
     now = time.time()
     for key, size, mtime in store.list_detailed("blobs/"):

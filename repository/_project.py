@@ -74,6 +74,13 @@ class ProjectConfig:
     # "concurrent" (the store must honour conditional writes) or "single" (one publisher host;
     # see ota.repository._condwrite and docs/runbooks/publish.md)
     publishers: str = "concurrent"
+    # ADR 0017: also store each multi-chunk file's chunks as blobs, for devices whose client
+    # predates ADR 0014 (they fetch chunk blobs only); off: each payload byte is written once
+    chunk_blobs: bool = False
+    # ADR 0017: store each multi-chunk file whole (devices fetch the chunks they lack as ranges
+    # of it: a few requests per file). false: chunk blobs only (the pre-ADR 0014 layout): a
+    # re-publish uploads only the chunks the store lacks, devices fetch one request per chunk
+    file_blobs: bool = True
 
     def to_toml(self) -> str:
         def q(v: str) -> str:
@@ -91,6 +98,11 @@ class ProjectConfig:
             "# concurrent: the store must honour conditional writes (probed);"
             " single: ONE publisher host only",
             f"publishers = {q(self.publishers)}",
+            "# true: also store chunk blobs, for devices older than ADR 0014 (docs/adr/0017)",
+            f"chunk_blobs = {'true' if self.chunk_blobs else 'false'}",
+            "# false: no whole-file blobs; a re-publish uploads only new chunks, devices fetch"
+            " per chunk (docs/adr/0017)",
+            f"file_blobs = {'true' if self.file_blobs else 'false'}",
             "",
             "[expiry]  # days",
             *(f"{k} = {getattr(self.expiry, k)}" for k in _EXPIRY_FIELDS),
@@ -123,9 +135,17 @@ class ProjectConfig:
                 release_pub=str(doc.get("release", {}).get("public_key", "")),
                 team=str(repo.get("team", "")),
                 publishers=_publishers(repo.get("publishers", "concurrent")),
+                chunk_blobs=_flag("chunk_blobs", repo.get("chunk_blobs", False)),
+                file_blobs=_flag("file_blobs", repo.get("file_blobs", True)),
             )
         except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"bad {CONFIG_NAME}: {e}") from e
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, not {value!r}")
+    return value
 
 
 def _publishers(value: object) -> str:

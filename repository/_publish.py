@@ -252,7 +252,14 @@ def publish(
     with tempfile.TemporaryDirectory(dir=staging_root) as tmp, Uploader(store, known=known) as up:
         staging = Path(tmp)
         model_path, entries, (smoke, overrides), card = _chunk_payload(
-            req, staging, up, progress, policy.actor, store
+            req,
+            staging,
+            up,
+            progress,
+            policy.actor,
+            store,
+            project.config.chunk_blobs,
+            file_blobs=project.config.file_blobs,
         )
         deltas, delta_stats = _binary_deltas(project, peek, index, req, entries, up)
         if smoke is not None:
@@ -318,6 +325,9 @@ def _chunk_payload(
     progress: Progress | None,
     actor: str,
     store: Storage,
+    blobs: bool = False,
+    *,
+    file_blobs: bool = True,
 ) -> tuple[
     Path | None,
     dict[str, FileEntry],
@@ -326,13 +336,20 @@ def _chunk_payload(
 ]:
     """Check the source, chunk and upload its payload, and compute the smoke files and model
     card beside it. Returns (model path or None, payload entries, (smoke spec, overrides),
-    model card).
+    model card). ``blobs``: store multi-chunk files' chunk blobs too (ADR 0017, ``chunk_blobs``).
+    ``file_blobs=False`` (ADR 0017, ``file_blobs``): no whole-file blobs, chunk blobs only (the
+    pre-ADR 0014 layout, whatever ``blobs`` says): a re-publish stores only the chunks the
+    store lacks.
 
     Raises:
         InputError: the checks, the golden run or the budget check fail (see :func:`publish`).
     """
     entries: dict[str, FileEntry] = {}
     copies: dict[str, Path | None] = {}  # ADR 0014 file blobs, written by the chunking pass
+    blobs = blobs or not file_blobs  # some form of every byte is stored
+
+    def copy_path(src: Path) -> Path | None:
+        return blob_copy_path(store, src, staging) if file_blobs else None
     try:
         with ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish") as side:
             # Overlap (issue 13): hashing and onnxruntime release the GIL, imports do not. The
@@ -341,7 +358,7 @@ def _chunk_payload(
             # SBOM validator) run while the payload is chunked. Nothing is visible before the
             # commit: a check that fails leaves only unreferenced blobs, as any failure does.
             stop = threading.Event()
-            early = _chunk_model_early(side, req, up, progress, stop, store, staging, copies)
+            early = _chunk_model_early(side, req, up, progress, stop, copy_path, copies, blobs)
             try:
                 if req.kind == "model":
                     model_path, payload = _model_payload(req)
@@ -357,14 +374,19 @@ def _chunk_payload(
                 entries[MODEL_FILE] = early.result()
             for bundle_path, src in payload.items():
                 if bundle_path not in entries:
-                    copies[bundle_path] = blob_copy_path(store, src, staging)
+                    copies[bundle_path] = copy_path(src)
                     entries[bundle_path] = chunk_file(
-                        src, bundle_path, up, progress, copies[bundle_path]
+                        src, bundle_path, up, progress, copies[bundle_path], chunk_blobs=blobs
                     )
-                # ADR 0014: devices fetch adjacent missing chunks as ranges of this blob
-                store_file_blob(
-                    store, src, entries[bundle_path], staging, copies.pop(bundle_path, None)
-                )
+                # ADR 0014/0017: devices fetch the chunks they lack as ranges of this blob,
+                # the only stored form of a multi-chunk file unless chunk_blobs is set
+                entry = entries[bundle_path]
+                if not file_blobs:
+                    continue
+                if store_file_blob(store, src, entry, staging, copies.pop(bundle_path, None)):
+                    up.stats.file_blobs += 1
+                    up.stats.file_blob_bytes += entry.size
+                    up.stats.bytes_uploaded += entry.size
             smoke, overrides = smoke_job.result()
             card = card_job.result()
     finally:  # a copy not stored (a failed check, say) is removed, never left in the repository
@@ -536,13 +558,16 @@ def _commit_release(
 
 
 def _previous_chunks(project: Project, txn: Transaction, name: str) -> set[str]:
-    """Chunk digests of the model's newest release: known to be stored, never re-checked."""
+    """Blob digests of the model's newest release known to be stored, never re-checked: its
+    files' digests (a one-chunk file's chunk blob, a multi-chunk file's file blob). Not the
+    chunks of its multi-chunk files: since ADR 0017 a release may have stored those only in
+    its file blob, so a chunk of it is written again (create-if-absent) when needed."""
     index = read_index(txn, name)
     if index is None or not index.releases:
         return set()
     newest = max(index.releases, key=lambda r: r.counter)
     with contextlib.suppress(Exception):  # only an optimisation: fall back to asking storage
-        return load_manifest(project.storage, txn, name, newest.version).chunk_digests()
+        return {f.sha256 for f in load_manifest(project.storage, txn, name, newest.version).files}
     return set()
 
 
@@ -573,9 +598,9 @@ def _chunk_model_early(
     up: Uploader,
     progress: Progress | None,
     stop: threading.Event,
-    store: Storage,
-    staging: Path,
+    copy_path: Callable[[Path], Path | None],
     copies: dict[str, Path | None],
+    chunk_blobs: bool = True,
 ) -> Future[FileEntry] | None:
     """Start chunking the model file on ``side`` while the caller checks it, or None (a runtime,
     or a source that is not a regular file within ``max_model_bytes``: the checks then say
@@ -599,8 +624,8 @@ def _chunk_model_early(
         if progress is not None:
             progress(n)
 
-    copies[MODEL_FILE] = copy = blob_copy_path(store, req.source, staging)
-    return side.submit(chunk_file, req.source, MODEL_FILE, up, tick, copy)
+    copies[MODEL_FILE] = copy = copy_path(req.source)
+    return side.submit(chunk_file, req.source, MODEL_FILE, up, tick, copy, chunk_blobs=chunk_blobs)
 
 
 # What ota.sbom.build_mlbom imports when it is called (after the chunking, on the main thread:

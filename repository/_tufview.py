@@ -42,6 +42,15 @@ class Source(ABC):
             folder, a symlink). StorageError / TransientError: unreadable.
         """
 
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``key`` (fewer if it is shorter): a chunk of a file blob
+        (ADR 0017). This default reads at most ``end`` bytes of it whole.
+
+        Raises:
+            NotFound, TooLarge, StorageError, TransientError: as :meth:`read`.
+        """
+        return self.read(key, end)[start:end]
+
 
 class StorageSource(Source):
     def __init__(self, storage: Storage) -> None:
@@ -49,6 +58,11 @@ class StorageSource(Source):
 
     def read(self, key: str, max_bytes: int) -> bytes:
         return self.storage.get(key, max_bytes=max_bytes)[0]
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        from ota.repository._blobread import storage_range
+
+        return storage_range(self.storage, key, start, end)
 
 
 class HttpSource(Source):
@@ -61,17 +75,27 @@ class HttpSource(Source):
         self._pool = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10.0, read=timeout))
 
     def read(self, key: str, max_bytes: int) -> bytes:
+        return self._get(key, max_bytes, {})
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        return self._get(key, end - start, {"Range": f"bytes={start}-{end - 1}"}, (206,))
+
+    def _get(self, key: str, max_bytes: int, headers: dict[str, str],
+             ok: tuple[int, ...] = (200,)) -> bytes:  # fmt: skip
         import urllib3
 
         try:
             r = self._pool.request("GET", f"{self.base}/{key}", preload_content=False,
+                                   headers=headers,
                                    retries=urllib3.Retry(2, redirect=0))  # fmt: skip
         except urllib3.exceptions.HTTPError as e:
             raise TransientError(f"cannot fetch {key}: {e}") from e
         try:
             if r.status in (403, 404):
                 raise NotFound(key)
-            if r.status != 200:
+            if r.status not in ok:  # a 200 to a range (Range ignored) is refused too
                 raise TransientError(f"GET {key}: HTTP {r.status}")
             data = r.read(max_bytes + 1)
             if len(data) > max_bytes:
@@ -97,6 +121,19 @@ class DirSource(Source):
             if path.is_symlink() or path.stat().st_size > max_bytes:
                 raise TooLarge(f"{key} is larger than {max_bytes} bytes or a symlink")
             return path.read_bytes()
+        except FileNotFoundError as e:
+            raise NotFound(key) from e
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        if any(p in ("", ".", "..") for p in key.split("/")):
+            raise NotFound(key)
+        path = self.root / key
+        try:
+            if path.is_symlink():
+                raise TooLarge(f"{key} is a symlink")
+            with path.open("rb") as f:
+                f.seek(start)
+                return f.read(max(end - start, 0))
         except FileNotFoundError as e:
             raise NotFound(key) from e
 

@@ -87,8 +87,10 @@ def test_delta_publish_reports_uploaded_fraction(
         )
         # a fine-tune never re-uploads the whole model's chunks; the binary deltas from the two
         # previous releases come on top (at 2 MB they can add up to more than the file)
-        chunk_bytes = d["bytes_uploaded"] - d["binary_deltas"]["bytes"]
+        # (ADR 0017: a new multi-chunk file is stored whole, as its file blob: apart here)
+        chunk_bytes = d["bytes_uploaded"] - d["binary_deltas"]["bytes"] - d["file_blob_bytes"]
         assert 0 < chunk_bytes < doc["model_bytes"]
+        assert d["file_blob_bytes"] == doc["model_bytes"]  # every byte written, and reported
     assert isinstance(doc["goal_met"], bool)
 
 

@@ -45,11 +45,12 @@ ENTRY = FileEntry(
 MANIFEST = Manifest("m", "1.0.0", (ENTRY,))
 
 
-def _store(root: Path, *, file_blob: bool = True) -> None:
+def _store(root: Path, *, file_blob: bool = True, chunk_blobs: bool = True) -> None:
     for c, part in zip(ENTRY.chunks, PARTS, strict=True):
         path = root / blob_key(c.sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(part)
+        if chunk_blobs:
+            path.write_bytes(part)
     if file_blob:
         path = root / blob_key(ENTRY.sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,20 +299,83 @@ def test_corrupt_local_chunk_is_fetched_instead(server: FaultServer, tmp_path: P
     )
     _stage(_fetcher(server), tmp_path / "dest", index)
     assert (tmp_path / "dest" / ENTRY.path).read_bytes() == DATA
-    assert len(server.requests(ENTRY.chunks[0].sha256)) == 1  # that chunk's blob, verified
+    # ADR 0017: that chunk is asked as its range of the file blob (verified as a chunk), since
+    # a release may store it nowhere else; its chunk blob is not needed
+    assert f"bytes=0-{CHUNK - 1}" in _ranges(server)
+    assert server.requests(ENTRY.chunks[0].sha256) == []
+
+
+# -- ADR 0017: multi-chunk files stored only as their file blob ---------------------------------
+
+
+def _bad_local_chunk(tmp_path: Path) -> ChunkIndex:
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "f").write_bytes(b"\0" * CHUNK)  # indexed as chunk 0, but its bytes are wrong
+    index = ChunkIndex()
+    index.add_tree(
+        old, Manifest("m", "0.9.0", (FileEntry("f", "0" * 64, CHUNK, ENTRY.chunks[:1]),))
+    )
+    return index
+
+
+def test_file_blob_alone_installs_without_chunk_blobs(tmp_path: Path) -> None:
+    _store(tmp_path / "srv", chunk_blobs=False)
+    with http_faults.serve(tmp_path / "srv") as fs:
+        _stage(_fetcher(fs), tmp_path / "dest", _bad_local_chunk(tmp_path))
+        assert (tmp_path / "dest" / ENTRY.path).read_bytes() == DATA
+        assert all(fs.requests(c.sha256) == [] for c in ENTRY.chunks)
+
+
+def test_file_blob_alone_missing_is_refused_and_nothing_staged(tmp_path: Path) -> None:
+    _store(tmp_path / "srv", file_blob=False, chunk_blobs=False)
+    with http_faults.serve(tmp_path / "srv") as fs, pytest.raises(SecurityError, match="missing"):
+        _stage(_fetcher(fs), tmp_path / "dest")
+    assert not (tmp_path / "dest" / ENTRY.path).exists()
+
+
+@pytest.mark.parametrize("how", ["tampered", "short", "long"])
+def test_file_blob_alone_altered_is_refused(tmp_path: Path, how: str) -> None:
+    _store(tmp_path / "srv", chunk_blobs=False)
+    blob = tmp_path / "srv" / blob_key(ENTRY.sha256)
+    bad = {"tampered": DATA[:-5] + b"EVIL!", "short": DATA[: -CHUNK // 2],
+           "long": DATA + b"x" * 100}[how]  # fmt: skip
+    blob.write_bytes(bad)
+    with http_faults.serve(tmp_path / "srv") as fs, pytest.raises(SecurityError):
+        _stage(_fetcher(fs), tmp_path / "dest")
+    assert not (tmp_path / "dest" / ENTRY.path).exists()
+
+
+def test_file_blob_alone_tampered_range_for_a_local_chunk_is_refused(tmp_path: Path) -> None:
+    """The one chunk re-fetched for a bad local copy is verified as a chunk at once."""
+    _store(tmp_path / "srv", chunk_blobs=False)
+    blob = tmp_path / "srv" / blob_key(ENTRY.sha256)
+    blob.write_bytes(b"X" * CHUNK + DATA[CHUNK:])
+    with http_faults.serve(tmp_path / "srv") as fs, pytest.raises(SecurityError):
+        _stage(_fetcher(fs), tmp_path / "dest", _bad_local_chunk(tmp_path))
+    assert not (tmp_path / "dest" / ENTRY.path).exists()
 
 
 # -- real layouts: ota serve, nginx, S3 --------------------------------------------------------
 
 
 def _publish_big(
-    tmp_path: Path, storage_url: str | None = None, s3_endpoint: str | None = None
+    tmp_path: Path,
+    storage_url: str | None = None,
+    s3_endpoint: str | None = None,
+    *,
+    chunk_blobs: bool = False,
 ) -> tuple[Path, FileEntry]:
-    from ota.repository import PublishRequest, publish
+    from ota.repository import Project, PublishRequest, publish
     from tests.onnx_models import big_mlp, save
     from tests.repo_helpers import make_project
 
     project = make_project(tmp_path, storage_url, s3_endpoint=s3_endpoint)
+    if chunk_blobs:  # ADR 0017's option: chunk blobs beside the file blob, as before it
+        toml = tmp_path / "proj" / "ota.toml"
+        toml.write_text(toml.read_text().replace("chunk_blobs = false", "chunk_blobs = true"))
+        project = Project.open(tmp_path / "proj")
+        assert project.config.chunk_blobs
     model = save(big_mlp(4, layers=4), tmp_path / "models" / "big.onnx")
     publish(project, PublishRequest(source=model, name="det", version="1.0.0", ring="ga"))
     return model, FileEntry("", hashlib.sha256(model.read_bytes()).hexdigest(), 0, ())
@@ -439,7 +503,7 @@ def test_release_published_before_file_blobs_still_installs(tmp_path: Path) -> N
     """An old repository layout (no file blob): the device probes once, then uses chunks."""
     from tests.repo_helpers import serve_dir
 
-    model, whole = _publish_big(tmp_path)
+    model, whole = _publish_big(tmp_path, chunk_blobs=True)
     (tmp_path / "repo" / blob_key(whole.sha256)).unlink()
     with serve_dir(tmp_path / "repo") as base:
         stage_figures = _update(tmp_path, base)

@@ -7,6 +7,7 @@ the operator sees must be the check's), and a model the checks reject publishes 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,9 +16,14 @@ import pytest
 from ota.errors import InputError
 from ota.repository import PublishRequest, publish
 from ota.repository._chunker import Uploader
+from ota.repository._fileblob import blob_copy_path
 from ota.repository._publish import _chunk_model_early, _Stopped
 from ota.repository._storage import FileStorage
 from tests.repo_helpers import make_project
+
+
+def _copies_in(store: FileStorage, scratch: Path) -> Callable[[Path], Path | None]:
+    return lambda src: blob_copy_path(store, src, scratch)
 
 
 def test_early_chunking_stops_once_told(tmp_path: Path) -> None:
@@ -29,7 +35,7 @@ def test_early_chunking_stops_once_told(tmp_path: Path) -> None:
     req = PublishRequest(source=source, name="m", version="1.0.0")
     copies: dict[str, Path | None] = {}
     with ThreadPoolExecutor(max_workers=1) as side, Uploader(store) as up:
-        job = _chunk_model_early(side, req, up, None, stop, store, tmp_path, copies)
+        job = _chunk_model_early(side, req, up, None, stop, _copies_in(store, tmp_path), copies)
         assert job is not None
         with pytest.raises(_Stopped):
             job.result()
@@ -47,11 +53,11 @@ def test_no_early_chunking_for_what_the_checks_refuse_by_size(tmp_path: Path) ->
     copies: dict[str, Path | None] = {}
     with ThreadPoolExecutor(max_workers=1) as side, Uploader(store) as up:
         assert _chunk_model_early(
-            side, req, up, None, threading.Event(), store, tmp_path, copies
+            side, req, up, None, threading.Event(), _copies_in(store, tmp_path), copies
         ) is None  # fmt: skip
         folder = PublishRequest(source=tmp_path, name="m", version="1.0.0")
         assert _chunk_model_early(
-            side, folder, up, None, threading.Event(), store, tmp_path, copies
+            side, folder, up, None, threading.Event(), _copies_in(store, tmp_path), copies
         ) is None  # fmt: skip
     assert copies == {}
 
