@@ -1,0 +1,103 @@
+"""Security review of ADR 0017 (file blobs as the only stored copy of a multi-chunk file).
+
+Attacked here, each a finding that failed before its fix:
+
+* a file blob holding the file's bytes *and more* (appended garbage): every device refuses it
+  (its ``Content-Range`` total is not the file's size), yet ``ota audit`` called the release
+  sound and the rollback/delta readers used it, since they read only ranges inside the file;
+  now every reader that read the file from its blob checks that the blob ends where the file
+  does (one ranged read past the end: empty, a 416 over HTTP);
+* a folder (or an unreadable file) at a file blob's key in a local repository escaped the
+  readers as a raw ``IsADirectoryError`` (a traceback from ``ota audit``); now a
+  ``LocalError``, which the audit reports as a failed files check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ota.errors import LocalError, SecurityError
+from ota.repository import Project
+from ota.repository._audit import AuditOptions, audit
+from ota.repository._blobread import read_file, storage_readers
+from ota.repository._tufview import HttpSource, Source, StorageSource
+from ota.repository._verify import Report
+from tests import http_faults
+from tests.repo_helpers import serve_dir
+from tests.test_publish_layout import (
+    MODEL,
+    _blob,
+    _device,
+    _installed,
+    _manifest,
+    _project,
+    _publish,
+)
+from tests.updater_world import current_version
+
+
+def _audit(project: Project, source: Source) -> Report:
+    root = (project.root_dir / "root.json").read_bytes()
+    return audit(source, root, "det", "1.0.0", AuditOptions())
+
+
+def _files(report: Report) -> str:
+    check = next(c for c in report.checks if c.name == "files")
+    return f"{check.status}: {check.detail} {check.data.get('problems', '')}"
+
+
+def test_an_overlong_file_blob_is_refused_by_devices_and_by_every_reader(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    _publish(project, tmp_path, "1.0.0")
+    entry = _manifest(project, "1.0.0").file(MODEL)
+    assert len(entry.chunks) > 1
+    # a clean release passes every reader, over a folder and over HTTP (a 416 past the end)
+    assert _audit(project, StorageSource(project.storage)).ok
+    with serve_dir(tmp_path / "repo") as base:
+        assert _audit(project, HttpSource(base)).ok, _files(_audit(project, HttpSource(base)))
+    assert len(read_file(entry, *storage_readers(project.storage))) == entry.size
+
+    blob = _blob(tmp_path, entry.sha256)
+    blob.write_bytes(blob.read_bytes() + b"\0" * 4096)  # the file's bytes, then more
+
+    # the premise: a device refuses it and installs nothing
+    with http_faults.serve(tmp_path / "repo") as server:
+        dev = _device(tmp_path, server.url)
+        result = update_once_safe(dev)
+    assert result[0] in ("security", "error"), result
+    assert result[1] != 0
+    assert current_version(dev) is None
+    assert _installed(dev) == set()
+
+    # so no reader may call it sound
+    report = _audit(project, StorageSource(project.storage))
+    assert not report.ok
+    assert "failed" in _files(report) and "longer" in _files(report), _files(report)
+    with serve_dir(tmp_path / "repo") as base:
+        over_http = _audit(project, HttpSource(base))
+    assert not over_http.ok and "longer" in _files(over_http), _files(over_http)
+    with pytest.raises(SecurityError, match="longer"):  # ota rollback's and deltas' reader
+        read_file(entry, *storage_readers(project.storage))
+
+
+def update_once_safe(dev: Path) -> tuple[str, int]:
+    from ota.client import update_once
+
+    r = update_once(dev)
+    return r.status, r.exit_code
+
+
+def test_a_folder_at_a_file_blob_key_is_a_failed_check_not_a_traceback(tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    _publish(project, tmp_path, "1.0.0")
+    entry = _manifest(project, "1.0.0").file(MODEL)
+    blob = _blob(tmp_path, entry.sha256)
+    blob.unlink()
+    blob.mkdir()
+    with pytest.raises(LocalError):
+        read_file(entry, *storage_readers(project.storage))
+    report = _audit(project, StorageSource(project.storage))
+    assert not report.ok
+    assert _files(report).startswith("failed"), _files(report)
