@@ -102,6 +102,9 @@ class HttpSource(Source):
             data = r.read(max_bytes + 1)
             if len(data) > max_bytes:
                 r.close()  # unread bytes remain on that connection: never reuse it
+        except urllib3.exceptions.HTTPError as e:  # a body cut short, reset, undecodable
+            r.close()
+            raise TransientError(f"cannot read {key}: {e}") from e
         finally:
             r.release_conn()
         if len(data) > max_bytes:

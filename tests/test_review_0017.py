@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ota.errors import LocalError, SecurityError
+from ota.errors import LocalError, SecurityError, TransientError
 from ota.repository import Project
 from ota.repository._audit import AuditOptions, audit
 from ota.repository._blobread import read_file, storage_readers
@@ -99,5 +99,27 @@ def test_a_folder_at_a_file_blob_key_is_a_failed_check_not_a_traceback(tmp_path:
     with pytest.raises(LocalError):
         read_file(entry, *storage_readers(project.storage))
     report = _audit(project, StorageSource(project.storage))
+    assert not report.ok
+    assert _files(report).startswith("failed"), _files(report)
+
+
+@pytest.mark.parametrize("fault", ["truncate", "reset"])
+def test_a_source_that_cuts_a_body_short_is_transient_not_a_traceback(
+    tmp_path: Path, fault: str
+) -> None:
+    """A hostile HTTP source announces a file blob range, sends part of it and hangs up (or
+    resets): a ``TransientError`` (exit 6), and ``ota audit`` reports the files check failed."""
+    project = _project(tmp_path)
+    _publish(project, tmp_path, "1.0.0")
+    entry = _manifest(project, "1.0.0").file(MODEL)
+    key = f"blobs/sha256/{entry.sha256[:2]}/{entry.sha256}"
+    with http_faults.serve(tmp_path / "repo") as server:
+        server.add(fault, entry.sha256, times=1000, after=100)
+        source = HttpSource(server.url)
+        with pytest.raises(TransientError):
+            source.read_range(key, 0, entry.chunks[0].size)
+        with pytest.raises(TransientError):
+            source.read(key, entry.size)
+        report = _audit(project, source)
     assert not report.ok
     assert _files(report).startswith("failed"), _files(report)
