@@ -18,10 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from ota.errors import LocalError, SecurityError, TransientError
+from ota.bundle import blob_key
+from ota.errors import InputError, LocalError, SecurityError, TransientError
 from ota.repository import Project
 from ota.repository._audit import AuditOptions, audit
 from ota.repository._blobread import read_file, storage_readers
+from ota.repository._fileblob import _store_copy
+from ota.repository._ops import gc
+from ota.repository._storage import FileStorage
 from ota.repository._tufview import HttpSource, Source, StorageSource
 from ota.repository._verify import Report
 from tests import http_faults
@@ -123,3 +127,52 @@ def test_a_source_that_cuts_a_body_short_is_transient_not_a_traceback(
         report = _audit(project, source)
     assert not report.ok
     assert _files(report).startswith("failed"), _files(report)
+
+
+class _GcBetween(FileStorage):
+    """A real file store in which ``ota gc`` deletes one blob right after the publisher saw
+    it exist (the interleaving a concurrent gc can produce, made deterministic)."""
+
+    def __init__(self, root: Path, victim: str) -> None:
+        super().__init__(root)
+        self.victim = victim
+
+    def exists(self, key: str) -> bool:
+        there = super().exists(key)
+        if there and key == self.victim:
+            (self.root / key).unlink()
+        return there
+
+
+def test_a_reused_file_blob_gc_deletes_meanwhile_is_stored_again(tmp_path: Path) -> None:
+    """A publish reusing an unreferenced file blob (of a dropped release) that gc deletes
+    between the publisher's check and its touch stores its own copy: the release never
+    names a missing blob (with no chunk blobs, no device could install it)."""
+    project = _project(tmp_path)
+    _publish(project, tmp_path, "1.0.0")
+    entry = _manifest(project, "1.0.0").file(MODEL)
+    blob = _blob(tmp_path, entry.sha256)
+    data = blob.read_bytes()
+    copy = blob.parent.parent / ".file.review.new"
+    copy.write_bytes(data)  # what chunk_file wrote while hashing the same bytes
+    store = _GcBetween(tmp_path / "repo", blob_key(entry.sha256))
+    _store_copy(store, entry, copy)
+    assert blob.is_file() and blob.read_bytes() == data
+
+
+@pytest.mark.parametrize("grace", [float("nan"), -1.0])
+def test_gc_refuses_a_grace_that_would_delete_a_publish_in_progress(
+    tmp_path: Path, grace: float
+) -> None:
+    """NaN compares false with every age, a negative grace is below every age: either made
+    gc delete the young blobs of a publish in progress (not yet named by any release)."""
+    project = _project(tmp_path)
+    _publish(project, tmp_path, "1.0.0")
+    young = tmp_path / "repo" / blob_key("ab" * 32)  # uploaded, its release not yet committed
+    young.parent.mkdir(parents=True, exist_ok=True)
+    young.write_bytes(b"a chunk of a publish in progress")
+    with pytest.raises(InputError, match="grace"):
+        gc(project, grace_seconds=grace)
+    assert young.is_file()
+    assert gc(project).kept_young == 1  # the default grace keeps it
+    assert young.is_file()
