@@ -9,7 +9,15 @@ Attacked here, each a finding that failed before its fix:
   does (one ranged read past the end: empty, a 416 over HTTP);
 * a folder (or an unreadable file) at a file blob's key in a local repository escaped the
   readers as a raw ``IsADirectoryError`` (a traceback from ``ota audit``); now a
-  ``LocalError``, which the audit reports as a failed files check.
+  ``LocalError``, which the audit reports as a failed files check;
+* an HTTP source that announces a body and cuts it short (or resets) escaped as a raw urllib3
+  ``ProtocolError``; now a ``TransientError`` (exit 6);
+* a publish reusing a file blob that a concurrent ``ota gc`` deleted between the check and the
+  touch committed a release naming a missing blob; now it stores its own copy;
+* ``ota gc --grace nan`` (or a negative grace) deleted a publish in progress's young blobs;
+  now an ``InputError``.
+
+Confirmed without a change: a mirror refuses an overlong file blob (``TooLarge``, exit 4).
 """
 
 from __future__ import annotations
@@ -19,13 +27,14 @@ from pathlib import Path
 import pytest
 
 from ota.bundle import blob_key
-from ota.errors import InputError, LocalError, SecurityError, TransientError
+from ota.errors import ExitCode, InputError, LocalError, SecurityError, TransientError
 from ota.repository import Project
 from ota.repository._audit import AuditOptions, audit
 from ota.repository._blobread import read_file, storage_readers
 from ota.repository._fileblob import _store_copy
+from ota.repository._mirror import sync
 from ota.repository._ops import gc
-from ota.repository._storage import FileStorage
+from ota.repository._storage import FileStorage, TooLarge
 from ota.repository._tufview import HttpSource, Source, StorageSource
 from ota.repository._verify import Report
 from tests import http_faults
@@ -176,3 +185,18 @@ def test_gc_refuses_a_grace_that_would_delete_a_publish_in_progress(
     assert young.is_file()
     assert gc(project).kept_young == 1  # the default grace keeps it
     assert young.is_file()
+
+
+def test_a_mirror_refuses_an_overlong_file_blob_and_serves_none_of_it(tmp_path: Path) -> None:
+    """``ota mirror`` reads a file blob bounded by its signed size: a longer one is refused
+    (``TooLarge``, exit 4); the mirror never holds it, so its devices never meet it."""
+    project = _project(tmp_path)
+    _publish(project, tmp_path, "1.0.0")
+    entry = _manifest(project, "1.0.0").file(MODEL)
+    blob = _blob(tmp_path, entry.sha256)
+    blob.write_bytes(blob.read_bytes() + b"\0")
+    root = (tmp_path / "repo" / "metadata" / "1.root.json").read_bytes()
+    with pytest.raises(TooLarge) as e:
+        sync(StorageSource(project.storage), FileStorage(tmp_path / "mirror"), root)
+    assert e.value.exit_code == ExitCode.SECURITY
+    assert not (tmp_path / "mirror" / blob_key(entry.sha256)).exists()
