@@ -200,3 +200,18 @@ def test_a_mirror_refuses_an_overlong_file_blob_and_serves_none_of_it(tmp_path: 
         sync(StorageSource(project.storage), FileStorage(tmp_path / "mirror"), root)
     assert e.value.exit_code == ExitCode.SECURITY
     assert not (tmp_path / "mirror" / blob_key(entry.sha256)).exists()
+
+
+@pytest.mark.parametrize("fault", ["norange", "overlong", "replace"])
+def test_a_lying_http_source_gets_no_byte_into_an_audit_verdict(tmp_path: Path, fault: str) -> None:
+    """A 200 to a range (the whole blob), a 206 with more bytes than asked, other bytes: each
+    range of the file blob is refused or fails its chunk's sha256; the files check fails and
+    nothing escapes as a traceback (confirmed without a change)."""
+    project = _project(tmp_path)
+    _publish(project, tmp_path, "1.0.0")
+    entry = _manifest(project, "1.0.0").file(MODEL)
+    with http_faults.serve(tmp_path / "repo") as server:
+        server.add(fault, entry.sha256, times=1000, after=64, body=b"\0" * 4096)
+        report = _audit(project, HttpSource(server.url))
+    assert not report.ok
+    assert _files(report).startswith("failed"), _files(report)
