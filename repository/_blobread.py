@@ -15,7 +15,10 @@ Invariants:
   manifest's;
 * a multi-chunk file is read as ranges of its file blob first; a file blob that is absent
   (``NotFound``) switches the rest of the file to chunk blobs (an old layout), never the
-  other way round mid-chunk; a chunk found in neither raises ``NotFound``.
+  other way round mid-chunk; a chunk found in neither raises ``NotFound``;
+* a file blob read to the end must end there: one longer than its file (the right bytes and
+  more) is refused like a tampered one, since every device refuses it (its ``Content-Range``
+  total is not the file's size, ADR 0014), so no reader may call it sound.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import hashlib
 from collections.abc import Callable, Iterator
 
 from ota.bundle import Chunk, FileEntry, blob_key
-from ota.errors import SecurityError
+from ota.errors import LocalError, SecurityError
 from ota.repository._storage import NotFound, Storage
 
 ReadBlob = Callable[[str, int], bytes]  # (key, max bytes) -> the whole blob; NotFound if absent
@@ -46,6 +49,8 @@ def storage_range(storage: Storage, key: str, start: int, end: int) -> bytes:
                 return f.read(end - start)
         except FileNotFoundError as e:
             raise NotFound(key) from e
+        except OSError as e:  # a folder or an unreadable file at a blob's key
+            raise LocalError(f"cannot read {root / key}: {e.strerror}") from e
     get_range = getattr(storage, "get_range", None)
     if get_range is not None:
         data: bytes = get_range(key, start, end)
@@ -60,7 +65,9 @@ def iter_chunks(
 
     Raises:
         NotFound: a chunk is in neither its chunk blob nor the file blob.
-        SecurityError: stored bytes differ from the chunk's address or size.
+        SecurityError: stored bytes differ from the chunk's address or size, or the file
+            blob read is longer than the file (raised once the last chunk was taken).
+        LocalError: a local blob cannot be read (a folder, no permission).
     """
     ranged = len(f.chunks) > 1
     offset = 0
@@ -79,6 +86,9 @@ def iter_chunks(
                                 "from its address or size")  # fmt: skip
         offset += c.size
         yield c, data
+    if ranged and read_range(blob_key(f.sha256), f.size, f.size + 1):
+        raise SecurityError(f"the file blob of {f.path} is longer than its {f.size} bytes "
+                            "(devices refuse it)")  # fmt: skip
 
 
 def read_file(f: FileEntry, read: ReadBlob, read_range: ReadRange) -> bytes:

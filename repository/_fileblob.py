@@ -103,9 +103,8 @@ def _store_copy(storage: Storage, entry: FileEntry, copy: Path) -> bool:
     if len(entry.chunks) < 2:
         return False
     key = blob_key(entry.sha256)
-    if storage.exists(key):
-        _touch(storage, key)
-        return False
+    if storage.exists(key) and _touch(storage, key):
+        return False  # else gc removed it between the two calls: store the copy after all
     if copy.stat().st_size != entry.size:
         raise OSError(f"the copy of {entry.path} is not {entry.size} bytes")
     root = storage.local_root()
@@ -118,14 +117,21 @@ def _store_copy(storage: Storage, entry: FileEntry, copy: Path) -> bool:
     return True
 
 
-def _touch(storage: Storage, key: str) -> None:
+def _touch(storage: Storage, key: str) -> bool:
     """Make an existing blob young again (file backend) so that ``ota gc``'s grace keeps it
     while this publish commits a release naming it: it may be the unreferenced blob of a
-    dropped release (ADR 0017: a whole file, not one chunk, is then at stake)."""
+    dropped release (ADR 0017: a whole file, not one chunk, is then at stake). False when the
+    blob is gone by now (a gc deleted it after the caller saw it): the caller stores its copy
+    rather than commit a release naming a missing blob. S3: no touch (see threat model)."""
     root = storage.local_root()
     if root is not None:
-        with contextlib.suppress(OSError):
+        try:
             os.utime(root / key)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            pass  # a read-only mtime: the blob is there, gc's grace is all that is lost
+    return True
 
 
 def sweep_temp(storage: Storage, grace_seconds: float, *, dry_run: bool = False) -> int:

@@ -175,8 +175,14 @@ def rollback(
         return _finish(project, Path(tmp), payload, up, release_for, ring, percent)
 
 
-def _check_signed_facts(project: Project, txn: Transaction, facts: TargetFacts,
-                        manifest: Manifest, want_name: str, want_version: str) -> None:
+def _check_signed_facts(
+    project: Project,
+    txn: Transaction,
+    facts: TargetFacts,
+    manifest: Manifest,
+    want_name: str,
+    want_version: str,
+) -> None:
     """Raise unless ``facts`` are what the release key signed: the release target's facts
     are signed by the online bins key alone, and a rollback signs their counter (as
     ``content_counter``) and the manifest's files with the release key. So, as a device
@@ -225,13 +231,16 @@ def _check_signed_facts(project: Project, txn: Transaction, facts: TargetFacts,
         if not signer.allows(name):
             continue
         try:
-            verify_digests(signature, signer.public_key_pem.encode(), digests,
-                           signature_name=SIGNATURE_FILE)
+            verify_digests(
+                signature, signer.public_key_pem.encode(), digests, signature_name=SIGNATURE_FILE
+            )
             return
         except OtaError:
             continue
-    raise SecurityError(f"{name} {facts.release.version} is not signed by a key trusted for "
-                        f"{name}: its release.json cannot be trusted; nothing was published")
+    raise SecurityError(
+        f"{name} {facts.release.version} is not signed by a key trusted for "
+        f"{name}: its release.json cannot be trusted; nothing was published"
+    )
 
 
 @dataclass(frozen=True)
@@ -283,7 +292,14 @@ def gc(project: Project, *, grace_seconds: float = 3600.0, dry_run: bool = False
 
     Blobs younger than ``grace_seconds`` are kept: they may belong to a publish in progress
     (chunks are uploaded before the metadata that names them).
+
+    Raises:
+        InputError: ``grace_seconds`` is negative or not a number (NaN compares false
+            with every age: it would delete the blobs of a publish in progress).
     """
+    if not grace_seconds >= 0:
+        raise InputError(f"grace must be a number of seconds >= 0, not {grace_seconds}",
+                         remedy="pass --grace 3600 (the default) or more")  # fmt: skip
     store = project.storage
     txn = Transaction.begin(store, project.signers, project.expiry())
     referenced: set[str] = set()

@@ -95,11 +95,16 @@ class HttpSource(Source):
         try:
             if r.status in (403, 404):
                 raise NotFound(key)
+            if r.status == 416 and 206 in ok:  # a range past the end: an empty slice
+                return b""
             if r.status not in ok:  # a 200 to a range (Range ignored) is refused too
                 raise TransientError(f"GET {key}: HTTP {r.status}")
             data = r.read(max_bytes + 1)
             if len(data) > max_bytes:
                 r.close()  # unread bytes remain on that connection: never reuse it
+        except urllib3.exceptions.HTTPError as e:  # a body cut short, reset, undecodable
+            r.close()
+            raise TransientError(f"cannot read {key}: {e}") from e
         finally:
             r.release_conn()
         if len(data) > max_bytes:
