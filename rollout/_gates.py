@@ -493,17 +493,7 @@ def _defer_or_hold(
         f"({c.failures} failure(s) among {c.executed} executed, confidence {sure:.3f} < "
         f"{CONCLUSIVE})"
     )
-    return GateResult(
-        g.gate,
-        GateStatus.PASS,
-        why,
-        g.value,
-        g.threshold,
-        g.baseline,
-        None,
-        g.tier,
-        {**ev, "deferred": why, "held_because": g.reason},
-    )
+    return g.deferred(why, **ev)
 
 
 def soak_gate(ctx: RolloutContext, stage: Stage) -> GateResult:

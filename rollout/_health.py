@@ -386,17 +386,7 @@ def _deferred(g: GateResult, why: str, admitted: int) -> GateResult:
     not this case (the tier then has enough admitted devices, and holds)."""
     if g.status is not GateStatus.HOLD:
         return g
-    return GateResult(
-        g.gate,
-        GateStatus.PASS,
-        why,
-        g.value,
-        g.threshold,
-        g.baseline,
-        None,
-        g.tier,
-        {**g.evidence, "deferred": why, "admitted_devices": admitted, "held_because": g.reason},
-    )
+    return g.deferred(why, admitted_devices=admitted)
 
 
 def _tier_gates(

@@ -64,6 +64,22 @@ class GateResult:
         if self.confidence is not None and not 0.0 <= self.confidence <= 1.0:
             raise ValueError(f"gate {self.gate}: confidence {self.confidence} not in [0, 1]")
 
+    def deferred(self, why: str, **evidence: Any) -> GateResult:
+        """This tier HOLD turned into a PASS whose reason says why the tier is judged later
+        (ADR 0011/0015: a tier the stage admits too few of); the figures are kept, the
+        confidence dropped, and the evidence records ``why`` and the hold's own reason."""
+        return GateResult(
+            self.gate,
+            GateStatus.PASS,
+            why,
+            self.value,
+            self.threshold,
+            self.baseline,
+            None,
+            self.tier,
+            {**self.evidence, **evidence, "deferred": why, "held_because": self.reason},
+        )
+
     def to_json(self) -> dict[str, Any]:
         """A JSON object for the audit log, the API and webhooks."""
         return {
