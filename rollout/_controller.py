@@ -272,6 +272,7 @@ class Controller:
                     rep = self.tick(full=full)
                 except Exception:  # a database or storage outage: log, try again next tick
                     log.exception("rollout controller tick failed")
+                    self._due = None
                 if full:
                     next_full = started + interval
                 if on_tick is not None and rep is not None:
@@ -279,6 +280,9 @@ class Controller:
                         on_tick(t0, time.time(), rep)
                     except Exception:
                         log.exception("on_tick failed")
+                if rep is None or not rep.leader:  # a standby (or an outage) waits for the
+                    mark = None  # next full tick: no early lease attempts, no busy retries
+                    self._due = None
                 self._sleep(stop, next_full, started + wake_gap_s, mark, poll_s)
         finally:
             try:

@@ -6,7 +6,8 @@ parser and ingest). What is proved (ADR 0011, "When a tick runs"): with a full t
 hour, the controller's own loop still passes a stage at its soak's end, acts on the deciding
 reports and on an operator's request, each in a *due* tick woken early; within a tick, a
 rollout whose decision is due is judged and **signed** before the unchanged rollouts are
-judged; a due tick leaves unchanged rollouts alone. No test here measures a duration: each
+judged; a due tick leaves unchanged rollouts alone; a standby controller (no lease) never
+wakes early. No test here measures a duration: each
 waits for a condition with a generous deadline, and the full tick (one hour) is far beyond it.
 """
 
@@ -120,10 +121,11 @@ def test_reports_and_requests_wake_the_controller(
 ) -> None:
     f = any_fleet
     ticks: list[TickReport] = []
+    other: list[TickReport] = []  # a second instance's controller: one of the two acts
     ctl = Controller(f.engine, project, holder="A")
     plan = plan_from_toml(SOAK_PLAN.format(soak="0s"))
     rid = _store.start(f.engine, project, "m", "2.0.0", plan, "local:test")
-    with running(ctl, ticks):
+    with running(ctl, ticks), running(Controller(f.engine, project, holder="B"), other):
         wait_for(lambda: row(f.engine, rid).stage == 0, "stage 0 entered")
         wait_for(  # silence holds (install.sample), never promotes
             lambda: "install.sample" in row(f.engine, rid).reason, "a hold on too few devices"
@@ -134,8 +136,12 @@ def test_reports_and_requests_wake_the_controller(
         wait_for(lambda: signed(project).ring == "pilot", "stage 1 signed after the reports")
         _store.request(f.engine, project, "m", "pause", "local:test", reason="look first")
         wait_for(lambda: signed(project).paused, "the pause request signed")
-    assert acting(ticks) == [("full", "promote", 0), ("due", "promote", 1), ("due", "pause", 1)]
+    leader, standby = (ticks, other) if ticks[0].leader else (other, ticks)
+    assert acting(leader) == [("full", "promote", 0), ("due", "promote", 1), ("due", "pause", 1)]
     assert row(f.engine, rid).state == "paused"
+    # the standby tried once (its full tick) and then waits for the next full tick: it never
+    # wakes early, so it neither acts nor contends for the lease at every report
+    assert [(t.kind, t.leader) for t in standby] == [("full", False)]
 
 
 class Seeing:
