@@ -37,7 +37,16 @@ Invariants:
   (the install gates, the soak and the deadline are judged every tick from fresh counts and
   the clock, so a deadline or a failure is acted on at its tick); the intents recorded in one
   tick are signed together in one steering transaction (:meth:`Controller._flush`), each
-  with its own audit entry, at most ``flush_s`` after they were recorded.
+  with its own audit entry, at most ``flush_s`` after they were recorded;
+* **when a tick runs** (ADR 0011): :meth:`Controller.run` ticks fully every ``interval``,
+  and between full ticks wakes a *due* tick at the earliest soak end or deadline of a running
+  stage and when a report or an operator's change is stored (:meth:`Controller.evidence_mark`),
+  so a stage passes at its soak's end or deciding report plus one judgement, not at the next
+  multiple of the interval. Within a tick the urgent go first (:meth:`Controller._order`:
+  intents and requests; changed outcomes, stage or clock; changed health inputs; unchanged
+  last, and not at all in a due tick) and each group's intents are signed before the next
+  group is judged. Only the lease holder wakes early; what is judged and how is unchanged
+  (the same gates on fresh counts, the same intent-before-signature path), only when.
 """
 
 from __future__ import annotations
