@@ -320,10 +320,36 @@ def _controller_loop(ctl: Any, tick_s: float, stop: threading.Event, cw: Clockwo
         for a in rep.actions:
             cw.timings.append((t0, dict(rep.timings.get(int(a["rollout"]), {}))))
 
+    import inspect
+
+    if "on_tick" not in inspect.signature(ctl.run).parameters:  # the code before due ticks
+        _fixed_loop(ctl, tick_s, stop, cw)  # (the same bench runs on both: before/after)
+        return
     try:
         ctl.run(tick_s, stop, on_tick=seen)
     except Exception as e:  # a bench reports what broke
         cw.error = f"{type(e).__name__}: {e}"
+
+
+def _fixed_loop(ctl: Any, tick_s: float, stop: threading.Event, cw: Clockwork) -> None:
+    """A tick every ``tick_s`` (start to start): the loop of a controller without ``run``'s
+    due ticks, for before/after runs of this file."""
+    while not stop.is_set():
+        t0 = time.time()
+        try:
+            rep = ctl.tick()
+        except Exception as e:  # a bench reports what broke, the run goes on
+            cw.error = f"{type(e).__name__}: {e}"
+            rep = None
+        t1 = time.time()
+        cw.ticks.append((t0, t1))
+        cw.kinds.append("fixed")
+        if rep is not None:
+            cw.verdicts += [(t1, v) for v in rep.verdicts]
+            cw.actions += [(t0, t1, a) for a in rep.actions]
+            cw.timings += [(t0, dict(getattr(rep, "timings", {}).get(a["rollout"], {})))
+                           for a in rep.actions]  # fmt: skip
+        stop.wait(max(0.0, tick_s - (t1 - t0)))
 
 
 @contextlib.contextmanager
@@ -663,6 +689,18 @@ def _figures(
         elif a.get("event") in ("pause", "yank", "rollback") and halted_at is None:
             halted_at = t1a
     gaps = [entered[k + 1] - entered[k] for k in range(last) if k + 1 in entered]
+    # per stage: its soak's end on the controller's clock (the entering tick's start + soak:
+    # the row's stage_started_at) -> the next stage's entry signed (its tick's end)
+    starts = {
+        int(a["stage"]): t0a
+        for t0a, _, a in cw.actions
+        if a.get("signed") and a.get("event") == "promote" and a.get("state") == "running"
+    }
+    soak_to_signed = [
+        round(entered[k + 1] - starts[k] - soak_s, 2)
+        for k in range(last)
+        if k + 1 in entered and k in starts
+    ]
     data_in = _data_in(cw, entered, last)
     tick_ms = [1000 * (b - a) for a, b in cw.ticks]
     halt_verdict = next(
@@ -679,6 +717,7 @@ def _figures(
             round(entered[last] - entered[0] - last * soak_s, 2) if last in entered else None
         ),
         "stage_overrun_s_max": round(max(g - soak_s for g in gaps), 2) if gaps else None,
+        "soak_end_to_signed_s": soak_to_signed,
         # per stage: stage entry (signed) -> first judgement where only the soak held
         "data_in_s": data_in,
         "stage_gap_s": [round(g, 1) for g in gaps],
@@ -697,7 +736,7 @@ def _figures(
         # the worst signed action's latency split (controller stopwatch): report stored ->
         # tick pick-up -> gates judged -> signed -> committed
         "latency_parts_s_max": {k: round(max(v), 2) for k, v in parts.items() if v},
-        "ticks": {k: cw.kinds.count(k) for k in ("full", "due")},
+        "ticks": {k: cw.kinds.count(k) for k in ("full", "due", "fixed") if k in cw.kinds},
         "controller_error": cw.error,
         "verdicts": len(cw.verdicts),
     }
@@ -1135,11 +1174,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         [r["scenario"], r["max_stage"], r["halted"], r["ran_release"], r["ga_s"],
          r["ga_overrun_s"], r["data_in_s"], r["controller_overrun_s_max"],
-         r["decision_latency_s_max"], r["latency_parts_s_max"], r["ticks"]]
+         r["soak_end_to_signed_s"], r["decision_latency_s_max"], r["latency_parts_s_max"],
+         r["ticks"]]
         for r in results
     ]  # fmt: skip
     head = ["scenario", "stage", "halted", "ran", "GA s", "GA - soaks s", "data in s",
-            "ctl overrun s", "latency s", "latency parts max s", "ticks"]  # fmt: skip
+            "ctl overrun s", "soak end to signed s", "latency s", "latency parts max s",
+            "ticks"]  # fmt: skip
     emit(doc, table("fleet simulation", head, rows), args.json)
 
 
