@@ -332,24 +332,27 @@ def _controller_loop(ctl: Any, tick_s: float, stop: threading.Event, cw: Clockwo
 
 
 def _fixed_loop(ctl: Any, tick_s: float, stop: threading.Event, cw: Clockwork) -> None:
-    """A tick every ``tick_s`` (start to start): the loop of a controller without ``run``'s
-    due ticks, for before/after runs of this file."""
-    while not stop.is_set():
+    """The loop of a controller without due ticks (before/after runs of this file): its own
+    ``run`` (a tick, then ``tick_s`` of waiting), each tick recorded through a wrapper."""
+    tick = ctl.tick
+
+    def recorded(*a: Any, **kw: Any) -> Any:
         t0 = time.time()
         try:
-            rep = ctl.tick()
+            rep = tick(*a, **kw)
         except Exception as e:  # a bench reports what broke, the run goes on
             cw.error = f"{type(e).__name__}: {e}"
-            rep = None
+            raise
         t1 = time.time()
         cw.ticks.append((t0, t1))
         cw.kinds.append("fixed")
-        if rep is not None:
-            cw.verdicts += [(t1, v) for v in rep.verdicts]
-            cw.actions += [(t0, t1, a) for a in rep.actions]
-            cw.timings += [(t0, dict(getattr(rep, "timings", {}).get(a["rollout"], {})))
-                           for a in rep.actions]  # fmt: skip
-        stop.wait(max(0.0, tick_s - (t1 - t0)))
+        cw.verdicts += [(t1, v) for v in rep.verdicts]
+        cw.actions += [(t0, t1, a) for a in rep.actions]
+        cw.timings += [(t0, {}) for _ in rep.actions]
+        return rep
+
+    ctl.tick = recorded
+    ctl.run(tick_s, stop)
 
 
 @contextlib.contextmanager
@@ -667,7 +670,12 @@ def _figures(
     last = len(plan.stages) - 1
     entered = {0: t0}  # until the controller's first action signs stage 0
     stage0_signed = False
-    latencies, acting = [], []
+    latencies, acting, from_due = [], [], []
+    starts = {
+        int(a["stage"]): t0a
+        for t0a, _, a in cw.actions
+        if a.get("signed") and a.get("event") == "promote" and a.get("state") == "running"
+    }
     parts: dict[str, list[float]] = {"pickup": [], "judge": [], "sign": [], "commit": []}
     halted_at: float | None = None
     for (t0a, t1a, a), (_, tm) in zip(cw.actions, cw.timings, strict=True):
@@ -676,6 +684,13 @@ def _figures(
         seen = [t for t in acks if t <= t0a]  # reports the judging tick could have read
         latencies.append(t1a - max(seen) if seen else t1a - t0a)
         acting.append(t1a - t0a)
+        # from the deciding event: the last report before the judging tick, the rollout's
+        # start, and for a promotion its stage's soak end, whichever came last
+        k = int(a.get("stage", 0))
+        due = t0 if k == 0 or (k - 1) not in starts else starts[k - 1] + soak_s
+        if a.get("event") != "promote":
+            due = t0
+        from_due.append(t1a - max(due, max(seen, default=due)))
         if seen and {"judged", "signed", "done"} <= tm.keys():  # where the latency went
             parts["pickup"].append(t0a - max(seen))  # last report stored -> tick starts
             parts["judge"].append(tm["judged"] - t0a)  # tick start -> its gates combined
@@ -691,11 +706,6 @@ def _figures(
     gaps = [entered[k + 1] - entered[k] for k in range(last) if k + 1 in entered]
     # per stage: its soak's end on the controller's clock (the entering tick's start + soak:
     # the row's stage_started_at) -> the next stage's entry signed (its tick's end)
-    starts = {
-        int(a["stage"]): t0a
-        for t0a, _, a in cw.actions
-        if a.get("signed") and a.get("event") == "promote" and a.get("state") == "running"
-    }
     soak_to_signed = [
         round(entered[k + 1] - starts[k] - soak_s, 2)
         for k in range(last)
@@ -733,6 +743,7 @@ def _figures(
         "tick_ms_median": round(float(np.median(tick_ms)), 1) if tick_ms else None,
         "acting_tick_s_max": round(max(acting), 2) if acting else None,
         "decision_latency_s_max": round(max(latencies), 2) if latencies else None,
+        "from_deciding_event_s_max": round(max(from_due), 2) if from_due else None,
         # the worst signed action's latency split (controller stopwatch): report stored ->
         # tick pick-up -> gates judged -> signed -> committed
         "latency_parts_s_max": {k: round(max(v), 2) for k, v in parts.items() if v},
