@@ -4,11 +4,11 @@ Real parts as in ``tests/test_rollout_controller.py`` (a real repository steered
 online key; the fleet database on SQLite and PostgreSQL; reports through the service's own
 parser and ingest). What is proved (ADR 0011, "When a tick runs"): with a full tick only every
 hour, the controller's own loop still passes a stage at its soak's end, acts on the deciding
-reports and on an operator's request, each in a *due* tick woken early; within a tick, a
-rollout whose decision is due is judged and **signed** before the unchanged rollouts are
-judged; a due tick leaves unchanged rollouts alone; a standby controller (no lease) never
-wakes early. No test here measures a duration: each
-waits for a condition with a generous deadline, and the full tick (one hour) is far beyond it.
+reports (a promotion, a halt) and on an operator's request, each in a *due* tick woken
+early; within a tick, a rollout whose decision is due is judged and **signed** before the
+unchanged rollouts are judged; a due tick leaves unchanged rollouts alone; a standby
+controller (no lease) never wakes early. No test here measures a duration: each waits for a
+condition with a generous deadline, and the full tick (one hour) is far beyond it.
 """
 
 from __future__ import annotations
@@ -142,6 +142,26 @@ def test_reports_and_requests_wake_the_controller(
     # the standby tried once (its full tick) and then waits for the next full tick: it never
     # wakes early, so it neither acts nor contends for the lease at every report
     assert [(t.kind, t.leader) for t in standby] == [("full", False)]
+
+
+def test_failure_reports_wake_the_controller_to_halt(
+    project: Project,  # noqa: F811
+    any_fleet: Fleet,  # noqa: F811
+) -> None:
+    f = any_fleet
+    ticks: list[TickReport] = []
+    ctl = Controller(f.engine, project, holder="A")
+    plan = plan_from_toml(SOAK_PLAN.format(soak="10m"))  # nothing due by the clock
+    rid = _store.start(f.engine, project, "m", "2.0.0", plan, "local:test")
+    with running(ctl, ticks):
+        wait_for(lambda: row(f.engine, rid).stage == 0, "stage 0 entered")
+        for i in range(3):  # the deciding reports: 3 of 3 failed (min_devices 3)
+            f.enroll(f"bad-{i}", "canary")
+            f.report(f"bad-{i}", "downloaded", "staged", "smoke_failed", reason="smoke")
+        wait_for(lambda: signed(project).paused, "the halt signed after the failures")
+    assert acting(ticks) == [("full", "promote", 0), ("due", "pause", 0)]
+    r = row(f.engine, rid)
+    assert r.state == "paused" and "install.failures" in r.reason
 
 
 class Seeing:
