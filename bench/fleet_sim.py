@@ -283,6 +283,10 @@ class Clockwork:
     judged: list[tuple[float, int, int, list[str]]] = field(default_factory=list)
     verdicts: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     actions: list[tuple[float, float, dict[str, Any]]] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # each tick's kind: "full" or "due"
+    #: per action (same order as ``actions``): its tick's start and the controller's own
+    #: stopwatch of that rollout (``judged``, ``recorded``, ``signed``, ``done``)
+    timings: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     error: str = ""
 
 
@@ -305,19 +309,50 @@ def _trace_judge(ctl: Any, cw: Clockwork) -> None:
 
 
 def _controller_loop(ctl: Any, tick_s: float, stop: threading.Event, cw: Clockwork) -> None:
-    while not stop.is_set():
+    """The controller's own loop (:meth:`Controller.run`: a full tick every ``tick_s``, and a
+    due tick at a soak's end or when new reports arrive), every tick recorded."""
+
+    def seen(t0: float, t1: float, rep: Any) -> None:
+        cw.ticks.append((t0, t1))
+        cw.kinds.append(rep.kind)
+        cw.verdicts += [(t1, v) for v in rep.verdicts]
+        cw.actions += [(t0, t1, a) for a in rep.actions]
+        for a in rep.actions:
+            cw.timings.append((t0, dict(rep.timings.get(int(a["rollout"]), {}))))
+
+    import inspect
+
+    if "on_tick" not in inspect.signature(ctl.run).parameters:  # the code before due ticks
+        _fixed_loop(ctl, tick_s, stop, cw)  # (the same bench runs on both: before/after)
+        return
+    try:
+        ctl.run(tick_s, stop, on_tick=seen)
+    except Exception as e:  # a bench reports what broke
+        cw.error = f"{type(e).__name__}: {e}"
+
+
+def _fixed_loop(ctl: Any, tick_s: float, stop: threading.Event, cw: Clockwork) -> None:
+    """The loop of a controller without due ticks (before/after runs of this file): its own
+    ``run`` (a tick, then ``tick_s`` of waiting), each tick recorded through a wrapper."""
+    tick = ctl.tick
+
+    def recorded(*a: Any, **kw: Any) -> Any:
         t0 = time.time()
         try:
-            rep = ctl.tick()
+            rep = tick(*a, **kw)
         except Exception as e:  # a bench reports what broke, the run goes on
             cw.error = f"{type(e).__name__}: {e}"
-            rep = None
+            raise
         t1 = time.time()
         cw.ticks.append((t0, t1))
-        if rep is not None:
-            cw.verdicts += [(t1, v) for v in rep.verdicts]
-            cw.actions += [(t0, t1, a) for a in rep.actions]
-        stop.wait(max(0.0, tick_s - (t1 - t0)))
+        cw.kinds.append("fixed")
+        cw.verdicts += [(t1, v) for v in rep.verdicts]
+        cw.actions += [(t0, t1, a) for a in rep.actions]
+        cw.timings += [(t0, {}) for _ in rep.actions]
+        return rep
+
+    ctl.tick = recorded
+    ctl.run(tick_s, stop)
 
 
 @contextlib.contextmanager
@@ -635,14 +670,32 @@ def _figures(
     last = len(plan.stages) - 1
     entered = {0: t0}  # until the controller's first action signs stage 0
     stage0_signed = False
-    latencies, acting = [], []
+    latencies, acting, from_due = [], [], []
+    starts = {
+        int(a["stage"]): t0a
+        for t0a, _, a in cw.actions
+        if a.get("signed") and a.get("event") == "promote" and a.get("state") == "running"
+    }
+    parts: dict[str, list[float]] = {"pickup": [], "judge": [], "sign": [], "commit": []}
     halted_at: float | None = None
-    for t0a, t1a, a in cw.actions:
+    for (t0a, t1a, a), (_, tm) in zip(cw.actions, cw.timings, strict=True):
         if not a.get("signed"):
             continue
         seen = [t for t in acks if t <= t0a]  # reports the judging tick could have read
         latencies.append(t1a - max(seen) if seen else t1a - t0a)
         acting.append(t1a - t0a)
+        # from the deciding event: the last report before the judging tick, the rollout's
+        # start, and for a promotion its stage's soak end, whichever came last
+        k = int(a.get("stage", 0))
+        due = t0 if k == 0 or (k - 1) not in starts else starts[k - 1] + soak_s
+        if a.get("event") != "promote":
+            due = t0
+        from_due.append(t1a - max(due, max(seen, default=due)))
+        if seen and {"judged", "signed", "done"} <= tm.keys():  # where the latency went
+            parts["pickup"].append(t0a - max(seen))  # last report stored -> tick starts
+            parts["judge"].append(tm["judged"] - t0a)  # tick start -> its gates combined
+            parts["sign"].append(tm["signed"] - tm["judged"])  # verdict, intent, signature
+            parts["commit"].append(tm["done"] - tm["signed"])  # row updated, intent cleared
         if a.get("event") == "promote" and a.get("state") == "running":
             k = int(a["stage"])
             if k not in entered or (k == 0 and not stage0_signed):
@@ -651,6 +704,13 @@ def _figures(
         elif a.get("event") in ("pause", "yank", "rollback") and halted_at is None:
             halted_at = t1a
     gaps = [entered[k + 1] - entered[k] for k in range(last) if k + 1 in entered]
+    # per stage: its soak's end on the controller's clock (the entering tick's start + soak:
+    # the row's stage_started_at) -> the next stage's entry signed (its tick's end)
+    soak_to_signed = [
+        round(entered[k + 1] - starts[k] - soak_s, 2)
+        for k in range(last)
+        if k + 1 in entered and k in starts
+    ]
     data_in = _data_in(cw, entered, last)
     tick_ms = [1000 * (b - a) for a, b in cw.ticks]
     halt_verdict = next(
@@ -667,6 +727,7 @@ def _figures(
             round(entered[last] - entered[0] - last * soak_s, 2) if last in entered else None
         ),
         "stage_overrun_s_max": round(max(g - soak_s for g in gaps), 2) if gaps else None,
+        "soak_end_to_signed_s": soak_to_signed,
         # per stage: stage entry (signed) -> first judgement where only the soak held
         "data_in_s": data_in,
         "stage_gap_s": [round(g, 1) for g in gaps],
@@ -682,6 +743,11 @@ def _figures(
         "tick_ms_median": round(float(np.median(tick_ms)), 1) if tick_ms else None,
         "acting_tick_s_max": round(max(acting), 2) if acting else None,
         "decision_latency_s_max": round(max(latencies), 2) if latencies else None,
+        "from_deciding_event_s_max": round(max(from_due), 2) if from_due else None,
+        # the worst signed action's latency split (controller stopwatch): report stored ->
+        # tick pick-up -> gates judged -> signed -> committed
+        "latency_parts_s_max": {k: round(max(v), 2) for k, v in parts.items() if v},
+        "ticks": {k: cw.kinds.count(k) for k in ("full", "due", "fixed") if k in cw.kinds},
         "controller_error": cw.error,
         "verdicts": len(cw.verdicts),
     }
@@ -1119,11 +1185,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         [r["scenario"], r["max_stage"], r["halted"], r["ran_release"], r["ga_s"],
          r["ga_overrun_s"], r["data_in_s"], r["controller_overrun_s_max"],
-         r["decision_latency_s_max"]]
+         r["soak_end_to_signed_s"], r["decision_latency_s_max"], r["latency_parts_s_max"],
+         r["ticks"]]
         for r in results
     ]  # fmt: skip
     head = ["scenario", "stage", "halted", "ran", "GA s", "GA - soaks s", "data in s",
-            "ctl overrun s", "latency s"]  # fmt: skip
+            "ctl overrun s", "soak end to signed s", "latency s", "latency parts max s",
+            "ticks"]  # fmt: skip
     emit(doc, table("fleet simulation", head, rows), args.json)
 
 

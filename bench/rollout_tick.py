@@ -255,6 +255,22 @@ def _report(engine: Any, names: list[str], at: float) -> None:
             )
 
 
+def _backdate(engine: Any, names: list[str], by: float) -> None:
+    """Move the stage start of the live rollouts of ``names`` back by ``by`` seconds (their
+    soak ends earlier: rollouts started at different times)."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        for name in names:
+            conn.execute(
+                text(
+                    "UPDATE rollouts SET stage_started_at = stage_started_at - :by "
+                    "WHERE live_model = :m"
+                ),
+                {"by": by, "m": name},
+            )
+
+
 def _published_copy(work: Path, names: list[str], folder: Path) -> Any:
     """A fresh copy, in ``folder``, of the repository with both releases of every model
     (published once into ``<work>/live.published`` by ``bench.fleet_sim``'s helper)."""
@@ -313,7 +329,14 @@ def measure_live(
     live = names[:n]
     for name in live:
         _store.start(engine, project, name, NEW, plan, "bench", now=t0)
-    ctl = Controller(engine, project, holder="bench", extra_gates=_plugins.extra_gates())
+    signed_at: list[float] = []  # perf_counter() at each signature (batch) of a tick
+    ctl = Controller(
+        engine,
+        project,
+        holder="bench",
+        extra_gates=_plugins.extra_gates(),
+        after_sign=lambda: signed_at.append(time.perf_counter()),
+    )
 
     def timed(at: float) -> tuple[float, Any]:
         t = time.perf_counter()
@@ -340,8 +363,20 @@ def measure_live(
         prof = cProfile.Profile()
         prof.runcall(ctl.tick, now=at)
         prof.dump_stats(str(profile.with_name(f"{profile.name}-{backend}-{n}")))
+    # mixed: the soak of the last tenth (by id, judged last in id order) is over and every
+    # rollout has a new report: how long until the due ones are signed (the long tail waits)
+    due = live[-max(1, n // 10) :]
+    _backdate(engine, due, LIVE_SOAK_S)
+    at = t0 + 200
+    _report(engine, live, at - 1)
+    signed_at.clear()
+    t = time.perf_counter()
+    rep = ctl.tick(now=at)
+    mixed_s = time.perf_counter() - t
+    due_signed_s = (signed_at[0] - t) if signed_at else None
+    early = len([a for a in rep.actions if a.get("signed")])
     promote_s, rep = timed(t0 + 60 + LIVE_SOAK_S)
-    promoted = len([a for a in rep.actions if a.get("signed")])
+    promoted = early + len([a for a in rep.actions if a.get("signed")])
     engine.dispose()
     return {
         "backend": backend,
@@ -352,6 +387,10 @@ def measure_live(
         "fresh_s": round(statistics.median(fresh), 3),
         "promote_s": round(promote_s, 3),
         "promoted": promoted,
+        "mixed_s": round(mixed_s, 3),
+        "mixed_due": len(due),
+        "mixed_signed": early,
+        "due_signed_s": round(due_signed_s, 3) if due_signed_s is not None else None,
         "first_holding_gates": sorted(held),
     }
 
@@ -372,11 +411,27 @@ def render_live(doc: dict[str, Any]) -> str:
                 round(r["fresh_s"] / max(b["fresh_s"], 1e-9), 1),
                 r["promote_s"],
                 r["promoted"],
+                r["mixed_s"],
+                f"{r['mixed_signed']}/{r['mixed_due']}",
+                r["due_signed_s"],
             ]
         )
     return table(
         "one controller tick vs live rollouts (seconds)",
-        ["backend", "live", "enter", "judge", "steady", "fresh", "fresh ratio", "promote", "ok"],
+        [
+            "backend",
+            "live",
+            "enter",
+            "judge",
+            "steady",
+            "fresh",
+            "fresh ratio",
+            "promote",
+            "ok",
+            "mixed",
+            "due signed",
+            "due signed after",
+        ],
         rows,
     )
 

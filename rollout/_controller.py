@@ -37,7 +37,16 @@ Invariants:
   (the install gates, the soak and the deadline are judged every tick from fresh counts and
   the clock, so a deadline or a failure is acted on at its tick); the intents recorded in one
   tick are signed together in one steering transaction (:meth:`Controller._flush`), each
-  with its own audit entry, at most ``flush_s`` after they were recorded.
+  with its own audit entry, at most ``flush_s`` after they were recorded;
+* **when a tick runs** (ADR 0011): :meth:`Controller.run` ticks fully every ``interval``,
+  and between full ticks wakes a *due* tick at the earliest soak end or deadline of a running
+  stage and when a report or an operator's change is stored (:meth:`Controller.evidence_mark`),
+  so a stage passes at its soak's end or deciding report plus one judgement, not at the next
+  multiple of the interval. Within a tick the urgent go first (:meth:`Controller._order`:
+  intents and requests; changed outcomes, stage or clock; changed health inputs; unchanged
+  last, and not at all in a due tick) and each group's intents are signed before the next
+  group is judged. Only the lease holder wakes early; what is judged and how is unchanged
+  (the same gates on fresh counts, the same intent-before-signature path), only when.
 """
 
 from __future__ import annotations
@@ -90,6 +99,8 @@ MAX_AUDIT_GATES = 64  # an audit entry is at most 64 KiB: more gates are summari
 VerdictHook = Callable[[dict[str, Any]], None]
 DEFAULT_REFRESH_S = 60.0  # extra gates judged again at least this often, inputs unchanged
 DEFAULT_FLUSH_S = 2.0  # an intent waits at most this long for the tick's batch signature
+DEFAULT_POLL_S = 0.25  # an idle controller's look for new evidence (two index reads)
+DEFAULT_WAKE_GAP_S = 0.5  # at least this long between the starts of two ticks woken early
 BUCKET_S = 900.0  # the telemetry buckets' width (``ota.fleet._telemetry.BUCKET_S``)
 
 
@@ -155,6 +166,16 @@ class TickReport:
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     actions: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: ``"full"`` (every live rollout) or ``"due"`` (only those whose inputs, soak or
+    #: deadline changed since their last judgement: a tick woken early, :meth:`Controller.run`)
+    kind: str = "full"
+    judged: int = 0  # rollouts judged or acted on in this tick
+    #: the tick's stopwatch (wall clock, ``time.time()``): ``start``, ``inputs`` (the grouped
+    #: reads done); per rollout id that acted: ``judged`` (its gates combined), ``recorded``
+    #: (verdict and intent committed), ``signed`` (steering transaction returned), ``done``
+    #: (row updated, intent cleared). Instrumentation only: nothing is decided from it.
+    times: dict[str, float] = field(default_factory=dict)
+    timings: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def _default_holder() -> str:
@@ -220,49 +241,148 @@ class Controller:
         self._batch: list[int] | None = None  # intents deferred to the tick's one signature
         self._tick_inputs: TickInputs | None = None  # the tick's grouped reads
         self._judged: dict[int, _Judged] = {}
+        #: per rollout, what its last judgement saw: (install outcomes, extra gates' marks,
+        #: (stage, its start, approved stage, plan), the clock): what :meth:`_order` compares
+        self._seen: dict[int, tuple[Any, Any, tuple[Any, ...], float]] = {}
+        self._plans: dict[str, Plan] = {}
+        self._due: float | None = None  # monotonic: the next soak end or deadline
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def run(self, interval: float, stop: threading.Event) -> None:
-        """Tick every ``interval`` seconds until ``stop`` is set; give the lease up then."""
+    def run(
+        self,
+        interval: float,
+        stop: threading.Event,
+        *,
+        on_tick: Callable[[float, float, TickReport], None] | None = None,
+        poll_s: float = DEFAULT_POLL_S,
+        wake_gap_s: float = DEFAULT_WAKE_GAP_S,
+    ) -> None:
+        """Tick until ``stop`` is set; give the lease up then.
+
+        A *full* tick (every live rollout) runs every ``interval`` seconds. In between, a
+        *due* tick (only the rollouts whose inputs, soak or deadline changed since their last
+        judgement, :meth:`_order`) runs as soon as a decision may be due, at most every
+        ``wake_gap_s``: at the earliest soak end or deadline of a running stage (known from
+        the last tick), and when new evidence is stored — a device report or a new or changed
+        live rollout (:meth:`evidence_mark`, two index reads, polled every ``poll_s``; read
+        *before* each tick, so what arrives during a tick wakes the next). A stage therefore
+        passes at its soak's end or its deciding report plus one judgement, not at the next
+        multiple of ``interval``. ``on_tick(start, end, report)`` sees every tick (the
+        benchmarks' stopwatch)."""
         try:
+            next_full = time.monotonic()
             while not stop.is_set():
+                started = time.monotonic()
+                mark = self.evidence_mark()
+                full = started >= next_full
+                t0 = time.time()
+                rep: TickReport | None = None
                 try:
-                    self.tick()
+                    rep = self.tick(full=full)
                 except Exception:  # a database or storage outage: log, try again next tick
                     log.exception("rollout controller tick failed")
-                stop.wait(interval)
+                    self._due = None
+                if full:
+                    next_full = started + interval
+                if on_tick is not None and rep is not None:
+                    try:
+                        on_tick(t0, time.time(), rep)
+                    except Exception:
+                        log.exception("on_tick failed")
+                if rep is None or not rep.leader:  # a standby (or an outage) waits for the
+                    mark = None  # next full tick: no early lease attempts, no busy retries
+                    self._due = None
+                self._sleep(stop, next_full, started + wake_gap_s, mark, poll_s)
         finally:
             try:
                 _lease.release(self.engine, self.holder)
             except Exception:
                 log.exception("could not release the controller lease")
 
-    def tick(self, now: float | None = None) -> TickReport:
-        """One evaluation of every live rollout, if this controller holds the lease."""
+    def _sleep(
+        self,
+        stop: threading.Event,
+        until: float,
+        not_before: float,
+        mark: tuple[Any, ...] | None,
+        poll_s: float,
+    ) -> None:
+        """Wait until ``until`` (the next full tick, monotonic); from ``not_before`` on, also
+        until a running stage's soak end or deadline (:attr:`_due`) or a change of the
+        evidence mark."""
+        while not stop.is_set():
+            t = time.monotonic()
+            if t >= until:
+                return
+            due = self._due
+            if t >= not_before:
+                if due is not None and t >= due:
+                    return
+                if mark is not None and self.evidence_mark() != mark:
+                    return
+            step = min(until - t, poll_s)
+            if due is not None:
+                step = min(step, max(due, not_before) - t)
+            stop.wait(max(step, 0.005))
+
+    def evidence_mark(self) -> tuple[Any, ...] | None:
+        """What changes when new evidence or a new operator action is stored: the newest
+        event id (every stored report event, including telemetry summaries, is a new
+        ``events`` row: a primary-key lookup) and the live rollouts' newest id and change
+        time (through the unique ``live_model`` index). ``None`` when it cannot be read (the
+        loop then waits for the next full tick)."""
+        from sqlalchemy import func
+
+        from ota.fleet._db import read_only
+        from ota.fleet._models import Event
+
+        try:
+            with Session(read_only(self.engine)) as s, s.begin():
+                ev = s.execute(select(func.max(Event.id))).scalar()
+                ro = s.execute(
+                    select(func.max(Rollout.id), func.max(Rollout.updated_at)).where(
+                        Rollout.live_model.is_not(None)
+                    )
+                ).one()
+            return (ev, ro[0], ro[1])
+        except Exception:
+            log.debug("evidence mark unreadable", exc_info=True)
+            return None
+
+    def tick(self, now: float | None = None, *, full: bool = True) -> TickReport:
+        """One evaluation, if this controller holds the lease: of every live rollout
+        (``full``), or only of those whose inputs, soak or deadline changed since their last
+        judgement (a *due* tick). Either way, in order of urgency (:meth:`_order`): pending
+        intents and operator requests, then rollouts whose install outcomes, stage or clock
+        (soak end, deadline) changed, then those whose health inputs changed, then the
+        unchanged; the intents of each group are signed before the next group is judged."""
         now = time.time() if now is None else now
+        report = TickReport(leader=False, kind="full" if full else "due")
+        report.times["start"] = time.time()
         epoch = _lease.acquire(self.engine, self.holder, now, self.lease_ttl)
-        report = TickReport(leader=epoch is not None)
+        report.leader = epoch is not None
         if epoch is None:
             return report
-        with Session(self.engine) as s, s.begin():
-            ids = (
-                s.execute(
-                    select(Rollout.id).where(Rollout.state.in_(LIVE_STATES)).order_by(Rollout.id)
-                )
-                .scalars()
-                .all()
-            )
-        inputs = self._inputs([int(i) for i in ids], now)
+        rows = self._live_rows()
+        inputs = self._inputs(rows, now)
+        report.times["inputs"] = time.time()
+        order = self._order(rows, inputs, now, full)
+        report.judged = len(order)
         self._batch = []
         flushed = time.monotonic()
+        group: int | None = None
         try:
-            for rid in ids:
+            for g, r in order:
+                rid = int(r.id)
                 try:
-                    self._one(int(rid), epoch, now, report, inputs)
-                    if self._batch and time.monotonic() - flushed >= self.flush_s:
-                        self._flush(epoch, now, report)  # bounds what deferring adds
+                    if self._batch and (
+                        g != group or time.monotonic() - flushed >= self.flush_s
+                    ):  # each group's intents signed before the next is judged
+                        self._flush(epoch, now, report)
                         flushed = time.monotonic()
+                    group = g
+                    self._one(rid, epoch, now, report, inputs, row=r)
                 except LostLease:
                     report.errors.append("lost the lease")
                     self._batch = []
@@ -278,11 +398,107 @@ class Controller:
             self._batch = None
             self._tick_inputs = None
         self._deliver()  # what is queued, also what a crashed controller left
-        for gone in set(self._judged) - {int(i) for i in ids}:
+        live = {int(r.id) for r in rows}
+        for gone in set(self._judged) - live:
             del self._judged[gone]
+        for gone in set(self._seen) - live:
+            del self._seen[gone]
+        self._due = self._next_due(rows, now)
+        report.times["end"] = time.time()
         return report
 
-    def _inputs(self, ids: Sequence[int], now: float) -> TickInputs:
+    def _live_rows(self) -> list[Rollout]:
+        """Every live rollout's row, in one query (detached: read, never written through)."""
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            return list(
+                s.execute(
+                    select(Rollout).where(Rollout.state.in_(LIVE_STATES)).order_by(Rollout.id)
+                ).scalars()
+            )
+
+    def _plan(self, r: Rollout) -> Plan:
+        """The rollout's stored plan, validated once per distinct plan (kept by its text)."""
+        text = json.dumps(r.plan, sort_keys=True)
+        got = self._plans.get(text)
+        if got is None:
+            got = plan_from_dict(r.plan)
+            if len(self._plans) >= 256:
+                self._plans.clear()
+            self._plans[text] = got
+        return got
+
+    def _order(
+        self, rows: Sequence[Rollout], inputs: TickInputs, now: float, full: bool
+    ) -> list[tuple[int, Rollout]]:
+        """The rollouts to look at in this tick, most urgent first, as ``(group, row)``:
+        0 a pending intent or an operator's request; 1 never judged by this controller, or
+        its install outcomes (a report, a device timing out), stage, approval, or clock (its
+        soak's end or deadline passed since its last judgement) changed — those whose soak is
+        over (a promotion may be due) first; 2 only the extra gates' inputs changed, or their
+        reuse expired; 3 nothing changed (left out of a due tick). A rollout whose grouped
+        read is missing is group 1. Paused rollouts without a request are left out."""
+        out: list[tuple[int, int, int, Rollout]] = []
+        for r in rows:
+            rid = int(r.id)
+            if r.pending is not None or r.request is not None:
+                out.append((0, 0, rid, r))
+                continue
+            if r.state != "running":
+                continue
+            plan = self._plan(r)
+            if not 0 <= r.stage < len(plan.stages):
+                out.append((1, 1, rid, r))
+                continue
+            stage = plan.stages[r.stage]
+            soak_end = r.stage_started_at + stage.soak_s
+            over = 0 if now >= soak_end else 1
+            seen = self._seen.get(rid)
+            outcomes = inputs.outcomes.get(rid)
+            marks = inputs.marks.get(rid)
+            if seen is None or outcomes is None or (self.extra_gates and marks is None):
+                g = 1
+            else:
+                s_out, s_marks, s_key, at = seen
+                deadline = r.stage_started_at + stage.deadline_s + 1e-6
+                crossed = any(at < t <= now for t in (soak_end, deadline))
+                key = (r.stage, r.stage_started_at, r.approved_stage, plan.digest())
+                if key != s_key or crossed or outcomes != s_out:
+                    g = 1
+                elif (
+                    marks != s_marks
+                    or now - at >= self.refresh_s
+                    or int(at // BUCKET_S) != int(now // BUCKET_S)
+                ):
+                    g = 2
+                else:
+                    g = 3
+            if g < 3 or full:
+                out.append((g, over, rid, r))
+        out.sort(key=lambda x: (x[0], x[1], x[2]))
+        return [(g, r) for g, _, _, r in out]
+
+    def _next_due(self, rows: Sequence[Rollout], now: float) -> float | None:
+        """When (monotonic) the earliest soak end or deadline after ``now`` of a running
+        stage falls: a decision may be due then without any new report."""
+        times: list[float] = []
+        for r in rows:
+            if r.state != "running" or r.pending is not None:
+                continue
+            plan = self._plan(r)
+            if not 0 <= r.stage < len(plan.stages):
+                continue
+            stage = plan.stages[r.stage]
+            for t in (  # a hair late: the soak passes at age >= soak, a deadline past it
+                r.stage_started_at + stage.soak_s + 1e-3,
+                r.stage_started_at + stage.deadline_s + 1e-3,
+            ):
+                if t > now:
+                    times.append(t)
+        if not times:
+            return None
+        return time.monotonic() + (min(times) - time.time())
+
+    def _inputs(self, rows: Sequence[Rollout], now: float) -> TickInputs:
         """Every running rollout's install outcomes and change marks in a few grouped
         queries, and every release's signed state in one read of the repository. On any
         error, nothing (each rollout is then read on its own, as before)."""
@@ -290,17 +506,14 @@ class Controller:
 
         got = TickInputs()
         try:
+            live = [(r, self._plan(r)) for r in rows if r.state == "running"]
+            live = [(r, p) for r, p in live if 0 <= r.stage < len(p.stages)]
+            wants = [
+                Want(int(r.id), r.model, r.version, p.stages[r.stage].ring,
+                     now - p.device_timeout_s)
+                for r, p in live
+            ]  # fmt: skip
             with Session(read_only(self.engine)) as s, s.begin():
-                rows = s.execute(
-                    select(Rollout).where(Rollout.id.in_(ids), Rollout.state == "running")
-                ).scalars()
-                live = [(r, plan_from_dict(r.plan)) for r in rows]
-                live = [(r, p) for r, p in live if 0 <= r.stage < len(p.stages)]
-                wants = [
-                    Want(int(r.id), r.model, r.version, p.stages[r.stage].ring,
-                         now - p.device_timeout_s)
-                    for r, p in live
-                ]  # fmt: skip
                 got.outcomes = count_outcomes_many(s, wants)
                 if self.extra_gates and live:
                     since = min(r.stage_started_at for r, _ in live) - BUCKET_S
@@ -316,7 +529,7 @@ class Controller:
                             per_model.get(r.model),
                             devices,
                         )
-                pairs = [(r.model, r.version) for r, _ in live]
+            pairs = [(r.model, r.version) for r, _ in live]
             got.signed = signed_states(self.project, pairs)
         except Exception:  # a failed batch read: each rollout reads its own, as before
             log.exception("grouped read of the live rollouts failed")
@@ -332,14 +545,22 @@ class Controller:
             return r
 
     def _one(
-        self, rid: int, epoch: int, now: float, report: TickReport, inputs: TickInputs | None = None
+        self,
+        rid: int,
+        epoch: int,
+        now: float,
+        report: TickReport,
+        inputs: TickInputs | None = None,
+        *,
+        row: Rollout | None = None,
     ) -> None:
+        """Carry out, or judge and record, one rollout (``row``: as this tick read it)."""
         inputs = inputs or TickInputs()
-        r = self._load(rid)
+        r = row if row is not None else self._load(rid)
         if r.pending is not None:
             self._carry_out_if_pending(rid, epoch, now, report)
             return
-        plan = plan_from_dict(r.plan)
+        plan = self._plan(r)
         if r.request is not None:
             self._from_request(r, plan, epoch, now, report)
             return
@@ -375,6 +596,7 @@ class Controller:
         )
         self._tick_inputs = inputs
         gates = self._judge(ctx, plan) + ([ref_hold] if ref_hold is not None else [])
+        self._note_seen(r, plan, inputs, now)
         action = combine(gates, plan.on_failure)
         reason = self._reason(action, gates)
         intent: dict[str, Any] | None = None
@@ -406,10 +628,20 @@ class Controller:
             reason = f"held past the stage deadline ({stage.deadline_s:.0f} s): {reason}"
             action = Action.PAUSE
             intent = self._halt_intent(Action.PAUSE, r.stage, reason)
+        judged = time.time()
         verdict = self._record(r, plan, action, reason, gates, intent, epoch, now)
         if verdict is not None:
             report.verdicts.append(verdict)
+        if intent is not None:
+            report.timings[rid] = {"judged": judged, "recorded": time.time()}
         self._carry_out_if_pending(rid, epoch, now, report)
+
+    def _note_seen(self, r: Rollout, plan: Plan, inputs: TickInputs, now: float) -> None:
+        """Keep what this judgement saw, for :meth:`_order` to compare at the next tick."""
+        outcomes = inputs.outcomes.get(int(r.id))
+        if outcomes is not None:
+            key = (r.stage, r.stage_started_at, r.approved_stage, plan.digest())
+            self._seen[int(r.id)] = (outcomes, inputs.marks.get(int(r.id)), key, now)
 
     def _reference(
         self, model: str, version: str
@@ -447,6 +679,7 @@ class Controller:
         r = self._load(rid)
         if r.pending is not None:
             report.actions.append(self._carry_out(r, epoch, now))
+            report.timings.setdefault(rid, {})["done"] = time.time()
 
     def _judge(self, ctx: RolloutContext, plan: Plan) -> list[GateResult]:
         """Install gates (from the tick's grouped read when there: ``_tick_inputs``), soak,
@@ -869,9 +1102,14 @@ class Controller:
             if _lease.acquire(self.engine, self.holder, now, self.lease_ttl) != epoch:
                 raise LostLease()
             self._sign_batch(to_sign, preps, report)
+            signed_at = time.time()
+            for p in to_sign:
+                if p.signed:
+                    report.timings.setdefault(int(p.r.id), {})["signed"] = signed_at
         for p in preps:
             try:
                 report.actions.append(self._finish(p, now))
+                report.timings.setdefault(int(p.r.id), {})["done"] = time.time()
             except Exception as e:
                 log.exception("rollout #%s", p.r.id)
                 report.errors.append(f"rollout #{p.r.id}: {type(e).__name__}: {str(e)[:200]}")

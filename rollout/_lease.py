@@ -19,9 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Any, cast
-
-from sqlalchemy import CursorResult, Engine, case, or_, select, update
+from sqlalchemy import Engine, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from ota.fleet._rollout_models import RolloutLease
@@ -34,29 +32,26 @@ def acquire(engine: Engine, holder: str, now: float, ttl: float = DEFAULT_TTL_S)
     """Take or renew the lease for ``holder`` until ``now + ttl``; its epoch, or ``None`` when
     another holder's lease is still running."""
     with Session(engine) as s, s.begin():
-        res = cast(
-            "CursorResult[Any]",
-            s.execute(
-                update(RolloutLease)
-                .where(
-                    RolloutLease.name == NAME,
-                    or_(RolloutLease.holder == holder, RolloutLease.lease_until < now),
-                )
-                .values(
-                    epoch=case(
-                        (RolloutLease.holder == holder, RolloutLease.epoch),
-                        else_=RolloutLease.epoch + 1,
-                    ),
-                    holder=holder,
-                    lease_until=now + ttl,
-                )
-            ),
-        )
-        if res.rowcount != 1:
+        got = s.execute(
+            update(RolloutLease)
+            .where(
+                RolloutLease.name == NAME,
+                or_(RolloutLease.holder == holder, RolloutLease.lease_until < now),
+            )
+            .values(
+                epoch=case(
+                    (RolloutLease.holder == holder, RolloutLease.epoch),
+                    else_=RolloutLease.epoch + 1,
+                ),
+                holder=holder,
+                lease_until=now + ttl,
+            )
+            .returning(RolloutLease.epoch)
+            .execution_options(synchronize_session=False)
+        ).all()  # one round trip: the new epoch comes back with the update (RETURNING)
+        if len(got) != 1:
             return None
-        return int(
-            s.execute(select(RolloutLease.epoch).where(RolloutLease.name == NAME)).scalar_one()
-        )
+        return int(got[0][0])
 
 
 def hold(s: Session, holder: str, epoch: int, now: float) -> bool:

@@ -309,7 +309,8 @@ def approve(name: str, project_dir: str, db: str | None, as_json: bool) -> None:
     default=10.0,
     show_default=True,
     envvar="OTA_ROLLOUT_INTERVAL",
-    help="Seconds between evaluations.",
+    help="Seconds between full evaluations; a stage whose soak ends, a new report or an "
+    "operator's request is judged at once in between.",
 )
 @click.option("--once", is_flag=True, help="One evaluation, then exit.")
 @click.option("--metrics-bind", default="", help="HOST:PORT to serve the rollout gauges on.")
