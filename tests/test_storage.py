@@ -420,7 +420,9 @@ class _Always503(http.server.BaseHTTPRequestHandler):
 @pytest.mark.usefixtures("s3_endpoint")
 def test_server_errors_are_transient_after_bounded_retries() -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Always503)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
     thread.start()
     try:
         storage = open_storage(
