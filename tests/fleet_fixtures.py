@@ -16,6 +16,16 @@ Import what a test module needs (``from tests.fleet_fixtures import fleet_servic
   even gunicorn's quick SIGQUIT shutdown cost 1.5-3.5 s a test in interpreter teardown).
 * ``start_service(db_url, *args)``: the same as a context manager, for tests that need other
   serve options (``--max-reports-per-minute``, ``--busy-timeout-ms``) or several services.
+
+Each service is a fresh process running ``ota fleet serve`` (the CLI's ``main``, gunicorn and
+its workers) on a fresh database, as before; what it no longer pays is the 0.75 s of CPU that
+importing the server's modules took at every start (~115 starts a run): a *fork server* (one per
+test process, :class:`_ForkServer`) imports them once, then forks one child per service, which
+takes its own session, log file, working folder, environment and argv before calling ``main``.
+prometheus-client is not among those imports (it picks its storage from
+``PROMETHEUS_MULTIPROC_DIR`` when first imported, and each service has its own folder), and the
+fork server has no thread and no open connection to pass on. ``OTA_TEST_FLEET_FORK=0`` starts
+each service with ``python -m ota.cli`` instead.
 * ``call(method, url, ...)``: one HTTP request (urllib3), returning status, JSON and headers.
 """
 
@@ -27,6 +37,7 @@ import itertools
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -37,7 +48,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 import pytest
 import urllib3
@@ -264,13 +275,183 @@ def call(
 # --- the service -----------------------------------------------------------------------------
 
 
+class Process(Protocol):
+    """What the fixtures and tests use of a service's process (a ``subprocess.Popen`` is one)."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | Any: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+# The fork server: imports what `ota fleet serve` loads, then for each JSON line on stdin forks a
+# child that becomes `ota fleet serve ARGS` (own session, log, cwd, environment) and prints its
+# pid. It reaps its children and writes each one's exit code to the file the request named.
+_FORK_SERVER = r"""
+import json, os, signal, sys, threading, traceback
+import ota.cli, ota.cli._fleet_cmds, ota.fleet._local, ota.fleet._serve
+import ota.dashboard, ota.fleet._app, ota.fleet._mtls, gunicorn.app.base, gunicorn.arbiter
+assert "prometheus_client" not in sys.modules, "prometheus-client must be imported per service"
+assert threading.active_count() == 1, "a thread would not survive the fork"
+exits = {}
+
+def reap(signum, frame):
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        path = exits.pop(pid, None)
+        if path:
+            with open(path + ".tmp", "w") as f:
+                f.write(str(os.waitstatus_to_exitcode(status)))
+            os.replace(path + ".tmp", path)
+
+signal.signal(signal.SIGCHLD, reap)
+for line in sys.stdin:
+    req = json.loads(line)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # record the pid before reaping
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            os.setsid()
+            out = os.open(req["log"], os.O_WRONLY | os.O_TRUNC)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(out)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
+            os.chdir(req["cwd"])
+            os.environ.clear()
+            os.environ.update(req["env"])
+            sys.argv = ["ota", *req["args"]]
+            from ota.cli import main
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    exits[pid] = req["rc"]
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    print(pid, flush=True)
+"""
+
+
+class _Forked:
+    """A service process forked by the fork server (not a child of this process): its pid, its
+    end seen through a pidfd, its exit code from the file the fork server writes on reaping."""
+
+    def __init__(self, pid: int, rc_file: Path) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._rc_file = rc_file
+        self._fd: int | None
+        try:
+            self._fd = os.pidfd_open(pid)
+        except ProcessLookupError:  # already ended and reaped
+            self._fd = None
+
+    def poll(self) -> int | None:
+        return self._ended(0.0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._ended(timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(f"ota fleet serve (pid {self.pid})", timeout or 0.0)
+        return code
+
+    def _ended(self, timeout: float | None) -> int | None:
+        if self.returncode is None:
+            if self._fd is not None and not select.select([self._fd], [], [], timeout)[0]:
+                return None
+            deadline = time.monotonic() + 30  # the fork server reaps it as soon as it ends
+            while not self._rc_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            try:
+                self.returncode = int(self._rc_file.read_text())
+            except (OSError, ValueError):
+                self.returncode = -1  # ended; the fork server did not say how
+            self._rc_file.unlink(missing_ok=True)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        return self.returncode
+
+
+class _ForkServer:
+    """One fork server per test process, started on first use, stopped at exit."""
+
+    _proc: subprocess.Popen[bytes] | None = None
+    _err: IO[bytes] | None = None
+
+    @classmethod
+    def enabled(cls) -> bool:
+        return os.environ.get("OTA_TEST_FLEET_FORK", "1") != "0" and hasattr(os, "pidfd_open")
+
+    @classmethod
+    def spawn(cls, args: list[str], env: dict[str, str], log: Path) -> _Forked:
+        """``ota ARGS`` as a forked child with ``env``, output to ``log``."""
+        if cls._proc is None or cls._proc.poll() is not None:
+            cls._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed at exit
+            repo = str(Path(__file__).resolve().parents[1])
+            path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+            cls._proc = subprocess.Popen(
+                [sys.executable, "-c", _FORK_SERVER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=cls._err,
+                env=dict(os.environ, PYTHONPATH=path),
+            )
+            atexit.register(cls._stop, cls._proc, cls._err)
+        proc = cls._proc
+        assert proc.stdin is not None and proc.stdout is not None
+        rc_file = log.with_suffix(".rc")
+        req = {"args": args, "env": env, "cwd": os.getcwd(), "log": str(log), "rc": str(rc_file)}
+        proc.stdin.write(json.dumps(req).encode() + b"\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        if not line.strip().isdigit():
+            assert cls._err is not None
+            cls._err.seek(0)
+            raise RuntimeError(f"fleet fork server failed: {cls._err.read()[-3000:]!r}")
+        return _Forked(int(line), rc_file)
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen[bytes], err: IO[bytes]) -> None:
+        if proc.stdin is not None:
+            proc.stdin.close()  # it exits at the end of its input
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        err.close()
+
+
 @dataclass
 class FleetService:
     url: str
     admin_token: str
     db_url: str
     backend: str
-    proc: subprocess.Popen[bytes]
+    proc: Process
     log: Path
 
     def enroll_token(self, **spec: Any) -> str:
@@ -377,27 +558,20 @@ def start_service(
     if not env.get(MULTIPROC_ENV):
         metrics_dir = tempfile.mkdtemp(prefix="ota-fleet-metrics-")
         env[MULTIPROC_ENV] = metrics_dir
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ota.cli",
-                "fleet",
-                "serve",
-                "--db",
-                db_url,
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(workers),
-                *args,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
+    argv = ["fleet", "serve", "--db", db_url, "--bind", f"127.0.0.1:{port}"]
+    argv += ["--workers", str(workers), *args]
+    proc: Process
+    if _ForkServer.enabled():
+        proc = _ForkServer.spawn(argv, env, log)
+    else:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ota.cli", *argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+            )
     svc = FleetService(
         f"http://127.0.0.1:{port}",
         admin,
@@ -416,11 +590,12 @@ def start_service(
         # Committed rows are durable either way (SQLite WAL, PostgreSQL).
         stop_service(proc, signal.SIGKILL)
         log.unlink(missing_ok=True)
+        log.with_suffix(".rc").unlink(missing_ok=True)
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def stop_service(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+def stop_service(proc: Process, sig: int = signal.SIGTERM) -> None:
     """Stop the service's whole process group (gunicorn master and workers)."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):

@@ -133,7 +133,9 @@ def _json(doc: dict[str, Any], status: int) -> Response:
 def fleet_peer() -> Iterator[FleetPeer]:
     peer = FleetPeer()
     server = make_server("127.0.0.1", 0, peer, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
     thread.start()
     peer.url = f"http://127.0.0.1:{server.server_port}"
     try:

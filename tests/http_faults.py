@@ -185,7 +185,10 @@ def serve(root: Path) -> Iterator[FaultServer]:
     server = _Server(("127.0.0.1", 0), _Handler)
     server.fs = fs
     fs.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for the loop's next poll: 0.5 s by default, paid by every test
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
     thread.start()
     try:
         yield fs

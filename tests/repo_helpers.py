@@ -42,7 +42,9 @@ def serve_dir(root: Path) -> Iterator[str]:
     from ota.repository._serve import make_server
 
     server = make_server(root, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"

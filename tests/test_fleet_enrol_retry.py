@@ -126,7 +126,9 @@ def lossy_proxy(upstream: str) -> Iterator[LossyProxy]:
     server.proxy = proxy
     server.pool = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(30, 60))
     proxy.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
     thread.start()
     try:
         yield proxy

@@ -163,8 +163,8 @@ def test_list_many_keys_pages(storage: Storage, request: pytest.FixtureRequest) 
         with pytest.raises(TransientError, match="InternalError") as exc:
             set(storage.list("blobs/"))
         assert "repo/blobs/" in str(exc.value)
-        for key in keys:  # leave a bucket the fixture can list and delete
-            storage.delete(key)
+        with ThreadPoolExecutor(8) as pool:  # leave a bucket the fixture can list and delete
+            list(pool.map(storage.delete, keys))
         return
     assert set(storage.list("blobs/")) == keys
 
@@ -420,7 +420,9 @@ class _Always503(http.server.BaseHTTPRequestHandler):
 @pytest.mark.usefixtures("s3_endpoint")
 def test_server_errors_are_transient_after_bounded_retries() -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Always503)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
     thread.start()
     try:
         storage = open_storage(
