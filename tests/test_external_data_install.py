@@ -91,21 +91,20 @@ def test_external_data_model_installs_with_real_smoke(tmp_path: Path) -> None:
 
 
 def test_tampered_external_data_is_refused(tmp_path: Path) -> None:
-    """The weights file altered on the server (same length) in both forms a device can fetch
-    it in (one of its chunk blobs, and its whole-file blob that ranges are read from, ADR
-    0014): the device refuses the update as a security failure and installs nothing."""
+    """The weights file altered on the server (same length) in its stored form: its
+    whole-file blob that ranges are read from (ADR 0014; since ADR 0017 the only copy, no
+    chunk blobs): the device refuses the update as a security failure and installs nothing."""
     proj, _, _ = _publish(tmp_path)
     entry = _manifest(tmp_path / "repo").file("model/model.onnx.data")
     k = len(entry.chunks) // 2
     mid = entry.chunks[k]
     offset = sum(c.size for c in entry.chunks[:k])
-    chunk = tmp_path / "repo" / blob_key(mid.sha256)
     whole = tmp_path / "repo" / blob_key(entry.sha256)
     assert whole.is_file(), "the publisher stores a multi-chunk file's range blob"
-    for blob, at in ((chunk, mid.size // 2), (whole, offset + mid.size // 2)):
-        raw = bytearray(blob.read_bytes())
-        raw[at] ^= 0x01
-        blob.write_bytes(bytes(raw))
+    assert not (tmp_path / "repo" / blob_key(mid.sha256)).exists()  # ADR 0017: stored once
+    raw = bytearray(whole.read_bytes())
+    raw[offset + mid.size // 2] ^= 0x01
+    whole.write_bytes(bytes(raw))
 
     dev = tmp_path / "dev"
     with serve_dir(tmp_path / "repo") as base:
