@@ -299,8 +299,12 @@ def publish(
 
 
 def _binary_deltas(
-    project: Project, txn: Transaction, index: ModelIndex | None, req: PublishRequest,
-    entries: Mapping[str, FileEntry], up: Uploader,
+    project: Project,
+    txn: Transaction,
+    index: ModelIndex | None,
+    req: PublishRequest,
+    entries: Mapping[str, FileEntry],
+    up: Uploader,
 ) -> tuple[list[Any], DeltaStats]:
     """Issue 13 (ADR 0012): deltas from the model's recent releases to its payload files
     (the model and its external data, beside it: ``_model_payload``)."""
@@ -350,6 +354,7 @@ def _chunk_payload(
 
     def copy_path(src: Path) -> Path | None:
         return blob_copy_path(store, src, staging) if file_blobs else None
+
     try:
         with ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish") as side:
             # Overlap (issue 13): hashing and onnxruntime release the GIL, imports do not. The
@@ -707,6 +712,7 @@ def _smoke_files(
         check=req.golden_check,
         allow_degenerate=req.allow_degenerate_golden,
         accepted=degenerate,
+        durable=False,  # staging: the Uploader's barrier makes the stored copies durable
     )
     overrides: list[dict[str, str]] = []
     if degenerate:

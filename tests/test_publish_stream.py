@@ -238,6 +238,28 @@ def test_golden_outputs_equal_a_session_by_path(tmp_path: Path) -> None:
         np.testing.assert_allclose(golden[name], value, rtol=1e-6, atol=1e-6)
 
 
+def test_golden_session_uses_one_thread_without_spinning(tmp_path: Path) -> None:
+    # Issue 13: the publish chunks on the other core; a second intra-op thread only spun.
+    from ota.repository._golden import _session
+
+    opts = _session(save(big_mlp(1), tmp_path / "m.onnx")).get_session_options()
+    assert opts.intra_op_num_threads == 1
+    assert opts.inter_op_num_threads == 1
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_staging_smoke_files_without_fsync_hold_the_same_bytes(tmp_path: Path) -> None:
+    # Issue 13: publish writes the smoke files into its private staging folder without an
+    # fsync each (the store's barrier makes the stored copies durable): same files, same bytes.
+    path = save(big_mlp(1), tmp_path / "m.onnx")
+    durable, plain = tmp_path / "durable", tmp_path / "plain"
+    spec = make_smoke_files(path, durable)
+    assert make_smoke_files(path, plain, durable=False) == spec
+    for rel in (spec.inputs, spec.golden):
+        assert (plain / rel).read_bytes() == (durable / rel).read_bytes()
+    assert sorted(p.name for p in plain.rglob("*")) == sorted(p.name for p in durable.rglob("*"))
+
+
 def test_weights_shorter_than_their_shape_are_rejected(tmp_path: Path) -> None:
     model = big_mlp(1)
     t = model.graph.initializer[0]
