@@ -269,57 +269,6 @@ def p95s(hists: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
     return out
 
 
-def mwu_p(x: np.ndarray, y: np.ndarray, alternative: str) -> float:
-    """``scipy.stats.mannwhitneyu(x, y, alternative=alternative).pvalue`` (one-sided, method
-    ``auto``, continuity correction) without its per-call wrapper (input broadcasting, the
-    axis/NaN policy machinery: most of its cost on the gates' small samples). The asymptotic
-    branch repeats scipy's arithmetic step for step (average ranks by a stable sort, tie
-    term, continuity, ``ndtr(-z)``), so the p-value is the same float (tested against scipy on
-    random samples with and without ties: ``tests/test_health_equivalence.py``); the exact
-    branch (both samples <= 8 or one <= 8 without ties, as scipy chooses) is scipy's own.
-    Anything else scipy would special-case (an empty sample, a NaN) is left to scipy, so
-    it behaves as scipy does. Raises ValueError on an alternative other than
-    ``greater``/``less``."""
-    from scipy.special import ndtr
-    from scipy.stats import mannwhitneyu  # type: ignore[import-untyped]
-
-    a = np.asarray(x, dtype=np.float64).ravel()
-    b = np.asarray(y, dtype=np.float64).ravel()
-    if alternative not in ("greater", "less"):
-        raise ValueError(f"unknown alternative {alternative!r}")
-    if a.size == 0 or b.size == 0 or np.isnan(a).any() or np.isnan(b).any():
-        return float(mannwhitneyu(a, b, alternative=alternative).pvalue)
-    n1, n2 = a.shape[-1], b.shape[-1]
-    xy = np.concatenate((a, b))
-    size = xy.shape[-1]
-    j = np.argsort(xy, kind="stable")
-    v = xy[j]
-    first = np.concatenate(([True], v[:-1] != v[1:]))
-    idx = np.arange(size)[first]
-    counts = np.diff(idx, append=np.asarray([size], dtype=idx.dtype))
-    ties = np.zeros(size, dtype=np.float64)
-    ties[first] = counts.astype(np.float64)
-    if (n1 <= 8 or n2 <= 8) and not np.any(ties > 1):
-        return float(mannwhitneyu(a, b, alternative=alternative).pvalue)
-    ordinal = np.arange(1, size + 1, dtype=np.float64)
-    ranks_sorted = np.repeat(ordinal[first] + (counts.astype(np.float64) - 1) / 2, counts)
-    ranks = np.empty(size, dtype=np.float64)
-    ranks[j] = ranks_sorted
-    r1 = np.sum(ranks[:n1], axis=-1)
-    u1 = r1 - n1 * (n1 + 1) / 2
-    u = u1 if alternative == "greater" else n1 * n2 - u1
-    mu = n1 * n2 / 2
-    n = n1 + n2
-    tie_term = np.sum(ties**3 - ties, axis=-1)
-    sd = np.sqrt(n1 * n2 / 12 * ((n + 1) - tie_term / (n * (n - 1))))
-    numerator = u - mu
-    numerator -= 0.5
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = numerator / sd
-    p = ndtr(-z)
-    return float(np.clip(p, 0.0, 1.0))
-
-
 def _p95_of(ds: Sequence[DeviceTelemetry]) -> np.ndarray:
     """Each device's p95 (:func:`p95s`), in one pass."""
     return p95s([d.latency for d in ds]) if ds else np.empty(0, dtype=np.float64)
@@ -653,7 +602,7 @@ def _latency_paired(
     ``min_devices`` devices, whatever they report, can neither fail nor pass the gate; they
     can hold it (a delay: a stage holding past its deadline pauses). ``None`` when too few
     inferences (the unpaired gate then says so)."""
-    from scipy.stats import ttest_1samp, wilcoxon
+    from scipy.stats import ttest_1samp, wilcoxon  # type: ignore[import-untyped]
 
     gate = "health.latency_p95"
     n_inf = sum(d.inferences for d, _ in pairs)
@@ -707,6 +656,8 @@ def _latency_paired(
 def _latency_unpaired(
     new: list[DeviceTelemetry], base: list[DeviceTelemetry], tier: str, th: HealthThresholds
 ) -> GateResult:
+    from scipy.stats import mannwhitneyu
+
     gate = "health.latency_p95"
     n = [d for d in new if d.inferences >= th.min_device_inferences]
     b = [d for d in base if d.inferences >= th.min_device_inferences]
@@ -724,8 +675,8 @@ def _latency_unpaired(
     mb = float(np.median(pb))
     ratio = float(np.median(pn)) / mb
     limit = th.max_p95_ratio * mb
-    p_fail = mwu_p(pn, pb, "greater")
-    p_pass = mwu_p(pn, pb * th.max_p95_ratio, "less")
+    p_fail = float(mannwhitneyu(pn, pb, alternative="greater").pvalue)
+    p_pass = float(mannwhitneyu(pn, pb * th.max_p95_ratio, alternative="less").pvalue)
     return _decide(
         gate,
         tier,
@@ -1080,6 +1031,8 @@ def _drift(
 ) -> list[GateResult]:
     """Per output whose bins both cohorts share; outputs with different bins are not
     comparable (the reference gate judges them)."""
+    from scipy.stats import mannwhitneyu
+
     gate = "health.drift"
     dist = _distance(th)
     nb, bb = _by_output(new, th), _by_output(base, th)
@@ -1099,9 +1052,9 @@ def _drift(
         db = _distances(th, spec, keys, sb - vb, vb)
         noise = float(np.median(db))
         limit = noise + th.max_drift
-        p_fail = mwu_p(dn, db, "greater")
+        p_fail = float(mannwhitneyu(dn, db, alternative="greater").pvalue)
         calm = np.sort(dn)[: len(dn) - _trim(th, len(dn))]
-        p_pass = mwu_p(calm, db + th.max_drift, "less")
+        p_pass = float(mannwhitneyu(calm, db + th.max_drift, alternative="less").pvalue)
         results.append(
             _decide(
                 gate,
