@@ -335,29 +335,33 @@ class DeviceTelemetry:
     outputs: dict[tuple[str, str], dict[int, int]] = field(default_factory=dict)
 
 
-def per_device(
-    s: Session, model: str, version: str, ring: str, since: float, until: float,
-    *, on_version: str | None = None,
-) -> dict[int, DeviceTelemetry]:  # fmt: skip
-    """Telemetry of ``model`` ``version`` per enrolled, unrevoked device of ``ring`` over the
-    buckets that overlap ``[since, until]``. With ``on_version``, only devices that run that
-    version now (``device_models``): the concurrent baseline."""
+_SUMS = ("inferences", "errors", "crashes", "latency_sum_s")
+
+
+def _per_device_statements(on_version: bool) -> tuple[Any, Any]:
+    """The two statements of :func:`per_device` (with or without the ``on_version`` join),
+    built once with bound parameters: building them per call (a ``func.sum`` per latency
+    column, the coercions of every condition) cost more than running them, and a fixed
+    statement is served from SQLAlchemy's compiled cache. The device keys of the bins query
+    are an expanding parameter (the same ``IN`` list the per-call statement had)."""
     cond = [
-        _AGG.c.model == model,
-        _AGG.c.version == version,
-        _AGG.c.bucket >= bucket_of(since),
-        _AGG.c.bucket <= until,
-        Device.ring == ring,
+        _AGG.c.model == bindparam("model"),
+        _AGG.c.version == bindparam("version"),
+        _AGG.c.bucket >= bindparam("since"),
+        _AGG.c.bucket <= bindparam("until"),
+        Device.ring == bindparam("ring"),
         Device.revoked_at.is_(None),
     ]
     join = _AGG.join(Device.__table__, Device.id == _AGG.c.device_pk)
-    if on_version is not None:
+    if on_version:
         join = join.join(
             DeviceModel.__table__,
-            and_(DeviceModel.device_pk == _AGG.c.device_pk, DeviceModel.model == model),
+            and_(
+                DeviceModel.device_pk == _AGG.c.device_pk, DeviceModel.model == bindparam("model")
+            ),
         )
-        cond.append(DeviceModel.version == on_version)
-    sums = [func.sum(_AGG.c[c]) for c in ("inferences", "errors", "crashes", "latency_sum_s")]
+        cond.append(DeviceModel.version == bindparam("on_version"))
+    sums = [func.sum(_AGG.c[c]) for c in _SUMS]
     lat = [func.sum(_AGG.c[c]) for c in LATENCY_COLUMNS]
     q = (
         select(_AGG.c.device_pk, Device.tier, *sums, *lat)
@@ -365,29 +369,61 @@ def per_device(
         .where(*cond)
         .group_by(_AGG.c.device_pk, Device.tier)
     )
+    bq = (
+        select(_BIN.c.device_pk, _BIN.c.output, _BIN.c.spec, _BIN.c.bin, func.sum(_BIN.c.count))
+        .where(
+            _BIN.c.model == bindparam("model"),
+            _BIN.c.version == bindparam("version"),
+            _BIN.c.bucket >= bindparam("since"),
+            _BIN.c.bucket <= bindparam("until"),
+            _BIN.c.device_pk.in_(bindparam("pks", expanding=True)),
+        )
+        .group_by(_BIN.c.device_pk, _BIN.c.output, _BIN.c.spec, _BIN.c.bin)
+    )
+    return q, bq
+
+
+_PER_DEVICE = (_per_device_statements(False), _per_device_statements(True))
+
+
+def per_device(
+    s: Session, model: str, version: str, ring: str, since: float, until: float,
+    *, on_version: str | None = None,
+) -> dict[int, DeviceTelemetry]:  # fmt: skip
+    """Telemetry of ``model`` ``version`` per enrolled, unrevoked device of ``ring`` over the
+    buckets that overlap ``[since, until]``. With ``on_version``, only devices that run that
+    version now (``device_models``): the concurrent baseline.
+
+    Both statements are fixed (:func:`_per_device_statements`); rows are decoded once each,
+    and a device's output bins are filled through one dict lookup per ``(device, output)``
+    run (the rows come grouped). Equal to the per-call statements it replaced
+    (``tests/test_health_equivalence.py``)."""
+    q, bq = _PER_DEVICE[on_version is not None]
+    params: dict[str, Any] = {
+        "model": model, "version": version, "since": bucket_of(since), "until": until,
+        "ring": ring,
+    }  # fmt: skip
+    if on_version is not None:
+        params["on_version"] = on_version
     out: dict[int, DeviceTelemetry] = {}
-    for row in s.execute(q):
-        pk, tier, n, e, c, ls, *h = row
-        out[int(pk)] = DeviceTelemetry(
-            int(pk), str(tier), int(n or 0), int(e or 0), int(c or 0),
-            tuple(int(v or 0) for v in h), float(ls or 0.0),
+    for pk, tier, n, e, c, ls, *h in s.execute(q, params):
+        ipk = int(pk)
+        out[ipk] = DeviceTelemetry(
+            ipk, str(tier), int(n or 0), int(e or 0), int(c or 0),
+            tuple([int(v or 0) for v in h]), float(ls or 0.0),
         )  # fmt: skip
     if not out:
         return out
-    bcond = [
-        _BIN.c.model == model,
-        _BIN.c.version == version,
-        _BIN.c.bucket >= bucket_of(since),
-        _BIN.c.bucket <= until,
-        _BIN.c.device_pk.in_(sorted(out)),
-    ]
-    bq = (
-        select(_BIN.c.device_pk, _BIN.c.output, _BIN.c.spec, _BIN.c.bin, func.sum(_BIN.c.count))
-        .where(*bcond)
-        .group_by(_BIN.c.device_pk, _BIN.c.output, _BIN.c.spec, _BIN.c.bin)
-    )
-    for pk, o, sk, b, c in s.execute(bq):
-        out[int(pk)].outputs.setdefault((str(o), str(sk)), {})[int(b)] = int(c or 0)
+    params.pop("ring")
+    params.pop("on_version", None)
+    params["pks"] = sorted(out)
+    last: tuple[Any, Any, Any] | None = None
+    bins: dict[int, int] = {}
+    for pk, o, sk, b, c in s.execute(bq, params):
+        if (pk, o, sk) != last:
+            last = (pk, o, sk)
+            bins = out[int(pk)].outputs.setdefault((str(o), str(sk)), {})
+        bins[int(b)] = int(c or 0)
     return out
 
 
