@@ -29,7 +29,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -65,19 +64,23 @@ def run_s3rver(startup_deadline: float = 60.0) -> Iterator[str]:
             f"s3rver is not installed (node: {exe}, {SCRIPT}): run scripts/setup with npm present"
         )
     data = Path(tempfile.mkdtemp(prefix="s3rver-"))
+    log = data.with_name(f"{data.name}.log")  # its output, kept to say why it ended
     # Any signature is accepted; only the access key id must be S3RVER.
     args = ["-d", str(data), "-a", "127.0.0.1", "-p", "0", "-s", "--allow-mismatched-signatures"]
-    proc = subprocess.Popen(
-        [exe, str(SCRIPT), *args, "--no-vhost-buckets"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [exe, str(SCRIPT), *args, "--no-vhost-buckets"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = ""
     try:
-        url = _wait_for_port(proc, startup_deadline)
+        url = _wait_for_port(proc, log, startup_deadline)
+        _RUNNING[url] = (proc, log)
         yield url
     finally:
+        _RUNNING.pop(url, None)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -86,34 +89,38 @@ def run_s3rver(startup_deadline: float = 60.0) -> Iterator[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
         shutil.rmtree(data, ignore_errors=True)
+        log.unlink(missing_ok=True)
 
 
-def _wait_for_port(proc: subprocess.Popen[str], deadline_s: float) -> str:
+_RUNNING: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+
+def _tail(log: Path) -> str:
+    with contextlib.suppress(OSError):
+        return log.read_bytes()[-2000:].decode("utf-8", "replace")
+    return ""
+
+
+def _wait_for_port(proc: subprocess.Popen[bytes], log: Path, deadline_s: float) -> str:
     """Read s3rver's output until it names its port (a condition, with a generous deadline)."""
-    assert proc.stdout is not None
-    found: list[str] = []
-    seen: list[str] = []
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        m = _LISTENING.search(_tail(log))
+        if m:
+            return f"http://{m['host']}:{m['port']}"
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"s3rver did not start within {deadline_s:g} s: {_tail(log)[-500:]}")
 
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            seen.append(line)
-            m = _LISTENING.search(line)
-            if m:
-                found.append(f"http://{m['host']}:{m['port']}")
-                return
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(deadline_s)
-    if not found:
-        raise RuntimeError(f"s3rver did not start within {deadline_s:g} s: {''.join(seen)[-500:]}")
-    # Drain the rest of its output so that it never blocks on a full pipe.
-    threading.Thread(target=lambda: proc.stdout and proc.stdout.read(), daemon=True).start()
-    return found[0]
+def check_alive(url: str) -> None:
+    """Raise, with s3rver's own last output, if the s3rver serving ``url`` has ended (a
+    clear error instead of every later test's "connection refused")."""
+    proc, log = _RUNNING.get(url, (None, None))
+    if proc is not None and log is not None and proc.poll() is not None:
+        raise RuntimeError(f"s3rver at {url} exited with {proc.returncode}: {_tail(log)}")
 
 
 @pytest.fixture(scope="session")
@@ -132,12 +139,14 @@ def s3rver_endpoint() -> Iterator[str]:
 @pytest.fixture
 def s3rver_url(s3rver_endpoint: str) -> Iterator[str]:
     """A fresh empty bucket on s3rver; yield ``s3://<bucket>/repo``."""
+    check_alive(s3rver_endpoint)
     bucket = f"ota-test-{uuid.uuid4().hex[:16]}"
     client = boto3.client("s3", endpoint_url=s3rver_endpoint)
     client.create_bucket(Bucket=bucket)
     try:
         yield f"s3://{bucket}/repo"
     finally:
+        check_alive(s3rver_endpoint)
         _delete_bucket(client, bucket)
         client.close()
 
