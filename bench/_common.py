@@ -185,6 +185,7 @@ def publish_phases() -> Iterator[PhaseTimer]:
     timer = PhaseTimer()
     timer.wrap(checks, "check_model", "checks")
     timer.wrap(pub, "chunk_file", "chunk_upload")
+    timer.wrap(pub, "_chunk_in_child", "chunk_upload")  # the model file's, in a child process
     timer.wrap(chunker.Uploader, "flush", "chunk_upload")
     timer.wrap(golden, "make_smoke_files", "smoke_golden")
     timer.wrap(pub, "_sbom", "sbom")

@@ -39,8 +39,24 @@ def blob_copy_path(storage: Storage, source: Path, scratch: Path) -> Path | None
     chunk at most). Hand the result to :func:`store_file_blob`, which always removes it."""
     if source.stat().st_size <= MIN_CHUNK:
         return None
+    return new_copy_path(copy_folder(storage, scratch))
+
+
+def copy_folder(storage: Storage, scratch: Path) -> Path:
+    """Where :func:`blob_copy_path` puts its temp copies: the blob folder of a local
+    repository (renamed into place from there), else ``scratch``."""
     root = storage.local_root()
-    folder = root / _BLOB_ROOT if root is not None else scratch
+    return root / _BLOB_ROOT if root is not None else scratch
+
+
+def local_copy_folder(repository_root: Path) -> Path:
+    """:func:`copy_folder` of the local repository at ``repository_root``."""
+    return repository_root / _BLOB_ROOT
+
+
+def new_copy_path(folder: Path) -> Path:
+    """A new empty dot-named temp file in ``folder`` (made if needed), swept by
+    :func:`sweep_temp` if its publisher dies."""
     folder.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=".file.", suffix=".new", dir=folder)
     os.close(fd)

@@ -380,6 +380,20 @@ def measure_reference(
 
 
 def _session(model_path: Path) -> Any:
+    """The golden session of the model: the one :mod:`ota.repository._early` built for this
+    file after its checks passed (a fresh ``ota publish``), else a new one."""
+    from ota.repository import _early
+
+    early = _early.session(model_path)
+    return early if early is not None else new_session(model_path)
+
+
+def new_session(model_path: Path) -> Any:
+    """A new onnxruntime session of the model for the golden run.
+
+    Raises:
+        GoldenError: onnxruntime cannot load the model.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -53,10 +53,11 @@ from ota.bundle import (
     validate_version,
 )
 from ota.errors import ConfigError, InputError, SecurityError
-from ota.repository import _auditlog, _policy  # issue 4: publish policy and audit log
-from ota.repository._chunker import Progress, Uploader, UploadStats, chunk_file
+from ota.repository import _auditlog, _early, _policy  # issue 4: policy and audit log
+from ota.repository._chunker import MAX_CHUNK, Progress, Uploader, UploadStats, chunk_file
+from ota.repository._chunkjob import ChunkJob, take
 from ota.repository._deltas import DeltaSettings, DeltaStats  # issue 13: binary deltas
-from ota.repository._fileblob import blob_copy_path, store_file_blob
+from ota.repository._fileblob import blob_copy_path, copy_folder, new_copy_path, store_file_blob
 from ota.repository._index import (
     CounterTaken,
     add_release,
@@ -363,7 +364,11 @@ def _chunk_payload(
             # SBOM validator) run while the payload is chunked. Nothing is visible before the
             # commit: a check that fails leaves only unreferenced blobs, as any failure does.
             stop = threading.Event()
-            early = _chunk_model_early(side, req, up, progress, stop, copy_path, copies, blobs)
+            # the file blob is the only stored form (the defaults): chunk in a child process
+            child = copy_folder(store, staging) if file_blobs and not blobs else None
+            early = _chunk_model_early(
+                side, req, up, progress, stop, copy_path, copies, blobs, child_folder=child
+            )
             try:
                 if req.kind == "model":
                     model_path, payload = _model_payload(req)
@@ -395,6 +400,7 @@ def _chunk_payload(
             smoke, overrides = smoke_job.result()
             card = card_job.result()
     finally:  # a copy not stored (a failed check, say) is removed, never left in the repository
+        _early.discard(req.source)  # an early session not used (a failure) is freed
         for copy in copies.values():
             if copy is not None:
                 copy.unlink(missing_ok=True)
@@ -581,7 +587,9 @@ def _model_payload(req: PublishRequest) -> tuple[Path, dict[str, Path]]:
 
     if not req.source.is_file():
         raise InputError(f"{req.source} is not a file", remedy="pass the .onnx model file")
-    facts = check_model(req.source, max_bytes=req.max_model_bytes)
+    facts = _early.checked(req.source, req.max_model_bytes)  # the CLI's head start (issue 13)
+    if facts is None:
+        facts = check_model(req.source, max_bytes=req.max_model_bytes)
     payload = {MODEL_FILE: req.source}
     for rel in facts.external_files:
         bundle_path = f"model/{rel}"
@@ -606,6 +614,8 @@ def _chunk_model_early(
     copy_path: Callable[[Path], Path | None],
     copies: dict[str, Path | None],
     chunk_blobs: bool = True,
+    *,
+    child_folder: Path | None = None,
 ) -> Future[FileEntry] | None:
     """Start chunking the model file on ``side`` while the caller checks it, or None (a runtime,
     or a source that is not a regular file within ``max_model_bytes``: the checks then say
@@ -614,6 +624,10 @@ def _chunk_model_early(
     The job stops at its next chunk once ``stop`` is set (the checks failed); its error is then
     never looked at. A failure of its own surfaces from ``result()`` after the checks passed.
     The file-blob copy it writes (``copies[MODEL_FILE]``) is the caller's to store or remove.
+
+    ``child_folder`` (the file blob is the model's only stored form; the folder its temp copy
+    goes to): a model file over ``MAX_CHUNK`` is chunked by a child process
+    (:mod:`ota.repository._chunkjob`, issue 13), the one the CLI started if it did.
     """
     if req.kind != "model":
         return None
@@ -629,8 +643,27 @@ def _chunk_model_early(
         if progress is not None:
             progress(n)
 
+    if child_folder is not None and req.source.stat().st_size > MAX_CHUNK:
+        return side.submit(_chunk_in_child, _chunkjob(req.source, child_folder, copies), up, tick)
     copies[MODEL_FILE] = copy = copy_path(req.source)
     return side.submit(chunk_file, req.source, MODEL_FILE, up, tick, copy, chunk_blobs=chunk_blobs)
+
+
+def _chunkjob(source: Path, folder: Path, copies: dict[str, Path | None]) -> ChunkJob:
+    """The child chunking ``source`` into a temp copy in ``folder``: the CLI's if it started
+    it, else a new one. Its copy is recorded in ``copies`` (the caller stores or removes it)."""
+    job = take(source, folder) or ChunkJob.start(source, new_copy_path(folder))
+    copies[MODEL_FILE] = job.copy
+    return job
+
+
+def _chunk_in_child(job: ChunkJob, up: Uploader, tick: Progress) -> FileEntry:
+    """The model's entry from its chunking child, counted in ``up``'s totals (no chunk blob:
+    the file blob holds every chunk, ADR 0017)."""
+    entry = job.result(tick)
+    for c in entry.chunks:
+        up.count(c.size)
+    return replace(entry, path=MODEL_FILE)
 
 
 # What ota.sbom.build_mlbom imports when it is called (after the chunking, on the main thread:

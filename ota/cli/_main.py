@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from typing import Any
@@ -119,4 +120,7 @@ def main() -> None:
         cli.main(prog_name="ota", standalone_mode=True)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else ExitCode.INTERNAL)
+        # The command is over: the interpreter's final collections need not walk every object
+        # it loaded (issue 13: ~0.05 s of a fresh publish's exit). Only the process ends here.
+        gc.freeze()
         sys.exit(code)
