@@ -116,7 +116,7 @@ class ChunkJob:
                 continue
             if not line.startswith(b"="):
                 raise ChunkJobError(f"chunking {self.source}: unexpected output")
-            report = line + out.read(limit + 1 - len(line))
+            report = line + out.read(max(0, limit + 1 - len(line)))
             if len(report) > limit:
                 raise ChunkJobError(f"chunking {self.source}: report over {limit} bytes")
             status = self._proc.wait()
