@@ -115,7 +115,8 @@ def _prestart(ctx: click.Context, conf: dict[str, Any], storage: str) -> None:
         from ota.repository._fileblob import local_copy_folder
 
         root = Path(unquote(parsed.path) if parsed.scheme == "file" else storage)
-        prestart(model, local_copy_folder(root))
+        if root.is_dir():  # never create folders for a repository that is not there
+            prestart(model, local_copy_folder(root))
     if isinstance(max_mb, float | int):
         from ota.repository import _early
 
