@@ -59,9 +59,21 @@ def _key(path: Path, max_bytes: int) -> tuple[Path, int, int, int] | None:
 
 
 def prestart(model: Path, max_bytes: int) -> None:
-    """Check ``model`` and build its golden session on a thread (see module). Best effort."""
+    """Check ``model`` and build its golden session on a thread (see module). Best effort.
+
+    The modules the thread needs (onnx, onnxruntime, numpy and ours) are imported here, on the
+    caller's thread, before it starts: two threads importing at once can each meet the other's
+    half-initialised module (a circular import across threads), so the thread imports nothing.
+    """
     key = _key(model, max_bytes)
     if key is None:
+        return
+    try:
+        import onnxruntime  # noqa: F401 - see above
+
+        import ota.repository._golden
+        import ota.repository._model_checks  # noqa: F401
+    except ImportError:  # a device-only install: the publish reports it
         return
     job = _Job(key)
     with _lock:
@@ -75,17 +87,16 @@ def prestart(model: Path, max_bytes: int) -> None:
 
 def _run(job: _Job) -> None:
     path, _, _, max_bytes = job.key
-    try:
-        from ota.repository._model_checks import check_model
+    from ota.repository._golden import new_session
+    from ota.repository._model_checks import check_model
 
+    try:
         job.facts = check_model(path, max_bytes=max_bytes)
     except BaseException:  # the publish runs the checks again and reports the error itself
         return
     finally:
         job.checks_done.set()
     try:
-        from ota.repository._golden import new_session
-
         job.session = new_session(path)
     except BaseException:  # likewise: the golden run reports it
         return
