@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.onnx_models import write_mlp
 
@@ -124,3 +125,44 @@ def test_commands_that_use_the_lazy_modules_still_run(tmp_path: Path) -> None:
     assert audit.returncode == 0, audit.stderr[-3000:]
     statuses = {c["name"]: c["status"] for c in json.loads(audit.stdout)["checks"]}
     assert statuses["signature"] == statuses["provenance"] == statuses["sbom"] == "ok", statuses
+
+
+_MLBOM_PROBE = """
+import hashlib, json, sys
+from pathlib import Path
+from typing import Any
+from ota.sbom import build_mlbom
+model = Path(sys.argv[1])
+files = {"model/model.onnx": (hashlib.sha256(model.read_bytes()).hexdigest(),
+                              model.stat().st_size)}
+licenses = json.loads(sys.argv[2])
+doc = json.loads(build_mlbom(name="m", version="1.0.0", model_path=model, files=files,
+                             runtime_range=">=1.20,<2", runtime_version="1.31.1",
+                             licenses=licenses))
+print(json.dumps({"spdx_loaded": "cyclonedx.spdx" in sys.modules,
+                  "licenses": doc["metadata"]["component"].get("licenses", [])}))
+"""
+
+
+def test_mlbom_loads_the_spdx_licence_index_only_for_licences(tmp_path: Path) -> None:
+    """The SPDX index (about 30 ms to build) is loaded only when licences are given, and
+    licences are still recognised as SPDX ids, SPDX expressions, or names."""
+    model = write_mlp(tmp_path / "model.onnx")
+
+    def probe(licenses: list[str]) -> dict[str, Any]:
+        out = subprocess.run([sys.executable, "-c", _MLBOM_PROBE, str(model),
+                              json.dumps(licenses)], capture_output=True, text=True,
+                             timeout=300, check=False)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        return result
+
+    assert probe([]) == {"spdx_loaded": False, "licenses": []}
+    given = probe(["Apache-2.0", "ACME model licence"])
+    assert given["spdx_loaded"] is True
+    assert given["licenses"] == [
+        {"license": {"id": "Apache-2.0"}},
+        {"license": {"name": "ACME model licence"}},
+    ]
+    expression = probe(["MIT OR Apache-2.0"])  # CycloneDX: an expression stands alone
+    assert expression == {"spdx_loaded": True, "licenses": [{"expression": "MIT OR Apache-2.0"}]}
