@@ -317,7 +317,7 @@ def cold_imports(pythons: dict[str, str], rounds: int = 7) -> dict[str, Any]:
     def child(py: str, code: str) -> tuple[float, float]:
         cpu0 = children_cpu_s()
         t0 = time.perf_counter()
-        subprocess.run([py, "-c", code], check=True)
+        subprocess.run([py, "-c", code], check=True, cwd=_NEUTRAL_CWD)
         return time.perf_counter() - t0, children_cpu_s() - cpu0
 
     got: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in pythons}
@@ -363,6 +363,13 @@ runpy.run_module("ota.cli", run_name="__main__", alter_sys=True)
 """
 
 
+# Working directory of the fresh `ota` children: not a checkout. `python -c` and `python -m` put
+# the working directory first on sys.path, so from a checkout the compared interpreter would
+# import `ota` and `ota.cli` from *that* checkout and the rest (`ota.repository`, ...) from its
+# own editable install: a mix of both.
+_NEUTRAL_CWD = tempfile.gettempdir()
+
+
 def compile_project(python: str) -> None:
     """Write the bytecode of the packages of the checkout that ``python`` runs (``__pycache__``,
     git-ignored), as installing the wheel does. This machine sets ``PYTHONDONTWRITEBYTECODE``,
@@ -375,7 +382,7 @@ def compile_project(python: str) -> None:
         "    for path in importlib.import_module(name).__path__:\n"
         "        compileall.compile_dir(path, quiet=1)\n"
     )
-    subprocess.run([python, "-c", code], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([python, "-c", code], check=True, stdout=subprocess.DEVNULL, cwd=_NEUTRAL_CWD)
 
 
 def cli_publish(model: Path, work: Path, i: int, python: str | None = None) -> dict[str, Any]:
@@ -391,6 +398,7 @@ def cli_publish(model: Path, work: Path, i: int, python: str | None = None) -> d
         [*init, "init", "--project", str(proj), "--bins", "16", str(repo)],
         check=True,
         stdout=subprocess.DEVNULL,
+        cwd=_NEUTRAL_CWD,
     )
     cmd = [python, "-c", _CLI_WITH_VMHWM, "publish", "--project", str(proj)]
     cmd += ["--name", "bench-model", "--version", "1.0.0", "--json", str(model)]
@@ -400,7 +408,7 @@ def cli_publish(model: Path, work: Path, i: int, python: str | None = None) -> d
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         cpu0 = children_cpu_s()
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=out, stderr=err, env=env, check=False)
+        proc = subprocess.run(cmd, stdout=out, stderr=err, env=env, check=False, cwd=_NEUTRAL_CWD)
         secs = time.perf_counter() - t0
         cpu = children_cpu_s() - cpu0
         if proc.returncode != 0:
