@@ -42,12 +42,15 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ota.bundle import FileEntry, FormatError, Manifest, Release, validate_bundle_path
 from ota.errors import LocalError, OtaError, SecurityError
 
-from ._fetch import BlobFetcher
+if TYPE_CHECKING:  # annotations only: the publisher imports this module (ota.repository._deltas)
+    # and must not import the device's HTTP stack with it (urllib3, ssl, http.client,
+    # python-tuf's ngclient: issue 13)
+    from ._fetch import BlobFetcher
 
 DELTAS_KEY = "edge-ota.deltas/1"
 CODEC = "zstd-patch-from"

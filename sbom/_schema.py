@@ -1,7 +1,8 @@
 """Strict CycloneDX 1.6 JSON schema validation, bounded and linear in the document size.
 
 The schema check is cyclonedx-python-lib's ``JsonStrictValidator(SchemaVersion.V1_6)``,
-imported on first use (about 1 s) and kept for the process.
+imported on first use and kept for the process; jsonschema's format libraries that no CycloneDX
+format needs are imported only if used (:mod:`ota.sbom._lazy_iri`, :mod:`ota.sbom._lazy_formats`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ _SLICE = 128
 
 @functools.cache
 def _strict_validator() -> JsonStrictValidator:
+    from ota.sbom._lazy_formats import deferred_format_libraries
     from ota.sbom._lazy_iri import install
 
     install()  # before jsonschema: its IRI grammar is compiled only if an IRI is checked
-    from cyclonedx.schema import SchemaVersion
-    from cyclonedx.validation.json import JsonStrictValidator
+    with deferred_format_libraries():  # and arrow, webcolors, uri_template only if used
+        from cyclonedx.schema import SchemaVersion
+        from cyclonedx.validation.json import JsonStrictValidator
 
     return JsonStrictValidator(SchemaVersion.V1_6)
 
