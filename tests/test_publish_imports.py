@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.onnx_models import write_mlp
 
 # `ota` with an exit hook that writes the names in sys.modules to $PROBE_OUT.
@@ -168,36 +166,3 @@ def test_mlbom_loads_the_spdx_licence_index_only_for_licences(tmp_path: Path) ->
     ]
     expression = probe(["MIT OR Apache-2.0"])  # CycloneDX: an expression stands alone
     assert expression == {"spdx_loaded": True, "licenses": [{"expression": "MIT OR Apache-2.0"}]}
-
-
-def test_publish_raises_the_young_gc_threshold_only_while_it_runs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The publish runs with fewer young-generation collections (its imports' objects are
-    long-lived) and the process gets its own thresholds back afterwards, failure or not."""
-    import gc
-
-    from click.testing import CliRunner
-
-    import ota.repository
-    from ota.cli._main import _register, cli
-
-    _register()
-    proj, repo = tmp_path / "proj", tmp_path / "repo"
-    assert _ota(tmp_path, "init", "--project", str(proj), "--bins", "16", str(repo)).returncode == 0
-    model = write_mlp(tmp_path / "model.onnx")
-    seen: list[tuple[int, int, int]] = []
-    real_publish = ota.repository.publish
-
-    def probe(*args: Any, **kwargs: Any) -> Any:
-        seen.append(gc.get_threshold())
-        return real_publish(*args, **kwargs)
-
-    monkeypatch.setattr(ota.repository, "publish", probe)
-    before = gc.get_threshold()
-    for version, ok in (("1.0.0", True), ("1.0.0", False)):  # the second: refused (exit 3)
-        result = CliRunner().invoke(cli, ["publish", "--project", str(proj), "--name", "m",
-                                          "--version", version, "--json", str(model)])  # fmt: skip
-        assert result.exit_code == (0 if ok else 3), result.output
-        assert gc.get_threshold() == before
-    assert len(seen) == 2 and all(t[0] >= 20_000 and t[1:] == before[1:] for t in seen), seen

@@ -6,9 +6,6 @@ audit or verification still prints its whole report, then exits 4 naming what fa
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -283,24 +280,6 @@ def vulns(project_dir: str, osv_dir: Path, fail_on: str, fleet_url: str | None,
                                  f"above {fail_on}: {', '.join(affected[:10])}")  # fmt: skip
 
 
-# Young-generation threshold of the garbage collector while ``ota publish`` runs (issue 13).
-# A fresh publish imports about 700 modules; with the default threshold (700 allocations) the
-# collector traverses their long-lived objects over and over: about 30 ms of the ~0.55 s of
-# CPU of a 2 MB publish, measured. Only the frequency of cycle collection changes (memory is
-# still freed by reference counting as soon as unused); the old thresholds come back after.
-_PUBLISH_GC_GEN0 = 20_000
-
-
-@contextlib.contextmanager
-def _fewer_young_collections() -> Iterator[None]:
-    old = gc.get_threshold()
-    gc.set_threshold(max(old[0], _PUBLISH_GC_GEN0), *old[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*old)
-
-
 def _extend_publish(cmd: click.Command) -> None:
     """Add the publish policy options to ``ota publish`` (once, however often registered)."""
     if getattr(cmd, "_ota_policy_options", False) or cmd.callback is None:
@@ -317,10 +296,6 @@ def _extend_publish(cmd: click.Command) -> None:
     original = cmd.callback
 
     def callback(**kw: Any) -> Any:
-        with _fewer_young_collections():
-            return policed(**kw)
-
-    def policed(**kw: Any) -> Any:
         require("repository", "`ota publish`")  # before anything is read or written
         from ota.repository._policy import PolicyContext, load_policy, reset_context, use_context
 
