@@ -669,7 +669,6 @@ def _chunk_in_child(job: ChunkJob, up: Uploader, tick: Progress) -> FileEntry:
 # What ota.sbom.build_mlbom imports when it is called (after the chunking, on the main thread:
 # 0.2-0.5 s of a fresh publish's wall time before they were warmed here).
 _SBOM_MODULES = (
-    "cyclonedx.contrib.license.factories",
     "cyclonedx.model.bom",
     "cyclonedx.model.component",
     "cyclonedx.model.contact",

@@ -38,6 +38,7 @@ _UNUSED = (
     "dateutil",
     "webcolors",
     "uri_template",
+    "cyclonedx.spdx",  # the SPDX licence index: only for --license
     "ota.sbom._diff",
     "ota.sbom._osv",
     "ota.sbom._runtime_bom",
