@@ -27,7 +27,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -39,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ota._atomic import fsync_dir
+from ota._atomic import fsync_dir, start_writeback
 from ota.bundle import FileEntry, Manifest
 from ota.errors import LocalError, SecurityError
 
@@ -512,7 +511,7 @@ class _FileWriter:
     def _written(self, n: int) -> None:
         self.size += n
         if self.size - self.flushed >= _WRITEBACK:
-            _start_writeback(self.fh.fileno(), self.flushed, self.size - self.flushed)
+            start_writeback(self.fh.fileno(), self.flushed, self.size - self.flushed)
             self.flushed = self.size
 
     def finish(self) -> None:
@@ -529,15 +528,6 @@ class _FileWriter:
 
     def abort(self) -> None:
         self.fh.close()
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing ``[offset, offset+length)`` out, without waiting
-    (Linux starts writeback of dirty pages on ``POSIX_FADV_DONTNEED``). Advice only."""
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is not None:
-        with contextlib.suppress(OSError):
-            advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _temp_name(path: str) -> str:

@@ -17,6 +17,17 @@ from typing import BinaryIO
 from ota.errors import LocalError
 
 
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset+length)`` of ``fd`` out, without
+    waiting (Linux starts writeback of dirty pages on ``POSIX_FADV_DONTNEED``; pages still
+    dirty or under writeback stay cached), so that a later fsync waits only for a tail.
+    Advice only: any failure is ignored."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        with contextlib.suppress(OSError):
+            advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory so that a rename or a new entry in it is durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
