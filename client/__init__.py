@@ -20,8 +20,9 @@ onnxruntime are never imported here; boto3 only if installed, by securesystemsli
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ota._lazy import exports
 
 if TYPE_CHECKING:
     from ota.client._daemon import DaemonConfig, run_daemon
@@ -76,17 +77,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = exports(__name__, _LAZY, globals())
 
 
 __all__ = [

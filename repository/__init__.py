@@ -8,8 +8,9 @@ imports only the chunker (issue 13). Devices never import this package.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ota._lazy import exports
 
 if TYPE_CHECKING:
     from ota.repository._index import UnknownRelease
@@ -44,46 +45,36 @@ if TYPE_CHECKING:
 
 # public name -> the module that defines it
 _LAZY: dict[str, str] = {
-    "BelowFloor": "ota.repository._ops",
-    "DuplicateVersion": "ota.repository._publish",
-    "FileStorage": "ota.repository._storage",
-    "GcResult": "ota.repository._ops",
-    "InitResult": "ota.repository._project",
-    "Project": "ota.repository._project",
-    "ProjectConfig": "ota.repository._project",
-    "init_project": "ota.repository._project",
-    "LowerVersion": "ota.repository._publish",
-    "NotFound": "ota.repository._storage",
-    "PreconditionFailed": "ota.repository._storage",
-    "PublishRequest": "ota.repository._publish",
-    "PublishResult": "ota.repository._publish",
-    "ReleaseRow": "ota.repository._ops",
-    "Storage": "ota.repository._storage",
-    "StorageError": "ota.repository._storage",
-    "UnknownRelease": "ota.repository._index",
-    "gc": "ota.repository._ops",
-    "model_index": "ota.repository._ops",
-    "open_storage": "ota.repository._storage",
-    "pause": "ota.repository._ops",
-    "promote": "ota.repository._ops",
-    "publish": "ota.repository._publish",
-    "releases": "ota.repository._ops",
-    "rollback": "ota.repository._ops",
-    "yank": "ota.repository._ops",
+    "BelowFloor": "_ops",
+    "DuplicateVersion": "_publish",
+    "FileStorage": "_storage",
+    "GcResult": "_ops",
+    "InitResult": "_project",
+    "Project": "_project",
+    "ProjectConfig": "_project",
+    "init_project": "_project",
+    "LowerVersion": "_publish",
+    "NotFound": "_storage",
+    "PreconditionFailed": "_storage",
+    "PublishRequest": "_publish",
+    "PublishResult": "_publish",
+    "ReleaseRow": "_ops",
+    "Storage": "_storage",
+    "StorageError": "_storage",
+    "UnknownRelease": "_index",
+    "gc": "_ops",
+    "model_index": "_ops",
+    "open_storage": "_storage",
+    "pause": "_ops",
+    "promote": "_ops",
+    "publish": "_publish",
+    "releases": "_ops",
+    "rollback": "_ops",
+    "yank": "_ops",
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = exports(__name__, _LAZY, globals())
 
 
 __all__ = [
