@@ -47,7 +47,7 @@ from pathlib import Path
 from ota.bundle import Chunk, FileEntry
 from ota.errors import LocalError
 
-__all__ = ["ChunkJob", "ChunkJobError", "prestart", "take"]
+__all__ = ["ChunkJob", "ChunkJobError", "cancel_unadopted", "prestart", "take"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PROGRESS_EVERY = 16 * 1024 * 1024
@@ -246,6 +246,14 @@ def take(source: Path, blob_folder: Path) -> ChunkJob | None:
         job.cancel()  # replaced or changed since (even with the same size and mtime): start again
         return None
     return job
+
+
+def cancel_unadopted() -> None:
+    """Cancel every job :func:`prestart` started that no publish took (the command is over)."""
+    for key in list(_early):
+        job = _early.pop(key, None)
+        if job is not None:
+            job.cancel()
 
 
 def _main(argv: list[str]) -> int:

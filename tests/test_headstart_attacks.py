@@ -9,6 +9,7 @@ checks, golden session and chunking adopted for it.
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import subprocess
@@ -177,3 +178,72 @@ def test_an_early_chunk_job_is_not_adopted_for_a_replacement_of_the_same_size(
     _same_size_and_mtime_replacement(source, np.random.default_rng(2).bytes(size))
     assert take(source, folder) is None  # the job chunked (or may chunk) the first file
     assert not list(folder.glob(".file.*"))
+
+
+def test_gc_and_openblas_are_restored_when_the_arguments_fail_after_the_head_start(
+    tmp_path: Path,
+) -> None:
+    """The hidden callback disables gc while parsing; an argument error after it (an extra
+    argument) never ran the command's close callbacks: a ``CliRunner`` caller was left
+    without cyclic GC for the rest of its life."""
+    from click.testing import CliRunner
+
+    from ota.cli._main import _register, cli
+
+    make_project(tmp_path)
+    model = write_mlp(tmp_path / "m.onnx")
+    assert gc.isenabled()
+    _register()
+    result = CliRunner().invoke(
+        cli, ["publish", "--project", str(tmp_path / "proj"), "--name", "m",
+              "--version", "1.0.0", str(model), "extra"],
+    )  # fmt: skip
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert gc.isenabled()
+
+
+_UNADOPTED_IN_PROCESS = """
+import gc, os, sys
+from click.testing import CliRunner
+from ota.cli._main import _register, cli
+from ota.repository import _chunkjob, _early
+started = []
+_start = _chunkjob.ChunkJob.start
+def recording_start(source, copy):
+    job = _start(source, copy)
+    started.append(job)
+    return job
+_chunkjob.ChunkJob.start = recording_start  # records the job the CLI starts, changes nothing
+early = []
+_prestart = _early.prestart
+_early.prestart = lambda model, limit: (early.append(model), _prestart(model, limit))
+_register()
+result = CliRunner().invoke(cli, ["publish", "--project", sys.argv[1], "--name", "Not A Name!",
+                                  "--version", "1.0.0", sys.argv[2]])
+left = [p for p in os.scandir(sys.argv[3]) if p.name.startswith(".file.")]
+print(result.exit_code, len(started), len(early), started[0]._proc.poll() is not None,
+      len(left), len(_chunkjob._early), len(_early._jobs), gc.isenabled(),
+      os.environ.get("OPENBLAS_NUM_THREADS"))
+"""
+
+
+def test_a_cli_publish_failing_before_adoption_leaves_nothing_in_a_long_lived_process(
+    tmp_path: Path,
+) -> None:
+    """``CliRunner`` (a long-lived caller): a publish that fails before it adopts the head
+    start (a bad name) must stop the chunking child, remove its temp copy and free the early
+    session when the command ends, not when the process exits."""
+    make_project(tmp_path)
+    model = save(big_mlp(8), tmp_path / "big.onnx")
+    folder = tmp_path / "repo" / "blobs" / "sha256"
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _UNADOPTED_IN_PROCESS, str(tmp_path / "proj"), str(model),
+         str(folder)],
+        capture_output=True, text=True, check=False, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, started, early, reaped, left, jobs, sessions, gc_on, blas = proc.stdout.split()
+    assert (code, started, early) == (str(int(ExitCode.INPUT)), "1", "1")  # both started
+    assert (reaped, left, jobs, sessions) == ("True", "0", "0", "0")
+    assert (gc_on, blas) == ("True", "None")
