@@ -247,3 +247,30 @@ def test_a_cli_publish_failing_before_adoption_leaves_nothing_in_a_long_lived_pr
     assert (code, started, early) == (str(int(ExitCode.INPUT)), "1", "1")  # both started
     assert (reaped, left, jobs, sessions) == ("True", "0", "0", "0")
     assert (gc_on, blas) == ("True", "None")
+
+
+@pytest.mark.parametrize("swap", ["symlink", "hardlink", "fifo"])
+def test_a_temp_copy_swapped_in_the_blob_folder_is_never_written_through(
+    tmp_path: Path, swap: str
+) -> None:
+    """Someone who can write the blob folder puts a link (to a file of the publisher's: its
+    key, say) or a FIFO where the temp copy was made, before the chunking child opens it:
+    the child refuses it, nothing is written through it, and the parent fails cleanly."""
+    import numpy as np
+
+    source = tmp_path / "model.bin"
+    source.write_bytes(np.random.default_rng(3).bytes(MAX_CHUNK + 4096))
+    victim = tmp_path / "signing.key"
+    victim.write_bytes(b"secret key material")
+    copy = new_copy_path(tmp_path / "blobs")
+    copy.unlink()
+    if swap == "symlink":
+        copy.symlink_to(victim)
+    elif swap == "hardlink":
+        os.link(victim, copy)
+    else:
+        os.mkfifo(copy)
+    job = ChunkJob.start(source, copy)
+    error = _result_within_deadline(job)
+    assert isinstance(error, ChunkJobError), error  # refused (ELOOP, ENXIO or not ours)
+    assert victim.read_bytes() == b"secret key material"
