@@ -274,3 +274,23 @@ def test_a_temp_copy_swapped_in_the_blob_folder_is_never_written_through(
     error = _result_within_deadline(job)
     assert isinstance(error, ChunkJobError), error  # refused (ELOOP, ENXIO or not ours)
     assert victim.read_bytes() == b"secret key material"
+
+
+def test_a_fifo_in_place_of_the_model_never_hangs_the_child_or_the_parent(
+    tmp_path: Path,
+) -> None:
+    """The model path checked as a regular file, then swapped for a FIFO before the child
+    looks at it (here: the child is simply given it). Evidence, not a fix: the child's stat
+    sees size 0 and never opens it, and the parent refuses a report for 0 bytes. (A swap
+    between the child's stat and its open could still block it: not reproducible here.)"""
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    copy = new_copy_path(tmp_path / "blobs")
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "ota.repository._chunkjob", str(fifo), str(copy)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    job = ChunkJob(fifo, copy, MAX_CHUNK + 1, proc)
+    error = _result_within_deadline(job)
+    assert isinstance(error, ChunkJobError) and "does not describe" in str(error), error
+    assert not copy.exists()
