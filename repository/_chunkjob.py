@@ -227,10 +227,14 @@ def prestart(source: Path, blob_folder: Path) -> None:
         source = source.resolve()
         if not source.is_file() or source.stat().st_size <= MAX_CHUNK:
             return
+        key = (source, blob_folder.resolve())
         copy = new_copy_path(blob_folder)
-        _early[(source, blob_folder.resolve())] = ChunkJob.start(source, copy)
     except OSError:
         return
+    try:
+        _early[key] = ChunkJob.start(source, copy)
+    except OSError:  # no child (an embedded interpreter, say): its copy is not left behind
+        copy.unlink(missing_ok=True)
 
 
 def take(source: Path, blob_folder: Path) -> ChunkJob | None:

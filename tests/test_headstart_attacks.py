@@ -294,3 +294,24 @@ def test_a_fifo_in_place_of_the_model_never_hangs_the_child_or_the_parent(
     error = _result_within_deadline(job)
     assert isinstance(error, ChunkJobError) and "does not describe" in str(error), error
     assert not copy.exists()
+
+
+def test_a_publish_where_no_child_can_start_chunks_in_process_and_leaves_no_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interpreter embedded in another program (``sys.executable`` is not Python, or
+    empty): before ADR 0018 a library publish worked there; the child path failed it with a
+    raw ``FileNotFoundError`` and left its temp copy in the blob folder."""
+    from ota.bundle import blob_key
+    from ota.repository import PublishRequest, publish
+    from ota.repository._chunker import chunk_file
+
+    project = make_project(tmp_path)
+    model = save(big_mlp(8), tmp_path / "big.onnx")
+    assert model.stat().st_size > MAX_CHUNK  # the child path
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    prestart(model, tmp_path / "repo" / "blobs" / "sha256")  # the CLI's head start: no child
+    publish(project, PublishRequest(source=model, name="m", version="1.0.0"))
+    entry = chunk_file(model, "model/model.onnx", None)
+    assert (tmp_path / "repo" / blob_key(entry.sha256)).read_bytes() == model.read_bytes()
+    assert not list((tmp_path / "repo").rglob(".file.*"))
