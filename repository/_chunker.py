@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import queue
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from ota._atomic import start_writeback
 from ota.bundle import Chunk, FileEntry, blob_key
@@ -154,6 +157,29 @@ def _release_behind(mm: mmap.mmap, released: int, offset: int) -> int:
     return upto
 
 
+def _open_copy(path: Path) -> BinaryIO:
+    """The temp copy ``path`` (made empty by :func:`~ota.repository._fileblob.new_copy_path`),
+    opened for writing only if it is still that: a regular file of ours with one link. Someone
+    who can write the blob folder may have put a symlink, a hard link or a FIFO in its place
+    since it was made (the chunking child opens it a process start later): writing through it
+    would overwrite another file of the publisher's (its keys, say), or block.
+
+    Raises:
+        OSError: the path is no longer the copy it was made as.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            raise OSError(f"{path}: not the temp copy made for this publish; refused")
+        os.set_blocking(fd, True)
+        os.ftruncate(fd, 0)  # only now: a hard link's other name is never truncated
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class _WholeFile:
     """The whole-file sha256 of the blocks put on ``feed`` (``None`` ends them), computed on
     its own thread (:meth:`run`), and the optional copy of those blocks at ``copy_to``. A
@@ -169,7 +195,7 @@ class _WholeFile:
         out = None
         written = flushed = 0  # bytes of the copy written, and handed to writeback
         try:
-            out = self.copy_to.open("wb") if self.copy_to is not None else None
+            out = _open_copy(self.copy_to) if self.copy_to is not None else None
             while (block := self.feed.get()) is not None:
                 self.sha256.update(block)
                 if out is not None:

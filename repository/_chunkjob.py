@@ -34,6 +34,7 @@ failure: exit status 1 and one line on stderr.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -44,29 +45,58 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ota.bundle import Chunk, FileEntry
+from ota.errors import LocalError
 
-__all__ = ["ChunkJob", "ChunkJobError", "prestart", "take"]
+__all__ = ["ChunkJob", "ChunkJobError", "cancel_unadopted", "prestart", "take"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PROGRESS_EVERY = 16 * 1024 * 1024
 _MAX_LINE = 1 << 16  # a progress line, or the head of the report
+_MAX_DIGITS = 20  # a progress figure (int() of more than 4300 digits raises ValueError)
+_STDERR_TAIL = 4096  # what is kept of the child's stderr (drained, so it never blocks)
 # Fixed part of the report plus, per chunk, at most '["<64 hex>", <20 digits>], '.
 _REPORT_BASE, _REPORT_PER_CHUNK = 4096, 100
 
 
-class ChunkJobError(OSError):
-    """The chunking child failed, or reported something malformed."""
+class ChunkJobError(LocalError, OSError):
+    """The chunking child failed, or reported something malformed. A :class:`LocalError`
+    (exit code 6, a clean one-line error from the CLI, never a traceback) that is still the
+    ``OSError`` the in-process chunker raises for the same causes."""
 
 
 class ChunkJob:
     """One file being chunked by a child process into ``copy`` (see module)."""
 
-    def __init__(self, source: Path, copy: Path, size: int, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self,
+        source: Path,
+        copy: Path,
+        size: int,
+        proc: subprocess.Popen[bytes],
+        identity: tuple[int, ...] | None = None,
+    ) -> None:
         self.source, self.copy, self.size = source, copy, size
+        self.identity = identity  # the source's _identity() when the child was started
         self._proc = proc
         self._lock = threading.Lock()
         self._done = False
+        # stderr is drained as the child writes it (only its tail kept): a child that wrote
+        # more than a pipe holds (64 KiB) would otherwise block on it, and the parent on stdout
+        self._err = bytearray()
+        self._drain: threading.Thread | None = None
+        if proc.stderr is not None:
+            self._drain = threading.Thread(target=self._drain_stderr, name="chunkjob-stderr",
+                                           daemon=True)  # fmt: skip
+            self._drain.start()
         atexit.register(self.cancel)
+
+    def _drain_stderr(self) -> None:
+        stream = self._proc.stderr
+        assert stream is not None
+        with contextlib.suppress(OSError, ValueError):
+            while block := os.read(stream.fileno(), 65536):
+                self._err += block
+                del self._err[:-_STDERR_TAIL]
 
     @classmethod
     def start(cls, source: Path, copy: Path) -> ChunkJob:
@@ -75,7 +105,7 @@ class ChunkJob:
         Raises:
             OSError: the file cannot be examined, or the child cannot be started.
         """
-        size = source.stat().st_size
+        st = source.stat()
         proc = subprocess.Popen(
             [sys.executable, "-P", "-m", "ota.repository._chunkjob", str(source), str(copy)],
             stdin=subprocess.DEVNULL,
@@ -83,7 +113,7 @@ class ChunkJob:
             stderr=subprocess.PIPE,
             close_fds=True,
         )
-        return cls(source, copy, size, proc)
+        return cls(source, copy, st.st_size, proc, _identity(st))
 
     def result(self, progress: Callable[[int], None] | None = None) -> FileEntry:
         """Wait for the child; its entry for the file, checked (see module). ``progress`` is
@@ -109,7 +139,7 @@ class ChunkJob:
         while line := out.readline(_MAX_LINE):
             if line.startswith(b"+"):
                 n = line[1:].strip()
-                if not n.isdigit() or int(n) > self.size:
+                if not n.isdigit() or len(n) > _MAX_DIGITS or int(n) > self.size:
                     raise ChunkJobError(f"chunking {self.source}: bad progress line")
                 if progress is not None:
                     progress(int(n))
@@ -128,8 +158,9 @@ class ChunkJob:
         raise ChunkJobError(f"chunking {self.source} failed (status {status}): {err}")
 
     def _stderr(self) -> str:
-        stream = self._proc.stderr
-        text = stream.read(4096).decode(errors="replace") if stream is not None else ""
+        if self._drain is not None:
+            self._drain.join()  # the child has exited: its stderr is at its end
+        text = bytes(self._err).decode(errors="replace")
         return " ".join(text.split())[-300:] or "no message"
 
     def cancel(self) -> None:
@@ -144,11 +175,19 @@ class ChunkJob:
         if self._done:
             return
         self._proc.wait()
+        if self._drain is not None:
+            self._drain.join()
         for stream in (self._proc.stdout, self._proc.stderr):
             if stream is not None:
                 stream.close()
         self._done = True
         atexit.unregister(self.cancel)
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What tells a file apart from one put in its place with the same size and times: the
+    inode and the status-change time cannot be set back (``os.utime`` sets only mtime/atime)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _entry(doc: bytes, size: int, source: Path) -> FileEntry:
@@ -159,7 +198,8 @@ def _entry(doc: bytes, size: int, source: Path) -> FileEntry:
         report = json.loads(doc)
         digest, total, pairs = report["sha256"], report["size"], report["chunks"]
         chunks = tuple(Chunk(str(d), int(n)) for d, n in pairs)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, ArithmeticError, RecursionError) as e:
+        # ArithmeticError: int(Infinity); RecursionError: a deeply nested document
         raise ChunkJobError(f"chunking {source}: malformed report ({e})") from e
     if not (isinstance(digest, str) and _HEX64.fullmatch(digest)) or total != size:
         raise ChunkJobError(f"chunking {source}: the report does not describe the file")
@@ -187,24 +227,37 @@ def prestart(source: Path, blob_folder: Path) -> None:
         source = source.resolve()
         if not source.is_file() or source.stat().st_size <= MAX_CHUNK:
             return
+        key = (source, blob_folder.resolve())
         copy = new_copy_path(blob_folder)
-        _early[(source, blob_folder.resolve())] = ChunkJob.start(source, copy)
     except OSError:
         return
+    try:
+        _early[key] = ChunkJob.start(source, copy)
+    except OSError:  # no child (an embedded interpreter, say): its copy is not left behind
+        copy.unlink(missing_ok=True)
 
 
 def take(source: Path, blob_folder: Path) -> ChunkJob | None:
     """The job :func:`prestart` started for ``source`` into ``blob_folder``, if any (it is then
     the caller's, to :meth:`~ChunkJob.result` or :meth:`~ChunkJob.cancel`); any other early
-    job is cancelled (it was for another publish)."""
+    job is cancelled (it was for another publish). A job whose file is no longer the one it
+    started on (another inode, size, modification or status-change time) is cancelled too."""
     key = (source.resolve(), blob_folder.resolve())
     job = _early.pop(key, None)
     for other in list(_early):
         _early.pop(other).cancel()
-    if job is not None and job.size != source.stat().st_size:
-        job.cancel()  # the file changed since: start again
+    if job is not None and (job.identity is None or job.identity != _identity(source.stat())):
+        job.cancel()  # replaced or changed since (even with the same size and mtime): start again
         return None
     return job
+
+
+def cancel_unadopted() -> None:
+    """Cancel every job :func:`prestart` started that no publish took (the command is over)."""
+    for key in list(_early):
+        job = _early.pop(key, None)
+        if job is not None:
+            job.cancel()
 
 
 def _main(argv: list[str]) -> int:

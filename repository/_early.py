@@ -14,9 +14,12 @@ Invariants:
 * nothing is skipped or reordered: the session is built only after the same checks passed on
   the same file, with the same limit, by the same functions; the publish still calls the
   checks before anything that depends on them;
-* a result is adopted only for the file, size, modification time and limit it was computed
-  for, and once; anything else (another file, a changed file, a failure) is discarded and
-  the publish computes its own, raising its own errors where it always did;
+* a result is adopted only for the file (path, device and inode), size, modification and
+  status-change times and limit it was computed for, and once (the status-change time and the
+  inode cannot be set back by ``touch``/``os.utime``: a file replaced or rewritten with the
+  same size and modification time is another file); anything else (another file, a changed
+  file, a failure) is discarded and the publish computes its own, raising its own errors
+  where it always did;
 * best effort: a problem here never fails a publish, it only means no head start.
 """
 
@@ -37,9 +40,12 @@ __all__ = ["checked", "discard", "prestart", "session"]
 _JOIN_AT_EXIT_S = 30.0
 
 
+_Key = tuple[Path, tuple[int, ...], int]  # path, (dev, ino, size, mtime_ns, ctime_ns), limit
+
+
 @dataclass
 class _Job:
-    key: tuple[Path, int, int, int]
+    key: _Key
     checks_done: threading.Event = field(default_factory=threading.Event)
     session_done: threading.Event = field(default_factory=threading.Event)
     facts: ModelFacts | None = None
@@ -50,12 +56,13 @@ _jobs: dict[Path, _Job] = {}
 _lock = threading.Lock()
 
 
-def _key(path: Path, max_bytes: int) -> tuple[Path, int, int, int] | None:
+def _key(path: Path, max_bytes: int) -> _Key | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (Path(path), st.st_size, st.st_mtime_ns, max_bytes)
+    return (Path(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+            max_bytes)  # fmt: skip
 
 
 def prestart(model: Path, max_bytes: int) -> None:
@@ -86,7 +93,7 @@ def prestart(model: Path, max_bytes: int) -> None:
 
 
 def _run(job: _Job) -> None:
-    path, _, _, max_bytes = job.key
+    path, _, max_bytes = job.key
     from ota.repository._golden import new_session
     from ota.repository._model_checks import check_model
 
@@ -131,7 +138,7 @@ def session(model: Path) -> Any:
         return None
     job.session_done.wait()
     _drop(job)
-    if _key(model, job.key[3]) != job.key:
+    if _key(model, job.key[2]) != job.key:
         return None
     return job.session
 

@@ -644,15 +644,31 @@ def _chunk_model_early(
             progress(n)
 
     if child_folder is not None and req.source.stat().st_size > MAX_CHUNK:
-        return side.submit(_chunk_in_child, _chunkjob(req.source, child_folder, copies), up, tick)
+        job = _chunkjob(req.source, child_folder, copies)
+        if job is not None:
+            return side.submit(_chunk_in_child, job, up, tick)
     copies[MODEL_FILE] = copy = copy_path(req.source)
     return side.submit(chunk_file, req.source, MODEL_FILE, up, tick, copy, chunk_blobs=chunk_blobs)
 
 
-def _chunkjob(source: Path, folder: Path, copies: dict[str, Path | None]) -> ChunkJob:
+def _chunkjob(source: Path, folder: Path, copies: dict[str, Path | None]) -> ChunkJob | None:
     """The child chunking ``source`` into a temp copy in ``folder``: the CLI's if it started
-    it, else a new one. Its copy is recorded in ``copies`` (the caller stores or removes it)."""
-    job = take(source, folder) or ChunkJob.start(source, new_copy_path(folder))
+    it, else a new one. Its copy is recorded in ``copies`` (the caller stores or removes it).
+    None when no child can be started (an interpreter embedded in another program, whose
+    ``sys.executable`` is not Python, or no process left): the caller chunks in-process, as
+    before ADR 0018, and no temp copy is left.
+
+    Raises:
+        OSError: the temp copy cannot be made (the in-process path would fail the same way).
+    """
+    job = take(source, folder)
+    if job is None:
+        copy = new_copy_path(folder)
+        try:
+            job = ChunkJob.start(source, copy)
+        except OSError:
+            copy.unlink(missing_ok=True)
+            return None
     copies[MODEL_FILE] = job.copy
     return job
 

@@ -80,16 +80,18 @@ def _quiet_runtime(ctx: click.Context) -> None:
     garbage collection while it runs (~0.1 s of a fresh publish went to collections during its
     imports; a publish makes few cycles), and one OpenBLAS thread (numpy's BLAS pool, started
     when onnx imports numpy, spun ~0.05 s for nothing: nothing in a publish calls BLAS).
-    Both are undone when the command ends."""
+    Both are undone when the command ends, also when its arguments fail to parse after this
+    callback ran (click closes the root context then, not the command's)."""
     import gc
     import os
 
+    root = ctx.find_root()
     if gc.isenabled():
         gc.disable()
-        ctx.call_on_close(gc.enable)
+        root.call_on_close(gc.enable)
     if "numpy" not in sys.modules and "OPENBLAS_NUM_THREADS" not in os.environ:
         os.environ["OPENBLAS_NUM_THREADS"] = "1"
-        ctx.call_on_close(lambda: os.environ.pop("OPENBLAS_NUM_THREADS", None))
+        root.call_on_close(lambda: os.environ.pop("OPENBLAS_NUM_THREADS", None))
 
 
 def _prestart(ctx: click.Context, conf: dict[str, Any], storage: str) -> None:
@@ -98,7 +100,9 @@ def _prestart(ctx: click.Context, conf: dict[str, Any], storage: str) -> None:
     local repository whose file blob is its only stored form: the defaults), then check the
     model and build its golden session on a thread (``ota.repository._early``). The publish
     adopts each only if it is exactly what it needs, else discards it: a wrong guess here
-    costs time, never correctness."""
+    costs time, never correctness. What the publish did not adopt (it failed before, or the
+    arguments did not parse) is stopped and freed when the command ends, not at exit: a
+    long-lived caller (``CliRunner``) keeps no child, temp copy or session."""
     from urllib.parse import unquote, urlparse
 
     model, max_mb = ctx.params.get("model"), ctx.params.get("max_model_mb")
@@ -116,10 +120,14 @@ def _prestart(ctx: click.Context, conf: dict[str, Any], storage: str) -> None:
 
         root = Path(unquote(parsed.path) if parsed.scheme == "file" else storage)
         if root.is_dir():  # never create folders for a repository that is not there
+            from ota.repository._chunkjob import cancel_unadopted
+
+            ctx.find_root().call_on_close(cancel_unadopted)
             prestart(model, local_copy_folder(root))
     if isinstance(max_mb, float | int):
         from ota.repository import _early
 
+        ctx.find_root().call_on_close(lambda: _early.discard(model))
         _early.prestart(model, int(max_mb * 1024 * 1024))
 
 
