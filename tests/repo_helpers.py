@@ -7,12 +7,16 @@ real S3 endpoint), models are real ONNX files, and serving is real HTTP on 127.0
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ota.repository import Project, PublishRequest, PublishResult, init_project, publish
+from ota.repository._chunkjob import ChunkJob
+from ota.repository._fileblob import new_copy_path
 from tests.onnx_models import write_mlp
 
 
@@ -66,3 +70,15 @@ def stock_updater(base_url: str, trusted_root: bytes, work: Path) -> Any:
         target_base_url=f"{base_url}/targets/",
         bootstrap=trusted_root,
     )
+
+
+def fake_chunk_child(tmp_path: Path, code: str) -> ChunkJob:
+    """A real child process running ``code`` in place of the chunking child (ADR 0018), as
+    the parent sees it: a 1000-byte source, a fresh temp copy in ``tmp_path/blobs``."""
+    source = tmp_path / "src"
+    source.write_bytes(b"\0" * 1000)
+    copy = new_copy_path(tmp_path / "blobs")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    return ChunkJob(source, copy, 1000, proc)

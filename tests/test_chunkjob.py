@@ -24,7 +24,7 @@ from ota.repository._fileblob import blob_copy_path, local_copy_folder, new_copy
 from ota.repository._publish import _chunk_model_early, _Stopped
 from ota.repository._storage import FileStorage
 from tests.onnx_models import big_mlp, save
-from tests.repo_helpers import make_project
+from tests.repo_helpers import fake_chunk_child, make_project
 
 
 def _random_file(path: Path, size: int, seed: int = 0) -> Path:
@@ -105,19 +105,8 @@ def test_an_oversized_chunk_in_a_report_is_refused() -> None:
         _entry(doc, size, Path("model.onnx"))
 
 
-def _fake_child(tmp_path: Path, code: str) -> ChunkJob:
-    """A real child process that prints what ``code`` prints, in place of the chunker."""
-    source = tmp_path / "src"
-    source.write_bytes(b"\0" * 1000)
-    copy = new_copy_path(tmp_path / "blobs")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    return ChunkJob(source, copy, 1000, proc)
-
-
 def test_a_report_over_its_bound_is_refused_and_the_copy_removed(tmp_path: Path) -> None:
-    job = _fake_child(tmp_path, "import sys; sys.stdout.write('=' + ' ' * 10_000_000)")
+    job = fake_chunk_child(tmp_path, "import sys; sys.stdout.write('=' + ' ' * 10_000_000)")
     with pytest.raises(ChunkJobError, match="report over"):
         job.result()
     assert not job.copy.exists()
@@ -135,7 +124,7 @@ def test_a_report_over_its_bound_is_refused_and_the_copy_removed(tmp_path: Path)
     ],
 )
 def test_a_failed_or_lying_child_fails_the_job(tmp_path: Path, code: str, why: str) -> None:
-    job = _fake_child(tmp_path, code)
+    job = fake_chunk_child(tmp_path, code)
     with pytest.raises(ChunkJobError, match=why):
         job.result()
     assert not job.copy.exists()
@@ -153,7 +142,7 @@ def test_a_source_that_vanishes_fails_the_job_cleanly(tmp_path: Path) -> None:
 
 
 def test_cancel_kills_the_child_and_removes_the_copy(tmp_path: Path) -> None:
-    job = _fake_child(tmp_path, "import time; time.sleep(600)")
+    job = fake_chunk_child(tmp_path, "import time; time.sleep(600)")
     job.cancel()
     assert job._proc.poll() is not None  # reaped: no child left running
     assert not job.copy.exists()

@@ -25,21 +25,10 @@ from ota.repository._chunker import MAX_CHUNK
 from ota.repository._chunkjob import ChunkJob, ChunkJobError, _entry, prestart, take
 from ota.repository._fileblob import new_copy_path
 from tests.onnx_models import big_mlp, save, write_mlp
-from tests.repo_helpers import make_project
+from tests.repo_helpers import fake_chunk_child, make_project
 
 _DEADLINE_S = 300.0  # generous: only a hang ever reaches it
 _HEX = "a" * 64
-
-
-def _fake_child(tmp_path: Path, code: str) -> ChunkJob:
-    """A real child process running ``code`` in place of the chunker, as the parent sees it."""
-    source = tmp_path / "src"
-    source.write_bytes(b"\0" * 1000)
-    copy = new_copy_path(tmp_path / "blobs")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    return ChunkJob(source, copy, 1000, proc)
 
 
 def _result_within_deadline(job: ChunkJob) -> BaseException | None:
@@ -77,7 +66,7 @@ def test_a_report_that_breaks_the_parser_is_a_clean_error(report: str) -> None:
 
 
 def test_a_progress_figure_too_long_for_int_is_a_clean_error(tmp_path: Path) -> None:
-    job = _fake_child(tmp_path, "print('+' + '1' * 5000)")  # int() refuses > 4300 digits
+    job = fake_chunk_child(tmp_path, "print('+' + '1' * 5000)")  # int() refuses > 4300 digits
     error = _result_within_deadline(job)
     assert isinstance(error, ChunkJobError) and "bad progress" in str(error)
     assert not job.copy.exists()
@@ -86,7 +75,7 @@ def test_a_progress_figure_too_long_for_int_is_a_clean_error(tmp_path: Path) -> 
 def test_a_child_flooding_stderr_cannot_deadlock_the_parent(tmp_path: Path) -> None:
     """A child that writes more than a pipe holds to stderr before exiting used to block on
     it, while the parent blocked reading its stdout: both forever."""
-    job = _fake_child(tmp_path, "import sys; sys.stderr.write('x' * 4_000_000 + ' disk gone');"
+    job = fake_chunk_child(tmp_path, "import sys; sys.stderr.write('x' * 4_000_000 + ' disk gone');"
                                 " sys.stderr.flush(); sys.exit(1)")  # fmt: skip
     error = _result_within_deadline(job)
     assert isinstance(error, ChunkJobError) and "disk gone" in str(error)
