@@ -320,6 +320,16 @@ def _local_error(e: OSError, path: Path) -> OtaError:
     return StorageError(f"cannot write {path}: {e.strerror or e}")
 
 
+def local_path(url: str) -> Path | None:
+    """The folder of a local storage URL (a path or ``file:///path``), or None (another
+    scheme, or no path): the rule :func:`open_storage` opens a :class:`FileStorage` by."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("", "file"):
+        return None
+    path = unquote(parsed.path) if parsed.scheme == "file" else url
+    return Path(path) if path else None
+
+
 def open_storage(
     url: str, *, s3_endpoint: str | None = None, single_publisher: bool = False
 ) -> Storage:
@@ -332,12 +342,12 @@ def open_storage(
     Raises:
         ConfigError: unknown scheme or malformed URL.
     """
+    path = local_path(url)
+    if path is not None:
+        return FileStorage(path)
     parsed = urlparse(url)
-    if parsed.scheme in ("", "file"):
-        path = unquote(parsed.path) if parsed.scheme == "file" else url
-        if not path:
-            raise ConfigError(f"bad storage URL {url!r}")
-        return FileStorage(Path(path))
+    if parsed.scheme in ("", "file"):  # local, without a path
+        raise ConfigError(f"bad storage URL {url!r}")
     if parsed.scheme == "s3":
         from ota.repository._s3 import S3Storage  # boto3 only when asked for
 

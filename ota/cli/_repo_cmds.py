@@ -103,22 +103,21 @@ def _prestart(ctx: click.Context, conf: dict[str, Any], storage: str) -> None:
     costs time, never correctness. What the publish did not adopt (it failed before, or the
     arguments did not parse) is stopped and freed when the command ends, not at exit: a
     long-lived caller (``CliRunner``) keeps no child, temp copy or session."""
-    from urllib.parse import unquote, urlparse
+    from ota.repository._storage import local_path
 
     model, max_mb = ctx.params.get("model"), ctx.params.get("max_model_mb")
     if ctx.params.get("kind") == "runtime" or not isinstance(model, Path):
         return
     repo = dict(conf.get("repository", {}))
-    parsed = urlparse(storage)
+    root = local_path(storage)  # None: not a local repository
     if (
         repo.get("chunk_blobs", False) is False
         and repo.get("file_blobs", True) is True
-        and parsed.scheme in ("", "file")
+        and root is not None
     ):
         from ota.repository._chunkjob import prestart
         from ota.repository._fileblob import local_copy_folder
 
-        root = Path(unquote(parsed.path) if parsed.scheme == "file" else storage)
         if root.is_dir():  # never create folders for a repository that is not there
             from ota.repository._chunkjob import cancel_unadopted
 
